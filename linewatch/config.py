@@ -1,0 +1,233 @@
+"""Typed configuration, loaded from YAML and validated at start-up.
+
+Every key has a default, so an empty file is a valid config (the weights-free demo setup).
+Unknown keys are errors (a typo must not silently fall back to a default). Errors name the
+file, the key path and the reason. `configs/reference.yaml` lists every key with its meaning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message says which file, key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- detector
+
+
+class ObjectFilterConfig(_Section):
+    """Which segments count as objects (SAM-LAD 3.4.2), per product."""
+
+    min_area: float = Field(0.002, gt=0, le=1, description="smallest object, fraction of image area")
+    max_area: float = Field(0.5, gt=0, le=1, description="largest object, fraction of image area")
+    max_objects: int = Field(16, ge=1, le=256, description="keep at most this many (largest first)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ObjectFilterConfig":
+        if self.min_area >= self.max_area:
+            raise ValueError(f"min_area ({self.min_area}) must be below max_area ({self.max_area})")
+        return self
+
+
+class ClassicBackendConfig(_Section):
+    """The weights-free backend: classical features, joint bilateral upsampling, colour segmentation."""
+
+    feature_stride: int = Field(8, ge=1, le=32)
+    upsample_stages: int = Field(2, ge=0, le=4)
+    background_threshold: float = Field(4.0, gt=0, description="colour distance (in background std units) above which a pixel is foreground")
+
+
+class SamConfig(_Section):
+    kind: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    checkpoint: str = Field("sam_vit_b", description="registry name or file path")
+    points_per_side: int = Field(32, ge=1, le=128)
+    points_per_batch: int = Field(64, ge=1, le=1024)
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1)
+    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+    box_nms_thresh: float = Field(0.7, ge=0, le=1)
+
+
+class SamLadBackendConfig(_Section):
+    """The SAM-LAD backend: DINOv2 + FeatUp JBU + SAM (needs the official weights)."""
+
+    weights_dir: str = Field("/var/lib/linewatch/models", description="where `linewatch models download` puts checkpoints")
+    backbone: str = Field("vit_small_patch14_dinov2.lvd142m", description="timm model name")
+    backbone_checkpoint: str = Field("dinov2_vits14", description="registry name or file path")
+    upsampler_checkpoint: str = Field("featup_dinov2_jbu", description="registry name or file path")
+    upsample_stages: int = Field(3, ge=0, le=4, description="2x JBU stages; 3 = the paper's 8x")
+    upsampler_use_norm: bool = True
+    sam: SamConfig = SamConfig()
+
+
+class MatchingConfig(_Section):
+    """DCGA descriptors and OMM optimal-transport matching (SAM-LAD 3.5)."""
+
+    dcga_kernel_size: int = Field(3, ge=1, le=31, description="1-D conv width of DCGA channel attention (odd)")
+    context_weight: float = Field(0.5, ge=0, le=10, description="weight of other objects in a descriptor (DCGA A2 term)")
+    dustbin: float = Field(1.0, description="OT dustbin score z")
+    match_threshold: float = Field(0.2, ge=0, le=1, description="minimum assignment probability for a match")
+    sinkhorn_iterations: int = Field(100, ge=1, le=1000)
+
+
+class MeasureConfig(_Section):
+    """AMM per-position Gaussians (SAM-LAD 3.6) and the image score."""
+
+    eps: float = Field(0.01, gt=0, description="covariance regulariser epsilon*I (eq. 11)")
+    smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian blur of the anomaly map, input pixels")
+    missing_part_weight: float = Field(1.0, ge=0, description="weight of the map of reference parts absent from the query")
+    surplus_weight: float = Field(1.0, ge=0, description="weight of the map of query parts beyond the reference count")
+
+
+class DetectorConfig(_Section):
+    backend: Literal["classic", "samlad"] = "classic"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: int = Field(224, ge=28, le=2048, description="images are resized to this square working size")
+    k_references: int = Field(2, ge=1, le=16, description="nearest good images each frame is compared with")
+    objects: ObjectFilterConfig = ObjectFilterConfig()
+    classic: ClassicBackendConfig = ClassicBackendConfig()
+    samlad: SamLadBackendConfig = SamLadBackendConfig()
+    matching: MatchingConfig = MatchingConfig()
+    measure: MeasureConfig = MeasureConfig()
+
+    @model_validator(mode="after")
+    def _patch_multiple(self) -> "DetectorConfig":
+        if self.backend == "samlad" and self.image_size % 14:
+            raise ValueError(f"image_size must be a multiple of 14 for the DINOv2 backbone, got {self.image_size}")
+        if self.backend == "classic" and self.image_size % self.classic.feature_stride:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of classic.feature_stride ({self.classic.feature_stride})"
+            )
+        return self
+
+    def identity_hash(self) -> str:
+        """Hash of every setting that changes what the template bank holds or how it is read."""
+        relevant = self.model_dump(include={"backend", "image_size", "objects", "classic", "samlad", "matching"})
+        if self.backend == "classic":
+            relevant.pop("samlad")
+        else:
+            relevant.pop("classic")
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class CalibrationConfig(_Section):
+    target_false_reject_rate: float = Field(0.005, gt=0, lt=0.5, description="fraction of good parts allowed to fail")
+    min_validation_images: int = Field(5, ge=1, description="fewer held-out good images than this is an error")
+
+
+class BankConfig(_Section):
+    path: str = Field("bank.lwbank", description="template bank file (built by `linewatch bank build`)")
+
+
+# ---------------------------------------------------------------- runtime
+
+
+class EndpointConfig(_Section):
+    url: str = Field(..., description="ZeroMQ endpoint, e.g. tcp://*:5555 or tcp://camera-pc:5555")
+    mode: Literal["bind", "connect"] = "bind"
+    protocol: Literal["linewatch", "imagezmq-pubsub", "imagezmq-reqrep"] = "linewatch"
+
+
+class IngestConfig(_Section):
+    endpoints: list[EndpointConfig] = Field(default_factory=lambda: [EndpointConfig(url="tcp://127.0.0.1:5555")])
+    receive_hwm: int = Field(64, ge=1, description="ZMQ receive high-water mark, messages per socket")
+    max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger image payloads are refused")
+    decode_workers: int = Field(2, ge=1, le=32)
+    cameras: list[str] = Field(default_factory=list, description="accepted camera ids; empty accepts any")
+
+
+class BatchConfig(_Section):
+    max_batch: int = Field(8, ge=1, le=256)
+    max_delay_ms: float = Field(10.0, ge=0, le=10_000, description="a lone frame waits at most this long for company")
+
+
+class PipelineConfig(_Section):
+    stage_queue_size: int = Field(2, ge=1, le=64, description="batches waiting between two stages")
+    max_pending_frames: int = Field(64, ge=1, description="frames waiting for a batch; beyond it the policy sheds")
+    shed_policy: Literal["oldest", "newest"] = Field("oldest", description="which waiting frame is answered `shed` when full")
+    deadline_ms: float = Field(2000.0, gt=0, description="capture->verdict budget; a frame without a result gets `timeout` then")
+
+
+class PublishConfig(_Section):
+    url: str = "tcp://127.0.0.1:5556"
+    mode: Literal["bind", "connect"] = "bind"
+    send_hwm: int = Field(1000, ge=1)
+    heatmap: Literal["none", "png", "float16"] = "none"
+    overlay_jpeg: bool = False
+
+
+class MetricsConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class RuntimeConfig(_Section):
+    ingest: IngestConfig = IngestConfig()
+    batch: BatchConfig = BatchConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    publish: PublishConfig = PublishConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+class Config(_Section):
+    detector: DetectorConfig = DetectorConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    bank: BankConfig = BankConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against configs/reference.yaml)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict | None, source: str = "<config>") -> Config:
+    """Validate a plain dict (as read from YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a YAML config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(data, str(path))

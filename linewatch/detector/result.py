@@ -1,0 +1,30 @@
+"""What the detector says about one image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+OBJECT_STATUSES = ("matched", "unmatched", "missing", "surplus")
+
+
+@dataclass
+class InspectionResult:
+    """Result for one image.
+
+    score: the image anomaly score (max of the smoothed anomaly map); verdict "fail" when
+    score > threshold. heatmap: float32 (H, W) at the input image's resolution. objects: one
+    dict per object with keys bbox [x, y, w, h] (input pixels), area (pixels), status (one of
+    OBJECT_STATUSES), score (max of its map). timings: seconds per stage for the batch this
+    image was in. backend: which feature/segmenter backend produced it ("classic" or "samlad").
+    """
+
+    score: float
+    verdict: str
+    threshold: float
+    heatmap: np.ndarray
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    backend: str = ""
