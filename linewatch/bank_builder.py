@@ -1,0 +1,178 @@
+"""Builds a template bank from a folder of good images and calibrates its threshold.
+
+This is the offline on-boarding stage (SAM-LAD 3.1, stage 1): every good image goes through
+the models once; the bank keeps what a frame needs of it. Calibration scores held-out good
+images (a validation folder, or leave-one-out over the good images: each is judged against
+the bank without itself) and stores the threshold that fails the target fraction of good
+parts, plus the score distribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from linewatch import __version__
+from linewatch.config import Config
+from linewatch.detector.bank import TemplateBank
+from linewatch.detector.inspector import Batch, Inspector, pad_masks
+from linewatch.detector.models import Models, build_models, select_device
+from linewatch.images import ImageError, list_images, read_image
+
+
+class BankBuildError(Exception):
+    """The bank cannot be built from what was given; the message says why."""
+
+
+def read_folder(folder: str | Path) -> tuple[list[Path], list[np.ndarray]]:
+    """All images of a folder, all of one size; errors name the file."""
+    paths = list_images(folder)
+    images = [read_image(p) for p in paths]
+    first = images[0].shape
+    for path, image in zip(paths, images):
+        if image.shape != first:
+            raise ImageError(
+                f"{path}: is {image.shape[1]}x{image.shape[0]} but {paths[0].name} is {first[1]}x{first[0]}; "
+                "all good images of one bank must come from the same camera setup"
+            )
+    return paths, images
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool) -> dict:
+    """Run the reference side of every good image once: backbone, upsampler, segmenter, DCGA."""
+    parts: dict[str, list] = {k: [] for k in ("retrieval", "features", "masks", "valid", "boxes", "descriptors")}
+    bar = tqdm(total=len(images), desc="encoding good images", unit="img", disable=not progress)
+    for _, chunk in _batches(images, batch_size):
+        batch = Batch(images=chunk)
+        for step in (inspector.preprocess, inspector.backbone, inspector.upsample, inspector.segment, inspector.describe):
+            batch = step(batch)
+        enc = batch.encoded
+        parts["retrieval"].append(enc.retrieval.cpu())
+        parts["features"].append(enc.upsampled.half().cpu())
+        parts["masks"].extend(m.cpu() for m in enc.masks)
+        parts["descriptors"].extend(enc.descriptors.cpu().unbind(0))
+        bar.update(len(chunk))
+    bar.close()
+    size = tuple(parts["features"][0].shape[-2:])
+    soft, valid, boxes = pad_masks(parts["masks"], size, torch.device("cpu"))
+    n = soft.shape[1]
+    descriptors = torch.zeros(len(images), n, parts["descriptors"][0].shape[-1])
+    for i, d in enumerate(parts["descriptors"]):
+        descriptors[i, : d.shape[0]] = d[:n]
+    return {
+        "retrieval": torch.cat(parts["retrieval"]),
+        "features": torch.cat(parts["features"]),
+        "masks": soft.half(),
+        "object_valid": valid,
+        "descriptors": descriptors * valid[..., None],
+        "boxes": boxes,
+    }
+
+
+def calibrate(scores: np.ndarray, target_false_reject_rate: float) -> dict:
+    """Threshold that lets at most `target_false_reject_rate` of good scores fail (score > threshold)."""
+    threshold = float(np.quantile(scores, 1.0 - target_false_reject_rate, method="higher"))
+    return {
+        "threshold": threshold,
+        "target_false_reject_rate": target_false_reject_rate,
+        "observed_false_reject_rate": float(np.mean(scores > threshold)),
+        "scores": [round(float(s), 6) for s in scores],
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "max": float(np.max(scores)),
+        "n": int(len(scores)),
+    }
+
+
+def score_images(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool,
+                 exclude: list[int] | None = None, desc: str = "calibrating") -> np.ndarray:
+    scores = []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
+    for start, chunk in _batches(images, batch_size):
+        ex = None if exclude is None else torch.tensor(exclude[start:start + len(chunk)], device=inspector.device)
+        results = inspector.inspect(chunk, exclude=ex)
+        scores.extend(r.score for r in results)
+        bar.update(len(chunk))
+    bar.close()
+    return np.array(scores, dtype=np.float64)
+
+
+def build_bank(
+    config: Config,
+    good_dir: str | Path,
+    validation_dir: str | Path | None = None,
+    models: Models | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> TemplateBank:
+    """Encode the good images of `good_dir`, calibrate, and return the bank (not yet saved)."""
+    det = config.detector
+    device = select_device(det.device)
+    good_paths, good = read_folder(good_dir)
+    validation = read_folder(validation_dir)[1] if validation_dir is not None else None
+    k = det.k_references
+    if validation is None and len(good) < k + 2:
+        raise BankBuildError(
+            f"{good_dir}: {len(good)} good images; leave-one-out calibration needs at least k_references + 2 = {k + 2}"
+        )
+    if validation is not None and len(good) < k:
+        raise BankBuildError(f"{good_dir}: {len(good)} good images, fewer than k_references = {k}")
+    if validation is not None and len(validation) < config.calibration.min_validation_images:
+        raise BankBuildError(
+            f"{validation_dir}: {len(validation)} validation images; calibration needs at least "
+            f"{config.calibration.min_validation_images} (calibration.min_validation_images)"
+        )
+    if validation is not None and validation[0].shape != good[0].shape:
+        raise ImageError(f"{validation_dir}: validation images are {validation[0].shape[1]}x{validation[0].shape[0]}, "
+                         f"good images are {good[0].shape[1]}x{good[0].shape[0]}")
+    models = models or build_models(det, device)
+    started = time.time()
+    if hasattr(models.segmenter, "fit"):
+        log("fitting the weights-free background model on the good images")
+        fit_images = torch.stack([torch.from_numpy(img).permute(2, 0, 1) for img in good]).float() / 255.0
+        fit_images = torch.nn.functional.interpolate(fit_images, size=(det.image_size, det.image_size), mode="area")
+        models.segmenter.fit(fit_images)
+
+    encoder = Inspector(det, models, bank=None, device=device)
+    tensors = encode_references(encoder, good, batch_size, progress)
+    identity = encoder.identity()
+    manifest = {
+        "linewatch_version": __version__,
+        "identity": identity,
+        "images": len(good),
+        "source": str(Path(good_dir).resolve()),
+        "source_files": [p.name for p in good_paths],
+        "source_shape": list(good[0].shape),
+        "image_size": det.image_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "calibration": {"threshold": None},
+    }
+    segmenter_state = models.segmenter.state_dict() if hasattr(models.segmenter, "state_dict") else {}
+    content = hashlib.sha256()
+    content.update(repr(sorted(identity.items())).encode())
+    content.update(tensors["retrieval"].numpy().tobytes())
+    manifest["bank_id"] = content.hexdigest()[:12]
+    bank = TemplateBank(**tensors, manifest=manifest, segmenter_state=segmenter_state)
+
+    judge = Inspector(det, models, bank=bank, device=device)
+    if validation is not None:
+        scores = score_images(judge, validation, batch_size, progress)
+        method = f"validation folder {Path(validation_dir).resolve()}"
+    else:
+        scores = score_images(judge, good, batch_size, progress, exclude=list(range(len(good))))
+        method = "leave-one-out over the good images"
+    manifest["calibration"] = dict(calibrate(scores, config.calibration.target_false_reject_rate), method=method)
+    manifest["build_seconds"] = round(time.time() - started, 2)
+    return bank

@@ -1,0 +1,264 @@
+"""The `linewatch` command.
+
+    linewatch demo                         synthetic line + daemon + tap on loopback (weights-free)
+    linewatch serve -c CONFIG              the daemon
+    linewatch bank build ...               template bank from good images, calibrated
+    linewatch bank info BANK               what a bank holds
+    linewatch inspect IMAGE... ...         judge image files, write JSON + overlay PNGs
+    linewatch sim generate ...             synthetic products in the MVTec LOCO layout
+    linewatch models list|download         the official checkpoints
+    linewatch replay / tap                 camera simulator / verdict printer
+    linewatch eval ...                     accuracy on MVTec LOCO-layout folders
+
+Errors a user can fix (bad config, image, bank, checkpoint) print one clear message and exit
+with status 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from linewatch import __version__
+
+EXIT_USAGE = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from linewatch.bank_builder import BankBuildError
+    from linewatch.config import ConfigError
+    from linewatch.detector.bank import BankError
+    from linewatch.detector.inspector import InputError
+    from linewatch.detector.segment import SegmenterError
+    from linewatch.detector.weights import WeightsError
+    from linewatch.images import ImageError
+
+    return (ConfigError, BankError, BankBuildError, ImageError, InputError, WeightsError, SegmenterError)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from linewatch.detector.weights import CHECKPOINTS
+
+    for name, spec in CHECKPOINTS.items():
+        sha = spec.sha256[:12] + "…" if spec.sha256 else "(no published sha256)"
+        print(f"{name:28s} {spec.file_name:38s} ~{spec.approx_mb:>5d} MB  sha256 {sha}  {spec.note}")
+    return 0
+
+
+def cmd_models_download(args: argparse.Namespace) -> int:
+    from linewatch.detector.weights import CHECKPOINTS, download
+
+    names = args.names or ["dinov2_vits14", "featup_dinov2_jbu", "sam_vit_b"]
+    unknown = [n for n in names if n not in CHECKPOINTS]
+    if unknown:
+        print(f"linewatch: error: unknown checkpoint names {unknown}; see `linewatch models list`", file=sys.stderr)
+        return EXIT_USAGE
+    download(names, args.dir, timeout_s=args.timeout, progress=not args.quiet)
+    print(f"downloaded and verified {len(names)} checkpoint(s) into {args.dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- bank
+
+
+def cmd_bank_build(args: argparse.Namespace) -> int:
+    from linewatch.bank_builder import build_bank
+    from linewatch.config import load_config
+    from linewatch.detector.models import BACKEND_LABELS
+
+    config = load_config(args.config)
+    print(f"backend: {BACKEND_LABELS[config.detector.backend]}", file=sys.stderr)
+    bank = build_bank(
+        config, args.good, args.validation, batch_size=args.batch_size, progress=not args.quiet,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    out = Path(args.out or config.bank.path)
+    bank.save(out)
+    cal = bank.manifest["calibration"]
+    print(
+        f"bank {bank.bank_id}: {bank.size} good images, threshold {cal['threshold']:.4g} "
+        f"(target false-reject rate {cal['target_false_reject_rate']:.2%}, {cal['method']}, n={cal['n']}) -> {out}"
+    )
+    return 0
+
+
+def cmd_bank_info(args: argparse.Namespace) -> int:
+    from linewatch.detector.bank import TemplateBank
+
+    bank = TemplateBank.load(args.bank)
+    manifest = dict(bank.manifest)
+    manifest["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "scores"}
+    manifest.pop("source_files", None)
+    manifest["tensors"] = {
+        "features": list(bank.features.shape),
+        "masks": list(bank.masks.shape),
+        "objects_per_image": bank.object_valid.sum(1).tolist(),
+    }
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def load_inspector(config_path: str | None, bank_path: str | None):
+    """Config + bank -> a ready Inspector (bank identity checked against the config's models)."""
+    from linewatch.config import load_config
+    from linewatch.detector.bank import TemplateBank
+    from linewatch.detector.inspector import Inspector
+    from linewatch.detector.models import build_models, select_device
+
+    config = load_config(config_path)
+    bank = TemplateBank.load(bank_path or config.bank.path)
+    device = select_device(config.detector.device)
+    models = build_models(config.detector, device)
+    return Inspector(config.detector, models, bank, device), config
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from linewatch.detector.models import BACKEND_LABELS
+    from linewatch.images import ImageError, read_image, write_image
+    from linewatch.overlay import render_overlay
+
+    inspector, config = load_inspector(args.config, args.bank)
+    print(f"backend: {BACKEND_LABELS[config.detector.backend]}; bank {inspector.bank_id}", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, failures = [], 0
+    for start in range(0, len(args.images), args.batch_size):
+        paths = [Path(p) for p in args.images[start:start + args.batch_size]]
+        images, ok_paths = [], []
+        for path in paths:
+            try:
+                image = read_image(path)
+                inspector.check_image(image, str(path))
+            except (ImageError, ValueError) as e:
+                print(f"linewatch: error: {e}", file=sys.stderr)
+                summary.append({"file": str(path), "verdict": "error", "reason": str(e)})
+                failures += 1
+                continue
+            images.append(image)
+            ok_paths.append(path)
+        if not images:
+            continue
+        for path, image, result in zip(ok_paths, images, inspector.inspect(images)):
+            record = {
+                "file": str(path), "verdict": result.verdict, "score": round(result.score, 6),
+                "threshold": round(result.threshold, 6), "backend": result.backend, "bank_id": inspector.bank_id,
+                "objects": result.objects, "timings_s": {k: round(v, 5) for k, v in result.timings.items()},
+            }
+            (out / f"{path.stem}.json").write_text(json.dumps(record, indent=2))
+            write_image(out / f"{path.stem}_overlay.png", render_overlay(image, result))
+            summary.append(record)
+            print(f"{path.name}: {result.verdict.upper()} score={result.score:.4g} thr={result.threshold:.4g} "
+                  f"objects={len(result.objects)}")
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {len(summary)} result(s) to {out}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------- sim
+
+
+def cmd_sim_generate(args: argparse.Namespace) -> int:
+    from linewatch.sim import PRODUCTS, generate_dataset
+
+    products = args.product or list(PRODUCTS)
+    for product in products:
+        if product not in PRODUCTS:
+            print(f"linewatch: error: unknown product {product!r}; known: {', '.join(PRODUCTS)}", file=sys.stderr)
+            return EXIT_USAGE
+        path = generate_dataset(
+            Path(args.out), product, seed=args.seed, n_train=args.train, n_val=args.validation,
+            n_test_good=args.test_good, n_test_logical=args.test_logical, n_test_structural=args.test_structural,
+            size=args.size, progress=not args.quiet,
+        )
+        print(f"{product}: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linewatch", description="Inspection daemon: frames in, verdicts out.")
+    parser.add_argument("--version", action="version", version=f"linewatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="official checkpoints").add_subparsers(dest="action", required=True)
+    p = models.add_parser("list", help="list the known checkpoints")
+    p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("download", help="download and verify checkpoints (needs internet)")
+    p.add_argument("--dir", default="/var/lib/linewatch/models", help="destination folder")
+    p.add_argument("--names", nargs="*", help="checkpoint names (default: the SAM-LAD ViT-S/SAM-B set)")
+    p.add_argument("--timeout", type=float, default=10.0, help="connect/read timeout, seconds")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_models_download)
+
+    bank = sub.add_parser("bank", help="template banks").add_subparsers(dest="action", required=True)
+    p = bank.add_parser("build", help="build and calibrate a template bank from good images")
+    p.add_argument("--config", "-c", help="YAML config (default: built-in defaults, weights-free backend)")
+    p.add_argument("--good", required=True, help="folder of known-good images (e.g. <category>/train/good)")
+    p.add_argument("--validation", help="folder of held-out good images for calibration (default: leave-one-out)")
+    p.add_argument("--out", "-o", help="bank file to write (default: bank.path from the config)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bank_build)
+    p = bank.add_parser("info", help="print a bank's manifest")
+    p.add_argument("bank")
+    p.set_defaults(func=cmd_bank_info)
+
+    p = sub.add_parser("inspect", help="judge image files; write JSON and overlay PNGs")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--config", "-c")
+    p.add_argument("--bank", "-b", help="bank file (default: bank.path from the config)")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_inspect)
+
+    sim = sub.add_parser("sim", help="synthetic production line").add_subparsers(dest="action", required=True)
+    p = sim.add_parser("generate", help="write synthetic products in the MVTec LOCO layout")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--product", action="append", help="product name (repeatable; default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--train", type=int, default=60)
+    p.add_argument("--validation", type=int, default=10)
+    p.add_argument("--test-good", type=int, default=20)
+    p.add_argument("--test-logical", type=int, default=20)
+    p.add_argument("--test-structural", type=int, default=15)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sim_generate)
+
+    _add_runtime_commands(sub)
+    return parser
+
+
+def _add_runtime_commands(sub) -> None:
+    """serve / replay / tap / demo / eval live in their own modules; they register here."""
+    try:
+        from linewatch import commands
+    except ImportError:
+        return
+    commands.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

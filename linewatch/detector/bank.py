@@ -1,0 +1,154 @@
+"""The template bank: everything SAM-LAD needs of the known-good images, computed once.
+
+Per reference image z it holds the backbone features used for image-level retrieval (paper
+3.3), the upsampled feature map, the object masks, and the object descriptors (3.4-3.5), so
+a frame only runs its own image through the models. It is saved as one safetensors file
+(no pickle) whose metadata carries a manifest: format version, linewatch version, the
+identity of every model and the config hash. A bank built with another model or config is
+refused with a message that lists what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+BANK_FORMAT_VERSION = 1
+IDENTITY_KEYS = ("backend", "backbone", "upsampler", "segmenter", "config_hash")
+_TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes")
+_SEGMENTER_PREFIX = "segmenter."
+
+
+class BankError(Exception):
+    """A bank file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class TemplateBank:
+    """Tensors of Z reference images with up to N objects each.
+
+    retrieval: (Z, D) float32, flattened backbone features (paper eq. 2).
+    features: (Z, C, H', W') float16, upsampled feature maps.
+    masks: (Z, N, H', W') float16, soft object masks at feature resolution (0 for padding).
+    object_valid: (Z, N) bool. descriptors: (Z, N, C) float32, DCGA descriptors.
+    boxes: (Z, N, 4) float32, object boxes x, y, w, h in working-resolution pixels.
+    segmenter_state: tensors of a fitted weights-free segmenter (empty for SAM).
+    manifest: identity, calibration and provenance (JSON-serialisable).
+    """
+
+    retrieval: torch.Tensor
+    features: torch.Tensor
+    masks: torch.Tensor
+    object_valid: torch.Tensor
+    descriptors: torch.Tensor
+    boxes: torch.Tensor
+    manifest: dict[str, Any]
+    segmenter_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        z = self.retrieval.shape[0]
+        for name in _TENSOR_NAMES:
+            if getattr(self, name).shape[0] != z:
+                raise BankError(f"bank tensor {name} has {getattr(self, name).shape[0]} images, expected {z}")
+
+    @property
+    def size(self) -> int:
+        return int(self.retrieval.shape[0])
+
+    @property
+    def bank_id(self) -> str:
+        return str(self.manifest.get("bank_id", "unknown"))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["calibration"]["threshold"])
+
+    def to(self, device: torch.device | str) -> "TemplateBank":
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_NAMES}
+        return TemplateBank(**moved, manifest=self.manifest, segmenter_state=self.segmenter_state)
+
+    def retrieve(self, query: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices (B, k) of the k nearest references by Euclidean distance (paper eq. 2).
+
+        query: (B, D) flattened backbone features. exclude: (B,) reference index each query
+        must not retrieve (itself, for leave-one-out calibration), or -1 for none.
+        """
+        if k > self.size - (0 if exclude is None else 1):
+            raise BankError(f"k_references={k} but the bank holds only {self.size} images")
+        distances = torch.cdist(query.float(), self.retrieval.float())  # (B, Z)
+        if exclude is not None:
+            rows = torch.arange(query.shape[0], device=query.device)
+            keep = exclude >= 0
+            distances[rows[keep], exclude[keep]] = float("inf")
+        return distances.topk(k, dim=1, largest=False).indices
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tensors = {name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}
+        tensors["object_valid"] = tensors["object_valid"].to(torch.uint8)
+        for key, value in self.segmenter_state.items():
+            tensors[_SEGMENTER_PREFIX + key] = value.contiguous().cpu()
+        manifest = dict(self.manifest, format_version=BANK_FORMAT_VERSION)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        save_file(tensors, str(tmp), metadata={"linewatch_manifest": json.dumps(manifest)})
+        tmp.replace(path)  # a crash mid-write never leaves a half bank under the real name
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TemplateBank":
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"{path}: no bank file here; build one with `linewatch bank build`")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+            raise BankError(f"{path}: not a readable bank file (corrupt or not a linewatch bank): {e}") from None
+        if "linewatch_manifest" not in metadata:
+            raise BankError(f"{path}: not a linewatch bank (no manifest in its metadata)")
+        try:
+            manifest = json.loads(metadata["linewatch_manifest"])
+        except json.JSONDecodeError as e:
+            raise BankError(f"{path}: the bank manifest is not valid JSON: {e}") from None
+        version = manifest.get("format_version")
+        if version != BANK_FORMAT_VERSION:
+            raise BankError(
+                f"{path}: bank format version {version}, this linewatch reads version {BANK_FORMAT_VERSION}; rebuild the bank"
+            )
+        missing = [name for name in _TENSOR_NAMES if name not in tensors]
+        if missing:
+            raise BankError(f"{path}: bank file lacks tensors {missing}; rebuild the bank")
+        if "calibration" not in manifest or "threshold" not in manifest["calibration"]:
+            raise BankError(f"{path}: bank has no calibration threshold; rebuild the bank")
+        segmenter_state = {
+            key[len(_SEGMENTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(_SEGMENTER_PREFIX)
+        }
+        fields = {name: tensors[name] for name in _TENSOR_NAMES}
+        fields["object_valid"] = fields["object_valid"].bool()
+        try:
+            return cls(**fields, manifest=manifest, segmenter_state=segmenter_state)
+        except BankError as e:
+            raise BankError(f"{path}: {e}") from None
+
+    def check_identity(self, expected: dict[str, str], source: str = "bank") -> None:
+        """Refuse a bank built with other models or settings; the message lists the differences."""
+        have = self.manifest.get("identity", {})
+        differences = [
+            f"  {key}: bank has {have.get(key)!r}, this config has {expected.get(key)!r}"
+            for key in IDENTITY_KEYS
+            if have.get(key) != expected.get(key)
+        ]
+        if differences:
+            raise BankError(
+                f"{source}: this bank was built with another model or config; rebuild it with "
+                "`linewatch bank build` or use the matching config:\n" + "\n".join(differences)
+            )

@@ -1,0 +1,412 @@
+"""The Inspector composes the detector stages: a batch of images -> scores, maps, objects.
+
+    preprocess  list of RGB uint8 (H, W, 3) -> images01 (B, 3, S, S)
+    backbone    -> features (B, C, h, w)                                  (paper 3.2)
+    retrieve    -> indices of the k nearest good images (B, k)            (3.3)
+    upsample    -> upsampled features (B, C, H', W')                      (3.4.1)
+    segment     -> object masks, per image (M_b, S, S)                    (3.4.2)
+    describe    -> object vectors and DCGA descriptors (B, M, C)          (3.4.3, 3.5.1)
+    match       -> OMM matches of the query objects with each reference   (3.5.2)
+    measure     -> AMM anomaly maps, object statuses, scores              (3.6 + beyond)
+
+The reference side (features, masks, descriptors of the k references) comes from the
+template bank, so only the query image goes through the models. Each stage is a method
+taking and returning a `Batch`; `stages` lists them for the runtime's pipeline.
+
+Beyond the paper: a reference part that no query object matches (in more than half of
+the k references) is scored at its reference location ("missing"), and an unmatched query
+object whose closest reference part is already matched by another query object is a part
+too many ("surplus"). Both show in the heatmap and in the object list.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from linewatch.config import DetectorConfig
+from linewatch.detector.bank import TemplateBank
+from linewatch.detector.describe import masked_global_max_pool, resize_masks
+from linewatch.detector.match import match_objects
+from linewatch.detector.measure import mahalanobis
+from linewatch.detector.models import Models
+from linewatch.detector.result import InspectionResult
+
+
+class InputError(ValueError):
+    """An input image the bank cannot judge (wrong size or channels); names the image."""
+
+
+@dataclass
+class Encoded:
+    """Model outputs for a batch of images (query or reference).
+
+    features: (B, C, h, w) backbone; retrieval: (B, D) flattened backbone features;
+    upsampled: (B, C, H', W'); masks: list of (M_b, S, S) bool; soft_masks: (B, M, H', W');
+    valid: (B, M) bool; boxes: (B, M, 4) x, y, w, h in working pixels; descriptors: (B, M, C).
+    """
+
+    features: Tensor | None = None
+    upsampled: Tensor | None = None
+    masks: list[Tensor] | None = None
+    soft_masks: Tensor | None = None
+    valid: Tensor | None = None
+    boxes: Tensor | None = None
+    descriptors: Tensor | None = None
+
+    @property
+    def retrieval(self) -> Tensor:
+        return self.features.flatten(1).float()
+
+
+@dataclass
+class Batch:
+    """State of one batch as it moves through the stages."""
+
+    images: list[np.ndarray]
+    images01: Tensor | None = None
+    encoded: Encoded = field(default_factory=Encoded)
+    references: Tensor | None = None  # (B, k)
+    exclude: Tensor | None = None  # (B,) reference index to skip in retrieval (leave-one-out)
+    results: list[InspectionResult] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def to_images01(images: list[np.ndarray], size: int, device: torch.device) -> Tensor:
+    """RGB uint8 (H, W, 3) images -> (B, 3, size, size) float in [0, 1] on `device`."""
+    resized = [
+        cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) if img.shape[:2] != (size, size) else img
+        for img in images
+    ]
+    array = np.stack(resized).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def pad_masks(masks: list[Tensor], size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image bool masks (M_b, S, S) -> soft masks (B, M, H', W'), valid (B, M), boxes (B, M, 4)."""
+    b = len(masks)
+    m = max([int(x.shape[0]) for x in masks] + [1])
+    soft = torch.zeros(b, m, *size, device=device)
+    valid = torch.zeros(b, m, dtype=torch.bool, device=device)
+    boxes = torch.zeros(b, m, 4, device=device)
+    for i, mask in enumerate(masks):
+        n = int(mask.shape[0])
+        if n == 0:
+            continue
+        mask = mask.to(device)
+        soft[i, :n] = resize_masks(mask[None].float(), size)[0]
+        valid[i, :n] = True
+        boxes[i, :n] = mask_boxes(mask)
+    return soft, valid, boxes
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """Bounding boxes (M, 4) as x, y, w, h of bool masks (M, H, W); zeros for empty masks."""
+    rows = masks.any(dim=2)  # (M, H)
+    cols = masks.any(dim=1)  # (M, W)
+    out = torch.zeros(masks.shape[0], 4, device=masks.device)
+    for i in range(masks.shape[0]):
+        ys = torch.nonzero(rows[i]).flatten()
+        xs = torch.nonzero(cols[i]).flatten()
+        if len(ys):
+            out[i] = torch.tensor(
+                [xs[0], ys[0], xs[-1] - xs[0] + 1, ys[-1] - ys[0] + 1], dtype=torch.float32, device=masks.device
+            )
+    return out
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Blur (B, H, W) maps with a Gaussian of `sigma` pixels (separable, reflect padding)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = maps[:, None]
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
+class Inspector:
+    """Judges batches of images against a template bank.
+
+    `inspect(images)` runs every stage; the runtime runs `stages` as a pipeline instead.
+    """
+
+    def __init__(self, config: DetectorConfig, models: Models, bank: TemplateBank | None, device: torch.device):
+        self.config = config
+        self.models = models
+        self.device = device
+        self.bank = bank.to(device) if bank is not None else None
+        self.backend = config.backend
+        if bank is not None:
+            bank.check_identity(self.identity(), source=f"bank {bank.bank_id}")
+            if bank.segmenter_state:
+                self.models.segmenter.load_state_dict(bank.segmenter_state)
+
+    # ------------------------------------------------------------------ identity
+
+    def identity(self) -> dict[str, str]:
+        return {
+            "backend": self.config.backend,
+            "backbone": self.models.backbone.identity,
+            "upsampler": self.models.upsampler.identity,
+            "segmenter": self.models.segmenter.identity,
+            "config_hash": self.config.identity_hash(),
+        }
+
+    @property
+    def bank_id(self) -> str:
+        return self.bank.bank_id if self.bank is not None else "none"
+
+    @property
+    def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
+        """Stage functions for the runtime: the first takes a list of RGB uint8 images, the last
+        returns a list of InspectionResult."""
+        return [
+            ("preprocess", lambda images: self.preprocess(Batch(images=list(images)))),
+            ("backbone", self.backbone),
+            ("upsample", self.upsample),
+            ("segment", self.segment),
+            ("describe", self.describe),
+            ("match_measure", lambda batch: self.measure(self.match(batch)).results),
+        ]
+
+    def inspect(self, images: list[np.ndarray], exclude: Tensor | None = None) -> list[InspectionResult]:
+        """Run every stage on a batch of RGB uint8 (H, W, 3) images. `exclude` (B,): a bank
+        index each image must not be compared with (itself, in leave-one-out calibration)."""
+        batch = Batch(images=list(images), exclude=exclude)
+        for step in (self.preprocess, self.backbone, self.upsample, self.segment, self.describe, self.match, self.measure):
+            batch = step(batch)
+        return batch.results
+
+    # ------------------------------------------------------------------ stages
+
+    def _timed(self, batch: Batch, name: str, start: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        batch.timings[name] = batch.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def preprocess(self, batch: Batch) -> Batch:
+        start = time.perf_counter()
+        for i, img in enumerate(batch.images):
+            self.check_image(img, f"image {i}")
+        batch.images01 = to_images01(batch.images, self.config.image_size, self.device)
+        self._timed(batch, "preprocess", start)
+        return batch
+
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """Refuse images the bank cannot judge: not RGB uint8, or another size than the good images."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            dtype = getattr(image, "dtype", type(image).__name__)
+            raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got shape {shape} dtype {dtype}")
+        if self.bank is not None:
+            expected = self.bank.manifest.get("source_shape")
+            if expected and list(image.shape[:2]) != list(expected[:2]):
+                raise InputError(
+                    f"{name}: image is {image.shape[1]}x{image.shape[0]} but the bank's good images are "
+                    f"{expected[1]}x{expected[0]}; use the same camera setup or rebuild the bank"
+                )
+
+    @torch.inference_mode()
+    def backbone(self, batch: Batch) -> Batch:
+        start = time.perf_counter()
+        batch.encoded.features = self.models.backbone(batch.images01)
+        if self.bank is not None:
+            batch.references = self.bank.retrieve(batch.encoded.retrieval, self.config.k_references, batch.exclude)
+        self._timed(batch, "backbone", start)
+        return batch
+
+    @torch.inference_mode()
+    def upsample(self, batch: Batch) -> Batch:
+        start = time.perf_counter()
+        batch.encoded.upsampled = self.models.upsampler(batch.encoded.features, batch.images01).float()
+        self._timed(batch, "upsample", start)
+        return batch
+
+    @torch.inference_mode()
+    def segment(self, batch: Batch) -> Batch:
+        start = time.perf_counter()
+        batch.encoded.masks = [m.to(self.device) for m in self.models.segmenter(batch.images01)]
+        self._timed(batch, "segment", start)
+        return batch
+
+    @torch.inference_mode()
+    def describe(self, batch: Batch) -> Batch:
+        start = time.perf_counter()
+        enc = batch.encoded
+        size = tuple(enc.upsampled.shape[-2:])
+        enc.soft_masks, enc.valid, enc.boxes = pad_masks(enc.masks, size, self.device)
+        pooled = masked_global_max_pool(enc.upsampled, enc.soft_masks)
+        enc.descriptors = self.models.dcga(pooled, enc.valid)
+        self._timed(batch, "describe", start)
+        return batch
+
+    @torch.inference_mode()
+    def match(self, batch: Batch) -> Batch:
+        """OMM of each query image's objects with each of its k references (batched over B*k)."""
+        start = time.perf_counter()
+        if self.bank is None:
+            raise RuntimeError("match needs a template bank")
+        enc, refs, cfg = batch.encoded, batch.references, self.config.matching
+        b, k = refs.shape
+        m = enc.descriptors.shape[1]
+        flat = refs.flatten()
+        batch.match = match_objects(
+            enc.descriptors[:, None].expand(b, k, m, -1).reshape(b * k, m, -1),
+            self.bank.descriptors[flat],
+            enc.valid[:, None].expand(b, k, m).reshape(b * k, m),
+            self.bank.object_valid[flat],
+            dustbin=cfg.dustbin,
+            threshold=cfg.match_threshold,
+            iterations=cfg.sinkhorn_iterations,
+        )
+        self._timed(batch, "match", start)
+        return batch
+
+    @torch.inference_mode()
+    def measure(self, batch: Batch) -> Batch:
+        """AMM: per-object Mahalanobis maps against the matched (or closest) reference objects
+        (eqs. 11-15), plus missing-part and surplus maps; then image scores and results."""
+        start = time.perf_counter()
+        enc, refs, bank, cfg = batch.encoded, batch.references, self.bank, self.config.measure
+        b, k = refs.shape
+        m = enc.valid.shape[1]
+        n = bank.object_valid.shape[1]
+        hf, wf = enc.upsampled.shape[-2:]
+        res = batch.match
+        matches = res.matches.view(b, k, m)
+        closest = res.closest.view(b, k, m)
+        ref_matches = res.ref_matches.view(b, k, n)
+        assigned = torch.where(matches >= 0, matches, closest).clamp(min=0)  # (B, k, M)
+
+        matched_in = (matches >= 0).sum(1)  # (B, M)
+        is_matched = (2 * matched_in >= k) & enc.valid
+        # closest reference object already taken by another query object -> a part too many
+        taken_by = torch.gather(ref_matches, 2, closest.clamp(min=0))  # (B, k, M)
+        own = torch.arange(m, device=self.device).view(1, 1, m)
+        taken = ((taken_by >= 0) & (taken_by != own)).sum(1)
+        is_surplus = enc.valid & ~is_matched & (2 * taken >= k)
+
+        object_maps = torch.zeros(b, m, hf, wf, device=self.device)
+        ref_features = bank.features  # (Z, C, H', W') float16
+        for bi in range(b):
+            for i in range(m):
+                if not enc.valid[bi, i]:
+                    continue
+                query = (enc.upsampled[bi] * enc.soft_masks[bi, i]).flatten(1)  # (C, P)
+                z = refs[bi]
+                ref_masks = bank.masks[z, assigned[bi, :, i]].float()  # (k, H', W')
+                references = (ref_features[z].float() * ref_masks[:, None]).flatten(2)  # (k, C, P)
+                object_maps[bi, i] = mahalanobis(query, references, cfg.eps).view(hf, wf)
+        weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
+        image_maps = (object_maps * weights[..., None, None] * enc.valid[..., None, None]).sum(1)  # eq. 15
+
+        missing_maps, missing_objects = self._missing_parts(batch, ref_matches)
+        image_maps = image_maps + cfg.missing_part_weight * missing_maps
+
+        batch.results = self._results(batch, image_maps, object_maps, is_matched, is_surplus, missing_objects)
+        self._timed(batch, "measure", start)
+        for result in batch.results:
+            result.timings = dict(batch.timings)
+        return batch
+
+    def _missing_parts(self, batch: Batch, ref_matches: Tensor) -> tuple[Tensor, list[list[dict]]]:
+        """Reference objects that no query object matches, in more than half of the k references.
+
+        Their map compares the query's features inside the reference mask with the reference
+        object's features (K = 1 Gaussian, eps*I covariance), averaged over the references.
+        Returns maps (B, H', W') and, per image, the missing objects (box in working pixels).
+        """
+        enc, refs, bank, eps = batch.encoded, batch.references, self.bank, self.config.measure.eps
+        b, k = refs.shape
+        hf, wf = enc.upsampled.shape[-2:]
+        maps = torch.zeros(b, hf, wf, device=self.device)
+        reports: list[list[dict]] = []
+        for bi in range(b):
+            z = refs[bi]
+            unmatched = [
+                torch.nonzero(bank.object_valid[z[r]] & (ref_matches[bi, r] < 0)).flatten().tolist() for r in range(k)
+            ]
+            found: list[dict] = []
+            for r in range(k):
+                for j in unmatched[r]:
+                    mask = bank.masks[z[r], j].float()
+                    votes = 1 + sum(
+                        any(_overlap(mask, bank.masks[z[o], jj].float()) > 0.3 for jj in unmatched[o])
+                        for o in range(k)
+                        if o != r
+                    )
+                    if 2 * votes <= k:
+                        continue
+                    query = (enc.upsampled[bi] * mask).flatten(1)
+                    reference = (bank.features[z[r]].float() * mask).flatten(1)[None]
+                    part_map = mahalanobis(query, reference, eps).view(hf, wf)
+                    maps[bi] += part_map / k
+                    if not any(_overlap(mask, f["mask"]) > 0.3 for f in found):
+                        found.append({"mask": mask, "box": bank.boxes[z[r], j], "map": part_map})
+            reports.append(found)
+        return maps, reports
+
+    def _results(self, batch, image_maps, object_maps, is_matched, is_surplus, missing) -> list[InspectionResult]:
+        size = self.config.image_size
+        maps = F.interpolate(image_maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        maps = gaussian_blur(maps, self.config.measure.smoothing_sigma)
+        scores = maps.flatten(1).amax(1).cpu().numpy()
+        threshold = self.bank.threshold if self.bank.manifest["calibration"].get("threshold") is not None else math.inf
+        object_scores = object_maps.flatten(2).amax(2).cpu().numpy()
+        maps_np = maps.cpu().numpy()
+        results = []
+        for bi, image in enumerate(batch.images):
+            h, w = image.shape[:2]
+            sx, sy = w / size, h / size
+            objects = []
+            for i in torch.nonzero(batch.encoded.valid[bi]).flatten().tolist():
+                status = "matched" if is_matched[bi, i] else ("surplus" if is_surplus[bi, i] else "unmatched")
+                objects.append(_object_record(batch.encoded.boxes[bi, i], batch.encoded.masks[bi][i], sx, sy, status, object_scores[bi, i]))
+            for part in missing[bi]:
+                area = float(part["mask"].sum()) * (size / part["mask"].shape[0]) ** 2
+                objects.append(_object_record(part["box"], None, sx, sy, "missing", float(part["map"].max()), area))
+            score = float(scores[bi])
+            heatmap = cv2.resize(maps_np[bi], (w, h), interpolation=cv2.INTER_LINEAR) if (h, w) != (size, size) else maps_np[bi]
+            results.append(
+                InspectionResult(
+                    score=score,
+                    verdict="fail" if score > threshold else "pass",
+                    threshold=float(threshold),
+                    heatmap=heatmap.astype(np.float32),
+                    objects=objects,
+                    backend=self.backend,
+                )
+            )
+        return results
+
+
+def _overlap(a: Tensor, b: Tensor) -> float:
+    """Soft IoU of two masks of the same size."""
+    inter = torch.minimum(a, b).sum()
+    union = torch.maximum(a, b).sum()
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _object_record(box: Tensor, mask: Tensor | None, sx: float, sy: float, status: str, score: float, area: float | None = None) -> dict:
+    x, y, w, h = box.tolist()
+    if area is None:
+        area = float(mask.sum())
+    return {
+        "bbox": [round(x * sx, 1), round(y * sy, 1), round(w * sx, 1), round(h * sy, 1)],
+        "area": round(area * sx * sy, 1),
+        "status": status,
+        "score": round(float(score), 4),
+    }

@@ -1,0 +1,53 @@
+"""Pictures a person can look at: the anomaly heatmap over the image, object boxes, the verdict."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from linewatch.detector.result import InspectionResult
+
+# BGR-free: colours are RGB because images are RGB throughout linewatch.
+STATUS_COLOURS = {
+    "matched": (40, 200, 40),
+    "unmatched": (230, 30, 30),
+    "surplus": (220, 0, 220),
+    "missing": (255, 150, 0),
+}
+
+
+def render_overlay(image: np.ndarray, result: InspectionResult, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 (H, W, 3): the heatmap (scaled so the threshold sits mid-colourmap) blended
+    over `image`, object boxes coloured by status, and a banner with verdict and score."""
+    h, w = image.shape[:2]
+    heat = result.heatmap
+    if heat.shape != (h, w):
+        heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    scale = result.threshold if np.isfinite(result.threshold) and result.threshold > 0 else max(float(heat.max()), 1e-9)
+    level = np.clip(heat / (2.0 * scale), 0.0, 1.0)
+    coloured = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    coloured = cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB)
+    out = cv2.addWeighted(image, 1.0 - alpha, coloured, alpha, 0.0)
+    thickness = max(1, round(min(h, w) / 200))
+    for obj in result.objects:
+        x, y, bw, bh = (int(round(v)) for v in obj["bbox"])
+        colour = STATUS_COLOURS.get(obj["status"], (255, 255, 255))
+        cv2.rectangle(out, (x, y), (x + bw, y + bh), colour, thickness)
+        if obj["status"] != "matched":
+            cv2.putText(out, obj["status"], (x, max(10, y - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thickness, colour, 1,
+                        cv2.LINE_AA)
+    banner = f"{result.verdict.upper()}  score {result.score:.3g} / thr {result.threshold:.3g}  [{result.backend}]"
+    bar_h = max(14, round(h / 16))
+    banner_colour = (200, 30, 30) if result.verdict == "fail" else (30, 140, 30)
+    cv2.rectangle(out, (0, 0), (w, bar_h), banner_colour, -1)
+    cv2.putText(out, banner, (4, bar_h - 4), cv2.FONT_HERSHEY_SIMPLEX, bar_h / 36, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def overlay_jpeg(image: np.ndarray, result: InspectionResult, quality: int = 85) -> bytes:
+    """The overlay encoded as JPEG bytes (for the verdict stream)."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(render_overlay(image, result), cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("could not encode the overlay as JPEG")
+    return data.tobytes()
