@@ -46,7 +46,7 @@ class ClassicBackendConfig(_Section):
 
     feature_stride: int = Field(8, ge=1, le=32)
     upsample_stages: int = Field(2, ge=0, le=4)
-    background_threshold: float = Field(4.0, gt=0, description="colour distance (in background std units) above which a pixel is foreground")
+    background_threshold: float = Field(6.0, gt=0, description="colour distance (in background std units) above which a pixel is foreground")
 
 
 class SamConfig(_Section):
@@ -76,7 +76,8 @@ class MatchingConfig(_Section):
 
     dcga_kernel_size: int = Field(3, ge=1, le=31, description="1-D conv width of DCGA channel attention (odd)")
     context_weight: float = Field(0.5, ge=0, le=10, description="weight of other objects in a descriptor (DCGA A2 term)")
-    dustbin: float = Field(1.0, description="OT dustbin score z")
+    score_scale: float = Field(10.0, gt=0, description="cosine similarities are multiplied by this before Sinkhorn")
+    dustbin: float = Field(5.0, description="OT dustbin score z, on the scaled scale (5 with scale 10 = cosine 0.5)")
     match_threshold: float = Field(0.2, ge=0, le=1, description="minimum assignment probability for a match")
     sinkhorn_iterations: int = Field(100, ge=1, le=1000)
 

@@ -271,6 +271,7 @@ class Inspector:
             dustbin=cfg.dustbin,
             threshold=cfg.match_threshold,
             iterations=cfg.sinkhorn_iterations,
+            score_scale=cfg.score_scale,
         )
         self._timed(batch, "match", start)
         return batch
