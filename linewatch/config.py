@@ -76,6 +76,7 @@ class MatchingConfig(_Section):
 
     dcga_kernel_size: int = Field(3, ge=1, le=31, description="1-D conv width of DCGA channel attention (odd)")
     context_weight: float = Field(0.5, ge=0, le=10, description="weight of other objects in a descriptor (DCGA A2 term)")
+    center_descriptors: bool = Field(True, description="subtract the bank's mean object descriptor before matching")
     score_scale: float = Field(10.0, gt=0, description="cosine similarities are multiplied by this before Sinkhorn")
     dustbin: float = Field(5.0, description="OT dustbin score z, on the scaled scale (5 with scale 10 = cosine 0.5)")
     match_threshold: float = Field(0.2, ge=0, le=1, description="minimum assignment probability for a match")
@@ -114,7 +115,9 @@ class DetectorConfig(_Section):
 
     def identity_hash(self) -> str:
         """Hash of every setting that changes what the template bank holds or how it is read."""
-        relevant = self.model_dump(include={"backend", "image_size", "objects", "classic", "samlad", "matching"})
+        relevant = self.model_dump(include={"backend", "image_size", "objects", "classic", "samlad"})
+        # only the descriptor settings of matching change what the bank holds
+        relevant["descriptors"] = [self.matching.dcga_kernel_size, self.matching.context_weight]
         if self.backend == "classic":
             relevant.pop("samlad")
         else:

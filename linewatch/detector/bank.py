@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 BANK_FORMAT_VERSION = 1
@@ -111,7 +111,7 @@ class TemplateBank:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path))
-        except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise BankError(f"{path}: not a readable bank file (corrupt or not a linewatch bank): {e}") from None
         if "linewatch_manifest" not in metadata:
             raise BankError(f"{path}: not a linewatch bank (no manifest in its metadata)")

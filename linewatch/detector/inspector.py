@@ -149,10 +149,16 @@ class Inspector:
         self.device = device
         self.bank = bank.to(device) if bank is not None else None
         self.backend = config.backend
+        self.descriptor_mean: Tensor | None = None
         if bank is not None:
             bank.check_identity(self.identity(), source=f"bank {bank.bank_id}")
             if bank.segmenter_state:
                 self.models.segmenter.load_state_dict(bank.segmenter_state)
+            if config.matching.center_descriptors:
+                # Descriptors of different parts share a large common component (every object
+                # pools the same kind of features); matching on what sets them apart works far
+                # better. The mean over the bank's good objects is that common part.
+                self.descriptor_mean = self.bank.descriptors[self.bank.object_valid].mean(0)
 
     # ------------------------------------------------------------------ identity
 
@@ -263,9 +269,13 @@ class Inspector:
         b, k = refs.shape
         m = enc.descriptors.shape[1]
         flat = refs.flatten()
+        query, reference = enc.descriptors, self.bank.descriptors[flat]
+        if self.descriptor_mean is not None:
+            query = F.normalize(query - self.descriptor_mean, dim=-1)
+            reference = F.normalize(reference - self.descriptor_mean, dim=-1)
         batch.match = match_objects(
-            enc.descriptors[:, None].expand(b, k, m, -1).reshape(b * k, m, -1),
-            self.bank.descriptors[flat],
+            query[:, None].expand(b, k, m, -1).reshape(b * k, m, -1),
+            reference,
             enc.valid[:, None].expand(b, k, m).reshape(b * k, m),
             self.bank.object_valid[flat],
             dustbin=cfg.dustbin,

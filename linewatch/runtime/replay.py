@@ -1,0 +1,160 @@
+"""Replay: a camera simulator that sends a folder of images or a video file as frames.
+
+Protocols:
+  linewatch         a PUB socket sending linewatch.wire frame messages (connect by default,
+                    to a daemon that binds; "bind" for a daemon that connects).
+  imagezmq-pubsub   imagezmq's own ImageSender(REQ_REP=False), which always binds.
+  imagezmq-reqrep   imagezmq's own ImageSender (REQ), which always connects and waits for the
+                    hub's reply after each frame.
+imagezmq supports encoding "raw" (send_image, BGR array) and "jpeg" (send_jpg) only.
+
+PUB/SUB drops whatever is sent before a subscriber has joined ("slow joiner"), so PUB modes
+wait `warmup_s` after opening the socket before the first frame.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zmq
+
+from linewatch import wire
+from linewatch.images import list_images, read_image
+
+PROTOCOLS = ("linewatch", "imagezmq-pubsub", "imagezmq-reqrep")
+_IMAGEZMQ_MODE = {"imagezmq-pubsub": "bind", "imagezmq-reqrep": "connect"}
+
+
+def _frames(source: Path, loop: bool) -> Iterator[tuple[np.ndarray, str | None]]:
+    """(RGB uint8 (H, W, 3), part_id) pairs: file stems for a folder, None for a video."""
+    while True:
+        if source.is_dir():
+            for path in list_images(source):
+                yield read_image(path), path.stem
+        else:
+            capture = cv2.VideoCapture(str(source))
+            if not capture.isOpened():
+                raise ValueError(f"{source}: not a folder of images nor a readable video file")
+            got_any = False
+            try:
+                while True:
+                    ok, bgr = capture.read()
+                    if not ok:
+                        break
+                    got_any = True
+                    yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
+            finally:
+                capture.release()
+            if not got_any:
+                raise ValueError(f"{source}: the video has no readable frames")
+        if not loop:
+            return
+
+
+def _encode_file(rgb: np.ndarray, encoding: str) -> bytes:
+    ok, buf = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"could not encode a frame as {encoding}")
+    return buf.tobytes()
+
+
+def replay(
+    source: Path,
+    endpoint: str,
+    fps: float,
+    protocol: str = "linewatch",
+    camera: str = "cam0",
+    encoding: str = "jpeg",
+    loop: bool = False,
+    count: int | None = None,
+    mode: str | None = None,
+    warmup_s: float = 0.5,
+    stop: threading.Event | None = None,
+    reply_timeout_s: float = 5.0,
+) -> int:
+    """Send the images of `source` to `endpoint` at `fps` (<= 0: as fast as possible).
+
+    Frame ids count from 0; capture_ts is the send time; part_id is the file stem (folders).
+    `mode` defaults to "connect" for linewatch and to what imagezmq's sender does for its
+    protocols (a contradicting mode is a ValueError). Stops after one pass (or forever with
+    `loop`), after `count` frames, or when `stop` is set. Returns the number of frames sent.
+    An imagezmq REQ/REP hub that does not reply within `reply_timeout_s` raises TimeoutError.
+    """
+    source = Path(source)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if encoding not in wire.ENCODINGS:
+        raise ValueError(f"encoding must be one of {wire.ENCODINGS}, got {encoding!r}")
+    if protocol in _IMAGEZMQ_MODE:
+        if encoding == "png":
+            raise ValueError("imagezmq carries raw arrays or JPEG only; use encoding 'raw' or 'jpeg'")
+        if mode is not None and mode != _IMAGEZMQ_MODE[protocol]:
+            raise ValueError(f"imagezmq's sender for {protocol} can only {_IMAGEZMQ_MODE[protocol]}, not {mode}")
+    elif mode not in (None, "bind", "connect"):
+        raise ValueError(f"mode must be 'bind' or 'connect', got {mode!r}")
+    if not source.exists():
+        raise ValueError(f"{source}: no such folder or file")
+
+    send, close = _open_sender(protocol, endpoint, mode or "connect", encoding, camera, reply_timeout_s)
+    sent = 0
+    try:
+        if protocol != "imagezmq-reqrep" and warmup_s > 0:
+            if stop is not None:
+                stop.wait(warmup_s)
+            else:
+                time.sleep(warmup_s)
+        start = time.monotonic()
+        for image, part_id in _frames(source, loop):
+            if (count is not None and sent >= count) or (stop is not None and stop.is_set()):
+                break
+            if fps > 0:
+                delay = start + sent / fps - time.monotonic()
+                if delay > 0:
+                    if stop is not None and stop.wait(delay):
+                        break
+                    if stop is None:
+                        time.sleep(delay)
+            send(sent, image, part_id)
+            sent += 1
+    finally:
+        close()
+    return sent
+
+
+def _open_sender(protocol: str, endpoint: str, mode: str, encoding: str, camera: str, reply_timeout_s: float):
+    """(send(frame_id, rgb, part_id), close()) for the protocol."""
+    if protocol == "linewatch":
+        context = zmq.Context()
+        sock = context.socket(zmq.PUB)
+        (sock.bind if mode == "bind" else sock.connect)(endpoint)
+
+        def send(frame_id: int, rgb: np.ndarray, part_id: str | None) -> None:
+            sock.send_multipart(wire.encode_frame(camera, frame_id, rgb, encoding=encoding, part_id=part_id), copy=False)
+
+        def close() -> None:
+            sock.close(linger=2000)  # let queued frames out
+            context.term()
+
+        return send, close
+
+    import imagezmq  # only needed for the imagezmq protocols
+
+    sender = imagezmq.ImageSender(connect_to=endpoint, REQ_REP=protocol == "imagezmq-reqrep")
+    sender.zmq_socket.setsockopt(zmq.RCVTIMEO, int(reply_timeout_s * 1000))
+    sender.zmq_socket.setsockopt(zmq.LINGER, 2000)
+
+    def send_imagezmq(frame_id: int, rgb: np.ndarray, part_id: str | None) -> None:
+        try:
+            if encoding == "jpeg":
+                sender.send_jpg(camera, _encode_file(rgb, "jpeg"))
+            else:
+                sender.send_image(camera, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        except zmq.Again:
+            raise TimeoutError(f"no reply from the imagezmq hub at {endpoint} within {reply_timeout_s}s") from None
+
+    return send_imagezmq, sender.close

@@ -1,0 +1,244 @@
+"""Ingest over real ZeroMQ sockets on loopback: our format, imagezmq's real ImageSender in both
+modes, oversized payloads, unknown-camera floods, prompt stop. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import cv2
+import imagezmq
+import numpy as np
+import pytest
+import zmq
+
+from linewatch import wire
+from linewatch.config import EndpointConfig, IngestConfig
+from linewatch.runtime.ingest import Ingest
+from linewatch.runtime.types import Frame
+from linewatch.wire import WireError
+
+ANY_PORT = "tcp://127.0.0.1:*"
+
+
+class Collector:
+    """Thread-safe sink for on_frame / on_error, with bounded waits."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.errors: list[WireError] = []
+        self._cond = threading.Condition()
+
+    def on_frame(self, frame: Frame) -> None:
+        with self._cond:
+            self.frames.append(frame)
+            self._cond.notify_all()
+
+    def on_error(self, error: WireError, received_mono: float) -> None:
+        assert received_mono <= time.monotonic()
+        with self._cond:
+            self.errors.append(error)
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout_s)
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[..., tuple[Ingest, Collector]]]:
+    """started(endpoints, **config) -> (running Ingest, Collector); stopped afterwards."""
+    made: list[Ingest] = []
+
+    def make(endpoints: list[EndpointConfig], **config) -> tuple[Ingest, Collector]:
+        sink = Collector()
+        ingest = Ingest(IngestConfig(endpoints=endpoints, **config), sink.on_frame, sink.on_error)
+        ingest.start()
+        made.append(ingest)
+        return ingest, sink
+
+    yield make
+    for ingest in made:
+        ingest.stop()
+
+
+def _image(seed: int, h: int = 24, w: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _join_pubsub(send_probe: Callable[[int], None], arrived: Callable[[], bool], sink: Collector) -> None:
+    """Beat the slow-joiner: send probes until one comes through (bounded: about 5 s)."""
+    for i in range(100):
+        send_probe(i)
+        if sink.wait(arrived, 0.05):
+            return
+    pytest.fail("PUB/SUB subscription never established")
+
+
+def _pub(context: zmq.Context, url: str) -> zmq.Socket:
+    sock = context.socket(zmq.PUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    return sock
+
+
+# ---------------------------------------------------------------- linewatch format
+
+
+def test_linewatch_frames_arrive_with_their_ids(started, context) -> None:
+    ingest, sink = started([EndpointConfig(url=ANY_PORT)])
+    pub = _pub(context, ingest.bound_urls[0])
+    _join_pubsub(lambda i: pub.send_multipart(wire.encode_frame("cam0", 10_000 + i, _image(0))), lambda: bool(sink.frames), sink)
+
+    images = {fid: _image(fid) for fid in range(5)}
+    for fid, image in images.items():
+        pub.send_multipart(wire.encode_frame("cam0", fid, image, encoding="png", part_id=f"P{fid}", capture_ts=50.0 + fid))
+    assert sink.wait(lambda: sum(f.frame_id < 10_000 for f in sink.frames) == 5)
+    got = [f for f in sink.frames if f.frame_id < 10_000]
+    assert sorted(f.frame_id for f in got) == list(range(5))
+    for frame in got:
+        np.testing.assert_array_equal(frame.image, images[frame.frame_id])
+        assert (frame.camera, frame.part_id, frame.capture_ts) == ("cam0", f"P{frame.frame_id}", 50.0 + frame.frame_id)
+        assert frame.received_ts > 1e9 and frame.received_mono <= time.monotonic()
+
+
+def test_bad_messages_become_addressed_errors(started, context) -> None:
+    ingest, sink = started([EndpointConfig(url=ANY_PORT)])
+    pub = _pub(context, ingest.bound_urls[0])
+    _join_pubsub(lambda i: pub.send_multipart(wire.encode_frame("cam0", i, _image(0))), lambda: bool(sink.frames), sink)
+
+    good = wire.encode_frame("cam0", 77, _image(1))
+    pub.send_multipart(good[:2])  # truncated
+    pub.send_multipart([good[0], good[1], b"\xff\xd8 broken"])  # size mismatch
+    assert sink.wait(lambda: len(sink.errors) == 2)
+    assert sorted((e.reason, e.camera, e.frame_id) for e in sink.errors) == [("bad_shape", "cam0", 77), ("truncated", "cam0", 77)]
+    assert ingest.stats()["errors"] == {"truncated": 1, "bad_shape": 1}
+
+
+def test_oversized_payload_is_refused_and_serving_continues(started, context) -> None:
+    ingest, sink = started([EndpointConfig(url=ANY_PORT)], max_payload_bytes=1 << 20)
+    pub = _pub(context, ingest.bound_urls[0])
+    _join_pubsub(lambda i: pub.send_multipart(wire.encode_frame("cam0", 10_000 + i, _image(0))), lambda: bool(sink.frames), sink)
+
+    huge = 200 * 1024 * 1024
+    topic, header, _ = wire.encode_frame("cam0", 1, _image(0))
+    header = json.dumps({**json.loads(header), "shape": [huge // 3072, 1024, 3]}).encode()
+    pub.send_multipart([topic, header, bytes(huge)], copy=False)
+    pub.send_multipart(wire.encode_frame("cam0", 2, _image(2)))
+    assert sink.wait(lambda: any(f.frame_id == 2 for f in sink.frames), 20.0), "the next good frame never arrived"
+    assert [(e.reason, e.camera, e.frame_id) for e in sink.errors] == [("too_large", "cam0", 1)]
+
+
+def test_unknown_camera_flood_does_not_starve_a_good_camera(started, context) -> None:
+    ingest, sink = started([EndpointConfig(url=ANY_PORT)], cameras=["good"])
+    good, intruder = _pub(context, ingest.bound_urls[0]), _pub(context, ingest.bound_urls[0])
+    _join_pubsub(lambda i: good.send_multipart(wire.encode_frame("good", 10_000 + i, _image(0))), lambda: bool(sink.frames), sink)
+    _join_pubsub(lambda i: intruder.send_multipart(wire.encode_frame("intruder", i, _image(0))), lambda: bool(sink.errors), sink)
+
+    flood = wire.encode_frame("intruder", 1, _image(3, 8, 8))
+    stop = threading.Event()
+
+    def flood_loop() -> None:
+        while not stop.is_set():
+            intruder.send_multipart(flood)
+
+    flooder = threading.Thread(target=flood_loop, daemon=True)
+    flooder.start()
+    try:
+        for fid in range(20):
+            good.send_multipart(wire.encode_frame("good", fid, _image(fid)))
+            time.sleep(0.05)
+        assert sink.wait(lambda: sum(f.frame_id < 10_000 for f in sink.frames) == 20, 10.0)
+    finally:
+        stop.set()
+        flooder.join(5.0)
+    assert sorted(f.frame_id for f in sink.frames if f.frame_id < 10_000) == list(range(20))
+    assert all(f.camera == "good" for f in sink.frames)
+    reports = [e for e in sink.errors if e.reason == "unknown_camera"]
+    assert all(e.camera == "intruder" for e in reports)
+    assert 1 <= len(reports) <= 5  # about one per second, not one per frame
+    assert ingest.stats()["suppressed"].get("unknown_camera", 0) > 10
+
+
+# ---------------------------------------------------------------- imagezmq
+
+
+def test_imagezmq_reqrep_sender_gets_ok_at_once(context) -> None:
+    release = threading.Event()
+    sink = Collector()
+
+    def slow_on_frame(frame: Frame) -> None:  # inspection that takes a while
+        release.wait(5.0)
+        sink.on_frame(frame)
+
+    config = IngestConfig(endpoints=[EndpointConfig(url=ANY_PORT, protocol="imagezmq-reqrep")], decode_workers=1)
+    ingest = Ingest(config, slow_on_frame, sink.on_error)
+    ingest.start()
+    sender = imagezmq.ImageSender(connect_to=ingest.bound_urls[0])
+    sender.zmq_socket.setsockopt(zmq.RCVTIMEO, 5000)  # a missing reply fails instead of hanging
+    try:
+        rgb = [_image(1), _image(2)]
+        t0 = time.monotonic()
+        assert sender.send_image("line1-cam", cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR)) == b"OK"
+        jpg = cv2.imencode(".png", cv2.cvtColor(rgb[1], cv2.COLOR_RGB2BGR))[1].tobytes()  # lossless bytes via send_jpg
+        assert sender.send_jpg("line1-cam|exposure=800", jpg) == b"OK"
+        assert time.monotonic() - t0 < 2.0  # answered while on_frame was still blocked
+        assert not sink.frames
+        release.set()
+        assert sink.wait(lambda: len(sink.frames) == 2)
+        by_id = {f.frame_id: f for f in sink.frames}
+        assert sorted(by_id) == [0, 1] and {f.camera for f in sink.frames} == {"line1-cam"}
+        for fid in (0, 1):
+            np.testing.assert_array_equal(by_id[fid].image, rgb[fid])  # BGR on the wire, RGB out
+    finally:
+        release.set()
+        sender.close()
+        ingest.stop()
+
+
+def test_imagezmq_pubsub_array_and_jpeg(started) -> None:
+    sender = imagezmq.ImageSender(connect_to=ANY_PORT, REQ_REP=False)  # imagezmq's PUB binds
+    try:
+        url = sender.zmq_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        ingest, sink = started([EndpointConfig(url=url, mode="connect", protocol="imagezmq-pubsub")])
+        _join_pubsub(lambda i: sender.send_image("probe", _image(0)), lambda: bool(sink.frames), sink)
+
+        rgb = _image(5)
+        sender.send_image("cam-a", np.ascontiguousarray(rgb[..., ::-1]))
+        flat = np.zeros((16, 16, 3), np.uint8)
+        flat[...] = (10, 100, 200)  # BGR
+        sender.send_jpg("cam-a|x", cv2.imencode(".jpg", flat)[1].tobytes())
+        assert sink.wait(lambda: sum(f.camera == "cam-a" for f in sink.frames) == 2)
+        got = {f.frame_id: f for f in sink.frames if f.camera == "cam-a"}
+        assert sorted(got) == [0, 1]  # per-camera counter
+        np.testing.assert_array_equal(got[0].image, rgb)
+        assert np.abs(got[1].image[0, 0].astype(int) - (200, 100, 10)).max() <= 3
+    finally:
+        sender.close()
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def test_stop_is_prompt_and_idempotent_and_bind_errors_raise() -> None:
+    sink = Collector()
+    ingest = Ingest(IngestConfig(endpoints=[EndpointConfig(url=ANY_PORT)]), sink.on_frame, sink.on_error)
+    ingest.start()
+    clash = Ingest(IngestConfig(endpoints=[EndpointConfig(url=ingest.bound_urls[0])]), sink.on_frame, sink.on_error)
+    with pytest.raises(RuntimeError, match="cannot open endpoint"):
+        clash.start()
+    clash.stop()  # never started: a no-op
+    t0 = time.monotonic()
+    ingest.stop()
+    ingest.stop()
+    assert time.monotonic() - t0 < 1.5
+    assert not [t for t in threading.enumerate() if t.name.startswith("ingest-")]
