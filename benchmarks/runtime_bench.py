@@ -1,0 +1,226 @@
+"""Runtime benchmark (a script, not a test): prints figures.
+
+    python benchmarks/runtime_bench.py [--frames 5000] [--rate 1000]
+
+(a) ingest -> batch -> publish over loopback ZeroMQ with a no-op detector stage, 224x224 RGB
+    raw frames: frames/s (burst) and added latency p50/p99 (paced). The camera and actuator
+    run in a separate process, so they do not share the daemon's GIL; latency is sender
+    capture_ts to actuator receive, on the same host clock. Targets: >= 2000 frames/s,
+    <= 0.5 ms/frame added. Also the in-process pipeline alone (submit -> on_verdict).
+(b) pipelined throughput of a 3-stage graph with known per-batch costs vs the slowest-stage
+    bound (1 / max cost). Target ratio >= 0.85.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from linewatch.config import (
+    BatchConfig, EndpointConfig, IngestConfig, MetricsConfig, PipelineConfig, PublishConfig, RuntimeConfig,
+)
+from linewatch.detector.result import InspectionResult
+from linewatch.runtime.pipeline import Pipeline
+from linewatch.runtime.types import Frame
+
+SIZE = 224
+
+
+class NoopProcessor:
+    """One stage that returns a constant result per image: the runtime's cost alone."""
+
+    backend = "noop"
+    bank_id = "bench"
+
+    def __init__(self, costs: list[tuple[str, float]] | None = None) -> None:
+        heat = np.zeros((SIZE, SIZE), np.float32)
+        costs = costs or [("noop", 0.0)]
+
+        def make(i: int, cost: float):
+            def stage(x: Any) -> Any:
+                if cost:
+                    time.sleep(cost)
+                if i < len(costs) - 1:
+                    return x
+                return [InspectionResult(score=0.1, verdict="pass", threshold=0.5, heatmap=heat) for _ in x]
+            return stage
+
+        self.stages = [(name, make(i, c)) for i, (name, c) in enumerate(costs)]
+
+
+def quiet_log() -> Any:
+    import io
+    import logging
+
+    import structlog
+
+    return structlog.wrap_logger(structlog.PrintLogger(io.StringIO()),
+                                 wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+# ---------------------------------------------------------------- (a) over loopback
+
+
+def _line_process(ingest_url: str, verdict_url: str, n: int, rate: float | None, out: Any) -> None:
+    """Camera + actuator in their own process: send n frames, collect verdict latencies."""
+    import zmq
+
+    from linewatch import wire
+
+    ctx = zmq.Context()
+    cam = ctx.socket(zmq.PUB)
+    cam.setsockopt(zmq.SNDHWM, 100_000)
+    cam.connect(ingest_url)
+    act = ctx.socket(zmq.SUB)
+    act.setsockopt(zmq.RCVHWM, 100_000)
+    act.setsockopt(zmq.SUBSCRIBE, b"")
+    act.connect(verdict_url)
+    image = np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), np.uint8)
+    # Warm up until the PUB/SUB paths are connected both ways.
+    i = 0
+    while not act.poll(50):
+        cam.send_multipart(wire.encode_frame("warm", i, image))
+        i += 1
+    time.sleep(0.3)
+    while act.poll(100):
+        act.recv_multipart()
+
+    lat: list[float] = []
+    values: Counter[str] = Counter()
+    done = threading.Event()
+
+    def receive() -> None:
+        end = time.monotonic() + 60
+        while len(lat) < n and time.monotonic() < end:
+            if act.poll(200):
+                v = wire.decode_verdict(act.recv_multipart())
+                if v.camera == "cam0":
+                    lat.append(time.time() - v.capture_ts)
+                    values[v.verdict] += 1
+        done.set()
+
+    t = threading.Thread(target=receive)
+    t.start()
+    t0 = time.perf_counter()
+    for k in range(n):
+        if rate:
+            wait = t0 + k / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        cam.send_multipart(wire.encode_frame("cam0", k, image, capture_ts=time.time()))
+    t_sent = time.perf_counter() - t0
+    done.wait(70)
+    t_all = time.perf_counter() - t0
+    t.join(1)
+    out.put({"lat": lat, "values": dict(values), "send_s": t_sent, "total_s": t_all})
+    cam.close(linger=0)
+    act.close(linger=0)
+    ctx.term()
+
+
+def bench_loopback(n: int, rate: float | None, max_delay_ms: float) -> dict[str, Any]:
+    from linewatch.runtime.daemon import Daemon
+
+    config = RuntimeConfig(
+        ingest=IngestConfig(endpoints=[EndpointConfig(url="tcp://127.0.0.1:*")], receive_hwm=100_000, decode_workers=2),
+        batch=BatchConfig(max_batch=8, max_delay_ms=max_delay_ms),
+        pipeline=PipelineConfig(max_pending_frames=4096, deadline_ms=10_000),
+        publish=PublishConfig(url="tcp://127.0.0.1:*", send_hwm=100_000),
+        metrics=MetricsConfig(port=0),
+    )
+    daemon = Daemon(config, NoopProcessor(), log=quiet_log())
+    daemon.start()
+    try:
+        q: Any = mp.get_context("spawn").Queue()
+        p = mp.get_context("spawn").Process(
+            target=_line_process, args=(daemon.ingest.bound_urls[0], daemon.publisher.bound_url, n, rate, q))
+        p.start()
+        res = q.get(timeout=120)
+        p.join(10)
+    finally:
+        daemon.stop()
+    return res
+
+
+# ---------------------------------------------------------------- in-process pipeline
+
+
+def bench_inprocess(n: int, costs: list[tuple[str, float]], max_batch: int, max_delay_ms: float,
+                    rate: float | None = None) -> dict[str, Any]:
+    got: list[float] = []
+    received: dict[int, float] = {}
+    done = threading.Event()
+
+    def on_verdict(v) -> None:
+        got.append(time.monotonic() - received[v.frame_id])
+        if len(got) == n:
+            done.set()
+
+    p = Pipeline(NoopProcessor(costs), BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms),
+                 PipelineConfig(max_pending_frames=n + 1, deadline_ms=60_000), on_verdict, log=quiet_log())
+    p.start()
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    t0 = time.perf_counter()
+    for k in range(n):
+        if rate:
+            wait = t0 + k / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        now = time.monotonic()
+        received[k] = now
+        p.submit(Frame("cam0", k, time.time(), image, time.time(), now))
+    done.wait(120)
+    elapsed = time.perf_counter() - t0
+    p.stop()
+    return {"lat": got, "elapsed": elapsed, "n": len(got)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=5000)
+    ap.add_argument("--rate", type=float, default=1000.0, help="paced rate for the latency runs, frames/s")
+    args = ap.parse_args()
+    n = args.frames
+
+    print(f"(a) loopback ZMQ, {SIZE}x{SIZE} raw RGB, no-op stage, max_batch 8")
+    r = bench_loopback(n, None, max_delay_ms=1.0)
+    fps = len(r["lat"]) / r["total_s"]
+    print(f"    burst {n} frames: {len(r['lat'])} verdicts {r['values']} in {r['total_s']:.2f} s"
+          f" -> {fps:.0f} frames/s  (target >= 2000)")
+    for delay in (0.0, 10.0):
+        r = bench_loopback(n // 2, args.rate, max_delay_ms=delay)
+        lat_ms = [x * 1000 for x in r["lat"]]
+        print(f"    paced {args.rate:.0f} frames/s, max_delay_ms={delay:g}: {len(lat_ms)} verdicts {r['values']};"
+              f" capture->verdict p50 {pct(lat_ms, 50):.2f} ms p99 {pct(lat_ms, 99):.2f} ms"
+              + ("  (target <= 0.5 ms added)" if delay == 0 else "  (includes batch wait)"))
+
+    print("(a') in-process pipeline only (submit -> on_verdict), no-op stage, max_batch 8")
+    r = bench_inprocess(n, [("noop", 0.0)], 8, 1.0)
+    print(f"    burst {n} frames in {r['elapsed']:.2f} s -> {r['n'] / r['elapsed']:.0f} frames/s,"
+          f" {r['elapsed'] / max(r['n'], 1) * 1e3:.3f} ms/frame")
+    r = bench_inprocess(n // 2, [("noop", 0.0)], 8, 0.0, rate=args.rate)
+    lat_ms = [x * 1000 for x in r["lat"]]
+    print(f"    paced {args.rate:.0f} frames/s, max_delay 0: received->verdict p50 {pct(lat_ms, 50):.3f} ms"
+          f" p99 {pct(lat_ms, 99):.3f} ms")
+
+    print("(b) pipelined 3-stage graph, costs 5/10/5 ms per batch, max_batch 1")
+    costs = [("pre", 0.005), ("net", 0.010), ("post", 0.005)]
+    r = bench_inprocess(300, costs, 1, 0.0)
+    bound = 1 / max(c for _, c in costs)
+    rate = r["n"] / r["elapsed"]
+    print(f"    {r['n']} batches in {r['elapsed']:.2f} s -> {rate:.1f} batches/s; slowest-stage bound {bound:.0f}/s;"
+          f" ratio {rate / bound:.2f} (target >= 0.85; sequential would be {1 / sum(c for _, c in costs) / bound:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The daemon: ingest -> batcher/pipeline -> publish, with metrics, health and systemd glue.
+
+Start-up order: metrics and the health server (so a failed start is visible), the pipeline,
+the publisher, then ingest last (nothing arrives before everything behind it runs). Then
+READY=1 to systemd. Shutdown (SIGTERM/SIGINT) goes the other way: STOPPING=1, ingest stops,
+the pipeline drains (every in-flight frame is answered), the publisher closes, exit 0.
+
+systemd notifications are sent by `sd_notify` below: a datagram to $NOTIFY_SOCKET, the whole
+protocol, so no libsystemd binding is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import linewatch
+from linewatch.config import RuntimeConfig
+from linewatch.runtime.health import HealthServer
+from linewatch.runtime.logs import SummaryLogger, configure_logging
+from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline import Pipeline, Processor
+from linewatch.runtime.types import Frame, Verdict
+
+# ---------------------------------------------------------------- systemd notify protocol
+
+
+def sd_notify(state: str, env: dict[str, str] | None = None) -> bool:
+    """Send `state` (e.g. "READY=1", "WATCHDOG=1", "STOPPING=1") to systemd.
+
+    Uses $NOTIFY_SOCKET (a filesystem path, or "@name" for the abstract namespace). Returns
+    False when there is no socket to notify (not run by systemd) or the send failed; never
+    raises, since a missing supervisor must not stop the line.
+    """
+    env = os.environ if env is None else env
+    addr = env.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+        return True
+    except OSError:
+        return False
+
+
+def watchdog_interval_s(env: dict[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC, or None when not enabled.
+
+    $WATCHDOG_PID, when set, must be this process (systemd sets it for the main PID only).
+    """
+    env = os.environ if env is None else env
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec:
+        return None
+    if pid and pid.isdigit() and int(pid) != os.getpid():
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2 / 1e6 if value > 0 else None
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """Composes Ingest, Pipeline, Publisher, Metrics and the health server.
+
+    config: the `runtime` section. processor: the loaded detector (its bank is loaded, so
+    readiness only waits for ingest). log: a structlog logger (default: configured from
+    `config.logging` with `configure_logging`).
+    summary_interval_s: period of the INFO summary line. drain_timeout_s: how long shutdown
+    waits for in-flight frames (default: the frame deadline plus 2 s, after which every
+    frame has an answer anyway).
+    """
+
+    def __init__(self, config: RuntimeConfig, processor: Processor, log: Any = None,
+                 summary_interval_s: float = 60.0, drain_timeout_s: float | None = None) -> None:
+        self.config = config
+        self.processor = processor
+        # Without a logger from the caller, the daemon sets up logging from its own config.
+        self.log = log if log is not None else configure_logging(config.logging)
+        self.metrics = Metrics()
+        self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else config.pipeline.deadline_ms / 1000 + 2.0
+        self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log)
+        self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
+        self.health: HealthServer | None = None
+        self.ingest: Any = None
+        self.publisher: Any = None
+        self._listening = False
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._signal = threading.Event()
+        self._watchdog_thread: threading.Thread | None = None
+        self._unhealthy_logged = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start everything; raises (with what to fix) when a socket cannot be opened."""
+        # Imported here: ingest/publish pull in zmq and the wire format, which the pipeline
+        # and its tests do not need.
+        from linewatch.runtime.ingest import Ingest
+        from linewatch.runtime.publish import Publisher
+
+        p, m = self.processor, self.metrics
+        m.set_build_info(linewatch.__version__, p.backend)
+        m.set_bank_info(p.bank_id, p.backend, getattr(p, "bank_images", "unknown"))
+        m.track_gpu_memory()
+        m.ready.set(0)
+        try:
+            self.health = HealthServer(self.config.metrics, m.registry, self.dead_threads, self.readiness)
+        except OSError as e:
+            mc = self.config.metrics
+            raise RuntimeError(
+                f"runtime.metrics: cannot listen on {mc.host}:{mc.port}: {e.strerror or e} "
+                "(is another linewatch running? pick another port, or 0 for any)"
+            ) from None
+        self.health.start()
+        try:
+            self.pipeline.start()
+            self.publisher = Publisher(self.config.publish, log=self.log)
+            m.track_queue("publish", lambda: self.publisher.pending)
+            self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log)
+            self.ingest.start()
+        except Exception:
+            self.stop()  # release what did start (threads, sockets, the HTTP port)
+            raise
+        self._listening = True
+        self.summary.start()
+        m.ready.set(1)
+        interval = watchdog_interval_s()
+        if interval:
+            self._watchdog_thread = threading.Thread(target=self._watchdog_loop, args=(interval,),
+                                                     name="lw-watchdog", daemon=True)
+            self._watchdog_thread.start()
+        sd_notify("READY=1\nSTATUS=inspecting")
+        self.log.info("started", backend=p.backend, bank_id=p.bank_id, metrics_port=self.health.port,
+                      endpoints=[e.url for e in self.config.ingest.endpoints], publish=self.config.publish.url,
+                      watchdog_s=interval)
+
+    def run_until_signal(self) -> int:
+        """Start (if needed), wait for SIGTERM/SIGINT, then shut down cleanly. Returns 0.
+
+        Must be called from the main thread (Python delivers signals there).
+        """
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if self.health is None:
+                self.start()
+            while not self._signal.wait(0.5):
+                pass
+            self.log.info("signal_received")
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
+
+    def request_stop(self) -> None:
+        """Ask run_until_signal() to return (what the signal handlers do)."""
+        self._signal.set()
+
+    def stop(self) -> None:
+        """Stop ingest, drain the pipeline (every frame answered), close the publisher."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        self._stopped.set()  # no WATCHDOG=1 after STOPPING=1
+        if self._watchdog_thread is not None:
+            self._watchdog_thread.join(2.0)
+        sd_notify("STOPPING=1")
+        self.metrics.ready.set(0)
+        t0 = time.monotonic()
+        before = self.pipeline.inflight()
+        if self.ingest is not None:
+            self._close(self.ingest, "ingest")
+        self._listening = False
+        clean = self.pipeline.drain(self.drain_timeout_s)
+        self.pipeline.stop()
+        if self.publisher is not None:
+            self._close(self.publisher, "publisher")
+        try:
+            self.summary.stop()
+        except Exception:  # noqa: BLE001
+            pass
+        if self.health is not None:
+            self.health.stop()
+        self.log.info("stopped", drained=clean, inflight_at_stop=before, drain_s=round(time.monotonic() - t0, 3))
+
+    # ------------------------------------------------------------------ checks
+
+    def dead_threads(self) -> list[str]:
+        """Threads that should be running but are not (for /healthz)."""
+        if self._stopping:
+            return []
+        dead = self.pipeline.dead_threads()
+        if self.summary.thread.ident is not None and not self.summary.thread.is_alive():
+            dead.append(self.summary.thread.name)
+        for part in (self.ingest, self.publisher):
+            threads = getattr(part, "threads", None)  # optional: ingest/publish may expose theirs
+            if callable(threads):
+                dead.extend(t.name for t in threads() if isinstance(t, threading.Thread) and not t.is_alive())
+        return dead
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for /readyz: the bank is loaded (we hold the processor) and ingest listens."""
+        if self._stopping:
+            return False, "shutting down"
+        if not self._listening:
+            return False, "ingest not listening yet"
+        if not self.pipeline.accepting:
+            return False, "pipeline not accepting frames"
+        return True, f"ready: bank {self.processor.bank_id} ({self.processor.backend}) loaded, ingest listening"
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_frame(self, frame: Frame) -> None:
+        try:
+            self.pipeline.submit(frame)
+        except Exception as e:  # noqa: BLE001 - never let the pipeline kill an ingest thread
+            self.log.error("submit_failed", camera=frame.camera, frame_id=frame.frame_id, error=repr(e))
+
+    def _on_error(self, err: Any, received_mono: float) -> None:
+        """A frame that failed to decode: answered `error` with the wire error's reason."""
+        try:
+            camera = err.camera if err.camera is not None else ""
+            frame_id = err.frame_id if err.frame_id is not None else -1
+            self.pipeline.submit_error(camera, frame_id, err.reason, received_mono, time.time())
+            self.log.debug("wire_error", camera=camera, frame_id=frame_id, reason=err.reason, detail=err.detail)
+        except Exception as e:  # noqa: BLE001
+            self.log.error("submit_error_failed", error=repr(e))
+
+    def _publish(self, verdict: Verdict) -> None:
+        self.publisher.publish(verdict)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signal.set()
+
+    def _watchdog_loop(self, interval: float) -> None:
+        """WATCHDOG=1 only while the pipeline is healthy; a stuck pipeline gets restarted by systemd."""
+        while not self._stopped.wait(interval):
+            ok, why = self.pipeline.healthy()
+            if ok and not self.dead_threads():
+                sd_notify("WATCHDOG=1")
+                self._unhealthy_logged = False
+            elif not self._unhealthy_logged:
+                self._unhealthy_logged = True
+                self.log.error("unhealthy_watchdog_withheld", why=why if not ok else "dead threads: " + ", ".join(self.dead_threads()))
+
+    def _close(self, part: Any, name: str) -> None:
+        for method in ("stop", "close"):
+            fn = getattr(part, method, None)
+            if callable(fn):
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001 - keep shutting down the rest
+                    self.log.error("close_failed", part=name, error=repr(e))
+                return

@@ -1,0 +1,108 @@
+"""HTTP endpoints for Prometheus and for orchestration: /metrics, /healthz, /readyz.
+
+A stdlib ThreadingHTTPServer on its own thread: no dependency, and a slow scraper cannot
+block another request. Port 0 binds a free port (`HealthServer.port` tells which).
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client.exposition import generate_latest
+
+from linewatch.config import MetricsConfig
+
+# dead_threads() -> names of threads that should be alive but are not (empty: healthy)
+LivenessCheck = Callable[[], list[str]]
+# ready() -> (ready, why)
+ReadinessCheck = Callable[[], tuple[bool, str]]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    registry: CollectorRegistry
+    liveness: LivenessCheck
+    readiness: ReadinessCheck
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                dead = self.server.liveness()
+                if dead:
+                    self._text(503, "dead threads: " + ", ".join(dead))
+                else:
+                    self._text(200, "ok")
+            elif path == "/readyz":
+                ok, why = self.server.readiness()
+                self._text(200 if ok else 503, why)
+            else:
+                self._text(404, "not found; try /metrics, /healthz, /readyz")
+        except Exception as e:  # noqa: BLE001 - a failing check is an unhealthy answer, not a crash
+            self._text(500, f"check failed: {e!r}")
+
+    def _text(self, code: int, body: str) -> None:
+        self._send(code, (body + "\n").encode(), "text/plain; charset=utf-8")
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # scrapes every few seconds must not reach the journal
+
+
+class HealthServer:
+    """Serves /metrics from `registry`, /healthz from `liveness`, /readyz from `readiness`.
+
+    /healthz: 200 "ok" while liveness() returns no names, else 503 naming the dead threads.
+    /readyz: 200 when readiness() says ready, else 503; the body is its reason either way.
+    """
+
+    def __init__(self, config: MetricsConfig, registry: CollectorRegistry,
+                 liveness: LivenessCheck = lambda: [], readiness: ReadinessCheck = lambda: (True, "ready")) -> None:
+        self._server = _Server((config.host, config.port), _Handler, bind_and_activate=True)
+        self._server.registry = registry
+        self._server.liveness = liveness
+        self._server.readiness = readiness
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="lw-health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        return self._server.server_address[1]
+
+    @property
+    def host(self) -> str:
+        """The bound address."""
+        return self._server.server_address[0]
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The server thread."""
+        return self._thread
+
+    def start(self) -> None:
+        """Serve on a background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(2.0)
+        self._server.server_close()

@@ -1,0 +1,133 @@
+"""Prometheus metrics of the daemon, in one place.
+
+`Metrics` owns its own `CollectorRegistry` (never the process-global one), so two daemons
+or two tests in one process do not collide. Names follow `linewatch_*` in base units
+(seconds, bytes). Dashboards and alerts refer to the names listed by `metric_names()`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+# capture -> verdict latency: 1 ms .. 10 s, roughly 1-2-5 per decade.
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# One stage on one batch: from a fraction of a millisecond (preprocess) to seconds (SAM).
+STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """Every metric the runtime exposes, registered on a private registry.
+
+    Attributes are the prometheus_client metric objects; callers use them directly
+    (`metrics.frames_received.labels(camera="cam0").inc()`), plus a few helpers for values
+    that are read at scrape time (queue depths, GPU memory).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.frames_received = Counter(
+            "linewatch_frames_received", "Frames taken off the ingest sockets.", ["camera"], registry=r
+        )
+        self.verdicts = Counter(
+            "linewatch_verdicts", "Verdicts published, by value (pass/fail/error/timeout/shed).",
+            ["camera", "verdict"], registry=r,
+        )
+        self.frame_errors = Counter(
+            "linewatch_frame_errors", "Frames answered `error`, by reason.", ["reason"], registry=r
+        )
+        self.frames_shed = Counter(
+            "linewatch_frames_shed", "Frames answered `shed` because of overload or shutdown.", ["reason"], registry=r
+        )
+        self.frames_timed_out = Counter(
+            "linewatch_frames_timed_out", "Frames answered `timeout` at their deadline.", ["camera"], registry=r
+        )
+        self.late_results = Counter(
+            "linewatch_late_results", "Detector results discarded because the frame was already answered.", registry=r
+        )
+        self.capture_to_verdict = Histogram(
+            "linewatch_capture_to_verdict_seconds",
+            "Sender capture timestamp to verdict release (crosses two clocks; see pipeline.py).",
+            ["camera"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "linewatch_stage_seconds", "Wall time of one detector stage on one batch.", ["stage"],
+            buckets=STAGE_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "linewatch_batch_size", "Frames per batch handed to the detector.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("linewatch_queue_depth", "Items waiting in a runtime queue.", ["queue"], registry=r)
+        self.inflight_frames = Gauge(
+            "linewatch_inflight_frames", "Frames received but not yet published.", registry=r
+        )
+        self.last_frame_timestamp = Gauge(
+            "linewatch_last_frame_timestamp_seconds", "Epoch time of the last received frame.", registry=r
+        )
+        self.gpu_memory = Gauge(
+            "linewatch_gpu_memory_bytes", "CUDA memory of this process (torch allocator).", ["kind"], registry=r
+        )
+        self.build_info = Gauge("linewatch_build_info", "Version and backend of this daemon (value 1).",
+                                ["version", "backend"], registry=r)
+        self.bank_info = Gauge("linewatch_bank_info", "The loaded template bank (value 1).",
+                               ["bank_id", "backend", "images"], registry=r)
+        self.ready = Gauge("linewatch_ready", "1 when the daemon accepts frames, else 0.", registry=r)
+
+    # ------------------------------------------------------------------ helpers
+
+    def set_build_info(self, version: str, backend: str) -> None:
+        """Expose the running version and detector backend (value 1)."""
+        self.build_info.labels(version=version, backend=backend).set(1)
+
+    def set_bank_info(self, bank_id: str, backend: str, images: int | str) -> None:
+        """Expose which template bank is loaded (value 1)."""
+        self.bank_info.labels(bank_id=bank_id, backend=backend, images=str(images)).set(1)
+
+    def track_queue(self, queue: str, depth: Callable[[], float]) -> None:
+        """Read `depth()` at every scrape for `linewatch_queue_depth{queue=...}`."""
+        self.queue_depth.labels(queue=queue).set_function(depth)
+
+    def track_gpu_memory(self) -> bool:
+        """Report torch's CUDA allocator figures at scrape time, if CUDA is in use.
+
+        Only looks at torch when the process has already imported it (the detector does):
+        importing torch here just for a gauge would cost seconds and memory on CPU-only hosts.
+        Returns whether GPU memory is tracked.
+        """
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return False
+        self.gpu_memory.labels(kind="allocated").set_function(lambda: float(torch.cuda.memory_allocated()))
+        self.gpu_memory.labels(kind="reserved").set_function(lambda: float(torch.cuda.memory_reserved()))
+        return True
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format (what /metrics serves)."""
+        return generate_latest(self.registry)
+
+    def metric_names(self) -> set[str]:
+        """Sample names as queried in PromQL, for cross-checking dashboards and alerts.
+
+        Counters appear as `<name>_total`, gauges as `<name>`, histograms as `<name>_bucket`,
+        `<name>_sum` and `<name>_count`. The `_created` samples prometheus_client adds are
+        left out: nothing should alert on them.
+        """
+        names: set[str] = set()
+        for family in self.registry.collect():
+            if family.type == "counter":
+                names.add(family.name + "_total")
+            elif family.type == "histogram":
+                names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+            else:
+                names.add(family.name)
+        return names
+
+
+def metric_names() -> set[str]:
+    """The sample names a fresh `Metrics` exposes (see `Metrics.metric_names`)."""
+    return Metrics().metric_names()

