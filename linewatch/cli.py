@@ -129,7 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"backend: {BACKEND_LABELS[config.detector.backend]}; bank {inspector.bank_id}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary, failures = [], 0
+    summary, failures, used_names = [], 0, set()
     for start in range(0, len(args.images), args.batch_size):
         paths = [Path(p) for p in args.images[start:start + args.batch_size]]
         images, ok_paths = [], []
@@ -152,14 +152,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "threshold": round(result.threshold, 6), "backend": result.backend, "bank_id": inspector.bank_id,
                 "objects": result.objects, "timings_s": {k: round(v, 5) for k, v in result.timings.items()},
             }
-            (out / f"{path.stem}.json").write_text(json.dumps(record, indent=2))
-            write_image(out / f"{path.stem}_overlay.png", render_overlay(image, result))
+            name = _unique_name(path, used_names)
+            (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+            write_image(out / f"{name}_overlay.png", render_overlay(image, result))
             summary.append(record)
             print(f"{path.name}: {result.verdict.upper()} score={result.score:.4g} thr={result.threshold:.4g} "
                   f"objects={len(result.objects)}")
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {len(summary)} result(s) to {out}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    """Output name for an input file: its stem, prefixed by its folders when stems collide
+    (test/good/000.png and test/logical_anomalies/000.png must not overwrite each other)."""
+    name = path.stem
+    parents = [p.name for p in path.resolve().parents if p.name]
+    while name in used and parents:
+        name = f"{parents.pop(0)}_{name}"
+    while name in used:
+        name += "_"
+    used.add(name)
+    return name
 
 
 # ---------------------------------------------------------------------------- sim

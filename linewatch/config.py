@@ -87,6 +87,7 @@ class MeasureConfig(_Section):
     """AMM per-position Gaussians (SAM-LAD 3.6) and the image score."""
 
     eps: float = Field(0.01, gt=0, description="covariance regulariser epsilon*I (eq. 11)")
+    align_max_shift: float = Field(0.05, ge=0, le=0.5, description="matched parts displaced by at most this fraction of the image are aligned before comparing (0: never)")
     smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian blur of the anomaly map, input pixels")
     missing_part_weight: float = Field(1.0, ge=0, description="weight of the map of reference parts absent from the query")
     surplus_weight: float = Field(1.0, ge=0, description="weight of the map of query parts beyond the reference count")

@@ -123,6 +123,17 @@ def mask_boxes(masks: Tensor) -> Tensor:
     return out
 
 
+def mask_centroids(masks: Tensor) -> Tensor:
+    """Centroids (..., 2) as (y, x) pixel coordinates of soft masks (..., H, W); 0 for empty masks."""
+    h, w = masks.shape[-2:]
+    ys = torch.arange(h, device=masks.device, dtype=masks.dtype)
+    xs = torch.arange(w, device=masks.device, dtype=masks.dtype)
+    mass = masks.sum((-2, -1)).clamp_min(1e-6)
+    cy = (masks.sum(-1) * ys).sum(-1) / mass
+    cx = (masks.sum(-2) * xs).sum(-1) / mass
+    return torch.stack([cy, cx], dim=-1)
+
+
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     """Blur (B, H, W) maps with a Gaussian of `sigma` pixels (separable, reflect padding)."""
     if sigma <= 0:
@@ -310,17 +321,7 @@ class Inspector:
         taken = ((taken_by >= 0) & (taken_by != own)).sum(1)
         is_surplus = enc.valid & ~is_matched & (2 * taken >= k)
 
-        object_maps = torch.zeros(b, m, hf, wf, device=self.device)
-        ref_features = bank.features  # (Z, C, H', W') float16
-        for bi in range(b):
-            for i in range(m):
-                if not enc.valid[bi, i]:
-                    continue
-                query = (enc.upsampled[bi] * enc.soft_masks[bi, i]).flatten(1)  # (C, P)
-                z = refs[bi]
-                ref_masks = bank.masks[z, assigned[bi, :, i]].float()  # (k, H', W')
-                references = (ref_features[z].float() * ref_masks[:, None]).flatten(2)  # (k, C, P)
-                object_maps[bi, i] = mahalanobis(query, references, cfg.eps).view(hf, wf)
+        object_maps = self._object_maps(batch, assigned, is_matched)
         weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
         image_maps = (object_maps * weights[..., None, None] * enc.valid[..., None, None]).sum(1)  # eq. 15
 
@@ -332,6 +333,46 @@ class Inspector:
         for result in batch.results:
             result.timings = dict(batch.timings)
         return batch
+
+    def _object_maps(self, batch: Batch, assigned: Tensor, is_matched: Tensor) -> Tensor:
+        """Mahalanobis map (B, M, H', W') of every valid query object against the k reference
+        objects it matched or is closest to (eqs. 11-12), in chunks of objects to bound memory.
+
+        Beyond the paper: a matched reference object is first shifted (whole feature-map
+        pixels) so its mask centroid sits on the query object's, when that shift is within
+        `measure.align_max_shift`. Parts jitter a little on any real line; without this the
+        part edges dominate the map of a good part. A larger displacement is not undone, so a
+        part in the wrong place still scores at both places.
+        """
+        enc, refs, bank, eps = batch.encoded, batch.references, self.bank, self.config.measure.eps
+        b, m = enc.valid.shape
+        hf, wf = enc.upsampled.shape[-2:]
+        c = enc.upsampled.shape[1]
+        max_shift = self.config.measure.align_max_shift * max(hf, wf)
+        maps = torch.zeros(b, m, hf * wf, device=self.device)
+        pairs = torch.nonzero(enc.valid)  # (Q, 2): image, object
+        k = refs.shape[1]
+        chunk = max(1, int(self.OBJECT_CHUNK_ELEMENTS // ((k + 2) * c * hf * wf)))
+        for start in range(0, len(pairs), chunk):
+            bi, oi = pairs[start:start + chunk].unbind(1)
+            query_masks = enc.soft_masks[bi, oi]  # (q, H', W')
+            query = (enc.upsampled[bi] * query_masks[:, None]).flatten(2)  # (q, C, P)
+            z = refs[bi]  # (q, k)
+            ref_masks = bank.masks[z, assigned[bi, :, oi]].float()  # (q, k, H', W')
+            ref_features = bank.features[z].float()  # (q, k, C, H', W')
+            if max_shift > 0:
+                shifts = (mask_centroids(query_masks)[:, None] - mask_centroids(ref_masks)).round().long()  # (q, k, 2)
+                small = shifts.abs().amax(-1) <= max_shift
+                shifts = shifts * (small & is_matched[bi, oi][:, None])[..., None]
+                for qi, ki in torch.nonzero(shifts.abs().sum(-1)).tolist():
+                    dy, dx = shifts[qi, ki].tolist()
+                    ref_masks[qi, ki] = torch.roll(ref_masks[qi, ki], (dy, dx), dims=(-2, -1))
+                    ref_features[qi, ki] = torch.roll(ref_features[qi, ki], (dy, dx), dims=(-2, -1))
+            references = (ref_features * ref_masks[:, :, None]).flatten(3)  # (q, k, C, P)
+            maps[bi, oi] = mahalanobis(query, references, eps)
+        return maps.view(b, m, hf, wf)
+
+    OBJECT_CHUNK_ELEMENTS = 64 * 1024 * 1024  # floats held at once by _object_maps
 
     def _missing_parts(self, batch: Batch, ref_matches: Tensor) -> tuple[Tensor, list[list[dict]]]:
         """Reference objects that no query object matches, in more than half of the k references.

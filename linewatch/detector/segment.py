@@ -1,0 +1,346 @@
+"""Object masks (paper section 3.4.2): a segmenter turns images into per-image object masks,
+then a per-product area filter keeps the key objects.
+
+Two backends share one contract:
+  segmenter(images01 (B, 3, H, W) float RGB in [0, 1]) -> list of B bool tensors (M_b, H, W)
+  at the input resolution, sorted by area descending, after the AreaFilter.
+
+- SamSegmenter: segment-anything's automatic mask generator (the paper's choice).
+- ClassicSegmenter: weights-free; a colour model of the background fitted on good images,
+  foreground = colour far from it, then connected components. It suits plain trays and
+  backlit stages (and the synthetic line in linewatch.sim); it cannot separate touching parts
+  of one colour, which SAM can.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from linewatch.detector.weights import WeightsError, read_state_dict
+
+
+class SegmenterError(Exception):
+    """A segmenter could not be built (unknown kind, bad state) or used (not fitted).
+    Checkpoint problems raise linewatch.detector.weights.WeightsError instead."""
+
+
+@dataclass
+class AreaFilter:
+    """Keeps objects whose area, as a fraction of the image area, lies in [min_area, max_area];
+    at most `max_objects` of them, the largest first. Fractions keep one config valid at any
+    input resolution."""
+
+    min_area: float = 0.001
+    max_area: float = 0.5
+    max_objects: int = 32
+
+    def select(self, areas: np.ndarray | torch.Tensor, image_area: int) -> list[int]:
+        """Indices of the kept objects, largest first (ties keep input order).
+
+        areas: (M,) pixel counts; image_area: H * W.
+        """
+        a = np.asarray(torch.as_tensor(areas).cpu(), dtype=np.float64).reshape(-1) / float(image_area)
+        keep = np.nonzero((a >= self.min_area) & (a <= self.max_area))[0]
+        order = keep[np.argsort(-a[keep], kind="stable")]
+        return [int(i) for i in order[: self.max_objects]]
+
+    def apply(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks: bool (M, H, W) -> bool (M', H, W), filtered and sorted by area descending."""
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be (M, H, W), got {tuple(masks.shape)}")
+        areas = masks.flatten(1).sum(1)
+        idx = self.select(areas, masks.shape[1] * masks.shape[2])
+        return masks[idx].bool()
+
+    @property
+    def identity(self) -> str:
+        return f"area[{self.min_area:g},{self.max_area:g}]x{self.max_objects}"
+
+
+def _to_uint8_hwc(image01: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> uint8 (H, W, 3) numpy, as SAM and OpenCV want it."""
+    if image01.ndim != 3 or image01.shape[0] != 3:
+        raise ValueError(f"expected an image (3, H, W), got {tuple(image01.shape)}")
+    x = (image01.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy())
+
+
+def _check_batch(images01: torch.Tensor) -> None:
+    if images01.ndim != 4 or images01.shape[1] != 3:
+        raise ValueError(f"images01 must be (B, 3, H, W), got {tuple(images01.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# SAM
+# --------------------------------------------------------------------------------------
+
+
+class SamSegmenter:
+    """segment-anything's SamAutomaticMaskGenerator followed by the AreaFilter.
+
+    The filter reads each record's "area" (pixels at input resolution) relative to H * W;
+    SAM's own `min_mask_region_area` only removes small holes and islands inside masks.
+    """
+
+    def __init__(
+        self,
+        sam_model: torch.nn.Module,
+        area_filter: AreaFilter,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        box_nms_thresh: float = 0.7,
+        min_mask_region_area: int = 0,
+        model_name: str = "sam",
+    ) -> None:
+        from segment_anything import SamAutomaticMaskGenerator
+
+        self.area_filter = area_filter
+        self.params = dict(
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            box_nms_thresh=box_nms_thresh,
+            min_mask_region_area=min_mask_region_area,
+        )
+        self.model_name = model_name
+        self.generator = SamAutomaticMaskGenerator(sam_model, output_mode="binary_mask", **self.params)
+
+    @property
+    def identity(self) -> str:
+        """Model kind plus every parameter that changes the masks."""
+        p = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"sam:{self.model_name}:{p}:{self.area_filter.identity}"
+
+    @torch.no_grad()
+    def __call__(self, images01: torch.Tensor) -> list[torch.Tensor]:
+        """images01: float (B, 3, H, W) RGB in [0, 1] -> B bool tensors (M_b, H, W) on the CPU,
+        sorted by area descending after the area filter."""
+        _check_batch(images01)
+        _, _, H, W = images01.shape
+        out = []
+        for image in images01:
+            records = self.generator.generate(_to_uint8_hwc(image))
+            idx = self.area_filter.select(np.array([r["area"] for r in records], np.float64), H * W)
+            if idx:
+                masks = torch.from_numpy(np.stack([records[i]["segmentation"] for i in idx])).bool()
+            else:
+                masks = torch.zeros((0, H, W), dtype=torch.bool)
+            out.append(masks)
+        return out
+
+
+SAM_KINDS = ("vit_b", "vit_l", "vit_h")
+
+
+def load_sam_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load a SAM state dict into `model`, strictly: every model key present, no extra key,
+    matching shapes. The file is read with torch.load(weights_only=True) (segment-anything's own
+    loader unpickles arbitrary objects).
+
+    Raises:
+        WeightsError: the file is absent or unreadable, or does not fit the model; the message
+        names the file and the missing / unexpected keys.
+    """
+    checkpoint = Path(checkpoint)
+    state = read_state_dict(checkpoint)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightsError(
+            f"SAM checkpoint {checkpoint} does not fit the model: "
+            f"{len(missing)} missing keys {missing[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # shape mismatch, e.g. a vit_l file for a vit_b model
+        raise WeightsError(f"SAM checkpoint {checkpoint} does not fit the model: {e}") from e
+
+
+def build_sam_segmenter(
+    kind: str,
+    checkpoint: Path | None,
+    area_filter: AreaFilter,
+    device: str | torch.device = "cpu",
+    **params: Any,
+) -> SamSegmenter:
+    """Build SAM `kind` ('vit_b' | 'vit_l' | 'vit_h') from the segment-anything registry, load
+    `checkpoint` safely (None: random weights, for tests only), move it to `device`, and wrap
+    it. `params` go to SamSegmenter (points_per_side, pred_iou_thresh, ...).
+
+    Raises:
+        SegmenterError: unknown kind.  WeightsError: checkpoint absent, unreadable or unfit.
+    """
+    if kind not in SAM_KINDS:
+        raise SegmenterError(f"unknown SAM kind {kind!r}; known: {SAM_KINDS}")
+    from segment_anything import sam_model_registry
+
+    if checkpoint is not None and not Path(checkpoint).is_file():  # fail before building the model
+        raise WeightsError(f"SAM checkpoint {checkpoint} does not exist")
+    model = sam_model_registry[kind](checkpoint=None)
+    name = kind
+    if checkpoint is not None:
+        load_sam_weights(model, Path(checkpoint))
+        name = f"{kind}@{Path(checkpoint).name}"
+    model.to(device).eval()
+    return SamSegmenter(model, area_filter, model_name=name, **params)
+
+
+def build_tiny_sam(seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised SAM with a 1-block, 32-channel encoder (input still 1024).
+    For CPU tests of the plumbing only: its masks mean nothing."""
+    build = importlib.import_module("segment_anything.build_sam")  # the package re-exports a function of that name
+    torch.manual_seed(seed)
+    return build._build_sam(
+        encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=1, encoder_global_attn_indexes=[0], checkpoint=None
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Classic (weights-free)
+# --------------------------------------------------------------------------------------
+
+
+class ClassicSegmenter:
+    """Background colour model + connected components.
+
+    fit: collect the pixels of a border band (`border_frac` of the side) of every good image
+    (parts sit inside the frame on trays, conveyors and backlit stages), fit one Gaussian to
+    their RGB colour, and refit `trim_iters` times on the pixels within the 97.5% chi-square
+    ellipsoid so that a part touching the border does not skew it. A floor `min_std` on the
+    covariance keeps an almost noise-free background from making every shade a "part".
+
+    call: Mahalanobis distance of each pixel's colour to the model; foreground above
+    `threshold`; opening (drops noise specks) then closing (bridges thin threads, slots and
+    scratches so one part stays one component); 8-connected components; AreaFilter.
+    Kernel sizes are given for a 256-pixel image and scale with min(H, W).
+    """
+
+    def __init__(
+        self,
+        area_filter: AreaFilter,
+        threshold: float = 4.0,
+        min_std: float = 0.02,
+        border_frac: float = 0.06,
+        open_px: int = 3,
+        close_px: int = 5,
+        trim_iters: int = 3,
+        max_fit_pixels: int = 200_000,
+    ) -> None:
+        self.area_filter = area_filter
+        self.threshold = float(threshold)
+        self.min_std = float(min_std)
+        self.border_frac = float(border_frac)
+        self.open_px = int(open_px)
+        self.close_px = int(close_px)
+        self.trim_iters = int(trim_iters)
+        self.max_fit_pixels = int(max_fit_pixels)
+        self.mean: torch.Tensor | None = None  # (3,) float64
+        self.cov: torch.Tensor | None = None  # (3, 3) float64, floor included
+
+    @property
+    def identity(self) -> str:
+        return (
+            f"classic:thr={self.threshold:g},min_std={self.min_std:g},border={self.border_frac:g},"
+            f"open={self.open_px},close={self.close_px},trim={self.trim_iters}:{self.area_filter.identity}"
+        )
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean is not None
+
+    def fit(self, good_images01: torch.Tensor) -> "ClassicSegmenter":
+        """good_images01: float (N, 3, H, W) RGB in [0, 1], known-good images. Returns self."""
+        _check_batch(good_images01)
+        N, _, H, W = good_images01.shape
+        b = max(1, int(round(self.border_frac * min(H, W))))
+        band = torch.ones((H, W), dtype=torch.bool)
+        band[b:H - b, b:W - b] = False
+        px = good_images01.detach().double().cpu().permute(0, 2, 3, 1)[:, band].reshape(-1, 3).numpy()
+        if len(px) > self.max_fit_pixels:  # even stride: deterministic and covers all images
+            px = px[np.linspace(0, len(px) - 1, self.max_fit_pixels).astype(np.int64)]
+        chi2_975_3dof = 9.348
+        keep = px
+        floor = self.min_std**2 * np.eye(3)
+        for _ in range(self.trim_iters + 1):
+            mean = keep.mean(0)
+            cov = np.cov(keep, rowvar=False) + floor
+            d2 = self._mahalanobis2(px, mean, cov)
+            keep = px[d2 <= chi2_975_3dof]
+            if len(keep) < 10:
+                raise SegmenterError("ClassicSegmenter.fit: the border pixels have no dominant colour")
+        self.mean = torch.from_numpy(mean)
+        self.cov = torch.from_numpy(cov)
+        return self
+
+    @staticmethod
+    def _mahalanobis2(px: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+        """px (P, 3), mean (3,), cov (3, 3) -> squared Mahalanobis distances (P,)."""
+        d = px - mean
+        return np.einsum("pi,ij,pj->p", d, np.linalg.inv(cov), d)
+
+    def foreground(self, image01: torch.Tensor) -> np.ndarray:
+        """image01: float (3, H, W) -> bool (H, W) foreground after the morphological cleanup."""
+        if self.mean is None or self.cov is None:
+            raise SegmenterError("ClassicSegmenter is not fitted: call fit(good_images) or load_state_dict")
+        _, H, W = image01.shape
+        x = image01.detach().float().cpu().permute(1, 2, 0).reshape(-1, 3).numpy()
+        d = x - self.mean.numpy().astype(np.float32)
+        inv = np.linalg.inv(self.cov.numpy()).astype(np.float32)
+        d2 = np.einsum("pi,ij,pj->p", d, inv, d)
+        fg = (d2 > self.threshold**2).reshape(H, W).astype(np.uint8)
+        scale = min(H, W) / 256.0
+        k_open = max(1, int(round(self.open_px * scale)))
+        k_close = max(1, int(round(self.close_px * scale)))
+        if k_open > 1:
+            fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k_open, k_open)))
+        if k_close > 1:
+            fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k_close, k_close)))
+        return fg.astype(bool)
+
+    def __call__(self, images01: torch.Tensor) -> list[torch.Tensor]:
+        """images01: float (B, 3, H, W) RGB in [0, 1] -> B bool tensors (M_b, H, W), one mask per
+        connected foreground component, sorted by area descending after the area filter."""
+        _check_batch(images01)
+        _, _, H, W = images01.shape
+        out = []
+        for image in images01:
+            fg = self.foreground(image)
+            n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
+            areas = stats[1:, cv2.CC_STAT_AREA]  # label 0 is the background
+            idx = self.area_filter.select(areas, H * W)
+            if idx:
+                lab = torch.from_numpy(labels.astype(np.int64))
+                ids = torch.tensor([i + 1 for i in idx], dtype=torch.int64)
+                masks = lab[None] == ids[:, None, None]
+            else:
+                masks = torch.zeros((0, H, W), dtype=torch.bool)
+            out.append(masks)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted background model as tensors: mean (3,), cov (3, 3), float64."""
+        if self.mean is None or self.cov is None:
+            raise SegmenterError("ClassicSegmenter is not fitted: nothing to save")
+        return {"mean": self.mean.clone(), "cov": self.cov.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of state_dict; checks the keys and shapes."""
+        for key, shape in (("mean", (3,)), ("cov", (3, 3))):
+            if key not in state:
+                raise SegmenterError(f"ClassicSegmenter state lacks {key!r} (has {sorted(state)})")
+            if tuple(state[key].shape) != shape:
+                got = tuple(state[key].shape)
+                raise SegmenterError(f"ClassicSegmenter state {key!r} has shape {got}, want {shape}")
+        self.mean = state["mean"].detach().double().cpu().clone()
+        self.cov = state["cov"].detach().double().cpu().clone()

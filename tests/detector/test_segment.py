@@ -1,0 +1,226 @@
+"""Segmenters: the area filter, the weights-free ClassicSegmenter on the synthetic line, and
+the SAM wrapper's plumbing with a tiny random SAM (its masks mean nothing, only shapes do)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.detector.segment import (
+    AreaFilter,
+    ClassicSegmenter,
+    SamSegmenter,
+    SegmenterError,
+    build_sam_segmenter,
+    build_tiny_sam,
+    load_sam_weights,
+)
+from linewatch.detector.weights import WeightsError
+from linewatch.sim import PRODUCTS, render
+
+
+def _to01(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) in [0, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+
+
+def _boxes(areas: list[int], H: int = 10, W: int = 10) -> torch.Tensor:
+    """(M, H, W) masks whose m-th mask has exactly areas[m] pixels (first pixels row-major)."""
+    m = torch.zeros(len(areas), H * W, dtype=torch.bool)
+    for i, a in enumerate(areas):
+        m[i, :a] = True
+    return m.view(len(areas), H, W)
+
+
+# ----------------------------------------------------------------------------- AreaFilter
+
+
+def test_area_filter_keeps_range_sorted_desc() -> None:
+    # 100-pixel image: areas 0.05, 0.30, 0.01, 0.60, 0.20 -> in [0.02, 0.5]: 0.30, 0.20, 0.05
+    masks = _boxes([5, 30, 1, 60, 20])
+    out = AreaFilter(min_area=0.02, max_area=0.5, max_objects=32).apply(masks)
+    assert out.dtype == torch.bool
+    assert out.flatten(1).sum(1).tolist() == [30, 20, 5]
+
+
+def test_area_filter_bounds_inclusive_and_cap_keeps_largest() -> None:
+    masks = _boxes([2, 50, 10, 51, 3])
+    f = AreaFilter(min_area=0.02, max_area=0.5, max_objects=2)
+    assert f.apply(masks).flatten(1).sum(1).tolist() == [50, 10]  # 0.02 and 0.5 in, 0.51 out; cap 2
+    assert f.select(np.array([2, 50, 10, 51, 3]), 100) == [1, 2]
+
+
+def test_area_filter_ties_keep_input_order_and_empty() -> None:
+    masks = _boxes([10, 20, 10])
+    masks[2] = torch.roll(masks[2], 50)  # same area, different pixels
+    out = AreaFilter(0.0, 1.0, 32).apply(masks)
+    assert torch.equal(out, masks[[1, 0, 2]])
+    empty = AreaFilter().apply(torch.zeros(0, 10, 10, dtype=torch.bool))
+    assert empty.shape == (0, 10, 10)
+
+
+# ----------------------------------------------------------------------------- Classic
+
+
+@pytest.fixture(scope="module")
+def fitted() -> dict[str, ClassicSegmenter]:
+    segs = {}
+    for product in PRODUCTS:
+        good = torch.stack([_to01(render(product, np.random.default_rng([1, i]))[0]) for i in range(6)])
+        segs[product] = ClassicSegmenter(AreaFilter()).fit(good)
+    return segs
+
+
+# The sim keeps parts apart by a clearance (4.5% of the side) and chips never cut a part in
+# two, so each part is exactly one connected component: the counts must match exactly
+# (checked offline on 60 seeds x 8 cases per product, threshold 3..6, sizes 224 and 256).
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("anomaly, delta", [(None, 0), ("missing", -1), ("extra", +1), ("wrong_place", 0)])
+def test_classic_counts_parts(fitted: dict[str, ClassicSegmenter], product: str, anomaly: str | None,
+                              delta: int) -> None:
+    n_good = len(render(product, np.random.default_rng(0))[2]["parts"])
+    images, infos = [], []
+    for seed in range(4):
+        image, _, info = render(product, np.random.default_rng([7, seed]), anomaly)
+        images.append(_to01(image))
+        infos.append(info)
+    masks = fitted[product](torch.stack(images))
+    assert len(masks) == 4
+    for m, info in zip(masks, infos):
+        assert m.dtype == torch.bool and m.shape[1:] == (256, 256)
+        assert len(m) == n_good + delta == info["n_parts"]
+        areas = m.flatten(1).sum(1)
+        assert torch.all(areas[:-1] >= areas[1:])  # sorted by area, descending
+        assert not (m.sum(0) > 1).any()  # components never overlap
+
+
+def test_classic_masks_cover_the_parts(fitted: dict[str, ClassicSegmenter]) -> None:
+    # the "missing" ground truth is the absent part's footprint: no mask may lie there,
+    # while in the good twin of the same frame one mask covers most of it
+    rng_a, rng_b = np.random.default_rng(11), np.random.default_rng(11)
+    good, _, _ = render("screw_tray", rng_a)
+    bad, gt, _ = render("screw_tray", rng_b, "missing")
+    seg = fitted["screw_tray"]
+    m_good, m_bad = seg(torch.stack([_to01(good), _to01(bad)]))
+    gt_t = torch.from_numpy(gt)
+    assert (m_bad & gt_t).sum() == 0
+    assert (m_good & gt_t).flatten(1).sum(1).max() > 0.8 * gt_t.sum()
+
+
+def test_classic_state_dict_round_trip(fitted: dict[str, ClassicSegmenter]) -> None:
+    seg = fitted["breakfast_box"]
+    state = seg.state_dict()
+    assert set(state) == {"mean", "cov"} and all(isinstance(v, torch.Tensor) for v in state.values())
+    fresh = ClassicSegmenter(AreaFilter())
+    with pytest.raises(SegmenterError, match="not fitted"):
+        fresh(torch.zeros(1, 3, 32, 32))
+    fresh.load_state_dict(state)
+    x = torch.stack([_to01(render("breakfast_box", np.random.default_rng([3, i]), "extra")[0]) for i in range(2)])
+    for a, b in zip(seg(x), fresh(x)):
+        assert torch.equal(a, b)
+    assert fresh.identity == seg.identity
+    with pytest.raises(SegmenterError, match="cov"):
+        fresh.load_state_dict({"mean": state["mean"]})
+
+
+def test_classic_is_fast(fitted: dict[str, ClassicSegmenter]) -> None:
+    import time
+
+    x = _to01(render("screw_tray", np.random.default_rng(5))[0])[None]
+    seg = fitted["screw_tray"]
+    seg(x)
+    start = time.perf_counter()
+    for _ in range(5):
+        seg(x)
+    assert (time.perf_counter() - start) / 5 < 0.05  # a few ms in practice; loose for busy CI
+
+
+def test_classic_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        ClassicSegmenter(AreaFilter()).fit(torch.zeros(3, 8, 8))
+
+
+# ----------------------------------------------------------------------------- SAM
+
+
+@pytest.fixture(scope="module")
+def tiny_sam() -> torch.nn.Module:
+    return build_tiny_sam(seed=0)
+
+
+def test_sam_segmenter_runs_with_tiny_model(tiny_sam: torch.nn.Module) -> None:
+    area_filter = AreaFilter(min_area=0.0, max_area=1.0, max_objects=3)
+    # random weights: with thresholds at 0 something survives; 2x2 points keeps it ~2 s an image
+    seg = SamSegmenter(tiny_sam, area_filter, points_per_side=2, points_per_batch=4,
+                       pred_iou_thresh=0.0, stability_score_thresh=0.0, model_name="tiny")
+    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    out = seg(images)
+    assert len(out) == 2
+    for masks in out:
+        assert masks.dtype == torch.bool and masks.ndim == 3 and masks.shape[1:] == (48, 64)
+        assert len(masks) <= 3
+        frac = masks.flatten(1).sum(1).float() / (48 * 64)
+        assert torch.all((frac >= 0.0) & (frac <= 1.0))
+        assert torch.all(frac[:-1] >= frac[1:])
+    assert "tiny" in seg.identity and "points_per_side=2" in seg.identity
+
+
+class _StubGenerator:
+    """Stands in for SamAutomaticMaskGenerator: fixed records with known areas."""
+
+    def __init__(self, areas: list[int], H: int, W: int) -> None:
+        self.records = []
+        for a in areas:
+            seg = np.zeros(H * W, bool)
+            seg[:a] = True
+            self.records.append({"segmentation": seg.reshape(H, W), "area": a})
+
+    def generate(self, image: np.ndarray) -> list[dict]:
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+        return self.records
+
+
+def test_sam_segmenter_filters_by_record_area(tiny_sam: torch.nn.Module) -> None:
+    seg = SamSegmenter(tiny_sam, AreaFilter(min_area=0.05, max_area=0.5, max_objects=32))
+    seg.generator = _StubGenerator([4, 60, 10, 30, 50], 10, 10)  # fractions .04 .6 .1 .3 .5
+    (masks,) = seg(torch.rand(1, 3, 10, 10))
+    assert masks.flatten(1).sum(1).tolist() == [50, 30, 10]
+    seg.generator = _StubGenerator([1], 10, 10)
+    (masks,) = seg(torch.rand(1, 3, 10, 10))
+    assert masks.shape == (0, 10, 10) and masks.dtype == torch.bool
+
+
+def test_sam_weights_missing_key_names_file_and_key(tiny_sam: torch.nn.Module, tmp_path: Path) -> None:
+    state = tiny_sam.state_dict()
+    dropped = "mask_decoder.iou_prediction_head.layers.2.bias"
+    assert dropped in state
+    del state[dropped]
+    path = tmp_path / "tiny_sam_broken.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError) as info:
+        load_sam_weights(build_tiny_sam(seed=1), path)
+    assert str(path) in str(info.value) and dropped in str(info.value)
+
+    # a good file loads, strictly, and reproduces the weights
+    good = tmp_path / "tiny_sam.pth"
+    torch.save(tiny_sam.state_dict(), good)
+    other = build_tiny_sam(seed=1)
+    load_sam_weights(other, good)
+    for k, v in tiny_sam.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k])
+
+
+def test_build_sam_segmenter_errors(tmp_path: Path) -> None:
+    with pytest.raises(SegmenterError, match="vit_x"):
+        build_sam_segmenter("vit_x", None, AreaFilter())
+    with pytest.raises(WeightsError, match="nowhere.pth"):
+        build_sam_segmenter("vit_b", tmp_path / "nowhere.pth", AreaFilter())
+    partial = tmp_path / "sam_vit_b_partial.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1)}, partial)
+    with pytest.raises(WeightsError) as info:
+        build_sam_segmenter("vit_b", partial, AreaFilter())
+    assert str(partial) in str(info.value) and "missing keys" in str(info.value)
+    assert "image_encoder.blocks.0.attn.proj.bias" in str(info.value)  # first missing key, sorted
