@@ -163,8 +163,9 @@ class DinoV2Backbone(nn.Module):
 class ClassicFeatures(nn.Module):
     """Weights-free, deterministic feature map: colour, gradients and texture at 3 scales.
 
-    Channels (27 with num_scales=3), all average-pooled into stride x stride cells:
-      - colour: opponent colour (L, R-G, Y-B) mean (3) and local standard deviation (3);
+    Channels (34 with num_scales=3), all average-pooled into stride x stride cells:
+      - colour: opponent colour (L-0.5, R-G, Y-B) mean split into positive and negative parts
+        (6) and local standard deviation (3);
       - per scale s (image pyramid level, 2**s downsampled): gradient magnitude (1), magnitude
         in 4 soft orientation bins on the doubled angle, sign-invariant (4), band-pass
         |difference of Gaussians| (1), local grey standard deviation (1).
@@ -172,19 +173,23 @@ class ClassicFeatures(nn.Module):
     would hide global colour or contrast changes): colour means lie in [-2, 2], and a
     full-contrast step edge crossing a cell gives about 1 in that cell's gradient channels.
 
+      - position: x, 1-x, y, 1-y times position_gain (4; none when position_gain is 0).
+
     Args:
         stride: output cell size in pixels; H and W should be multiples of it.
         num_scales: pyramid levels (1-3 sensible); stride must be divisible by 2**(num_scales-1).
+        position_gain: weight of the coordinate channels (0 leaves them out).
     """
 
-    def __init__(self, stride: int = 8, num_scales: int = 3) -> None:
+    def __init__(self, stride: int = 8, num_scales: int = 3, position_gain: float = 2.0) -> None:
         super().__init__()
         if num_scales < 1 or stride % (2 ** (num_scales - 1)):
             raise ValueError(f"stride {stride} must be divisible by 2**(num_scales-1) = {2 ** (num_scales - 1)}")
         self.stride = stride
         self.num_scales = num_scales
-        self.out_channels = 6 + 7 * num_scales
-        self.identity = f"classic:v1:stride{stride}:scales{num_scales}:C{self.out_channels}"
+        self.position_gain = float(position_gain)
+        self.out_channels = 9 + 7 * num_scales + (4 if position_gain > 0 else 0)
+        self.identity = f"classic:v2:stride{stride}:scales{num_scales}:pos{position_gain:g}:C{self.out_channels}"
 
     @staticmethod
     def _blur_and_gradients(grey: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -222,7 +227,18 @@ class ClassicFeatures(nn.Module):
         opponent = torch.cat([lum, (r - g) / 2.0, (r + g - 2.0 * bl) / 4.0], dim=1)
         mean = pool(opponent)
         std = (pool(opponent * opponent) - mean * mean).clamp_min(0.0).add(1e-8).sqrt()
-        feats = [(mean - mean.new_tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1)) * 4.0, std * 4.0]
+        centred = (mean - mean.new_tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1)) * 4.0
+        # signed colour split into its positive and negative parts: the object descriptors max-pool
+        # (SAM-LAD's GMP), which would keep only one sign of a signed channel
+        feats = [centred.clamp_min(0), (-centred).clamp_min(0), std * 4.0]
+        if self.position_gain > 0:
+            # coordinates (CoordConv): ViT features carry a position embedding; these let the
+            # max-pooled descriptor of an object encode its extent and place (x, 1-x, y, 1-y)
+            ys = torch.linspace(0, 1, h // self.stride, device=images01.device, dtype=images01.dtype)
+            xs = torch.linspace(0, 1, w // self.stride, device=images01.device, dtype=images01.dtype)
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            pos = torch.stack([gx, 1 - gx, gy, 1 - gy])[None].expand(b, -1, -1, -1) * self.position_gain
+            feats.append(pos)
 
         grey = lum
         for level in range(self.num_scales):
