@@ -77,6 +77,7 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         "object_valid": valid,
         "descriptors": descriptors * valid[..., None],
         "boxes": boxes,
+        "object_noise": torch.ones(valid.shape),
     }
 
 
@@ -106,6 +107,29 @@ def score_images(inspector: Inspector, images: list[np.ndarray], batch_size: int
         bar.update(len(chunk))
     bar.close()
     return np.array(scores, dtype=np.float64)
+
+
+def object_noise_levels(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool) -> torch.Tensor:
+    """(Z, N) peak of each good object's raw anomaly map when its image is judged against the
+    rest of the bank (leave-one-out). The bank's own objects are the query's objects here:
+    the same image through the same deterministic segmenter gives the same masks in order."""
+    bank = inspector.bank
+    noise = torch.ones(bank.object_valid.shape)
+    bar = tqdm(total=len(images), desc="measuring good-part variation", unit="img", disable=not progress)
+    for start, chunk in _batches(images, batch_size):
+        exclude = torch.arange(start, start + len(chunk), device=inspector.device)
+        batch = Batch(images=chunk, exclude=exclude)
+        for step in (inspector.preprocess, inspector.backbone, inspector.upsample, inspector.segment,
+                     inspector.describe, inspector.match, inspector.measure):
+            batch = step(batch)
+        peaks = batch.object_maps.flatten(2).amax(2).cpu()  # (b, M)
+        for offset in range(len(chunk)):
+            n = int(bank.object_valid[start + offset].sum())
+            noise[start + offset, :n] = peaks[offset, :n]
+        bar.update(len(chunk))
+    bar.close()
+    valid = bank.object_valid.cpu()
+    return torch.where(valid, noise, torch.ones_like(noise))
 
 
 def build_bank(
@@ -166,6 +190,8 @@ def build_bank(
     manifest["bank_id"] = content.hexdigest()[:12]
     bank = TemplateBank(**tensors, manifest=manifest, segmenter_state=segmenter_state)
 
+    if det.measure.normalize_objects:
+        bank.object_noise = object_noise_levels(Inspector(det, models, bank=bank, device=device), good, batch_size, progress)
     judge = Inspector(det, models, bank=bank, device=device)
     if validation is not None:
         scores = score_images(judge, validation, batch_size, progress)

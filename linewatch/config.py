@@ -88,7 +88,9 @@ class MeasureConfig(_Section):
 
     eps: float = Field(0.01, gt=0, description="covariance regulariser epsilon*I (eq. 11)")
     align_max_shift: float = Field(0.05, ge=0, le=0.5, description="matched parts displaced by at most this fraction of the image are aligned before comparing (0: never)")
+    align_max_rotation_deg: float = Field(20.0, ge=0, le=90, description="elongated matched parts turned by at most this are turned back before comparing")
     smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian blur of the anomaly map, input pixels")
+    normalize_objects: bool = Field(True, description="divide each part's map by the level that part reaches on good images (learned at bank build)")
     missing_part_weight: float = Field(1.0, ge=0, description="weight of the map of reference parts absent from the query")
     surplus_weight: float = Field(1.0, ge=0, description="weight of the map of query parts beyond the reference count")
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 BANK_FORMAT_VERSION = 1
 IDENTITY_KEYS = ("backend", "backbone", "upsampler", "segmenter", "config_hash")
-_TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes")
+_TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes", "object_noise")
 _SEGMENTER_PREFIX = "segmenter."
 
 
@@ -38,6 +38,8 @@ class TemplateBank:
     masks: (Z, N, H', W') float16, soft object masks at feature resolution (0 for padding).
     object_valid: (Z, N) bool. descriptors: (Z, N, C) float32, DCGA descriptors.
     boxes: (Z, N, 4) float32, object boxes x, y, w, h in working-resolution pixels.
+    object_noise: (Z, N) float32, the peak of each object's anomaly map when its own image is
+        judged against the rest of the bank (leave-one-out): what "normal" looks like for it.
     segmenter_state: tensors of a fitted weights-free segmenter (empty for SAM).
     manifest: identity, calibration and provenance (JSON-serialisable).
     """
@@ -48,6 +50,7 @@ class TemplateBank:
     object_valid: torch.Tensor
     descriptors: torch.Tensor
     boxes: torch.Tensor
+    object_noise: torch.Tensor
     manifest: dict[str, Any]
     segmenter_state: dict[str, torch.Tensor] = field(default_factory=dict)
 

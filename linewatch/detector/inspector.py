@@ -76,6 +76,8 @@ class Batch:
     encoded: Encoded = field(default_factory=Encoded)
     references: Tensor | None = None  # (B, k)
     exclude: Tensor | None = None  # (B,) reference index to skip in retrieval (leave-one-out)
+    match: Any = None  # MatchResult over B*k query/reference pairs
+    object_maps: Tensor | None = None  # (B, M, H', W') raw per-object Mahalanobis maps
     results: list[InspectionResult] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -123,15 +125,61 @@ def mask_boxes(masks: Tensor) -> Tensor:
     return out
 
 
-def mask_centroids(masks: Tensor) -> Tensor:
-    """Centroids (..., 2) as (y, x) pixel coordinates of soft masks (..., H, W); 0 for empty masks."""
+def mask_moments(masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Centroid (..., 2) as (x, y) pixels, principal-axis angle (...,) in radians, and
+    elongation (...,) = major / minor axis variance, of soft masks (..., H, W)."""
     h, w = masks.shape[-2:]
-    ys = torch.arange(h, device=masks.device, dtype=masks.dtype)
-    xs = torch.arange(w, device=masks.device, dtype=masks.dtype)
+    ys = torch.arange(h, device=masks.device, dtype=masks.dtype).view(h, 1)
+    xs = torch.arange(w, device=masks.device, dtype=masks.dtype).view(1, w)
     mass = masks.sum((-2, -1)).clamp_min(1e-6)
-    cy = (masks.sum(-1) * ys).sum(-1) / mass
-    cx = (masks.sum(-2) * xs).sum(-1) / mass
-    return torch.stack([cy, cx], dim=-1)
+    cx = (masks * xs).sum((-2, -1)) / mass
+    cy = (masks * ys).sum((-2, -1)) / mass
+    dx = xs - cx[..., None, None]
+    dy = ys - cy[..., None, None]
+    mxx = (masks * dx * dx).sum((-2, -1)) / mass
+    myy = (masks * dy * dy).sum((-2, -1)) / mass
+    mxy = (masks * dx * dy).sum((-2, -1)) / mass
+    angle = 0.5 * torch.atan2(2 * mxy, mxx - myy)
+    spread = torch.sqrt((mxx - myy) ** 2 + 4 * mxy**2)
+    elongation = (mxx + myy + spread) / (mxx + myy - spread).clamp_min(1e-6)
+    return torch.stack([cx, cy], dim=-1), angle, elongation
+
+
+def align_references(query_masks: Tensor, ref_masks: Tensor, ref_features: Tensor, allowed: Tensor,
+                     max_shift: float, max_rotation: float, min_elongation: float = 1.5) -> tuple[Tensor, Tensor]:
+    """Move each reference object onto its query object (beyond the paper; see _object_maps).
+
+    query_masks (q, H, W); ref_masks (q, k, H, W); ref_features (q, k, C, H, W); allowed (q,)
+    bool. Translation takes the reference mask centroid to the query's; rotation turns the
+    reference's principal axis onto the query's when both parts are elongated. Pairs whose
+    motion exceeds max_shift (pixels) or max_rotation (radians) are left where they are.
+    Returns the warped (ref_features, ref_masks).
+    """
+    q, k, c, h, w = ref_features.shape
+    cq, aq, eq = mask_moments(query_masks)
+    cr, ar, er = mask_moments(ref_masks)
+    turn = torch.remainder(aq[:, None] - ar + math.pi / 2, math.pi) - math.pi / 2  # axis angles are mod pi
+    turn = torch.where((eq[:, None] > min_elongation) & (er > min_elongation), turn, torch.zeros_like(turn))
+    shift = (cq[:, None] - cr).norm(dim=-1)
+    ok = allowed[:, None] & (shift <= max_shift) & (turn.abs() <= max_rotation)
+    if not bool(ok.any()):
+        return ref_features, ref_masks
+    turn = torch.where(ok, turn, torch.zeros_like(turn))
+    # output pixel p takes the reference at R(-turn) (p - cq) + cr; in normalised coordinates
+    # (align_corners=False, square maps assumed equal in x and y scale)
+    to_norm = lambda pts: (2 * pts + 1) / torch.tensor([w, h], device=pts.device, dtype=pts.dtype) - 1  # noqa: E731
+    cqn = to_norm(cq)[:, None].expand(q, k, 2)
+    crn = to_norm(cr)
+    cos, sin = torch.cos(turn), torch.sin(turn)
+    rot = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # R(-turn), (q, k, 2, 2)
+    offset = crn - (rot @ cqn[..., None])[..., 0]
+    theta = torch.cat([rot, offset[..., None]], dim=-1)  # (q, k, 2, 3)
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=theta.device, dtype=theta.dtype)
+    theta = torch.where(ok[..., None, None], theta, identity)
+    grid = F.affine_grid(theta.view(q * k, 2, 3), [q * k, c + 1, h, w], align_corners=False)
+    stacked = torch.cat([ref_features, ref_masks[:, :, None]], dim=2).view(q * k, c + 1, h, w)
+    warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False).view(q, k, c + 1, h, w)
+    return warped[:, :, :c], warped[:, :, c]
 
 
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
@@ -170,6 +218,9 @@ class Inspector:
                 # pools the same kind of features); matching on what sets them apart works far
                 # better. The mean over the bank's good objects is that common part.
                 self.descriptor_mean = self.bank.descriptors[self.bank.object_valid].mean(0)
+            # a part whose good-image maps are nearly flat must not turn tiny differences into alarms
+            noise = self.bank.object_noise[self.bank.object_valid]
+            self.noise_floor = float(noise.median()) * 0.25 if noise.numel() else 1.0
 
     # ------------------------------------------------------------------ identity
 
@@ -322,6 +373,11 @@ class Inspector:
         is_surplus = enc.valid & ~is_matched & (2 * taken >= k)
 
         object_maps = self._object_maps(batch, assigned, is_matched)
+        batch.object_maps = object_maps
+        if cfg.normalize_objects:
+            # each part's map in units of what that part's map reaches on good images
+            noise = bank.object_noise[refs[:, :, None], assigned].mean(1)  # (B, M)
+            object_maps = object_maps / noise.clamp_min(self.noise_floor)[..., None, None]
         weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
         image_maps = (object_maps * weights[..., None, None] * enc.valid[..., None, None]).sum(1)  # eq. 15
 
@@ -338,11 +394,12 @@ class Inspector:
         """Mahalanobis map (B, M, H', W') of every valid query object against the k reference
         objects it matched or is closest to (eqs. 11-12), in chunks of objects to bound memory.
 
-        Beyond the paper: a matched reference object is first shifted (whole feature-map
-        pixels) so its mask centroid sits on the query object's, when that shift is within
-        `measure.align_max_shift`. Parts jitter a little on any real line; without this the
-        part edges dominate the map of a good part. A larger displacement is not undone, so a
-        part in the wrong place still scores at both places.
+        Beyond the paper: a matched reference object is first moved onto the query object
+        (translation of mask centroids, and rotation of the principal axes of elongated
+        parts) when that motion is within `measure.align_max_shift` / `align_max_rotation_deg`.
+        Parts shift and turn a little on any real line; without this their edges dominate the
+        map of a good part. A larger displacement is not undone, so a part in the wrong place
+        still scores at both places.
         """
         enc, refs, bank, eps = batch.encoded, batch.references, self.bank, self.config.measure.eps
         b, m = enc.valid.shape
@@ -361,13 +418,10 @@ class Inspector:
             ref_masks = bank.masks[z, assigned[bi, :, oi]].float()  # (q, k, H', W')
             ref_features = bank.features[z].float()  # (q, k, C, H', W')
             if max_shift > 0:
-                shifts = (mask_centroids(query_masks)[:, None] - mask_centroids(ref_masks)).round().long()  # (q, k, 2)
-                small = shifts.abs().amax(-1) <= max_shift
-                shifts = shifts * (small & is_matched[bi, oi][:, None])[..., None]
-                for qi, ki in torch.nonzero(shifts.abs().sum(-1)).tolist():
-                    dy, dx = shifts[qi, ki].tolist()
-                    ref_masks[qi, ki] = torch.roll(ref_masks[qi, ki], (dy, dx), dims=(-2, -1))
-                    ref_features[qi, ki] = torch.roll(ref_features[qi, ki], (dy, dx), dims=(-2, -1))
+                ref_features, ref_masks = align_references(
+                    query_masks, ref_masks, ref_features, is_matched[bi, oi], max_shift,
+                    math.radians(self.config.measure.align_max_rotation_deg),
+                )
             references = (ref_features * ref_masks[:, :, None]).flatten(3)  # (q, k, C, P)
             maps[bi, oi] = mahalanobis(query, references, eps)
         return maps.view(b, m, hf, wf)
@@ -405,6 +459,8 @@ class Inspector:
                     query = (enc.upsampled[bi] * mask).flatten(1)
                     reference = (bank.features[z[r]].float() * mask).flatten(1)[None]
                     part_map = mahalanobis(query, reference, eps).view(hf, wf)
+                    if self.config.measure.normalize_objects:
+                        part_map = part_map / bank.object_noise[z[r], j].clamp_min(self.noise_floor)
                     maps[bi] += part_map / k
                     if not any(_overlap(mask, f["mask"]) > 0.3 for f in found):
                         found.append({"mask": mask, "box": bank.boxes[z[r], j], "map": part_map})

@@ -1,0 +1,77 @@
+"""The `eval` and `bench` subcommands; `linewatch.cli` calls `register(subparsers)`.
+
+    linewatch eval --dataset ROOT [--categories A B] [--out DIR] [-c CONFIG] [--method objects|patchcore|both]
+    linewatch bench [--batch-sizes 1 4 8] [--out bench.json] [--samlad-random] ...
+
+`bench` runs benchmarks/detector_bench.py from the source tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+EXIT_USAGE = 2
+BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "detector_bench.py"
+
+
+def _bench_module() -> ModuleType | None:
+    """benchmarks/detector_bench.py, loaded by path (it is a script, not part of the package)."""
+    if not BENCH_SCRIPT.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("linewatch_detector_bench", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from linewatch.config import load_config
+    from linewatch.detector.models import BACKEND_LABELS
+    from linewatch.eval.dataset import DatasetError
+    from linewatch.eval.report import render_markdown
+    from linewatch.eval.runner import evaluate
+
+    config = load_config(args.config)
+    print(f"backend: {BACKEND_LABELS[config.detector.backend]}", file=sys.stderr)
+    try:
+        report = evaluate(config, args.dataset, args.categories, args.out, method=args.method,
+                          progress=not args.quiet, batch_size=args.batch_size, max_fpr=args.max_fpr)
+    except DatasetError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.quiet:
+        print(render_markdown(report))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    module = _bench_module()
+    if module is None:
+        print(f"linewatch: error: {BENCH_SCRIPT} not found (bench runs from a source checkout)", file=sys.stderr)
+        return EXIT_USAGE
+    return int(module.main(args=args))
+
+
+def register(subparsers) -> None:
+    """Add `eval` and `bench` to the `linewatch` argument parser's subparsers."""
+    p = subparsers.add_parser("eval", help="accuracy on MVTec LOCO-layout folders (AUROC, AU-sPRO, verdict rates)")
+    p.add_argument("--dataset", required=True, help="folder holding category folders in the MVTec LOCO layout")
+    p.add_argument("--categories", nargs="+", default=None, help="category folder names (default: all)")
+    p.add_argument("--out", default="eval_out", help="output folder (report.json, report.md, PNGs, TIFF maps)")
+    p.add_argument("-c", "--config", default=None, help="config YAML (default: built-in defaults, classic backend)")
+    p.add_argument("--method", choices=["objects", "patchcore", "both"], default="both",
+                   help="objects = the SAM-LAD pipeline; patchcore = object-free kNN baseline on the same backbone")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-fpr", type=float, default=0.05, help="AU-sPRO integration limit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no table on stdout")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("bench", help="detector speed: per-stage time, img/s, latency vs batch size")
+    module = _bench_module()
+    if module is not None:
+        module.add_arguments(p)
+    p.set_defaults(func=cmd_bench)

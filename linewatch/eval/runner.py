@@ -1,0 +1,284 @@
+"""`linewatch eval`: accuracy of a method on MVTec LOCO AD-layout categories.
+
+Per category and method: fit on train/good (the object pipeline builds its template bank,
+PatchCore its patch memory), calibrate the verdict threshold on validation/good, score every
+test image, then compute
+
+- image AUROC of good vs logical, good vs structural, and their mean;
+- AU-sPRO up to FPR `max_fpr` (AU-PRO without defects_config.json) for each anomaly type,
+  each on that type's images plus the good test images, and their mean;
+- the false-reject rate (good test images failed) and escape rates (anomalous images passed)
+  at the calibrated threshold.
+
+Methods: "objects" is the Inspector (the SAM-LAD pipeline on whatever backend the config
+names); "patchcore" is the object-free kNN baseline on the same backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from linewatch import __version__
+from linewatch.bank_builder import build_bank, calibrate
+from linewatch.config import Config
+from linewatch.detector.inspector import Inspector
+from linewatch.detector.models import BACKEND_LABELS, Models, build_models, select_device
+from linewatch.eval.dataset import ANOMALY_TYPES, Category, list_categories, load_category
+from linewatch.eval.metrics import au_spro, image_auroc, rates_at_threshold
+from linewatch.eval.patchcore import PatchCore
+from linewatch.images import list_images, read_image
+
+__all__ = ["METHODS", "MethodRun", "resolve_methods", "run_objects", "run_patchcore", "category_metrics", "evaluate"]
+
+METHODS = ("objects", "patchcore")
+METHOD_LABELS = {
+    "objects": "objects (SAM-LAD pipeline: object matching + per-object Gaussians)",
+    "patchcore": "patchcore (kNN over patch features of the same backbone, no objects)",
+}
+ANOMALY_LABELS = tuple(ANOMALY_TYPES.values())  # ("logical", "structural")
+
+
+@dataclass
+class MethodRun:
+    """What one method produced on one category's test images (in `category.test_images` order).
+
+    scores: (N,) image scores; maps: N float32 (H, W) anomaly maps at original size;
+    threshold: the calibrated verdict threshold (fail when score > threshold); calibration:
+    bank_builder.calibrate's record; seconds: fit / calibrate / test wall times; info: extras."""
+
+    method: str
+    scores: np.ndarray
+    maps: list[np.ndarray]
+    threshold: float
+    calibration: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def resolve_methods(method: str | Sequence[str]) -> list[str]:
+    """'objects' | 'patchcore' | 'both' (or a list of names) -> list of method names."""
+    names = list(METHODS) if method == "both" else ([method] if isinstance(method, str) else list(method))
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'both'")
+    return names
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _score_test(category: Category, judge: Callable[[list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]],
+                batch_size: int, progress: bool, desc: str) -> tuple[np.ndarray, list[np.ndarray], float]:
+    """Run `judge` over the test images in batches; returns scores, maps and seconds spent."""
+    scores: list[float] = []
+    maps: list[np.ndarray] = []
+    seconds = 0.0
+    bar = tqdm(total=len(category.test_images), desc=desc, unit="img", disable=not progress)
+    for chunk in _chunks(category.test_images, batch_size):
+        images = [read_image(t.path) for t in chunk]
+        start = time.perf_counter()
+        s, m = judge(images)
+        seconds += time.perf_counter() - start
+        scores.extend(float(x) for x in s)
+        maps.extend(np.asarray(x, dtype=np.float32) for x in m)
+        bar.update(len(chunk))
+    bar.close()
+    return np.asarray(scores), maps, seconds
+
+
+def run_objects(config: Config, category: Category, models: Models, device: torch.device,
+                batch_size: int = 8, progress: bool = True) -> MethodRun:
+    """The object pipeline: bank from train/good, calibrated on validation/good (leave-one-out
+    over train/good when there is no validation folder), then every test image."""
+    start = time.perf_counter()
+    bank = build_bank(config, category.train_dir, category.validation_dir, models=models,
+                      batch_size=batch_size, progress=progress)
+    fit_seconds = time.perf_counter() - start
+    inspector = Inspector(config.detector, models, bank, device)
+
+    def judge(images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        results = inspector.inspect(images)
+        return np.array([r.score for r in results]), [r.heatmap for r in results]
+
+    scores, maps, test_seconds = _score_test(category, judge, batch_size, progress, f"{category.name}: objects")
+    calibration = bank.manifest["calibration"]
+    return MethodRun(
+        "objects", scores, maps, float(calibration["threshold"]), calibration,
+        seconds={"fit_and_calibrate": round(fit_seconds, 3), "test": round(test_seconds, 3)},
+        info={"bank_images": bank.size, "k_references": config.detector.k_references},
+    )
+
+
+def run_patchcore(config: Config, category: Category, models: Models, device: torch.device,
+                  batch_size: int = 8, progress: bool = True) -> MethodRun:
+    """The PatchCore baseline on the detector's backbone. Calibration uses validation/good, or
+    the last fifth of train/good (held out of the memory bank) when there is none."""
+    det = config.detector
+    start = time.perf_counter()
+    good = [read_image(p) for p in list_images(category.train_dir)]
+    if category.validation_dir is not None:
+        held_out = [read_image(p) for p in list_images(category.validation_dir)]
+    else:
+        n_hold = max(1, len(good) // 5)
+        good, held_out = good[:-n_hold], good[-n_hold:]
+    model = PatchCore(models.backbone, det.image_size, device, smoothing_sigma=det.measure.smoothing_sigma)
+    model.fit(good, batch_size=batch_size)
+    del good
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    val_scores = np.concatenate([model.score(chunk)[0] for chunk in _chunks(held_out, batch_size)])
+    calibration = dict(calibrate(val_scores, config.calibration.target_false_reject_rate),
+                       method="validation folder" if category.validation_dir is not None else "held-out fifth of train/good")
+    calibrate_seconds = time.perf_counter() - start
+    scores, maps, test_seconds = _score_test(category, model.score, batch_size, progress, f"{category.name}: patchcore")
+    return MethodRun(
+        "patchcore", scores, maps, float(calibration["threshold"]), calibration,
+        seconds={"fit": round(fit_seconds, 3), "calibrate": round(calibrate_seconds, 3), "test": round(test_seconds, 3)},
+        info={"memory_bank_patches": model.bank_size},
+    )
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), digits)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def category_metrics(category: Category, run: MethodRun, max_fpr: float = 0.05) -> dict:
+    """Metrics of one method on one category (see the module docstring); None where a
+    category has no image of an anomaly type."""
+    labels = np.array([t.label for t in category.test_images])
+    good = labels == "good"
+    good_maps = [m for m, g in zip(run.maps, good) if g]
+    auroc: dict[str, float | None] = {}
+    spro: dict[str, float | None] = {}
+    escape: dict[str, float | None] = {}
+    for kind in ANOMALY_LABELS:
+        sel = labels == kind
+        if not sel.any():
+            auroc[kind] = spro[kind] = escape[kind] = None
+            continue
+        both = good | sel
+        auroc[kind] = image_auroc(sel[both], run.scores[both])
+        idx = np.nonzero(sel)[0]
+        spro[kind] = au_spro(
+            [run.maps[i] for i in idx],
+            [[r.mask for r in category.test_images[i].regions] for i in idx],
+            [[r.saturation for r in category.test_images[i].regions] for i in idx],
+            good_maps,
+            max_fpr=max_fpr,
+        )
+        escape[kind] = rates_at_threshold(sel[both], run.scores[both], run.threshold)["escape_rate"]
+    overall = rates_at_threshold(~good, run.scores, run.threshold)
+    n_test = len(run.scores)
+    test_seconds = run.seconds.get("test", 0.0)
+    return {
+        "image_auroc": {**{k: _round(v) for k, v in auroc.items()}, "mean": _round(_mean(list(auroc.values())))},
+        "au_spro": {**{k: _round(v) for k, v in spro.items()}, "mean": _round(_mean(list(spro.values()))),
+                    "metric": category.metric_name, "max_fpr": max_fpr},
+        "threshold": _round(run.threshold, 6),
+        "false_reject_rate": _round(overall["false_reject_rate"]),
+        "escape_rate": {**{k: _round(v) for k, v in escape.items()}, "overall": _round(overall["escape_rate"])},
+        "counts": {"good": int(good.sum()), **{k: int((labels == k).sum()) for k in ANOMALY_LABELS}},
+        "calibration": {k: run.calibration.get(k) for k in ("method", "n", "target_false_reject_rate",
+                                                             "observed_false_reject_rate")},
+        "seconds": run.seconds,
+        "test_images_per_s": _round(n_test / test_seconds, 2) if test_seconds > 0 else None,
+        **run.info,
+    }
+
+
+def _data_note(category: Category) -> str | None:
+    """Say so when the data are linewatch's synthetic products."""
+    manifest = category.root / "manifest.json"
+    if manifest.exists():
+        try:
+            data = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            return None
+        if isinstance(data, dict) and {"product", "seed", "counts"} <= set(data):
+            return (f"{category.name}: synthetic images from linewatch.sim (product {data['product']}, seed "
+                    f"{data['seed']}); they show the pipeline is wired correctly, not real-world accuracy")
+    return None
+
+
+def evaluate(
+    config: Config,
+    dataset_root: str | Path,
+    categories: Sequence[str] | None = None,
+    out_dir: str | Path = "eval_out",
+    method: str | Sequence[str] = "objects",
+    progress: bool = True,
+    batch_size: int = 8,
+    max_fpr: float = 0.05,
+    examples_per_type: int = 2,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> dict:
+    """Evaluate `method` ('objects', 'patchcore', 'both') on `categories` (default: every
+    category folder under `dataset_root`); write report.json, report.md, ROC and example PNGs
+    and TIFF anomaly maps into `out_dir`; return the report dict (the content of report.json)."""
+    from linewatch.eval import report as report_io
+
+    methods = resolve_methods(method)
+    root = Path(dataset_root)
+    names = list(categories) if categories else list_categories(root)
+    loaded = [load_category(root / name) for name in names]  # layout errors before any model runs
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = select_device(config.detector.device)
+    det = config.detector
+    report: dict = {
+        "linewatch_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": det.backend,
+        "backend_label": BACKEND_LABELS[det.backend],
+        "device": str(device),
+        "config_hash": det.identity_hash(),
+        "image_size": det.image_size,
+        "k_references": det.k_references,
+        "dataset": str(root.resolve()),
+        "methods": {m: METHOD_LABELS[m] for m in methods},
+        "max_fpr": max_fpr,
+        "notes": [n for n in (_data_note(c) for c in loaded) if n],
+        "categories": {},
+        "mean": {},
+    }
+    for category in loaded:
+        log(f"{category.name}: {len(category.test_images)} test images, {category.metric_name} "
+            f"({'defects_config.json' if category.defects else 'no defects_config.json'})")
+        # fresh models per category: the classic segmenter is fitted to each category's good images
+        models = build_models(det, device)
+        runs: dict[str, MethodRun] = {}
+        for name in methods:
+            runner = run_objects if name == "objects" else run_patchcore
+            runs[name] = runner(config, category, models, device, batch_size=batch_size, progress=progress)
+            report["categories"].setdefault(category.name, {})[name] = category_metrics(category, runs[name], max_fpr)
+            report_io.write_anomaly_maps(out, name, category, runs[name].maps)
+        report_io.write_roc_png(out / f"roc_{category.name}.png", category, runs)
+        report_io.write_examples_png(out / f"examples_{category.name}.png", category, runs, examples_per_type)
+        del runs
+    for name in methods:
+        per_cat = [report["categories"][c.name][name] for c in loaded]
+        report["mean"][name] = {
+            "image_auroc": {k: _round(_mean([m["image_auroc"][k] for m in per_cat])) for k in (*ANOMALY_LABELS, "mean")},
+            "au_spro": {k: _round(_mean([m["au_spro"][k] for m in per_cat])) for k in (*ANOMALY_LABELS, "mean")},
+            "false_reject_rate": _round(_mean([m["false_reject_rate"] for m in per_cat])),
+            "escape_rate": {k: _round(_mean([m["escape_rate"][k] for m in per_cat])) for k in (*ANOMALY_LABELS, "overall")},
+        }
+    report_io.write_report(out, report)
+    log(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    return report

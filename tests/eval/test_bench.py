@@ -1,0 +1,23 @@
+"""The benchmark script runs end to end on a tiny setting and writes well-formed JSON."""
+
+import json
+
+from linewatch.eval.cli import _bench_module
+
+
+def test_bench_tiny_run(tmp_path, capsys):
+    bench = _bench_module()
+    assert bench is not None
+    out = tmp_path / "bench.json"
+    assert bench.main(["--batch-sizes", "1", "2", "--repeats", "1", "--image-size", "64", "--source-size", "64",
+                       "--good", "3", "--devices", "cpu", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    paths = {(r["batch_size"], r["path"]) for r in data["results"]}
+    assert paths == {(1, "cached"), (1, "naive"), (2, "cached"), (2, "naive")}
+    for r in data["results"]:
+        assert r["images_per_s"] > 0 and r["batch_latency_ms_median"] > 0
+        assert {"backbone", "upsample", "segment", "describe", "match", "measure"} <= set(r["stage_ms_per_batch"])
+        assert ("reencode_references" in r["stage_ms_per_batch"]) == (r["path"] == "naive")
+    assert [r["batch_size"] for r in data["naive_over_cached"]] == [1, 2]
+    assert all(r["naive_over_cached_latency"] > 0 for r in data["naive_over_cached"])
+    assert "naive (re-encode k references per frame)" in capsys.readouterr().out
