@@ -44,8 +44,8 @@ class ObjectFilterConfig(_Section):
 class ClassicBackendConfig(_Section):
     """The weights-free backend: classical features, joint bilateral upsampling, colour segmentation."""
 
-    feature_stride: int = Field(8, ge=1, le=32)
-    upsample_stages: int = Field(2, ge=0, le=4)
+    feature_stride: int = Field(4, ge=1, le=32, description="pixels per classical feature cell")
+    upsample_stages: int = Field(1, ge=0, le=4, description="2x joint bilateral upsampling stages")
     background_threshold: float = Field(6.0, gt=0, description="colour distance (in background std units) above which a pixel is foreground")
 
 
