@@ -413,7 +413,6 @@ class Inspector:
         for start in range(0, len(pairs), chunk):
             bi, oi = pairs[start:start + chunk].unbind(1)
             query_masks = enc.soft_masks[bi, oi]  # (q, H', W')
-            query = (enc.upsampled[bi] * query_masks[:, None]).flatten(2)  # (q, C, P)
             z = refs[bi]  # (q, k)
             ref_masks = bank.masks[z, assigned[bi, :, oi]].float()  # (q, k, H', W')
             ref_features = bank.features[z].float()  # (q, k, C, H', W')
@@ -422,8 +421,19 @@ class Inspector:
                     query_masks, ref_masks, ref_features, is_matched[bi, oi], max_shift,
                     math.radians(self.config.measure.align_max_rotation_deg),
                 )
-            references = (ref_features * ref_masks[:, :, None]).flatten(3)  # (q, k, C, P)
-            maps[bi, oi] = mahalanobis(query, references, eps)
+            # Outside the query mask and every reference mask both sides are zero and so is the
+            # distance: compute each object only inside the box around those masks.
+            support = (query_masks + ref_masks.sum(1)) > 1e-4  # (q, H', W')
+            for j in range(len(bi)):
+                rows = torch.nonzero(support[j].any(1)).flatten()
+                cols = torch.nonzero(support[j].any(0)).flatten()
+                if len(rows) == 0:
+                    continue
+                y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+                query = enc.upsampled[bi[j], :, y0:y1, x0:x1] * query_masks[j, y0:y1, x0:x1]  # (C, h, w)
+                references = ref_features[j, :, :, y0:y1, x0:x1] * ref_masks[j, :, None, y0:y1, x0:x1]  # (k, C, h, w)
+                box = mahalanobis(query.flatten(1), references.flatten(2), eps)
+                maps[bi[j], oi[j]].view(hf, wf)[y0:y1, x0:x1] = box.view(y1 - y0, x1 - x0)
         return maps.view(b, m, hf, wf)
 
     OBJECT_CHUNK_ELEMENTS = 64 * 1024 * 1024  # floats held at once by _object_maps
