@@ -46,6 +46,7 @@ class ClassicBackendConfig(_Section):
 
     feature_stride: int = Field(4, ge=1, le=32, description="pixels per classical feature cell")
     upsample_stages: int = Field(1, ge=0, le=4, description="2x joint bilateral upsampling stages")
+    position_gain: float = Field(2.0, ge=0, le=100, description="weight of the coordinate channels (where a part is)")
     background_threshold: float = Field(6.0, gt=0, description="colour distance (in background std units) above which a pixel is foreground")
 
 

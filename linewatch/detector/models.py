@@ -60,7 +60,7 @@ def build_models(config: DetectorConfig, device: torch.device) -> Models:
     dcga = DCGA(kernel_size=config.matching.dcga_kernel_size, context_weight=config.matching.context_weight)
     if config.backend == "classic":
         c = config.classic
-        backbone = ClassicFeatures(stride=c.feature_stride)
+        backbone = ClassicFeatures(stride=c.feature_stride, position_gain=c.position_gain)
         upsampler = ClassicJointBilateralUpsampler(num_stages=c.upsample_stages)
         segmenter = ClassicSegmenter(area_filter, threshold=c.background_threshold)
     else:
