@@ -92,7 +92,11 @@ class Daemon:
         self.log = log if log is not None else configure_logging(config.logging)
         self.metrics = Metrics()
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else config.pipeline.deadline_ms / 1000 + 2.0
-        self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log)
+        overlay = None
+        if config.publish.overlay_jpeg:
+            from linewatch.overlay import overlay_jpeg as overlay
+        self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
+                                 overlay=overlay)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
         self.health: HealthServer | None = None
         self.ingest: Any = None

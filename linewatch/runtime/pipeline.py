@@ -140,13 +140,17 @@ class Pipeline:
         metrics: Metrics | None = None,
         log: Any = None,
         stall_s: float | None = None,
+        overlay: Callable[[np.ndarray, InspectionResult], bytes] | None = None,
     ) -> None:
+        """`overlay`, when given, renders the JPEG attached to each pass/fail verdict from the
+        frame's image and its result; the frame's image is then held until its result."""
         if not processor.stages:
             raise ValueError("the processor has no stages")
         self.processor = processor
         self.metrics = metrics if metrics is not None else Metrics()
         self.log = log if log is not None else structlog.get_logger("linewatch.pipeline")
         self._on_verdict = on_verdict
+        self._overlay = overlay
         self._stages = list(processor.stages)
         self._deadline_s = pipeline.deadline_ms / 1000.0
         # A stage call or a publish taking this long means the pipeline is stuck (watchdog).
@@ -416,8 +420,9 @@ class Pipeline:
         if not live:
             return
         images = [s.image for s in live]
-        for s in live:
-            s.image = None
+        if self._overlay is None:
+            for s in live:
+                s.image = None
         self.metrics.batch_size.observe(len(live))
         try:
             self._put(0, _Batch(live, images))
@@ -507,7 +512,14 @@ class Pipeline:
                 if slot.answered:
                     late += 1
                     continue
-                self._answer_locked(slot, self._from_result(slot, r, batch.timings, p))
+                verdict = self._from_result(slot, r, batch.timings, p)
+                if self._overlay is not None and slot.image is not None and verdict.verdict in ("pass", "fail"):
+                    try:
+                        verdict.overlay_jpeg = self._overlay(slot.image, r)
+                    except Exception as e:  # a picture must never cost the verdict
+                        self.log.warning("overlay_failed", error=repr(e))
+                slot.image = None
+                self._answer_locked(slot, verdict)
             self._late += late
         if late:
             self.metrics.late_results.inc(late)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.pipeline import Pipeline
 from tests.runtime.fakes import Collector, FakeProcessor, expected_verdict, make_frame, make_pipeline
@@ -281,3 +282,22 @@ def test_released_verdicts_are_not_kept_alive_until_their_deadline(started) -> N
     assert len(count) == 20
     gc.collect()
     assert len(refs) == 20 and all(r() is None for r in refs)
+
+
+def test_overlay_is_rendered_from_the_frames_own_image(started) -> None:
+    seen: list[tuple[int, str]] = []
+
+    def overlay(image, result) -> bytes:
+        seen.append((int(image[0, 0, 0]), result.verdict))
+        return b"jpeg-of-%d" % int(image[0, 0, 0])
+
+    out = Collector()
+    pipe = started(Pipeline(FakeProcessor([("only", 0.0)]), BatchConfig(max_batch=4, max_delay_ms=5.0),
+                            PipelineConfig(), out, overlay=overlay))
+    for i in range(4):
+        pipe.submit(make_frame("cam", i))
+    assert out.wait_for(4, timeout_s=5.0)
+    verdicts = sorted(out.verdicts, key=lambda v: v.frame_id)
+    pixel = [200 if i % 2 else 50 for i in range(4)]  # make_frame's value for frame i
+    assert [v.overlay_jpeg for v in verdicts] == [b"jpeg-of-%d" % p for p in pixel]
+    assert sorted(seen) == sorted((pixel[i], expected_verdict(i)) for i in range(4))
