@@ -255,11 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_runtime_commands(sub) -> None:
     """serve / replay / tap / demo / eval live in their own modules; they register here."""
-    try:
-        from linewatch import commands
-    except ImportError:
-        return
-    commands.register(sub)
+    from linewatch.commands import register as register_runtime
+    from linewatch.eval.cli import register as register_eval
+
+    register_runtime(sub)
+    register_eval(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

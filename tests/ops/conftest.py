@@ -1,19 +1,32 @@
 """Fixtures of the ops tests.
 
-`live_daemon`: a process-local stand-in for `linewatch serve` -- the daemon's own `Metrics`
-registry served by its own `HealthServer` on a free loopback port, with a few frames'
-worth of samples recorded -- so the scrape tests need no model, bank or camera.
-INTEGRATOR: once `linewatch serve` runs without a GPU (classic backend), switch this fixture
-to start `linewatch serve -c <tmp config with runtime.metrics.port=PORT>` as a subprocess.
+`live_daemon`: a real `linewatch serve` subprocess (weights-free classic backend, a small
+bank built from synthetic good images, loopback ports picked at run time) that has already
+answered a few frames -- good ones and one undecodable one -- so every series the dashboards
+and alerts query (verdict counters, the latency histogram, error counters) has samples.
+One daemon serves the whole session; it gets SIGTERM at the end and must exit 0.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
+
+from ._tools import free_port
+
+START_TIMEOUT_S = 120.0
+DETECTOR = {"backend": "classic", "device": "cpu", "image_size": 112, "k_references": 2}
+PRODUCT = "screw_tray"
+SIZE = 128
 
 
 @dataclass
@@ -21,7 +34,8 @@ class LiveDaemon:
     url: str  # http://127.0.0.1:PORT
     host: str
     port: int
-    metrics: object
+    proc: subprocess.Popen
+    log_path: Path
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         try:
@@ -30,38 +44,117 @@ class LiveDaemon:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
 
-@pytest.fixture
-def live_daemon():
-    pytest.importorskip("linewatch.runtime.metrics", reason="linewatch.runtime.metrics not written yet")
-    health = pytest.importorskip("linewatch.runtime.health", reason="linewatch.runtime.health not written yet")
-    from linewatch import __version__
-    from linewatch.config import MetricsConfig
-    from linewatch.runtime.metrics import Metrics
 
-    m = Metrics()
-    m.set_build_info(__version__, "classic")
-    m.set_bank_info("test-bank", "classic", 8)
-    m.ready.set(1)
-    m.track_queue("pending", lambda: 3.0)
-    for i, verdict in enumerate(["pass", "pass", "fail", "error", "timeout", "shed"]):
-        m.frames_received.labels(camera="cam0").inc()
-        m.verdicts.labels(camera="cam0", verdict=verdict).inc()
-        m.capture_to_verdict.labels(camera="cam0").observe(0.05 * (i + 1))
-    m.frame_errors.labels(reason="decode_failed").inc()
-    m.frames_shed.labels(reason="overload").inc()
-    m.frames_timed_out.labels(camera="cam0").inc()
-    m.late_results.inc()
-    for stage in ("preprocess", "features", "segment", "match", "measure"):
-        m.stage_seconds.labels(stage=stage).observe(0.01)
-    m.batch_size.observe(4)
-    m.inflight_frames.set(2)
-    m.last_frame_timestamp.set(time.time())
-    m.gpu_memory.labels(kind="allocated").set(0)
+def _build_bank(root: Path) -> Path:
+    from linewatch.bank_builder import build_bank
+    from linewatch.config import config_from_dict
+    from linewatch.sim import generate_dataset
 
-    server = health.HealthServer(MetricsConfig(host="127.0.0.1", port=0), m.registry)
-    server.start()
+    data = generate_dataset(root / "sim", PRODUCT, seed=7, n_train=12, n_val=6, n_test_good=0,
+                            n_test_logical=0, n_test_structural=0, size=SIZE)
+    bank = build_bank(config_from_dict({"detector": DETECTOR}), data / "train" / "good", data / "validation" / "good",
+                      progress=False)
+    path = root / "ops.lwbank"
+    bank.save(path)
+    return path
+
+
+def _wait_ready(daemon: LiveDaemon) -> None:
+    end = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < end:
+        if daemon.proc.poll() is not None:
+            pytest.fail(f"linewatch serve exited with {daemon.proc.returncode}:\n{daemon.log()}")
+        try:
+            if daemon.get("/readyz", timeout=1)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"linewatch serve not ready within {START_TIMEOUT_S} s:\n{daemon.log()}")
+
+
+def _feed_frames(ingest_url: str, verdict_url: str, daemon: LiveDaemon) -> None:
+    """Send one undecodable frame (until its `error` verdict proves the sockets are joined),
+    then three rendered frames, and wait for their verdicts."""
+    import numpy as np
+    import zmq
+
+    from linewatch import wire
+    from linewatch.sim import render
+
+    ctx = zmq.Context()
+    sub, cam = ctx.socket(zmq.SUB), ctx.socket(zmq.PUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    for s in (sub, cam):
+        s.setsockopt(zmq.LINGER, 0)
+    sub.connect(verdict_url)
+    cam.connect(ingest_url)
+    seen: list = []
+
+    def wait_for(pred, timeout_s: float) -> bool:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if pred():
+                return True
+            if sub.poll(100):
+                seen.append(wire.decode_verdict(sub.recv_multipart()))
+        return pred()
+
     try:
-        yield LiveDaemon(f"http://127.0.0.1:{server.port}", "127.0.0.1", server.port, m)
+        end = time.monotonic() + 30
+        while not any(v.verdict == "error" for v in seen):
+            if time.monotonic() > end:
+                pytest.fail(f"no verdict for a warm-up frame within 30 s:\n{daemon.log()}")
+            cam.send_multipart([b"cam0", b"not json", b""])
+            wait_for(lambda: any(v.verdict == "error" for v in seen), 0.3)
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            image = render(PRODUCT, rng, None if i < 2 else "missing", size=SIZE)[0]
+            cam.send_multipart(wire.encode_frame("cam0", i, image, encoding="jpeg"))
+        if not wait_for(lambda: sum(v.frame_id >= 0 for v in seen) >= 3, 60):
+            pytest.fail(f"no verdicts for the rendered frames within 60 s:\n{daemon.log()}")
     finally:
-        server.stop()
+        sub.close()
+        cam.close()
+        ctx.term()
+
+
+@pytest.fixture(scope="session")
+def live_daemon(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live-daemon")
+    bank = _build_bank(root)
+    ingest_port, publish_port, metrics_port = free_port(), free_port(), free_port()
+    config = root / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "detector": DETECTOR,
+        "bank": {"path": str(bank)},
+        "runtime": {
+            "ingest": {"endpoints": [{"url": f"tcp://127.0.0.1:{ingest_port}", "mode": "bind"}]},
+            "pipeline": {"deadline_ms": 30000},
+            "publish": {"url": f"tcp://127.0.0.1:{publish_port}", "mode": "bind"},
+            "metrics": {"host": "127.0.0.1", "port": metrics_port},
+            "logging": {"level": "INFO", "format": "console"},
+        },
+    }))
+    log_path = root / "serve.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "serve", "-c", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    daemon = LiveDaemon(f"http://127.0.0.1:{metrics_port}", "127.0.0.1", metrics_port, proc, log_path)
+    try:
+        _wait_ready(daemon)
+        _feed_frames(f"tcp://127.0.0.1:{ingest_port}", f"tcp://127.0.0.1:{publish_port}", daemon)
+        yield daemon
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+    assert proc.returncode == 0, f"linewatch serve exited with {proc.returncode}:\n{daemon.log()}"

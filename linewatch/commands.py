@@ -1,0 +1,145 @@
+"""The runtime commands of `linewatch`: serve, replay, tap, demo.
+
+`register(subparsers)` adds them to the parser built in linewatch/cli.py. Errors a user can
+fix raise the exceptions cli.main maps to exit status 2 (ConfigError, BankError, ...), or
+print one `linewatch: error:` line and return 2 themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from linewatch.cli import load_inspector
+    from linewatch.config import load_config
+    from linewatch.detector.bank import BankError
+    from linewatch.detector.models import BACKEND_LABELS
+    from linewatch.runtime.daemon import Daemon
+    from linewatch.runtime.logs import configure_logging
+
+    config = load_config(args.config)
+    log = configure_logging(config.runtime.logging)
+    bank_path = Path(args.bank or config.bank.path)
+    if not bank_path.is_file():
+        raise BankError(
+            f"{bank_path}: no bank file here. Build one from known-good images first:\n"
+            f"  linewatch bank build -c {args.config} --good GOOD_DIR --validation HELD_OUT_DIR --out {bank_path}\n"
+            "(for a quick try without a camera: `linewatch demo`)"
+        )
+    inspector, _ = load_inspector(args.config, str(bank_path))
+    inspector.bank_images = inspector.bank.size  # shown in linewatch_bank_info
+    daemon = Daemon(config.runtime, inspector, log=log)
+    try:
+        daemon.start()
+    except RuntimeError as e:  # a port in use, an endpoint that cannot be opened
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    calibration = inspector.bank.manifest.get("calibration", {})
+    log.info(
+        "serving",
+        backend=BACKEND_LABELS[config.detector.backend],
+        bank_id=inspector.bank_id,
+        bank_images=inspector.bank.size,
+        threshold=round(float(inspector.bank.threshold), 6),
+        target_false_reject_rate=calibration.get("target_false_reject_rate"),
+        ingest=[f"{url} ({e.protocol}, {e.mode})" for url, e in zip(daemon.ingest.bound_urls, config.runtime.ingest.endpoints)],
+        verdicts=daemon.publisher.bound_url,
+        metrics=f"http://{daemon.health.host}:{daemon.health.port}/metrics",
+    )
+    return daemon.run_until_signal()
+
+
+# ---------------------------------------------------------------------------- replay / tap
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from linewatch.runtime.replay import replay
+
+    try:
+        sent = replay(
+            Path(args.source), args.endpoint, args.fps, protocol=args.protocol, camera=args.camera,
+            encoding=args.encoding, loop=args.loop, count=args.count, mode=args.mode,
+        )
+    except (ValueError, TimeoutError) as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"sent {sent} frame(s) to {args.endpoint} ({args.protocol})", file=sys.stderr)
+    return 0
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    from linewatch.runtime.tap import tap
+
+    seen = tap(args.endpoint, count=args.count, timeout_s=args.timeout, cameras=args.camera or None)
+    if args.count is not None and seen < args.count:
+        print(f"linewatch: tap saw {seen} of {args.count} verdicts before the timeout", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from linewatch.demo import run_demo
+
+    return run_demo(
+        frames=args.frames, fps=args.fps, product=args.product, anomaly_rate=args.anomaly_rate,
+        keep_running=args.keep_running, workdir=args.workdir, seed=args.seed,
+    )
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def register(subparsers) -> None:
+    """Add serve, replay, tap and demo to the `linewatch` argument parser's subparsers."""
+    from linewatch.runtime.replay import PROTOCOLS
+    from linewatch.sim import PRODUCTS
+    from linewatch.wire import ENCODINGS
+
+    p = subparsers.add_parser("serve", help="run the inspection daemon (frames in, verdicts out, /metrics)")
+    p.add_argument("--config", "-c", required=True, help="YAML config (see configs/reference.yaml)")
+    p.add_argument("--bank", "-b", help="bank file (default: bank.path from the config)")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("replay", help="camera simulator: send a folder of images or a video as frames")
+    p.add_argument("source", help="folder of images or a video file")
+    p.add_argument("--endpoint", required=True, help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--fps", type=float, default=10.0, help="frames per second (<= 0: as fast as possible)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="linewatch")
+    p.add_argument("--camera", default="cam0", help="camera id")
+    p.add_argument("--encoding", choices=ENCODINGS, default="jpeg")
+    p.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl-C")
+    p.add_argument("--count", type=int, help="stop after this many frames")
+    p.add_argument("--mode", choices=("bind", "connect"), help="default: connect (linewatch), imagezmq's own otherwise")
+    p.set_defaults(func=cmd_replay)
+
+    p = subparsers.add_parser("tap", help="print one line per verdict from a running daemon")
+    p.add_argument("--endpoint", required=True, help="the daemon's verdict endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--count", type=int, help="stop after this many verdicts")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--camera", action="append", help="only this camera (repeatable)")
+    p.set_defaults(func=cmd_tap)
+
+    p = subparsers.add_parser(
+        "demo", help="synthetic line -> daemon -> tap on loopback, weights-free classic backend (no GPU, no downloads)"
+    )
+    p.add_argument("--frames", type=int, default=120, help="frames to send")
+    # 6 fps: what the classic backend judges comfortably at 224 px on a 2-core CPU (it saturates
+    # near 9-10 fps there); faster shows the overload policy (timeout/shed verdicts) instead
+    p.add_argument("--fps", type=float, default=6.0, help="camera frame rate (default 6: within a small CPU's capacity)")
+    p.add_argument("--product", choices=PRODUCTS, default=PRODUCTS[0])
+    p.add_argument("--anomaly-rate", type=float, default=0.3, help="fraction of frames with a defect")
+    p.add_argument("--keep-running", action="store_true", help="keep the daemon up (for curl /metrics) until Ctrl-C")
+    p.add_argument("--workdir", help="where the synthetic images and the bank go (default: a temporary folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
