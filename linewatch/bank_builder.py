@@ -151,8 +151,15 @@ def build_bank(
         raise BankBuildError(
             f"{good_dir}: {len(good)} good images; leave-one-out calibration needs at least k_references + 2 = {k + 2}"
         )
-    if validation is not None and len(good) < k:
-        raise BankBuildError(f"{good_dir}: {len(good)} good images, fewer than k_references = {k}")
+    # measuring each part's normal variation (normalize_objects) judges every good image against
+    # k others (leave-one-out), so that needs one image more than k
+    need = k + 1 if det.measure.normalize_objects else k
+    if validation is not None and len(good) < need:
+        raise BankBuildError(
+            f"{good_dir}: {len(good)} good images; the bank needs at least "
+            + (f"k_references + 1 = {need} (measure.normalize_objects compares each good image with k others)"
+               if det.measure.normalize_objects else f"k_references = {need}")
+        )
     if validation is not None and len(validation) < config.calibration.min_validation_images:
         raise BankBuildError(
             f"{validation_dir}: {len(validation)} validation images; calibration needs at least "

@@ -1,0 +1,303 @@
+"""The `linewatch` command run as a user runs it: a subprocess, exit codes, messages, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def linewatch(*args, timeout: float = 240, **extra_env) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
+    return subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, rc: int | None = 2) -> str:
+    if rc is None:
+        assert proc.returncode != 0, proc
+    else:
+        assert proc.returncode == rc, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout, proc.stdout
+    assert "linewatch: error:" in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "small.yaml"
+    config.write_text(
+        "detector:\n  backend: classic\n  device: cpu\n  image_size: 112\n  k_references: 2\n"
+        f"bank:\n  path: {root / 'default.lwbank'}\n"
+    )
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def sim(work):
+    root, _ = work
+    proc = linewatch("sim", "generate", "--out", root / "sim", "--product", "screw_tray", "--seed", 0,
+                     "--size", 128, "--train", 6, "--validation", 5, "--test-good", 2,
+                     "--test-logical", 2, "--test-structural", 1, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return root / "sim" / "screw_tray", proc
+
+
+@pytest.fixture(scope="module")
+def bank(work, sim):
+    root, config = work
+    data, _ = sim
+    out = root / "banks" / "screw.lwbank"
+    proc = linewatch("bank", "build", "-c", config, "--good", data / "train" / "good",
+                     "--validation", data / "validation" / "good", "--out", out, "--quiet")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    return out, proc
+
+
+def test_sim_generate(sim):
+    data, proc = sim
+    assert str(data) in proc.stdout
+    assert len(list((data / "train" / "good").glob("*.png"))) == 6
+    assert len(list((data / "validation" / "good").glob("*.png"))) == 5
+    assert len(list((data / "test" / "good").glob("*.png"))) == 2
+    assert len(list((data / "test" / "logical_anomalies").glob("*.png"))) == 2
+    assert len(list((data / "test" / "structural_anomalies").glob("*.png"))) == 1
+    assert (data / "ground_truth" / "logical_anomalies" / "000" / "000.png").is_file()
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["size"] == 128
+    img = cv2.imread(str(data / "train" / "good" / "000.png"), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+
+
+def test_bank_build_and_info(bank):
+    out, proc = bank
+    assert out.is_file()
+    assert not out.with_name(out.name + ".part").exists()
+    assert "threshold" in proc.stdout and str(out) in proc.stdout
+    assert "classic" in proc.stderr  # the backend is always named
+    info = linewatch("bank", "info", out)
+    assert info.returncode == 0, info.stderr
+    manifest = json.loads(info.stdout)
+    assert manifest["identity"]["backend"] == "classic"
+    assert manifest["source_shape"] == [128, 128, 3]
+    assert manifest["images"] == 6
+    assert manifest["format_version"] == 1
+    cal = manifest["calibration"]
+    assert "scores" not in cal  # info leaves the raw scores out
+    assert cal["n"] == 5 and "validation folder" in cal["method"]
+    assert cal["threshold"] > 0
+    assert manifest["bank_id"] in proc.stdout
+    assert manifest["tensors"]["objects_per_image"] == [6] * 6
+
+
+def test_inspect_writes_results(work, sim, bank):
+    root, config = work
+    data, _ = sim
+    out_bank, _ = bank
+    out = root / "inspect-ok"
+    good = data / "test" / "good" / "000.png"
+    logical = data / "test" / "logical_anomalies" / "000.png"  # same file name, other folder
+    structural = data / "test" / "structural_anomalies" / "000.png"
+    proc = linewatch("inspect", good, logical, structural, "-c", config, "-b", out_bank, "-o", out, "--batch-size", 2)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((out / "results.json").read_text())
+    assert [r["file"] for r in summary] == [str(good), str(logical), str(structural)]
+    jsons = sorted(p for p in out.glob("*.json") if p.name != "results.json")
+    overlays = sorted(out.glob("*_overlay.png"))
+    assert len(jsons) == 3 and len(overlays) == 3  # nothing overwritten
+    assert len({p.stem for p in jsons}) == 3
+    records = {json.loads(p.read_text())["file"]: (p, json.loads(p.read_text())) for p in jsons}
+    assert set(records) == {str(good), str(logical), str(structural)}
+    for path, record in records.values():
+        assert record["verdict"] in ("pass", "fail")
+        assert record["verdict"] == ("fail" if record["score"] > record["threshold"] else "pass")
+        assert record["backend"] == "classic"
+        assert record["bank_id"] and record["objects"]
+        for obj in record["objects"]:
+            x, y, w, h = obj["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 128.2 and y + h <= 128.2
+        overlay = cv2.imread(str(path.with_name(path.stem + "_overlay.png")), cv2.IMREAD_UNCHANGED)
+        assert overlay is not None and overlay.shape[2] == 3 and overlay.shape[:2] == (128, 128)
+    assert records[str(good)][1]["verdict"] == "pass"
+    assert records[str(logical)][1]["verdict"] == "fail"  # logical 000 is a missing part
+    assert records[str(logical)][1]["score"] > records[str(good)][1]["score"]
+    # one line per image on stdout
+    assert sum(line.startswith("000.png: ") for line in proc.stdout.splitlines()) == 3
+
+
+def test_inspect_bad_images_named_others_still_judged(work, sim, bank):
+    root, config = work
+    data, _ = sim
+    out_bank, _ = bank
+    bad_dir = root / "bad"
+    bad_dir.mkdir()
+    corrupt = bad_dir / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    grey = bad_dir / "grey.png"
+    cv2.imwrite(str(grey), np.full((128, 128), 90, np.uint8))
+    small = bad_dir / "small.png"
+    cv2.imwrite(str(small), np.full((64, 64, 3), 90, np.uint8))
+    missing = bad_dir / "not-there.png"
+    good = data / "test" / "good" / "001.png"
+    out = root / "inspect-bad"
+    proc = linewatch("inspect", corrupt, good, grey, small, missing, "-c", config, "-b", out_bank, "-o", out)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for path, why in ((corrupt, "not a readable image"), (grey, "grey"), (small, "64x64"), (missing, "no such file")):
+        lines = [line for line in proc.stderr.splitlines() if str(path) in line]
+        assert lines and why in lines[0], (path, proc.stderr)
+        assert lines[0].startswith("linewatch: error:")
+    summary = json.loads((out / "results.json").read_text())
+    by_file = {r["file"]: r for r in summary}
+    assert len(summary) == 5
+    for path in (corrupt, grey, small, missing):
+        assert by_file[str(path)]["verdict"] == "error" and by_file[str(path)]["reason"]
+    assert by_file[str(good)]["verdict"] in ("pass", "fail")
+    assert (out / "001.json").is_file() and (out / "001_overlay.png").is_file()
+    assert not list(out.glob("corrupt*")) and not list(out.glob("grey*"))
+
+
+def test_bank_build_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = linewatch("bank", "build", "--good", empty, "--out", tmp_path / "b.lwbank", "--quiet")
+    message = assert_clean_error(proc, rc=2)
+    assert str(empty) in message
+    assert not (tmp_path / "b.lwbank").exists()
+
+
+def test_models_download_offline_fails_cleanly(tmp_path):
+    started = time.monotonic()
+    # a dead proxy keeps this offline (and fast) on a machine that does have network
+    dead = "http://127.0.0.1:9"
+    proc = linewatch("models", "download", "--dir", tmp_path / "models", "--names", "sam_vit_b", "--timeout", 2,
+                     "--quiet", timeout=60, https_proxy=dead, HTTPS_PROXY=dead, http_proxy=dead, HTTP_PROXY=dead,
+                     no_proxy="", NO_PROXY="")
+    elapsed = time.monotonic() - started
+    assert elapsed < 20, elapsed
+    message = assert_clean_error(proc, rc=2)
+    assert "sam_vit_b" in message or "sam_vit_b_01ec64.pth" in message
+    assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.pth"))
+
+
+def test_models_list():
+    proc = linewatch("models", "list")
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    for name in ("dinov2_vits14", "featup_dinov2_jbu", "sam_vit_b", "sam_vit_l", "sam_vit_h"):
+        assert name in names
+    assert "sha256" in proc.stdout
+
+
+def test_config_unknown_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("detector:\n  bakend: classic\n  measure:\n    smoothing_sigmaa: 2\ncalibraton: {}\n")
+    empty = tmp_path / "good"
+    empty.mkdir()
+    proc = linewatch("bank", "build", "-c", config, "--good", empty, "--quiet")
+    message = assert_clean_error(proc)
+    assert str(config) in message
+    for key in ("detector.bakend", "detector.measure.smoothing_sigmaa", "calibraton"):
+        assert f"  {key}: unknown key" in message, message
+
+
+# ---------------------------------------------------------------------------- in-process
+# More error paths through `main()` itself: same parsing, messages and exit codes, without
+# paying a Python + torch start-up per case.
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    from linewatch.cli import main
+
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_main_unknown_product(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "sim", "generate", "--out", tmp_path, "--product", "teapot", "--quiet")
+    assert rc == 2 and "teapot" in err and "screw_tray" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_main_bank_info_missing_and_corrupt(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "bank", "info", tmp_path / "none.lwbank")
+    assert rc == 2 and str(tmp_path / "none.lwbank") in err and err.startswith("linewatch: error:")
+    corrupt = tmp_path / "corrupt.lwbank"
+    corrupt.write_bytes(os.urandom(1000))
+    rc, _, err = run_main(capsys, "bank", "info", corrupt)
+    assert rc == 2 and str(corrupt) in err
+
+
+def test_main_inspect_with_bank_of_another_config(capsys, work, bank, sim):
+    root, _ = work
+    data, _ = sim
+    out_bank, _ = bank
+    other = root / "other.yaml"
+    other.write_text("detector:\n  device: cpu\n  image_size: 112\n  classic:\n    feature_stride: 8\n")
+    rc, _, err = run_main(capsys, "inspect", data / "test" / "good" / "000.png", "-c", other, "-b", out_bank,
+                          "-o", root / "x")
+    assert rc == 2 and "config_hash" in err and "rebuild" in err
+
+
+def test_main_inspect_without_bank_file(capsys, work, sim):
+    root, config = work
+    data, _ = sim
+    rc, _, err = run_main(capsys, "inspect", data / "test" / "good" / "000.png", "-c", config, "-o", root / "y")
+    assert rc == 2 and str(root / "default.lwbank") in err  # bank.path from the config
+
+
+def test_main_bank_build_too_few_images(capsys, work, tmp_path, sim):
+    _, config = work
+    data, _ = sim
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in ("000.png", "001.png"):
+        (few / name).write_bytes((data / "train" / "good" / name).read_bytes())
+    rc, _, err = run_main(capsys, "bank", "build", "-c", config, "--good", few, "--out", tmp_path / "b.lwbank", "--quiet")
+    assert rc == 2 and str(few) in err and "k_references" in err
+    assert not (tmp_path / "b.lwbank").exists()
+
+
+def test_main_models_download_unknown_name(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "models", "download", "--dir", tmp_path, "--names", "gpt5", "--timeout", 1)
+    assert rc == 2 and "gpt5" in err
+
+
+def test_main_config_bad_value_bad_yaml_missing_file(capsys, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("detector:\n  k_references: 0\n")
+    rc, _, err = run_main(capsys, "bank", "build", "-c", config, "--good", tmp_path, "--quiet")
+    assert rc == 2 and "detector.k_references" in err and str(config) in err
+    config.write_text("detector: [unclosed\n")
+    rc, _, err = run_main(capsys, "bank", "build", "-c", config, "--good", tmp_path, "--quiet")
+    assert rc == 2 and "not valid YAML" in err
+    rc, _, err = run_main(capsys, "bank", "build", "-c", tmp_path / "nope.yaml", "--good", tmp_path)
+    assert rc == 2 and str(tmp_path / "nope.yaml") in err
+
+
+def test_unique_output_names(tmp_path):
+    from linewatch.cli import _unique_name
+
+    used: set[str] = set()
+    paths = [tmp_path / "test" / "good" / "000.png", tmp_path / "test" / "logical" / "000.png",
+             tmp_path / "other" / "logical" / "000.png", tmp_path / "test" / "good" / "000.png",
+             tmp_path / "test" / "good" / "001.png"]
+    names = [_unique_name(p, used) for p in paths]
+    assert names[0] == "000" and names[1] == "logical_000" and names[2] == "other_logical_000"
+    assert names[4] == "001"
+    assert len(set(names)) == len(names)  # the same file twice still gets two names
