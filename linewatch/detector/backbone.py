@@ -189,7 +189,7 @@ class ClassicFeatures(nn.Module):
         self.num_scales = num_scales
         self.position_gain = float(position_gain)
         self.out_channels = 9 + 7 * num_scales + (4 if position_gain > 0 else 0)
-        self.identity = f"classic:v2:stride{stride}:scales{num_scales}:pos{position_gain:g}:C{self.out_channels}"
+        self.identity = f"classic:v3:stride{stride}:scales{num_scales}:pos{position_gain:g}:C{self.out_channels}"
 
     @staticmethod
     def _blur_and_gradients(grey: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -231,14 +231,6 @@ class ClassicFeatures(nn.Module):
         # signed colour split into its positive and negative parts: the object descriptors max-pool
         # (SAM-LAD's GMP), which would keep only one sign of a signed channel
         feats = [centred.clamp_min(0), (-centred).clamp_min(0), std * 4.0]
-        if self.position_gain > 0:
-            # coordinates (CoordConv): ViT features carry a position embedding; these let the
-            # max-pooled descriptor of an object encode its extent and place (x, 1-x, y, 1-y)
-            ys = torch.linspace(0, 1, h // self.stride, device=images01.device, dtype=images01.dtype)
-            xs = torch.linspace(0, 1, w // self.stride, device=images01.device, dtype=images01.dtype)
-            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-            pos = torch.stack([gx, 1 - gx, gy, 1 - gy])[None].expand(b, -1, -1, -1) * self.position_gain
-            feats.append(pos)
 
         grey = lum
         for level in range(self.num_scales):
@@ -257,4 +249,12 @@ class ClassicFeatures(nn.Module):
             # edge pixels per cell shrink with the cell's size at this level -> gain stride / 2**level
             gain = float(k)
             feats += [cell[:, 0:5] * gain, cell[:, 5:6] * gain * 4.0, g_std * 4.0]
+        if self.position_gain > 0:
+            # coordinates (CoordConv): ViT features carry a position embedding; these let the
+            # max-pooled descriptor of an object encode its extent and place (x, 1-x, y, 1-y)
+            ys = torch.linspace(0, 1, h // self.stride, device=images01.device, dtype=images01.dtype)
+            xs = torch.linspace(0, 1, w // self.stride, device=images01.device, dtype=images01.dtype)
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            pos = torch.stack([gx, 1 - gx, gy, 1 - gy])[None].expand(b, -1, -1, -1) * self.position_gain
+            feats.append(pos)
         return torch.cat(feats, dim=1)

@@ -204,21 +204,33 @@ def _cpu_timed(module, images) -> float:
 
 
 def test_classic_features_respond_to_colour_edges_and_orientation():
-    feats = ClassicFeatures(stride=8)
+    # channels: 0-2 colour (+), 3-5 colour (-), 6-8 colour std, then per scale from 9:
+    # magnitude, 4 orientation bins, DoG, grey std
+    feats = ClassicFeatures(stride=8, position_gain=0)
     flat = torch.full((1, 3, 64, 64), 0.5)
     base = feats(flat)
-    assert base[:, 6:].abs().max() < 1e-3  # no gradients / texture on a flat image
+    assert base[:, 9:].abs().max() < 1e-3  # no gradients / texture on a flat image
     reddish = flat.clone()
     reddish[:, 0] += 0.2
     diff = (feats(reddish) - base).abs().amax(dim=(0, 2, 3))
-    assert diff[1] > 0.3 and diff[6:].max() < 1e-3  # R-G channel moves, structure does not
+    assert diff[1] > 0.3 and diff[4] < 1e-6 and diff[9:].max() < 1e-3  # R-G (+) moves, structure does not
 
     vertical = torch.zeros(1, 3, 64, 64)
     vertical[..., 36:] = 1.0  # edge inside cell column 4
     v = feats(vertical)[0, :, 3, 4]
     horizontal = vertical.transpose(-1, -2)
     hz = feats(horizontal)[0, :, 4, 3]
-    assert v[6] > 0.5 and abs(v[6] - hz[6]) < 1e-5  # same magnitude for both orientations
-    assert v[7] > 0.5 and v[9] < 1e-3  # vertical edge -> bin 0 (cos 2t = +1)
-    assert hz[9] > 0.5 and hz[7] < 1e-3  # horizontal edge -> bin 2 (cos 2t = -1)
-    assert feats(vertical)[0, 6, 3, 0] < 1e-3  # far from the edge: nothing
+    assert v[9] > 0.5 and abs(v[9] - hz[9]) < 1e-5  # same magnitude for both orientations
+    assert v[10] > 0.5 and v[12] < 1e-3  # vertical edge -> bin 0 (cos 2t = +1)
+    assert hz[12] > 0.5 and hz[10] < 1e-3  # horizontal edge -> bin 2 (cos 2t = -1)
+    assert feats(vertical)[0, 9, 3, 0] < 1e-3  # far from the edge: nothing
+
+
+def test_classic_features_coordinate_channels():
+    feats = ClassicFeatures(stride=8, position_gain=2.0)
+    out = feats(torch.rand(2, 3, 32, 48))  # 4 x 6 cells
+    x, one_minus_x, y, one_minus_y = out[0, -4:]
+    assert torch.allclose(x[0], torch.linspace(0, 2, 6)) and torch.allclose(x + one_minus_x, torch.full_like(x, 2.0))
+    assert torch.allclose(y[:, 0], torch.linspace(0, 2, 4)) and torch.allclose(y + one_minus_y, torch.full_like(y, 2.0))
+    assert torch.equal(out[0, -4:], out[1, -4:])  # the same for every image
+    assert ClassicFeatures(stride=8, position_gain=0).out_channels == feats.out_channels - 4
