@@ -145,40 +145,52 @@ def mask_moments(masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.stack([cx, cy], dim=-1), angle, elongation
 
 
-def align_references(query_masks: Tensor, ref_masks: Tensor, ref_features: Tensor, allowed: Tensor,
-                     max_shift: float, max_rotation: float, min_elongation: float = 1.5) -> tuple[Tensor, Tensor]:
-    """Move each reference object onto its query object (beyond the paper; see _object_maps).
+def reference_grids(query_masks: Tensor, ref_masks: Tensor, allowed: Tensor, max_shift: float,
+                    max_rotation: float, min_elongation: float = 1.5) -> Tensor:
+    """Sampling grids (q, k, H, W, 2) that move each reference object onto its query object
+    (beyond the paper; see Inspector._object_maps), for F.grid_sample with align_corners=False.
 
-    query_masks (q, H, W); ref_masks (q, k, H, W); ref_features (q, k, C, H, W); allowed (q,)
-    bool. Translation takes the reference mask centroid to the query's; rotation turns the
-    reference's principal axis onto the query's when both parts are elongated. Pairs whose
-    motion exceeds max_shift (pixels) or max_rotation (radians) are left where they are.
-    Returns the warped (ref_features, ref_masks).
+    query_masks (q, H, W); ref_masks (q, k, H, W); allowed (q,) bool. Translation takes the
+    reference mask centroid to the query's; rotation turns the reference's principal axis onto
+    the query's when both parts are elongated. Pairs whose motion exceeds max_shift (pixels) or
+    max_rotation (radians), or that are not allowed, get the identity grid.
     """
-    q, k, c, h, w = ref_features.shape
+    q, k, h, w = ref_masks.shape
     cq, aq, eq = mask_moments(query_masks)
     cr, ar, er = mask_moments(ref_masks)
     turn = torch.remainder(aq[:, None] - ar + math.pi / 2, math.pi) - math.pi / 2  # axis angles are mod pi
     turn = torch.where((eq[:, None] > min_elongation) & (er > min_elongation), turn, torch.zeros_like(turn))
     shift = (cq[:, None] - cr).norm(dim=-1)
     ok = allowed[:, None] & (shift <= max_shift) & (turn.abs() <= max_rotation)
-    if not bool(ok.any()):
-        return ref_features, ref_masks
     turn = torch.where(ok, turn, torch.zeros_like(turn))
     # output pixel p takes the reference at R(-turn) (p - cq) + cr; in normalised coordinates
     # (align_corners=False, square maps assumed equal in x and y scale)
-    to_norm = lambda pts: (2 * pts + 1) / torch.tensor([w, h], device=pts.device, dtype=pts.dtype) - 1  # noqa: E731
-    cqn = to_norm(cq)[:, None].expand(q, k, 2)
-    crn = to_norm(cr)
+    scale = torch.tensor([w, h], device=ref_masks.device, dtype=ref_masks.dtype)
+    cqn = ((2 * cq + 1) / scale - 1)[:, None].expand(q, k, 2)
+    crn = (2 * cr + 1) / scale - 1
     cos, sin = torch.cos(turn), torch.sin(turn)
     rot = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # R(-turn), (q, k, 2, 2)
     offset = crn - (rot @ cqn[..., None])[..., 0]
     theta = torch.cat([rot, offset[..., None]], dim=-1)  # (q, k, 2, 3)
     identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=theta.device, dtype=theta.dtype)
     theta = torch.where(ok[..., None, None], theta, identity)
-    grid = F.affine_grid(theta.view(q * k, 2, 3), [q * k, c + 1, h, w], align_corners=False)
+    grid = F.affine_grid(theta.reshape(q * k, 2, 3), [q * k, 1, h, w], align_corners=False)
+    return grid.view(q, k, h, w, 2)
+
+
+def warp(maps: Tensor, grid: Tensor) -> Tensor:
+    """Sample maps (n, C, H, W) at grid (n, h, w, 2) -> (n, C, h, w); zeros outside."""
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def align_references(query_masks: Tensor, ref_masks: Tensor, ref_features: Tensor, allowed: Tensor,
+                     max_shift: float, max_rotation: float, min_elongation: float = 1.5) -> tuple[Tensor, Tensor]:
+    """Whole-map form of reference_grids: ref_features (q, k, C, H, W) and ref_masks
+    (q, k, H, W) moved onto the query objects. Returns the warped (ref_features, ref_masks)."""
+    q, k, c, h, w = ref_features.shape
+    grid = reference_grids(query_masks, ref_masks, allowed, max_shift, max_rotation, min_elongation).view(q * k, h, w, 2)
     stacked = torch.cat([ref_features, ref_masks[:, :, None]], dim=2).view(q * k, c + 1, h, w)
-    warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False).view(q, k, c + 1, h, w)
+    warped = warp(stacked, grid).view(q, k, c + 1, h, w)
     return warped[:, :, :c], warped[:, :, c]
 
 
@@ -404,23 +416,19 @@ class Inspector:
         enc, refs, bank, eps = batch.encoded, batch.references, self.bank, self.config.measure.eps
         b, m = enc.valid.shape
         hf, wf = enc.upsampled.shape[-2:]
-        c = enc.upsampled.shape[1]
         max_shift = self.config.measure.align_max_shift * max(hf, wf)
         maps = torch.zeros(b, m, hf * wf, device=self.device)
         pairs = torch.nonzero(enc.valid)  # (Q, 2): image, object
         k = refs.shape[1]
-        chunk = max(1, int(self.OBJECT_CHUNK_ELEMENTS // ((k + 2) * c * hf * wf)))
+        chunk = max(1, int(self.OBJECT_CHUNK_ELEMENTS // (4 * k * hf * wf)))  # masks and grids per object
         for start in range(0, len(pairs), chunk):
             bi, oi = pairs[start:start + chunk].unbind(1)
             query_masks = enc.soft_masks[bi, oi]  # (q, H', W')
             z = refs[bi]  # (q, k)
             ref_masks = bank.masks[z, assigned[bi, :, oi]].float()  # (q, k, H', W')
-            ref_features = bank.features[z].float()  # (q, k, C, H', W')
-            if max_shift > 0:
-                ref_features, ref_masks = align_references(
-                    query_masks, ref_masks, ref_features, is_matched[bi, oi], max_shift,
-                    math.radians(self.config.measure.align_max_rotation_deg),
-                )
+            grids = reference_grids(query_masks, ref_masks, is_matched[bi, oi] & (max_shift > 0), max_shift,
+                                    math.radians(self.config.measure.align_max_rotation_deg))  # (q, k, H', W', 2)
+            ref_masks = warp(ref_masks.view(-1, 1, hf, wf), grids.view(-1, hf, wf, 2)).view(-1, k, hf, wf)
             # Outside the query mask and every reference mask both sides are zero and so is the
             # distance: compute each object only inside the box around those masks.
             support = (query_masks + ref_masks.sum(1)) > 1e-4  # (q, H', W')
@@ -431,12 +439,13 @@ class Inspector:
                     continue
                 y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
                 query = enc.upsampled[bi[j], :, y0:y1, x0:x1] * query_masks[j, y0:y1, x0:x1]  # (C, h, w)
-                references = ref_features[j, :, :, y0:y1, x0:x1] * ref_masks[j, :, None, y0:y1, x0:x1]  # (k, C, h, w)
+                ref_features = warp(bank.features[z[j]].float(), grids[j, :, y0:y1, x0:x1])  # (k, C, h, w)
+                references = ref_features * ref_masks[j, :, None, y0:y1, x0:x1]
                 box = mahalanobis(query.flatten(1), references.flatten(2), eps)
                 maps[bi[j], oi[j]].view(hf, wf)[y0:y1, x0:x1] = box.view(y1 - y0, x1 - x0)
         return maps.view(b, m, hf, wf)
 
-    OBJECT_CHUNK_ELEMENTS = 64 * 1024 * 1024  # floats held at once by _object_maps
+    OBJECT_CHUNK_ELEMENTS = 16 * 1024 * 1024  # floats of masks and grids held at once by _object_maps
 
     def _missing_parts(self, batch: Batch, ref_matches: Tensor) -> tuple[Tensor, list[list[dict]]]:
         """Reference objects that no query object matches, in more than half of the k references.

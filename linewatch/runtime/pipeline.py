@@ -66,6 +66,7 @@ class Processor(Protocol):
 
 SHUTDOWN_REASON = "shutdown"  # unanswered when the daemon stopped (drain ran out of time)
 DEADLINE_REASON = "deadline_exceeded"
+UNREACHABLE_REASON = "deadline_unreachable"  # shed before work: the result could not come in time
 
 
 @dataclass(eq=False)
@@ -151,6 +152,10 @@ class Pipeline:
         self.log = log if log is not None else structlog.get_logger("linewatch.pipeline")
         self._on_verdict = on_verdict
         self._overlay = overlay
+        # Moving average of each stage's time per batch. Under overload, a frame that would miss
+        # its deadline anyway is shed before any work is spent on it; otherwise the stages stay
+        # busy with frames that time out in their queues and throughput collapses.
+        self._stage_time_s = [0.0] * len(processor.stages)
         self._stages = list(processor.stages)
         self._deadline_s = pipeline.deadline_ms / 1000.0
         # A stage call or a publish taking this long means the pipeline is stuck (watchdog).
@@ -179,6 +184,11 @@ class Pipeline:
 
         self._queues: list[queue.Queue[_Batch]] = [queue.Queue(pipeline.stage_queue_size) for _ in self._stages]
         self._busy_since: list[float | None] = [None] * len(self._stages)
+        # At most one batch per stage plus one waiting is inside the stage graph: enough to keep
+        # every stage busy, and no deeper, so a batch's latency stays near the sum of the stage
+        # times. Further frames wait in the batcher, where hopeless ones are shed cheaply.
+        self._batch_permits = threading.BoundedSemaphore(len(self._stages) + 1)
+        self._batches_inside = 0  # batches holding a permit (under _lock)
         self._fail_log: dict[str, tuple[float, int]] = {}  # stage -> (last logged, suppressed)
         self._batcher: Batcher[_Slot] = Batcher(
             batch.max_batch, batch.max_delay_ms, pipeline.max_pending_frames, pipeline.shed_policy,
@@ -416,8 +426,21 @@ class Pipeline:
 
     def _feed(self, slots: list[_Slot]) -> None:
         """Batcher sink: hand a batch to stage 0 (blocks while its queue is full)."""
+        while not self._batch_permits.acquire(timeout=0.2):
+            if self._stop.is_set():
+                for s in slots:
+                    self._answer(s, self._simple(s, "timeout", SHUTDOWN_REASON))
+                return
+        with self._lock:
+            self._batches_inside += 1
         live = [s for s in slots if not s.answered]  # skip frames that timed out while waiting
+        expected, now = self._expected_latency_s(), time.monotonic()
+        for s in live:
+            if s.deadline - now < expected:
+                self._shed(s, UNREACHABLE_REASON)
+        live = [s for s in live if not s.answered]
         if not live:
+            self._release_permit()
             return
         images = [s.image for s in live]
         if self._overlay is None:
@@ -427,6 +450,7 @@ class Pipeline:
         try:
             self._put(0, _Batch(live, images))
         except _Stop:
+            self._release_permit()
             for s in live:
                 self._answer(s, self._simple(s, "timeout", SHUTDOWN_REASON))
 
@@ -452,6 +476,7 @@ class Pipeline:
             except queue.Empty:
                 continue
             if all(s.answered for s in batch.slots):
+                self._release_permit()
                 continue  # every frame already timed out: do not spend the detector on it
             t0 = time.perf_counter()
             self._busy_since[i] = time.monotonic()
@@ -468,19 +493,24 @@ class Pipeline:
                     self._check_results(out, len(batch.slots))
             except Exception as e:  # noqa: BLE001 - a stage failure must not stop the line
                 self._busy_since[i] = None
+                self._release_permit()
                 self._stage_failed(name, batch, e)
                 continue
             dt = time.perf_counter() - t0
             self._busy_since[i] = None
             self.metrics.stage_seconds.labels(stage=name).observe(dt)
+            old = self._stage_time_s[i]
+            self._stage_time_s[i] = dt if old == 0.0 else 0.8 * old + 0.2 * dt
             batch.timings[name] = dt
             batch.data = out
             if last:
+                self._release_permit()
                 self._deliver(batch)
             else:
                 try:
                     self._put(i + 1, batch)
                 except _Stop:
+                    self._release_permit()
                     return
             batch = out = None  # do not keep the last batch's images/maps alive while idle
 
@@ -503,6 +533,18 @@ class Pipeline:
             self._fail_log[name] = (now, 0)
         else:
             self._fail_log[name] = (last, suppressed + 1)
+
+    def _release_permit(self) -> None:
+        with self._lock:
+            self._batches_inside -= 1
+        self._batch_permits.release()
+
+    def _expected_latency_s(self) -> float:
+        """Time a batch entering stage 0 now would take to its result: the batches queued
+        ahead of it wait for the slowest stage, then it passes every stage."""
+        with self._lock:
+            ahead = self._batches_inside - 1  # the caller already holds its own permit
+        return max(0, ahead) * max(self._stage_time_s) + sum(self._stage_time_s)
 
     def _deliver(self, batch: _Batch) -> None:
         p = self.processor

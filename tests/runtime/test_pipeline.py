@@ -301,3 +301,25 @@ def test_overlay_is_rendered_from_the_frames_own_image(started) -> None:
     pixel = [200 if i % 2 else 50 for i in range(4)]  # make_frame's value for frame i
     assert [v.overlay_jpeg for v in verdicts] == [b"jpeg-of-%d" % p for p in pixel]
     assert sorted(seen) == sorted((pixel[i], expected_verdict(i)) for i in range(4))
+
+
+def test_overload_keeps_judging_at_capacity_instead_of_timing_out_everything(started) -> None:
+    # Capacity: slowest stage 40 ms per batch of <= 4 -> ~100 frames/s. Offered: ~400 frames/s
+    # for 1.5 s with a 300 ms deadline. Without shedding hopeless frames before work, the
+    # stages fill with frames that time out while queued and almost nothing is judged.
+    proc = FakeProcessor([("pre", 0.01), ("net", 0.04), ("post", 0.01)])
+    out = Collector()
+    pipe = started(make_pipeline(proc, out, max_batch=4, max_delay_ms=2.0, max_pending=64, deadline_ms=300.0))
+    sent, start = 0, time.monotonic()
+    while time.monotonic() - start < 1.5:
+        pipe.submit(make_frame("cam", sent))
+        sent += 1
+        time.sleep(0.0025)
+    assert out.wait_for(sent, timeout_s=10.0)
+    counts = {}
+    for v in out.verdicts:
+        counts[v.verdict] = counts.get(v.verdict, 0) + 1
+    judged = counts.get("pass", 0) + counts.get("fail", 0)
+    assert len(out.verdicts) == sent and sorted(v.frame_id for v in out.verdicts) == list(range(sent))
+    assert judged >= 0.4 * 100 * 1.5, counts  # most of the ~150 frames capacity allows
+    assert counts.get("shed", 0) > 0, counts
