@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linewatch.config import DetectorConfig
-from linewatch.detector.bank import TemplateBank
+from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.describe import masked_global_max_pool, resize_masks
 from linewatch.detector.match import match_objects
 from linewatch.detector.measure import mahalanobis
@@ -223,6 +223,11 @@ class Inspector:
         self.descriptor_mean: Tensor | None = None
         if bank is not None:
             bank.check_identity(self.identity(), source=f"bank {bank.bank_id}")
+            if bank.size < config.k_references:
+                raise BankError(
+                    f"bank {bank.bank_id} holds {bank.size} good images, fewer than detector.k_references = "
+                    f"{config.k_references}; lower k_references or rebuild the bank with more good images"
+                )
             if bank.segmenter_state:
                 self.models.segmenter.load_state_dict(bank.segmenter_state)
             if config.matching.center_descriptors:
@@ -468,8 +473,9 @@ class Inspector:
             for r in range(k):
                 for j in unmatched[r]:
                     mask = bank.masks[z[r], j].float()
+                    # dilated masks: a thin part jittered by a cell or two still overlaps itself
                     votes = 1 + sum(
-                        any(_overlap(mask, bank.masks[z[o], jj].float()) > 0.3 for jj in unmatched[o])
+                        any(_overlap(_dilate(mask), _dilate(bank.masks[z[o], jj].float())) > 0.3 for jj in unmatched[o])
                         for o in range(k)
                         if o != r
                     )
@@ -518,6 +524,11 @@ class Inspector:
                 )
             )
         return results
+
+
+def _dilate(mask: Tensor, cells: int = 2) -> Tensor:
+    """Grey dilation of a (H, W) mask by `cells` pixels in every direction."""
+    return F.max_pool2d(mask[None, None], 2 * cells + 1, stride=1, padding=cells)[0, 0]
 
 
 def _overlap(a: Tensor, b: Tensor) -> float:

@@ -142,10 +142,6 @@ def test_extra_part_is_reported(inspector, seed):
     assert any(_bbox_hits_mask(o["bbox"], gt) for o in extra), (extra, np.argwhere(gt).mean(0))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known limitation: _missing_parts votes with mask IoU > 0.3 between the references' unmatched "
-    "parts; a thin part (long screw, ~5 feature cells wide here) jittered by 1-2 cells between two "
-    "good images falls below 0.3, so the missing screw is never reported and the image passes"))
 def test_missing_thin_part_with_jittered_references(inspector):
     good_img, _, _ = frame(1)
     bad_img, gt, info = frame(1, "missing")
@@ -231,9 +227,6 @@ def test_bank_from_another_segmenter_threshold_is_refused(bank):
         Inspector(other.detector, build_models(other.detector, CPU), bank, CPU)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "gap: Inspector.__init__ does not compare detector.k_references with bank.size; a bank smaller "
-    "than k is accepted and every batch then fails in retrieve() (the daemon starts, then errors per frame)"))
 def test_bank_smaller_than_k_is_refused_at_construction(bank):
     data = small_config().model_dump()
     data["detector"]["k_references"] = bank.size + 1
