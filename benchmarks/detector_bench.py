@@ -13,10 +13,12 @@ Paths:
 Latency here is capture->verdict for frames that arrive together as one batch: the wall time
 from the batch's images being in memory to its results (the daemon adds up to
 runtime.batch.max_delay_ms of batching wait on top). Images come from linewatch.sim, written
-to a temporary folder. Backend: "classic" (weights-free). The samlad backend is not timed here:
-without the official checkpoints only random weights exist, and SAM's automatic mask
-generation with even a tiny random-weight model took minutes per setting on CPU, too slow to
-be a routine benchmark. Every figure printed or written is measured in this run.
+to a temporary folder. Backends: "classic" (weights-free, the default) and, with
+`--backends samlad-random`, the samlad models at full size (DINOv2 ViT-S/14, the JBU stack, SAM
+vit_b) with RANDOM weights, since the official checkpoints cannot be downloaded here: their
+compute is that of the real models, but SAM's masks (and so the matching/measure work) are not,
+and the SAM points per side default to 8 instead of 32 to keep a CPU run to minutes.
+Every figure printed or written is measured in this run.
 """
 
 from __future__ import annotations
@@ -48,10 +50,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=2, help="k_references")
     parser.add_argument("--product", default="screw_tray")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive re-encoding path")
+    parser.add_argument("--backends", nargs="+", default=["classic"], choices=["classic", "samlad-random"],
+                        help="samlad-random: full-size DINOv2 ViT-S/14 + JBU + SAM vit_b with RANDOM weights "
+                             "(timing only: real weights are not available here; mask counts differ)")
+    parser.add_argument("--sam-points", type=int, default=8, help="SAM points per side for samlad-random")
     parser.add_argument("--out", default="bench.json", help="JSON results file")
 
 
 # ---------------------------------------------------------------------------- fixtures
+
+
+def _random_samlad_models(config, device):
+    """The samlad models at full size with random weights: the compute of the real ones."""
+    from linewatch.detector.backbone import DinoV2Backbone
+    from linewatch.detector.describe import DCGA
+    from linewatch.detector.models import Models
+    from linewatch.detector.segment import AreaFilter, build_sam_segmenter
+    from linewatch.detector.upsample import JBUStack
+
+    det = config.detector
+    sam = det.samlad.sam
+    backbone = DinoV2Backbone(det.samlad.backbone, image_size=det.image_size).to(device).eval()
+    upsampler = JBUStack(backbone.out_channels, num_stages=det.samlad.upsample_stages).to(device).eval()
+    area = AreaFilter(det.objects.min_area, det.objects.max_area, det.objects.max_objects)
+    segmenter = build_sam_segmenter(sam.kind, None, area, device=device, points_per_side=sam.points_per_side,
+                                    pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().to(device).eval())
 
 
 def _setup(backend: str, device: str, args, data_root: Path):
@@ -62,10 +86,16 @@ def _setup(backend: str, device: str, args, data_root: Path):
     from linewatch.detector.models import build_models, select_device
     from linewatch.images import list_images, read_image
 
-    config = config_from_dict({"detector": {"backend": backend, "device": device, "image_size": args.image_size,
-                                            "k_references": args.k}})
     dev = select_device(device)
-    models = build_models(config.detector, dev)
+    if backend == "samlad-random":
+        config = config_from_dict({"detector": {
+            "backend": "samlad", "device": device, "image_size": args.image_size // 14 * 14, "k_references": args.k,
+            "samlad": {"sam": {"points_per_side": args.sam_points, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}}})
+        models = _random_samlad_models(config, dev)
+    else:
+        config = config_from_dict({"detector": {"backend": backend, "device": device, "image_size": args.image_size,
+                                                "k_references": args.k}})
+        models = build_models(config.detector, dev)
     root = data_root / args.product
     bank = build_bank(config, root / "train" / "good", root / "validation" / "good", models=models, progress=False)
     inspector = Inspector(config.detector, models, bank, dev)
@@ -163,7 +193,7 @@ def run(args) -> dict[str, Any]:
     from linewatch.sim import generate_dataset
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    backends = ["classic"]
+    backends = args.backends
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
@@ -175,7 +205,8 @@ def run(args) -> dict[str, Any]:
                 config, models, bank, inspector, good, test = _setup(backend, device, args, data_root)
                 naive = copy.copy(inspector)  # same models and bank statistics; its bank is replaced per batch
                 for bs in args.batch_sizes:
-                    common = {"backend": backend, "backend_label": BACKEND_LABELS[backend], "device": device, "batch_size": bs,
+                    label = BACKEND_LABELS.get(backend, "samlad models at full size with RANDOM weights (timing only)")
+                    common = {"backend": backend, "backend_label": label, "device": device, "batch_size": bs,
                               "image_size": config.detector.image_size, "k_references": config.detector.k_references}
                     runners = {"cached": lambda imgs: _cached_batch(inspector, imgs)}
                     if not args.no_naive:

@@ -436,7 +436,9 @@ class Pipeline:
         live = [s for s in slots if not s.answered]  # skip frames that timed out while waiting
         expected, now = self._expected_latency_s(), time.monotonic()
         for s in live:
-            if s.deadline - now < expected:
+            if s.deadline <= now:
+                self._answer(s, self._simple(s, "timeout", DEADLINE_REASON))
+            elif s.deadline - now < expected:
                 self._shed(s, UNREACHABLE_REASON)
         live = [s for s in live if not s.answered]
         if not live:
