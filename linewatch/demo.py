@@ -80,7 +80,7 @@ def _pct_ms(values: list[float], q: float) -> str:
     return f"{np.percentile(values, q) * 1000:.0f}" if values else "-"
 
 
-def run_demo(frames: int = 120, fps: float = 6.0, product: str = "screw_tray", anomaly_rate: float = 0.3,
+def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", anomaly_rate: float = 0.3,
              keep_running: bool = False, workdir: str | None = None, seed: int = 0) -> int:
     """Run the demo; returns 0 when every frame got exactly one verdict, else 1."""
     t_begin = time.monotonic()
