@@ -378,24 +378,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def render_overlay_jpeg(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, quality: int = 85) -> bytes:
-    """A JPEG of the RGB image (H, W, 3) blended with a colour-mapped heatmap (h, w).
-
-    For whoever holds the image (the pipeline) to fill Verdict.overlay_jpeg; the map is
-    min-max normalised per frame, so colours show where, not how much.
-    """
-    heat = np.nan_to_num(heatmap.astype(np.float32))
-    heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-    lo, hi = float(heat.min()), float(heat.max())
-    norm = ((heat - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(heat)).astype(np.uint8)
-    coloured = cv2.applyColorMap(norm, cv2.COLORMAP_JET)  # BGR
-    blended = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 1.0 - alpha, coloured, alpha, 0.0)
-    ok, buf = cv2.imencode(".jpg", blended, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("could not encode overlay JPEG")
-    return buf.tobytes()
-
-
 def _encode_heatmap(heatmap: np.ndarray, encoding: str) -> tuple[dict[str, Any], bytes]:
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.ndim != 2:

@@ -11,7 +11,7 @@ if encoding is slower than inspection, and dropping a verdict here would ship a 
 unjudged. `pending` exposes its depth for metrics.
 
 The overlay needs the image, which this module never sees: whoever holds the image (the
-pipeline) fills Verdict.overlay_jpeg, e.g. with linewatch.wire.render_overlay_jpeg; with
+pipeline) fills Verdict.overlay_jpeg, with linewatch.overlay.overlay_jpeg; with
 `overlay_jpeg: true` it is attached when present.
 """
 

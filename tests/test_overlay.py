@@ -1,0 +1,32 @@
+"""The pictures people look at: heatmap over the image, boxes by status, verdict banner."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from linewatch.detector.result import InspectionResult
+from linewatch.overlay import STATUS_COLOURS, overlay_jpeg, render_overlay
+
+
+def result(verdict: str = "fail", objects=None) -> InspectionResult:
+    heat = np.zeros((40, 60), np.float32)
+    heat[20:30, 40:50] = 4.0  # a hot spot twice the threshold
+    return InspectionResult(score=4.0, verdict=verdict, threshold=2.0, heatmap=heat, objects=objects or [],
+                            backend="classic")
+
+
+def test_overlay_keeps_size_marks_hot_spot_and_boxes() -> None:
+    image = np.full((80, 120, 3), 128, np.uint8)  # twice the heatmap's size: it is resized
+    box = {"bbox": [10, 30, 20, 20], "area": 400, "status": "missing", "score": 3.0}
+    out = render_overlay(image, result(objects=[box]))
+    assert out.shape == image.shape and out.dtype == np.uint8
+    hot, cold = out[50, 90].astype(int), out[70, 60].astype(int)
+    assert hot[0] > cold[0] + 40  # red end of the colour map where the map is at 2x threshold
+    assert tuple(out[40, 10]) == STATUS_COLOURS["missing"]  # left edge of the box
+    assert tuple(out[2, 110]) == (200, 30, 30)  # red banner for a fail
+
+
+def test_overlay_jpeg_decodes_to_the_image_size() -> None:
+    data = overlay_jpeg(np.zeros((40, 60, 3), np.uint8), result(verdict="pass"))
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == (40, 60, 3)
