@@ -97,37 +97,38 @@ def calibrate(scores: np.ndarray, target_false_reject_rate: float) -> dict:
 
 
 def score_images(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool,
-                 exclude: list[int] | None = None, desc: str = "calibrating") -> np.ndarray:
+                 desc: str = "calibrating") -> np.ndarray:
+    """Image scores of `images` against the inspector's bank."""
     scores = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
-    for start, chunk in _batches(images, batch_size):
-        ex = None if exclude is None else torch.tensor(exclude[start:start + len(chunk)], device=inspector.device)
-        results = inspector.inspect(chunk, exclude=ex)
-        scores.extend(r.score for r in results)
+    for _, chunk in _batches(images, batch_size):
+        scores.extend(r.score for r in inspector.inspect(chunk))
         bar.update(len(chunk))
     bar.close()
     return np.array(scores, dtype=np.float64)
 
 
-def object_noise_levels(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool) -> torch.Tensor:
+def judge_bank_images(inspector: Inspector, batch_size: int, progress: bool, desc: str):
+    """Each good image of the bank judged against the rest (leave-one-out), from the bank's
+    own tensors (no model runs again). Yields (indices, batch after measure)."""
+    z = inspector.bank.size
+    bar = tqdm(total=z, desc=desc, unit="img", disable=not progress)
+    for start in range(0, z, batch_size):
+        indices = torch.arange(start, min(z, start + batch_size), device=inspector.device)
+        batch = inspector.measure(inspector.match(inspector.bank_batch(indices)))
+        yield indices.cpu(), batch
+        bar.update(len(indices))
+    bar.close()
+
+
+def object_noise_levels(inspector: Inspector, batch_size: int, progress: bool) -> torch.Tensor:
     """(Z, N) peak of each good object's raw anomaly map when its image is judged against the
-    rest of the bank (leave-one-out). The bank's own objects are the query's objects here:
-    the same image through the same deterministic segmenter gives the same masks in order."""
+    rest of the bank (leave-one-out)."""
     bank = inspector.bank
     noise = torch.ones(bank.object_valid.shape)
-    bar = tqdm(total=len(images), desc="measuring good-part variation", unit="img", disable=not progress)
-    for start, chunk in _batches(images, batch_size):
-        exclude = torch.arange(start, start + len(chunk), device=inspector.device)
-        batch = Batch(images=chunk, exclude=exclude)
-        for step in (inspector.preprocess, inspector.backbone, inspector.upsample, inspector.segment,
-                     inspector.describe, inspector.match, inspector.measure):
-            batch = step(batch)
-        peaks = batch.object_maps.flatten(2).amax(2).cpu()  # (b, M)
-        for offset in range(len(chunk)):
-            n = int(bank.object_valid[start + offset].sum())
-            noise[start + offset, :n] = peaks[offset, :n]
-        bar.update(len(chunk))
-    bar.close()
+    for indices, batch in judge_bank_images(inspector, batch_size, progress, "measuring good-part variation"):
+        peaks = batch.object_maps.flatten(2).amax(2).cpu()  # (b, N)
+        noise[indices] = peaks[:, : noise.shape[1]]
     valid = bank.object_valid.cpu()
     return torch.where(valid, noise, torch.ones_like(noise))
 
@@ -198,13 +199,14 @@ def build_bank(
     bank = TemplateBank(**tensors, manifest=manifest, segmenter_state=segmenter_state)
 
     if det.measure.normalize_objects:
-        bank.object_noise = object_noise_levels(Inspector(det, models, bank=bank, device=device), good, batch_size, progress)
+        bank.object_noise = object_noise_levels(Inspector(det, models, bank=bank, device=device), batch_size, progress)
     judge = Inspector(det, models, bank=bank, device=device)
     if validation is not None:
         scores = score_images(judge, validation, batch_size, progress)
         method = f"validation folder {Path(validation_dir).resolve()}"
     else:
-        scores = score_images(judge, good, batch_size, progress, exclude=list(range(len(good))))
+        scores = np.array([r.score for _, batch in judge_bank_images(judge, batch_size, progress, "calibrating")
+                           for r in batch.results], dtype=np.float64)
         method = "leave-one-out over the good images"
     manifest["calibration"] = dict(calibrate(scores, config.calibration.target_false_reject_rate), method=method)
     manifest["build_seconds"] = round(time.time() - started, 2)

@@ -72,6 +72,7 @@ class Batch:
     """State of one batch as it moves through the stages."""
 
     images: list[np.ndarray]
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # input (H, W) per image
     images01: Tensor | None = None
     encoded: Encoded = field(default_factory=Encoded)
     references: Tensor | None = None  # (B, k)
@@ -275,6 +276,22 @@ class Inspector:
             batch = step(batch)
         return batch.results
 
+    def bank_batch(self, indices: Tensor) -> Batch:
+        """Bank images as queries, rebuilt from the bank's own tensors without running a model,
+        each excluded from its own retrieval: the leave-one-out passes of the bank build run
+        `match` and `measure` on these instead of encoding every good image again."""
+        bank = self.bank
+        batch = Batch(images=[], exclude=indices)
+        batch.sizes = [tuple(bank.manifest["source_shape"][:2])] * len(indices)
+        enc = batch.encoded
+        enc.upsampled = bank.features[indices].float()
+        enc.soft_masks = bank.masks[indices].float()
+        enc.valid = bank.object_valid[indices]
+        enc.boxes = bank.boxes[indices]
+        enc.descriptors = bank.descriptors[indices]
+        batch.references = bank.retrieve(bank.retrieval[indices], self.config.k_references, indices)
+        return batch
+
     # ------------------------------------------------------------------ stages
 
     def _timed(self, batch: Batch, name: str, start: float) -> None:
@@ -286,6 +303,7 @@ class Inspector:
         start = time.perf_counter()
         for i, img in enumerate(batch.images):
             self.check_image(img, f"image {i}")
+        batch.sizes = [img.shape[:2] for img in batch.images]
         batch.images01 = to_images01(batch.images, self.config.image_size, self.device)
         self._timed(batch, "preprocess", start)
         return batch
@@ -501,16 +519,18 @@ class Inspector:
         object_scores = object_maps.flatten(2).amax(2).cpu().numpy()
         maps_np = maps.cpu().numpy()
         results = []
-        for bi, image in enumerate(batch.images):
-            h, w = image.shape[:2]
+        enc = batch.encoded
+        cell_area = (size / enc.soft_masks.shape[-1]) ** 2  # working pixels per feature cell
+        areas = enc.soft_masks.flatten(2).sum(2).cpu() * cell_area  # (B, M), working pixels
+        for bi, (h, w) in enumerate(batch.sizes):
             sx, sy = w / size, h / size
             objects = []
-            for i in torch.nonzero(batch.encoded.valid[bi]).flatten().tolist():
+            for i in torch.nonzero(enc.valid[bi]).flatten().tolist():
                 status = "matched" if is_matched[bi, i] else ("surplus" if is_surplus[bi, i] else "unmatched")
-                objects.append(_object_record(batch.encoded.boxes[bi, i], batch.encoded.masks[bi][i], sx, sy, status, object_scores[bi, i]))
+                objects.append(_object_record(enc.boxes[bi, i], float(areas[bi, i]), sx, sy, status, object_scores[bi, i]))
             for part in missing[bi]:
-                area = float(part["mask"].sum()) * (size / part["mask"].shape[0]) ** 2
-                objects.append(_object_record(part["box"], None, sx, sy, "missing", float(part["map"].max()), area))
+                area = float(part["mask"].sum()) * cell_area
+                objects.append(_object_record(part["box"], area, sx, sy, "missing", float(part["map"].max())))
             score = float(scores[bi])
             heatmap = cv2.resize(maps_np[bi], (w, h), interpolation=cv2.INTER_LINEAR) if (h, w) != (size, size) else maps_np[bi]
             results.append(
@@ -538,10 +558,9 @@ def _overlap(a: Tensor, b: Tensor) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def _object_record(box: Tensor, mask: Tensor | None, sx: float, sy: float, status: str, score: float, area: float | None = None) -> dict:
+def _object_record(box: Tensor, area: float, sx: float, sy: float, status: str, score: float) -> dict:
+    """Object dict in input pixels from a box (x, y, w, h) and area in working pixels."""
     x, y, w, h = box.tolist()
-    if area is None:
-        area = float(mask.sum())
     return {
         "bbox": [round(x * sx, 1), round(y * sy, 1), round(w * sx, 1), round(h * sy, 1)],
         "area": round(area * sx * sy, 1),
