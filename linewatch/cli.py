@@ -106,26 +106,26 @@ def cmd_bank_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- inspect
 
 
-def load_inspector(config_path: str | None, bank_path: str | None):
+def load_inspector(config, bank_path: str | None):
     """Config + bank -> a ready Inspector (bank identity checked against the config's models)."""
-    from linewatch.config import load_config
     from linewatch.detector.bank import TemplateBank
     from linewatch.detector.inspector import Inspector
     from linewatch.detector.models import build_models, select_device
 
-    config = load_config(config_path)
     bank = TemplateBank.load(bank_path or config.bank.path)
     device = select_device(config.detector.device)
     models = build_models(config.detector, device)
-    return Inspector(config.detector, models, bank, device), config
+    return Inspector(config.detector, models, bank, device)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from linewatch.config import load_config
     from linewatch.detector.models import BACKEND_LABELS
     from linewatch.images import ImageError, read_image, write_image
     from linewatch.overlay import render_overlay
 
-    inspector, config = load_inspector(args.config, args.bank)
+    config = load_config(args.config)
+    inspector = load_inspector(config, args.bank)
     print(f"backend: {BACKEND_LABELS[config.detector.backend]}; bank {inspector.bank_id}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

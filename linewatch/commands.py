@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"  linewatch bank build -c {args.config} --good GOOD_DIR --validation HELD_OUT_DIR --out {bank_path}\n"
             "(for a quick try without a camera: `linewatch demo`)"
         )
-    inspector, _ = load_inspector(args.config, str(bank_path))
+    inspector = load_inspector(config, str(bank_path))
     inspector.bank_images = inspector.bank.size  # shown in linewatch_bank_info
     daemon = Daemon(config.runtime, inspector, log=log)
     try:
