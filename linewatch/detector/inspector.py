@@ -487,13 +487,14 @@ class Inspector:
             unmatched = [
                 torch.nonzero(bank.object_valid[z[r]] & (ref_matches[bi, r] < 0)).flatten().tolist() for r in range(k)
             ]
+            # dilated masks: a thin part jittered by a cell or two still overlaps itself
+            dilated = [{j: _dilate(bank.masks[z[r], j].float()) for j in unmatched[r]} for r in range(k)]
             found: list[dict] = []
             for r in range(k):
                 for j in unmatched[r]:
                     mask = bank.masks[z[r], j].float()
-                    # dilated masks: a thin part jittered by a cell or two still overlaps itself
                     votes = 1 + sum(
-                        any(_overlap(_dilate(mask), _dilate(bank.masks[z[o], jj].float())) > 0.3 for jj in unmatched[o])
+                        any(_overlap(dilated[r][j], other) > 0.3 for other in dilated[o].values())
                         for o in range(k)
                         if o != r
                     )
