@@ -184,17 +184,6 @@ def warp(maps: Tensor, grid: Tensor) -> Tensor:
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def align_references(query_masks: Tensor, ref_masks: Tensor, ref_features: Tensor, allowed: Tensor,
-                     max_shift: float, max_rotation: float, min_elongation: float = 1.5) -> tuple[Tensor, Tensor]:
-    """Whole-map form of reference_grids: ref_features (q, k, C, H, W) and ref_masks
-    (q, k, H, W) moved onto the query objects. Returns the warped (ref_features, ref_masks)."""
-    q, k, c, h, w = ref_features.shape
-    grid = reference_grids(query_masks, ref_masks, allowed, max_shift, max_rotation, min_elongation).view(q * k, h, w, 2)
-    stacked = torch.cat([ref_features, ref_masks[:, :, None]], dim=2).view(q * k, c + 1, h, w)
-    warped = warp(stacked, grid).view(q, k, c + 1, h, w)
-    return warped[:, :, :c], warped[:, :, c]
-
-
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     """Blur (B, H, W) maps with a Gaussian of `sigma` pixels (separable, reflect padding)."""
     if sigma <= 0:

@@ -12,7 +12,7 @@ import torch
 from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.bank import BankError
-from linewatch.detector.inspector import Inspector, InputError, align_references, mask_moments
+from linewatch.detector.inspector import Inspector, InputError, mask_moments, reference_grids, warp
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES, InspectionResult
 from linewatch.sim import generate_dataset, render
@@ -308,6 +308,15 @@ def test_mask_moments_soft_weights():
 
 
 # ---------------------------------------------------------------------------- align_references
+
+def align_references(query_masks, ref_masks, ref_features, allowed, max_shift, max_rotation, min_elongation=1.5):
+    """Whole maps moved onto the query objects with the inspector's grids (it warps only boxes)."""
+    q, k, c, h, w = ref_features.shape
+    grid = reference_grids(query_masks, ref_masks, allowed, max_shift, max_rotation, min_elongation).view(q * k, h, w, 2)
+    stacked = torch.cat([ref_features, ref_masks[:, :, None]], dim=2).view(q * k, c + 1, h, w)
+    warped = warp(stacked, grid).view(q, k, c + 1, h, w)
+    return warped[:, :, :c], warped[:, :, c]
+
 
 
 def _shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
