@@ -62,6 +62,8 @@ class Processor(Protocol):
     backend: str
     bank_id: str
     stages: list[tuple[str, Callable[[Any], Any]]]
+    # Optional: check_image(image, name) raising ValueError for a frame it cannot judge; such a
+    # frame gets `error` (reason "bad_image") on its own.
 
 
 SHUTDOWN_REASON = "shutdown"  # unanswered when the daemon stopped (drain ran out of time)
@@ -227,6 +229,16 @@ class Pipeline:
         if not self._accepting:
             self._answer(slot, self._simple(slot, "shed", "shutting_down"))
             return
+        check = getattr(self.processor, "check_image", None)
+        if check is not None:
+            # a frame the detector cannot judge (another camera size, say) is answered alone,
+            # instead of failing the batch it would have joined
+            try:
+                check(frame.image, f"{frame.camera} #{frame.frame_id}")
+            except ValueError as e:
+                self.log.debug("bad_image", camera=frame.camera, frame_id=frame.frame_id, error=str(e))
+                self._answer(slot, self._simple(slot, "error", "bad_image"))
+                return
         slot.image = frame.image
         self._batcher.add(slot)
 

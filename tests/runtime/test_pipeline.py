@@ -323,3 +323,22 @@ def test_overload_keeps_judging_at_capacity_instead_of_timing_out_everything(sta
     assert len(out.verdicts) == sent and sorted(v.frame_id for v in out.verdicts) == list(range(sent))
     assert judged >= 0.4 * 100 * 1.5, counts  # most of the ~150 frames capacity allows
     assert counts.get("shed", 0) > 0, counts
+
+
+def test_frame_the_detector_cannot_judge_errors_alone(started) -> None:
+    proc = FakeProcessor([("only", 0.0)])
+
+    def check_image(image, name) -> None:
+        if image[0, 0, 0] == 13:
+            raise ValueError(f"{name}: wrong size")
+
+    proc.check_image = check_image
+    out = Collector()
+    pipe = started(make_pipeline(proc, out, max_batch=4, max_delay_ms=20.0))
+    for i, value in enumerate([50, 13, 200, 50]):
+        pipe.submit(make_frame("cam", i, value=value))
+    assert out.wait_for(4, timeout_s=5.0)
+    by_id = {v.frame_id: v for v in out.verdicts}
+    assert [by_id[i].verdict for i in range(4)] == ["pass", "error", "fail", "pass"]
+    assert by_id[1].reason == "bad_image"
+    assert [v.frame_id for v in out.verdicts] == [0, 1, 2, 3]  # still in order
