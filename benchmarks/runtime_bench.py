@@ -54,6 +54,14 @@ class NoopProcessor:
         self.stages = [(name, make(i, c)) for i, (name, c) in enumerate(costs)]
 
 
+
+def _pace(t0: float, k: int, rate: float | None) -> None:
+    """Sleep until frame k's send time at `rate` frames/s from t0 (no pacing when rate is falsy)."""
+    if rate:
+        wait = t0 + k / rate - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+
 def quiet_log() -> Any:
     import io
     import logging
@@ -113,10 +121,7 @@ def _line_process(ingest_url: str, verdict_url: str, n: int, rate: float | None,
     t.start()
     t0 = time.perf_counter()
     for k in range(n):
-        if rate:
-            wait = t0 + k / rate - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
+        _pace(t0, k, rate)
         cam.send_multipart(wire.encode_frame("cam0", k, image, capture_ts=time.time()))
     t_sent = time.perf_counter() - t0
     done.wait(70)
@@ -172,10 +177,7 @@ def bench_inprocess(n: int, costs: list[tuple[str, float]], max_batch: int, max_
     image = np.zeros((SIZE, SIZE, 3), np.uint8)
     t0 = time.perf_counter()
     for k in range(n):
-        if rate:
-            wait = t0 + k / rate - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
+        _pace(t0, k, rate)
         now = time.monotonic()
         received[k] = now
         p.submit(Frame("cam0", k, time.time(), image, time.time(), now))
