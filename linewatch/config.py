@@ -152,6 +152,7 @@ class IngestConfig(_Section):
     endpoints: list[EndpointConfig] = Field(default_factory=lambda: [EndpointConfig(url="tcp://127.0.0.1:5555")])
     receive_hwm: int = Field(64, ge=1, description="ZMQ receive high-water mark, messages per socket")
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger image payloads are refused")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="images declaring more pixels (H x W) are refused before decoding")
     decode_workers: int = Field(2, ge=1, le=32)
     cameras: list[str] = Field(default_factory=list, description="accepted camera ids; empty accepts any")
 
@@ -179,6 +180,7 @@ class PublishConfig(_Section):
 class MetricsConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
+    max_camera_labels: int = Field(64, ge=1, le=10_000, description="camera ids with a metrics label of their own; further ids share the label _other")
 
 
 class LoggingConfig(_Section):

@@ -44,25 +44,33 @@ Verdict message (linewatch -> actuators, taps)::
 
 Decoding errors raise WireError whose `reason` is a short stable label (a metrics label):
 truncated, bad_header, unknown_version, bad_shape, bad_dtype, grey_image, decode_failed,
-too_large, unknown_camera. `camera` and `frame_id` are filled whenever they could be read,
-so the frame can still be answered with an `error` verdict.
+too_large, unknown_camera, bad_camera. `camera` and `frame_id` are filled whenever they
+could be read, so the frame can still be answered with an `error` verdict.
+
+Camera ids (the topic; imagezmq's msg up to "|") are 1..64 printable characters; anything
+else is refused as bad_camera, unaddressed (they are metric labels, log fields and topics).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import struct
 import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
+from PIL import JpegImagePlugin, PngImagePlugin
 
 from linewatch.runtime.types import VERDICT_VALUES, Frame, Verdict
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000  # ingest.max_image_pixels: 8K x 6K, 150 MB decoded
+MAX_CAMERA_ID_LENGTH = 64  # characters; ids are metric labels, log fields and topics
 ENCODINGS = ("raw", "jpeg", "png")
 PIXEL_FORMATS = ("rgb", "bgr", "gray")
 HEATMAP_ENCODINGS = ("none", "png", "float16")
@@ -76,6 +84,7 @@ ERROR_REASONS = (
     "decode_failed",
     "too_large",
     "unknown_camera",
+    "bad_camera",
 )
 
 Buffer = bytes | bytearray | memoryview
@@ -131,12 +140,49 @@ def _to_rgb(image: np.ndarray, pixel_format: str, camera: str | None, frame_id: 
     return np.ascontiguousarray(image)
 
 
-def _decode_file_bytes(payload: Buffer, camera: str | None, frame_id: int | None) -> np.ndarray:
-    """JPEG/PNG bytes -> RGB uint8 (H, W, 3)."""
+def _check_pixels(height: int, width: int, max_pixels: int, camera: str | None, frame_id: int | None) -> None:
+    if height * width > max_pixels:
+        raise WireError("too_large", camera, frame_id,
+                        f"image declares {width}x{height} = {height * width} pixels, over max_image_pixels {max_pixels}")
+
+
+def _declared_size(payload: Buffer, camera: str | None, frame_id: int | None) -> tuple[int, int]:
+    """(height, width) a JPEG/PNG file declares in its header, read without decoding pixels.
+
+    A few hundred bytes can declare 20000 x 20000 pixels (a decompression bomb): the size must
+    be known before the decoder allocates it. Pillow's JPEG and PNG readers parse the header
+    only (pixels are read lazily, never here); they are called directly, not via Image.open,
+    whose own bomb ceiling (warning, then error at 179 M pixels) would take the place of
+    max_image_pixels. Any other file is refused before OpenCV, which would decode BMP, TIFF,
+    WebP and more, sees it.
+    """
+    head = bytes(payload[:8])
+    reader = (JpegImagePlugin.JpegImageFile if head.startswith(b"\xff\xd8\xff")
+              else PngImagePlugin.PngImageFile if head == b"\x89PNG\r\n\x1a\n" else None)
+    if reader is None:
+        raise WireError("decode_failed", camera, frame_id,
+                        f"{len(payload)} bytes are not a JPEG or PNG file (they start {head[:4]!r})")
+    try:
+        with reader(io.BytesIO(payload)) as probe:
+            width, height = probe.size
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+        raise WireError("decode_failed", camera, frame_id,
+                        f"{len(payload)} bytes are not a readable JPEG or PNG image ({type(e).__name__}: {e})") from None
+    return height, width
+
+
+def _decode_file_bytes(payload: Buffer, max_pixels: int, camera: str | None, frame_id: int | None) -> np.ndarray:
+    """JPEG/PNG bytes -> RGB uint8 (H, W, 3); the declared size is checked before decoding."""
+    if not len(payload):
+        raise WireError("decode_failed", camera, frame_id, "empty image part")
+    height, width = _declared_size(payload, camera, frame_id)
+    _check_pixels(height, width, max_pixels, camera, frame_id)
     data = np.frombuffer(payload, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise WireError("decode_failed", camera, frame_id, f"{len(payload)} bytes are not a readable JPEG/PNG image")
+        raise WireError("decode_failed", camera, frame_id, f"{len(payload)} bytes are not a readable JPEG or PNG image")
+    if image.shape[0] * image.shape[1] > height * width:  # the decoder read another size than the header said
+        raise WireError("decode_failed", camera, frame_id, f"decoded {image.shape[1]}x{image.shape[0]}, header said {width}x{height}")
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -145,7 +191,7 @@ def _decode_file_bytes(payload: Buffer, camera: str | None, frame_id: int | None
 
 
 def _raw_image(
-    payload: Buffer, shape: Any, dtype: Any, pixel_format: str, camera: str | None, frame_id: int | None
+    payload: Buffer, shape: Any, dtype: Any, pixel_format: str, max_pixels: int, camera: str | None, frame_id: int | None
 ) -> np.ndarray:
     """Raw HWC bytes + declared shape/dtype -> RGB uint8 (H, W, 3)."""
     if dtype != "uint8":
@@ -157,6 +203,7 @@ def _raw_image(
         or (len(shape) == 3 and shape[2] not in (1, 3, 4))
     ):
         raise WireError("bad_shape", camera, frame_id, f"shape must be [H, W] or [H, W, C] with C in 1, 3, got {shape!r}")
+    _check_pixels(shape[0], shape[1], max_pixels, camera, frame_id)
     expected = math.prod(shape)
     if expected != len(payload):
         raise WireError("bad_shape", camera, frame_id, f"shape {shape} needs {expected} bytes, got {len(payload)}")
@@ -220,17 +267,32 @@ def encode_frame(
     return [camera.encode("utf-8"), json.dumps(header).encode("utf-8"), payload]
 
 
+def check_camera_id(camera: str) -> str:
+    """A camera id must be 1..MAX_CAMERA_ID_LENGTH printable characters; raises WireError("bad_camera")."""
+    if not camera or len(camera) > MAX_CAMERA_ID_LENGTH or not camera.isprintable():
+        shown = camera[:MAX_CAMERA_ID_LENGTH] + ("..." if len(camera) > MAX_CAMERA_ID_LENGTH else "")
+        raise WireError("bad_camera", None, None,
+                        f"camera id {shown!r} ({len(camera)} characters) must be 1..{MAX_CAMERA_ID_LENGTH} printable characters")
+    return camera
+
+
+def _topic(parts: Sequence[Buffer]) -> str:
+    if not parts:
+        raise WireError("truncated", None, None, "empty message")
+    if len(parts[0]) > 4 * MAX_CAMERA_ID_LENGTH:  # longer in UTF-8 than any valid id
+        raise WireError("bad_camera", None, None, f"topic (camera id) is {len(parts[0])} bytes")
+    try:
+        return bytes(parts[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("bad_header", None, None, "topic (camera id) is not UTF-8") from None
+
+
 def peek_camera(parts: Sequence[Buffer]) -> str:
     """The camera id of a linewatch frame message from its topic alone (cheap: no JSON).
 
     Used by ingest to apply the camera allow-list before any decoding work.
     """
-    if not parts:
-        raise WireError("truncated", None, None, "empty message")
-    try:
-        return bytes(parts[0]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise WireError("bad_header", None, None, "topic (camera id) is not UTF-8") from None
+    return check_camera_id(_topic(parts))
 
 
 def decode_frame(
@@ -239,10 +301,12 @@ def decode_frame(
     received_ts: float,
     received_mono: float,
     cameras: Collection[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Frame:
     """Validate and decode a v1 frame message into a Frame (image RGB uint8 (H, W, 3)).
 
-    `cameras`, when non-empty, is the allow-list. The payload size is checked before any
+    `cameras`, when non-empty, is the allow-list. The payload size, and the pixel count the
+    image declares (raw: its shape; JPEG/PNG: their file header), are checked before any
     image decoding, so an oversized frame costs only a header parse. Raises WireError.
     """
     camera = peek_camera(parts)
@@ -293,9 +357,9 @@ def decode_frame(
         pixel_format = header.get("pixel_format")
         if pixel_format not in PIXEL_FORMATS:
             raise WireError("bad_header", camera, frame_id, f"pixel_format must be one of {PIXEL_FORMATS}, got {pixel_format!r}")
-        image = _raw_image(payload, header.get("shape"), header.get("dtype"), pixel_format, camera, frame_id)
+        image = _raw_image(payload, header.get("shape"), header.get("dtype"), pixel_format, max_pixels, camera, frame_id)
     else:
-        image = _decode_file_bytes(payload, camera, frame_id)
+        image = _decode_file_bytes(payload, max_pixels, camera, frame_id)
     return Frame(
         camera=camera,
         frame_id=frame_id,
@@ -318,8 +382,8 @@ def imagezmq_camera(parts: Sequence[Buffer]) -> str:
     metadata = _parse_json_object(parts[0], "imagezmq metadata", None)
     msg = metadata.get("msg")
     if not isinstance(msg, str) or not msg.split("|", 1)[0].strip():
-        raise WireError("bad_header", None, None, f"imagezmq msg must be a non-empty string, got {msg!r}")
-    return msg.split("|", 1)[0].strip()
+        raise WireError("bad_header", None, None, f"imagezmq msg must be a non-empty string, got {str(msg)[:80]!r}")
+    return check_camera_id(msg.split("|", 1)[0].strip())
 
 
 def decode_imagezmq(
@@ -329,6 +393,7 @@ def decode_imagezmq(
     received_mono: float,
     frame_id: int,
     cameras: Collection[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Frame:
     """Decode an imagezmq message (send_image: BGR array; send_jpg: JPEG) into a Frame.
 
@@ -346,9 +411,9 @@ def decode_imagezmq(
     if len(payload) > max_payload_bytes:
         raise WireError("too_large", camera, frame_id, f"payload {len(payload)} bytes exceeds max_payload_bytes {max_payload_bytes}")
     if "shape" in metadata or "dtype" in metadata:  # send_image: a numpy array, BGR like OpenCV
-        image = _raw_image(payload, metadata.get("shape"), metadata.get("dtype"), "bgr", camera, frame_id)
+        image = _raw_image(payload, metadata.get("shape"), metadata.get("dtype"), "bgr", max_pixels, camera, frame_id)
     else:  # send_jpg
-        image = _decode_file_bytes(payload, camera, frame_id)
+        image = _decode_file_bytes(payload, max_pixels, camera, frame_id)
     return Frame(
         camera=camera,
         frame_id=frame_id,
@@ -456,7 +521,7 @@ def decode_verdict(parts: Sequence[Buffer]) -> Verdict:
     """Parse a v1 verdict message back into a Verdict (heatmap as float32 (H, W)). Raises WireError."""
     if len(parts) < 2:
         raise WireError("truncated", None, None, f"verdict messages have at least 2 parts, got {len(parts)}")
-    camera = peek_camera(parts)
+    camera = _topic(parts)  # "" for an error verdict whose frame named no readable camera
     header = _parse_json_object(parts[1], "verdict header", camera)
     fid = header.get("frame_id")
     frame_id = fid if _is_int(fid) else None

@@ -22,7 +22,7 @@ import linewatch
 from linewatch.config import RuntimeConfig
 from linewatch.runtime.health import HealthServer
 from linewatch.runtime.logs import SummaryLogger, configure_logging
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.metrics import CameraLabels, Metrics
 from linewatch.runtime.pipeline import Pipeline, Processor
 from linewatch.runtime.types import Frame, Verdict
 
@@ -90,7 +90,7 @@ class Daemon:
         self.processor = processor
         # Without a logger from the caller, the daemon sets up logging from its own config.
         self.log = log if log is not None else configure_logging(config.logging)
-        self.metrics = Metrics()
+        self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels, config.ingest.cameras))
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else config.pipeline.deadline_ms / 1000 + 2.0
         overlay = None
         if config.publish.overlay_jpeg:

@@ -287,12 +287,13 @@ class Ingest:
 
     def _decode(self, job: tuple) -> None:
         protocol, parts, received_ts, received_mono, frame_id = job
-        max_bytes = self._config.max_payload_bytes
+        max_bytes, max_pixels = self._config.max_payload_bytes, self._config.max_image_pixels
         try:
             if protocol == "linewatch":
-                frame = wire.decode_frame(parts, max_bytes, received_ts, received_mono, self._cameras)
+                frame = wire.decode_frame(parts, max_bytes, received_ts, received_mono, self._cameras, max_pixels)
             else:
-                frame = wire.decode_imagezmq(parts, max_bytes, received_ts, received_mono, frame_id, self._cameras)
+                frame = wire.decode_imagezmq(parts, max_bytes, received_ts, received_mono, frame_id, self._cameras,
+                                             max_pixels)
         except WireError as e:
             self._error(e, received_mono)
             return

@@ -357,7 +357,7 @@ class Pipeline:
             heapq.heappush(self._deadlines, (slot.deadline, slot.seq, slot))
             if self._deadlines[0][2] is slot:
                 self._deadline_cond.notify()
-        self.metrics.frames_received.labels(camera=camera).inc()
+        self.metrics.frames_received.labels(camera=self.metrics.camera_label(camera)).inc()
         self.metrics.last_frame_timestamp.set(received_ts)
         self.log.debug("frame", camera=camera, frame_id=frame_id)
         return slot
@@ -388,6 +388,7 @@ class Pipeline:
             return
         now_mono, now_wall = time.monotonic(), time.time()
         m = self.metrics
+        label = m.camera_label(camera)
         released = False
         while buf and buf[0].answered:
             slot = buf.popleft()
@@ -399,10 +400,10 @@ class Pipeline:
             self._counts[v.verdict] += 1
             self._latencies.append(now_mono - slot.received_mono)
             released = True
-            m.verdicts.labels(camera=camera, verdict=v.verdict).inc()
-            m.capture_to_verdict.labels(camera=camera).observe(max(0.0, v.latency_s))
+            m.verdicts.labels(camera=label, verdict=v.verdict).inc()
+            m.capture_to_verdict.labels(camera=label).observe(max(0.0, v.latency_s))
             if v.verdict == "timeout":
-                m.frames_timed_out.labels(camera=camera).inc()
+                m.frames_timed_out.labels(camera=label).inc()
             elif v.verdict == "shed":
                 m.frames_shed.labels(reason=v.reason or "").inc()
             elif v.verdict == "error":

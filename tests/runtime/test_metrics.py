@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from linewatch.runtime.metrics import Metrics, metric_names
+from linewatch.runtime.metrics import OTHER_CAMERAS, CameraLabels, Metrics, metric_names
 
 REQUIRED = {
     "linewatch_frames_received_total",
@@ -73,3 +73,35 @@ def test_gpu_memory_is_only_tracked_with_cuda() -> None:
     torch = sys.modules.get("torch")
     expect = bool(torch is not None and torch.cuda.is_available())
     assert m.track_gpu_memory() is expect
+
+
+def test_camera_labels_are_bounded_and_the_allow_list_keeps_its_own() -> None:
+    labels = CameraLabels(limit=2, known=["line-a"])
+    assert [labels(c) for c in ("cam0", "cam1", "cam2", "cam0", "line-a")] == ["cam0", "cam1", OTHER_CAMERAS, "cam0", "line-a"]
+    assert labels.overflowed
+
+
+def test_many_camera_ids_through_a_pipeline_share_one_label_beyond_the_limit() -> None:
+    # Fault run: 20,000 camera ids -> 420,000 series and a 33 MB /metrics page.
+    from tests.runtime.fakes import Collector, FakeProcessor, make_frame, make_pipeline
+
+    metrics = Metrics(camera_labels=CameraLabels(limit=8))
+    out = Collector()
+    p = make_pipeline(FakeProcessor([("only", 0.0)]), out, metrics=metrics)
+    p.start()
+    try:
+        for i in range(300):
+            p.submit(make_frame(f"cam{i}", 0))
+        assert out.wait_for(300)
+    finally:
+        p.stop()
+    cameras = set()
+    total = 0.0
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            if "camera" in sample.labels:
+                cameras.add(sample.labels["camera"])
+            if sample.name == "linewatch_verdicts_total":
+                total += sample.value
+    assert len(cameras) == 9 and OTHER_CAMERAS in cameras, sorted(cameras)
+    assert total == 300  # nothing lost by sharing a label

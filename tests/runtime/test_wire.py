@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import cv2
 import numpy as np
@@ -24,8 +25,8 @@ def _image(h: int = 6, w: int = 8) -> np.ndarray:
     return image
 
 
-def _decode(parts, max_bytes: int = MAX, cameras=None):
-    return wire.decode_frame(parts, max_bytes, received_ts=100.0, received_mono=5.0, cameras=cameras)
+def _decode(parts, max_bytes: int = MAX, cameras=None, **kw):
+    return wire.decode_frame(parts, max_bytes, received_ts=100.0, received_mono=5.0, cameras=cameras, **kw)
 
 
 def _with_header(parts: list[bytes], **changes) -> list[bytes]:
@@ -297,3 +298,92 @@ def test_verdict_refusals() -> None:
         with pytest.raises(WireError) as info:
             wire.decode_verdict(bad)
         assert info.value.reason == reason, bad
+
+
+# ---------------------------------------------------------------- declared image size (decompression bombs)
+
+
+def _jpeg_declaring(height: int, width: int) -> bytes:
+    """A small real JPEG whose SOF0 header is patched to declare height x width."""
+    data = bytearray(cv2.imencode(".jpg", _image(16, 16)[..., ::-1])[1].tobytes())
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _png_declaring(height: int, width: int) -> bytes:
+    """A small real PNG whose IHDR declares height x width (CRC recomputed, so it is valid)."""
+    data = bytearray(cv2.imencode(".png", _image(16, 16))[1].tobytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("make", [_jpeg_declaring, _png_declaring])
+def test_declared_pixel_count_is_refused_before_any_decoding(make, monkeypatch) -> None:
+    # The fault run's bomb: 629 bytes declaring 20000 x 20000 pixels were decoded in full (5 GB).
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the image was handed to the decoder")
+
+    monkeypatch.setattr(wire.cv2, "imdecode", no_decoding)
+    parts = wire.encode_frame("cam0", 7, _image(16, 16), encoding="jpeg")
+    bomb = make(20000, 20000)
+    assert len(bomb) < 2000
+    err = _refused([parts[0], parts[1], bomb], "too_large")
+    assert "20000x20000" in err.detail and "max_image_pixels" in err.detail
+    # the limit is the caller's: 100 x 100 declared against a limit of 5000 pixels
+    _refused([parts[0], parts[1], make(100, 100)], "too_large", max_pixels=5000)
+    # and the same for imagezmq's send_jpg
+    with pytest.raises(WireError) as info:
+        wire.decode_imagezmq([json.dumps({"msg": "host1"}).encode(), bomb], MAX, 9.0, 1.0, frame_id=5)
+    assert (info.value.reason, info.value.camera, info.value.frame_id) == ("too_large", "host1", 5)
+
+
+def test_declared_size_within_the_limit_decodes() -> None:
+    parts = wire.encode_frame("cam0", 7, _image(16, 16), encoding="png")
+    assert _decode(parts, max_pixels=16 * 16).image.shape == (16, 16, 3)
+    _refused(parts, "too_large", max_pixels=16 * 16 - 1)
+    raw = wire.encode_frame("cam0", 7, _image(16, 16))
+    _refused(raw, "too_large", max_pixels=255)
+
+
+def test_only_jpeg_and_png_files_are_decoded() -> None:
+    # OpenCV would decode BMP, TIFF, WebP, ... too; the wire format promises JPEG or PNG only.
+    parts = wire.encode_frame("cam0", 7, _image(16, 16), encoding="jpeg")
+    bmp = cv2.imencode(".bmp", _image(16, 16))[1].tobytes()
+    err = _refused([parts[0], parts[1], bmp], "decode_failed")
+    assert "JPEG or PNG" in err.detail
+
+
+# ---------------------------------------------------------------- camera ids
+
+
+@pytest.mark.parametrize("camera", ["", "c" * 65, "cam\n0", "cam\x00", "bell\x07"])
+def test_camera_ids_must_be_short_printable_text(camera: str) -> None:
+    # Camera ids become metric labels, log fields and topics: a 10 kB id or a newline must not.
+    parts = wire.encode_frame("cam0", 7, _image())
+    with pytest.raises(WireError) as info:
+        _decode([camera.encode(), *parts[1:]])
+    assert (info.value.reason, info.value.camera) == ("bad_camera", None)
+    with pytest.raises(WireError) as info:
+        wire.decode_imagezmq(_imagezmq_array(camera + "|x", _image()), MAX, 9.0, 1.0, frame_id=5)
+    assert info.value.reason in ("bad_camera", "bad_header")  # "" is no msg at all
+
+
+def test_longest_camera_id_and_non_ascii_ids_are_accepted() -> None:
+    for camera in ("c" * wire.MAX_CAMERA_ID_LENGTH, "Kamera-Prüfstand-3"):
+        parts = wire.encode_frame(camera, 7, _image())
+        assert _decode(parts).camera == camera
+
+
+def test_a_huge_topic_is_refused_without_decoding_it() -> None:
+    parts = wire.encode_frame("cam0", 7, _image())
+    with pytest.raises(WireError) as info:
+        _decode([b"\xff" * 1_000_000, *parts[1:]])  # not even UTF-8: the length alone refuses it
+    assert info.value.reason == "bad_camera" and "1000000 bytes" in info.value.detail
+
+
+def test_error_verdicts_without_a_camera_still_round_trip() -> None:
+    verdict = Verdict(camera="", frame_id=-1, verdict="error", capture_ts=1.0, reason="bad_camera")
+    assert wire.decode_verdict(wire.encode_verdict(verdict)).reason == "bad_camera"
