@@ -167,6 +167,10 @@ class PipelineConfig(_Section):
     max_pending_frames: int = Field(64, ge=1, description="frames waiting for a batch; beyond it the policy sheds")
     shed_policy: Literal["oldest", "newest"] = Field("oldest", description="which waiting frame is answered `shed` when full")
     deadline_ms: float = Field(2000.0, gt=0, description="capture->verdict budget; a frame without a result gets `timeout` then")
+    deadline_from: Literal["capture", "receive"] = Field(
+        "capture", description="count the deadline from the sender's capture time, or from receive (unsynchronised clocks)")
+    clock_skew_tolerance_ms: float = Field(
+        1000.0, ge=0, description="a capture time further than this in the future is an error (`capture_in_future`)")
 
 
 class PublishConfig(_Section):

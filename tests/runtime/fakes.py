@@ -24,13 +24,39 @@ from linewatch.runtime.pipeline import Pipeline
 from linewatch.runtime.types import Frame, Verdict
 
 
-def make_frame(camera: str, frame_id: int, value: int | None = None, received_mono: float | None = None) -> Frame:
-    """A tiny frame whose pixel value sets the fake score (default: fail for odd ids)."""
+class FakeClock:
+    """A Clock (linewatch.runtime.clock) that moves only when the test says so."""
+
+    def __init__(self, mono: float = 1000.0, wall: float = 1_700_000_000.0) -> None:
+        self.mono = mono
+        self.wall = wall
+        self._lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self.mono
+
+    def time(self) -> float:
+        with self._lock:
+            return self.wall
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.mono += seconds
+            self.wall += seconds
+
+
+def make_frame(camera: str, frame_id: int, value: int | None = None, received_mono: float | None = None,
+               clock: FakeClock | None = None, age_s: float = 0.0) -> Frame:
+    """A tiny frame whose pixel value sets the fake score (default: fail for odd ids).
+
+    Received now (by `clock`, default the real clocks), captured `age_s` earlier."""
     if value is None:
         value = 200 if frame_id % 2 else 50
-    now = time.time()
-    return Frame(camera=camera, frame_id=frame_id, capture_ts=now, image=np.full((4, 4, 3), value, np.uint8),
-                 received_ts=now, received_mono=time.monotonic() if received_mono is None else received_mono)
+    now = clock.time() if clock is not None else time.time()
+    mono = clock.monotonic() if clock is not None else time.monotonic()
+    return Frame(camera=camera, frame_id=frame_id, capture_ts=now - age_s, image=np.full((4, 4, 3), value, np.uint8),
+                 received_ts=now, received_mono=mono if received_mono is None else received_mono)
 
 
 def expected_verdict(frame_id: int) -> str:
@@ -76,6 +102,24 @@ class FakeProcessor:
             return results[:-1] if self._wrong_length else results
 
         return stage
+
+
+class GatedProcessor:
+    """One stage ("only") that holds each batch until the test opens `gate`; `entered` is set
+    when the first batch is inside. Results: pass, score 0.1."""
+
+    backend = "fake"
+    bank_id = "bank-test"
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.stages = [("only", self._stage)]
+
+    def _stage(self, images: list[np.ndarray]) -> list[InspectionResult]:
+        self.entered.set()
+        assert self.gate.wait(30.0), "the test never opened the gate"
+        return [InspectionResult(score=0.1, verdict="pass", threshold=0.5, heatmap=np.zeros((2, 2), np.float32), backend="fake") for _ in images]
 
 
 class Collector:
@@ -126,11 +170,11 @@ def quiet_log(stream: io.StringIO | None = None, level: int = logging.WARNING) -
 
 def make_pipeline(processor: FakeProcessor, collector: Collector, max_batch: int = 4, max_delay_ms: float = 5.0,
                   stage_queue_size: int = 2, max_pending: int = 64, shed_policy: str = "oldest",
-                  deadline_ms: float = 2000.0, metrics: Metrics | None = None) -> Pipeline:
+                  deadline_ms: float = 2000.0, metrics: Metrics | None = None, clock: Any = None) -> Pipeline:
     return Pipeline(
         processor,
         BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms),
         PipelineConfig(stage_queue_size=stage_queue_size, max_pending_frames=max_pending,
                        shed_policy=shed_policy, deadline_ms=deadline_ms),
-        collector, metrics=metrics, log=quiet_log(),
+        collector, metrics=metrics, log=quiet_log(), **({"clock": clock} if clock is not None else {}),
     )

@@ -1,16 +1,25 @@
-"""Pipeline: one verdict per frame, order per camera, deadlines, failures, drain, pipelining."""
+"""Pipeline: the core run by threads. One verdict per frame, order, deadlines, failures, drain.
+
+The rules themselves are tested step by step in test_core.py; these tests check that the
+threads carry them out. Nothing here asserts how long anything took: waits are bounded
+(a hang fails instead of blocking the suite), and time moves on a fake clock where it matters.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from linewatch.config import BatchConfig, PipelineConfig
+from linewatch.detector.result import InspectionResult
 from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.pipeline import Pipeline
-from tests.runtime.fakes import Collector, FakeProcessor, expected_verdict, make_frame, make_pipeline
+from linewatch.runtime.types import Verdict
+from tests.runtime.fakes import (Collector, FakeClock, FakeProcessor, GatedProcessor, expected_verdict, make_frame,
+                                 make_pipeline)
 
 
 @pytest.fixture
@@ -34,26 +43,24 @@ def counter_value(metrics: Metrics, name: str, labels: dict[str, str] | None = N
 
 
 def test_overload_gives_exactly_one_verdict_per_frame_in_order(started) -> None:
-    # Capacity: 3 stages, the slowest 20 ms per batch of <= 4 -> ~200 frames/s.
-    # Offered: 2 cameras x 150 frames in ~0.3 s -> ~1000 frames/s, so frames are shed.
+    # 300 frames from two cameras at once into stages of 5/20/5 ms per batch of <= 4, with
+    # 16 places to wait: most are shed, every one is answered once, in order per camera.
     proc = FakeProcessor([("pre", 0.005), ("net", 0.02), ("post", 0.005)])
     out = Collector()
     metrics = Metrics()
-    p = started(make_pipeline(proc, out, max_batch=4, max_pending=16, deadline_ms=400, metrics=metrics))
+    p = started(make_pipeline(proc, out, max_batch=4, max_pending=16, deadline_ms=60_000, metrics=metrics))
     n_per_cam = 150
     for i in range(n_per_cam):
         for cam in ("cam0", "cam1"):
             p.submit(make_frame(cam, i))
-        time.sleep(0.002)
     n = 2 * n_per_cam
-    assert out.wait_for(n, timeout_s=10.0), f"only {len(out.verdicts)} of {n} verdicts"
-    time.sleep(0.1)  # nothing more may arrive
+    assert out.wait_for(n), f"only {len(out.verdicts)} of {n} verdicts"
+    p.stop()  # joins every thread: a second verdict for any frame would be in `out` now
     assert len(out.verdicts) == n
     by_cam = out.by_camera()
     assert by_cam["cam0"] == list(range(n_per_cam))  # each id once, in arrival order
     assert by_cam["cam1"] == list(range(n_per_cam))
     counts = out.counts()
-    assert sum(counts.values()) == n
     assert counts.get("shed", 0) > 0, counts  # overload must shed, with an answer
     assert counts.get("pass", 0) + counts.get("fail", 0) > 0, counts
     for v in out.verdicts:
@@ -62,8 +69,8 @@ def test_overload_gives_exactly_one_verdict_per_frame_in_order(started) -> None:
             assert v.backend == "fake" and v.bank_id == "bank-test"
             assert set(v.timings) >= {"pre", "net", "post", "inner"}
             assert v.latency_s is not None and v.latency_s >= 0
-        elif v.verdict == "shed":
-            assert v.reason == "pending_full"
+        else:
+            assert (v.verdict, v.reason) == ("shed", "pending_full"), v
     assert max(proc.batch_sizes) <= 4
     # The metrics tell the same story.
     for value, k in counts.items():
@@ -76,48 +83,26 @@ def test_overload_gives_exactly_one_verdict_per_frame_in_order(started) -> None:
     assert p.stats()["received"] == n
 
 
-def test_lone_frame_goes_out_within_max_delay(started) -> None:
-    proc = FakeProcessor([("only", 0.0)])
-    out = Collector()
-    p = started(make_pipeline(proc, out, max_batch=8, max_delay_ms=30.0))
-    t0 = time.monotonic()
-    p.submit(make_frame("cam0", 1))
-    assert out.wait_for(1, timeout_s=2.0)
-    took = out.times[0] - t0
-    assert took < 0.030 + 0.1, took  # max_delay plus generous scheduling slack
-    assert proc.batch_sizes == [1]
-    assert out.verdicts[0].verdict == "fail"
-
-
 def test_deadline_answers_timeout_and_discards_late_result(started) -> None:
-    proc = FakeProcessor([("slow", 0.4)])
+    clock = FakeClock()
+    proc = GatedProcessor()
     out = Collector()
     metrics = Metrics()
-    p = started(make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, deadline_ms=100.0, metrics=metrics))
-    frame = make_frame("cam0", 7)
-    p.submit(frame)
-    assert out.wait_for(1, timeout_s=2.0)
+    p = started(make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, deadline_ms=100.0, metrics=metrics, clock=clock))
+    p.submit(make_frame("cam0", 7, clock=clock))
+    assert proc.entered.wait(5.0)
+    clock.advance(0.099)
+    p.tick()
+    clock.advance(0.001)  # the deadline
+    p.tick()
+    assert out.wait_for(1)
     v = out.verdicts[0]
-    assert v.verdict == "timeout" and v.reason == "deadline_exceeded"
-    waited = out.times[0] - frame.received_mono
-    assert 0.09 <= waited < 0.3, waited
-    # The result arrives at ~0.4 s: discarded, counted, and no second verdict.
-    deadline = time.monotonic() + 2.0
-    while counter_value(metrics, "linewatch_late_results_total") < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert (v.verdict, v.reason) == ("timeout", "deadline_exceeded")
+    proc.gate.set()  # the detector's result comes after the timeout
+    p.stop()  # joins the stage thread: its result has been handled
     assert counter_value(metrics, "linewatch_late_results_total") == 1
     assert len(out.verdicts) == 1
     assert counter_value(metrics, "linewatch_frames_timed_out_total", {"camera": "cam0"}) == 1
-
-
-def test_deadline_counts_from_received_time_not_submit_time(started) -> None:
-    proc = FakeProcessor([("slow", 0.3)])
-    out = Collector()
-    p = started(make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, deadline_ms=100.0))
-    p.submit(make_frame("cam0", 1, received_mono=time.monotonic() - 1.0))  # sat 1 s in ingest
-    assert out.wait_for(1, timeout_s=1.0)
-    assert out.verdicts[0].verdict == "timeout"
-    assert out.times[0] - (time.monotonic() - 1.0) < 1.2
 
 
 def test_raising_stage_fails_its_batch_only(started) -> None:
@@ -151,64 +136,78 @@ def test_wrong_number_of_results_is_an_error_not_a_crash(started) -> None:
 
 
 def test_decode_errors_keep_their_place_in_camera_order(started) -> None:
-    proc = FakeProcessor([("slow", 0.1)])
+    proc = GatedProcessor()
     out = Collector()
     p = started(make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0))
     p.submit(make_frame("cam0", 1))
+    assert proc.entered.wait(5.0)  # frame 1 is inside the detector
     p.submit_error("cam0", 2, "bad_payload", time.monotonic(), time.time())
     p.submit_error("cam1", 9, "bad_payload", time.monotonic(), time.time())
-    assert out.wait_for(3, timeout_s=2.0)
-    # cam1 is not held back by cam0's slow frame; cam0's error waits for frame 1.
+    assert out.wait_for(1)
+    proc.gate.set()
+    assert out.wait_for(3)
+    # cam1 is not held back by cam0's frame in the detector; cam0's error waits for frame 1.
     assert [(v.camera, v.frame_id) for v in out.verdicts] == [("cam1", 9), ("cam0", 1), ("cam0", 2)]
     assert out.verdicts[2].verdict == "error" and out.verdicts[2].reason == "bad_payload"
 
 
 def test_drain_answers_everything_in_flight_then_sheds_new_frames(started) -> None:
-    proc = FakeProcessor([("a", 0.01), ("b", 0.02)])
+    # On a clock that never moves, a lone frame could wait for company (10 s) for ever:
+    # drain must send it on at once.
+    clock = FakeClock()
+    proc = FakeProcessor([("a", 0.0), ("b", 0.0)])
     out = Collector()
-    p = started(make_pipeline(proc, out, max_batch=2, max_delay_ms=10_000.0, deadline_ms=5000.0))
+    p = started(make_pipeline(proc, out, max_batch=2, max_delay_ms=10_000.0, deadline_ms=5000.0, clock=clock))
     for i in range(21):  # an odd count leaves a lone frame waiting for company
-        p.submit(make_frame("cam0", i))
-    t0 = time.monotonic()
+        p.submit(make_frame("cam0", i, clock=clock))
     assert p.drain(timeout_s=5.0) is True
-    assert time.monotonic() - t0 < 2.0  # did not wait for the 10 s batch delay
     assert len(out.verdicts) == 21
     assert [v.verdict for v in out.verdicts] == [expected_verdict(i) for i in range(21)]
-    p.submit(make_frame("cam0", 99))
-    assert out.wait_for(22, timeout_s=2.0)
+    p.submit(make_frame("cam0", 99, clock=clock))
+    assert out.wait_for(22)
     assert out.verdicts[-1].verdict == "shed" and out.verdicts[-1].reason == "shutting_down"
 
 
 def test_drain_timeout_and_stop_still_answer_every_frame() -> None:
-    proc = FakeProcessor([("stuck", 1.0)])
+    proc = GatedProcessor()  # never opens: a hung detector
     out = Collector()
-    p = make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, deadline_ms=10_000.0)
+    p = make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, deadline_ms=60_000.0)
     p.start()
     for i in range(5):
         p.submit(make_frame("cam0", i))
-    t0 = time.monotonic()
     assert p.drain(timeout_s=0.2) is False
-    p.stop(timeout_s=2.0)
-    assert time.monotonic() - t0 < 4.0
+    p.stop(timeout_s=0.5)
+    proc.gate.set()
     assert [v.frame_id for v in out.verdicts] == list(range(5))
     assert {v.verdict for v in out.verdicts} == {"timeout"}
     assert {v.reason for v in out.verdicts} == {"shutdown"}
 
 
-def test_stages_run_pipelined_near_the_slowest_stage_bound(started) -> None:
-    costs = [("pre", 0.010), ("net", 0.020), ("post", 0.010)]
-    proc = FakeProcessor(costs)
+def test_stages_run_pipelined(started) -> None:
+    # Batch 0 may only leave stage "b" once stage "a" is working on batch 1: run one stage
+    # after the other and this deadlocks (and fails after 5 s) instead of passing.
+    a_has_second = threading.Event()
+    seen_by_a: list[int] = []
+
+    def stage_a(images):
+        seen_by_a.append(len(seen_by_a))
+        if len(seen_by_a) == 2:
+            a_has_second.set()
+        return images
+
+    def stage_b(images):
+        if not a_has_second.is_set():
+            assert a_has_second.wait(5.0), "stage a never got batch 1 while stage b held batch 0"
+        return [InspectionResult(score=0.1, verdict="pass", threshold=0.5, heatmap=np.zeros((2, 2), np.float32), backend="fake") for _ in images]
+
+    proc = FakeProcessor([("a", 0.0)])
+    proc.stages = [("a", stage_a), ("b", stage_b)]
     out = Collector()
-    p = started(make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, max_pending=256, deadline_ms=30_000.0))
-    n = 50
-    for i in range(n):
+    p = started(make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0))
+    for i in range(4):
         p.submit(make_frame("cam0", i))
-    assert out.wait_for(n, timeout_s=10.0)
-    # Steady state: from the first verdict to the last, one batch per slowest-stage cost.
-    rate = (n - 1) / (out.times[-1] - out.times[0])
-    bound = 1 / max(c for _, c in costs)  # 50 batches/s; sequential would be 25
-    assert rate > 0.6 * bound, f"{rate:.1f} batches/s vs bound {bound:.1f}"
-    assert [v.verdict for v in out.verdicts] == [expected_verdict(i) for i in range(n)]
+    assert out.wait_for(4)
+    assert [v.verdict for v in out.verdicts] == ["pass"] * 4
 
 
 def test_on_verdict_exception_does_not_lose_later_verdicts(started) -> None:
@@ -231,16 +230,21 @@ def test_on_verdict_exception_does_not_lose_later_verdicts(started) -> None:
 
 
 def test_stuck_stage_is_reported_unhealthy(started) -> None:
-    proc = FakeProcessor([("stuck", 0.5)])
+    clock = FakeClock()
+    proc = GatedProcessor()
     out = Collector()
-    p = make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, deadline_ms=100.0)
+    p = make_pipeline(proc, out, max_batch=1, max_delay_ms=0.0, deadline_ms=100.0, clock=clock)
     p.stall_s = 0.2
     started(p)
     assert p.healthy() == (True, "ok")
-    p.submit(make_frame("cam0", 0))
-    time.sleep(0.35)
+    p.submit(make_frame("cam0", 0, clock=clock))
+    assert proc.entered.wait(5.0)
+    clock.advance(0.19)
+    assert p.healthy() == (True, "ok")
+    clock.advance(0.02)
     ok, why = p.healthy()
-    assert not ok and "stuck" in why
+    assert not ok and why == "stage only stuck for 0.2 s"
+    proc.gate.set()
 
 
 def test_frames_submitted_out_of_receive_order_are_answered_in_receive_order(started) -> None:
@@ -272,14 +276,13 @@ def test_released_verdicts_are_not_kept_alive_until_their_deadline(started) -> N
         return results
 
     proc.stages = [("only", only)]
-    count = []
-    p = started(make_pipeline(proc, lambda v: count.append(1), max_batch=4, deadline_ms=30_000.0))  # type: ignore[arg-type]
+    count = Collector()
+    p = started(make_pipeline(proc, lambda v: count(Verdict(v.camera, v.frame_id, v.verdict, v.capture_ts)),
+                              max_batch=4, deadline_ms=30_000.0))  # type: ignore[arg-type]
     for i in range(20):
         p.submit(make_frame("cam0", i))
-    end = time.monotonic() + 2.0
-    while len(count) < 20 and time.monotonic() < end:
-        time.sleep(0.01)
-    assert len(count) == 20
+    assert count.wait_for(20)
+    p.stop()
     gc.collect()
     assert len(refs) == 20 and all(r() is None for r in refs)
 
@@ -301,28 +304,6 @@ def test_overlay_is_rendered_from_the_frames_own_image(started) -> None:
     pixel = [200 if i % 2 else 50 for i in range(4)]  # make_frame's value for frame i
     assert [v.overlay_jpeg for v in verdicts] == [b"jpeg-of-%d" % p for p in pixel]
     assert sorted(seen) == sorted((pixel[i], expected_verdict(i)) for i in range(4))
-
-
-def test_overload_keeps_judging_at_capacity_instead_of_timing_out_everything(started) -> None:
-    # Capacity: slowest stage 40 ms per batch of <= 4 -> ~100 frames/s. Offered: ~400 frames/s
-    # for 1.5 s with a 300 ms deadline. Without shedding hopeless frames before work, the
-    # stages fill with frames that time out while queued and almost nothing is judged.
-    proc = FakeProcessor([("pre", 0.01), ("net", 0.04), ("post", 0.01)])
-    out = Collector()
-    pipe = started(make_pipeline(proc, out, max_batch=4, max_delay_ms=2.0, max_pending=64, deadline_ms=300.0))
-    sent, start = 0, time.monotonic()
-    while time.monotonic() - start < 1.5:
-        pipe.submit(make_frame("cam", sent))
-        sent += 1
-        time.sleep(0.0025)
-    assert out.wait_for(sent, timeout_s=10.0)
-    counts = {}
-    for v in out.verdicts:
-        counts[v.verdict] = counts.get(v.verdict, 0) + 1
-    judged = counts.get("pass", 0) + counts.get("fail", 0)
-    assert len(out.verdicts) == sent and sorted(v.frame_id for v in out.verdicts) == list(range(sent))
-    assert judged >= 0.4 * 100 * 1.5, counts  # most of the ~150 frames capacity allows
-    assert counts.get("shed", 0) > 0, counts
 
 
 def test_frame_the_detector_cannot_judge_errors_alone(started) -> None:

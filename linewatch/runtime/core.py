@@ -1,0 +1,367 @@
+"""The pipeline's bookkeeping, apart from its threads: every decision, none of the waiting.
+
+`PipelineCore` decides, for every frame, which verdict it gets and when that verdict may
+leave. It holds no thread, lock or socket and reads time only from the `Clock` it is given,
+so a test drives it step by step on a fake clock. `linewatch.runtime.pipeline.Pipeline` runs
+it: one lock around every call, threads that wait for what the core says is due.
+
+What it keeps:
+
+* **Slots.** One per frame, from `register` to release. `answer` is the single place a frame
+  gets its verdict, and the first answer wins: a later one (a detector result after the
+  frame timed out, say) is discarded and counted as late. Exactly one verdict per frame.
+* **Release order.** Verdicts leave in receive order per camera (a reorder buffer per camera:
+  a verdict waits until every earlier frame of its camera is answered).
+* **Deadlines, from capture.** `deadline_ms` is the capture->verdict budget, the time until the
+  part reaches the reject gate. A frame's deadline on this host's monotonic clock is
+  `received_mono + deadline - age`, with `age = received_ts - capture_ts` (how old it was when
+  it arrived, by the two wall clocks). A frame already past its deadline on arrival is
+  answered `timeout` (`expired_on_arrival`) at once, without work; a capture time more than
+  `clock_skew_tolerance_ms` in the future is answered `error` (`capture_in_future`): the
+  sender's clock is wrong, and no deadline can be trusted. A capture time in the future
+  within the tolerance counts as age 0. `deadline_from: receive` ignores capture times (for
+  lines whose camera PCs have no synchronised clock): the budget then starts at receive.
+* **Waiting frames, fairly.** Frames wait per camera for a batch. A batch takes frames round-
+  robin across the cameras that have some waiting (oldest first), so a camera sending six
+  times as fast as another cannot take the other's place. When more than
+  `max_pending_frames` wait, the camera with the most waiting loses one (its oldest, or its
+  newest with `shed_policy: newest`), answered `shed` (`pending_full`).
+* **Batches inside the stage graph.** At most one batch per stage plus one (enough to keep
+  every stage busy, no deeper, so a batch's latency stays near the sum of the stage times).
+  A batch is due when it is full, when its oldest frame has waited `max_delay_ms`, or at once
+  while draining. When a batch enters, frames past their deadline get `timeout` and frames
+  that cannot have a result before it (by the moving average of each stage's time) are
+  answered `shed` (`deadline_unreachable`) before any work is spent on them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from linewatch.config import BatchConfig, PipelineConfig
+from linewatch.runtime.clock import Clock
+from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.types import VERDICT_VALUES, Verdict
+
+SHUTDOWN_REASON = "shutdown"  # timeout: unanswered when the daemon stopped (drain ran out of time)
+DEADLINE_REASON = "deadline_exceeded"  # timeout: no result before the deadline
+EXPIRED_ON_ARRIVAL = "expired_on_arrival"  # timeout: past its deadline when it arrived
+FUTURE_CAPTURE = "capture_in_future"  # error: capture time beyond the clock-skew tolerance
+UNREACHABLE_REASON = "deadline_unreachable"  # shed before work: the result could not come in time
+PENDING_FULL = "pending_full"  # shed: too many frames waiting for a batch
+SHUTTING_DOWN = "shutting_down"  # shed: arrived while the daemon was stopping
+
+
+@dataclass(eq=False)
+class Slot:
+    """One frame's place in the pipeline, from register to release."""
+
+    seq: int
+    camera: str
+    frame_id: int
+    capture_ts: float
+    received_mono: float
+    deadline: float
+    part_id: str | None = None
+    image: np.ndarray | None = None  # held while the frame waits or an overlay needs it
+    enqueued: float = 0.0  # monotonic time it started waiting for a batch
+    answered: bool = False  # set once, by the first answer
+    verdict: Verdict | None = None  # held only until released (the deadline heap outlives it)
+
+
+class PipelineCore:
+    """The bookkeeping of `Pipeline`; not thread-safe (the caller holds one lock around it).
+
+    Every verdict it decides ends, in release order, in `take_released()`.
+    """
+
+    def __init__(self, batch: BatchConfig, pipeline: PipelineConfig, n_stages: int, clock: Clock,
+                 metrics: Metrics | None = None) -> None:
+        if n_stages < 1:
+            raise ValueError("the pipeline needs at least one stage")
+        self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.max_batch = batch.max_batch
+        self.max_delay_s = batch.max_delay_ms / 1000.0
+        self.max_pending = pipeline.max_pending_frames
+        self.shed_policy = pipeline.shed_policy
+        self.deadline_s = pipeline.deadline_ms / 1000.0
+        self.deadline_from = pipeline.deadline_from
+        self.skew_tolerance_s = pipeline.clock_skew_tolerance_ms / 1000.0
+        self.max_batches_inside = n_stages + 1
+        self.stage_time_s = [0.0] * n_stages  # moving average per batch
+
+        self._seq = itertools.count()
+        self._cameras: dict[str, deque[Slot]] = {}  # reorder buffers: unreleased slots, receive order
+        self._deadlines: list[tuple[float, int, Slot]] = []  # heap
+        self._pending: dict[str, deque[Slot]] = {}  # waiting for a batch, per camera, oldest first
+        self._pending_count = 0
+        self._out: deque[Verdict] = deque()
+        self.batches_inside = 0
+        self.accepting = True
+        self.flushing = False  # send waiting frames at once (drain)
+        self.inflight = 0  # registered, not yet released
+
+        # cumulative statistics (periodic log summary)
+        self.received = 0
+        self.counts = {v: 0 for v in VERDICT_VALUES}
+        self.late = 0
+        self.latencies: deque[float] = deque(maxlen=100_000)  # received -> release, seconds
+
+    # ================================================================== frames in
+
+    def register(self, camera: str, frame_id: int, capture_ts: float, received_ts: float, received_mono: float,
+                 part_id: str | None = None) -> Slot:
+        """A frame to judge. Returns its slot, already answered when it cannot be judged at all
+        (capture time in the future, past its deadline on arrival)."""
+        age = 0.0
+        future = False
+        if self.deadline_from == "capture":
+            age = received_ts - capture_ts
+            future = -age > self.skew_tolerance_s
+            age = max(0.0, age)
+        slot = self._new_slot(camera, frame_id, capture_ts, received_mono, received_mono + self.deadline_s - age, part_id)
+        if future:
+            self.answer(slot, self._simple(slot, "error", FUTURE_CAPTURE))
+        elif age >= self.deadline_s:
+            self.answer(slot, self._simple(slot, "timeout", EXPIRED_ON_ARRIVAL))
+        return slot
+
+    def register_error(self, camera: str, frame_id: int, reason: str, capture_ts: float, received_mono: float,
+                       part_id: str | None = None) -> None:
+        """A frame that could not be decoded: answered `error` with `reason`, in its place."""
+        slot = self._new_slot(camera, frame_id, capture_ts, received_mono, received_mono, part_id)
+        self.answer(slot, self._simple(slot, "error", reason))
+
+    def _new_slot(self, camera: str, frame_id: int, capture_ts: float, received_mono: float, deadline: float,
+                  part_id: str | None) -> Slot:
+        slot = Slot(next(self._seq), camera, frame_id, capture_ts, received_mono, deadline, part_id)
+        buf = self._cameras.get(camera)
+        if buf is None:
+            buf = self._cameras[camera] = deque()
+        # Ingest decodes on several threads, so frames can be registered slightly out of
+        # receive order: insert by received_mono (scanning back from the tail, where it almost
+        # always belongs). A frame older than one already released cannot go before it any
+        # more; it then goes first among the unreleased ones.
+        i = len(buf)
+        while i > 0 and buf[i - 1].received_mono > received_mono:
+            i -= 1
+        buf.insert(i, slot)
+        self.inflight += 1
+        self.received += 1
+        heapq.heappush(self._deadlines, (deadline, slot.seq, slot))
+        self.metrics.frames_received.labels(camera=self.metrics.camera_label(camera)).inc()
+        return slot
+
+    def enqueue(self, slot: Slot, image: np.ndarray) -> None:
+        """Let a registered, unanswered frame wait for a batch (or shed one, when too many wait)."""
+        if slot.answered:
+            return
+        if not self.accepting:
+            self.answer(slot, self._simple(slot, "shed", SHUTTING_DOWN))
+            return
+        slot.image = image
+        slot.enqueued = self.clock.monotonic()
+        self._pending.setdefault(slot.camera, deque()).append(slot)
+        self._pending_count += 1
+        if self._pending_count > self.max_pending:
+            # the camera with the most frames waiting gives one up (ties: the longest waiting)
+            camera = max(self._pending, key=lambda c: (len(self._pending[c]), -self._pending[c][0].enqueued))
+            queue = self._pending[camera]
+            victim = queue.pop() if self.shed_policy == "newest" else queue.popleft()
+            self._forget_pending(camera)
+            self._pending_count -= 1
+            self.answer(victim, self._simple(victim, "shed", PENDING_FULL))
+
+    @property
+    def pending(self) -> int:
+        """Frames waiting for a batch."""
+        return self._pending_count
+
+    # ================================================================== batches
+
+    def batch_due_at(self) -> float | None:
+        """Monotonic time at which `take_batch` will return a batch, if nothing else changes;
+        None when it waits for something else (a frame, a batch leaving the stage graph)."""
+        if not self._pending_count or self.batches_inside >= self.max_batches_inside:
+            return None
+        if self._pending_count >= self.max_batch or self.flushing:
+            return self.clock.monotonic()
+        return min(q[0].enqueued for q in self._pending.values()) + self.max_delay_s
+
+    def take_batch(self) -> list[Slot] | None:
+        """The next batch, if one is due now: the frames to hand to stage 0 (their images in
+        `slot.image`). Frames past their deadline or unable to make it are answered here and
+        left out, and their places filled from the frames still waiting; the list is empty when
+        none was left (nothing entered the stage graph). None: no batch is due."""
+        due = self.batch_due_at()
+        if due is None or due > self.clock.monotonic():
+            return None
+        now, expected = self.clock.monotonic(), self.expected_latency_s()
+        live: list[Slot] = []
+        while len(live) < self.max_batch and self._pending_count:
+            for slot in self._pick(self.max_batch - len(live)):
+                # frames that cannot be judged in time are answered here, and their places
+                # go to the next waiting frames
+                if slot.deadline <= now:
+                    self.answer(slot, self._simple(slot, "timeout", DEADLINE_REASON))
+                elif slot.deadline - now < expected:
+                    self.answer(slot, self._simple(slot, "shed", UNREACHABLE_REASON))
+                else:
+                    live.append(slot)
+        if live:
+            self.batches_inside += 1
+            self.metrics.batch_size.observe(len(live))
+        return live
+
+    def _pick(self, n: int) -> list[Slot]:
+        """Take up to n waiting frames: round robin across cameras, longest-waiting camera first."""
+        picked: list[Slot] = []
+        cameras = sorted(self._pending, key=lambda c: self._pending[c][0].enqueued)
+        while len(picked) < n and cameras:
+            for camera in list(cameras):
+                queue = self._pending[camera]
+                picked.append(queue.popleft())
+                if not queue:
+                    self._forget_pending(camera)
+                    cameras.remove(camera)
+                if len(picked) == n:
+                    break
+        self._pending_count -= len(picked)
+        return picked
+
+    def _forget_pending(self, camera: str) -> None:
+        if not self._pending[camera]:
+            del self._pending[camera]
+
+    def expected_latency_s(self) -> float:
+        """Time a batch entering stage 0 now would take to its result: the batches already
+        inside wait for the slowest stage, then it passes every stage."""
+        return self.batches_inside * max(self.stage_time_s) + sum(self.stage_time_s)
+
+    def stage_finished(self, stage: int, seconds: float) -> None:
+        """Record one stage's time for one batch (feeds `expected_latency_s`)."""
+        old = self.stage_time_s[stage]
+        self.stage_time_s[stage] = seconds if old == 0.0 else 0.8 * old + 0.2 * seconds
+
+    def batch_left(self) -> None:
+        """A batch that `take_batch` returned has left the stage graph (finished, failed or abandoned)."""
+        self.batches_inside -= 1
+
+    def deliver(self, slot: Slot, verdict: Verdict) -> None:
+        """A detector result for `slot`; counted as late when the frame was already answered."""
+        if not self.answer(slot, verdict):
+            self.late += 1
+            self.metrics.late_results.inc()
+
+    # ================================================================== answers
+
+    @staticmethod
+    def _simple(slot: Slot, value: str, reason: str) -> Verdict:
+        return Verdict(camera=slot.camera, frame_id=slot.frame_id, verdict=value,
+                       capture_ts=slot.capture_ts, part_id=slot.part_id, reason=reason)
+
+    def answer(self, slot: Slot, verdict: Verdict) -> bool:
+        """The single place a frame gets its verdict: the first answer wins. Returns whether it won."""
+        if slot.answered:
+            return False
+        slot.answered = True
+        slot.verdict = verdict
+        slot.image = None
+        self._release(slot.camera)
+        return True
+
+    def answer_simple(self, slot: Slot, value: str, reason: str) -> bool:
+        """Answer with a verdict that carries only a value and a reason (error/timeout/shed)."""
+        return self.answer(slot, self._simple(slot, value, reason))
+
+    def _release(self, camera: str) -> None:
+        """Hand this camera's answered verdicts on, oldest first, up to the first unanswered frame."""
+        buf = self._cameras.get(camera)
+        if buf is None:
+            return
+        now_mono, now_wall = self.clock.monotonic(), self.clock.time()
+        m = self.metrics
+        label = m.camera_label(camera)
+        while buf and buf[0].answered:
+            slot = buf.popleft()
+            v = slot.verdict
+            assert v is not None
+            slot.verdict = None  # a heatmap must not live on in the deadline heap
+            v.latency_s = now_wall - slot.capture_ts
+            self._out.append(v)
+            self.inflight -= 1
+            self.counts[v.verdict] += 1
+            self.latencies.append(now_mono - slot.received_mono)
+            m.verdicts.labels(camera=label, verdict=v.verdict).inc()
+            m.capture_to_verdict.labels(camera=label).observe(max(0.0, v.latency_s))
+            if v.verdict == "timeout":
+                m.frames_timed_out.labels(camera=label).inc()
+            elif v.verdict == "shed":
+                m.frames_shed.labels(reason=v.reason or "").inc()
+            elif v.verdict == "error":
+                m.frame_errors.labels(reason=v.reason or "").inc()
+        if not buf:
+            del self._cameras[camera]
+
+    def take_released(self) -> list[Verdict]:
+        """Verdicts ready to publish, in release order; clears them."""
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def has_released(self) -> bool:
+        return bool(self._out)
+
+    # ================================================================== deadlines
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a frame that may still be unanswered."""
+        while self._deadlines and self._deadlines[0][2].answered:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def expire(self) -> int:
+        """Answer `timeout` every frame whose deadline has passed. Returns how many."""
+        now = self.clock.monotonic()
+        n = 0
+        while self._deadlines and self._deadlines[0][0] <= now:
+            slot = heapq.heappop(self._deadlines)[2]
+            if self.answer(slot, self._simple(slot, "timeout", DEADLINE_REASON)):
+                n += 1
+        return n
+
+    # ================================================================== shutdown
+
+    def stop_accepting(self) -> None:
+        """Frames registered from now on are answered `shed` (shutting_down); waiting ones go
+        out at once instead of waiting for company."""
+        self.accepting = False
+        self.flushing = True
+
+    def answer_all_unanswered(self, value: str = "timeout", reason: str = SHUTDOWN_REASON) -> None:
+        """Answer every frame that has no verdict yet (the pipeline stops)."""
+        for camera in list(self._pending):
+            for slot in self._pending.pop(camera):
+                self.answer(slot, self._simple(slot, value, reason))
+        self._pending_count = 0
+        for buf in list(self._cameras.values()):
+            for slot in list(buf):
+                if not slot.answered:
+                    self.answer(slot, self._simple(slot, value, reason))
+
+    def idle(self) -> bool:
+        """Nothing in flight and nothing waiting to be published."""
+        return not self.inflight and not self._out
+
+    def stats(self) -> dict[str, Any]:
+        """Cumulative counts: received, verdicts by value, late results, in flight."""
+        return {"received": self.received, "verdicts": dict(self.counts), "late_results": self.late,
+                "inflight": self.inflight}
