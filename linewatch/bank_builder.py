@@ -183,6 +183,7 @@ def build_bank(
     manifest = {
         "linewatch_version": __version__,
         "identity": identity,
+        "settings": det.fingerprint_settings(),  # what config_hash covers, to name a difference
         "images": len(good),
         "source": str(Path(good_dir).resolve()),
         "source_files": [p.name for p in good_paths],

@@ -107,12 +107,14 @@ def cmd_bank_info(args: argparse.Namespace) -> int:
 
 
 def load_inspector(config, bank_path: str | None):
-    """Config + bank -> a ready Inspector (bank identity checked against the config's models)."""
+    """Config + bank -> a ready Inspector (bank identity checked against the config's models,
+    settings and calibration target)."""
     from linewatch.detector.bank import TemplateBank
     from linewatch.detector.inspector import Inspector
     from linewatch.detector.models import build_models, select_device
 
     bank = TemplateBank.load(bank_path or config.bank.path)
+    bank.check_calibration(config.calibration.target_false_reject_rate, source=f"bank {bank_path or config.bank.path}")
     device = select_device(config.detector.device)
     models = build_models(config.detector, device)
     return Inspector(config.detector, models, bank, device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -117,16 +117,34 @@ class DetectorConfig(_Section):
             )
         return self
 
+    # Settings that change neither what the bank holds nor any score, so a bank stays valid
+    # when they change. Every other key of this section is part of the bank's fingerprint
+    # (tests/ops/test_configs.py walks the schema, so a new key cannot be left out by mistake).
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({
+        "device",  # where the same computation runs
+        "samlad.weights_dir",  # where checkpoint files are looked up, not which ones
+    })
+
+    def fingerprint_settings(self) -> dict[str, object]:
+        """Every setting that changes what the template bank holds, a score or the calibrated
+        threshold, flattened to "key.path": value (the other backend's section left out)."""
+        dumped = self.model_dump(mode="json")
+        dumped.pop("samlad" if self.backend == "classic" else "classic")
+        flat: dict[str, object] = {}
+
+        def walk(prefix: str, value: object) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    walk(f"{prefix}{key}.", item)
+            else:
+                flat[prefix[:-1]] = value
+
+        walk("", dumped)
+        return {key: value for key, value in sorted(flat.items()) if key not in self.NOT_IN_FINGERPRINT}
+
     def identity_hash(self) -> str:
-        """Hash of every setting that changes what the template bank holds or how it is read."""
-        relevant = self.model_dump(include={"backend", "image_size", "objects", "classic", "samlad"})
-        # only the descriptor settings of matching change what the bank holds
-        relevant["descriptors"] = [self.matching.dcga_kernel_size, self.matching.context_weight]
-        if self.backend == "classic":
-            relevant.pop("samlad")
-        else:
-            relevant.pop("classic")
-        blob = json.dumps(relevant, sort_keys=True).encode()
+        """Hash of `fingerprint_settings()`: a bank built under another value of any of them is refused."""
+        blob = json.dumps(self.fingerprint_settings(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

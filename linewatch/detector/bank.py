@@ -142,16 +142,34 @@ class TemplateBank:
         except BankError as e:
             raise BankError(f"{path}: {e}") from None
 
-    def check_identity(self, expected: dict[str, str], source: str = "bank") -> None:
-        """Refuse a bank built with other models or settings; the message lists the differences."""
+    def check_identity(self, expected: dict[str, str], source: str = "bank",
+                       settings: dict[str, object] | None = None) -> None:
+        """Refuse a bank built with other models or settings; the message lists the differences
+        (with `settings`, the config's `fingerprint_settings()`, each setting that differs)."""
         have = self.manifest.get("identity", {})
         differences = [
             f"  {key}: bank has {have.get(key)!r}, this config has {expected.get(key)!r}"
             for key in IDENTITY_KEYS
             if have.get(key) != expected.get(key)
         ]
+        built = self.manifest.get("settings")
+        if differences and settings is not None and isinstance(built, dict):
+            for key in sorted(set(built) | set(settings)):
+                if built.get(key, "(absent)") != settings.get(key, "(absent)"):
+                    differences.append(f"  detector.{key}: bank built with {built.get(key, '(absent)')!r}, "
+                                        f"this config has {settings.get(key, '(absent)')!r}")
         if differences:
             raise BankError(
                 f"{source}: this bank was built with another model or config; rebuild it with "
                 "`linewatch bank build` or use the matching config:\n" + "\n".join(differences)
+            )
+
+    def check_calibration(self, target_false_reject_rate: float, source: str = "bank") -> None:
+        """Refuse a bank whose threshold was calibrated for another false-reject target."""
+        built = self.manifest.get("calibration", {}).get("target_false_reject_rate")
+        if built is not None and built != target_false_reject_rate:
+            raise BankError(
+                f"{source}: its threshold was calibrated for calibration.target_false_reject_rate = {built}, "
+                f"this config asks for {target_false_reject_rate}; rebuild the bank with this config "
+                "(`linewatch bank build`) or set the config back"
             )

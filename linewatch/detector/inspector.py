@@ -212,7 +212,7 @@ class Inspector:
         self.backend = config.backend
         self.descriptor_mean: Tensor | None = None
         if bank is not None:
-            bank.check_identity(self.identity(), source=f"bank {bank.bank_id}")
+            bank.check_identity(self.identity(), source=f"bank {bank.bank_id}", settings=config.fingerprint_settings())
             if bank.size < config.k_references:
                 raise BankError(
                     f"bank {bank.bank_id} holds {bank.size} good images, fewer than detector.k_references = "

@@ -309,3 +309,12 @@ def test_check_identity_bank_without_identity():
     with pytest.raises(BankError) as info:
         bank.check_identity(dict(IDENTITY))
     assert all(f"  {key}:" in str(info.value) for key in IDENTITY_KEYS)
+
+
+def test_check_calibration_refuses_another_false_reject_target():
+    bank = make_bank(calibration={"threshold": 1.25, "target_false_reject_rate": 0.005})
+    bank.check_calibration(0.005)
+    with pytest.raises(BankError) as info:
+        bank.check_calibration(0.001, source="bank abc")
+    assert str(info.value).startswith("bank abc: its threshold was calibrated for calibration.target_false_reject_rate = 0.005")
+    assert "0.001" in str(info.value)

@@ -235,25 +235,27 @@ def test_bank_smaller_than_k_is_refused_at_construction(bank):
         Inspector(other.detector, build_models(other.detector, CPU), bank, CPU)
 
 
-def test_bank_smaller_than_k_fails_with_bank_error(bank):
-    data = small_config().model_dump()
-    data["detector"]["k_references"] = bank.size + 1
-    other = config_from_dict(data)
-    try:
-        inspector = Inspector(other.detector, build_models(other.detector, CPU), bank, CPU)
-    except BankError as e:
-        assert "k_references" in str(e)
-        return
-    with pytest.raises(BankError, match=f"k_references={bank.size + 1}"):
-        inspector.inspect([frame(0)[0]])
-
-
-def test_runtime_only_settings_accept_the_bank(bank):
-    """k_references, smoothing and matching thresholds do not change what the bank holds."""
+def test_bank_calibrated_under_other_scoring_settings_is_refused_naming_them(bank):
+    # Fault run: a bank built with k=2 and smoothing 4 served under k=3 and smoothing 2, with
+    # the old threshold, and false rejects went from 1/20 to 5/20 without a word.
     data = small_config().model_dump()
     data["detector"]["k_references"] = 3
     data["detector"]["measure"]["smoothing_sigma"] = 1.0
     data["detector"]["matching"]["match_threshold"] = 0.3
+    other = config_from_dict(data)
+    with pytest.raises(BankError) as info:
+        Inspector(other.detector, build_models(other.detector, CPU), bank, CPU)
+    message = str(info.value)
+    assert "detector.k_references: bank built with 2, this config has 3" in message
+    assert "detector.measure.smoothing_sigma: bank built with 4.0, this config has 1.0" in message
+    assert "detector.matching.match_threshold: bank built with 0.2, this config has 0.3" in message
+
+
+def test_settings_outside_the_fingerprint_accept_the_bank(bank):
+    data = small_config().model_dump()
+    data["detector"]["device"] = "auto"  # small_config says "cpu"
+    data["detector"]["samlad"]["weights_dir"] = "/elsewhere"
+    data["runtime"]["pipeline"]["deadline_ms"] = 50.0
     other = config_from_dict(data)
     inspector = Inspector(other.detector, build_models(other.detector, CPU), bank, CPU)
     result = inspector.inspect([frame(0)[0]])[0]
