@@ -76,9 +76,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
-    from linewatch.runtime.tap import tap
+    from linewatch.runtime.tap import SequenceGaps, tap
 
-    seen = tap(args.endpoint, count=args.count, timeout_s=args.timeout, cameras=args.camera or None)
+    gaps = SequenceGaps()
+    seen = tap(args.endpoint, count=args.count, timeout_s=args.timeout, cameras=args.camera or None, gaps=gaps)
+    if gaps.lost:
+        print(f"linewatch: {gaps.lost} verdict(s) were lost on the way to this tap (gaps in seq)", file=sys.stderr)
     if args.count is not None and seen < args.count:
         print(f"linewatch: tap saw {seen} of {args.count} verdicts before the timeout", file=sys.stderr)
         return 1

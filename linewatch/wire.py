@@ -27,7 +27,9 @@ imagezmq messages (imagezmq 1.x `ImageSender`), two parts, no topic::
     send_jpg:   [JSON {"msg": str}, JPEG bytes]
 
 The camera id is `msg` up to its first "|" ("host|anything" -> "host"); frame ids are
-assigned by the receiver, and capture_ts is the receive time.
+assigned by the receiver (receive time in microseconds since the epoch, strictly increasing
+per camera, so they stay unique when sender or daemon restart), and capture_ts is the
+receive time.
 
 Verdict message (linewatch -> actuators, taps)::
 
@@ -35,6 +37,7 @@ Verdict message (linewatch -> actuators, taps)::
     topic   camera id, UTF-8
     header  {"v": 1, "camera", "frame_id", "part_id", "verdict", "score", "threshold",
              "objects", "reason", "capture_ts", "latency_s", "backend", "bank_id", "timings",
+             "id", "run_id", "seq",
              "attachments": [...]}   one entry per extra part, in order:
              {"kind": "heatmap", "encoding": "png16", "shape": [H, W], "offset": o, "scale": s}
                  16-bit grey PNG; value = offset + pixel * scale
@@ -495,6 +498,9 @@ def encode_verdict(verdict: Verdict, heatmap: str = "none", overlay: bool = Fals
         "backend": verdict.backend,
         "bank_id": verdict.bank_id,
         "timings": verdict.timings,
+        "id": verdict.id,
+        "run_id": verdict.run_id,
+        "seq": verdict.seq,
         "attachments": attachments,
     }
     blob = json.dumps(_jsonable(header), allow_nan=False).encode("utf-8")
@@ -562,4 +568,6 @@ def decode_verdict(parts: Sequence[Buffer]) -> Verdict:
         heatmap=heat,
         overlay_jpeg=overlay_jpeg,
         timings=header.get("timings") or {},
+        run_id=header.get("run_id") if isinstance(header.get("run_id"), str) else None,
+        seq=header.get("seq") if _is_int(header.get("seq")) else None,
     )

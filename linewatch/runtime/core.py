@@ -11,7 +11,10 @@ What it keeps:
   gets its verdict, and the first answer wins: a later one (a detector result after the
   frame timed out, say) is discarded and counted as late. Exactly one verdict per frame.
 * **Release order.** Verdicts leave in receive order per camera (a reorder buffer per camera:
-  a verdict waits until every earlier frame of its camera is answered).
+  a verdict waits until every earlier frame of its camera is answered), numbered 0, 1, 2, ...
+  in release order with a random id of this run (`run_id`, `seq`): the verdict id
+  "<run_id>-<seq>" is unique across restarts, and a subscriber that sees a gap in `seq` knows
+  it lost that many verdicts.
 * **Deadlines, from capture.** `deadline_ms` is the capture->verdict budget, the time until the
   part reaches the reject gate. A frame's deadline on this host's monotonic clock is
   `received_mono + deadline - age`, with `age = received_ts - capture_ts` (how old it was when
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import secrets
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -82,10 +86,14 @@ class PipelineCore:
     """
 
     def __init__(self, batch: BatchConfig, pipeline: PipelineConfig, n_stages: int, clock: Clock,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, run_id: str | None = None) -> None:
         if n_stages < 1:
             raise ValueError("the pipeline needs at least one stage")
         self.clock = clock
+        # Verdict ids "<run_id>-<seq>": unique across restarts of this daemon and of senders,
+        # whose frame ids may start again at 0.
+        self.run_id = run_id if run_id is not None else secrets.token_hex(6)
+        self._verdict_seq = itertools.count()
         self.metrics = metrics if metrics is not None else Metrics()
         self.max_batch = batch.max_batch
         self.max_delay_s = batch.max_delay_ms / 1000.0
@@ -295,6 +303,7 @@ class PipelineCore:
             assert v is not None
             slot.verdict = None  # a heatmap must not live on in the deadline heap
             v.latency_s = now_wall - slot.capture_ts
+            v.run_id, v.seq = self.run_id, next(self._verdict_seq)
             self._out.append(v)
             self.inflight -= 1
             self.counts[v.verdict] += 1

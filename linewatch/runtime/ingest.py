@@ -109,7 +109,7 @@ class Ingest:
         self._workers: list[threading.Thread] = []
         self._started = False
         self._stopped = False
-        self._ids: dict[str, int] = {}  # next frame id per imagezmq camera
+        self._ids: dict[str, int] = {}  # last frame id per imagezmq camera
         self._limiter = _RateLimiter(REPORT_INTERVAL_S)
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = {"received": 0, "frames": 0, "errors": {}, "suppressed": {}}
@@ -253,7 +253,7 @@ class Ingest:
                 received_mono,
             )
             return
-        frame_id = None if protocol == "linewatch" else self._next_id(camera)
+        frame_id = None if protocol == "linewatch" else self._next_id(camera, received_ts)
         job = (protocol, parts, received_ts, received_mono, frame_id)
         if max(len(p) for p in parts) > self._config.max_payload_bytes:
             self._decode(job)  # refused after reading the header only; don't queue the bytes
@@ -267,10 +267,15 @@ class Ingest:
                     self._error(WireError("decode_failed", camera, frame_id, "decode workers stopped"), received_mono)
                     return
 
-    def _next_id(self, camera: str) -> int:
+    def _next_id(self, camera: str, received_ts: float) -> int:
+        """An imagezmq frame id: the receive time in microseconds since the epoch, made strictly
+        increasing per camera. Unlike a counter from 0 it does not repeat when the sender or
+        the daemon restarts, so camera + frame id keeps naming one part."""
         with self._lock:
-            frame_id = self._ids.get(camera, 0)
-            self._ids[camera] = frame_id + 1
+            frame_id = max(int(received_ts * 1_000_000), self._ids.get(camera, -1) + 1)
+            if camera not in self._ids and len(self._ids) >= MAX_TRACKED_KEYS:
+                self._ids.clear()  # ids stay unique by time alone; only the +1 tie-break resets
+            self._ids[camera] = frame_id
             return frame_id
 
     # ------------------------------------------------------------ decoding

@@ -41,6 +41,8 @@ class Publisher:
         self._abort = threading.Event()
         self._close_lock = threading.Lock()
         self._published = 0
+        self._unsent = 0  # queued and not yet handed to ZMQ (or given up on)
+        self._idle = threading.Condition()
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
@@ -82,7 +84,14 @@ class Publisher:
         """Queue one verdict for sending; never blocks. Raises RuntimeError after close()."""
         if self._closed:
             raise RuntimeError(f"publish after close: {verdict.camera} #{verdict.frame_id} {verdict.verdict}")
+        with self._idle:
+            self._unsent += 1
         self._queue.put(verdict)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every verdict published so far has been handed to ZMQ; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unsent == 0, timeout_s)
 
     def close(self, drain_timeout_s: float = 2.0) -> None:
         """Send what is queued (up to `drain_timeout_s`, ZMQ linger included), then close. Idempotent."""
@@ -103,24 +112,32 @@ class Publisher:
             self._context.term()
 
     def _send_loop(self) -> None:
-        heatmap, overlay = self._config.heatmap, self._config.overlay_jpeg
         while not self._abort.is_set():
             verdict = self._queue.get()
             if verdict is None:
                 break
             try:
-                parts = wire.encode_verdict(verdict, heatmap, overlay)
-            except Exception:
-                self._log.exception("verdict attachments failed; sending without", camera=verdict.camera, frame_id=verdict.frame_id)
-                try:
-                    parts = wire.encode_verdict(verdict, "none", False)
-                except Exception:
-                    self._log.exception("verdict could not be encoded", camera=verdict.camera, frame_id=verdict.frame_id)
-                    continue
-            try:
-                self._socket.send_multipart(parts, copy=False)
-                self._published += 1
-            except zmq.ZMQError as e:
-                self._log.error("verdict send failed", camera=verdict.camera, frame_id=verdict.frame_id, error=str(e))
+                self._send(verdict)
+            finally:
+                with self._idle:
+                    self._unsent -= 1
+                    self._idle.notify_all()
         linger_ms = max(0, int((self._drain_deadline - time.monotonic()) * 1000)) if not self._abort.is_set() else 0
         self._socket.close(linger=linger_ms)
+
+    def _send(self, verdict: Verdict) -> None:
+        heatmap, overlay = self._config.heatmap, self._config.overlay_jpeg
+        try:
+            parts = wire.encode_verdict(verdict, heatmap, overlay)
+        except Exception:
+            self._log.exception("verdict attachments failed; sending without", camera=verdict.camera, frame_id=verdict.frame_id)
+            try:
+                parts = wire.encode_verdict(verdict, "none", False)
+            except Exception:
+                self._log.exception("verdict could not be encoded", camera=verdict.camera, frame_id=verdict.frame_id)
+                return
+        try:
+            self._socket.send_multipart(parts, copy=False)
+            self._published += 1
+        except zmq.ZMQError as e:
+            self._log.error("verdict send failed", camera=verdict.camera, frame_id=verdict.frame_id, error=str(e))

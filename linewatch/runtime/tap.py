@@ -6,6 +6,11 @@
 ZMQ subscriptions match topic prefixes ("cam1" also matches "cam10"), so the camera filter
 is applied exactly after receiving. A tap that connects late misses earlier verdicts (PUB/SUB
 keeps no history).
+
+Verdicts lost on the way (ZeroMQ's PUB drops them for a subscriber whose queue is full, and
+tells nobody) show as gaps in the verdicts' `seq`, which counts 0, 1, 2, ... per daemon run
+over all cameras: `SequenceGaps` counts them. This needs every verdict, so it only works for
+a subscription to all cameras (filter locally instead of subscribing to one).
 """
 
 from __future__ import annotations
@@ -45,6 +50,33 @@ def format_verdict(verdict: Verdict) -> str:
     return " ".join(items)
 
 
+class SequenceGaps:
+    """Counts verdicts lost between the daemon and this subscriber, from gaps in `seq`.
+
+    A new `run_id` (the daemon restarted) starts counting afresh; the first verdict seen of a
+    run sets the start (verdicts before a late subscriber connected are not losses).
+    """
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self._next = 0
+        self.lost = 0  # verdicts missing from the sequence so far
+        self.runs = 0  # daemon runs seen
+
+    def observe(self, verdict: Verdict) -> int:
+        """Account for one verdict; returns how many were lost just before it."""
+        if verdict.run_id is None or verdict.seq is None:
+            return 0
+        if verdict.run_id != self.run_id:
+            self.run_id, self._next = verdict.run_id, verdict.seq + 1
+            self.runs += 1
+            return 0
+        missing = max(0, verdict.seq - self._next)
+        self.lost += missing
+        self._next = max(self._next, verdict.seq + 1)
+        return missing
+
+
 def tap(
     endpoint: str,
     callback: Callable[[Verdict], None] | None = None,
@@ -53,10 +85,12 @@ def tap(
     cameras: Iterable[str] | None = None,
     mode: str = "connect",
     stop: threading.Event | None = None,
+    gaps: SequenceGaps | None = None,
 ) -> int:
     """Receive verdicts from `endpoint` until `count` were seen, `timeout_s` (total wall time)
     passed or `stop` is set. Each verdict goes to `callback` (default: print its line).
     Undecodable messages are logged and skipped. Returns the number of verdicts seen.
+    `gaps`, with no camera filter, counts the verdicts lost on the way (each gap is logged).
     """
     log = structlog.get_logger("linewatch.tap")
     wanted = set(cameras) if cameras else None
@@ -90,6 +124,10 @@ def tap(
                 continue
             if wanted is not None and verdict.camera not in wanted:
                 continue
+            if gaps is not None and wanted is None:
+                missing = gaps.observe(verdict)
+                if missing:
+                    log.warning("verdicts lost", count=missing, before=verdict.id, total_lost=gaps.lost)
             seen += 1
             handle(verdict)
     finally:

@@ -48,6 +48,15 @@ class Verdict:
     heatmap: np.ndarray | None = None  # float32 (H, W) at input resolution, when configured
     overlay_jpeg: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Set when the verdict is released: the daemon run (random, new at every start) and the
+    # verdict's number within it (0, 1, 2, ... in publish order, so a gap is a lost verdict).
+    run_id: str | None = None
+    seq: int | None = None
+
+    @property
+    def id(self) -> str | None:
+        """Unique across daemon and sender restarts: "<run_id>-<seq>"."""
+        return None if self.run_id is None or self.seq is None else f"{self.run_id}-{self.seq}"
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICT_VALUES:
