@@ -136,7 +136,7 @@ class Daemon:
             self.pipeline.start()
             self.publisher = Publisher(self.config.publish, log=self.log)
             m.track_queue("publish", lambda: self.publisher.pending)
-            self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log)
+            self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m)
             self.ingest.start()
         except Exception:
             self.stop()  # release what did start (threads, sockets, the HTTP port)

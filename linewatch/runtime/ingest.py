@@ -48,35 +48,17 @@ import zmq
 
 from linewatch import wire
 from linewatch.config import EndpointConfig, IngestConfig
+from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
+from linewatch.runtime.logs import RateLimiter
+from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.types import Frame
 from linewatch.wire import WireError
 
 POLL_MS = 100  # receive/put/get timeouts: how quickly stop() is noticed
-REPORT_INTERVAL_S = 1.0  # at most one rate-limited error per key per interval
+REPORT_INTERVAL_S = 1.0  # at most one unaddressable/unknown-camera error verdict per key per interval
+LOG_INTERVAL_S = 10.0  # at most one "frame refused" log line per reason per interval
 MAX_TRACKED_KEYS = 256  # distinct rate-limit keys remembered; beyond, they share one key
 MAXMSGSIZE_FLOOR = 1 << 30
-
-
-class _RateLimiter:
-    """Decides whether an error for `key` is reported now; counts the suppressed ones."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str, now: float) -> int | None:
-        """None: suppress this one. Otherwise: report it, with this many suppressed before."""
-        with self._lock:
-            if key not in self._last and len(self._last) >= MAX_TRACKED_KEYS:
-                key = "<other>"
-            last = self._last.get(key)
-            if last is not None and now - last < self._interval_s:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return None
-            self._last[key] = now
-            return self._suppressed.pop(key, 0)
 
 
 class Ingest:
@@ -94,8 +76,12 @@ class Ingest:
         on_frame: Callable[[Frame], None],
         on_error: Callable[[WireError, float], None],
         log: Any = None,
+        metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._config = config
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._clock = clock
         self._on_frame = on_frame
         self._on_error = on_error
         self._log = log if log is not None else structlog.get_logger("linewatch.ingest")
@@ -110,7 +96,8 @@ class Ingest:
         self._started = False
         self._stopped = False
         self._ids: dict[str, int] = {}  # last frame id per imagezmq camera
-        self._limiter = _RateLimiter(REPORT_INTERVAL_S)
+        self._limiter = RateLimiter(REPORT_INTERVAL_S, MAX_TRACKED_KEYS)
+        self._log_limiter = RateLimiter(LOG_INTERVAL_S, MAX_TRACKED_KEYS)
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = {"received": 0, "frames": 0, "errors": {}, "suppressed": {}}
 
@@ -223,10 +210,11 @@ class Ingest:
             except zmq.Again:
                 continue
             except zmq.ZMQError as e:
+                self._metrics.messages_dropped.labels(reason="receive_failed").inc()
                 self._log.error("ingest receive failed", endpoint=endpoint.url, error=str(e))
-                time.sleep(POLL_MS / 1000)
+                self._stopping.wait(POLL_MS / 1000)
                 continue
-            received_ts, received_mono = time.time(), time.monotonic()
+            received_ts, received_mono = self._clock.time(), self._clock.monotonic()
             if reply:
                 try:
                     sock.send(b"OK")
@@ -236,6 +224,7 @@ class Ingest:
             try:
                 self._triage(endpoint.protocol, parts, received_ts, received_mono)
             except Exception:  # never let one message stop the endpoint
+                self._metrics.messages_dropped.labels(reason="internal_error").inc()
                 self._log.exception("ingest failed on a message", endpoint=endpoint.url)
 
     def _triage(self, protocol: str, parts: list[memoryview], received_ts: float, received_mono: float) -> None:
@@ -288,6 +277,7 @@ class Ingest:
             try:
                 self._decode(job)
             except Exception:
+                self._metrics.messages_dropped.labels(reason="internal_error").inc()
                 self._log.exception("ingest decode worker failed on a message")
 
     def _decode(self, job: tuple) -> None:
@@ -320,19 +310,25 @@ class Ingest:
     # ------------------------------------------------------------ errors
 
     def _error(self, error: WireError, received_mono: float) -> None:
+        """Answer a refused frame (an `error` verdict); the log line is rate-limited per reason."""
         self._count("errors", error.reason)
-        self._log.warning(
-            "frame refused", reason=error.reason, camera=error.camera, frame_id=error.frame_id, detail=error.detail
-        )
+        held_back = self._log_limiter.allow(error.reason, self._clock.monotonic())
+        if held_back is not None:
+            self._log.warning("frame refused", reason=error.reason, camera=error.camera, frame_id=error.frame_id,
+                              detail=error.detail, not_logged_since_last=held_back)
         try:
             self._on_error(error, received_mono)
         except Exception:
             self._log.exception("on_error callback failed", reason=error.reason)
 
     def _report_limited(self, key: str, error: WireError, received_mono: float) -> None:
+        """A message nobody can be answered for (no readable camera id, or a camera outside the
+        allow-list): at most one `error` verdict per key per second; the others are dropped
+        and counted (linewatch_messages_dropped_total{reason})."""
         suppressed = self._limiter.allow(key, received_mono)
         if suppressed is None:
             self._count("suppressed", error.reason)
+            self._metrics.messages_dropped.labels(reason=error.reason).inc()
             return
         if suppressed:
             detail = f"{error.detail} ({suppressed} more dropped since the last report)"

@@ -46,6 +46,34 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> An
     return structlog.get_logger("linewatch")
 
 
+class RateLimiter:
+    """Decides whether an event for `key` is reported now; counts the ones it holds back.
+
+    At most one report per key per `interval_s` (by the caller's clock readings). At most
+    `max_keys` keys are remembered (a sender cycling through camera ids must not grow it);
+    beyond that, new keys share the key "<other>". Thread-safe.
+    """
+
+    def __init__(self, interval_s: float, max_keys: int = 256) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None: hold this one back. Otherwise: report it, with this many held back before it."""
+        with self._lock:
+            if key not in self._last and len(self._last) >= self.max_keys:
+                key = "<other>"
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._suppressed.pop(key, 0)
+
+
 def percentile_ms(values: list[float], q: float) -> float | None:
     """The q-th percentile (0..100) of `values` (seconds), in milliseconds; None when empty."""
     if not values:

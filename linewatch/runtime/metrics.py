@@ -84,6 +84,10 @@ class Metrics:
         self.frames_timed_out = Counter(
             "linewatch_frames_timed_out", "Frames answered `timeout` at their deadline.", ["camera"], registry=r
         )
+        self.messages_dropped = Counter(
+            "linewatch_messages_dropped", "Messages taken off an ingest socket that got no verdict, by reason "
+            "(rate-limited refusals nobody can be answered for, receive or internal failures).", ["reason"], registry=r,
+        )
         self.late_results = Counter(
             "linewatch_late_results", "Detector results discarded because the frame was already answered.", registry=r
         )

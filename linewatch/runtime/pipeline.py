@@ -36,6 +36,7 @@ from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.core import SHUTDOWN_REASON, PipelineCore, Slot
+from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.types import Frame, Verdict
 
@@ -149,7 +150,7 @@ class Pipeline:
 
         self._queues: list[queue.Queue[_Batch]] = [queue.Queue(pipeline.stage_queue_size) for _ in self._stages]
         self._busy_since: list[float | None] = [None] * len(self._stages)
-        self._fail_log: dict[str, tuple[float, int]] = {}  # stage -> (last logged, suppressed)
+        self._fail_log = RateLimiter(10.0)  # one stage_failed line per stage per 10 s
         self._threads: list[threading.Thread] = [threading.Thread(target=self._intake_loop, name="lw-intake", daemon=True)]
         for i, (name, _) in enumerate(self._stages):
             self._threads.append(threading.Thread(target=self._stage_loop, args=(i,), name=f"lw-stage-{name}", daemon=True))
@@ -428,14 +429,10 @@ class Pipeline:
                 self.core.answer_simple(s, "error", reason)
             self._changed()
         # One log line per stage per 10 s at most: a bad input stream must not flood journald.
-        now = self.clock.monotonic()
-        last, suppressed = self._fail_log.get(name, (-1e9, 0))
-        if now - last >= 10.0:
+        held_back = self._fail_log.allow(name, self.clock.monotonic())
+        if held_back is not None:
             self.log.error("stage_failed", stage=name, frames=len(batch.slots), error=repr(e),
-                           suppressed=suppressed, exc_info=e)
-            self._fail_log[name] = (now, 0)
-        else:
-            self._fail_log[name] = (last, suppressed + 1)
+                           not_logged_since_last=held_back, exc_info=e)
 
     def _deliver(self, batch: _Batch) -> None:
         """Turn the last stage's results into verdicts (overlays rendered outside the lock)."""
