@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-zmq = pytest.importorskip("zmq")
+import zmq
 
 from linewatch import wire  # noqa: E402
 from linewatch.sim import render  # noqa: E402
@@ -298,3 +298,29 @@ def test_serve_missing_bank_says_how_to_build_one(tmp_path):
     assert res.returncode == 2, res.stdout + res.stderr
     assert "nope.lwbank" in res.stderr and "linewatch bank build" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("which", ["ingest", "publish", "metrics"])
+def test_a_port_in_use_is_one_line_of_error(small_bank, tmp_path, which):
+    # Fault run: an ingest port in use printed JSON log lines before the one-line error.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        urls = {name: f"tcp://127.0.0.1:{port if name == which else free_port()}" for name in ("ingest", "publish")}
+        config = {
+            "detector": DETECTOR,
+            "bank": {"path": str(small_bank)},
+            "runtime": {
+                "ingest": {"endpoints": [{"url": urls["ingest"]}]},
+                "publish": {"url": urls["publish"]},
+                "metrics": {"port": port if which == "metrics" else 0},
+            },
+        }
+        cfg = tmp_path / "taken.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        res = _run_cli("serve", "-c", str(cfg))
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("linewatch: error: ") and str(port) in lines[0] and "in use" in lines[0], lines[0]

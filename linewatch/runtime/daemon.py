@@ -102,6 +102,7 @@ class Daemon:
         self.ingest: Any = None
         self.publisher: Any = None
         self._listening = False
+        self._served = False  # start() completed once
         self._stopping = False
         self._stopped = threading.Event()
         self._signal = threading.Event()
@@ -142,6 +143,7 @@ class Daemon:
             self.stop()  # release what did start (threads, sockets, the HTTP port)
             raise
         self._listening = True
+        self._served = True
         self.summary.start()
         m.ready.set(1)
         interval = watchdog_interval_s()
@@ -202,7 +204,8 @@ class Daemon:
             pass
         if self.health is not None:
             self.health.stop()
-        self.log.info("stopped", drained=clean, inflight_at_stop=before, drain_s=round(time.monotonic() - t0, 3))
+        if self._served:  # a start that failed says so in one line (its exception), nothing more
+            self.log.info("stopped", drained=clean, inflight_at_stop=before, drain_s=round(time.monotonic() - t0, 3))
 
     # ------------------------------------------------------------------ checks
 

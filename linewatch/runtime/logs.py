@@ -108,10 +108,11 @@ class SummaryLogger:
         self._thread.start()
 
     def stop(self) -> None:
-        """Write a last summary and stop the thread."""
+        """Write a last summary and stop the thread (nothing, when it never started)."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2.0)
+        if not self._thread.is_alive() and self._thread.ident is None:
+            return
+        self._thread.join(2.0)
         self.emit()
 
     @property
