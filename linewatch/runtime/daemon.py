@@ -20,6 +20,7 @@ from typing import Any
 
 import linewatch
 from linewatch.config import RuntimeConfig
+from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.health import HealthServer
 from linewatch.runtime.logs import SummaryLogger, configure_logging
 from linewatch.runtime.metrics import CameraLabels, Metrics
@@ -85,9 +86,11 @@ class Daemon:
     """
 
     def __init__(self, config: RuntimeConfig, processor: Processor, log: Any = None,
-                 summary_interval_s: float = 60.0, drain_timeout_s: float | None = None) -> None:
+                 summary_interval_s: float = 60.0, drain_timeout_s: float | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         self.processor = processor
+        self.clock = clock
         # Without a logger from the caller, the daemon sets up logging from its own config.
         self.log = log if log is not None else configure_logging(config.logging)
         self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels, config.ingest.cameras))
@@ -96,7 +99,7 @@ class Daemon:
         if config.publish.overlay_jpeg:
             from linewatch.overlay import overlay_jpeg as overlay
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
-                                 overlay=overlay)
+                                 overlay=overlay, clock=clock)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
         self.health: HealthServer | None = None
         self.ingest: Any = None
@@ -137,7 +140,8 @@ class Daemon:
             self.pipeline.start()
             self.publisher = Publisher(self.config.publish, log=self.log)
             m.track_queue("publish", lambda: self.publisher.pending)
-            self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m)
+            self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m,
+                                 clock=self.clock)
             self.ingest.start()
         except Exception:
             self.stop()  # release what did start (threads, sockets, the HTTP port)
@@ -245,7 +249,7 @@ class Daemon:
         try:
             camera = err.camera if err.camera is not None else ""
             frame_id = err.frame_id if err.frame_id is not None else -1
-            self.pipeline.submit_error(camera, frame_id, err.reason, received_mono, time.time())
+            self.pipeline.submit_error(camera, frame_id, err.reason, received_mono, self.clock.time())
             self.log.debug("wire_error", camera=camera, frame_id=frame_id, reason=err.reason, detail=err.detail)
         except Exception as e:  # noqa: BLE001
             self.log.error("submit_error_failed", error=repr(e))
@@ -257,15 +261,22 @@ class Daemon:
         self._signal.set()
 
     def _watchdog_loop(self, interval: float) -> None:
-        """WATCHDOG=1 only while the pipeline is healthy; a stuck pipeline gets restarted by systemd."""
         while not self._stopped.wait(interval):
-            ok, why = self.pipeline.healthy()
-            if ok and not self.dead_threads():
-                sd_notify("WATCHDOG=1")
-                self._unhealthy_logged = False
-            elif not self._unhealthy_logged:
-                self._unhealthy_logged = True
-                self.log.error("unhealthy_watchdog_withheld", why=why if not ok else "dead threads: " + ", ".join(self.dead_threads()))
+            self.watchdog_check()
+
+    def watchdog_check(self) -> bool:
+        """Send WATCHDOG=1 if the pipeline is healthy (returns whether it did): a stuck pipeline
+        gets no ping, and systemd restarts it. Called every half watchdog interval."""
+        ok, why = self.pipeline.healthy()
+        dead = self.dead_threads()
+        if ok and not dead:
+            sd_notify("WATCHDOG=1")
+            self._unhealthy_logged = False
+            return True
+        if not self._unhealthy_logged:
+            self._unhealthy_logged = True
+            self.log.error("unhealthy_watchdog_withheld", why=why if not ok else "dead threads: " + ", ".join(dead))
+        return False
 
     def _close(self, part: Any, name: str) -> None:
         for method in ("stop", "close"):

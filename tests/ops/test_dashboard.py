@@ -40,8 +40,9 @@ def _rule_queries() -> list[str]:
 
 @pytest.fixture(scope="module")
 def registry_names() -> set[str]:
-    metrics = pytest.importorskip("linewatch.runtime.metrics", reason="linewatch.runtime.metrics not written yet")
-    return metrics.Metrics().metric_names()
+    from linewatch.runtime.metrics import Metrics
+
+    return Metrics().metric_names()
 
 
 @pytest.mark.parametrize("source", ["dashboard", "rules"])

@@ -14,16 +14,14 @@ import urllib.request
 import numpy as np
 import pytest
 
-zmq = pytest.importorskip("zmq")
-wire = pytest.importorskip("linewatch.wire")
-pytest.importorskip("linewatch.runtime.ingest")
-pytest.importorskip("linewatch.runtime.publish")
+import zmq
 
-from linewatch.config import (  # noqa: E402
+from linewatch import wire
+from linewatch.config import (
     BatchConfig, EndpointConfig, IngestConfig, MetricsConfig, PipelineConfig, PublishConfig, RuntimeConfig,
 )
-from linewatch.runtime.daemon import Daemon  # noqa: E402
-from tests.runtime.fakes import FakeProcessor, expected_verdict, quiet_log  # noqa: E402
+from linewatch.runtime.daemon import Daemon
+from tests.runtime.fakes import FakeClock, FakeProcessor, GatedProcessor, expected_verdict, quiet_log
 
 
 def runtime_config(deadline_ms: float = 2000.0) -> RuntimeConfig:
@@ -48,6 +46,7 @@ class Line:
     """A camera (PUB into the daemon's ingest) and an actuator (SUB on its verdicts)."""
 
     def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
         self.ctx = zmq.Context()
         self.cam = self.ctx.socket(zmq.PUB)
         self.cam.connect(daemon.ingest.bound_urls[0])
@@ -56,28 +55,41 @@ class Line:
         self.act.connect(daemon.publisher.bound_url)
         self.image = np.zeros((8, 8, 3), np.uint8)
 
-    def send(self, camera: str, frame_id: int, value: int) -> None:
+    def send(self, camera: str, frame_id: int, value: int, capture_ts: float | None = None) -> None:
         self.image[...] = value
-        self.cam.send_multipart(wire.encode_frame(camera, frame_id, self.image))
+        self.cam.send_multipart(wire.encode_frame(camera, frame_id, self.image, capture_ts=capture_ts))
+
+    def wait(self, cond, timeout_s: float = 10.0) -> bool:
+        """Wait (bounded) for a condition that verdict traffic or a stage makes true."""
+        end = time.monotonic() + timeout_s
+        while not cond():
+            if time.monotonic() > end:
+                return False
+            self.act.poll(10)  # a short blocking wait on the verdict socket, not a sleep
+        return True
 
     def recv(self, timeout_s: float = 2.0):
-        if not self.act.poll(int(timeout_s * 1000)):
-            return None
-        return wire.decode_verdict(self.act.recv_multipart())
+        """The next verdict that is not a warm-up probe's, or None after `timeout_s`."""
+        end = time.monotonic() + timeout_s
+        while self.act.poll(max(0, int((end - time.monotonic()) * 1000))):
+            verdict = wire.decode_verdict(self.act.recv_multipart())
+            if verdict.camera != "warm":
+                return verdict
+        return None
 
-    def warm_up(self) -> None:
-        """PUB/SUB drop messages until connected: send probes until one comes back."""
-        end = time.monotonic() + 5.0
-        i = 0
-        while time.monotonic() < end:
-            self.send("warm", i, 50)
-            i += 1
-            v = self.recv(0.05)
-            if v is not None:
-                while self.recv(0.2) is not None:  # the other probes in flight
-                    pass
+    def warm_up(self, capture_ts=None) -> None:
+        """PUB/SUB drop messages until connected: send probes (camera "warm") until the daemon
+        has one; with `capture_ts` (a clock's time function) return once one was sent after
+        the connection, without waiting for its verdict. Later reads skip "warm" verdicts."""
+        for i in range(500):
+            self.send("warm", i, 50, capture_ts=capture_ts() if capture_ts else None)
+            if capture_ts is not None:
+                if self.daemon.pipeline.stats()["received"]:
+                    return
+                self.act.poll(10)
+            elif self.act.poll(10):
                 return
-        raise AssertionError("daemon never answered a probe frame")
+        raise AssertionError("daemon never received a probe frame")
 
     def close(self) -> None:
         self.cam.close(linger=0)
@@ -97,13 +109,26 @@ def notify(monkeypatch):
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
 
     def messages() -> list[str]:
+        """Every notification sent so far (and not yet read)."""
         got = []
+        sock.settimeout(0.0)
         while True:
             try:
                 got.append(sock.recv(4096).decode())
             except (socket.timeout, BlockingIOError):
                 return got
 
+    def wait_for(message: str, timeout_s: float = 5.0) -> bool:
+        """Block until `message` arrives (bounded); the ones before it are read and dropped."""
+        sock.settimeout(timeout_s)
+        try:
+            while sock.recv(4096).decode() != message:
+                pass
+            return True
+        except socket.timeout:
+            return False
+
+    messages.wait_for = wait_for
     yield messages
     sock.close()
     os.unlink(path)
@@ -128,7 +153,9 @@ def test_frames_in_verdicts_out_with_metrics_health_and_systemd(notify) -> None:
             v = line.recv(3.0)
             assert v is not None, f"only {len(got)} verdicts"
             got.append(v)
-        assert line.recv(0.2) is None  # exactly one verdict per frame
+        stats = daemon.pipeline.stats()  # exactly one verdict per frame, each one published
+        assert daemon.publisher.wait_idle(5.0)
+        assert sum(stats["verdicts"].values()) == stats["received"] == daemon.publisher.published
         frames = [v for v in got if v.verdict != "error"]
         assert [v.frame_id for v in frames] == list(range(n))
         assert [v.verdict for v in frames] == [expected_verdict(i) for i in range(n)]
@@ -139,10 +166,8 @@ def test_frames_in_verdicts_out_with_metrics_health_and_systemd(notify) -> None:
         assert 'linewatch_frames_received_total{camera="cam0"} 41.0' in body
         assert "linewatch_ready 1.0" in body
         assert 'linewatch_bank_info{backend="fake",bank_id="bank-test",images="3"} 1.0' in body
-        time.sleep(0.15)
-        sent = notify()
-        assert sent[0].startswith("READY=1")
-        assert "WATCHDOG=1" in sent
+        assert notify()[0].startswith("READY=1")
+        assert notify.wait_for("WATCHDOG=1")  # the watchdog thread pings while healthy
     finally:
         line.close()
         daemon.stop()
@@ -150,42 +175,35 @@ def test_frames_in_verdicts_out_with_metrics_health_and_systemd(notify) -> None:
     assert daemon.readiness()[0] is False
 
 
-def wait_for(cond, timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
-def test_watchdog_is_withheld_while_a_stage_is_stuck(notify) -> None:
-    proc = FakeProcessor([("net", 0.0)])
-    inner = proc.stages[0][1]
-
-    def net(images):
-        if any(im[0, 0, 0] == 13 for im in images):
-            time.sleep(1.0)  # a hung CUDA call, say
-        return inner(images)
-
-    proc.stages = [("net", net)]
-    daemon = Daemon(runtime_config(deadline_ms=100.0), proc, log=quiet_log())
+def test_watchdog_is_withheld_while_a_stage_is_stuck(notify, monkeypatch) -> None:
+    clock = FakeClock()
+    proc = GatedProcessor()
+    daemon = Daemon(runtime_config(deadline_ms=100.0), proc, log=quiet_log(), clock=clock)
     daemon.pipeline.stall_s = 0.15
+    monkeypatch.delenv("WATCHDOG_USEC")  # no watchdog thread: this test calls the check itself
     daemon.start()
     line = Line(daemon)
     try:
-        line.warm_up()
-        assert "WATCHDOG=1" in notify()
-        line.send("cam0", 0, 13)
-        assert wait_for(lambda: not daemon.pipeline.healthy()[0], 1.0)
-        notify()
-        time.sleep(0.3)
-        assert "WATCHDOG=1" not in notify()  # systemd would restart us
-        assert line.recv(1.0).verdict == "timeout"  # the frame itself was still answered
-        assert wait_for(lambda: daemon.pipeline.healthy()[0], 2.0)
-        time.sleep(0.15)
-        assert "WATCHDOG=1" in notify()  # pings resume once it recovers
+        assert daemon.watchdog_check() is True and notify()[-1] == "WATCHDOG=1"
+        line.warm_up(capture_ts=clock.time)  # the first probe holds the detector: a hung CUDA call, say
+        clock.advance(0.005)  # max_delay_ms: the probe's batch is due
+        daemon.pipeline.tick()
+        assert proc.entered.wait(5.0)
+        line.send("cam0", 0, 50, capture_ts=clock.time())
+        assert line.wait(lambda: daemon.pipeline.stats()["received"] >= 2)
+        clock.advance(0.1)
+        assert daemon.watchdog_check() is True and notify() == ["WATCHDOG=1"]  # busy 0.1 s: not stuck yet
+        clock.advance(0.1)  # stuck for 0.2 s > stall_s
+        assert daemon.pipeline.healthy()[0] is False
+        assert daemon.watchdog_check() is False and "WATCHDOG=1" not in notify()  # systemd would restart us
+        daemon.pipeline.tick()  # cam0 #0's deadline (100 ms) has passed on this clock
+        v = line.recv(5.0)
+        assert (v.camera, v.verdict) == ("cam0", "timeout")  # frames are still answered meanwhile
+        proc.gate.set()  # the call returns
+        assert line.wait(lambda: daemon.pipeline.healthy()[0])
+        assert daemon.watchdog_check() is True and notify()[-1] == "WATCHDOG=1"  # pings resume
     finally:
+        proc.gate.set()
         line.close()
         daemon.stop()
 
@@ -193,8 +211,20 @@ def test_watchdog_is_withheld_while_a_stage_is_stuck(notify) -> None:
 def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals need the main thread")
-    daemon = Daemon(runtime_config(deadline_ms=5000.0), FakeProcessor([("net", 0.05)]), log=quiet_log())
-    daemon.config.batch.max_batch = 1
+    config = runtime_config(deadline_ms=5000.0)
+    config.batch.max_batch = 1  # before the daemon reads it: ten batches of 50 ms each
+    proc = FakeProcessor([("net", 0.05)])
+    net = proc.stages[0][1]
+    cam0_inside = threading.Event()
+
+    def watched(images):
+        if images[0][0, 0, 0] == 51:  # a cam0 frame (probes are 50)
+            cam0_inside.set()
+        return net(images)
+
+    proc.stages = [("net", watched)]
+    daemon = Daemon(config, proc, log=quiet_log())
+    assert daemon.pipeline.core.max_batch == 1
     daemon.start()
     line = Line(daemon)
     line.warm_up()
@@ -203,8 +233,8 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
 
     def camera_then_sigterm() -> None:
         for i in range(n):
-            line.send("cam0", i, 50)
-        time.sleep(0.1)  # frames in flight (10 x 50 ms of work), then the stop signal
+            line.send("cam0", i, 51)
+        assert cam0_inside.wait(10.0)  # frames in flight (10 x 50 ms of work), then the stop signal
         os.kill(os.getpid(), signal.SIGTERM)
 
     def actuator() -> None:
@@ -225,3 +255,4 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
         line.close()
     assert [v.frame_id for v in received] == list(range(n))
     assert {v.verdict for v in received} == {"pass"}  # drained, not timed out
+    assert set(proc.batch_sizes) == {1}  # max_batch 1 was in force: ten batches of 50 ms were in flight
