@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -180,15 +179,13 @@ def test_bank_build_empty_folder(tmp_path):
     assert not (tmp_path / "b.lwbank").exists()
 
 
+@pytest.mark.timeout(60)  # guards against a hang; the command's own timeout is 2 s
 def test_models_download_offline_fails_cleanly(tmp_path):
-    started = time.monotonic()
     # a dead proxy keeps this offline (and fast) on a machine that does have network
     dead = "http://127.0.0.1:9"
     proc = linewatch("models", "download", "--dir", tmp_path / "models", "--names", "sam_vit_b", "--timeout", 2,
                      "--quiet", timeout=60, https_proxy=dead, HTTPS_PROXY=dead, http_proxy=dead, HTTP_PROXY=dead,
                      no_proxy="", NO_PROXY="")
-    elapsed = time.monotonic() - started
-    assert elapsed < 20, elapsed
     message = assert_clean_error(proc, rc=2)
     assert "sam_vit_b" in message or "sam_vit_b_01ec64.pth" in message
     assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.pth"))

@@ -20,9 +20,11 @@ import pytest
 import yaml
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from linewatch import wire  # noqa: E402
-from linewatch.sim import render  # noqa: E402
+from linewatch import wire
+from linewatch.sim import render
+from tests.waiting import wait_until
 
 SIZE = 128  # rendered frame side
 DETECTOR = {"backend": "classic", "device": "cpu", "image_size": 112, "k_references": 2}
@@ -113,6 +115,7 @@ class Served:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.LINGER, 0)
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sub.connect(f"tcp://127.0.0.1:{self.publish_port}")
         self.cam = self.ctx.socket(zmq.PUB)
         self.cam.setsockopt(zmq.LINGER, 0)
@@ -123,16 +126,27 @@ class Served:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def wait_ready(self) -> None:
-        end = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < end:
+        def ready() -> bool:
             assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}:\n{self.log()}"
             try:
-                if http_get(self.metrics_port, "/readyz", timeout=1)[0] == 200:
-                    return
+                return http_get(self.metrics_port, "/readyz", timeout=1)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"/readyz not 200 within {START_TIMEOUT_S} s:\n{self.log()}")
+                return False
+
+        assert wait_until(ready, START_TIMEOUT_S, poll_s=0.2), f"/readyz not 200 within {START_TIMEOUT_S} s:\n{self.log()}"
+
+    def drain_after_exit(self) -> list:
+        """After the daemon exited: read every verdict it sent. Its PUB socket disconnecting
+        (seen on a socket monitor) comes after its last message on the same TCP stream."""
+        assert self.proc.poll() is not None
+        while self.monitor.poll(30_000):
+            if recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                break
+        else:
+            pytest.fail("the verdict socket never saw the daemon disconnect")
+        while self.sub.poll(0):
+            self.verdicts.append(wire.decode_verdict(self.sub.recv_multipart()))
+        return self.verdicts
 
     def recv(self, until, timeout_s: float) -> list:
         """Collect verdicts into self.verdicts until `until(self.verdicts)` or the timeout."""
@@ -164,6 +178,8 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self.sub.disable_monitor()
+        self.monitor.close()
         self.sub.close()
         self.cam.close()
         self.ctx.term()
@@ -181,7 +197,7 @@ def of(verdicts: list, camera: str) -> list:
 
 
 def test_serve_wire_and_imagezmq_frames_bad_frames_and_metrics(small_bank, tmp_path):
-    imagezmq = pytest.importorskip("imagezmq")
+    import imagezmq
     served = Served(tmp_path, small_bank)
     sender = None
     try:
@@ -208,8 +224,17 @@ def test_serve_wire_and_imagezmq_frames_bad_frames_and_metrics(small_bank, tmp_p
 
         want = {"cam0": 8, "izcam": 3, "bad": 2}
         verdicts = served.recv(lambda vs: all(len(of(vs, c)) >= n for c, n in want.items()), 120)
-        time.sleep(0.5)
-        verdicts = served.recv(lambda vs: False, 0.3)  # nothing more (no duplicates) may follow
+        # Nothing more (no duplicates) can follow once nothing is in flight in the daemon and
+        # this subscriber has every verdict it released (warm-up probes included).
+        def settled() -> bool:
+            m = scrape(served.metrics_port)
+            released = sum(m["linewatch_verdicts_total"].values())
+            served.recv(lambda vs: len(vs) >= released, 1.0)
+            return m["linewatch_inflight_frames"][()] == 0 and len(served.verdicts) == released
+
+        assert wait_until(settled, 60), served.log()
+        verdicts = served.verdicts
+        assert len({v.id for v in verdicts}) == len(verdicts)  # and each has its own id
 
         cam0 = of(verdicts, "cam0")
         assert [v.frame_id for v in cam0] == list(range(8)), [(v.frame_id, v.verdict, v.reason) for v in cam0]
@@ -256,17 +281,13 @@ def test_sigterm_mid_stream_answers_every_frame_once(small_bank, tmp_path):
         n = 12
         for i in range(n):  # faster than the detector: frames are still in flight at SIGTERM
             served.send_frame("cam0", i, images[i % 4], encoding="raw")
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            received = by_label(scrape(served.metrics_port).get("linewatch_frames_received_total", {}), "camera")
-            if received.get("cam0") == n:
-                break
-            time.sleep(0.05)
-        assert received.get("cam0") == n, received
+        def cam0_received() -> float:
+            return by_label(scrape(served.metrics_port).get("linewatch_frames_received_total", {}), "camera").get("cam0", 0)
+
+        assert wait_until(lambda: cam0_received() == n, 30) and cam0_received() == n, cam0_received()
         served.proc.send_signal(signal.SIGTERM)
-        verdicts = served.recv(lambda vs: served.proc.poll() is not None and len(of(vs, "cam0")) >= n, 60)
-        rc = served.proc.wait(30)
-        verdicts = served.recv(lambda vs: False, 0.5)
+        rc = served.proc.wait(60)
+        verdicts = served.drain_after_exit()
         cam0 = of(verdicts, "cam0")
         assert [v.frame_id for v in cam0] == list(range(n)), [(v.frame_id, v.verdict, v.reason) for v in cam0]
         assert rc == 0, served.log()

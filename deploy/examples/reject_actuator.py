@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import zmq
 
 LET_THROUGH = {"pass"}  # everything else -- fail, error, timeout, shed, unknown -- rejects
+REMEMBERED = 100_000  # decided parts kept (to ignore late verdicts); older ones are forgotten
 
 
 class Actuator:
@@ -45,7 +48,15 @@ class Gate:
     budget_s: float
     clock: Callable[[], float] = time.monotonic
     waiting: dict[str, float] = field(default_factory=dict)  # part key -> time it was seen
-    decided: dict[str, str] = field(default_factory=dict)    # part key -> "pass" / "reject"
+    decided: OrderedDict[str, str] = field(default_factory=OrderedDict)  # part key -> "pass" / "reject"
+    lost: int = 0  # verdicts lost on the way (gaps in `seq`): alarm on it
+    _run: str | None = None
+    _next_seq: int = 0
+
+    def _decide(self, key: str, decision: str) -> None:
+        self.decided[key] = decision
+        if len(self.decided) > REMEMBERED:
+            self.decided.popitem(last=False)
 
     def part_seen(self, key: str) -> None:
         """The trigger saw a part at the camera: its verdict is due within the budget."""
@@ -53,16 +64,17 @@ class Gate:
             self.waiting.setdefault(key, self.clock())
 
     def on_verdict(self, header: dict) -> None:
+        self._count_lost(header)
         key = part_key(header)
         if key in self.decided:
             return  # already rejected by the watchdog: a late verdict changes nothing
         self.waiting.pop(key, None)
         verdict = header.get("verdict")
         if verdict in LET_THROUGH:
-            self.decided[key] = "pass"
+            self._decide(key, "pass")
             self.actuator.let_through(key)
         else:
-            self.decided[key] = "reject"
+            self._decide(key, "reject")
             reason = f" ({header['reason']})" if header.get("reason") else ""
             self.actuator.reject(key, f"verdict {verdict}{reason}")
 
@@ -72,12 +84,27 @@ class Gate:
         for key, seen in list(self.waiting.items()):
             if now - seen > self.budget_s:
                 del self.waiting[key]
-                self.decided[key] = "reject"
+                self._decide(key, "reject")
                 self.actuator.reject(key, f"no verdict within {self.budget_s:.3g} s")
+
+    def _count_lost(self, header: dict) -> None:
+        """Verdicts are numbered 0, 1, 2, ... per daemon run (`run_id`, `seq`): a gap means
+        verdicts were lost on the way (the parts they were for are rejected by the budget)."""
+        run, seq = header.get("run_id"), header.get("seq")
+        if not isinstance(run, str) or not isinstance(seq, int):
+            return
+        if run != self._run:  # first verdict seen, or the daemon restarted
+            self._run, self._next_seq = run, seq + 1
+            return
+        if seq > self._next_seq:
+            self.lost += seq - self._next_seq
+            print(f"ALARM {seq - self._next_seq} verdict(s) lost before {header.get('id')}", flush=True)
+        self._next_seq = max(self._next_seq, seq + 1)
 
 
 def part_key(header: dict) -> str:
-    """A part's identity: part_id when the sender sets one, else camera/frame_id."""
+    """A part's identity: part_id when the sender sets one, else camera/frame_id (imagezmq
+    frames get receive-time ids from linewatch, which do not repeat across restarts)."""
     if header.get("part_id"):
         return str(header["part_id"])
     return f"{header.get('camera')}/{header.get('frame_id')}"
@@ -94,15 +121,16 @@ def decode(parts: list[bytes]) -> dict | None:
     return header
 
 
-def run(url: str, gate: Gate, stop_after_s: float | None = None, poll_ms: int = 5) -> None:
+def run(url: str, gate: Gate, stop: threading.Event | None = None, poll_ms: int = 5) -> None:
+    """Decide parts from the verdicts at `url` until `stop` is set (for ever without one)."""
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")  # or one camera id
+    # All cameras: the loss count needs every verdict. Filter by header["camera"] if needed.
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.LINGER, 0)
     sub.connect(url)
-    end = None if stop_after_s is None else time.monotonic() + stop_after_s
     try:
-        while end is None or time.monotonic() < end:
+        while stop is None or not stop.is_set():
             if sub.poll(poll_ms):
                 header = decode(sub.recv_multipart())
                 if header is not None:

@@ -7,7 +7,6 @@ import http.server
 import re
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -85,26 +84,25 @@ def _spec(url: str, data: bytes | None = None) -> dict[str, CheckpointSpec]:
     return {"thing": CheckpointSpec("thing.pth", url, sha, 1)}
 
 
+@pytest.mark.timeout(30)  # a hang fails the test; the download's own timeout is 2 s
 def test_download_connection_refused_fails_fast(tmp_path):
     with socket.socket() as probe:  # a port that is certainly closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    start = time.monotonic()
     with pytest.raises(WeightsError) as info:
         download(["thing"], tmp_path, timeout_s=2, progress=False, registry=_spec(f"http://127.0.0.1:{port}/thing.pth"))
-    assert time.monotonic() - start < 5
     message = str(info.value)
     assert "cannot reach 127.0.0.1" in message and "manually" in message and str(tmp_path) in message
     assert list(tmp_path.iterdir()) == []  # no .part left behind
 
 
+@pytest.mark.timeout(30)
 def test_download_unreachable_discard_port_fails_fast(tmp_path):
-    start = time.monotonic()
     with pytest.raises(WeightsError, match="cannot reach 127.0.0.1"):
         download(["thing"], tmp_path, timeout_s=2, progress=False, registry=_spec("http://127.0.0.1:9/thing.pth"))
-    assert time.monotonic() - start < 5
 
 
+@pytest.mark.timeout(30)  # without the read timeout this would hang until pytest-timeout
 def test_download_silent_server_times_out(tmp_path):
     """A server that accepts the connection but never answers must not hang the download."""
     server = socket.socket()
@@ -112,11 +110,9 @@ def test_download_silent_server_times_out(tmp_path):
     server.listen(4)  # never accept()ed: the kernel completes the handshake, nobody answers
     try:
         port = server.getsockname()[1]
-        start = time.monotonic()
         with pytest.raises(WeightsError, match="cannot reach 127.0.0.1"):
             download(["thing"], tmp_path, timeout_s=1, progress=False,
                      registry=_spec(f"http://127.0.0.1:{port}/thing.pth"))
-        assert time.monotonic() - start < 5
     finally:
         server.close()
     assert not (tmp_path / "thing.pth.part").exists()

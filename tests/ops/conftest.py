@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.waiting import wait_until
+
 from ._tools import free_port
 
 START_TIMEOUT_S = 120.0
@@ -63,17 +65,16 @@ def _build_bank(root: Path) -> Path:
 
 
 def _wait_ready(daemon: LiveDaemon) -> None:
-    end = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < end:
+    def ready() -> bool:
         if daemon.proc.poll() is not None:
             pytest.fail(f"linewatch serve exited with {daemon.proc.returncode}:\n{daemon.log()}")
         try:
-            if daemon.get("/readyz", timeout=1)[0] == 200:
-                return
+            return daemon.get("/readyz", timeout=1)[0] == 200
         except OSError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"linewatch serve not ready within {START_TIMEOUT_S} s:\n{daemon.log()}")
+            return False
+
+    if not wait_until(ready, START_TIMEOUT_S, poll_s=0.2):
+        pytest.fail(f"linewatch serve not ready within {START_TIMEOUT_S} s:\n{daemon.log()}")
 
 
 def _feed_frames(ingest_url: str, verdict_url: str, daemon: LiveDaemon) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.waiting import wait_until
 
 from ._tools import DEPLOY, free_port, require_tool, run
 
@@ -103,18 +104,14 @@ def test_real_prometheus_scrapes_the_daemon(live_daemon, tmp_path: Path):
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        result: list = []
-        while time.monotonic() < deadline:
+        def scraped() -> list:
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
             try:
-                body = _query(base, "linewatch_ready", timeout=2)
-                result = body.get("data", {}).get("result", [])
-                if result:
-                    break
+                return _query(base, "linewatch_ready", timeout=2).get("data", {}).get("result", [])
             except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
+                return []
+
+        result = wait_until(scraped, 30, poll_s=0.5)
         assert result, "Prometheus returned no linewatch_ready series within 30 s:\n" + (tmp_path / "prometheus.log").read_text()[-2000:]
         assert result[0]["value"][1] == "1"
         assert result[0]["metric"]["job"] == "linewatch"

@@ -45,10 +45,7 @@ def subscriber(publisher: Publisher) -> Iterator[zmq.Socket]:
             break
     else:
         pytest.fail("subscription never established")
-    time.sleep(0.1)
-    while sock.poll(0):  # drop the remaining probes
-        sock.recv_multipart()
-    yield sock
+    yield sock  # probes still in flight arrive later; _receive skips them
     sock.close(linger=0)
     context.term()
 
@@ -111,6 +108,7 @@ def test_close_flushes_what_is_queued(publisher: Publisher, subscriber: zmq.Sock
 def test_tap_filters_cameras_and_prints_lines(publisher: Publisher, capsys) -> None:
     seen: list[Verdict] = []
     joined = threading.Event()
+    three = threading.Event()
     stop = threading.Event()
 
     def on_verdict(verdict: Verdict) -> None:
@@ -118,6 +116,8 @@ def test_tap_filters_cameras_and_prints_lines(publisher: Publisher, capsys) -> N
             joined.set()
         else:
             seen.append(verdict)
+            if len(seen) == 3:
+                three.set()
 
     runner = threading.Thread(target=tap, args=(publisher.bound_url, on_verdict), kwargs={"stop": stop, "timeout_s": 20})
     runner.start()
@@ -127,12 +127,9 @@ def test_tap_filters_cameras_and_prints_lines(publisher: Publisher, capsys) -> N
             if joined.wait(0.05):
                 break
         assert joined.is_set()
-        time.sleep(0.1)
         for i in range(3):
             publisher.publish(_verdict("cam1", i, verdict="fail", score=3.21, threshold=2.1, latency_s=0.0123))
-        end = time.monotonic() + 5
-        while len(seen) < 3 and time.monotonic() < end:
-            time.sleep(0.02)
+        assert three.wait(5.0)
         assert [v.frame_id for v in seen] == [0, 1, 2]
     finally:
         stop.set()
@@ -154,10 +151,9 @@ def test_tap_filters_cameras_and_prints_lines(publisher: Publisher, capsys) -> N
     assert len(lines) == 2 and all(line.startswith("cam1 #") and " ERROR reason=too_large" in line for line in lines)
 
 
+@pytest.mark.timeout(30)  # a tap that ignored its timeout would hang here
 def test_tap_timeout_returns() -> None:
-    t0 = time.monotonic()
     assert tap("tcp://127.0.0.1:1", callback=lambda v: None, timeout_s=0.3) == 0
-    assert time.monotonic() - t0 < 2.0
 
 
 def test_format_verdict() -> None:
