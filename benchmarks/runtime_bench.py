@@ -27,7 +27,7 @@ from linewatch.config import (
 )
 from linewatch.detector.result import InspectionResult
 from linewatch.runtime.pipeline import Pipeline
-from linewatch.runtime.types import Frame
+from linewatch.wire import Frame
 
 SIZE = 224
 

@@ -106,20 +106,6 @@ def cmd_bank_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- inspect
 
 
-def load_inspector(config, bank_path: str | None):
-    """Config + bank -> a ready Inspector (bank identity checked against the config's models,
-    settings and calibration target)."""
-    from linewatch.detector.bank import TemplateBank
-    from linewatch.detector.inspector import Inspector
-    from linewatch.detector.models import build_models, select_device
-
-    bank = TemplateBank.load(bank_path or config.bank.path)
-    bank.check_calibration(config.calibration.target_false_reject_rate, source=f"bank {bank_path or config.bank.path}")
-    device = select_device(config.detector.device)
-    models = build_models(config.detector, device)
-    return Inspector(config.detector, models, bank, device)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from linewatch.config import load_config
     from linewatch.detector.models import BACKEND_LABELS
@@ -127,6 +113,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from linewatch.overlay import render_overlay
 
     config = load_config(args.config)
+    from linewatch.detector.inspector import load_inspector
+
     inspector = load_inspector(config, args.bank)
     print(f"backend: {BACKEND_LABELS[config.detector.backend]}; bank {inspector.bank_id}", file=sys.stderr)
     out = Path(args.out)

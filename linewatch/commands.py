@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from linewatch.cli import load_inspector
+    from linewatch.detector.inspector import load_inspector
     from linewatch.config import load_config
     from linewatch.detector.bank import BankError
     from linewatch.detector.models import BACKEND_LABELS

@@ -192,6 +192,7 @@ class PipelineConfig(_Section):
 
 
 class PublishConfig(_Section):
+    protocol: Literal["linewatch"] = Field("linewatch", description="verdict sink: linewatch = wire-format verdicts on a ZeroMQ PUB socket")
     url: str = "tcp://127.0.0.1:5556"
     mode: Literal["bind", "connect"] = "bind"
     send_hwm: int = Field(1000, ge=1)

@@ -1,4 +1,7 @@
-"""Frame and verdict messages on ZeroMQ: encode, decode, validate (and imagezmq frames).
+"""Frames and verdicts: the records (Frame, Verdict) and their messages on ZeroMQ.
+
+Every received frame ends as exactly one Verdict. The records are plain data; the functions
+below turn them into bytes and back (and decode imagezmq's frames).
 
 Wire format version 1. The full reference, with the meaning of every verdict for an
 actuator, is docs/wire-format.md; this docstring is the short form.
@@ -62,13 +65,69 @@ import math
 import struct
 import time
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 from PIL import JpegImagePlugin, PngImagePlugin
 
-from linewatch.runtime.types import VERDICT_VALUES, Frame, Verdict
+
+# ---------------------------------------------------------------- the records
+
+VERDICT_VALUES = ("pass", "fail", "error", "timeout", "shed")
+
+
+@dataclass
+class Frame:
+    """One camera frame after decoding. `image` is RGB uint8 (H, W, 3)."""
+
+    camera: str
+    frame_id: int
+    capture_ts: float  # seconds since the epoch, from the sender (or receive time if absent)
+    image: np.ndarray
+    received_ts: float  # time.time() when ingest took it off the socket
+    received_mono: float  # time.monotonic() at the same moment; deadlines use this clock
+    part_id: str | None = None
+    encoder_position: int | None = None
+    reply: Any = None  # opaque handle for senders that wait for an answer (imagezmq REQ/REP)
+
+
+@dataclass
+class Verdict:
+    """The answer for one frame. `verdict` is one of VERDICT_VALUES."""
+
+    camera: str
+    frame_id: int
+    verdict: str
+    capture_ts: float
+    part_id: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None  # why error / timeout / shed
+    latency_s: float | None = None  # capture -> verdict
+    backend: str | None = None
+    bank_id: str | None = None
+    heatmap: np.ndarray | None = None  # float32 (H, W) at input resolution, when configured
+    overlay_jpeg: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    # Set when the verdict is released: the daemon run (random, new at every start) and the
+    # verdict's number within it (0, 1, 2, ... in publish order, so a gap is a lost verdict).
+    run_id: str | None = None
+    seq: int | None = None
+
+    @property
+    def id(self) -> str | None:
+        """Unique across daemon and sender restarts: "<run_id>-<seq>"."""
+        return None if self.run_id is None or self.seq is None else f"{self.run_id}-{self.seq}"
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICT_VALUES:
+            raise ValueError(f"verdict must be one of {VERDICT_VALUES}, got {self.verdict!r}")
+
+
+# ---------------------------------------------------------------- the format
 
 WIRE_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linewatch.config import DetectorConfig
+from linewatch.config import Config, DetectorConfig
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.describe import masked_global_max_pool, resize_masks
 from linewatch.detector.match import match_objects
@@ -557,3 +557,16 @@ def _object_record(box: Tensor, area: float, sx: float, sy: float, status: str, 
         "status": status,
         "score": round(float(score), 4),
     }
+
+
+def load_inspector(config: Config, bank_path: str | None = None) -> Inspector:
+    """Config + bank file (default: config.bank.path) -> a ready Inspector. The bank's identity
+    is checked against the config's models and settings, its threshold against the config's
+    false-reject target (BankError naming each difference)."""
+    from linewatch.detector.models import build_models, select_device
+
+    path = bank_path or config.bank.path
+    bank = TemplateBank.load(path)
+    bank.check_calibration(config.calibration.target_false_reject_rate, source=f"bank {path}")
+    device = select_device(config.detector.device)
+    return Inspector(config.detector, build_models(config.detector, device), bank, device)

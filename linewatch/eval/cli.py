@@ -3,31 +3,15 @@
     linewatch eval --dataset ROOT [--categories A B] [--out DIR] [-c CONFIG] [--method objects|patchcore|both]
     linewatch bench [--batch-sizes 1 4 8] [--out bench.json] [--samlad-random] ...
 
-`bench` runs benchmarks/detector_bench.py from the source tree.
+`bench` runs linewatch.eval.bench (benchmarks/detector_bench.py is a wrapper of it).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
-from types import ModuleType
 
 EXIT_USAGE = 2
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "detector_bench.py"
-
-
-def _bench_module() -> ModuleType | None:
-    """benchmarks/detector_bench.py, loaded by path (it is a script, not part of the package)."""
-    if not BENCH_SCRIPT.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("linewatch_detector_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from linewatch.config import load_config
     from linewatch.detector.models import BACKEND_LABELS
@@ -49,11 +33,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    module = _bench_module()
-    if module is None:
-        print(f"linewatch: error: {BENCH_SCRIPT} not found (bench runs from a source checkout)", file=sys.stderr)
-        return EXIT_USAGE
-    return int(module.main(args=args))
+    from linewatch.eval.bench import main
+
+    return int(main(args=args))
 
 
 def register(subparsers) -> None:
@@ -71,7 +53,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("bench", help="detector speed: per-stage time, img/s, latency vs batch size")
-    module = _bench_module()
-    if module is not None:
-        module.add_arguments(p)
+    from linewatch.eval.bench import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_bench)

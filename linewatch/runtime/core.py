@@ -51,7 +51,7 @@ import numpy as np
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.runtime.clock import Clock
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.types import VERDICT_VALUES, Verdict
+from linewatch.wire import VERDICT_VALUES, Verdict
 
 SHUTDOWN_REASON = "shutdown"  # timeout: unanswered when the daemon stopped (drain ran out of time)
 DEADLINE_REASON = "deadline_exceeded"  # timeout: no result before the deadline

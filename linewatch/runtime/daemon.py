@@ -25,7 +25,8 @@ from linewatch.runtime.health import HealthServer
 from linewatch.runtime.logs import SummaryLogger, configure_logging
 from linewatch.runtime.metrics import CameraLabels, Metrics
 from linewatch.runtime.pipeline import Pipeline, Processor
-from linewatch.runtime.types import Frame, Verdict
+from linewatch.runtime.transport import FrameSource, VerdictSink, verdict_sink
+from linewatch.wire import Frame, Verdict, WireError
 
 # ---------------------------------------------------------------- systemd notify protocol
 
@@ -102,8 +103,8 @@ class Daemon:
                                  overlay=overlay, clock=clock)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
         self.health: HealthServer | None = None
-        self.ingest: Any = None
-        self.publisher: Any = None
+        self.ingest: FrameSource | None = None
+        self.publisher: VerdictSink | None = None
         self._listening = False
         self._served = False  # start() completed once
         self._stopping = False
@@ -117,10 +118,8 @@ class Daemon:
 
     def start(self) -> None:
         """Start everything; raises (with what to fix) when a socket cannot be opened."""
-        # Imported here: ingest/publish pull in zmq and the wire format, which the pipeline
-        # and its tests do not need.
+        # Imported here: ingest pulls in zmq, which the pipeline and its tests do not need.
         from linewatch.runtime.ingest import Ingest
-        from linewatch.runtime.publish import Publisher
 
         p, m = self.processor, self.metrics
         m.set_build_info(linewatch.__version__, p.backend)
@@ -138,8 +137,9 @@ class Daemon:
         self.health.start()
         try:
             self.pipeline.start()
-            self.publisher = Publisher(self.config.publish, log=self.log)
-            m.track_queue("publish", lambda: self.publisher.pending)
+            publisher = self.publisher = verdict_sink(self.config.publish, log=self.log)
+            publisher.start()
+            m.track_queue("publish", lambda: publisher.pending)
             self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m,
                                  clock=self.clock)
             self.ingest.start()
@@ -221,9 +221,8 @@ class Daemon:
         if self.summary.thread.ident is not None and not self.summary.thread.is_alive():
             dead.append(self.summary.thread.name)
         for part in (self.ingest, self.publisher):
-            threads = getattr(part, "threads", None)  # optional: ingest/publish may expose theirs
-            if callable(threads):
-                dead.extend(t.name for t in threads() if isinstance(t, threading.Thread) and not t.is_alive())
+            if part is not None:
+                dead.extend(part.dead_threads())
         return dead
 
     def readiness(self) -> tuple[bool, str]:
@@ -244,7 +243,7 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - never let the pipeline kill an ingest thread
             self.log.error("submit_failed", camera=frame.camera, frame_id=frame.frame_id, error=repr(e))
 
-    def _on_error(self, err: Any, received_mono: float) -> None:
+    def _on_error(self, err: WireError, received_mono: float) -> None:
         """A frame that failed to decode: answered `error` with the wire error's reason."""
         try:
             camera = err.camera if err.camera is not None else ""
@@ -278,12 +277,8 @@ class Daemon:
             self.log.error("unhealthy_watchdog_withheld", why=why if not ok else "dead threads: " + ", ".join(dead))
         return False
 
-    def _close(self, part: Any, name: str) -> None:
-        for method in ("stop", "close"):
-            fn = getattr(part, method, None)
-            if callable(fn):
-                try:
-                    fn()
-                except Exception as e:  # noqa: BLE001 - keep shutting down the rest
-                    self.log.error("close_failed", part=name, error=repr(e))
-                return
+    def _close(self, part: FrameSource | VerdictSink, name: str) -> None:
+        try:
+            part.stop()
+        except Exception as e:  # noqa: BLE001 - keep shutting down the rest
+            self.log.error("close_failed", part=name, error=repr(e))

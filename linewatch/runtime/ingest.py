@@ -51,7 +51,7 @@ from linewatch.config import EndpointConfig, IngestConfig
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.types import Frame
+from linewatch.wire import Frame
 from linewatch.wire import WireError
 
 POLL_MS = 100  # receive/put/get timeouts: how quickly stop() is noticed
@@ -59,6 +59,78 @@ REPORT_INTERVAL_S = 1.0  # at most one unaddressable/unknown-camera error verdic
 LOG_INTERVAL_S = 10.0  # at most one "frame refused" log line per reason per interval
 MAX_TRACKED_KEYS = 256  # distinct rate-limit keys remembered; beyond, they share one key
 MAXMSGSIZE_FLOOR = 1 << 30
+
+
+class FrameProtocol:
+    """How one endpoint's messages are read: the socket type, the cheap camera lookup done on
+    the receive thread, and the decoding done in the pool. One subclass per protocol."""
+
+    socket_type = zmq.SUB
+    replies = False  # answer every message with b"OK" at once (REQ senders wait for it)
+
+    def camera(self, parts: list[memoryview]) -> str:
+        """The camera id, cheaply (raises WireError when it cannot be read)."""
+        raise NotImplementedError
+
+    def frame_id(self, camera: str, received_ts: float) -> int | None:
+        """The frame id the receiver assigns, or None when the message carries its own."""
+        return None
+
+    def decode(self, parts: list[memoryview], config: IngestConfig, cameras: frozenset[str], received_ts: float,
+               received_mono: float, frame_id: int | None) -> Frame:
+        raise NotImplementedError
+
+
+class LinewatchFrames(FrameProtocol):
+    """linewatch.wire frame messages on a SUB socket subscribed to everything."""
+
+    def camera(self, parts: list[memoryview]) -> str:
+        return wire.peek_camera(parts)
+
+    def decode(self, parts, config, cameras, received_ts, received_mono, frame_id) -> Frame:
+        return wire.decode_frame(parts, config.max_payload_bytes, received_ts, received_mono, cameras,
+                                 config.max_image_pixels)
+
+
+class ImagezmqFrames(FrameProtocol):
+    """imagezmq ImageSender(REQ_REP=False) messages: its PUB binds, this SUB connects."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}  # last frame id per camera
+        self._lock = threading.Lock()
+
+    def camera(self, parts: list[memoryview]) -> str:
+        return wire.imagezmq_camera(parts)
+
+    def frame_id(self, camera: str, received_ts: float) -> int:
+        """The receive time in microseconds since the epoch, made strictly increasing per
+        camera. Unlike a counter from 0 it does not repeat when the sender or the daemon
+        restarts, so camera + frame id keeps naming one part."""
+        with self._lock:
+            frame_id = max(int(received_ts * 1_000_000), self._ids.get(camera, -1) + 1)
+            if camera not in self._ids and len(self._ids) >= MAX_TRACKED_KEYS:
+                self._ids.clear()  # ids stay unique by time alone; only the +1 tie-break resets
+            self._ids[camera] = frame_id
+            return frame_id
+
+    def decode(self, parts, config, cameras, received_ts, received_mono, frame_id) -> Frame:
+        return wire.decode_imagezmq(parts, config.max_payload_bytes, received_ts, received_mono, frame_id, cameras,
+                                    config.max_image_pixels)
+
+
+class ImagezmqRequests(ImagezmqFrames):
+    """imagezmq ImageSender() (REQ, its default) messages on a REP socket; answered b"OK" at once."""
+
+    socket_type = zmq.REP
+    replies = True
+
+
+# runtime.ingest.endpoints[].protocol -> the class that reads it
+FRAME_PROTOCOLS: dict[str, type[FrameProtocol]] = {
+    "linewatch": LinewatchFrames,
+    "imagezmq-pubsub": ImagezmqFrames,
+    "imagezmq-reqrep": ImagezmqRequests,
+}
 
 
 class Ingest:
@@ -95,7 +167,6 @@ class Ingest:
         self._workers: list[threading.Thread] = []
         self._started = False
         self._stopped = False
-        self._ids: dict[str, int] = {}  # last frame id per imagezmq camera
         self._limiter = RateLimiter(REPORT_INTERVAL_S, MAX_TRACKED_KEYS)
         self._log_limiter = RateLimiter(LOG_INTERVAL_S, MAX_TRACKED_KEYS)
         self._lock = threading.Lock()
@@ -122,7 +193,9 @@ class Ingest:
             thread.start()
             self._workers.append(thread)
         for i, (endpoint, sock) in enumerate(zip(self._config.endpoints, self._sockets)):
-            thread = threading.Thread(target=self._receive_loop, args=(endpoint, sock), name=f"ingest-recv-{i}", daemon=True)
+            protocol = FRAME_PROTOCOLS[endpoint.protocol]()
+            thread = threading.Thread(target=self._receive_loop, args=(endpoint.url, protocol, sock),
+                                      name=f"ingest-recv-{i}", daemon=True)
             thread.start()
             self._receivers.append(thread)
         self._log.info("ingest started", endpoints=self._bound, cameras=sorted(self._cameras) or "any")
@@ -167,6 +240,12 @@ class Ingest:
         """The receive and decode threads (for health checks: all alive while running)."""
         return [*self._receivers, *self._workers]
 
+    def dead_threads(self) -> list[str]:
+        """Receive or decode threads that died while ingest runs."""
+        if not self._started or self._stopped:
+            return []
+        return [t.name for t in self.threads() if not t.is_alive()]
+
     def stats(self) -> dict[str, Any]:
         """Counters: received messages, frames delivered, errors and suppressed errors by reason."""
         with self._lock:
@@ -181,7 +260,7 @@ class Ingest:
 
     def _open(self, endpoint: EndpointConfig) -> zmq.Socket:
         assert self._context is not None
-        kind = zmq.REP if endpoint.protocol == "imagezmq-reqrep" else zmq.SUB
+        kind = FRAME_PROTOCOLS[endpoint.protocol].socket_type
         sock = self._context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self._config.receive_hwm)
@@ -200,8 +279,7 @@ class Ingest:
             raise
         return sock
 
-    def _receive_loop(self, endpoint: EndpointConfig, sock: zmq.Socket) -> None:
-        reply = endpoint.protocol == "imagezmq-reqrep"
+    def _receive_loop(self, url: str, protocol: FrameProtocol, sock: zmq.Socket) -> None:
         while not self._stopping.is_set():
             try:
                 if not sock.poll(POLL_MS):
@@ -211,27 +289,28 @@ class Ingest:
                 continue
             except zmq.ZMQError as e:
                 self._metrics.messages_dropped.labels(reason="receive_failed").inc()
-                self._log.error("ingest receive failed", endpoint=endpoint.url, error=str(e))
+                self._log.error("ingest receive failed", endpoint=url, error=str(e))
                 self._stopping.wait(POLL_MS / 1000)
                 continue
             received_ts, received_mono = self._clock.time(), self._clock.monotonic()
-            if reply:
+            if protocol.replies:
                 try:
                     sock.send(b"OK")
                 except zmq.ZMQError as e:  # the REQ peer went away; nothing to answer
                     self._log.warning("ingest could not answer imagezmq sender", error=str(e))
             parts = [f.buffer for f in frames]  # zero-copy views; they keep the frames alive
             try:
-                self._triage(endpoint.protocol, parts, received_ts, received_mono)
+                self._triage(protocol, parts, received_ts, received_mono)
             except Exception:  # never let one message stop the endpoint
                 self._metrics.messages_dropped.labels(reason="internal_error").inc()
-                self._log.exception("ingest failed on a message", endpoint=endpoint.url)
+                self._log.exception("ingest failed on a message", endpoint=url)
 
-    def _triage(self, protocol: str, parts: list[memoryview], received_ts: float, received_mono: float) -> None:
+    def _triage(self, protocol: FrameProtocol, parts: list[memoryview], received_ts: float,
+                received_mono: float) -> None:
         """Cheap checks on the receive thread; decoding goes to the pool."""
         self._count("received")
         try:
-            camera = wire.peek_camera(parts) if protocol == "linewatch" else wire.imagezmq_camera(parts)
+            camera = protocol.camera(parts)
         except WireError as e:  # nobody to address it to: rate-limit per reason
             self._report_limited(e.reason, e, received_mono)
             return
@@ -242,7 +321,7 @@ class Ingest:
                 received_mono,
             )
             return
-        frame_id = None if protocol == "linewatch" else self._next_id(camera, received_ts)
+        frame_id = protocol.frame_id(camera, received_ts)
         job = (protocol, parts, received_ts, received_mono, frame_id)
         if max(len(p) for p in parts) > self._config.max_payload_bytes:
             self._decode(job)  # refused after reading the header only; don't queue the bytes
@@ -255,17 +334,6 @@ class Ingest:
                 if not any(t.is_alive() for t in self._workers):
                     self._error(WireError("decode_failed", camera, frame_id, "decode workers stopped"), received_mono)
                     return
-
-    def _next_id(self, camera: str, received_ts: float) -> int:
-        """An imagezmq frame id: the receive time in microseconds since the epoch, made strictly
-        increasing per camera. Unlike a counter from 0 it does not repeat when the sender or
-        the daemon restarts, so camera + frame id keeps naming one part."""
-        with self._lock:
-            frame_id = max(int(received_ts * 1_000_000), self._ids.get(camera, -1) + 1)
-            if camera not in self._ids and len(self._ids) >= MAX_TRACKED_KEYS:
-                self._ids.clear()  # ids stay unique by time alone; only the +1 tie-break resets
-            self._ids[camera] = frame_id
-            return frame_id
 
     # ------------------------------------------------------------ decoding
 
@@ -282,13 +350,8 @@ class Ingest:
 
     def _decode(self, job: tuple) -> None:
         protocol, parts, received_ts, received_mono, frame_id = job
-        max_bytes, max_pixels = self._config.max_payload_bytes, self._config.max_image_pixels
         try:
-            if protocol == "linewatch":
-                frame = wire.decode_frame(parts, max_bytes, received_ts, received_mono, self._cameras, max_pixels)
-            else:
-                frame = wire.decode_imagezmq(parts, max_bytes, received_ts, received_mono, frame_id, self._cameras,
-                                             max_pixels)
+            frame = protocol.decode(parts, self._config, self._cameras, received_ts, received_mono, frame_id)
         except WireError as e:
             self._error(e, received_mono)
             return
@@ -296,7 +359,7 @@ class Ingest:
             self._log.exception("unexpected decode failure")
             camera = None
             try:
-                camera = wire.peek_camera(parts) if protocol == "linewatch" else wire.imagezmq_camera(parts)
+                camera = protocol.camera(parts)
             except WireError:
                 pass
             self._error(WireError("decode_failed", camera, frame_id, f"{type(e).__name__}: {e}"), received_mono)

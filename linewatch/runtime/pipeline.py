@@ -38,7 +38,7 @@ from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.core import SHUTDOWN_REASON, PipelineCore, Slot
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.types import Frame, Verdict
+from linewatch.wire import Frame, Verdict
 
 POLL_S = 0.2  # how quickly a waiting thread notices stop() when nothing else wakes it
 

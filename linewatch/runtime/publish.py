@@ -27,11 +27,11 @@ import zmq
 
 from linewatch import wire
 from linewatch.config import PublishConfig
-from linewatch.runtime.types import Verdict
+from linewatch.wire import Verdict
 
 
 class Publisher:
-    """Thread-safe verdict publisher; binds/connects in the constructor (errors raise there)."""
+    """Thread-safe verdict publisher (a `VerdictSink`); binds/connects in start() (errors raise there)."""
 
     def __init__(self, config: PublishConfig, log: Any = None) -> None:
         self._config = config
@@ -43,6 +43,13 @@ class Publisher:
         self._published = 0
         self._unsent = 0  # queued and not yet handed to ZMQ (or given up on)
         self._idle = threading.Condition()
+        self._drain_deadline = 0.0
+        self._thread = threading.Thread(target=self._send_loop, name="publish", daemon=True)
+        self._bound_url = ""
+
+    def start(self) -> None:
+        """Open the PUB socket (RuntimeError naming the URL when it cannot) and start sending."""
+        config = self._config
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
@@ -57,8 +64,6 @@ class Publisher:
             self._socket.close(linger=0)
             self._context.term()
             raise RuntimeError(f"publish: cannot {config.mode} {config.url}: {e}") from e
-        self._drain_deadline = 0.0
-        self._thread = threading.Thread(target=self._send_loop, name="publish", daemon=True)
         self._thread.start()
 
     @property
@@ -76,9 +81,15 @@ class Publisher:
         """Verdicts handed to ZMQ so far."""
         return self._published
 
-    def threads(self) -> list[threading.Thread]:
-        """The sender thread (for health checks: alive until close())."""
-        return [self._thread]
+    def dead_threads(self) -> list[str]:
+        """The sender thread, if it died while running."""
+        if self._thread.ident is None or self._closed:
+            return []
+        return [] if self._thread.is_alive() else [self._thread.name]
+
+    def stats(self) -> dict[str, int]:
+        """Verdicts handed to ZMQ and still queued."""
+        return {"published": self._published, "pending": self.pending}
 
     def publish(self, verdict: Verdict) -> None:
         """Queue one verdict for sending; never blocks. Raises RuntimeError after close()."""
@@ -93,12 +104,15 @@ class Publisher:
         with self._idle:
             return self._idle.wait_for(lambda: self._unsent == 0, timeout_s)
 
-    def close(self, drain_timeout_s: float = 2.0) -> None:
-        """Send what is queued (up to `drain_timeout_s`, ZMQ linger included), then close. Idempotent."""
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Send what is queued (up to `timeout_s`, ZMQ linger included), then close. Idempotent."""
+        drain_timeout_s = timeout_s
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+        if self._thread.ident is None:  # never started
+            return
         self._drain_deadline = time.monotonic() + drain_timeout_s
         self._queue.put(None)
         self._thread.join(drain_timeout_s)

@@ -23,7 +23,7 @@ import structlog
 import zmq
 
 from linewatch import wire
-from linewatch.runtime.types import Verdict
+from linewatch.wire import Verdict
 from linewatch.wire import WireError
 
 POLL_MS = 100

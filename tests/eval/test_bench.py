@@ -1,13 +1,11 @@
-"""The benchmark script runs end to end on a tiny setting and writes well-formed JSON."""
+"""The detector benchmark (linewatch bench) runs end to end on a tiny setting and writes well-formed JSON."""
 
 import json
 
-from linewatch.eval.cli import _bench_module
+from linewatch.eval import bench
 
 
 def test_bench_tiny_run(tmp_path, capsys):
-    bench = _bench_module()
-    assert bench is not None
     out = tmp_path / "bench.json"
     assert bench.main(["--batch-sizes", "1", "2", "--repeats", "1", "--image-size", "64", "--source-size", "64",
                        "--good", "3", "--devices", "cpu", "--out", str(out)]) == 0

@@ -37,7 +37,7 @@ class Recorder:
 
 def test_gate_is_fail_safe():
     from linewatch import wire
-    from linewatch.runtime.types import Verdict
+    from linewatch.wire import Verdict
     from tests.waiting import wait_until
 
     ex = _example()

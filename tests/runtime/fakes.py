@@ -21,7 +21,7 @@ from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
 from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.pipeline import Pipeline
-from linewatch.runtime.types import Frame, Verdict
+from linewatch.wire import Frame, Verdict
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ import pytest
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.runtime.core import PipelineCore, Slot
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.types import Verdict
+from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock
 
 IMAGE = np.zeros((2, 2, 3), np.uint8)

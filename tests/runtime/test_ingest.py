@@ -19,7 +19,7 @@ from linewatch import wire
 from linewatch.config import EndpointConfig, IngestConfig
 from linewatch.runtime.ingest import Ingest
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.types import Frame
+from linewatch.wire import Frame
 from linewatch.wire import WireError
 from tests.runtime.fakes import FakeClock, quiet_log
 

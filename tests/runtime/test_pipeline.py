@@ -17,7 +17,7 @@ from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
 from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.pipeline import Pipeline
-from linewatch.runtime.types import Verdict
+from linewatch.wire import Verdict
 from tests.runtime.fakes import (Collector, FakeClock, FakeProcessor, GatedProcessor, expected_verdict, make_frame,
                                  make_pipeline)
 

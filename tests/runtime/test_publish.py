@@ -14,7 +14,7 @@ from linewatch import wire
 from linewatch.config import PublishConfig
 from linewatch.runtime.publish import Publisher
 from linewatch.runtime.tap import SequenceGaps, format_verdict, tap
-from linewatch.runtime.types import Verdict
+from linewatch.wire import Verdict
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
@@ -27,8 +27,9 @@ def _verdict(camera: str, frame_id: int, **kw) -> Verdict:
 def publisher(request) -> Iterator[Publisher]:
     config = getattr(request, "param", {})
     pub = Publisher(PublishConfig(url=ANY_PORT, **config))
+    pub.start()
     yield pub
-    pub.close(drain_timeout_s=0.5)
+    pub.stop(timeout_s=0.5)
 
 
 @pytest.fixture
@@ -98,9 +99,9 @@ def test_publish_is_thread_safe_and_keeps_each_threads_order(publisher: Publishe
 def test_close_flushes_what_is_queued(publisher: Publisher, subscriber: zmq.Socket) -> None:
     for i in range(300):
         publisher.publish(_verdict("cam0", i))
-    publisher.close(drain_timeout_s=2.0)
+    publisher.stop(timeout_s=2.0)
     assert [v.frame_id for v in _receive(subscriber, 300)] == list(range(300))
-    publisher.close()  # idempotent
+    publisher.stop()  # idempotent
     with pytest.raises(RuntimeError):
         publisher.publish(_verdict("cam0", 301))
 
@@ -178,6 +179,7 @@ def test_a_subscriber_that_stops_reading_can_count_exactly_what_it_lost() -> Non
     # daemon counted 20,000 published. ZeroMQ's PUB tells nobody; the seq numbers tell the
     # subscriber, exactly.
     publisher = Publisher(PublishConfig(url=ANY_PORT, send_hwm=10))
+    publisher.start()
     context = zmq.Context()
     sock = context.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 10)
@@ -212,4 +214,4 @@ def test_a_subscriber_that_stops_reading_can_count_exactly_what_it_lost() -> Non
     finally:
         sock.close(linger=0)
         context.term()
-        publisher.close(drain_timeout_s=0.5)
+        publisher.stop(timeout_s=0.5)

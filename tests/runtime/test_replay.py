@@ -12,7 +12,7 @@ from linewatch.config import EndpointConfig, IngestConfig
 from linewatch.images import write_image
 from linewatch.runtime.ingest import Ingest
 from linewatch.runtime.replay import replay
-from linewatch.runtime.types import Frame
+from linewatch.wire import Frame
 
 
 @pytest.fixture

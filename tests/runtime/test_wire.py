@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from linewatch import wire
-from linewatch.runtime.types import Verdict
+from linewatch.wire import Verdict
 from linewatch.wire import WireError
 
 MAX = 1 << 20
