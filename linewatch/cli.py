@@ -34,8 +34,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from linewatch.detector.segment import SegmenterError
     from linewatch.detector.weights import WeightsError
     from linewatch.images import ImageError
+    from linewatch.runtime.security import SecurityError
 
-    return (ConfigError, BankError, BankBuildError, ImageError, InputError, WeightsError, SegmenterError)
+    return (ConfigError, BankError, BankBuildError, ImageError, InputError, WeightsError, SegmenterError,
+            SecurityError)
 
 
 # ---------------------------------------------------------------------------- models

@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         target_false_reject_rate=calibration.get("target_false_reject_rate"),
         ingest=[f"{url} ({e.protocol}, {e.mode})" for url, e in zip(daemon.ingest.bound_urls, config.runtime.ingest.endpoints)],
         verdicts=daemon.publisher.bound_url,
-        metrics=f"http://{daemon.health.host}:{daemon.health.port}/metrics",
+        metrics=f"{daemon.health.scheme}://{daemon.health.host}:{daemon.health.port}/metrics",
     )
     return daemon.run_until_signal()
 
@@ -66,7 +66,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         sent = replay(
             Path(args.source), args.endpoint, args.fps, protocol=args.protocol, camera=args.camera,
-            encoding=args.encoding, loop=args.loop, count=args.count, mode=args.mode,
+            encoding=args.encoding, loop=args.loop, count=args.count, mode=args.mode, curve=_curve_keys(args),
         )
     except (ValueError, TimeoutError) as e:
         print(f"linewatch: error: {e}", file=sys.stderr)
@@ -78,8 +78,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_tap(args: argparse.Namespace) -> int:
     from linewatch.runtime.tap import SequenceGaps, tap
 
+    try:
+        curve = _curve_keys(args)
+    except ValueError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     gaps = SequenceGaps()
-    seen = tap(args.endpoint, count=args.count, timeout_s=args.timeout, cameras=args.camera or None, gaps=gaps)
+    seen = tap(args.endpoint, count=args.count, timeout_s=args.timeout, cameras=args.camera or None, gaps=gaps,
+               curve=curve)
     if gaps.lost:
         print(f"linewatch: {gaps.lost} verdict(s) were lost on the way to this tap (gaps in seq)", file=sys.stderr)
     if args.count is not None and seen < args.count:
@@ -98,6 +104,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         frames=args.frames, fps=args.fps, product=args.product, anomaly_rate=args.anomaly_rate,
         keep_running=args.keep_running, workdir=args.workdir, seed=args.seed,
     )
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from linewatch.runtime.security import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    print(f"public key: {public}  (give it to the other side: the daemon's to senders and subscribers, "
+          f"a client's into the daemon's frame_senders or verdict_subscribers folder)")
+    print(f"secret key: {secret}  (keep it on this machine, readable only by its user)")
+    return 0
+
+
+def _curve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server-key", help="the daemon's public key file (runtime.security is on)")
+    p.add_argument("--client-key", help="this client's secret key file (its public key is allowed by the daemon)")
+
+
+def _curve_keys(args: argparse.Namespace):
+    """ClientKeys from --server-key/--client-key, None without them; both or neither."""
+    from linewatch.runtime.security import ClientKeys
+
+    if args.server_key is None and args.client_key is None:
+        return None
+    if args.server_key is None or args.client_key is None:
+        raise ValueError("--server-key and --client-key go together")
+    return ClientKeys.load(args.server_key, args.client_key)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -124,6 +159,7 @@ def register(subparsers) -> None:
     p.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl-C")
     p.add_argument("--count", type=int, help="stop after this many frames")
     p.add_argument("--mode", choices=("bind", "connect"), help="default: connect (linewatch), imagezmq's own otherwise")
+    _curve_arguments(p)
     p.set_defaults(func=cmd_replay)
 
     p = subparsers.add_parser("tap", help="print one line per verdict from a running daemon")
@@ -131,7 +167,15 @@ def register(subparsers) -> None:
     p.add_argument("--count", type=int, help="stop after this many verdicts")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     p.add_argument("--camera", action="append", help="only this camera (repeatable)")
+    _curve_arguments(p)
     p.set_defaults(func=cmd_tap)
+
+    p = subparsers.add_parser("keys", help="CurveZMQ keys for runtime.security")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    g = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (secret) into a folder")
+    g.add_argument("--dir", required=True, help="folder for the key files (created if needed)")
+    g.add_argument("--name", required=True, help="file name stem, e.g. linewatch-server or camera-3")
+    g.set_defaults(func=cmd_keys_generate)
 
     p = subparsers.add_parser(
         "demo", help="synthetic line -> daemon -> tap on loopback, weights-free classic backend (no GPU, no downloads)"

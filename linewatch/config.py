@@ -200,10 +200,43 @@ class PublishConfig(_Section):
     overlay_jpeg: bool = False
 
 
+class SecurityConfig(_Section):
+    """CurveZMQ on the frame and verdict sockets: encryption and an allow-list of client keys.
+
+    All three keys or none: a server key without allowed clients (or the reverse) would look
+    secured and not be."""
+
+    server_secret_key: str | None = Field(None, description="the daemon's secret certificate (`linewatch keys generate`)")
+    frame_senders: str | None = Field(None, description="folder of public certificates of the senders allowed to send frames")
+    verdict_subscribers: str | None = Field(None, description="folder of public certificates of the subscribers allowed to receive verdicts")
+
+    @model_validator(mode="after")
+    def _all_or_nothing(self) -> "SecurityConfig":
+        keys = {"server_secret_key": self.server_secret_key, "frame_senders": self.frame_senders,
+                "verdict_subscribers": self.verdict_subscribers}
+        missing = [k for k, v in keys.items() if not v]
+        if 0 < len(missing) < len(keys):
+            raise ValueError("half-configured CurveZMQ security: set all of server_secret_key, frame_senders and "
+                             f"verdict_subscribers, or none; missing {', '.join(missing)}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.server_secret_key is not None
+
+
 class MetricsConfig(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz server")
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
+    tls_cert_file: str | None = Field(None, description="PEM certificate (chain): serve HTTPS instead of HTTP")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
     max_camera_labels: int = Field(64, ge=1, le=10_000, description="camera ids with a metrics label of their own; further ids share the label _other")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "MetricsConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (HTTPS needs both)")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -218,6 +251,7 @@ class RuntimeConfig(_Section):
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    security: SecurityConfig = SecurityConfig()
 
 
 class Config(_Section):

@@ -137,11 +137,11 @@ class Daemon:
         self.health.start()
         try:
             self.pipeline.start()
-            publisher = self.publisher = verdict_sink(self.config.publish, log=self.log)
+            publisher = self.publisher = verdict_sink(self.config.publish, self.log, m, self.config.security)
             publisher.start()
             m.track_queue("publish", lambda: publisher.pending)
             self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m,
-                                 clock=self.clock)
+                                 clock=self.clock, security=self.config.security)
             self.ingest.start()
         except Exception:
             self.stop()  # release what did start (threads, sockets, the HTTP port)

@@ -6,6 +6,7 @@ block another request. Port 0 binds a free port (`HealthServer.port` tells which
 
 from __future__ import annotations
 
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -28,9 +29,13 @@ class _Server(ThreadingHTTPServer):
     liveness: LivenessCheck
     readiness: ReadinessCheck
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that is not TLS, or hangs up mid-request, is its own problem: no traceback
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = 10  # seconds a silent client (or TLS handshake) may hold its thread
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         path = self.path.split("?", 1)[0]
@@ -74,7 +79,20 @@ class HealthServer:
 
     def __init__(self, config: MetricsConfig, registry: CollectorRegistry,
                  liveness: LivenessCheck = lambda: [], readiness: ReadinessCheck = lambda: (True, "ready")) -> None:
+        tls = None
+        if config.tls_cert_file:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                tls.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+            except (OSError, ssl.SSLError) as e:
+                raise RuntimeError(f"runtime.metrics: cannot use the TLS certificate {config.tls_cert_file} "
+                                   f"with key {config.tls_key_file}: {e}") from None
         self._server = _Server((config.host, config.port), _Handler, bind_and_activate=True)
+        if tls is not None:
+            # the handshake runs in the request's own thread, so a slow client blocks nobody
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
+        self.scheme = "https" if tls is not None else "http"
         self._server.registry = registry
         self._server.liveness = liveness
         self._server.readiness = readiness

@@ -47,10 +47,11 @@ import structlog
 import zmq
 
 from linewatch import wire
-from linewatch.config import EndpointConfig, IngestConfig
+from linewatch.config import EndpointConfig, IngestConfig, SecurityConfig
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.security import CurveServer, SecurityError, allowed_keys_folder, load_secret_key
 from linewatch.wire import Frame
 from linewatch.wire import WireError
 
@@ -150,8 +151,13 @@ class Ingest:
         log: Any = None,
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        security: SecurityConfig | None = None,
     ) -> None:
+        """`security`, when enabled, makes every endpoint a CurveZMQ server that admits only the
+        senders whose public keys are in `security.frame_senders` (linewatch.runtime.security)."""
         self._config = config
+        self._security = security if security is not None and security.enabled else None
+        self._curve: CurveServer | None = None
         self._metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self._on_frame = on_frame
@@ -180,13 +186,24 @@ class Ingest:
             return
         self._context = zmq.Context()
         try:
+            if self._security is not None:
+                sec = self._security
+                self._curve = CurveServer(self._context, load_secret_key(sec.server_secret_key),
+                                          allowed_keys_folder(sec.frame_senders, "runtime.security.frame_senders"),
+                                          "frames", self._metrics, self._log)
             for endpoint in self._config.endpoints:
                 self._sockets.append(self._open(endpoint))
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, SecurityError) as e:
             for sock in self._sockets:
                 sock.close(linger=0)
+            if self._curve is not None:
+                self._curve.stop()
             self._context.term()
+            if isinstance(e, SecurityError):
+                raise
             raise RuntimeError(f"ingest: cannot open endpoint {endpoint.url} ({endpoint.mode}): {e}") from e
+        if self._curve is not None:
+            self._curve.start()
         self._started = True
         for i in range(self._config.decode_workers):
             thread = threading.Thread(target=self._decode_loop, name=f"ingest-decode-{i}", daemon=True)
@@ -225,6 +242,8 @@ class Ingest:
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
             clean = clean and not thread.is_alive()
+        if self._curve is not None:
+            self._curve.stop()
         if clean and self._context is not None:
             self._context.term()
         else:
@@ -267,6 +286,8 @@ class Ingest:
         sock.setsockopt(zmq.MAXMSGSIZE, max(4 * self._config.max_payload_bytes, MAXMSGSIZE_FLOOR))
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if self._curve is not None:
+            self._curve.secure(sock)
         try:
             if endpoint.mode == "bind":
                 sock.bind(endpoint.url)

@@ -88,6 +88,11 @@ class Metrics:
             "linewatch_messages_dropped", "Messages taken off an ingest socket that got no verdict, by reason "
             "(rate-limited refusals nobody can be answered for, receive or internal failures).", ["reason"], registry=r,
         )
+        self.connections_refused = Counter(
+            "linewatch_connections_refused", "CurveZMQ handshakes refused, by socket (frames/verdicts) and reason "
+            "(not_allowed: key not in the allow-list; handshake_failed: no or wrong keys).", ["socket", "reason"],
+            registry=r,
+        )
         self.late_results = Counter(
             "linewatch_late_results", "Detector results discarded because the frame was already answered.", registry=r
         )

@@ -26,14 +26,22 @@ import structlog
 import zmq
 
 from linewatch import wire
-from linewatch.config import PublishConfig
+from linewatch.config import PublishConfig, SecurityConfig
+from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.security import CurveServer, SecurityError, allowed_keys_folder, load_secret_key
 from linewatch.wire import Verdict
 
 
 class Publisher:
     """Thread-safe verdict publisher (a `VerdictSink`); binds/connects in start() (errors raise there)."""
 
-    def __init__(self, config: PublishConfig, log: Any = None) -> None:
+    def __init__(self, config: PublishConfig, log: Any = None, metrics: Metrics | None = None,
+                 security: SecurityConfig | None = None) -> None:
+        """`security`, when enabled, makes the PUB socket a CurveZMQ server that lets only the
+        subscribers whose public keys are in `security.verdict_subscribers` receive."""
+        self._security = security if security is not None and security.enabled else None
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._curve: CurveServer | None = None
         self._config = config
         self._log = log if log is not None else structlog.get_logger("linewatch.publish")
         self._queue: queue.Queue[Verdict | None] = queue.Queue()
@@ -53,6 +61,17 @@ class Publisher:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
+        if self._security is not None:
+            sec = self._security
+            try:
+                self._curve = CurveServer(self._context, load_secret_key(sec.server_secret_key),
+                                          allowed_keys_folder(sec.verdict_subscribers, "runtime.security.verdict_subscribers"),
+                                          "verdicts", self._metrics, self._log)
+            except SecurityError:
+                self._socket.close(linger=0)
+                self._context.term()
+                raise
+            self._curve.secure(self._socket)
         try:
             if config.mode == "bind":
                 self._socket.bind(config.url)
@@ -62,8 +81,12 @@ class Publisher:
                 self._bound_url = config.url
         except zmq.ZMQError as e:
             self._socket.close(linger=0)
+            if self._curve is not None:
+                self._curve.stop()
             self._context.term()
             raise RuntimeError(f"publish: cannot {config.mode} {config.url}: {e}") from e
+        if self._curve is not None:
+            self._curve.start()
         self._thread.start()
 
     @property
@@ -122,6 +145,8 @@ class Publisher:
         left = self._queue.qsize()
         if left:
             self._log.error("verdicts not published before close", count=left)
+        if self._curve is not None:
+            self._curve.stop()
         if not self._thread.is_alive():
             self._context.term()
 

@@ -25,6 +25,7 @@ import zmq
 
 from linewatch import wire
 from linewatch.images import list_images, read_image
+from linewatch.runtime.security import ClientKeys
 
 PROTOCOLS = ("linewatch", "imagezmq-pubsub", "imagezmq-reqrep")
 _IMAGEZMQ_MODE = {"imagezmq-pubsub": "bind", "imagezmq-reqrep": "connect"}
@@ -76,6 +77,7 @@ def replay(
     warmup_s: float = 0.5,
     stop: threading.Event | None = None,
     reply_timeout_s: float = 5.0,
+    curve: ClientKeys | None = None,
 ) -> int:
     """Send the images of `source` to `endpoint` at `fps` (<= 0: as fast as possible).
 
@@ -84,6 +86,7 @@ def replay(
     protocols (a contradicting mode is a ValueError). Stops after one pass (or forever with
     `loop`), after `count` frames, or when `stop` is set. Returns the number of frames sent.
     An imagezmq REQ/REP hub that does not reply within `reply_timeout_s` raises TimeoutError.
+    `curve`: CurveZMQ keys for a daemon with runtime.security (linewatch protocol only).
     """
     source = Path(source)
     if protocol not in PROTOCOLS:
@@ -95,12 +98,14 @@ def replay(
             raise ValueError("imagezmq carries raw arrays or JPEG only; use encoding 'raw' or 'jpeg'")
         if mode is not None and mode != _IMAGEZMQ_MODE[protocol]:
             raise ValueError(f"imagezmq's sender for {protocol} can only {_IMAGEZMQ_MODE[protocol]}, not {mode}")
+        if curve is not None:
+            raise ValueError("imagezmq's sender has no CurveZMQ option; use protocol 'linewatch' with keys")
     elif mode not in (None, "bind", "connect"):
         raise ValueError(f"mode must be 'bind' or 'connect', got {mode!r}")
     if not source.exists():
         raise ValueError(f"{source}: no such folder or file")
 
-    send, close = _open_sender(protocol, endpoint, mode or "connect", encoding, camera, reply_timeout_s)
+    send, close = _open_sender(protocol, endpoint, mode or "connect", encoding, camera, reply_timeout_s, curve)
     sent = 0
     try:
         if protocol != "imagezmq-reqrep" and warmup_s > 0:
@@ -126,11 +131,14 @@ def replay(
     return sent
 
 
-def _open_sender(protocol: str, endpoint: str, mode: str, encoding: str, camera: str, reply_timeout_s: float):
+def _open_sender(protocol: str, endpoint: str, mode: str, encoding: str, camera: str, reply_timeout_s: float,
+                 curve: ClientKeys | None = None):
     """(send(frame_id, rgb, part_id), close()) for the protocol."""
     if protocol == "linewatch":
         context = zmq.Context()
         sock = context.socket(zmq.PUB)
+        if curve is not None:
+            curve.apply(sock)
         (sock.bind if mode == "bind" else sock.connect)(endpoint)
 
         def send(frame_id: int, rgb: np.ndarray, part_id: str | None) -> None:

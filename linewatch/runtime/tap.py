@@ -23,6 +23,7 @@ import structlog
 import zmq
 
 from linewatch import wire
+from linewatch.runtime.security import ClientKeys
 from linewatch.wire import Verdict
 from linewatch.wire import WireError
 
@@ -86,11 +87,13 @@ def tap(
     mode: str = "connect",
     stop: threading.Event | None = None,
     gaps: SequenceGaps | None = None,
+    curve: ClientKeys | None = None,
 ) -> int:
     """Receive verdicts from `endpoint` until `count` were seen, `timeout_s` (total wall time)
     passed or `stop` is set. Each verdict goes to `callback` (default: print its line).
     Undecodable messages are logged and skipped. Returns the number of verdicts seen.
     `gaps`, with no camera filter, counts the verdicts lost on the way (each gap is logged).
+    `curve`: CurveZMQ keys for a daemon with runtime.security.
     """
     log = structlog.get_logger("linewatch.tap")
     wanted = set(cameras) if cameras else None
@@ -99,6 +102,8 @@ def tap(
     context = zmq.Context()
     sock = context.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
     for camera in wanted or [""]:
         sock.setsockopt(zmq.SUBSCRIBE, camera.encode("utf-8"))
     seen = 0

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from linewatch.config import PublishConfig
+from linewatch.config import PublishConfig, SecurityConfig
+from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Verdict
 
 
@@ -54,17 +55,17 @@ class VerdictSink(Protocol):
         """Verdicts queued and not yet sent (a metrics gauge)."""
 
 
-def verdict_sink(config: PublishConfig, log: Any = None) -> VerdictSink:
+def verdict_sink(config: PublishConfig, log: Any, metrics: Metrics, security: SecurityConfig) -> VerdictSink:
     """The sink `config.protocol` names (not started)."""
-    return VERDICT_SINKS[config.protocol](config, log)
+    return VERDICT_SINKS[config.protocol](config, log, metrics, security)
 
 
-def _zmq_pub(config: PublishConfig, log: Any) -> VerdictSink:
+def _zmq_pub(config: PublishConfig, log: Any, metrics: Metrics, security: SecurityConfig) -> VerdictSink:
     from linewatch.runtime.publish import Publisher
 
-    return Publisher(config, log=log)
+    return Publisher(config, log=log, metrics=metrics, security=security)
 
 
-VERDICT_SINKS: dict[str, Callable[[PublishConfig, Any], VerdictSink]] = {
+VERDICT_SINKS: dict[str, Callable[[PublishConfig, Any, Metrics, SecurityConfig], VerdictSink]] = {
     "linewatch": _zmq_pub,  # wire-format verdict messages on a ZeroMQ PUB socket
 }
