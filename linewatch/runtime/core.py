@@ -329,6 +329,11 @@ class PipelineCore:
     def has_released(self) -> bool:
         return bool(self._out)
 
+    @property
+    def released_waiting(self) -> int:
+        """Verdicts released and not yet taken by the output thread."""
+        return len(self._out)
+
     # ================================================================== deadlines
 
     def next_deadline(self) -> float | None:

@@ -161,7 +161,7 @@ class Pipeline:
         m.track_queue("pending", lambda: self.core.pending)
         for (name, _), q in zip(self._stages, self._queues):
             m.track_queue(f"stage:{name}", q.qsize)
-        m.track_queue("output", lambda: len(self.core._out))
+        m.track_queue("output", lambda: self.core.released_waiting)
         m.inflight_frames.set_function(lambda: self.core.inflight)
 
     # ================================================================== public API
