@@ -1,4 +1,4 @@
-"""The daemon: ingest -> batcher/pipeline -> publish, with metrics, health and systemd glue.
+"""The daemon: ingest -> pipeline -> publish, with metrics, health and systemd glue.
 
 Start-up order: metrics and the health server (so a failed start is visible), the pipeline,
 the publisher, then ingest last (nothing arrives before everything behind it runs). Then

@@ -5,9 +5,11 @@ and does only cheap work: take the message, answer imagezmq REQ/REP senders, rea
 id, apply the allow-list and the size limit. Image decoding happens in a small pool of
 `decode_workers` threads fed through a bounded queue. Every message taken off a socket ends
 in exactly one `on_frame(frame)` or `on_error(error, received_mono)` call, except the
-rate-limited cases below, which are counted in `stats()`.
+rate-limited cases below, which are counted in `stats()` and in
+linewatch_messages_dropped_total{reason}. With runtime.security, every endpoint is a
+CurveZMQ server (linewatch.runtime.security).
 
-Protocols (EndpointConfig.protocol):
+Protocols (EndpointConfig.protocol), one FrameProtocol class each (FRAME_PROTOCOLS):
   linewatch         SUB socket, subscribed to everything; linewatch.wire frame messages.
   imagezmq-pubsub   SUB socket; imagezmq's ImageSender(REQ_REP=False) binds a PUB, so this
                     endpoint normally uses mode "connect".
@@ -22,7 +24,8 @@ Memory and overload:
                 those frames never reach linewatch and get no verdict; line control must
                 treat a missing verdict as a reject. REQ senders simply wait for their reply.
   max_payload_bytes  larger image parts are refused with WireError("too_large") and an
-                `error` verdict, after reading only the JSON header. ZMQ_MAXMSGSIZE (which
+                `error` verdict, after reading only the JSON header. max_image_pixels does the
+                same for the pixel count an image declares (raw shape, JPEG/PNG header). ZMQ_MAXMSGSIZE (which
                 DISCONNECTS the peer, so nothing can be answered and a REQ sender hangs) is
                 set only as a hard ceiling far above it: max(4 x max_payload_bytes, 1 GiB)
                 per message part, against absurd or hostile sizes.
@@ -31,8 +34,9 @@ Memory and overload:
                 from an unknown camera costs little and cannot fill the decode queue ahead
                 of allowed cameras. Each unknown camera id gets at most one
                 WireError("unknown_camera") per second (the detail says how many were
-                dropped since); the rest are counted in stats()["suppressed"]. Messages with
-                no readable camera id at all are rate-limited the same way, per reason.
+                dropped since); the rest are counted (stats()["suppressed"], the metric).
+                Messages with no readable camera id at all are rate-limited the same way,
+                per reason. "frame refused" log lines: at most one per reason per 10 s.
 """
 
 from __future__ import annotations
@@ -139,7 +143,7 @@ class Ingest:
 
     `on_frame(frame)` and `on_error(error, received_mono)` are called from the decode
     threads (and, for too-large or rate-limited errors, the receive threads); they must be
-    quick and thread-safe (typically: put into the batcher / answer with an error verdict).
+    quick and thread-safe (typically: submit to the pipeline / answer with an error verdict).
     `log` is a structlog-style logger (keyword arguments); default: structlog's.
     """
 
