@@ -24,6 +24,7 @@ JPEG encode or a stuck stage never stalls another camera's bookkeeping.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import sys
 import threading
@@ -76,7 +77,9 @@ def _record_stream(obj: Any, torch: Any, stream: Any) -> None:
     """Tell the CUDA caching allocator that tensors in `obj` are used on `stream`.
 
     Tensors made on another stage's stream and freed while this stage's kernels still read
-    them could otherwise be handed out again to the producer's stream too early.
+    them could otherwise be handed out again to the producer's stream too early. Stage data
+    is the detector's `Batch` dataclass (holding `Encoded`, `MatchResult`, ...), so fields of
+    dataclasses are walked as well as lists, tuples and dicts.
     """
     if isinstance(obj, torch.Tensor):
         if obj.is_cuda:
@@ -87,6 +90,9 @@ def _record_stream(obj: Any, torch: Any, stream: Any) -> None:
     elif isinstance(obj, dict):
         for x in obj.values():
             _record_stream(x, torch, stream)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _record_stream(getattr(obj, f.name), torch, stream)
 
 
 class _Stop(Exception):

@@ -7,6 +7,7 @@ threads carry them out. Nothing here asserts how long anything took: waits are b
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -323,3 +324,34 @@ def test_frame_the_detector_cannot_judge_errors_alone(started) -> None:
     assert [by_id[i].verdict for i in range(4)] == ["pass", "error", "fail", "pass"]
     assert by_id[1].reason == "bad_image"
     assert [v.frame_id for v in out.verdicts] == [0, 1, 2, 3]  # still in order
+
+
+def test_record_stream_reaches_every_tensor_of_a_detector_batch() -> None:
+    # The stage data is the detector's Batch dataclass; walking only lists and dicts protected
+    # nothing (issue #8). A stand-in for torch records which "CUDA tensors" were marked.
+    import types
+
+    from linewatch.detector.inspector import Batch, Encoded
+    from linewatch.detector.match import MatchResult
+    from linewatch.runtime.pipeline import _record_stream
+
+    class FakeTensor:
+        def __init__(self, name: str, is_cuda: bool = True) -> None:
+            self.name, self.is_cuda, self.streams = name, is_cuda, []
+
+        def record_stream(self, stream) -> None:
+            self.streams.append(stream)
+
+    fake_torch = types.SimpleNamespace(Tensor=FakeTensor)
+    tensors = {name: FakeTensor(name) for name in ("features", "matches", "maps", "listed", "cpu")}
+    tensors["cpu"].is_cuda = False
+    encoded = Encoded(**{f.name: None for f in dataclasses.fields(Encoded)})
+    encoded.features = tensors["features"]
+    match = MatchResult(**{f.name: None for f in dataclasses.fields(MatchResult)})
+    match.matches = tensors["matches"]
+    batch = Batch(images=[np.zeros((2, 2, 3), np.uint8)], encoded=encoded, match=match,
+                  object_maps=tensors["maps"], timings={"x": 0.1})
+    batch.sizes = [tensors["listed"], tensors["cpu"]]  # any nesting
+    _record_stream(batch, fake_torch, "stream-1")
+    assert {n: t.streams for n, t in tensors.items()} == {
+        "features": ["stream-1"], "matches": ["stream-1"], "maps": ["stream-1"], "listed": ["stream-1"], "cpu": []}
