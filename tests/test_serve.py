@@ -225,12 +225,15 @@ def test_serve_wire_and_imagezmq_frames_bad_frames_and_metrics(small_bank, tmp_p
         want = {"cam0": 8, "izcam": 3, "bad": 2}
         verdicts = served.recv(lambda vs: all(len(of(vs, c)) >= n for c, n in want.items()), 120)
         # Nothing more (no duplicates) can follow once nothing is in flight in the daemon and
-        # this subscriber has every verdict it released (warm-up probes included).
+        # this subscriber has every verdict released since its first one: seq counts 0, 1, 2, ...
+        # over the run, and the earliest warm-up verdicts may have gone out before it joined.
         def settled() -> bool:
             m = scrape(served.metrics_port)
             released = sum(m["linewatch_verdicts_total"].values())
-            served.recv(lambda vs: len(vs) >= released, 1.0)
-            return m["linewatch_inflight_frames"][()] == 0 and len(served.verdicts) == released
+            first = min(v.seq for v in served.verdicts)
+            served.recv(lambda vs: len(vs) >= released - first, 1.0)
+            seqs = sorted(v.seq for v in served.verdicts)
+            return m["linewatch_inflight_frames"][()] == 0 and seqs == list(range(first, int(released)))
 
         assert wait_until(settled, 60), served.log()
         verdicts = served.verdicts
