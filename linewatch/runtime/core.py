@@ -112,8 +112,7 @@ class PipelineCore:
         self._pending_count = 0
         self._out: deque[Verdict] = deque()
         self.batches_inside = 0
-        self.accepting = True
-        self.flushing = False  # send waiting frames at once (drain)
+        self.accepting = True  # once False: new frames are shed, waiting ones go out at once (drain)
         self.inflight = 0  # registered, not yet released
 
         # cumulative statistics (periodic log summary)
@@ -136,16 +135,16 @@ class PipelineCore:
             age = max(0.0, age)
         slot = self._new_slot(camera, frame_id, capture_ts, received_mono, received_mono + self.deadline_s - age, part_id)
         if future:
-            self.answer(slot, self._simple(slot, "error", FUTURE_CAPTURE))
+            self.answer_simple(slot, "error", FUTURE_CAPTURE)
         elif age >= self.deadline_s:
-            self.answer(slot, self._simple(slot, "timeout", EXPIRED_ON_ARRIVAL))
+            self.answer_simple(slot, "timeout", EXPIRED_ON_ARRIVAL)
         return slot
 
     def register_error(self, camera: str, frame_id: int, reason: str, capture_ts: float, received_mono: float,
                        part_id: str | None = None) -> None:
         """A frame that could not be decoded: answered `error` with `reason`, in its place."""
         slot = self._new_slot(camera, frame_id, capture_ts, received_mono, received_mono, part_id)
-        self.answer(slot, self._simple(slot, "error", reason))
+        self.answer_simple(slot, "error", reason)
 
     def _new_slot(self, camera: str, frame_id: int, capture_ts: float, received_mono: float, deadline: float,
                   part_id: str | None) -> Slot:
@@ -172,7 +171,7 @@ class PipelineCore:
         if slot.answered:
             return
         if not self.accepting:
-            self.answer(slot, self._simple(slot, "shed", SHUTTING_DOWN))
+            self.answer_simple(slot, "shed", SHUTTING_DOWN)
             return
         slot.image = image
         slot.enqueued = self.clock.monotonic()
@@ -185,7 +184,7 @@ class PipelineCore:
             victim = queue.pop() if self.shed_policy == "newest" else queue.popleft()
             self._forget_pending(camera)
             self._pending_count -= 1
-            self.answer(victim, self._simple(victim, "shed", PENDING_FULL))
+            self.answer_simple(victim, "shed", PENDING_FULL)
 
     @property
     def pending(self) -> int:
@@ -199,7 +198,7 @@ class PipelineCore:
         None when it waits for something else (a frame, a batch leaving the stage graph)."""
         if not self._pending_count or self.batches_inside >= self.max_batches_inside:
             return None
-        if self._pending_count >= self.max_batch or self.flushing:
+        if self._pending_count >= self.max_batch or not self.accepting:
             return self.clock.monotonic()
         return min(q[0].enqueued for q in self._pending.values()) + self.max_delay_s
 
@@ -218,9 +217,9 @@ class PipelineCore:
                 # frames that cannot be judged in time are answered here, and their places
                 # go to the next waiting frames
                 if slot.deadline <= now:
-                    self.answer(slot, self._simple(slot, "timeout", DEADLINE_REASON))
+                    self.answer_simple(slot, "timeout", DEADLINE_REASON)
                 elif slot.deadline - now < expected:
-                    self.answer(slot, self._simple(slot, "shed", UNREACHABLE_REASON))
+                    self.answer_simple(slot, "shed", UNREACHABLE_REASON)
                 else:
                     live.append(slot)
         if live:
@@ -348,7 +347,7 @@ class PipelineCore:
         n = 0
         while self._deadlines and self._deadlines[0][0] <= now:
             slot = heapq.heappop(self._deadlines)[2]
-            if self.answer(slot, self._simple(slot, "timeout", DEADLINE_REASON)):
+            if self.answer_simple(slot, "timeout", DEADLINE_REASON):
                 n += 1
         return n
 
@@ -358,18 +357,17 @@ class PipelineCore:
         """Frames registered from now on are answered `shed` (shutting_down); waiting ones go
         out at once instead of waiting for company."""
         self.accepting = False
-        self.flushing = True
 
     def answer_all_unanswered(self, value: str = "timeout", reason: str = SHUTDOWN_REASON) -> None:
         """Answer every frame that has no verdict yet (the pipeline stops)."""
         for camera in list(self._pending):
             for slot in self._pending.pop(camera):
-                self.answer(slot, self._simple(slot, value, reason))
+                self.answer_simple(slot, value, reason)
         self._pending_count = 0
         for buf in list(self._cameras.values()):
             for slot in list(buf):
                 if not slot.answered:
-                    self.answer(slot, self._simple(slot, value, reason))
+                    self.answer_simple(slot, value, reason)
 
     def idle(self) -> bool:
         """Nothing in flight and nothing waiting to be published."""

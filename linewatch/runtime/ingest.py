@@ -55,7 +55,7 @@ from linewatch.config import EndpointConfig, IngestConfig, SecurityConfig
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.security import CurveServer, SecurityError, allowed_keys_folder, load_secret_key
+from linewatch.runtime.security import CurveServer, SecurityError
 from linewatch.wire import Frame
 from linewatch.wire import WireError
 
@@ -191,10 +191,7 @@ class Ingest:
         self._context = zmq.Context()
         try:
             if self._security is not None:
-                sec = self._security
-                self._curve = CurveServer(self._context, load_secret_key(sec.server_secret_key),
-                                          allowed_keys_folder(sec.frame_senders, "runtime.security.frame_senders"),
-                                          "frames", self._metrics, self._log)
+                self._curve = CurveServer.from_config(self._context, self._security, "frames", self._metrics, self._log)
             for endpoint in self._config.endpoints:
                 self._sockets.append(self._open(endpoint))
         except (zmq.ZMQError, SecurityError) as e:

@@ -28,6 +28,7 @@ import dataclasses
 import queue
 import sys
 import threading
+import time
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -182,28 +183,25 @@ class Pipeline:
 
     def submit(self, frame: Frame) -> None:
         """Take one decoded frame; it will get exactly one verdict. Never blocks on the detector."""
-        with self._lock:
-            slot = self.core.register(frame.camera, frame.frame_id, frame.capture_ts, frame.received_ts,
-                                      frame.received_mono, frame.part_id)
-            self._changed()
-        self.metrics.last_frame_timestamp.set(frame.received_ts)
-        if slot.answered:
-            return
+        # A frame the detector cannot judge (another camera size, say) is answered alone,
+        # instead of failing the batch it would have joined. Checked before taking the lock.
+        bad_image = False
         check = getattr(self.processor, "check_image", None)
-        if check is not None and self.core.accepting:
-            # a frame the detector cannot judge (another camera size, say) is answered alone,
-            # instead of failing the batch it would have joined
+        if check is not None:
             try:
                 check(frame.image, f"{frame.camera} #{frame.frame_id}")
             except ValueError as e:
                 self.log.debug("bad_image", camera=frame.camera, frame_id=frame.frame_id, error=str(e))
-                with self._lock:
-                    self.core.answer_simple(slot, "error", "bad_image")
-                    self._changed()
-                return
+                bad_image = True
         with self._lock:
-            self.core.enqueue(slot, frame.image)
+            slot = self.core.register(frame.camera, frame.frame_id, frame.capture_ts, frame.received_ts,
+                                      frame.received_mono, frame.part_id)
+            if bad_image and self.core.accepting:
+                self.core.answer_simple(slot, "error", "bad_image")
+            else:
+                self.core.enqueue(slot, frame.image)  # no-op when register answered it already
             self._changed()
+        self.metrics.last_frame_timestamp.set(frame.received_ts)
 
     def submit_error(self, camera: str, frame_id: int, reason: str, received_mono: float,
                      capture_ts: float, part_id: str | None = None) -> None:
@@ -223,13 +221,12 @@ class Pipeline:
         with self._lock:
             self.core.stop_accepting()
             self._changed()
-        end = self.clock.monotonic() + max(0.0, timeout_s)
-        clean = self._wait_idle(end)
+        clean = self._wait_idle(timeout_s)
         if not clean:
             with self._lock:
                 self.core.answer_all_unanswered()
                 self._changed()
-            self._wait_idle(self.clock.monotonic() + 2.0)
+            self._wait_idle(2.0)
         return clean
 
     def stop(self, timeout_s: float = 2.0) -> None:
@@ -242,15 +239,15 @@ class Pipeline:
                 self.core.answer_all_unanswered()
             self._changed()
         if self._started:
-            self._wait_idle(self.clock.monotonic() + timeout_s)
+            self._wait_idle(timeout_s)
         self._stop.set()
         with self._lock:
             for cond in (self._intake_cond, self._deadline_cond, self._out_cond, self._idle_cond):
                 cond.notify_all()
-        end = self.clock.monotonic() + timeout_s
+        end = time.monotonic() + timeout_s  # real time: how long this call may block
         for t in self._threads:
             if t.is_alive():
-                t.join(max(0.0, end - self.clock.monotonic()))
+                t.join(max(0.0, end - time.monotonic()))
         self._stopped = True
 
     @property
@@ -319,15 +316,13 @@ class Pipeline:
         if earliest is not None and (self._watched_deadline is None or earliest < self._watched_deadline):
             self._deadline_cond.notify()
 
-    def _wait_idle(self, end: float) -> bool:
-        """Wait until nothing is in flight and everything is published, or until `end`."""
+    def _wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is in flight and everything is published, at most `timeout_s`
+        of real time (the pipeline's clock decides deadlines; how long a caller blocks is not
+        the pipeline's to decide, and a fake clock must not make it wait for ever)."""
         with self._lock:
-            while not self.core.idle() or self._publishing_since is not None:
-                left = end - self.clock.monotonic()
-                if left <= 0:
-                    return False
-                self._idle_cond.wait(min(left, 0.1))
-            return True
+            return self._idle_cond.wait_for(lambda: self.core.idle() and self._publishing_since is None,
+                                            max(0.0, timeout_s))
 
     # ================================================================== threads
 

@@ -28,7 +28,7 @@ import zmq
 from linewatch import wire
 from linewatch.config import PublishConfig, SecurityConfig
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.security import CurveServer, SecurityError, allowed_keys_folder, load_secret_key
+from linewatch.runtime.security import CurveServer, SecurityError
 from linewatch.wire import Verdict
 
 
@@ -62,11 +62,8 @@ class Publisher:
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, config.send_hwm)
         if self._security is not None:
-            sec = self._security
             try:
-                self._curve = CurveServer(self._context, load_secret_key(sec.server_secret_key),
-                                          allowed_keys_folder(sec.verdict_subscribers, "runtime.security.verdict_subscribers"),
-                                          "verdicts", self._metrics, self._log)
+                self._curve = CurveServer.from_config(self._context, self._security, "verdicts", self._metrics, self._log)
             except SecurityError:
                 self._socket.close(linger=0)
                 self._context.term()
@@ -129,16 +126,15 @@ class Publisher:
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Send what is queued (up to `timeout_s`, ZMQ linger included), then close. Idempotent."""
-        drain_timeout_s = timeout_s
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
         if self._thread.ident is None:  # never started
             return
-        self._drain_deadline = time.monotonic() + drain_timeout_s
+        self._drain_deadline = time.monotonic() + timeout_s
         self._queue.put(None)
-        self._thread.join(drain_timeout_s)
+        self._thread.join(timeout_s)
         if self._thread.is_alive():
             self._abort.set()
             self._thread.join(1.0)

@@ -28,6 +28,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
+from linewatch.config import SecurityConfig
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
 
@@ -126,6 +127,15 @@ class CurveServer:
         self._refused = 0
         self._cond = threading.Condition()
         self._log_limit = RateLimiter(10.0)  # one log line per reason per 10 s
+
+    @classmethod
+    def from_config(cls, context: zmq.Context, security: SecurityConfig, label: str, metrics: Metrics,
+                    log: Any = None) -> "CurveServer":
+        """The server for the frame sockets (label "frames": security.frame_senders) or the
+        verdict socket ("verdicts": security.verdict_subscribers). SecurityError names a bad file."""
+        key = {"frames": "frame_senders", "verdicts": "verdict_subscribers"}[label]
+        allowed = allowed_keys_folder(getattr(security, key), f"runtime.security.{key}")
+        return cls(context, load_secret_key(security.server_secret_key), allowed, label, metrics, log)
 
     def secure(self, sock: zmq.Socket) -> None:
         """Make `sock` a CURVE server under this allow-list (before bind/connect)."""
