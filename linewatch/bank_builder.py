@@ -21,7 +21,7 @@ from tqdm import tqdm
 from linewatch import __version__
 from linewatch.config import Config
 from linewatch.detector.bank import TemplateBank
-from linewatch.detector.inspector import Batch, Inspector, pad_masks
+from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector, pad_masks
 from linewatch.detector.models import Models, build_models, select_device
 from linewatch.images import ImageError, list_images, read_image
 
@@ -54,9 +54,7 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
     parts: dict[str, list] = {k: [] for k in ("retrieval", "features", "masks", "valid", "boxes", "descriptors")}
     bar = tqdm(total=len(images), desc="encoding good images", unit="img", disable=not progress)
     for _, chunk in _batches(images, batch_size):
-        batch = Batch(images=chunk)
-        for step in (inspector.preprocess, inspector.backbone, inspector.upsample, inspector.segment, inspector.describe):
-            batch = step(batch)
+        batch = inspector.run(Batch(images=chunk), ENCODE_STAGES)
         enc = batch.encoded
         parts["retrieval"].append(enc.retrieval.cpu())
         parts["features"].append(enc.upsampled.half().cpu())
@@ -115,7 +113,7 @@ def judge_bank_images(inspector: Inspector, batch_size: int, progress: bool, des
     bar = tqdm(total=z, desc=desc, unit="img", disable=not progress)
     for start in range(0, z, batch_size):
         indices = torch.arange(start, min(z, start + batch_size), device=inspector.device)
-        batch = inspector.measure(inspector.match(inspector.bank_batch(indices)))
+        batch = inspector.run(inspector.bank_batch(indices), JUDGE_STAGES)
         yield indices.cpu(), batch
         bar.update(len(indices))
     bar.close()

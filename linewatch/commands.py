@@ -36,6 +36,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     inspector = load_inspector(config, str(bank_path))
     inspector.bank_images = inspector.bank.size  # shown in linewatch_bank_info
+    if config.detector.compile or inspector.device.type == "cuda":
+        # compile and pick kernels for a lone frame and a full batch before anyone is told we are ready
+        log.info("warming up", batch_sizes=[1, config.runtime.batch.max_batch], compile=config.detector.compile)
+        inspector.warm_up((1, config.runtime.batch.max_batch))
     daemon = Daemon(config.runtime, inspector, log=log)
     try:
         daemon.start()

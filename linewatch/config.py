@@ -50,6 +50,14 @@ class ClassicBackendConfig(_Section):
     background_threshold: float = Field(6.0, gt=0, description="colour distance (in background std units) above which a pixel is foreground")
 
 
+# FeatUp's published JBU checkpoints (linewatch.detector.weights registry names) -> the image size
+# and timm backbone they were trained with (FeatUp's DINOv2 upsampler: ViT-S/14, no registers, 224).
+FEATUP_TRAINED_SETUP = {
+    "featup_dinov2_jbu": (224, "vit_small_patch14_dinov2.lvd142m"),
+    "featup_dinov2_jbu_no_norm": (224, "vit_small_patch14_dinov2.lvd142m"),
+}
+
+
 class SamConfig(_Section):
     kind: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
     checkpoint: str = Field("sam_vit_b", description="registry name or file path")
@@ -69,6 +77,9 @@ class SamLadBackendConfig(_Section):
     upsampler_checkpoint: str = Field("featup_dinov2_jbu", description="registry name or file path")
     upsample_stages: int = Field(3, ge=0, le=4, description="2x JBU stages; 3 = the paper's 8x")
     upsampler_use_norm: bool = True
+    allow_untrained_upsampler_setup: bool = Field(
+        False, description="use FeatUp's published JBU with another image size or backbone than it was trained for "
+        "(224, ViT-S/14 without registers); its upsampling is then not what FeatUp measured")
     sam: SamConfig = SamConfig()
 
 
@@ -100,6 +111,11 @@ class DetectorConfig(_Section):
     backend: Literal["classic", "samlad"] = "classic"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(224, ge=28, le=2048, description="images are resized to this square working size")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the models' arithmetic: bf16/fp16 run backbone, upsampler and SAM under autocast; "
+        "fp32 on CUDA allows TF32 matrix products")
+    compile: bool = Field(False, description="torch.compile the backbone and the SAM image encoder (slower start, "
+                          "warmed up before the daemon reports ready)")
     k_references: int = Field(2, ge=1, le=16, description="nearest good images each frame is compared with")
     objects: ObjectFilterConfig = ObjectFilterConfig()
     classic: ClassicBackendConfig = ClassicBackendConfig()
@@ -111,6 +127,16 @@ class DetectorConfig(_Section):
     def _patch_multiple(self) -> "DetectorConfig":
         if self.backend == "samlad" and self.image_size % 14:
             raise ValueError(f"image_size must be a multiple of 14 for the DINOv2 backbone, got {self.image_size}")
+        s = self.samlad
+        if (self.backend == "samlad" and s.upsampler_checkpoint in FEATUP_TRAINED_SETUP
+                and not s.allow_untrained_upsampler_setup):
+            size, backbone = FEATUP_TRAINED_SETUP[s.upsampler_checkpoint]
+            if self.image_size != size or s.backbone != backbone:
+                raise ValueError(
+                    f"samlad.upsampler_checkpoint {s.upsampler_checkpoint!r} was trained at image_size {size} on "
+                    f"{backbone}; this config has image_size {self.image_size} and {s.backbone}. Use those, or set "
+                    "samlad.allow_untrained_upsampler_setup: true to run it outside its training setup on purpose"
+                )
         if self.backend == "classic" and self.image_size % self.classic.feature_stride:
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of classic.feature_stride ({self.classic.feature_stride})"
@@ -122,7 +148,9 @@ class DetectorConfig(_Section):
     # (tests/ops/test_configs.py walks the schema, so a new key cannot be left out by mistake).
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({
         "device",  # where the same computation runs
+        "compile",  # how the same computation runs
         "samlad.weights_dir",  # where checkpoint files are looked up, not which ones
+        "samlad.allow_untrained_upsampler_setup",  # a permission; image_size and backbone are in it themselves
     })
 
     def fingerprint_settings(self) -> dict[str, object]:

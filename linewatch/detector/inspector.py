@@ -11,7 +11,9 @@
 
 The reference side (features, masks, descriptors of the k references) comes from the
 template bank, so only the query image goes through the models. Each stage is a method
-taking and returning a `Batch`; `stages` lists them for the runtime's pipeline.
+taking and returning a `Batch`, named once in `STAGES`: `run` runs any of them in that
+order (inspect, the bank builder and the benchmark), `stages` groups them for the runtime's
+pipeline (`PIPELINE_GROUPS`, one thread each).
 
 Beyond the paper: a reference part that no query object matches (in more than half of
 the k references) is scored at its reference location ("missing"), and an unmatched query
@@ -39,6 +41,15 @@ from linewatch.detector.match import match_objects
 from linewatch.detector.measure import mahalanobis
 from linewatch.detector.models import Models
 from linewatch.detector.result import InspectionResult
+
+
+ENCODE_STAGES = ("preprocess", "backbone", "upsample", "segment", "describe")  # one image alone
+JUDGE_STAGES = ("match", "measure")  # the image against its references in the bank
+STAGES = ENCODE_STAGES + JUDGE_STAGES
+# The runtime's pipeline: one thread (and CUDA stream) per group; match + measure are cheap together.
+PIPELINE_GROUPS = (("preprocess",), ("backbone",), ("upsample",), ("segment",), ("describe",), JUDGE_STAGES)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # detector.precision -> autocast dtype
+MODEL_STAGES = frozenset({"backbone", "upsample", "segment"})  # run under detector.precision's autocast
 
 
 class InputError(ValueError):
@@ -74,13 +85,50 @@ class Batch:
     images: list[np.ndarray]
     sizes: list[tuple[int, int]] = field(default_factory=list)  # input (H, W) per image
     images01: Tensor | None = None
+    frames: Tensor | None = None  # (B, H, W, 3) uint8 input frames on the device, for a segmenter that wants them
     encoded: Encoded = field(default_factory=Encoded)
     references: Tensor | None = None  # (B, k)
     exclude: Tensor | None = None  # (B,) reference index to skip in retrieval (leave-one-out)
     match: Any = None  # MatchResult over B*k query/reference pairs
     object_maps: Tensor | None = None  # (B, M, H', W') raw per-object Mahalanobis maps
     results: list[InspectionResult] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, filled by StageTimer.resolve
+    timer: "StageTimer | None" = None
+
+
+class StageTimer:
+    """Times stages without stalling the device: on CUDA a pair of events recorded on the
+    stream the stage ran on (read once the batch's results reach the host, when they have
+    long completed); on the CPU the wall time of the call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[str, Any, Any]] = []
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, name: str, started: Any) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append((name, started, event))
+        else:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def resolve(self) -> dict[str, float]:
+        """Seconds per stage so far. On CUDA this waits for the last recorded event only (the
+        caller has normally synchronised already by copying results to the host)."""
+        for name, start, end in self.events:
+            end.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+        self.events.clear()
+        return dict(self.seconds)
 
 
 def to_images01(images: list[np.ndarray], size: int, device: torch.device) -> Tensor:
@@ -91,6 +139,18 @@ def to_images01(images: list[np.ndarray], size: int, device: torch.device) -> Te
     ]
     array = np.stack(resized).astype(np.float32) / 255.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def frames_to_device(images: list[np.ndarray], device: torch.device) -> Tensor:
+    """RGB uint8 (H, W, 3) images of one size -> uint8 (B, H, W, 3) on `device`. On CUDA through
+    a pinned host buffer and a non-blocking copy (PyTorch's pinned-memory cache keeps the
+    buffer until the copy has completed, so it is neither reused early nor allocated anew)."""
+    h, w = images[0].shape[:2]
+    host = torch.empty((len(images), h, w, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    array = host.numpy()
+    for i, image in enumerate(images):
+        array[i] = image
+    return host.to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def pad_masks(masks: list[Tensor], size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,24 +306,57 @@ class Inspector:
 
     @property
     def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
-        """Stage functions for the runtime: the first takes a list of RGB uint8 images, the last
-        returns a list of InspectionResult."""
-        return [
-            ("preprocess", lambda images: self.preprocess(Batch(images=list(images)))),
-            ("backbone", self.backbone),
-            ("upsample", self.upsample),
-            ("segment", self.segment),
-            ("describe", self.describe),
-            ("match_measure", lambda batch: self.measure(self.match(batch)).results),
-        ]
+        """Stage functions for the runtime, one per `PIPELINE_GROUPS` entry: the first takes a
+        list of RGB uint8 images, the last returns a list of InspectionResult."""
+
+        def group(names: tuple[str, ...], first: bool, last: bool) -> Callable[[Any], Any]:
+            def fn(data: Any) -> Any:
+                batch = Batch(images=list(data)) if first else data
+                batch = self.run(batch, names)
+                return batch.results if last else batch
+            return fn
+
+        n = len(PIPELINE_GROUPS)
+        return [("_".join(names), group(names, i == 0, i == n - 1)) for i, names in enumerate(PIPELINE_GROUPS)]
+
+    def run(self, batch: Batch, names: tuple[str, ...] = STAGES) -> Batch:
+        """Run the stages `names` (a run of `STAGES`, in that order) on `batch`, each timed by
+        the batch's StageTimer (CUDA events: no device-wide synchronisation)."""
+        if batch.timer is None:
+            batch.timer = StageTimer(self.device)
+        for name in names:
+            step = getattr(self, name)
+            started = batch.timer.start()
+            if name in MODEL_STAGES:
+                with self.autocast():
+                    batch = step(batch)
+            else:
+                batch = step(batch)
+            batch.timer.stop(name, started)
+        if "measure" in names:  # results are on the host: every event has completed
+            batch.timings = batch.timer.resolve()
+            for result in batch.results:
+                result.timings = dict(batch.timings)
+        return batch
+
+    def autocast(self):
+        """detector.precision as an autocast context for the model stages (fp32: disabled)."""
+        dtype = PRECISIONS[self.config.precision]
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Judge blank frames of the bank's image size once per batch size, so that compiled
+        models are compiled and CUDA kernels chosen before the first real frame (the daemon
+        reports ready only after this)."""
+        shape = tuple(self.bank.manifest["source_shape"][:2]) if self.bank is not None else (self.config.image_size,) * 2
+        blank = np.full((*shape, 3), 128, dtype=np.uint8)
+        for size in sorted(set(batch_sizes)):
+            self.inspect([blank] * size)
 
     def inspect(self, images: list[np.ndarray], exclude: Tensor | None = None) -> list[InspectionResult]:
         """Run every stage on a batch of RGB uint8 (H, W, 3) images. `exclude` (B,): a bank
         index each image must not be compared with (itself, in leave-one-out calibration)."""
-        batch = Batch(images=list(images), exclude=exclude)
-        for step in (self.preprocess, self.backbone, self.upsample, self.segment, self.describe, self.match, self.measure):
-            batch = step(batch)
-        return batch.results
+        return self.run(Batch(images=list(images), exclude=exclude)).results
 
     def bank_batch(self, indices: Tensor) -> Batch:
         """Bank images as queries, rebuilt from the bank's own tensors without running a model,
@@ -283,18 +376,15 @@ class Inspector:
 
     # ------------------------------------------------------------------ stages
 
-    def _timed(self, batch: Batch, name: str, start: float) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        batch.timings[name] = batch.timings.get(name, 0.0) + time.perf_counter() - start
-
     def preprocess(self, batch: Batch) -> Batch:
-        start = time.perf_counter()
         for i, img in enumerate(batch.images):
             self.check_image(img, f"image {i}")
         batch.sizes = [img.shape[:2] for img in batch.images]
         batch.images01 = to_images01(batch.images, self.config.image_size, self.device)
-        self._timed(batch, "preprocess", start)
+        if getattr(self.models.segmenter, "wants_frames", False):
+            if len(set(batch.sizes)) > 1:
+                raise InputError(f"the images of one batch must have one size, got {sorted(set(batch.sizes))}")
+            batch.frames = frames_to_device(batch.images, self.device)
         return batch
 
     def check_image(self, image: np.ndarray, name: str) -> None:
@@ -313,42 +403,34 @@ class Inspector:
 
     @torch.inference_mode()
     def backbone(self, batch: Batch) -> Batch:
-        start = time.perf_counter()
         batch.encoded.features = self.models.backbone(batch.images01)
         if self.bank is not None:
             batch.references = self.bank.retrieve(batch.encoded.retrieval, self.config.k_references, batch.exclude)
-        self._timed(batch, "backbone", start)
         return batch
 
     @torch.inference_mode()
     def upsample(self, batch: Batch) -> Batch:
-        start = time.perf_counter()
         batch.encoded.upsampled = self.models.upsampler(batch.encoded.features, batch.images01).float()
-        self._timed(batch, "upsample", start)
         return batch
 
     @torch.inference_mode()
     def segment(self, batch: Batch) -> Batch:
-        start = time.perf_counter()
-        batch.encoded.masks = [m.to(self.device) for m in self.models.segmenter(batch.images01)]
-        self._timed(batch, "segment", start)
+        masks = self.models.segmenter(batch.images01, frames=batch.frames, references=batch.references)
+        batch.encoded.masks = [m.to(self.device) for m in masks]
         return batch
 
     @torch.inference_mode()
     def describe(self, batch: Batch) -> Batch:
-        start = time.perf_counter()
         enc = batch.encoded
         size = tuple(enc.upsampled.shape[-2:])
         enc.soft_masks, enc.valid, enc.boxes = pad_masks(enc.masks, size, self.device)
         pooled = masked_global_max_pool(enc.upsampled, enc.soft_masks)
         enc.descriptors = self.models.dcga(pooled, enc.valid)
-        self._timed(batch, "describe", start)
         return batch
 
     @torch.inference_mode()
     def match(self, batch: Batch) -> Batch:
         """OMM of each query image's objects with each of its k references (batched over B*k)."""
-        start = time.perf_counter()
         if self.bank is None:
             raise RuntimeError("match needs a template bank")
         enc, refs, cfg = batch.encoded, batch.references, self.config.matching
@@ -369,14 +451,12 @@ class Inspector:
             iterations=cfg.sinkhorn_iterations,
             score_scale=cfg.score_scale,
         )
-        self._timed(batch, "match", start)
         return batch
 
     @torch.inference_mode()
     def measure(self, batch: Batch) -> Batch:
         """AMM: per-object Mahalanobis maps against the matched (or closest) reference objects
         (eqs. 11-15), plus missing-part and surplus maps; then image scores and results."""
-        start = time.perf_counter()
         enc, refs, bank, cfg = batch.encoded, batch.references, self.bank, self.config.measure
         b, k = refs.shape
         m = enc.valid.shape[1]
@@ -409,9 +489,6 @@ class Inspector:
         image_maps = image_maps + cfg.missing_part_weight * missing_maps
 
         batch.results = self._results(batch, image_maps, object_maps, is_matched, is_surplus, missing_objects)
-        self._timed(batch, "measure", start)
-        for result in batch.results:
-            result.timings = dict(batch.timings)
         return batch
 
     def _object_maps(self, batch: Batch, assigned: Tensor, is_matched: Tensor) -> Tensor:

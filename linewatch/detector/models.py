@@ -88,4 +88,13 @@ def build_models(config: DetectorConfig, device: torch.device) -> Models:
     backbone = backbone.to(device).eval()
     upsampler = upsampler.to(device).eval()
     dcga = dcga.to(device).eval()
+    if device.type == "cuda" and config.precision == "fp32":
+        # TF32 matrix products (10-bit mantissa inputs, fp32 accumulation): what "fp32" means on
+        # Ampere and later for every framework that does not say otherwise; process-wide.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if config.compile:
+        backbone = torch.compile(backbone)  # attribute access (identity, out_channels) reaches the module
+        if hasattr(segmenter, "compile_encoder"):
+            segmenter.compile_encoder()
     return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=dcga)

@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from linewatch.detector.weights import WeightsError, read_state_dict
 
@@ -62,6 +63,36 @@ class AreaFilter:
     @property
     def identity(self) -> str:
         return f"area[{self.min_area:g},{self.max_area:g}]x{self.max_objects}"
+
+
+def interior_points(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The most interior cell of each mask, as (x, y) in [0, 1] image coordinates (cell centres).
+
+    masks: (..., H, W) soft or bool masks -> (..., 2). "Most interior" is the cell that survives
+    the most 3x3 erosions (a chessboard distance transform), ties to the one nearest the mask's
+    centroid, so a ring or a C-shaped part gets a point on the part, not at its centroid. An empty
+    mask gives (0.5, 0.5); callers mark those points invalid themselves.
+    """
+    h, w = masks.shape[-2:]
+    lead = masks.shape[:-2]
+    inside = (masks.reshape(-1, 1, h, w).float() > threshold).float()
+    depth = torch.zeros_like(inside)
+    eroded = inside
+    for _ in range((min(h, w) + 1) // 2):
+        depth = depth + eroded
+        eroded = -F.max_pool2d(-F.pad(eroded, (1, 1, 1, 1)), 3, stride=1)  # erosion; outside the map is outside
+        eroded = eroded * inside
+    ys = torch.arange(h, dtype=torch.float32, device=masks.device).view(1, 1, h, 1)
+    xs = torch.arange(w, dtype=torch.float32, device=masks.device).view(1, 1, 1, w)
+    mass = inside.sum((2, 3), keepdim=True).clamp_min(1)
+    cy, cx = (inside * ys).sum((2, 3), keepdim=True) / mass, (inside * xs).sum((2, 3), keepdim=True) / mass
+    distance = ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt() / (h + w)  # < 0.5: never outweighs one erosion
+    best = torch.where(inside > 0, depth - distance, torch.full_like(depth, -1.0)).flatten(1).argmax(1)
+    xy = torch.stack([(best % w).float() + 0.5, (best // w).float() + 0.5], dim=-1) / torch.tensor(
+        [w, h], dtype=torch.float32, device=masks.device)
+    empty = inside.flatten(1).amax(1) == 0
+    xy = torch.where(empty[:, None], torch.full_like(xy, 0.5), xy)
+    return xy.view(*lead, 2)
 
 
 def _to_uint8_hwc(image01: torch.Tensor) -> np.ndarray:
@@ -121,8 +152,11 @@ class SamSegmenter:
         p = ",".join(f"{k}={v}" for k, v in self.params.items())
         return f"sam:{self.model_name}:{p}:{self.area_filter.identity}"
 
+    wants_frames = False
+
     @torch.no_grad()
-    def __call__(self, images01: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
+                 references: torch.Tensor | None = None) -> list[torch.Tensor]:
         """images01: float (B, 3, H, W) RGB in [0, 1] -> B bool tensors (M_b, H, W) on the CPU,
         sorted by area descending after the area filter."""
         _check_batch(images01)
@@ -308,9 +342,13 @@ class ClassicSegmenter:
             fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k_close, k_close)))
         return fg.astype(bool)
 
-    def __call__(self, images01: torch.Tensor) -> list[torch.Tensor]:
+    wants_frames = False  # works on the working images
+
+    def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
+                 references: torch.Tensor | None = None) -> list[torch.Tensor]:
         """images01: float (B, 3, H, W) RGB in [0, 1] -> B bool tensors (M_b, H, W), one mask per
-        connected foreground component, sorted by area descending after the area filter."""
+        connected foreground component, sorted by area descending after the area filter.
+        frames and references: unused (the contract of every segmenter)."""
         _check_batch(images01)
         _, _, H, W = images01.shape
         out = []

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 BATCH_SIZES = (1, 4, 8)
-STAGES = ("preprocess", "backbone", "upsample", "segment", "describe", "match", "measure")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,11 +117,7 @@ def _sync(device) -> None:
 def _cached_batch(inspector, images) -> dict[str, float]:
     from linewatch.detector.inspector import Batch
 
-    batch = Batch(images=list(images))
-    for step in (inspector.preprocess, inspector.backbone, inspector.upsample, inspector.segment,
-                 inspector.describe, inspector.match, inspector.measure):
-        batch = step(batch)
-    return dict(batch.timings)
+    return dict(inspector.run(Batch(images=list(images))).timings)
 
 
 def _naive_batch(inspector, naive, good, images) -> dict[str, float]:
@@ -132,11 +127,9 @@ def _naive_batch(inspector, naive, good, images) -> dict[str, float]:
 
     from linewatch.bank_builder import encode_references
     from linewatch.detector.bank import TemplateBank
-    from linewatch.detector.inspector import Batch
+    from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch
 
-    batch = Batch(images=list(images))
-    for step in (inspector.preprocess, inspector.backbone, inspector.upsample, inspector.segment, inspector.describe):
-        batch = step(batch)
+    batch = inspector.run(Batch(images=list(images)), ENCODE_STAGES)
     start = time.perf_counter()
     refs = batch.references  # (B, k) indices into the good images
     ref_images = [good[int(z)] for z in refs.flatten().tolist()]
@@ -149,9 +142,8 @@ def _naive_batch(inspector, naive, good, images) -> dict[str, float]:
     batch.references = torch.arange(len(ref_images), device=inspector.device).view(refs.shape)
     _sync(inspector.device)
     batch.timings["reencode_references"] = time.perf_counter() - start
-    for step in (naive.match, naive.measure):
-        batch = step(batch)
-    return dict(batch.timings)
+    timings = {**batch.timer.resolve(), "reencode_references": batch.timings["reencode_references"]}
+    return {**timings, **naive.run(batch, JUDGE_STAGES).timings}
 
 
 def _measure(runners: dict, images: list, batch_size: int, repeats: int, device) -> dict[str, dict[str, Any]]:
@@ -238,6 +230,8 @@ def _row_text(row: dict) -> str:
 
 def format_table(results: dict) -> str:
     """A plain-text table of every setting, stages in ms per batch, and the naive/cached ratios."""
+    from linewatch.detector.inspector import STAGES
+
     stages = [s for s in (*STAGES, "reencode_references")
               if any(s in r["stage_ms_per_batch"] for r in results["results"])]
     head = ["backend", "device", "path", "B", "ms/batch", "img/s", *stages]

@@ -155,7 +155,7 @@ def test_stages_by_hand_equal_inspect(inspector):
     images = [frame(0)[0], frame(1, "missing")[0], frame(2, "extra")[0]]
     expected = inspector.inspect(images)
     names = [name for name, _ in inspector.stages]
-    assert names[0] == "preprocess" and names[-1] == "match_measure"
+    assert names == ["preprocess", "backbone", "upsample", "segment", "describe", "match_measure"]
     value = images
     for _, fn in inspector.stages:
         value = fn(value)

@@ -32,6 +32,7 @@ def samlad_config(tmp_path: Path):
             "backend": "samlad", "device": "cpu", "image_size": 112, "k_references": 2,
             "objects": {"min_area": 0.0005, "max_area": 0.9, "max_objects": 6},
             "samlad": {"weights_dir": str(tmp_path / "models"), "upsample_stages": 2,
+                       "allow_untrained_upsampler_setup": True,  # tiny random models at 112
                        "sam": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}},
         },
         "calibration": {"min_validation_images": 2},
@@ -80,3 +81,20 @@ def test_samlad_backend_without_checkpoints_says_how_to_get_them(tmp_path: Path)
         build_models(config.detector, torch.device("cpu"))
     message = str(info.value)
     assert "linewatch models download" in message and str(tmp_path / "models") in message
+
+
+def test_featup_checkpoint_outside_its_training_setup_is_refused_unless_allowed() -> None:
+    from linewatch.config import ConfigError
+
+    def detector(**samlad):
+        return {"detector": {"backend": "samlad", "image_size": 448, "samlad": samlad}}
+
+    with pytest.raises(ConfigError, match="trained at image_size 224.*allow_untrained_upsampler_setup"):
+        config_from_dict(detector())
+    with pytest.raises(ConfigError, match="vit_small_patch14_reg4_dinov2"):
+        config_from_dict({"detector": {"backend": "samlad", "samlad": {
+            "backbone": "vit_small_patch14_reg4_dinov2.lvd142m", "backbone_checkpoint": "dinov2_vits14_reg4"}}})
+    assert config_from_dict(detector(allow_untrained_upsampler_setup=True)).detector.image_size == 448
+    # an upsampler given as a file path: linewatch cannot know what it was trained on
+    assert config_from_dict(detector(upsampler_checkpoint="/models/my_jbu.ckpt")).detector.image_size == 448
+    assert config_from_dict({"detector": {"backend": "samlad"}}).detector.image_size == 224

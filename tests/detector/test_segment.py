@@ -16,6 +16,7 @@ from linewatch.detector.segment import (
     SegmenterError,
     build_sam_segmenter,
     build_tiny_sam,
+    interior_points,
     load_sam_weights,
 )
 from linewatch.detector.weights import WeightsError
@@ -33,6 +34,51 @@ def _boxes(areas: list[int], H: int = 10, W: int = 10) -> torch.Tensor:
     for i, a in enumerate(areas):
         m[i, :a] = True
     return m.view(len(areas), H, W)
+
+
+# ----------------------------------------------------------------------------- interior_points
+
+
+def test_interior_point_of_a_rectangle_is_its_centre_cell() -> None:
+    masks = torch.zeros(1, 8, 10)
+    masks[0, 2:5, 3:8] = 1  # rows 2..4, columns 3..7: the centre cell is (row 3, column 5)
+    assert interior_points(masks)[0].tolist() == pytest.approx([5.5 / 10, 3.5 / 8])
+
+
+def test_interior_point_of_a_ring_lies_on_the_ring_not_in_its_hole() -> None:
+    ring = torch.zeros(8, 10)
+    ring[1:7, 1:9] = 1
+    ring[3:5, 3:7] = 0  # the hole holds the centroid (row 3.5, column 4.5)
+    x, y = interior_points(ring[None])[0].tolist()
+    row, col = int(y * 8), int(x * 10)
+    assert ring[row, col] == 1
+    assert (row, col) == (2, 4)  # one of the ring cells nearest the centroid, the first of them
+
+
+def test_interior_point_prefers_the_thick_part_of_an_l_shape() -> None:
+    shape = torch.zeros(12, 12)
+    shape[1:11, 1:3] = 1  # a thin bar, 2 cells wide
+    shape[6:11, 1:8] = 1  # a thick foot, 5 cells high
+    x, y = interior_points(shape[None])[0].tolist()
+    row, col = int(y * 12), int(x * 12)
+    assert 7 <= row <= 9 and 3 <= col <= 5  # deep in the foot, 2 erosions from every edge
+
+
+def test_interior_points_keep_leading_shape_and_empty_masks_give_the_centre() -> None:
+    masks = torch.zeros(2, 3, 6, 6)
+    masks[1, 2, 0:2, 0:2] = 0.9  # soft mask above the 0.5 threshold
+    points = interior_points(masks)
+    assert points.shape == (2, 3, 2)
+    assert points[0, 0].tolist() == [0.5, 0.5]
+    # the four cells tie in depth and in distance to the centroid: the first, row-major, wins
+    assert points[1, 2].tolist() == pytest.approx([0.5 / 6, 0.5 / 6])
+
+
+def test_interior_point_of_a_part_cut_by_the_border_stays_off_the_border() -> None:
+    masks = torch.zeros(1, 10, 10)
+    masks[0, 0:5, 2:7] = 1  # cut by the top edge: the edge is not inside the part
+    x, y = interior_points(masks)[0].tolist()
+    assert int(y * 10) == 2 and int(x * 10) == 4
 
 
 # ----------------------------------------------------------------------------- AreaFilter
