@@ -61,8 +61,15 @@ FEATUP_TRAINED_SETUP = {
 class SamConfig(_Section):
     kind: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
     checkpoint: str = Field("sam_vit_b", description="registry name or file path")
+    generator: Literal["batched", "segment_anything"] = Field(
+        "batched", description="linewatch's batched on-device mask generator, or segment-anything's own (one frame "
+        "at a time; for comparison)")
+    prompts: Literal["full_grid", "coarse_grid", "reference_seeded"] = Field(
+        "full_grid", description="point prompts: points_per_side^2 grid (the paper's), coarse_points_per_side^2 grid, "
+        "or one point inside each part of the k reference images plus the coarse grid")
     points_per_side: int = Field(32, ge=1, le=128)
-    points_per_batch: int = Field(64, ge=1, le=1024)
+    coarse_points_per_side: int = Field(8, ge=1, le=128, description="the coarse grid's points per side")
+    points_per_batch: int = Field(64, ge=1, le=4096)
     pred_iou_thresh: float = Field(0.88, ge=0, le=1)
     stability_score_thresh: float = Field(0.95, ge=0, le=1)
     box_nms_thresh: float = Field(0.7, ge=0, le=1)

@@ -41,6 +41,7 @@ from linewatch.detector.match import match_objects
 from linewatch.detector.measure import mahalanobis
 from linewatch.detector.models import Models
 from linewatch.detector.result import InspectionResult
+from linewatch.detector.segment import interior_points
 
 
 ENCODE_STAGES = ("preprocess", "backbone", "upsample", "segment", "describe")  # one image alone
@@ -271,6 +272,7 @@ class Inspector:
         self.bank = bank.to(device) if bank is not None else None
         self.backend = config.backend
         self.descriptor_mean: Tensor | None = None
+        self.seed_points: Tensor | None = None  # (N, M, 2) a point inside each bank part, for seeded prompts
         if bank is not None:
             bank.check_identity(self.identity(), source=f"bank {bank.bank_id}", settings=config.fingerprint_settings())
             if bank.size < config.k_references:
@@ -285,6 +287,8 @@ class Inspector:
                 # pools the same kind of features); matching on what sets them apart works far
                 # better. The mean over the bank's good objects is that common part.
                 self.descriptor_mean = self.bank.descriptors[self.bank.object_valid].mean(0)
+            if getattr(self.models.segmenter, "wants_seeds", False):
+                self.seed_points = interior_points(self.bank.masks.float())
             # a part whose good-image maps are nearly flat must not turn tiny differences into alarms
             noise = self.bank.object_noise[self.bank.object_valid]
             self.noise_floor = float(noise.median()) * 0.25 if noise.numel() else 1.0
@@ -415,7 +419,11 @@ class Inspector:
 
     @torch.inference_mode()
     def segment(self, batch: Batch) -> Batch:
-        masks = self.models.segmenter(batch.images01, frames=batch.frames, references=batch.references)
+        seeds = None
+        if getattr(self.models.segmenter, "wants_seeds", False) and self.seed_points is not None:
+            refs = batch.references  # (B, k): one prompt inside each part of each reference
+            seeds = (self.seed_points[refs].flatten(1, 2), self.bank.object_valid[refs].flatten(1, 2))
+        masks = self.models.segmenter(batch.images01, frames=batch.frames, seeds=seeds)
         batch.encoded.masks = [m.to(self.device) for m in masks]
         return batch
 

@@ -2,10 +2,13 @@
 then a per-product area filter keeps the key objects.
 
 Two backends share one contract:
-  segmenter(images01 (B, 3, H, W) float RGB in [0, 1]) -> list of B bool tensors (M_b, H, W)
-  at the input resolution, sorted by area descending, after the AreaFilter.
+  segmenter(images01 (B, 3, S, S) float RGB in [0, 1], frames=None, seeds=None) -> list of B bool
+  tensors (M_b, S, S) at the working size, sorted by area descending, after the AreaFilter.
+  `wants_frames`: the segmenter reads the camera frames, uint8 (B, H, W, 3) on the device;
+  `wants_seeds`: it takes prompt points inside the reference parts, (B, Q, 2) in [0, 1] + validity.
 
-- SamSegmenter: segment-anything's automatic mask generator (the paper's choice).
+- SamSegmenter: SAM automatic masks on the camera frame (the paper's choice), by our batched
+  generator (linewatch.detector.sam_masks) or segment-anything's own.
 - ClassicSegmenter: weights-free; a colour model of the background fitted on good images,
   foreground = colour far from it, then connected components. It suits plain trays and
   backlit stages (and the synthetic line in linewatch.sim); it cannot separate touching parts
@@ -95,14 +98,6 @@ def interior_points(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor
     return xy.view(*lead, 2)
 
 
-def _to_uint8_hwc(image01: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> uint8 (H, W, 3) numpy, as SAM and OpenCV want it."""
-    if image01.ndim != 3 or image01.shape[0] != 3:
-        raise ValueError(f"expected an image (3, H, W), got {tuple(image01.shape)}")
-    x = (image01.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
-    return np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy())
-
-
 def _check_batch(images01: torch.Tensor) -> None:
     if images01.ndim != 4 or images01.shape[1] != 3:
         raise ValueError(f"images01 must be (B, 3, H, W), got {tuple(images01.shape)}")
@@ -113,12 +108,25 @@ def _check_batch(images01: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------
 
 
-class SamSegmenter:
-    """segment-anything's SamAutomaticMaskGenerator followed by the AreaFilter.
+PROMPT_STRATEGIES = ("full_grid", "coarse_grid", "reference_seeded")
 
-    The filter reads each record's "area" (pixels at input resolution) relative to H * W;
-    SAM's own `min_mask_region_area` only removes small holes and islands inside masks.
+
+class SamSegmenter:
+    """SAM automatic masks on the camera frame, followed by the AreaFilter.
+
+    generator "batched" (default): linewatch.detector.sam_masks.BatchedMaskGenerator, one image
+    encoder call per batch of frames and the prompts of every frame decoded together, on the
+    device; masks come straight out at the working size. "segment_anything": the package's own
+    SamAutomaticMaskGenerator, one frame at a time (for comparison; slow).
+    prompts: "full_grid" (points_per_side^2, the paper's), "coarse_grid"
+    (coarse_points_per_side^2), "reference_seeded" (one point inside each part of the k
+    reference images, from the bank, plus the coarse grid so parts the references lack are still
+    found; without seeds, as when the bank's own good images are segmented, the full grid; the
+    segment_anything generator supports only the grids).
+    Areas for the filter are fractions of the image, measured on the working-size masks.
     """
+
+    wants_frames = True  # segments the camera frame itself (longest side 1024 inside SAM)
 
     def __init__(
         self,
@@ -129,22 +137,51 @@ class SamSegmenter:
         pred_iou_thresh: float = 0.88,
         stability_score_thresh: float = 0.95,
         box_nms_thresh: float = 0.7,
-        min_mask_region_area: int = 0,
         model_name: str = "sam",
+        generator: str = "batched",
+        prompts: str = "full_grid",
+        coarse_points_per_side: int = 8,
     ) -> None:
-        from segment_anything import SamAutomaticMaskGenerator
-
+        if generator not in ("batched", "segment_anything"):
+            raise SegmenterError(f"unknown SAM generator {generator!r}; known: batched, segment_anything")
+        if prompts not in PROMPT_STRATEGIES:
+            raise SegmenterError(f"unknown SAM prompt strategy {prompts!r}; known: {PROMPT_STRATEGIES}")
+        if generator == "segment_anything" and prompts == "reference_seeded":
+            raise SegmenterError("the segment_anything generator takes grid prompts only; use generator: batched")
+        self.sam = sam_model
         self.area_filter = area_filter
+        self.model_name = model_name
+        self.generator_kind = generator
+        self.prompts = prompts
+        self.points_per_side = points_per_side if prompts == "full_grid" else coarse_points_per_side
         self.params = dict(
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh,
             stability_score_thresh=stability_score_thresh,
             box_nms_thresh=box_nms_thresh,
-            min_mask_region_area=min_mask_region_area,
+            generator=generator,
+            prompts=prompts,
+            coarse_points_per_side=coarse_points_per_side,
         )
-        self.model_name = model_name
-        self.generator = SamAutomaticMaskGenerator(sam_model, output_mode="binary_mask", **self.params)
+        thresholds = dict(pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                          box_nms_thresh=box_nms_thresh)
+        if generator == "batched":
+            from linewatch.detector.sam_masks import BatchedMaskGenerator, grid_points
+
+            self.generator = BatchedMaskGenerator(sam_model, points_per_batch=points_per_batch, **thresholds)
+            self.full_grid = grid_points(points_per_side).float()  # (G, 2) in [0, 1]
+            self.grid = grid_points(self.points_per_side).float()
+        else:
+            from segment_anything import SamAutomaticMaskGenerator
+
+            self.generator = SamAutomaticMaskGenerator(sam_model, points_per_side=self.points_per_side,
+                                                       points_per_batch=points_per_batch, output_mode="binary_mask",
+                                                       **thresholds)
+
+    @property
+    def wants_seeds(self) -> bool:
+        return self.prompts == "reference_seeded"
 
     @property
     def identity(self) -> str:
@@ -152,25 +189,56 @@ class SamSegmenter:
         p = ",".join(f"{k}={v}" for k, v in self.params.items())
         return f"sam:{self.model_name}:{p}:{self.area_filter.identity}"
 
-    wants_frames = False
+    def compile_encoder(self) -> None:
+        """torch.compile SAM's image encoder (detector.compile); the first batches pay for it."""
+        self.sam.image_encoder = torch.compile(self.sam.image_encoder)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
-                 references: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """images01: float (B, 3, H, W) RGB in [0, 1] -> B bool tensors (M_b, H, W) on the CPU,
-        sorted by area descending after the area filter."""
+                 seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """images01: float (B, 3, S, S) working images; frames: uint8 (B, H, W, 3) the camera
+        frames (None: the working images are segmented instead); seeds: points (B, Q, 2) in
+        [0, 1] and their validity (B, Q), for reference-seeded prompts.
+        -> B bool tensors (M_b, S, S) on the frames' device, sorted by area descending after
+        the area filter."""
         _check_batch(images01)
-        _, _, H, W = images01.shape
-        out = []
-        for image in images01:
-            records = self.generator.generate(_to_uint8_hwc(image))
-            idx = self.area_filter.select(np.array([r["area"] for r in records], np.float64), H * W)
-            if idx:
-                masks = torch.from_numpy(np.stack([records[i]["segmentation"] for i in idx])).bool()
-            else:
-                masks = torch.zeros((0, H, W), dtype=torch.bool)
-            out.append(masks)
-        return out
+        _, _, S, S2 = images01.shape
+        if frames is None:
+            frames = (images01.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        if self.generator_kind == "segment_anything":
+            masks = [self._segment_anything(frame, (S, S2)) for frame in frames]
+        else:
+            masks = self._batched(frames, (S, S2), seeds)
+        return [self._keep(m) for m in masks]
+
+    def _batched(self, frames: torch.Tensor, size: tuple[int, int], seeds) -> list[torch.Tensor]:
+        B, H, W, _ = frames.shape
+        scale = torch.tensor([W, H], dtype=torch.float32, device=frames.device)
+        seeded = self.wants_seeds and seeds is not None
+        grid = self.grid if seeded or not self.wants_seeds else self.full_grid  # no references yet: the full grid
+        points = grid.to(frames.device)[None].expand(B, -1, -1)
+        valid = torch.ones(points.shape[:2], dtype=torch.bool, device=frames.device)
+        if seeded:
+            seed_points, seed_valid = seeds
+            points = torch.cat([seed_points.to(frames.device).float(), points], dim=1)
+            valid = torch.cat([seed_valid.to(frames.device), valid], dim=1)
+        proposals = self.generator(frames, points * scale, valid, output_size=size)
+        return proposals.masks
+
+    def _segment_anything(self, frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        with torch.autocast(device_type=frame.device.type, enabled=False):  # it hands its tensors to numpy: fp32 only
+            records = self.generator.generate(np.ascontiguousarray(frame.cpu().numpy()))
+        if not records:
+            return torch.zeros((0, *size), dtype=torch.bool, device=frame.device)
+        masks = torch.from_numpy(np.stack([r["segmentation"] for r in records])).to(frame.device)
+        return F.interpolate(masks[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0] > 0.5
+
+    def _keep(self, masks: torch.Tensor) -> torch.Tensor:
+        """The area filter on masks at the working size (one host sync for the kept indices)."""
+        if masks.shape[0] == 0:
+            return masks
+        idx = self.area_filter.select(masks.flatten(1).sum(1), masks.shape[1] * masks.shape[2])
+        return masks[idx]
 
 
 SAM_KINDS = ("vit_b", "vit_l", "vit_h")
@@ -343,12 +411,13 @@ class ClassicSegmenter:
         return fg.astype(bool)
 
     wants_frames = False  # works on the working images
+    wants_seeds = False
 
     def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
-                 references: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """images01: float (B, 3, H, W) RGB in [0, 1] -> B bool tensors (M_b, H, W), one mask per
         connected foreground component, sorted by area descending after the area filter.
-        frames and references: unused (the contract of every segmenter)."""
+        frames and seeds: unused (the contract of every segmenter)."""
         _check_batch(images01)
         _, _, H, W = images01.shape
         out = []

@@ -49,35 +49,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=2, help="k_references")
     parser.add_argument("--product", default="screw_tray")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive re-encoding path")
-    parser.add_argument("--backends", nargs="+", default=["classic"], choices=["classic", "samlad-random"],
+    parser.add_argument("--backends", nargs="+", default=["classic"], choices=["classic", "samlad-random", "samlad-tiny"],
                         help="samlad-random: full-size DINOv2 ViT-S/14 + JBU + SAM vit_b with RANDOM weights "
-                             "(timing only: real weights are not available here; mask counts differ)")
+                             "(timing only: real weights are not available here; mask counts differ); "
+                             "samlad-tiny: 1-block random models (the plumbing only, for tests)")
     parser.add_argument("--sam-points", type=int, default=8, help="SAM points per side for samlad-random")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                        help="detector.precision values to compare")
+    parser.add_argument("--generators", nargs="+", default=["batched"], choices=["batched", "segment_anything"],
+                        help="samlad-random: SAM mask generators to compare")
+    parser.add_argument("--prompts", nargs="+", default=["full_grid"],
+                        choices=["full_grid", "coarse_grid", "reference_seeded"],
+                        help="samlad-random: SAM prompt strategies to compare")
     parser.add_argument("--out", default="bench.json", help="JSON results file")
 
 
 # ---------------------------------------------------------------------------- fixtures
 
 
-def _random_samlad_models(config, device):
-    """The samlad models at full size with random weights: the compute of the real ones."""
+def _variants(backend: str, args) -> list[dict[str, str]]:
+    """The settings compared for one backend: precision, and for samlad SAM's generator and prompts
+    (segment-anything's generator takes grid prompts only)."""
+    out = []
+    for precision in args.precisions:
+        if not backend.startswith("samlad-"):
+            out.append({"precision": precision})
+            continue
+        for generator in args.generators:
+            for prompts in args.prompts:
+                if generator == "segment_anything" and prompts == "reference_seeded":
+                    continue
+                out.append({"precision": precision, "generator": generator, "prompts": prompts})
+    return out
+
+
+def _random_samlad_models(config, device, tiny: bool = False):
+    """The samlad models at full size with random weights: the compute of the real ones.
+    tiny: a 1-block DINOv2 and a 1-block SAM encoder (still 1024 input): the plumbing only, in seconds on a CPU."""
     from linewatch.detector.backbone import DinoV2Backbone
     from linewatch.detector.describe import DCGA
     from linewatch.detector.models import Models
-    from linewatch.detector.segment import AreaFilter, build_sam_segmenter
+    from linewatch.detector.segment import AreaFilter, SamSegmenter, build_sam_segmenter, build_tiny_sam
     from linewatch.detector.upsample import JBUStack
 
     det = config.detector
     sam = det.samlad.sam
-    backbone = DinoV2Backbone(det.samlad.backbone, image_size=det.image_size).to(device).eval()
+    kwargs = dict(depth=1, embed_dim=48, num_heads=2) if tiny else None
+    backbone = DinoV2Backbone(det.samlad.backbone, image_size=det.image_size, model_kwargs=kwargs).to(device).eval()
     upsampler = JBUStack(backbone.out_channels, num_stages=det.samlad.upsample_stages).to(device).eval()
     area = AreaFilter(det.objects.min_area, det.objects.max_area, det.objects.max_objects)
-    segmenter = build_sam_segmenter(sam.kind, None, area, device=device, points_per_side=sam.points_per_side,
-                                    pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    params = dict(points_per_side=sam.points_per_side, coarse_points_per_side=sam.coarse_points_per_side,
+                  generator=sam.generator, prompts=sam.prompts, points_per_batch=sam.points_per_batch,
+                  pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    if tiny:
+        segmenter = SamSegmenter(build_tiny_sam().to(device).eval(), area, model_name="tiny-random", **params)
+    else:
+        segmenter = build_sam_segmenter(sam.kind, None, area, device=device, **params)
     return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().to(device).eval())
 
 
-def _setup(backend: str, device: str, args, data_root: Path):
+def _setup(backend: str, device: str, args, data_root: Path, variant: dict[str, str]):
     """Config, models, bank, an Inspector, and the good and test images as arrays."""
     from linewatch.bank_builder import build_bank
     from linewatch.config import config_from_dict
@@ -86,14 +117,19 @@ def _setup(backend: str, device: str, args, data_root: Path):
     from linewatch.images import list_images, read_image
 
     dev = select_device(device)
-    if backend == "samlad-random":
+    if backend.startswith("samlad-"):
+        # thresholds at 0: random-weight SAM keeps masks, so the area filter keeps max_objects
+        # per frame and the later stages do a real part's work
+        sam = {"points_per_side": args.sam_points, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+               "generator": variant["generator"], "prompts": variant["prompts"], "points_per_batch": 256}
         config = config_from_dict({"detector": {
             "backend": "samlad", "device": device, "image_size": args.image_size // 14 * 14, "k_references": args.k,
-            "samlad": {"sam": {"points_per_side": args.sam_points, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}}})
-        models = _random_samlad_models(config, dev)
+            "precision": variant["precision"],
+            "samlad": {"sam": sam, "allow_untrained_upsampler_setup": True}}})
+        models = _random_samlad_models(config, dev, tiny=backend == "samlad-tiny")
     else:
         config = config_from_dict({"detector": {"backend": backend, "device": device, "image_size": args.image_size,
-                                                "k_references": args.k}})
+                                                "k_references": args.k, "precision": variant["precision"]}})
         models = build_models(config.detector, dev)
     root = data_root / args.product
     bank = build_bank(config, root / "train" / "good", root / "validation" / "good", models=models, progress=False)
@@ -192,14 +228,15 @@ def run(args) -> dict[str, Any]:
         data_root = Path(tmp)
         generate_dataset(data_root, args.product, seed=0, n_train=args.good, n_val=5, n_test_good=8,
                          n_test_logical=4, n_test_structural=4, size=args.source_size)
-        for backend in backends:
-            for device in devices:
-                config, models, bank, inspector, good, test = _setup(backend, device, args, data_root)
+        for backend, device in [(b, d) for b in backends for d in devices]:
+            for variant in _variants(backend, args):
+                config, models, bank, inspector, good, test = _setup(backend, device, args, data_root, variant)
                 naive = copy.copy(inspector)  # same models and bank statistics; its bank is replaced per batch
                 for bs in args.batch_sizes:
                     label = BACKEND_LABELS.get(backend, "samlad models at full size with RANDOM weights (timing only)")
                     common = {"backend": backend, "backend_label": label, "device": device, "batch_size": bs,
-                              "image_size": config.detector.image_size, "k_references": config.detector.k_references}
+                              "image_size": config.detector.image_size, "k_references": config.detector.k_references,
+                              **variant}
                     runners = {"cached": lambda imgs: _cached_batch(inspector, imgs)}
                     if not args.no_naive:
                         runners["naive"] = lambda imgs: _naive_batch(inspector, naive, good, imgs)
@@ -223,8 +260,12 @@ def run(args) -> dict[str, Any]:
     }
 
 
+def _variant_text(row: dict) -> str:
+    return "/".join(row[k] for k in ("precision", "generator", "prompts") if k in row)
+
+
 def _row_text(row: dict) -> str:
-    return (f"{row['backend']:8s} {row['device']:5s} {row['path']:6s} B={row['batch_size']:<3d} "
+    return (f"{row['backend']:8s} {row['device']:5s} {_variant_text(row):35s} {row['path']:6s} B={row['batch_size']:<3d} "
             f"{row['batch_latency_ms_median']:9.1f} ms/batch {row['images_per_s']:8.2f} img/s")
 
 
@@ -234,10 +275,11 @@ def format_table(results: dict) -> str:
 
     stages = [s for s in (*STAGES, "reencode_references")
               if any(s in r["stage_ms_per_batch"] for r in results["results"])]
-    head = ["backend", "device", "path", "B", "ms/batch", "img/s", *stages]
+    head = ["backend", "device", "variant", "path", "B", "ms/batch", "img/s", *stages]
     lines = ["  ".join(f"{h:>10s}" for h in head)]
     for r in results["results"]:
-        cells = [r["backend"], r["device"], r["path"], str(r["batch_size"]), f"{r['batch_latency_ms_median']:.1f}",
+        cells = [r["backend"], r["device"], _variant_text(r), r["path"], str(r["batch_size"]),
+                 f"{r['batch_latency_ms_median']:.1f}",
                  f"{r['images_per_s']:.2f}", *(f"{r['stage_ms_per_batch'].get(s, 0.0):.1f}" for s in stages)]
         lines.append("  ".join(f"{c:>10s}" for c in cells))
     if results["naive_over_cached"]:

@@ -15,7 +15,7 @@ from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.backbone import DinoV2Backbone
 from linewatch.detector.describe import DCGA
-from linewatch.detector.inspector import Inspector
+from linewatch.detector.inspector import Batch, Inspector
 from linewatch.detector.models import Models, build_models
 from linewatch.detector.segment import AreaFilter, SamSegmenter, build_tiny_sam
 from linewatch.detector.upsample import JBUStack
@@ -26,14 +26,15 @@ from linewatch.sim import render
 TINY_VIT = dict(depth=1, embed_dim=48, num_heads=2)
 
 
-def samlad_config(tmp_path: Path):
+def samlad_config(tmp_path: Path, prompts: str = "full_grid"):
     return config_from_dict({
         "detector": {
             "backend": "samlad", "device": "cpu", "image_size": 112, "k_references": 2,
             "objects": {"min_area": 0.0005, "max_area": 0.9, "max_objects": 6},
             "samlad": {"weights_dir": str(tmp_path / "models"), "upsample_stages": 2,
                        "allow_untrained_upsampler_setup": True,  # tiny random models at 112
-                       "sam": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}},
+                       "sam": {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                               "prompts": prompts, "coarse_points_per_side": 1}},
         },
         "calibration": {"min_validation_images": 2},
     })
@@ -45,7 +46,8 @@ def tiny_samlad_models(config) -> Models:
     upsampler = JBUStack(backbone.out_channels, num_stages=config.detector.samlad.upsample_stages).eval()
     sam = config.detector.samlad.sam
     segmenter = SamSegmenter(build_tiny_sam(seed=0), AreaFilter(0.0005, 0.9, 6), points_per_side=sam.points_per_side,
-                             pred_iou_thresh=0.0, stability_score_thresh=0.0, model_name="tiny-random")
+                             pred_iou_thresh=0.0, stability_score_thresh=0.0, model_name="tiny-random",
+                             prompts=sam.prompts, coarse_points_per_side=sam.coarse_points_per_side)
     return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().eval())
 
 
@@ -56,8 +58,9 @@ def write_images(folder: Path, count: int, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(tmp_path: Path) -> None:
-    config = samlad_config(tmp_path)
+@pytest.mark.parametrize("prompts", ["full_grid", "reference_seeded"])
+def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(tmp_path: Path, prompts: str) -> None:
+    config = samlad_config(tmp_path, prompts)
     write_images(tmp_path / "good", 4, seed=1)
     write_images(tmp_path / "val", 2, seed=2)
     models = tiny_samlad_models(config)
@@ -67,12 +70,24 @@ def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(tmp_path: Pa
     assert bank.manifest["calibration"]["n"] == 2
 
     inspector = Inspector(config.detector, models, bank, torch.device("cpu"))
+    if prompts == "reference_seeded":  # one prompt inside each bank part, then the 1-point coarse grid
+        calls = []
+        generator = models.segmenter.generator
+        models.segmenter.generator = lambda frames, points, valid, output_size: (
+            calls.append((points, valid)) or generator(frames, points, valid, output_size=output_size))
     image, _, _ = render("screw_tray", np.random.default_rng(9), anomaly="missing", size=112)
     (result,) = inspector.inspect([image])
     assert result.backend == "samlad"
     assert result.heatmap.shape == (112, 112) and np.isfinite(result.heatmap).all()
     assert np.isfinite(result.score) and result.verdict in ("pass", "fail")
     assert set(result.timings) >= {"backbone", "upsample", "segment", "describe", "match", "measure"}
+    if prompts == "reference_seeded":
+        ((points, valid),) = calls
+        n = bank.object_valid.shape[1]
+        assert points.shape == (1, 2 * n + 1, 2) and valid.shape == (1, 2 * n + 1)
+        refs = inspector.run(Batch(images=[image]), ("preprocess", "backbone")).references[0]
+        assert valid[0, :-1].tolist() == bank.object_valid[refs].flatten().tolist()
+        assert points[0, -1].tolist() == [56.0, 56.0]  # the coarse grid's one point, mid-frame
 
 
 def test_samlad_backend_without_checkpoints_says_how_to_get_them(tmp_path: Path) -> None:

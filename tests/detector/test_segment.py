@@ -186,21 +186,78 @@ def tiny_sam() -> torch.nn.Module:
     return build_tiny_sam(seed=0)
 
 
-def test_sam_segmenter_runs_with_tiny_model(tiny_sam: torch.nn.Module) -> None:
+@pytest.mark.parametrize("generator", ["batched", "segment_anything"])
+def test_sam_segmenter_runs_with_tiny_model(tiny_sam: torch.nn.Module, generator: str) -> None:
     area_filter = AreaFilter(min_area=0.0, max_area=1.0, max_objects=3)
     # random weights: with thresholds at 0 something survives; 2x2 points keeps it ~2 s an image
     seg = SamSegmenter(tiny_sam, area_filter, points_per_side=2, points_per_batch=4,
-                       pred_iou_thresh=0.0, stability_score_thresh=0.0, model_name="tiny")
+                       pred_iou_thresh=0.0, stability_score_thresh=0.0, model_name="tiny", generator=generator)
     images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     out = seg(images)
     assert len(out) == 2
     for masks in out:
         assert masks.dtype == torch.bool and masks.ndim == 3 and masks.shape[1:] == (48, 64)
-        assert len(masks) <= 3
+        assert 1 <= len(masks) <= 3
         frac = masks.flatten(1).sum(1).float() / (48 * 64)
         assert torch.all((frac >= 0.0) & (frac <= 1.0))
         assert torch.all(frac[:-1] >= frac[1:])
-    assert "tiny" in seg.identity and "points_per_side=2" in seg.identity
+    assert "tiny" in seg.identity and "points_per_side=2" in seg.identity and f"generator={generator}" in seg.identity
+
+
+def test_sam_segmenter_segments_the_frame_and_returns_working_size_masks(tiny_sam: torch.nn.Module) -> None:
+    """The frame (here 256 x 192) is what SAM sees; masks come back at the working size (64 x 64)."""
+    seen = {}
+
+    class Recorder:
+        def __call__(self, frames, points, valid, output_size):
+            seen.update(frames=frames, points=points, valid=valid, output_size=output_size)
+            masks = torch.zeros(3, *output_size, dtype=torch.bool)
+            masks[0, :10], masks[1, :40], masks[2, :20] = True, True, True
+            return type("P", (), {"masks": [masks] * frames.shape[0]})()
+
+    seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2), points_per_side=2)
+    seg.generator = Recorder()
+    frames = torch.randint(0, 256, (1, 192, 256, 3), dtype=torch.uint8)
+    (masks,) = seg(torch.rand(1, 3, 64, 64), frames=frames)
+    assert seen["frames"] is frames and seen["output_size"] == (64, 64)
+    # the 2 x 2 grid at 1/4 and 3/4 of each side, in frame pixels (x, y)
+    assert seen["points"][0].tolist() == [[64.0, 48.0], [192.0, 48.0], [64.0, 144.0], [192.0, 144.0]]
+    assert masks.shape == (2, 64, 64) and masks.flatten(1).sum(1).tolist() == [40 * 64, 20 * 64]  # largest two
+
+
+def test_reference_seeded_prompts_are_the_seeds_then_the_coarse_grid(tiny_sam: torch.nn.Module) -> None:
+    seen = {}
+
+    class Recorder:
+        def __call__(self, frames, points, valid, output_size):
+            seen.update(points=points, valid=valid)
+            return type("P", (), {"masks": [torch.zeros(0, *output_size, dtype=torch.bool)] * frames.shape[0]})()
+
+    seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2), prompts="reference_seeded", coarse_points_per_side=1,
+                       points_per_side=2)
+    assert seg.wants_seeds and seg.wants_frames
+    seg.generator = Recorder()
+    frames = torch.zeros((2, 100, 200, 3), dtype=torch.uint8)
+    seeds = torch.tensor([[[0.1, 0.2], [0.5, 0.5]], [[0.9, 0.8], [0.0, 0.0]]])
+    seed_valid = torch.tensor([[True, True], [True, False]])
+    out = seg(torch.rand(2, 3, 32, 32), frames=frames, seeds=(seeds, seed_valid))
+    assert [m.shape for m in out] == [(0, 32, 32), (0, 32, 32)]
+    assert seen["points"].tolist() == [[[20.0, 20.0], [100.0, 50.0], [100.0, 50.0]],
+                                       [[180.0, 80.0], [0.0, 0.0], [100.0, 50.0]]]
+    assert seen["valid"].tolist() == [[True, True, True], [True, False, True]]
+    # without seeds (the bank's own good images, segmented before there are references): the full grid
+    seg(torch.rand(2, 3, 32, 32), frames=frames)
+    assert seen["points"][0].tolist() == [[50.0, 25.0], [150.0, 25.0], [50.0, 75.0], [150.0, 75.0]]
+    assert seen["valid"].all()
+
+
+def test_sam_segmenter_refuses_unknown_or_unsupported_settings(tiny_sam: torch.nn.Module) -> None:
+    with pytest.raises(SegmenterError, match="unknown SAM generator"):
+        SamSegmenter(tiny_sam, AreaFilter(), generator="fast")
+    with pytest.raises(SegmenterError, match="unknown SAM prompt strategy"):
+        SamSegmenter(tiny_sam, AreaFilter(), prompts="boxes")
+    with pytest.raises(SegmenterError, match="grid prompts only"):
+        SamSegmenter(tiny_sam, AreaFilter(), generator="segment_anything", prompts="reference_seeded")
 
 
 class _StubGenerator:
@@ -219,7 +276,7 @@ class _StubGenerator:
 
 
 def test_sam_segmenter_filters_by_record_area(tiny_sam: torch.nn.Module) -> None:
-    seg = SamSegmenter(tiny_sam, AreaFilter(min_area=0.05, max_area=0.5, max_objects=32))
+    seg = SamSegmenter(tiny_sam, AreaFilter(min_area=0.05, max_area=0.5, max_objects=32), generator="segment_anything")
     seg.generator = _StubGenerator([4, 60, 10, 30, 50], 10, 10)  # fractions .04 .6 .1 .3 .5
     (masks,) = seg(torch.rand(1, 3, 10, 10))
     assert masks.flatten(1).sum(1).tolist() == [50, 30, 10]
