@@ -11,10 +11,12 @@
 # Steps, each under its own `timeout` (plus 15 s to die), together within GPU_CHECK_BUDGET_S (default 450 s: a step
 # gets at most what is left); a failing step does not stop the next one:
 #   cuda_tests           pytest -m cuda (tests marked `cuda`; pytest exits 5 when none is marked)      <= 120 s
-#   detector_bench       benchmarks/detector_bench.py, samlad-random on cuda, batch 1-16, fp32 + bf16,
-#                        the batched mask generator, full_grid and reference_seeded prompts             <= 150 s
-#   detector_bench_sam   the same with segment-anything's generator, batch 1 and 4, full_grid only
-#                        (its cost per image keeps larger batches out of the time budget)              <= 80 s
+#   detector_bench       benchmarks/detector_bench.py, samlad-random on cuda, 1024x1024 frames, 32x32 SAM grid,
+#                        batch 1-16, fp32 + bf16, the batched mask generator, full_grid and
+#                        reference_seeded prompts                                                      <= 150 s
+#   detector_bench_sam   the same with segment-anything's generator (fp32 only: it hands its tensors to
+#                        numpy), batch 1 and 4, full_grid only (its cost per image keeps larger batches
+#                        out of the time budget)                                                       <= 80 s
 #   e2e                  benchmarks/gpu_e2e.py: bank build + `linewatch serve` + replay at 30 and 100
 #                        frames/s, 30 s each, verdicts/latency/GPU memory                                <= 200 s
 # OUT_DIR receives env.txt (nvidia-smi, versions), summary.json (each step's exit status, wall and timeout
@@ -108,12 +110,12 @@ cat "$OUT/env.txt"
 step cuda_tests 120 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" tests
 
 step detector_bench 150 "$PY" benchmarks/detector_bench.py --backends samlad-random --devices cuda \
-    --source-size 1024 --image-size 224 --batch-sizes 1 4 8 16 --repeats 5 --no-naive --precisions fp32 bf16 \
-    --generators batched --prompts full_grid reference_seeded --out "$OUT/detector_bench.json"
+    --source-size 1024 --image-size 224 --sam-points 32 --batch-sizes 1 4 8 16 --repeats 5 --no-naive \
+    --precisions fp32 bf16 --generators batched --prompts full_grid reference_seeded --out "$OUT/detector_bench.json"
 
 step detector_bench_sam 80 "$PY" benchmarks/detector_bench.py --backends samlad-random --devices cuda \
-    --source-size 1024 --image-size 224 --batch-sizes 1 4 --repeats 5 --no-naive --precisions fp32 bf16 \
-    --generators segment_anything --prompts full_grid --out "$OUT/detector_bench_sam.json"
+    --source-size 1024 --image-size 224 --sam-points 32 --batch-sizes 1 4 --repeats 5 --no-naive \
+    --precisions fp32 --generators segment_anything --prompts full_grid --out "$OUT/detector_bench_sam.json"
 
 step e2e 200 "$PY" benchmarks/gpu_e2e.py --out "$OUT/e2e.json" --duration 30 --rates 30 100 --logs "$OUT/logs/e2e"
 

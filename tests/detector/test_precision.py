@@ -141,18 +141,3 @@ def test_warm_up_judges_one_blank_batch_per_size(inspectors, monkeypatch):
     monkeypatch.setattr(inspector, "inspect", lambda images: seen.append(len(images)) or real(images))
     inspector.warm_up((8, 1, 8))
     assert seen == [1, 8]
-
-
-@pytest.mark.cuda
-def test_stage_timer_on_cuda_uses_events_without_device_sync():
-    a = torch.randn(2048, 2048, device="cuda")
-    timer = StageTimer(torch.device("cuda"))
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        started = timer.start()
-        b = a @ a
-        timer.stop("matmul", started)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    seconds = timer.resolve()["matmul"]
-    assert seconds > 0 and torch.isfinite(b).all()
