@@ -8,6 +8,7 @@ print one `linewatch: error:` line and return 2 themselves.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         verdicts=daemon.publisher.bound_url,
         metrics=f"{daemon.health.scheme}://{daemon.health.host}:{daemon.health.port}/metrics",
     )
-    return daemon.run_until_signal()
+    code = daemon.run_until_signal()
+    exit_now_if_a_stage_still_runs(daemon.pipeline.running_after_stop(), code, log)
+    return code
+
+
+def exit_now_if_a_stage_still_runs(threads: list[str], code: int, log) -> None:
+    """After a clean stop every frame is answered, but a stage thread may still be inside a model
+    call (seconds on a CPU). Interpreter shutdown would then end that thread with pthread_exit in
+    the middle of PyTorch's C++ code, which aborts the process (exit -6, "terminate called
+    without an active exception") and makes systemd call a clean stop a failure. Leave at once
+    instead, with the exit status the stop earned."""
+    if not threads:
+        return
+    log.warning("exit_with_stage_running", threads=threads, exit_code=code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------- replay / tap

@@ -263,6 +263,11 @@ class Pipeline:
         """The pipeline's threads (intake, stages, deadline watcher, output)."""
         return list(self._threads)
 
+    def running_after_stop(self) -> list[str]:
+        """Names of threads still running after stop(): a stage call (a model on a CPU can take
+        seconds) cannot be interrupted, and stop() waits for it only `timeout_s`."""
+        return [t.name for t in self._threads if t.is_alive()] if self._stopped else []
+
     def dead_threads(self) -> list[str]:
         """Names of pipeline threads that have died while the pipeline runs."""
         if not self._started or self._stop.is_set():
