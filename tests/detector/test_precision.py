@@ -141,3 +141,15 @@ def test_warm_up_judges_one_blank_batch_per_size(inspectors, monkeypatch):
     monkeypatch.setattr(inspector, "inspect", lambda images: seen.append(len(images)) or real(images))
     inspector.warm_up((8, 1, 8))
     assert seen == [1, 8]
+
+
+def test_compile_wraps_the_backbone_and_keeps_its_identity():
+    """detector.compile: the backbone goes through torch.compile (lazily: nothing compiles until
+    the first call, which the daemon's warm-up makes) and still answers identity/out_channels."""
+    plain = build_models(config_for("fp32").detector, CPU)
+    config = config_from_dict({"detector": {"image_size": 112, "device": "cpu", "compile": True}})
+    models = build_models(config.detector, CPU)
+    assert isinstance(models.backbone, torch._dynamo.eval_frame.OptimizedModule)
+    assert models.backbone.identity == plain.backbone.identity
+    assert models.backbone.out_channels == plain.backbone.out_channels
+    assert config.detector.identity_hash() == config_for("fp32").detector.identity_hash()  # same bank either way
