@@ -43,11 +43,13 @@ IoU lies near box_nms_thresh, can therefore be decided differently from SAM; mas
 both thresholds are decided the same way, and their masks (upsampled from the same logits) are
 SAM's.
 `filter_at_full_res=True` is the cheap way to SAM's decisions: the masks that pass the IoU
-filter (usually a minority) are upsampled to the frame, in chunks of about 2**25 pixels, and
-stability and boxes are measured there exactly as SAM does. It costs one frame-sized float
-map per IoU survivor (a few milliseconds per frame on a GPU, most of the time on a CPU) and
-one more host sync per prompt chunk. It is off by default because the task asked for low-res
-filtering and the decisions it changes are borderline ones by construction.
+filter are upsampled to the frame (chunks of about 2**25 pixels) and stability and boxes are
+measured there exactly as SAM does (for frames whose longer side is the encoder side, where
+`upsample_logits` is postprocess_masks). It costs one frame-sized float map per IoU survivor
+(4 MiB at 1024 x 1024: an estimate of milliseconds per frame on a GPU, not measured here; on a
+CPU it is a large share of the time) and one more host sync per prompt chunk, and it is still
+far cheaper than SAM, which also upsamples and RLE-encodes on the host. It is off by default:
+the task asked for low-res filtering, and the decisions it changes are borderline ones.
 
 Order: each image's masks are sorted by predicted IoU, descending (batched_nms's order, which
 is also the order SamAutomaticMaskGenerator returns with one crop). Callers wanting area order
@@ -149,9 +151,11 @@ def upsample_logits(logits: Tensor, input_size: tuple[int, int], output_size: tu
     that this reads (the valid ones plus one: SAM's first step reads one past the valid region for
     the last pixels) are resized once with scale factor (side / L) * out / in per axis, so each
     output pixel centre lands where SAM's composed mapping puts it. When output_size == input_size
-    SAM's second step is the identity and this is exactly postprocess_masks; otherwise it is one
-    linear interpolation where SAM does two in a row, which differ only between the 1024-grid
-    pixels that straddle a low-res sample, by a fraction of the local logit step.
+    SAM's second step is the identity and this is exactly postprocess_masks. Otherwise it is one
+    linear interpolation where SAM does two in a row; they differ only where an output pixel falls
+    between the two 1024-grid pixels that straddle a low-res sample (SAM interpolates linearly
+    across the kink there) and, when enlarging, in the last output row/column (SAM clamps at the
+    crop), by a fraction of the local logit step.
     """
     L = logits.shape[-1]
     cell = side // L  # pixels of the padded input per low-res cell: 4 for SAM
@@ -266,7 +270,8 @@ class BatchedMaskGenerator:
     ) -> MaskProposals:
         """frames: uint8 (B, H, W, 3) RGB on the model's device (all the same size);
         points: float (B, P, 2) prompt points (x, y) in input pixels; point_valid: bool (B, P),
-        False marks padding (None: all valid); output_size: (h, w) of the returned masks, default (H, W)."""
+        False marks padding (None: all valid); both best on that device too (they are moved there);
+        output_size: (h, w) of the returned masks, default (H, W)."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 (B, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
         B, H, W, _ = frames.shape
@@ -284,10 +289,10 @@ class BatchedMaskGenerator:
         # What waits for the host (valid prompts, the prompt encoder) runs before the
         # image encoder is queued. Prompts stay image-major, in the given order (SAM's order per image).
         P = points.shape[1]
-        flat_points = points.reshape(B * P, 2)
+        flat_points = points.to(device).reshape(B * P, 2)
         flat_image = torch.arange(B, device=device).repeat_interleave(P)
         if point_valid is not None:
-            valid = point_valid.reshape(B * P).nonzero().squeeze(1)  # host sync (nothing queued yet)
+            valid = point_valid.to(device).reshape(B * P).nonzero().squeeze(1)  # host sync (nothing queued yet)
             flat_points, flat_image = flat_points[valid], flat_image[valid]
         # ResizeLongestSide.apply_coords, in float64 like SAM's numpy path.
         xy = flat_points.double()
