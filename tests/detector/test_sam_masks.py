@@ -1,0 +1,419 @@
+"""BatchedMaskGenerator against segment-anything's SamAutomaticMaskGenerator, with a tiny random SAM.
+
+The model is build_tiny_sam(SEED) with the two ConvTranspose2d kernels of its mask decoder's
+upscaling replaced by their spatial mean (`_smooth_tiny_sam`). With random 2x2 kernels the low-res
+logits carry a texture that repeats every 4 cells (one embedding cell) and neighbouring cells differ
+as much as any two: every mask's box is the whole frame, so NMS keeps one mask per image, and the
+stability counted on the low-res grid is far from the one counted after bilinear upsampling (0.15
+higher on average at offset 0.05). A trained SAM's logits are much smoother. With the averaged
+kernels the logits follow the coloured objects of the crafted scenes and low-res and full-res
+measurements agree closely.
+
+The tiny model's logits lie within about +-0.2, hence the small stability offset. The thresholds
+(THRESHOLDS) were chosen for these scenes so that every filter rejects something and no decision
+sits near a threshold: test_decision_margins measures how far every candidate is from them, at low
+resolution (this module's filters) and at full resolution (SAM's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import build_point_grid
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops import batched_nms, box_iou
+
+from linewatch.detector import sam_masks
+from linewatch.detector.sam_masks import (
+    BatchedMaskGenerator,
+    MaskProposals,
+    decode_masks,
+    grid_points,
+    low_res_boxes,
+    mask_boxes,
+    stability_scores,
+    upsample_logits,
+)
+from linewatch.detector.segment import build_tiny_sam
+
+SEED = 0
+THRESHOLDS = dict(pred_iou_thresh=0.05, stability_score_thresh=0.55, stability_score_offset=0.01, box_nms_thresh=0.7)
+GRID = 6  # points per side in the comparison with SAM
+MARGIN = 0.05  # every stability / box-IoU decision is at least this far from its threshold
+SMALL_GRID = 3  # points per side in the tests of batching and options
+
+
+def _smooth_tiny_sam(seed: int) -> torch.nn.Module:
+    sam = build_tiny_sam(seed).eval()
+    for layer in sam.mask_decoder.output_upscaling:
+        if isinstance(layer, torch.nn.ConvTranspose2d):
+            layer.weight.data[:] = layer.weight.data.mean(dim=(2, 3), keepdim=True)
+    return sam
+
+
+def _scene(h: int, w: int, kind: str) -> np.ndarray:
+    """uint8 (h, w, 3): flat-coloured objects on a plain background."""
+    yy, xx = np.mgrid[:h, :w]
+    if kind == "bright_on_dark":
+        img = np.full((h, w, 3), 10, np.uint8)
+        img[int(0.1 * h) : int(0.5 * h), int(0.1 * w) : int(0.6 * w)] = (250, 250, 250)
+        img[int(0.6 * h) : int(0.9 * h), int(0.2 * w) : int(0.45 * w)] = (250, 60, 0)
+        img[(yy - 0.6 * h) ** 2 + (xx - 0.75 * w) ** 2 < (0.2 * min(h, w)) ** 2] = (0, 200, 255)
+    elif kind == "dark_on_light":
+        img = np.full((h, w, 3), 230, np.uint8)
+        img[int(0.2 * h) : int(0.8 * h), int(0.15 * w) : int(0.55 * w)] = (20, 20, 120)
+        img[int(0.1 * h) : int(0.3 * h), int(0.7 * w) : int(0.9 * w)] = (200, 20, 20)
+        img[int(0.6 * h) : int(0.85 * h), int(0.65 * w) : int(0.9 * w)] = (20, 150, 20)
+    else:
+        raise ValueError(kind)
+    return img
+
+
+def _grid(n: int, h: int, w: int) -> torch.Tensor:
+    """(n*n, 2) float32 points in pixels, as SamAutomaticMaskGenerator places them."""
+    return (grid_points(n) * torch.tensor([w, h], dtype=torch.float64)).float()
+
+
+def _run(gen: BatchedMaskGenerator, images: list[np.ndarray], n: int, **kwargs) -> MaskProposals:
+    h, w = images[0].shape[:2]
+    frames = torch.from_numpy(np.stack(images))
+    points = _grid(n, h, w)[None].expand(len(images), -1, -1).contiguous()
+    return gen(frames, points, **kwargs)
+
+
+def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bool (M, H, W), (N, H, W) -> (M, N) IoU."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    inter = a @ b.T
+    return inter / (a.sum(1)[:, None] + b.sum(1)[None, :] - inter).clamp(min=1)
+
+
+def _measure_like_sam(logits: torch.Tensor, frame_size: tuple[int, int], offset: float) -> tuple[torch.Tensor, ...]:
+    """Stability (M,) and boxes (M, 4) of low-res logits (M, 256, 256) upsampled to a frame whose longer
+    side is 1024 (where upsample_logits is SAM's postprocess_masks), in chunks to bound memory."""
+    stability, boxes = [], []
+    for chunk in logits.split(16):
+        full = upsample_logits(chunk, frame_size, frame_size, 1024)
+        stability.append(stability_scores(full, 0.0, offset))
+        boxes.append(mask_boxes(full > 0.0).float())
+    return torch.cat(stability), torch.cat(boxes)
+
+
+def _greedy_match(iou: torch.Tensor) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, IoU) taking the largest remaining IoU first; each row and column used once."""
+    iou = iou.clone()
+    pairs = []
+    for _ in range(min(iou.shape)):
+        i, j = divmod(int(iou.argmax()), iou.shape[1])
+        pairs.append((i, j, float(iou[i, j])))
+        iou[i, :] = -1
+        iou[:, j] = -1
+    return pairs
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def sam() -> torch.nn.Module:
+    return _smooth_tiny_sam(SEED)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, np.ndarray]:
+    return {
+        "square": _scene(1024, 1024, "dark_on_light"),
+        "wide": _scene(768, 1024, "dark_on_light"),  # longest side 1024: padded, not resized
+        "square2": _scene(1024, 1024, "bright_on_dark"),
+    }
+
+
+@pytest.fixture(scope="module")
+def sam_reference(sam, images) -> dict[str, list[dict]]:
+    """SamAutomaticMaskGenerator's records for the two comparison images."""
+    amg = SamAutomaticMaskGenerator(sam, points_per_side=GRID, crop_n_layers=0, output_mode="binary_mask", **THRESHOLDS)
+    return {name: amg.generate(images[name]) for name in ("square", "wide")}
+
+
+@pytest.fixture(scope="module")
+def ours(sam, images) -> dict[str, tuple[MaskProposals, torch.Tensor, torch.Tensor]]:
+    """Per comparison image: the generator's proposals (low-res filters, the default), and the decoder's
+    low-res logits (N * 3, 256, 256) and predicted IoU (N * 3,) for every prompt, recorded on the way."""
+    original_decode = sam_masks.decode_masks
+    out = {}
+    for name in ("square", "wide"):
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def recording_decode(*args):
+            logits, iou = original_decode(*args)
+            recorded.append((logits.flatten(0, 1), iou.flatten(0, 1)))
+            return logits, iou
+
+        gen = BatchedMaskGenerator(sam, points_per_batch=20, **THRESHOLDS)  # 36 prompts: two chunks
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sam_masks, "decode_masks", recording_decode)
+            proposals = _run(gen, [images[name]], GRID)
+        out[name] = (proposals, torch.cat([r[0] for r in recorded]), torch.cat([r[1] for r in recorded]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_batch(sam, images) -> dict[str, MaskProposals]:
+    """3x3 prompts: "pair" = square and square2 in one batch (encoded one frame at a time, decoded in
+    chunks of 6 prompts, one of which straddles the two images); "square" / "square2" = each alone."""
+    gen = BatchedMaskGenerator(sam, points_per_batch=6, **THRESHOLDS)
+    pair_gen = BatchedMaskGenerator(sam, points_per_batch=6, encoder_batch=1, **THRESHOLDS)
+    return {
+        "pair": _run(pair_gen, [images["square"], images["square2"]], SMALL_GRID),
+        "square": _run(gen, [images["square"]], SMALL_GRID),
+        "square2": _run(gen, [images["square2"]], SMALL_GRID),
+    }
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_grid_points_equal_build_point_grid() -> None:
+    for n in (1, 2, 8, 32):
+        assert torch.equal(grid_points(n), torch.from_numpy(build_point_grid(n)))
+
+
+def test_decode_masks_equals_mask_decoder() -> None:
+    sam = build_tiny_sam(0).eval()  # the unmodified random model
+    gen = BatchedMaskGenerator(sam)
+    torch.manual_seed(1)
+    embeddings = torch.randn(2, 256, 64, 64)
+    points = torch.rand(7, 2, dtype=torch.float64) * 1024
+    image_index = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    with torch.inference_mode():
+        sparse, dense = gen.encode_points(points)
+        image_pe = sam.prompt_encoder.get_dense_pe()
+        logits, iou = decode_masks(sam.mask_decoder, embeddings, image_pe, image_index, sparse, dense)
+        assert logits.shape == (7, 3, 256, 256) and iou.shape == (7, 3)
+        for b in (0, 1):
+            mine = image_index == b
+            ref_logits, ref_iou = sam.mask_decoder(
+                image_embeddings=embeddings[b : b + 1],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse[mine],
+                dense_prompt_embeddings=dense[mine],
+                multimask_output=True,
+            )
+            torch.testing.assert_close(logits[mine], ref_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou[mine], ref_iou, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "input_size, output_size",
+    [((1024, 1024), (1024, 1024)), ((768, 1024), (768, 1024)), ((1024, 683), (1024, 683))],
+)
+def test_upsample_logits_equals_postprocess_masks_at_input_size(input_size, output_size) -> None:
+    sam = build_tiny_sam(0)
+    torch.manual_seed(2)
+    logits = torch.randn(3, 256, 256)  # white noise: the hardest case for interpolation
+    ref = sam.postprocess_masks(logits[:, None], input_size, output_size)[:, 0]
+    torch.testing.assert_close(upsample_logits(logits, input_size, output_size, 1024), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "input_size, output_size", [((768, 1024), (600, 800)), ((1024, 1024), (512, 512)), ((1024, 768), (1300, 975))]
+)
+def test_upsample_logits_close_to_postprocess_masks_when_resizing(input_size, output_size) -> None:
+    """One bilinear step instead of SAM's two: same pixel centres, values differ by a fraction of a
+    logit step near the low-res samples. Smooth logits (upsampled from 32 x 32) as a trained SAM gives."""
+    sam = build_tiny_sam(0)
+    torch.manual_seed(3)
+    logits = F.interpolate(torch.randn(4, 1, 32, 32), size=(256, 256), mode="bicubic", align_corners=False)[:, 0]
+    ref = sam.postprocess_masks(logits[:, None], input_size, output_size)[:, 0]
+    mine = upsample_logits(logits, input_size, output_size, 1024)
+    assert mine.shape == ref.shape
+    assert (mine - ref).abs().max() < 0.02 * logits.abs().max()
+    iou = _mask_iou(mine > 0, ref > 0).diagonal()
+    assert (iou > 0.995).all(), iou
+
+
+def test_low_res_boxes_scale_cells_to_frame_pixels() -> None:
+    above = torch.zeros(3, 192, 256, dtype=torch.bool)
+    above[0, 10:20, 30:41] = True  # cells x 30..40, y 10..19
+    above[1, 190:, 250:] = True  # up to the last (partly valid) cells
+    # frame 600 x 800 resized to 768 x 1024: 4 * 800 / 1024 = 3.125 frame pixels per cell
+    boxes = low_res_boxes(above, 3.125, 3.125, (600, 800))
+    assert boxes[0].tolist() == [30 * 3.125, 10 * 3.125, 41 * 3.125 - 1, 20 * 3.125 - 1]
+    assert boxes[1].tolist() == [250 * 3.125, 190 * 3.125, 799, 599]  # clamped to the frame
+    assert boxes[2].tolist() == [0, 0, 0, 0]  # empty, as amg.batched_mask_to_box
+
+
+def test_preprocess_matches_sam(sam) -> None:
+    gen = BatchedMaskGenerator(sam)
+    rng = np.random.default_rng(0)
+    for h, w in ((1024, 1024), (768, 1024), (600, 800)):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image[: h // 2] = (40, 90, 200)  # half flat, half noise
+        resized = torch.as_tensor(ResizeLongestSide(1024).apply_image(image)).permute(2, 0, 1)
+        ref = sam.preprocess(resized[None])
+        mine = gen.preprocess(torch.from_numpy(image)[None])
+        grey_levels = ((mine - ref) * sam.pixel_std).abs().max().item()
+        if (h, w) == resized.shape[1:]:
+            assert grey_levels < 1e-3  # no resize: identical
+        else:
+            assert grey_levels <= 1.0 + 1e-3  # PIL's fixed-point resize vs torch's float one
+
+
+# ----------------------------------------------------------------------------- against SAM
+
+
+@pytest.mark.parametrize("name", ["square", "wide"])
+def test_matches_sam_automatic_mask_generator(name, images, sam_reference, ours) -> None:
+    records = sam_reference[name]
+    proposals, _, _ = ours[name]
+    h, w = images[name].shape[:2]
+    masks = proposals.masks[0]
+    assert len(proposals.masks) == 1 and masks.dtype == torch.bool and masks.shape[1:] == (h, w)
+    assert 2 <= len(records) == len(masks)
+
+    theirs = torch.from_numpy(np.stack([r["segmentation"] for r in records]))
+    pairs = _greedy_match(_mask_iou(masks, theirs))
+    their_boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (r["bbox"] for r in records)])
+    for i, j, iou in pairs:
+        assert iou >= 0.99, (i, j, iou)
+        assert abs(proposals.scores[0][i].item() - records[j]["predicted_iou"]) < 1e-4
+        assert proposals.points[0][i].tolist() == pytest.approx(records[j]["point_coords"][0])
+        # low-res boxes know each edge to about one cell (4 pixels here)
+        assert (proposals.boxes[0][i] - their_boxes[j]).abs().max() <= 4
+    # stability is measured at low resolution: it can differ from SAM's (test_decision_margins), but it passed the filter
+    assert (proposals.stability[0] >= THRESHOLDS["stability_score_thresh"]).all()
+    # same order as SAM: predicted IoU, descending
+    assert [j for i, j, _ in sorted(pairs)] == list(range(len(records)))
+    assert (proposals.scores[0].diff() <= 0).all()
+
+
+@pytest.mark.parametrize("name", ["square", "wide"])
+def test_decision_margins(name, images, ours) -> None:
+    """Why the counts above agree: for every candidate (prompt x mask) the stability score measured on
+    the low-res logits (this module) and on the logits upsampled to the frame (SAM) lie on the same side
+    of stability_score_thresh, at least MARGIN away; so do the box IoUs of every pair of stability
+    survivors, for low-res and full-res boxes, with respect to box_nms_thresh. Both filters reject some."""
+    proposals, logits, iou = ours[name]
+    h, w = images[name].shape[:2]
+    t, offset = 0.0, THRESHOLDS["stability_score_offset"]
+    candidates = (iou > THRESHOLDS["pred_iou_thresh"]).nonzero().squeeze(1)
+    assert 0 < len(candidates) < len(iou)
+    low = logits[candidates][:, : -(-h // 4), : -(-w // 4)]
+    stability_low = stability_scores(low, t, offset)
+    stability_full, boxes_full = _measure_like_sam(logits[candidates], (h, w), offset)
+    for stability in (stability_low, stability_full):
+        assert (stability - THRESHOLDS["stability_score_thresh"]).abs().min() >= MARGIN
+    stable_low = stability_low >= THRESHOLDS["stability_score_thresh"]
+    assert torch.equal(stable_low, stability_full >= THRESHOLDS["stability_score_thresh"])
+    stable = stable_low.nonzero().squeeze(1)
+    assert 1 < len(stable) < len(candidates)
+
+    boxes_low = low_res_boxes(low[stable] > t, 4.0, 4.0, (h, w))
+    boxes_full = boxes_full[stable]
+    off_diagonal = ~torch.eye(len(stable), dtype=torch.bool)
+    for boxes in (boxes_low, boxes_full):
+        pair_iou = box_iou(boxes, boxes)[off_diagonal]
+        assert (pair_iou - THRESHOLDS["box_nms_thresh"]).abs().min() >= MARGIN
+    scores = iou[candidates][stable]
+    kept = [
+        batched_nms(boxes, scores, torch.zeros_like(scores, dtype=torch.long), THRESHOLDS["box_nms_thresh"])
+        for boxes in (boxes_low, boxes_full)
+    ]
+    assert torch.equal(kept[0], kept[1]) and 1 < len(kept[0]) < len(stable)
+    assert len(kept[0]) == len(proposals.masks[0])
+
+
+def test_full_res_filters_match_sam_where_low_res_ones_do_not(sam, images) -> None:
+    """filter_at_full_res measures stability and boxes as SAM does, so it decides as SAM does even at
+    a stability threshold that cuts through a cluster of candidates (0.199, 0.199 and 0.206 at full
+    resolution; all three about 0.208 at low resolution), where the default filter keeps one more mask."""
+    image = images["wide"]
+    thresholds = dict(pred_iou_thresh=0.0, stability_score_thresh=0.203, stability_score_offset=0.01, box_nms_thresh=0.9)
+    amg = SamAutomaticMaskGenerator(
+        sam, points_per_side=SMALL_GRID, crop_n_layers=0, output_mode="binary_mask", **thresholds
+    )
+    records = amg.generate(image)
+    proposals = _run(BatchedMaskGenerator(sam, filter_at_full_res=True, **thresholds), [image], SMALL_GRID)
+    masks = proposals.masks[0]
+    assert 2 <= len(records) == len(masks)
+    theirs = torch.from_numpy(np.stack([r["segmentation"] for r in records]))
+    for k, record in enumerate(records):  # same order, same everything
+        assert _mask_iou(masks[k : k + 1], theirs[k : k + 1]).item() >= 0.999
+        assert abs(proposals.scores[0][k].item() - record["predicted_iou"]) < 1e-4
+        assert abs(proposals.stability[0][k].item() - record["stability_score"]) < 1e-4
+        x, y, bw, bh = record["bbox"]
+        assert proposals.boxes[0][k].tolist() == [x, y, x + bw, y + bh]
+    # the premise: here the low-res filter does decide differently
+    low_res = _run(BatchedMaskGenerator(sam, **thresholds), [image], SMALL_GRID)
+    assert len(low_res.masks[0]) == len(records) + 1
+
+
+# ----------------------------------------------------------------------------- batching and options
+
+
+def test_batch_of_two_equals_each_alone(small_batch) -> None:
+    pair = small_batch["pair"]
+    assert len(pair.masks) == 2
+    for b, name in enumerate(("square", "square2")):
+        alone = small_batch[name]
+        assert len(alone.masks[0]) >= 1 and pair.masks[b].shape == alone.masks[0].shape
+        assert _mask_iou(pair.masks[b], alone.masks[0]).diagonal().min() > 0.999
+        for field in ("scores", "stability", "boxes", "points"):
+            torch.testing.assert_close(getattr(pair, field)[b], getattr(alone, field)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_smaller_output_size_equals_full_masks_resized(sam, images, small_batch) -> None:
+    full = small_batch["square"].masks[0]
+    small = _run(BatchedMaskGenerator(sam, **THRESHOLDS), [images["square"]], SMALL_GRID, output_size=(256, 320))
+    assert small.masks[0].shape == (len(full), 256, 320) and small.masks[0].dtype == torch.bool
+    resized = F.interpolate(full[:, None].float(), size=(256, 320), mode="area")[:, 0] > 0.5
+    assert _mask_iou(small.masks[0], resized).diagonal().min() >= 0.98
+    torch.testing.assert_close(small.scores[0], small_batch["square"].scores[0])
+    torch.testing.assert_close(small.boxes[0], small_batch["square"].boxes[0])  # input pixels, whatever the output
+
+
+def test_invalid_points_are_ignored(sam, images, small_batch) -> None:
+    """Padding points (anywhere, even outside the frame) marked invalid change nothing."""
+    grid = _grid(SMALL_GRID, 1024, 1024)  # 9 points
+    junk = torch.tensor([[5.0, 5.0], [512.0, 512.0], [-50.0, 2000.0]])
+    points = torch.stack([torch.cat([junk[:2], grid, junk[2:]]), torch.cat([grid, junk])])  # (2, 12, 2)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, [0, 1, 11]] = False
+    valid[1, 9:] = False
+    frames = torch.from_numpy(np.stack([images["square"], images["square2"]]))
+    padded = BatchedMaskGenerator(sam, points_per_batch=6, **THRESHOLDS)(frames, points, valid)
+    pair = small_batch["pair"]
+    for b in (0, 1):
+        assert torch.equal(padded.points[b], pair.points[b])
+        torch.testing.assert_close(padded.scores[b], pair.scores[b])
+        assert _mask_iou(padded.masks[b], pair.masks[b]).diagonal().min() > 0.999
+
+
+def test_empty_results_keep_their_shapes(sam, images) -> None:
+    frames = torch.from_numpy(np.stack([images["square"], images["square2"]]))
+    points = _grid(2, 1024, 1024)[None].expand(2, -1, -1)
+    rejecting = BatchedMaskGenerator(sam, **dict(THRESHOLDS, pred_iou_thresh=0.99))
+    none_valid = torch.zeros(2, 4, dtype=torch.bool)
+    for result in (
+        rejecting(frames, points, output_size=(100, 120)),
+        BatchedMaskGenerator(sam, **THRESHOLDS)(frames, points, none_valid, output_size=(100, 120)),
+    ):
+        assert len(result.masks) == 2
+        for b in (0, 1):
+            assert result.masks[b].shape == (0, 100, 120) and result.masks[b].dtype == torch.bool
+            assert result.scores[b].shape == (0,) and result.stability[b].shape == (0,)
+            assert result.boxes[b].shape == (0, 4) and result.points[b].shape == (0, 2)
+
+
+def test_rejects_bad_inputs(sam) -> None:
+    gen = BatchedMaskGenerator(sam)
+    frames = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="frames"):
+        gen(frames.float(), torch.zeros(1, 1, 2))
+    with pytest.raises(ValueError, match="points"):
+        gen(frames, torch.zeros(2, 1, 2))
+    with pytest.raises(ValueError, match="point_valid"):
+        gen(frames, torch.zeros(1, 3, 2), torch.ones(1, 2, dtype=torch.bool))
