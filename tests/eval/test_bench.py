@@ -19,3 +19,15 @@ def test_bench_tiny_run(tmp_path, capsys):
     assert [r["batch_size"] for r in data["naive_over_cached"]] == [1, 2]
     assert all(r["naive_over_cached_latency"] > 0 for r in data["naive_over_cached"])
     assert "naive (re-encode k references per frame)" in capsys.readouterr().out
+
+
+def test_bench_variants_cross_precision_generator_and_prompts():
+    import argparse
+
+    args = argparse.Namespace(precisions=["fp32", "bf16"], generators=["batched", "segment_anything"],
+                              prompts=["full_grid", "reference_seeded"])
+    assert bench._variants("classic", args) == [{"precision": "fp32"}, {"precision": "bf16"}]
+    samlad = bench._variants("samlad-random", args)
+    assert len(samlad) == 6  # 2 precisions x (batched x 2 prompts + segment_anything x full_grid)
+    assert {"precision": "bf16", "generator": "segment_anything", "prompts": "full_grid"} in samlad
+    assert not any(v["generator"] == "segment_anything" and v["prompts"] == "reference_seeded" for v in samlad)
