@@ -2,7 +2,7 @@
 
     python benchmarks/measure_check.py save DIR      # with the code before the change
     python benchmarks/measure_check.py compare DIR   # with the code after it; exit 1 on a difference
-    python benchmarks/measure_check.py time [--repeats 5] [--threads 1]
+    python benchmarks/measure_check.py time [--repeats 5] [--threads 1] [--k 2]
 
 save/compare: synthetic line data (linewatch.sim, products screw_tray and breakfast_box, 10 good
 images each) -> classic banks with k_references 1, 2 and 3 (saved by `save`, reused by `compare`
@@ -13,8 +13,8 @@ differences of scores, heatmaps and raw object maps, and of a freshly built bank
 levels and threshold, and requires the object lists (status, rounded boxes, areas, scores) to
 be identical.
 
-time: one batch of 8 frames at image_size 224, k = 2, inspected --repeats times after a warm-up;
-prints median wall and thread CPU seconds of `inspect` and of its measure stage. With
+time: one batch of 8 frames at image_size 224, k = 2 (--k), inspected --repeats times after a warm-up;
+prints median wall and thread CPU seconds (and the least CPU) of `inspect` and of its measure stage. With
 --threads 1 every torch op runs on the calling thread, so its CPU time barely moves with other
 load on the machine. To compare two versions run it once per version, e.g. with
 `git worktree add /tmp/before <commit>` and PYTHONPATH=/tmp/before.
@@ -111,9 +111,9 @@ def check(mode: str, root: Path) -> int:
     return 0 if ok else 1
 
 
-def time_inspect(repeats: int, threads: int) -> None:
+def time_inspect(repeats: int, threads: int, k: int) -> None:
     torch.set_num_threads(threads)
-    config = _config(2, image_size=224)
+    config = _config(k, image_size=224)
     with tempfile.TemporaryDirectory() as tmp:
         data = generate_dataset(Path(tmp), "screw_tray", seed=1, n_train=12, n_val=4, n_test_good=0,
                                 n_test_logical=0, n_test_structural=0, size=256)
@@ -142,8 +142,9 @@ def time_inspect(repeats: int, threads: int) -> None:
         cpu.append(time.thread_time() - start_cpu)
         measure_wall.append(results[0].timings["measure"])
     print(json.dumps({
-        "threads": threads, "inspect_wall_s": statistics.median(wall), "inspect_cpu_s": statistics.median(cpu),
+        "threads": threads, "k": k, "inspect_wall_s": statistics.median(wall), "inspect_cpu_s": statistics.median(cpu),
         "measure_wall_s": statistics.median(measure_wall), "measure_cpu_s": statistics.median(measure_cpu),
+        "inspect_cpu_min_s": min(cpu), "measure_cpu_min_s": min(measure_cpu),
         "scores": [round(r.score, 4) for r in results],
     }))
 
@@ -156,9 +157,10 @@ def main() -> int:
     timing = sub.add_parser("time")
     timing.add_argument("--repeats", type=int, default=5)
     timing.add_argument("--threads", type=int, default=1)
+    timing.add_argument("--k", type=int, default=2, help="k_references")
     args = parser.parse_args()
     if args.mode == "time":
-        time_inspect(args.repeats, args.threads)
+        time_inspect(args.repeats, args.threads, args.k)
         return 0
     return check(args.mode, args.dir)
 

@@ -515,7 +515,8 @@ class Inspector:
         Batched per image over the in-box cells of all its objects (padded to `most_cells`):
         every object of an image has the same k reference images, so one grid_sample per
         (image, reference) moves the reference features of all its objects. In chunks of
-        images that hold about OBJECT_CHUNK_ELEMENTS floats. No per-object loop, no host sync.
+        images and of cells that hold about OBJECT_CHUNK_ELEMENTS floats (a fixed number for
+        given shapes); no per-object loop, no host sync.
         """
         enc, refs, bank, eps = batch.encoded, batch.references, self.bank, self.config.measure.eps
         b, m = enc.valid.shape
@@ -525,29 +526,35 @@ class Inspector:
         spare = m * n_cells  # the padding cell index of an image
         cells = true_indices(pairs.in_box.view(b, spare), most_cells)  # (B, L): object * H'W' + cell, or spare
         real = cells < spare
-        cells = torch.where(real, cells, 0)  # padding computes cell 0 of object 0 and is dropped
+        cells = torch.where(real, cells, 0)  # padding computes cell 0 of object 0, and is dropped
         pair = torch.arange(b, device=self.device)[:, None] * m + cells // n_cells  # (B, L)
         cell = cells % n_cells
         query_masks = pairs.query_masks.view(b * m, n_cells)[pair, cell]  # (B, L)
         grids = pairs.grids.view(b * m, k, n_cells, 2)[pair, :, cell].transpose(1, 2)  # (B, k, L, 2)
         ref_masks = pairs.ref_masks.view(b * m, k, n_cells)[pair, :, cell].transpose(1, 2)  # (B, k, L)
+        target = torch.where(real, cells, spare)  # where each distance goes; padding into a spare column
         maps = torch.zeros(b, spare + 1, device=self.device)
-        chunk = self._chunk_size(k * c * n_cells + (5 * k + 3) * c * most_cells)  # images per chunk
-        for start in range(0, b, chunk):
-            rows = slice(start, start + chunk)
-            q, at = refs[rows].shape[0], cell[rows]
-            query = enc.upsampled[rows].flatten(2).gather(2, at[:, None].expand(q, c, -1))  # (q, C, L)
-            query = query * query_masks[rows, None]
-            moved = warp(bank.features[refs[rows].reshape(-1)].float(), grids[rows].reshape(q * k, 1, -1, 2))
-            references = moved.view(q, k, c, -1) * ref_masks[rows, :, None]  # (q, k, C, L)
-            distance = mahalanobis(query, references, eps)  # (q, L)
-            maps[rows].scatter_(1, torch.where(real[rows], cells[rows], spare), distance)
+        # chunks: half the budget for the images' reference feature maps, half for the cells' terms
+        images_per_chunk = self._chunk_size(2 * k * c * n_cells)
+        cells_per_chunk = self._chunk_size(2 * (5 * k + 3) * c * min(images_per_chunk, b))  # query, k refs, Woodbury
+        for start in range(0, b, images_per_chunk):
+            rows = slice(start, start + images_per_chunk)
+            q = refs[rows].shape[0]
+            reference_features = bank.features[refs[rows].reshape(-1)].float()  # (q*k, C, H', W')
+            query_features = enc.upsampled[rows].flatten(2)  # (q, C, H'*W')
+            for first in range(0, most_cells, cells_per_chunk):
+                cols = slice(first, first + cells_per_chunk)
+                query = query_features.gather(2, cell[rows, None, cols].expand(q, c, -1))  # (q, C, l)
+                query = query * query_masks[rows, None, cols]
+                moved = warp(reference_features, grids[rows, :, cols].reshape(q * k, 1, -1, 2))  # (q*k, C, 1, l)
+                references = moved.view(q, k, c, -1) * ref_masks[rows, :, None, cols]  # (q, k, C, l)
+                maps[rows].scatter_(1, target[rows, cols], mahalanobis(query, references, eps))
         return maps[:, :spare].reshape(b, m, hf, wf)
 
     OBJECT_CHUNK_ELEMENTS = 16 * 1024 * 1024  # floats held at once by one chunk of the measure stage
 
     def _chunk_size(self, floats_per_row: int) -> int:
-        """Rows (pairs or cells) per chunk so that a chunk holds about OBJECT_CHUNK_ELEMENTS floats."""
+        """Rows (pairs, images or cells) per chunk so that a chunk holds about OBJECT_CHUNK_ELEMENTS floats."""
         return max(1, self.OBJECT_CHUNK_ELEMENTS // max(1, floats_per_row))
 
     def _unmatched_reference_parts(self, batch: Batch, ref_matches: Tensor) -> tuple[Tensor, Tensor]:

@@ -760,3 +760,16 @@ def test_measure_on_cuda_syncs_only_for_its_two_host_reads(bank, config, inspect
         np.testing.assert_allclose(g.heatmap, c.heatmap, rtol=1e-3, atol=1e-3)
         assert [o["status"] for o in g.objects] == [o["status"] for o in c.objects]
         assert [o["bbox"] for o in g.objects] == [o["bbox"] for o in c.objects]
+
+
+def test_measure_in_small_chunks_gives_the_same_results(inspector, monkeypatch):
+    """A small OBJECT_CHUNK_ELEMENTS splits pairs, images and cells into many chunks: same results."""
+    images = [frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0]]
+    whole = inspector.inspect(images)
+    monkeypatch.setattr(inspector, "OBJECT_CHUNK_ELEMENTS", 20_000)
+    assert inspector._chunk_size(4 * 2 * 56 * 56) == 1  # one pair at a time in _aligned_pairs
+    chunked = inspector.inspect(images)
+    for a, b in zip(chunked, whole):
+        assert a.score == pytest.approx(b.score, rel=1e-6, abs=1e-7)
+        np.testing.assert_allclose(a.heatmap, b.heatmap, rtol=1e-6, atol=1e-6)
+        assert a.objects == b.objects
