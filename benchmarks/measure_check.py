@@ -100,7 +100,8 @@ def check(mode: str, root: Path) -> int:
                 worst["object_maps_rel"] = max(worst["object_maps_rel"],
                                                float((diff / np.maximum(np.abs(w["object_maps"]), 1e-2)).max()))
                 if g["objects"] != w["objects"] or g["verdict"] != w["verdict"]:
-                    differing.append({"product": product, "k": k, "result": i, "now": g["objects"], "saved": w["objects"]})
+                    differing.append({"product": product, "k": k, "result": i,
+                                      "now": g["objects"], "saved": w["objects"]})
     if mode == "save":
         print(f"saved to {root}")
         return 0

@@ -417,7 +417,11 @@ class Inspector:
     @torch.inference_mode()
     def measure(self, batch: Batch) -> Batch:
         """AMM: per-object Mahalanobis maps against the matched (or closest) reference objects
-        (eqs. 11-15), plus missing-part and surplus maps; then image scores and results."""
+        (eqs. 11-15), plus missing-part and surplus maps; then image scores and results.
+
+        Batched tensor ops over padded (image, object) and (image, reference, part) tensors; the
+        device is read back twice per batch, whatever the number of objects: `read_counts` (the
+        sizes of the cell lists to compute) and `to_host` (everything the results need)."""
         start = time.perf_counter()
         enc, refs, bank, cfg = batch.encoded, batch.references, self.bank, self.config.measure
         b, k = refs.shape
@@ -444,7 +448,7 @@ class Inspector:
         unmatched, unmatched_cells = self._unmatched_reference_parts(batch, ref_matches)
         counts = read_counts(torch.cat([pairs.in_box.reshape(b, -1).sum(1), unmatched.sum().view(1),
                                         unmatched_cells.sum().view(1)]))
-        most_cells, n_unmatched, n_unmatched_cells = max(counts[:b]), counts[b], counts[b + 1]
+        most_cells, n_unmatched, n_unmatched_cells = max(counts[:b], default=0), counts[b], counts[b + 1]
 
         object_maps = self._object_maps(batch, pairs, most_cells)
         batch.object_maps = object_maps
@@ -741,7 +745,7 @@ def _dilate(masks: Tensor, cells: int = 2) -> Tensor:
     return F.max_pool2d(rows, (size, 1), stride=1, padding=(cells, 0)).view(masks.shape)
 
 
-def _object_record(box: Tensor, area: float, sx: float, sy: float, status: str, score: float) -> dict:
+def _object_record(box: np.ndarray, area: float, sx: float, sy: float, status: str, score: float) -> dict:
     """Object dict in input pixels from a box (x, y, w, h) and area in working pixels."""
     x, y, w, h = box.tolist()
     return {

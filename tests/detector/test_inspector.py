@@ -571,7 +571,8 @@ def test_true_indices_equal_nonzero_per_row():
         found = torch.nonzero(row).flatten()
         assert torch.equal(indices[: len(found)], found)
         assert (indices[len(found):] == 30).all()  # padding
-    assert true_indices(mask.view(1, -1), int(mask.sum()))[0].tolist() == torch.nonzero(mask.view(-1)).flatten().tolist()
+    flat = true_indices(mask.view(1, -1), int(mask.sum()))[0]
+    assert flat.tolist() == torch.nonzero(mask.view(-1)).flatten().tolist()
     assert true_indices(torch.zeros(1, 5, dtype=torch.bool), 0).shape == (1, 0)
 
 
@@ -630,7 +631,8 @@ def _aligned_inputs(inspector, images):
 def test_object_maps_equal_the_full_grid_per_object_and_are_zero_outside_the_box(inspector):
     from linewatch.detector.measure import mahalanobis
 
-    batch, assigned, is_matched = _aligned_inputs(inspector, [frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0]])
+    images = [frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0]]
+    batch, assigned, is_matched = _aligned_inputs(inspector, images)
     enc, refs, bank = batch.encoded, batch.references, inspector.bank
     b, m = enc.valid.shape
     k = refs.shape[1]
