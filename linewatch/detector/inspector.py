@@ -132,6 +132,22 @@ class StageTimer:
         return dict(self.seconds)
 
 
+@dataclass
+class AlignedPairs:
+    """The (image, object) pairs of a batch, image-major (B*M rows), with their k reference objects.
+
+    query_masks (B*M, H', W'); grids (B*M, k, H', W', 2) that move the reference objects onto the
+    query object (F.grid_sample, align_corners=False); ref_masks (B*M, k, H', W') the moved
+    reference masks; in_box (B*M, H', W') bool, the bounding box of the query and moved reference
+    masks, where the pair's distance map can be non-zero (all False for padding pairs).
+    """
+
+    query_masks: Tensor
+    grids: Tensor
+    ref_masks: Tensor
+    in_box: Tensor
+
+
 def to_images01(images: list[np.ndarray], size: int, device: torch.device) -> Tensor:
     """RGB uint8 (H, W, 3) images -> (B, 3, size, size) float in [0, 1] on `device`."""
     resized = [
@@ -155,36 +171,60 @@ def frames_to_device(images: list[np.ndarray], device: torch.device) -> Tensor:
 
 
 def pad_masks(masks: list[Tensor], size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image bool masks (M_b, S, S) -> soft masks (B, M, H', W'), valid (B, M), boxes (B, M, 4)."""
+    """Per-image bool masks (M_b, S, S) -> soft masks (B, M, H', W'), valid (B, M), boxes (B, M, 4).
+
+    One copy and one resize per image (not per mask); the boxes come from one `mask_boxes` call
+    over the padded (B, M, S, S) bool masks (padding masks are empty: zero boxes)."""
     b = len(masks)
     m = max([int(x.shape[0]) for x in masks] + [1])
     soft = torch.zeros(b, m, *size, device=device)
     valid = torch.zeros(b, m, dtype=torch.bool, device=device)
-    boxes = torch.zeros(b, m, 4, device=device)
+    if b == 0:
+        return soft, valid, torch.zeros(b, m, 4, device=device)
+    padded = torch.zeros(b, m, *masks[0].shape[-2:], dtype=torch.bool, device=device)
     for i, mask in enumerate(masks):
         n = int(mask.shape[0])
         if n == 0:
             continue
-        mask = mask.to(device)
-        soft[i, :n] = resize_masks(mask[None].float(), size)[0]
+        padded[i, :n] = mask
+        soft[i, :n] = resize_masks(padded[i : i + 1, :n].float(), size)[0]
         valid[i, :n] = True
-        boxes[i, :n] = mask_boxes(mask)
-    return soft, valid, boxes
+    return soft, valid, mask_boxes(padded)
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
-    """Bounding boxes (M, 4) as x, y, w, h of bool masks (M, H, W); zeros for empty masks."""
-    rows = masks.any(dim=2)  # (M, H)
-    cols = masks.any(dim=1)  # (M, W)
-    out = torch.zeros(masks.shape[0], 4, device=masks.device)
-    for i in range(masks.shape[0]):
-        ys = torch.nonzero(rows[i]).flatten()
-        xs = torch.nonzero(cols[i]).flatten()
-        if len(ys):
-            out[i] = torch.tensor(
-                [xs[0], ys[0], xs[-1] - xs[0] + 1, ys[-1] - ys[0] + 1], dtype=torch.float32, device=masks.device
-            )
-    return out
+    """Bounding boxes (..., 4) as x, y, w, h (float32) of bool masks (..., H, W); zeros for empty masks.
+
+    Batched over all masks: the first and last occupied row and column come from argmax over
+    the any() profiles (argmax returns the first maximum), no per-mask loop, no host sync."""
+    rows = masks.any(dim=-1)  # (..., H)
+    cols = masks.any(dim=-2)  # (..., W)
+    y0, y1 = _first_last(rows)
+    x0, x1 = _first_last(cols)
+    box = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=-1).float()
+    return torch.where(rows.any(dim=-1)[..., None], box, torch.zeros_like(box))
+
+
+def _first_last(line: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices (...,) of the first and the last True along the last dim of `line` (..., L) bool
+    (0 and L - 1 where there is none)."""
+    as_int = line.to(torch.uint8)
+    first = as_int.argmax(dim=-1)
+    last = line.shape[-1] - 1 - as_int.flip(-1).argmax(dim=-1)
+    return first, last
+
+
+def box_of_support(support: Tensor) -> Tensor:
+    """(..., H, W) bool -> (..., H, W) bool, True inside the bounding box of each map's True cells
+    (all False for an empty map)."""
+    rows = _span(support.any(dim=-1))  # (..., H)
+    cols = _span(support.any(dim=-2))  # (..., W)
+    return rows[..., :, None] & cols[..., None, :]
+
+
+def _span(line: Tensor) -> Tensor:
+    """(..., L) bool -> True from the first to the last True of each line."""
+    return (line.cumsum(dim=-1) > 0) & (line.flip(-1).cumsum(dim=-1).flip(-1) > 0)
 
 
 def mask_moments(masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -227,14 +267,16 @@ def reference_grids(query_masks: Tensor, ref_masks: Tensor, allowed: Tensor, max
     turn = torch.where(ok, turn, torch.zeros_like(turn))
     # output pixel p takes the reference at R(-turn) (p - cq) + cr; in normalised coordinates
     # (align_corners=False, square maps assumed equal in x and y scale)
-    scale = torch.tensor([w, h], device=ref_masks.device, dtype=ref_masks.dtype)
-    cqn = ((2 * cq + 1) / scale - 1)[:, None].expand(q, k, 2)
-    crn = (2 * cr + 1) / scale - 1
+    def normalised(c: Tensor) -> Tensor:  # pixel centres (x, y) -> [-1, 1]
+        return torch.stack([(2 * c[..., 0] + 1) / w - 1, (2 * c[..., 1] + 1) / h - 1], dim=-1)
+
+    cqn = normalised(cq)[:, None].expand(q, k, 2)
+    crn = normalised(cr)
     cos, sin = torch.cos(turn), torch.sin(turn)
     rot = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # R(-turn), (q, k, 2, 2)
     offset = crn - (rot @ cqn[..., None])[..., 0]
     theta = torch.cat([rot, offset[..., None]], dim=-1)  # (q, k, 2, 3)
-    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=theta.device, dtype=theta.dtype)
+    identity = torch.eye(2, 3, device=theta.device, dtype=theta.dtype)  # made on the device: no host copy
     theta = torch.where(ok[..., None, None], theta, identity)
     grid = F.affine_grid(theta.reshape(q * k, 2, 3), [q * k, 1, h, w], align_corners=False)
     return grid.view(q, k, h, w, 2)
@@ -464,7 +506,11 @@ class Inspector:
     @torch.inference_mode()
     def measure(self, batch: Batch) -> Batch:
         """AMM: per-object Mahalanobis maps against the matched (or closest) reference objects
-        (eqs. 11-15), plus missing-part and surplus maps; then image scores and results."""
+        (eqs. 11-15), plus missing-part and surplus maps; then image scores and results.
+
+        Batched tensor ops over padded (image, object) and (image, reference, part) tensors; the
+        device is read back twice per batch, whatever the number of objects: `read_counts` (the
+        sizes of the cell lists to compute) and `to_host` (everything the results need)."""
         enc, refs, bank, cfg = batch.encoded, batch.references, self.bank, self.config.measure
         b, k = refs.shape
         m = enc.valid.shape[1]
@@ -484,7 +530,15 @@ class Inspector:
         taken = ((taken_by >= 0) & (taken_by != own)).sum(1)
         is_surplus = enc.valid & ~is_matched & (2 * taken >= k)
 
-        object_maps = self._object_maps(batch, assigned, is_matched)
+        # Which cells to compute depends on the masks: their counts are the one host read before
+        # the results copy; everything else stays on the device.
+        pairs = self._aligned_pairs(batch, assigned, is_matched)
+        unmatched, unmatched_cells = self._unmatched_reference_parts(batch, ref_matches)
+        counts = read_counts(torch.cat([pairs.in_box.reshape(b, -1).sum(1), unmatched.sum().view(1),
+                                        unmatched_cells.sum().view(1)]))
+        most_cells, n_unmatched, n_unmatched_cells = max(counts[:b], default=0), counts[b], counts[b + 1]
+
+        object_maps = self._object_maps(batch, pairs, most_cells)
         batch.object_maps = object_maps
         if cfg.normalize_objects:
             # each part's map in units of what that part's map reaches on good images
@@ -493,15 +547,52 @@ class Inspector:
         weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
         image_maps = (object_maps * weights[..., None, None] * enc.valid[..., None, None]).sum(1)  # eq. 15
 
-        missing_maps, missing_objects = self._missing_parts(batch, ref_matches)
+        missing_maps, missing = self._missing_parts(
+            batch, true_indices(unmatched.reshape(1, -1), n_unmatched)[0],
+            true_indices(unmatched_cells.reshape(1, -1), n_unmatched_cells)[0],
+        )
         image_maps = image_maps + cfg.missing_part_weight * missing_maps
 
-        batch.results = self._results(batch, image_maps, object_maps, is_matched, is_surplus, missing_objects)
+        batch.results = self._results(batch, image_maps, object_maps, is_matched, is_surplus, missing)
         return batch
 
-    def _object_maps(self, batch: Batch, assigned: Tensor, is_matched: Tensor) -> Tensor:
+    def _aligned_pairs(self, batch: Batch, assigned: Tensor, is_matched: Tensor) -> AlignedPairs:
+        """Every (image, object) pair, padding included, with its k reference objects moved onto
+        it where allowed (see `_object_maps`) and the box where its distance map can be non-zero.
+        Masks and grids only (no features), on the full grid, in chunks of pairs that hold about
+        OBJECT_CHUNK_ELEMENTS floats."""
+        enc, refs, bank = batch.encoded, batch.references, self.bank
+        b, m = enc.valid.shape
+        k = refs.shape[1]
+        hf, wf = enc.upsampled.shape[-2:]
+        n_pairs = b * m
+        max_shift = self.config.measure.align_max_shift * max(hf, wf)
+        max_rotation = math.radians(self.config.measure.align_max_rotation_deg)
+        query_masks = enc.soft_masks.reshape(n_pairs, hf, wf)  # image-major
+        bank_index = refs[:, None].expand(b, m, k).reshape(n_pairs, k)  # (B*M, k) bank image of each reference
+        ref_objects = assigned.transpose(1, 2).reshape(n_pairs, k)  # (B*M, k)
+        allowed = (is_matched & (max_shift > 0)).reshape(n_pairs)
+        grids = torch.empty(n_pairs, k, hf, wf, 2, device=self.device)
+        ref_masks = torch.empty(n_pairs, k, hf, wf, device=self.device)
+        in_box = torch.empty(n_pairs, hf, wf, dtype=torch.bool, device=self.device)
+        chunk = self._chunk_size(4 * k * hf * wf)  # masks and grids per pair
+        for start in range(0, n_pairs, chunk):
+            rows = slice(start, start + chunk)
+            original = bank.masks[bank_index[rows], ref_objects[rows]].float()  # (q, k, H', W')
+            q = original.shape[0]
+            grids[rows] = reference_grids(query_masks[rows], original, allowed[rows], max_shift, max_rotation)
+            moved = warp(original.reshape(q * k, 1, hf, wf), grids[rows].reshape(q * k, hf, wf, 2))
+            ref_masks[rows] = moved.view(q, k, hf, wf)
+            # outside the query mask and every reference mask both sides are zero and so is the distance
+            in_box[rows] = box_of_support((query_masks[rows] + ref_masks[rows].sum(1)) > 1e-4)
+        in_box &= enc.valid.reshape(n_pairs, 1, 1)
+        return AlignedPairs(query_masks, grids, ref_masks, in_box)
+
+    def _object_maps(self, batch: Batch, pairs: AlignedPairs, most_cells: int) -> Tensor:
         """Mahalanobis map (B, M, H', W') of every valid query object against the k reference
-        objects it matched or is closest to (eqs. 11-12), in chunks of objects to bound memory.
+        objects it matched or is closest to (eqs. 11-12), computed inside `pairs.in_box` and
+        exactly 0 elsewhere (and for padding objects). most_cells: the largest number of
+        in-box cells of one image (from `read_counts`).
 
         Beyond the paper: a matched reference object is first moved onto the query object
         (translation of mask centroids, and rotation of the principal axes of elongated
@@ -509,105 +600,157 @@ class Inspector:
         Parts shift and turn a little on any real line; without this their edges dominate the
         map of a good part. A larger displacement is not undone, so a part in the wrong place
         still scores at both places.
+
+        Batched per image over the in-box cells of all its objects (padded to `most_cells`):
+        every object of an image has the same k reference images, so one grid_sample per
+        (image, reference) moves the reference features of all its objects. In chunks of
+        images and of cells that hold about OBJECT_CHUNK_ELEMENTS floats (a fixed number for
+        given shapes); no per-object loop, no host sync.
         """
         enc, refs, bank, eps = batch.encoded, batch.references, self.bank, self.config.measure.eps
         b, m = enc.valid.shape
-        hf, wf = enc.upsampled.shape[-2:]
-        max_shift = self.config.measure.align_max_shift * max(hf, wf)
-        maps = torch.zeros(b, m, hf * wf, device=self.device)
-        pairs = torch.nonzero(enc.valid)  # (Q, 2): image, object
         k = refs.shape[1]
-        chunk = max(1, int(self.OBJECT_CHUNK_ELEMENTS // (4 * k * hf * wf)))  # masks and grids per object
-        for start in range(0, len(pairs), chunk):
-            bi, oi = pairs[start:start + chunk].unbind(1)
-            query_masks = enc.soft_masks[bi, oi]  # (q, H', W')
-            z = refs[bi]  # (q, k)
-            ref_masks = bank.masks[z, assigned[bi, :, oi]].float()  # (q, k, H', W')
-            grids = reference_grids(query_masks, ref_masks, is_matched[bi, oi] & (max_shift > 0), max_shift,
-                                    math.radians(self.config.measure.align_max_rotation_deg))  # (q, k, H', W', 2)
-            ref_masks = warp(ref_masks.view(-1, 1, hf, wf), grids.view(-1, hf, wf, 2)).view(-1, k, hf, wf)
-            # Outside the query mask and every reference mask both sides are zero and so is the
-            # distance: compute each object only inside the box around those masks.
-            support = (query_masks + ref_masks.sum(1)) > 1e-4  # (q, H', W')
-            for j in range(len(bi)):
-                rows = torch.nonzero(support[j].any(1)).flatten()
-                cols = torch.nonzero(support[j].any(0)).flatten()
-                if len(rows) == 0:
-                    continue
-                y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-                query = enc.upsampled[bi[j], :, y0:y1, x0:x1] * query_masks[j, y0:y1, x0:x1]  # (C, h, w)
-                ref_features = warp(bank.features[z[j]].float(), grids[j, :, y0:y1, x0:x1])  # (k, C, h, w)
-                references = ref_features * ref_masks[j, :, None, y0:y1, x0:x1]
-                box = mahalanobis(query.flatten(1), references.flatten(2), eps)
-                maps[bi[j], oi[j]].view(hf, wf)[y0:y1, x0:x1] = box.view(y1 - y0, x1 - x0)
-        return maps.view(b, m, hf, wf)
+        c, hf, wf = enc.upsampled.shape[-3:]
+        n_cells = hf * wf
+        spare = m * n_cells  # the padding cell index of an image
+        cells = true_indices(pairs.in_box.view(b, spare), most_cells)  # (B, L): object * H'W' + cell, or spare
+        real = cells < spare
+        cells = torch.where(real, cells, 0)  # padding computes cell 0 of object 0, and is dropped
+        pair = torch.arange(b, device=self.device)[:, None] * m + cells // n_cells  # (B, L)
+        cell = cells % n_cells
+        query_masks = pairs.query_masks.view(b * m, n_cells)[pair, cell]  # (B, L)
+        grids = pairs.grids.view(b * m, k, n_cells, 2)[pair, :, cell].transpose(1, 2)  # (B, k, L, 2)
+        ref_masks = pairs.ref_masks.view(b * m, k, n_cells)[pair, :, cell].transpose(1, 2)  # (B, k, L)
+        target = torch.where(real, cells, spare)  # where each distance goes; padding into a spare column
+        maps = torch.zeros(b, spare + 1, device=self.device)
+        # chunks: half the budget for the images' reference feature maps, half for the cells' terms
+        images_per_chunk = self._chunk_size(2 * k * c * n_cells)
+        cells_per_chunk = self._chunk_size(2 * (5 * k + 3) * c * min(images_per_chunk, b))  # query, k refs, Woodbury
+        for start in range(0, b, images_per_chunk):
+            rows = slice(start, start + images_per_chunk)
+            q = refs[rows].shape[0]
+            reference_features = bank.features[refs[rows].reshape(-1)].float()  # (q*k, C, H', W')
+            query_features = enc.upsampled[rows].flatten(2)  # (q, C, H'*W')
+            for first in range(0, most_cells, cells_per_chunk):
+                cols = slice(first, first + cells_per_chunk)
+                query = query_features.gather(2, cell[rows, None, cols].expand(q, c, -1))  # (q, C, l)
+                query = query * query_masks[rows, None, cols]
+                moved = warp(reference_features, grids[rows, :, cols].reshape(q * k, 1, -1, 2))  # (q*k, C, 1, l)
+                references = moved.view(q, k, c, -1) * ref_masks[rows, :, None, cols]  # (q, k, C, l)
+                maps[rows].scatter_(1, target[rows, cols], mahalanobis(query, references, eps))
+        return maps[:, :spare].reshape(b, m, hf, wf)
 
-    OBJECT_CHUNK_ELEMENTS = 16 * 1024 * 1024  # floats of masks and grids held at once by _object_maps
+    OBJECT_CHUNK_ELEMENTS = 16 * 1024 * 1024  # floats held at once by one chunk of the measure stage
 
-    def _missing_parts(self, batch: Batch, ref_matches: Tensor) -> tuple[Tensor, list[list[dict]]]:
+    def _chunk_size(self, floats_per_row: int) -> int:
+        """Rows (pairs, images or cells) per chunk so that a chunk holds about OBJECT_CHUNK_ELEMENTS floats."""
+        return max(1, self.OBJECT_CHUNK_ELEMENTS // max(1, floats_per_row))
+
+    def _unmatched_reference_parts(self, batch: Batch, ref_matches: Tensor) -> tuple[Tensor, Tensor]:
+        """Reference parts no query object matches: (B, k, N) bool, and the cells (B, k, H', W')
+        bool where at least one of them has mask > 0 (where a missing part's map can be non-zero)."""
+        refs, bank = batch.references, self.bank
+        unmatched = bank.object_valid[refs] & (ref_matches < 0)  # (B, k, N)
+        cells = ((bank.masks[refs] > 0) & unmatched[..., None, None]).any(dim=2)  # (B, k, H', W')
+        return unmatched, cells
+
+    def _missing_parts(self, batch: Batch, candidates: Tensor, cells: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Reference objects that no query object matches, in more than half of the k references.
 
-        Their map compares the query's features inside the reference mask with the reference
-        object's features (K = 1 Gaussian, eps*I covariance), averaged over the references.
-        Returns maps (B, H', W') and, per image, the missing objects (box in working pixels).
+        candidates (U,): flat indices into (B, k, N) of the unmatched reference parts, in
+        (image, reference, part) order; cells (L,): flat indices into (B, k, H', W') where one of
+        them has mask > 0. A candidate (r, j) gets one vote from its reference r and one from
+        every other reference o holding an unmatched part whose dilated mask overlaps its
+        dilated mask (soft IoU > 0.3); it is missing when 2 * votes > k. Its map compares the
+        query's features inside the reference mask with the reference object's features (K = 1
+        Gaussian, eps*I covariance): mask * |query - reference| / sqrt(eps), divided by the
+        part's noise level when `measure.normalize_objects`; the image map adds the missing
+        parts' maps / k. The distance is computed once per (image, reference) cell, not per part.
+
+        Returns maps (B, H', W') and, for `_results` to copy to the host (where the parts found
+        in several references are reported once), on the device: image (U,), missing (U,) bool,
+        overlap (U, U) soft IoU of the candidates' masks, box (U, 4) in working pixels, mass (U,)
+        mask sum in feature cells, score (U,) peak of the part's map.
         """
         enc, refs, bank, eps = batch.encoded, batch.references, self.bank, self.config.measure.eps
         b, k = refs.shape
-        hf, wf = enc.upsampled.shape[-2:]
-        maps = torch.zeros(b, hf, wf, device=self.device)
-        reports: list[list[dict]] = []
-        for bi in range(b):
-            z = refs[bi]
-            unmatched = [
-                torch.nonzero(bank.object_valid[z[r]] & (ref_matches[bi, r] < 0)).flatten().tolist() for r in range(k)
-            ]
-            # dilated masks: a thin part jittered by a cell or two still overlaps itself
-            dilated = [{j: _dilate(bank.masks[z[r], j].float()) for j in unmatched[r]} for r in range(k)]
-            found: list[dict] = []
-            for r in range(k):
-                for j in unmatched[r]:
-                    mask = bank.masks[z[r], j].float()
-                    votes = 1 + sum(
-                        any(_overlap(dilated[r][j], other) > 0.3 for other in dilated[o].values())
-                        for o in range(k)
-                        if o != r
-                    )
-                    if 2 * votes <= k:
-                        continue
-                    query = (enc.upsampled[bi] * mask).flatten(1)
-                    reference = (bank.features[z[r]].float() * mask).flatten(1)[None]
-                    part_map = mahalanobis(query, reference, eps).view(hf, wf)
-                    if self.config.measure.normalize_objects:
-                        part_map = part_map / bank.object_noise[z[r], j].clamp_min(self.noise_floor)
-                    maps[bi] += part_map / k
-                    if not any(_overlap(mask, f["mask"]) > 0.3 for f in found):
-                        found.append({"mask": mask, "box": bank.boxes[z[r], j], "map": part_map})
-            reports.append(found)
-        return maps, reports
+        n = bank.object_valid.shape[1]
+        c, hf, wf = enc.upsampled.shape[-3:]
+        image, ref, part = candidates // (k * n), (candidates // n) % k, candidates % n
+        z = refs[image, ref]  # (U,) bank image of each candidate
+        masks = bank.masks[z, part].float()  # (U, H', W')
+        u = masks.shape[0]
+
+        # votes; dilated masks: a thin part jittered by a cell or two still overlaps itself
+        same_image = image[:, None] == image[None, :]
+        near = (soft_overlaps(_dilate(masks).view(u, hf * wf)) > 0.3) & same_image  # (U, U)
+        refs_of = (ref[:, None] == torch.arange(k, device=self.device)).float()  # (U, k) one-hot
+        seen_in = (near.float() @ refs_of) > 0  # (U, k): reference o holds an overlapping unmatched part
+        votes = 1 + (seen_in & ~refs_of.bool()).sum(1)
+        missing = 2 * votes > k
+
+        # |query - reference| / sqrt(eps) at the cells, as a dense (B, k, H'*W') map (0 elsewhere)
+        distance = torch.zeros(b * k * hf * wf, device=self.device)
+        pair, cell = cells // (hf * wf), cells % (hf * wf)
+        y, x = cell // wf, cell % wf
+        features_by_channel = enc.upsampled.transpose(0, 1)  # (C, B, H', W') views
+        bank_by_channel = bank.features.transpose(0, 1)  # (C, Z, H', W')
+        chunk = self._chunk_size(4 * c)
+        for start in range(0, cells.shape[0], chunk):
+            at = slice(start, start + chunk)
+            query = features_by_channel[:, pair[at] // k, y[at], x[at]]  # (C, L)
+            reference = bank_by_channel[:, refs.reshape(-1)[pair[at]], y[at], x[at]].float()[None]  # (1, C, L)
+            distance[cells[at]] = mahalanobis(query, reference, eps)
+        part_maps = masks.view(u, hf * wf) * distance.view(b * k, hf * wf)[image * k + ref]  # (U, H'*W')
+        if self.config.measure.normalize_objects:
+            part_maps = part_maps / bank.object_noise[z, part].clamp_min(self.noise_floor)[:, None]
+        maps = torch.zeros(b, hf * wf, device=self.device)
+        maps.index_add_(0, image, part_maps * missing[:, None] / k)
+        report = {
+            "image": image,
+            "missing": missing,
+            "overlap": soft_overlaps(masks.view(u, hf * wf)),
+            "box": bank.boxes[z, part],
+            "mass": masks.view(u, hf * wf).sum(1),
+            "score": part_maps.amax(1),
+        }
+        return maps.view(b, hf, wf), report
 
     def _results(self, batch, image_maps, object_maps, is_matched, is_surplus, missing) -> list[InspectionResult]:
+        """Smoothed maps, scores and object lists, from ONE device -> host copy (`to_host`) of
+        everything they need; the Python records are built on the host."""
         size = self.config.image_size
+        enc = batch.encoded
         maps = F.interpolate(image_maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         maps = gaussian_blur(maps, self.config.measure.smoothing_sigma)
-        scores = maps.flatten(1).amax(1).cpu().numpy()
-        threshold = self.bank.threshold if self.bank.manifest["calibration"].get("threshold") is not None else math.inf
-        object_scores = object_maps.flatten(2).amax(2).cpu().numpy()
-        maps_np = maps.cpu().numpy()
-        results = []
-        enc = batch.encoded
         cell_area = (size / enc.soft_masks.shape[-1]) ** 2  # working pixels per feature cell
-        areas = enc.soft_masks.flatten(2).sum(2).cpu() * cell_area  # (B, M), working pixels
+        host = to_host({
+            "maps": maps,
+            "scores": maps.flatten(1).amax(1),
+            "object_scores": object_maps.flatten(2).amax(2),
+            "areas": enc.soft_masks.flatten(2).sum(2) * cell_area,  # (B, M), working pixels
+            "boxes": enc.boxes,
+            "valid": enc.valid,
+            "matched": is_matched,
+            "surplus": is_surplus,
+            **{f"missing_{name}": value for name, value in missing.items()},
+        })
+        threshold = self.bank.threshold if self.bank.manifest["calibration"].get("threshold") is not None else math.inf
+        results = []
         for bi, (h, w) in enumerate(batch.sizes):
             sx, sy = w / size, h / size
             objects = []
-            for i in torch.nonzero(enc.valid[bi]).flatten().tolist():
-                status = "matched" if is_matched[bi, i] else ("surplus" if is_surplus[bi, i] else "unmatched")
-                objects.append(_object_record(enc.boxes[bi, i], float(areas[bi, i]), sx, sy, status, object_scores[bi, i]))
-            for part in missing[bi]:
-                area = float(part["mask"].sum()) * cell_area
-                objects.append(_object_record(part["box"], area, sx, sy, "missing", float(part["map"].max())))
-            score = float(scores[bi])
-            heatmap = cv2.resize(maps_np[bi], (w, h), interpolation=cv2.INTER_LINEAR) if (h, w) != (size, size) else maps_np[bi]
+            for i in np.flatnonzero(host["valid"][bi]):
+                status = "matched" if host["matched"][bi, i] else ("surplus" if host["surplus"][bi, i] else "unmatched")
+                objects.append(_object_record(host["boxes"][bi, i], float(host["areas"][bi, i]), sx, sy, status,
+                                              host["object_scores"][bi, i]))
+            for t in _distinct_parts(host["missing_missing"] & (host["missing_image"] == bi), host["missing_overlap"]):
+                area = float(host["missing_mass"][t]) * cell_area
+                objects.append(_object_record(host["missing_box"][t], area, sx, sy, "missing",
+                                              float(host["missing_score"][t])))
+            score = float(host["scores"][bi])
+            heatmap = host["maps"][bi]
+            heatmap = cv2.resize(heatmap, (w, h), interpolation=cv2.INTER_LINEAR) if (h, w) != (size, size) else heatmap
             results.append(
                 InspectionResult(
                     score=score,
@@ -621,19 +764,73 @@ class Inspector:
         return results
 
 
-def _dilate(mask: Tensor, cells: int = 2) -> Tensor:
-    """Grey dilation of a (H, W) mask by `cells` pixels in every direction."""
-    return F.max_pool2d(mask[None, None], 2 * cells + 1, stride=1, padding=cells)[0, 0]
+def read_counts(counts: Tensor) -> list[int]:
+    """(n,) integer tensor -> list of n ints, in ONE small device -> host read: the sizes of the
+    measure stage's data-dependent lists of cells (its only host sync before `to_host`)."""
+    return counts.tolist()
 
 
-def _overlap(a: Tensor, b: Tensor) -> float:
-    """Soft IoU of two masks of the same size."""
-    inter = torch.minimum(a, b).sum()
-    union = torch.maximum(a, b).sum()
-    return float(inter / union) if union > 0 else 0.0
+def true_indices(mask: Tensor, count: int) -> Tensor:
+    """Column indices of the True entries of each row of a bool mask (R, n), in order, padded
+    with n to `count` columns (count >= any row's number of True, from `read_counts`): (R, count).
+    What torch.nonzero gives per row, without its host sync."""
+    r, n = mask.shape
+    slot = torch.where(mask, mask.cumsum(1) - 1, count)  # output column; `count` is a spare one for False
+    out = torch.full((r, count + 1), n, dtype=torch.long, device=mask.device)
+    out.scatter_(1, slot, torch.arange(n, device=mask.device).expand(r, n))
+    return out[:, :count]
 
 
-def _object_record(box: Tensor, area: float, sx: float, sy: float, status: str, score: float) -> dict:
+def to_host(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Copy named tensors to the host in ONE transfer: packed into one float32 vector on their
+    device, `.cpu()` once, split into arrays of the original shapes (bool tensors come back as
+    bool arrays; float32 holds every other value here exactly)."""
+    packed = torch.cat([t.reshape(-1).float() for t in tensors.values()])
+    flat = packed.cpu().numpy()
+    out, start = {}, 0
+    for name, t in tensors.items():
+        part = flat[start : start + t.numel()].reshape(t.shape)
+        out[name] = part > 0.5 if t.dtype == torch.bool else part
+        start += t.numel()
+    return out
+
+
+def _distinct_parts(missing: np.ndarray, overlap: np.ndarray) -> list[int]:
+    """Missing candidates to report, in candidate order: each one unless its mask overlaps
+    (soft IoU > 0.3) one already reported (the same part seen in several references).
+    missing (U,) bool, overlap (U, U) -> candidate indices."""
+    kept: list[int] = []
+    for t in np.flatnonzero(missing):
+        if not any(overlap[t, s] > 0.3 for s in kept):
+            kept.append(int(t))
+    return kept
+
+
+def soft_overlaps(masks: Tensor) -> Tensor:
+    """Pairwise soft IoU sum(min) / sum(max) (0 where both are empty) of masks (..., T, P) -> (..., T, T).
+
+    With L1 = sum |a - b| and S = sum a + sum b: sum min(a, b) = (S - L1) / 2 and
+    sum max(a, b) = (S + L1) / 2, so one torch.cdist(p=1) gives both without a (T, T, P) tensor."""
+    l1 = torch.cdist(masks, masks, p=1)
+    mass = masks.sum(-1)
+    total = mass[..., :, None] + mass[..., None, :]
+    union = total + l1
+    return torch.where(union > 0, (total - l1) / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+def _dilate(masks: Tensor, cells: int = 2) -> Tensor:
+    """Grey dilation of masks (..., H, W) by `cells` pixels in every direction (a square max
+    filter, done as a row then a column max filter)."""
+    h, w = masks.shape[-2:]
+    flat = masks.reshape(-1, 1, h, w)
+    if flat.shape[0] == 0:
+        return masks
+    size = 2 * cells + 1
+    rows = F.max_pool2d(flat, (1, size), stride=1, padding=(0, cells))
+    return F.max_pool2d(rows, (size, 1), stride=1, padding=(cells, 0)).view(masks.shape)
+
+
+def _object_record(box: np.ndarray, area: float, sx: float, sy: float, status: str, score: float) -> dict:
     """Object dict in input pixels from a box (x, y, w, h) and area in working pixels."""
     x, y, w, h = box.tolist()
     return {

@@ -40,8 +40,10 @@ def mahalanobis(query: Tensor, references: Tensor, eps: float = 0.01) -> Tensor:
     Woodbury: with d = f - mu, w = V^T d, G = V^T V and a = (eps I_{k-1} + G)^{-1} w,
         d^T Sigma^{-1} d = (|d|^2 - w^T a) / eps = |d - V a|^2 / eps + |a|^2      (eq. 12 squared)
     The right-hand form is a sum of non-negative terms, so there is no catastrophic
-    cancellation in float32 even for small eps; only (k-1) x (k-1) systems are solved, in float64.
-    Memory O(k*C*P).
+    cancellation in float32 even for small eps. Only the (k-1) x (k-1) systems are solved in
+    float64 (`solve_small`: closed form for k <= 3, batched LU above): G is formed in float32
+    and its entries are ~|features|^2, so a float32 determinant would lose the eps part.
+    Memory O(k*C*P); no host synchronisation.
 
     Args:
         query: (..., C, P) query features (P = flattened positions).
@@ -66,13 +68,32 @@ def mahalanobis(query: Tensor, references: Tensor, eps: float = 0.01) -> Tensor:
     # matrix): torch.einsum lowers these to badly strided bmm calls, ~20x slower on CPU.
     w = (v * d.unsqueeze(-3)).sum(dim=-2)  # V^T d, (..., K-1, P)
     g = torch.stack([(v * v[..., i : i + 1, :, :]).sum(dim=-2) for i in range(k)], dim=-3)  # V^T V, (..., K-1, K-1, P)
-    g = g.movedim(-1, -3).double()  # (..., P, K-1, K-1)
-    eye = torch.eye(k, dtype=torch.float64, device=query.device)
-    rhs = w.movedim(-1, -2).double().unsqueeze(-1)  # (..., P, K-1, 1)
-    a = torch.linalg.solve(g + eps * eye, rhs).squeeze(-1).movedim(-1, -2).to(query.dtype)  # (..., K-1, P)
+    a = solve_small(g.double(), w.double(), eps).to(query.dtype)  # (..., K-1, P)
     resid = d - (v * a.unsqueeze(-2)).sum(dim=-3)  # d - V a
     sq = resid.pow(2).sum(dim=-2) / eps + a.pow(2).sum(dim=-2)
     return sq.clamp_min(0).sqrt()
+
+
+def solve_small(gram: Tensor, rhs: Tensor, eps: float) -> Tensor:
+    """Solve (gram + eps I) a = rhs at every position, batched, without a host synchronisation.
+
+    gram (..., n, n, P) symmetric positive semi-definite, rhs (..., n, P) -> a (..., n, P).
+    n = 1: a division; n = 2: the 2 x 2 inverse in closed form (Cramer's rule); larger n:
+    torch.linalg.solve_ex (an LU solve that leaves its error flag on the device; the matrix is
+    positive definite for eps > 0, so it cannot be singular).
+    """
+    n = gram.shape[-2]
+    if n == 1:
+        return rhs / (gram[..., 0, :, :] + eps)
+    if n == 2:
+        a, b, d = gram[..., 0, 0, :] + eps, gram[..., 0, 1, :], gram[..., 1, 1, :] + eps
+        det = a * d - b * b
+        r0, r1 = rhs[..., 0, :], rhs[..., 1, :]
+        return torch.stack([(d * r0 - b * r1) / det, (a * r1 - b * r0) / det], dim=-2)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    system = gram.movedim(-1, -3) + eps * eye  # (..., P, n, n)
+    solution, _ = torch.linalg.solve_ex(system, rhs.movedim(-1, -2).unsqueeze(-1))  # (..., P, n, 1)
+    return solution.squeeze(-1).movedim(-1, -2)
 
 
 def mahalanobis_direct(query: Tensor, references: Tensor, eps: float = 0.01) -> Tensor:

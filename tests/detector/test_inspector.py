@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.bank import BankError
-from linewatch.detector.inspector import Inspector, InputError, mask_moments, reference_grids, warp
+from linewatch.detector.inspector import Batch, Inspector, InputError, mask_moments, reference_grids, warp
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES, InspectionResult
 from linewatch.sim import generate_dataset, render
@@ -511,3 +512,266 @@ def test_to_images01():
     torch.testing.assert_close(out[:, 0], torch.ones(2, 20, 20))
     torch.testing.assert_close(out[:, 1], torch.zeros(2, 20, 20))
     torch.testing.assert_close(out[:, 2], torch.full((2, 20, 20), 0.2))
+
+
+# ---------------------------------------------------------------------------- batched measure helpers
+
+
+def test_mask_boxes_batched_with_empty_masks():
+    from linewatch.detector.inspector import mask_boxes
+
+    masks = torch.zeros(2, 3, 6, 8, dtype=torch.bool)
+    masks[0, 0, 1:4, 2:5] = True  # x 2..4, y 1..3
+    masks[0, 1] = True  # everything
+    masks[1, 0, 5, 0] = True  # bottom-left corner
+    masks[1, 1, 0, 7] = True  # top-right corner and a separate pixel: the box spans both
+    masks[1, 1, 3, 1] = True
+    boxes = mask_boxes(masks)  # masks[0, 2] and masks[1, 2] are empty
+    assert boxes.dtype == torch.float32 and boxes.shape == (2, 3, 4)
+    assert boxes.tolist() == [[[2, 1, 3, 3], [0, 0, 8, 6], [0, 0, 0, 0]],
+                              [[0, 5, 1, 1], [1, 0, 7, 4], [0, 0, 0, 0]]]
+    assert mask_boxes(torch.zeros(0, 6, 8, dtype=torch.bool)).shape == (0, 4)
+
+
+def test_mask_boxes_equal_a_loop_over_random_masks():
+    from linewatch.detector.inspector import mask_boxes
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 9, 13, generator=g) > torch.rand(40, 1, 1, generator=g) ** 0.05  # some empty
+    masks[:5] = False
+    for mask, box in zip(masks, mask_boxes(masks)):
+        ys, xs = np.nonzero(mask.numpy())
+        want = [0, 0, 0, 0] if len(ys) == 0 else [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert box.tolist() == want
+
+
+def test_box_of_support():
+    from linewatch.detector.inspector import box_of_support
+
+    support = torch.zeros(2, 5, 6, dtype=torch.bool)
+    support[0, 1, 4] = True
+    support[0, 3, 2] = True
+    box = box_of_support(support)
+    want = torch.zeros(5, 6, dtype=torch.bool)
+    want[1:4, 2:5] = True
+    assert torch.equal(box[0], want)
+    assert not box[1].any()  # an empty support has an empty box
+
+
+def test_true_indices_equal_nonzero_per_row():
+    from linewatch.detector.inspector import true_indices
+
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(4, 30, generator=g) > 0.6
+    mask[2] = False
+    most = int(mask.sum(1).max())
+    got = true_indices(mask, most)
+    assert got.shape == (4, most)
+    for row, indices in zip(mask, got):
+        found = torch.nonzero(row).flatten()
+        assert torch.equal(indices[: len(found)], found)
+        assert (indices[len(found):] == 30).all()  # padding
+    flat = true_indices(mask.view(1, -1), int(mask.sum()))[0]
+    assert flat.tolist() == torch.nonzero(mask.view(-1)).flatten().tolist()
+    assert true_indices(torch.zeros(1, 5, dtype=torch.bool), 0).shape == (1, 0)
+
+
+def test_soft_overlaps_equal_min_over_max():
+    from linewatch.detector.inspector import soft_overlaps
+
+    g = torch.Generator().manual_seed(2)
+    masks = torch.rand(5, 40, generator=g) * (torch.rand(5, 40, generator=g) > 0.5)
+    masks[4] = 0  # empty
+    got = soft_overlaps(masks)
+    for i in range(5):
+        for j in range(5):
+            union = torch.maximum(masks[i], masks[j]).sum()
+            want = float(torch.minimum(masks[i], masks[j]).sum() / union) if union > 0 else 0.0
+            assert float(got[i, j]) == pytest.approx(want, abs=1e-6)
+    assert torch.equal(got.diagonal()[:4], torch.ones(4))
+
+
+def test_distinct_parts_are_chosen_greedily_in_candidate_order():
+    from linewatch.detector.inspector import _distinct_parts
+
+    # 0 overlaps 1, 1 overlaps 2, 0 does not overlap 2: 1 goes (it repeats 0), 2 stays (it repeats
+    # only 1, which was not reported); 3 is not missing; 4 repeats 2.
+    overlap = np.eye(5, dtype=np.float32)
+    for a, b in ((0, 1), (1, 2), (2, 4), (3, 4)):
+        overlap[a, b] = overlap[b, a] = 0.5
+    missing = np.array([True, True, True, False, True])
+    assert _distinct_parts(missing, overlap) == [0, 2]
+    assert _distinct_parts(np.zeros(5, bool), overlap) == []
+
+
+def test_to_host_round_trip():
+    from linewatch.detector.inspector import to_host
+
+    tensors = {"maps": torch.rand(2, 3, 4), "flags": torch.tensor([[True, False], [False, True]]),
+               "index": torch.tensor([0, 7, 3]), "empty": torch.zeros(0, 4)}
+    host = to_host(tensors)
+    np.testing.assert_array_equal(host["maps"], tensors["maps"].numpy())
+    assert host["flags"].dtype == bool and host["flags"].tolist() == [[True, False], [False, True]]
+    assert host["index"].tolist() == [0, 7, 3] and host["empty"].shape == (0, 4)
+
+
+def _aligned_inputs(inspector, images):
+    """A batch through match, and the alignment inputs measure derives from it."""
+    batch = inspector.preprocess(Batch(images=images))
+    for step in (inspector.backbone, inspector.upsample, inspector.segment, inspector.describe, inspector.match):
+        batch = step(batch)
+    b, k = batch.references.shape
+    m = batch.encoded.valid.shape[1]
+    matches = batch.match.matches.view(b, k, m)
+    assigned = torch.where(matches >= 0, matches, batch.match.closest.view(b, k, m)).clamp(min=0)
+    is_matched = (2 * (matches >= 0).sum(1) >= k) & batch.encoded.valid
+    return batch, assigned, is_matched
+
+
+def test_object_maps_equal_the_full_grid_per_object_and_are_zero_outside_the_box(inspector):
+    from linewatch.detector.measure import mahalanobis
+
+    images = [frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0]]
+    batch, assigned, is_matched = _aligned_inputs(inspector, images)
+    enc, refs, bank = batch.encoded, batch.references, inspector.bank
+    b, m = enc.valid.shape
+    k = refs.shape[1]
+    c, h, w = enc.upsampled.shape[-3:]
+    pairs = inspector._aligned_pairs(batch, assigned, is_matched)
+    maps = inspector._object_maps(batch, pairs, int(pairs.in_box.view(b, -1).sum(1).max()))
+    assert maps.shape == (b, m, h, w)
+    for bi in range(b):
+        for oi in range(m):
+            j = bi * m + oi
+            if not enc.valid[bi, oi]:
+                assert not maps[bi, oi].any()
+                continue
+            references = warp(bank.features[refs[bi]].float(), pairs.grids[j]) * pairs.ref_masks[j][:, None]
+            query = enc.upsampled[bi] * pairs.query_masks[j]
+            full = mahalanobis(query.flatten(1), references.flatten(2), inspector.config.measure.eps).view(h, w)
+            torch.testing.assert_close(maps[bi, oi], torch.where(pairs.in_box[j], full, 0.0), rtol=1e-5, atol=1e-6)
+            # outside the box of the masks both sides are zero: the map is exactly 0 there
+            support = (pairs.query_masks[j] + pairs.ref_masks[j].sum(0)) > 1e-4
+            assert support.any() and not (support & ~pairs.in_box[j]).any()
+            assert (maps[bi, oi][~pairs.in_box[j]] == 0).all()
+            assert maps[bi, oi][pairs.in_box[j]].max() > 0
+
+
+# ---------------------------------------------------------------------------- host syncs of the measure stage
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the calls that read tensor data back to the host (each a sync on a GPU): the
+    conversions to Python values, the ops whose output size depends on the data, boolean-mask
+    indexing, and `.cpu()`."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere", "cpu",
+             "masked_select", "unique", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("__getitem__", "__setitem__"):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                name = "bool index"
+        if name in self.READS or name == "bool index":
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _squares(count: int, size: int = 112) -> torch.Tensor:
+    """`count` separate 10 x 10 squares on a 4 x 4 layout: bool masks (count, size, size)."""
+    masks = torch.zeros(count, size, size, dtype=torch.bool)
+    for i in range(count):
+        y, x = 6 + (i // 4) * 27, 6 + (i % 4) * 27
+        masks[i, y:y + 10, x:x + 10] = True
+    return masks
+
+
+@pytest.mark.parametrize("objects", [2, 12])
+def test_measure_reads_the_host_twice_whatever_the_number_of_objects(inspector, objects):
+    """match + measure of a batch read device data on the host exactly twice: the sizes of the
+    lists of cells to compute (`read_counts`) and the results (`to_host`) -- not per object."""
+    batch = inspector.preprocess(Batch(images=[frame(0)[0], frame(1, "missing")[0], frame(4)[0]]))
+    for step in (inspector.backbone, inspector.upsample, inspector.segment):
+        batch = step(batch)
+    batch.encoded.masks = [_squares(objects), _squares(objects), _squares(objects - 1)]
+    batch = inspector.describe(batch)
+    assert batch.encoded.valid.sum(1).tolist() == [objects, objects, objects - 1]
+    with _HostReads() as reads:
+        results = inspector.measure(inspector.match(batch)).results
+    assert reads.calls == {"tolist": 1, "cpu": 1}, reads.calls
+    assert [sum(o["status"] != "missing" for o in r.objects) for r in results] == [objects, objects, objects - 1]
+
+
+@pytest.mark.cuda
+def test_measure_on_cuda_syncs_only_for_its_two_host_reads(bank, config, inspector, monkeypatch):
+    """On a GPU, measure runs under torch.cuda.set_sync_debug_mode("error") except inside
+    `read_counts` and `to_host`, each called once; its results equal the CPU's on the same batch."""
+    from dataclasses import fields
+
+    from linewatch.detector import inspector as inspector_module
+
+    cuda = torch.device("cuda")
+    on_gpu = Inspector(config.detector, build_models(config.detector, cuda), bank, cuda)
+    images = [frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0], frame(5, "scratch")[0]]
+    batch = on_gpu.preprocess(Batch(images=images))
+    for step in (on_gpu.backbone, on_gpu.upsample, on_gpu.segment, on_gpu.describe, on_gpu.match):
+        batch = step(batch)
+    calls = {"read_counts": 0, "to_host": 0}
+
+    def allowed(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        return run
+
+    monkeypatch.setattr(inspector_module, "read_counts", allowed("read_counts", inspector_module.read_counts))
+    monkeypatch.setattr(inspector_module, "to_host", allowed("to_host", inspector_module.to_host))
+    monkeypatch.setattr(on_gpu, "_timed", lambda *args: None)  # the stage timer synchronises on purpose
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = on_gpu.measure(batch).results
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert calls == {"read_counts": 1, "to_host": 1}
+
+    # the same inputs measured on the CPU
+    def to_cpu(value):
+        if isinstance(value, torch.Tensor):
+            return value.cpu()
+        if hasattr(value, "__dataclass_fields__"):
+            for f in fields(value):
+                setattr(value, f.name, to_cpu(getattr(value, f.name)))
+        if isinstance(value, list):
+            return [to_cpu(v) for v in value]
+        return value
+
+    cpu = inspector.measure(to_cpu(batch)).results
+    for g, c in zip(gpu, cpu):
+        assert g.score == pytest.approx(c.score, rel=1e-3, abs=1e-4)
+        np.testing.assert_allclose(g.heatmap, c.heatmap, rtol=1e-3, atol=1e-3)
+        assert [o["status"] for o in g.objects] == [o["status"] for o in c.objects]
+        assert [o["bbox"] for o in g.objects] == [o["bbox"] for o in c.objects]
+
+
+def test_measure_in_small_chunks_gives_the_same_results(inspector, monkeypatch):
+    """A small OBJECT_CHUNK_ELEMENTS splits pairs, images and cells into many chunks: same results."""
+    images = [frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0]]
+    whole = inspector.inspect(images)
+    monkeypatch.setattr(inspector, "OBJECT_CHUNK_ELEMENTS", 20_000)
+    assert inspector._chunk_size(4 * 2 * 56 * 56) == 1  # one pair at a time in _aligned_pairs
+    chunked = inspector.inspect(images)
+    for a, b in zip(chunked, whole):
+        assert a.score == pytest.approx(b.score, rel=1e-6, abs=1e-7)
+        np.testing.assert_allclose(a.heatmap, b.heatmap, rtol=1e-6, atol=1e-6)
+        assert a.objects == b.objects

@@ -77,3 +77,49 @@ def test_combine_object_maps():
     m14 = combine_object_maps(maps, valid & ~matched)  # eq. 14
     torch.testing.assert_close(m13 + m14, final)  # eq. 15
     assert combine_object_maps(maps[:, :0], valid[:, :0]).shape == (2, 2, 2)
+
+
+# ---------------------------------------------------------------------------- the small solve
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 6])  # (k-1) x (k-1) systems: a division, the 2 x 2 closed form, LU
+def test_solve_small_equals_linalg_solve(k):
+    from linewatch.detector.measure import solve_small
+
+    g = torch.Generator().manual_seed(k)
+    n, p = k - 1, 9
+    v = torch.randn(2, n, 5, p, generator=g, dtype=torch.float64)  # (..., n, C, P)
+    gram = torch.einsum("bicp,bjcp->bijp", v, v)  # (..., n, n, P), positive semi-definite
+    rhs = torch.randn(2, n, p, generator=g, dtype=torch.float64)
+    for eps in (1e-3, 1.0):
+        system = gram.movedim(-1, 1) + eps * torch.eye(n, dtype=torch.float64)  # (2, P, n, n)
+        want = torch.linalg.solve(system, rhs.movedim(-1, 1).unsqueeze(-1)).squeeze(-1).movedim(1, -1)
+        got = solve_small(gram, rhs, eps)
+        assert got.shape == (2, n, p)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_solve_small_hand_computed_2x2():
+    from linewatch.detector.measure import solve_small
+
+    # (G + I) a = r with G = [[3, 1], [1, 2]]: [[4, 1], [1, 3]] a = [5, 4] -> det 11, a = [(15 - 4), (16 - 5)] / 11
+    gram = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)[..., None]
+    rhs = torch.tensor([5.0, 4.0], dtype=torch.float64)[..., None]
+    assert solve_small(gram, rhs, 1.0)[:, 0].tolist() == pytest.approx([1.0, 1.0], rel=1e-15)
+    # 1 x 1: a division
+    assert float(solve_small(torch.full((1, 1, 1), 3.0), torch.full((1, 1), 8.0), 1.0)) == 2.0
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_nearly_collinear_references_keep_float64_accuracy(k):
+    """References almost on one line in feature space (a smooth gradient across k images): the
+    small system is ill-conditioned; its float64 solve keeps float32 inputs accurate (a float32
+    2 x 2 closed form was off by ~30% here)."""
+    g = torch.Generator().manual_seed(1)
+    c, p, eps = 384, 64, 1e-2
+    base = 5 * torch.randn(c, p, generator=g, dtype=torch.float64)
+    step = 5 * torch.randn(c, p, generator=g, dtype=torch.float64)
+    refs = torch.stack([base + i * step + 1e-3 * torch.randn(c, p, generator=g, dtype=torch.float64) for i in range(k)])
+    query = base + 0.7 * step + 0.05 * torch.randn(c, p, generator=g, dtype=torch.float64)
+    got = mahalanobis(query.float(), refs.float(), eps)
+    torch.testing.assert_close(got.double(), mahalanobis_direct(query, refs, eps), rtol=1e-3, atol=1e-4)
