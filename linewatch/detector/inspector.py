@@ -640,11 +640,13 @@ class Inspector:
                 maps[rows].scatter_(1, target[rows, cols], mahalanobis(query, references, eps))
         return maps[:, :spare].reshape(b, m, hf, wf)
 
-    OBJECT_CHUNK_ELEMENTS = 16 * 1024 * 1024  # floats held at once by one chunk of the measure stage
+    OBJECT_CHUNK_ELEMENTS = 16 * 1024 * 1024  # floats held at once by one chunk of the measure stage (CPU)
+    CUDA_CHUNK_ELEMENTS = 256 * 1024 * 1024  # on a GPU (1 GiB of fp32): a batch in one or two chunks, few launches
 
     def _chunk_size(self, floats_per_row: int) -> int:
         """Rows (pairs, images or cells) per chunk so that a chunk holds about OBJECT_CHUNK_ELEMENTS floats."""
-        return max(1, self.OBJECT_CHUNK_ELEMENTS // max(1, floats_per_row))
+        budget = self.CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else self.OBJECT_CHUNK_ELEMENTS
+        return max(1, budget // max(1, floats_per_row))
 
     def _unmatched_reference_parts(self, batch: Batch, ref_matches: Tensor) -> tuple[Tensor, Tensor]:
         """Reference parts no query object matches: (B, k, N) bool, and the cells (B, k, H', W')
