@@ -257,6 +257,7 @@ def run(args) -> dict[str, Any]:
         "latency_definition": "wall time of one batch from images in memory to results (no batching wait)",
         "results": rows,
         "naive_over_cached": ratios,
+        "generator_ratios": generator_ratios(rows),
     }
 
 
@@ -267,6 +268,27 @@ def _variant_text(row: dict) -> str:
 def _row_text(row: dict) -> str:
     return (f"{row['backend']:8s} {row['device']:5s} {_variant_text(row):35s} {row['path']:6s} B={row['batch_size']:<3d} "
             f"{row['batch_latency_ms_median']:9.1f} ms/batch {row['images_per_s']:8.2f} img/s")
+
+
+def generator_ratios(rows: list[dict]) -> list[dict]:
+    """For every setting measured with both SAM generators (same backend, device, precision,
+    prompts, batch size, path): segment-anything's latency over the batched generator's, for the
+    whole batch and for the segment stage alone."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "generator" in r:
+            key = tuple(r[k] for k in ("backend", "device", "precision", "prompts", "batch_size", "path"))
+            by_key.setdefault(key, {})[r["generator"]] = r
+    out = []
+    for key, pair in by_key.items():
+        if {"batched", "segment_anything"} <= set(pair):
+            new, old = pair["batched"], pair["segment_anything"]
+            out.append({**dict(zip(("backend", "device", "precision", "prompts", "batch_size", "path"), key)),
+                        "segment_anything_over_batched_latency": round(
+                            old["batch_latency_ms_median"] / new["batch_latency_ms_median"], 2),
+                        "segment_anything_over_batched_segment_stage": round(
+                            old["stage_ms_per_batch"]["segment"] / new["stage_ms_per_batch"]["segment"], 2)})
+    return out
 
 
 def format_table(results: dict) -> str:
@@ -288,6 +310,12 @@ def format_table(results: dict) -> str:
         for r in results["naive_over_cached"]:
             lines.append(f"  {r['backend']:8s} {r['device']:5s} B={r['batch_size']:<3d} k={r['k_references']}  "
                          f"x{r['naive_over_cached_latency']:.2f}")
+    if results.get("generator_ratios"):
+        lines.append("segment-anything's generator over the batched one (same run; > 1: batched is faster):")
+        for r in results["generator_ratios"]:
+            lines.append(f"  {r['backend']:8s} {r['device']:5s} {r['precision']} {r['prompts']} B={r['batch_size']:<3d} "
+                         f"batch x{r['segment_anything_over_batched_latency']:.2f}, "
+                         f"segment stage x{r['segment_anything_over_batched_segment_stage']:.2f}")
     return "\n".join(lines)
 
 

@@ -31,3 +31,17 @@ def test_bench_variants_cross_precision_generator_and_prompts():
     assert len(samlad) == 6  # 2 precisions x (batched x 2 prompts + segment_anything x full_grid)
     assert {"precision": "bf16", "generator": "segment_anything", "prompts": "full_grid"} in samlad
     assert not any(v["generator"] == "segment_anything" and v["prompts"] == "reference_seeded" for v in samlad)
+
+
+def test_generator_ratios_pair_the_two_generators_of_one_setting():
+    def row(generator, batch_ms, segment_ms, bs=4):
+        return {"backend": "samlad-random", "device": "cpu", "precision": "fp32", "prompts": "full_grid",
+                "batch_size": bs, "path": "cached", "generator": generator, "batch_latency_ms_median": batch_ms,
+                "stage_ms_per_batch": {"segment": segment_ms}}
+
+    rows = [row("batched", 100.0, 40.0), row("segment_anything", 250.0, 190.0), row("batched", 10.0, 5.0, bs=1),
+            {"backend": "classic", "device": "cpu", "batch_size": 4, "path": "cached"}]
+    (ratio,) = bench.generator_ratios(rows)  # batch size 1 has no segment_anything row: no ratio
+    assert ratio["batch_size"] == 4
+    assert ratio["segment_anything_over_batched_latency"] == 2.5
+    assert ratio["segment_anything_over_batched_segment_stage"] == 4.75
