@@ -55,6 +55,7 @@ from linewatch.config import EndpointConfig, IngestConfig, SecurityConfig
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.ordering import PerKeyOrder
 from linewatch.runtime.security import CurveServer, SecurityError
 from linewatch.wire import Frame
 from linewatch.wire import WireError
@@ -169,6 +170,8 @@ class Ingest:
         self._log = log if log is not None else structlog.get_logger("linewatch.ingest")
         self._cameras = frozenset(config.cameras)
         self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=max(4, 2 * config.decode_workers))
+        # one camera's frames and errors leave decoding in arrival order
+        self._order = PerKeyOrder(on_failure=lambda: self._log.exception("releasing a decoded message failed"))
         self._stopping = threading.Event()
         self._context: zmq.Context | None = None
         self._sockets: list[zmq.Socket] = []
@@ -344,7 +347,7 @@ class Ingest:
             )
             return
         frame_id = protocol.frame_id(camera, received_ts)
-        job = (protocol, parts, received_ts, received_mono, frame_id)
+        job = (protocol, parts, received_ts, received_mono, frame_id, camera, self._order.ticket(camera))
         if max(len(p) for p in parts) > self._config.max_payload_bytes:
             self._decode(job)  # refused after reading the header only; don't queue the bytes
             return
@@ -354,7 +357,8 @@ class Ingest:
                 return
             except queue.Full:
                 if not any(t.is_alive() for t in self._workers):
-                    self._error(WireError("decode_failed", camera, frame_id, "decode workers stopped"), received_mono)
+                    error = WireError("decode_failed", camera, frame_id, "decode workers stopped")
+                    self._order.finish(camera, job[-1], lambda: self._error(error, received_mono))
                     return
 
     # ------------------------------------------------------------ decoding
@@ -371,22 +375,23 @@ class Ingest:
                 self._log.exception("ingest decode worker failed on a message")
 
     def _decode(self, job: tuple) -> None:
-        protocol, parts, received_ts, received_mono, frame_id = job
+        """Decode one message; its frame or error is released in the camera's arrival order."""
+        protocol, parts, received_ts, received_mono, frame_id, camera, ticket = job
         try:
             frame = protocol.decode(parts, self._config, self._cameras, received_ts, received_mono, frame_id)
         except WireError as e:
-            self._error(e, received_mono)
+            error = e  # `e` itself is unbound when the except block ends; the release may come later
+            self._order.finish(camera, ticket, lambda: self._error(error, received_mono))
             return
         except Exception as e:  # a decoder bug must not become a lost frame
             self._log.exception("unexpected decode failure")
-            camera = None
-            try:
-                camera = protocol.camera(parts)
-            except WireError:
-                pass
-            self._error(WireError("decode_failed", camera, frame_id, f"{type(e).__name__}: {e}"), received_mono)
+            error = WireError("decode_failed", camera, frame_id, f"{type(e).__name__}: {e}")
+            self._order.finish(camera, ticket, lambda: self._error(error, received_mono))
             return
         self._count("frames")
+        self._order.finish(camera, ticket, lambda: self._deliver(frame))
+
+    def _deliver(self, frame: Frame) -> None:
         try:
             self._on_frame(frame)
         except Exception:

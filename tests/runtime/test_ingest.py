@@ -115,6 +115,40 @@ def test_linewatch_frames_arrive_with_their_ids(started, context) -> None:
         assert frame.received_ts > 1e9 and frame.received_mono <= time.monotonic()
 
 
+def test_one_cameras_frames_and_errors_leave_in_arrival_order_whatever_decodes_first(
+        started, context, monkeypatch) -> None:
+    """Two decode workers; frame 0's decode is held until frame 1's has finished, and a bad
+    message (2) follows: the pipeline still gets frame 0, frame 1, then the error for 2."""
+    from linewatch.runtime.ingest import LinewatchFrames
+
+    real = LinewatchFrames.decode
+    one_decoded = threading.Event()
+    events: list[tuple] = []
+
+    def decode(self, parts, config, cameras, received_ts, received_mono, frame_id):
+        frame = real(self, parts, config, cameras, received_ts, received_mono, frame_id)
+        if frame.camera == "cam0" and frame.frame_id == 0:
+            assert one_decoded.wait(10), "frame 1 was never decoded beside frame 0"
+        if frame.camera == "cam0" and frame.frame_id == 1:
+            one_decoded.set()
+        return frame
+
+    monkeypatch.setattr(LinewatchFrames, "decode", decode)
+    ingest, sink = started([EndpointConfig(url=ANY_PORT)], decode_workers=2)
+    sink.on_frame = lambda f, on=sink.on_frame: (events.append(("frame", f.camera, f.frame_id)), on(f))
+    sink.on_error = lambda e, mono, on=sink.on_error: (events.append(("error", e.camera, e.frame_id)), on(e, mono))
+    ingest._on_frame, ingest._on_error = sink.on_frame, sink.on_error
+    pub = _pub(context, ingest.bound_urls[0])
+    _join_pubsub(lambda i: pub.send_multipart(wire.encode_frame("probe", i, _image(0))), lambda: bool(sink.frames), sink)
+
+    pub.send_multipart(wire.encode_frame("cam0", 0, _image(1)))
+    pub.send_multipart(wire.encode_frame("cam0", 1, _image(2)))
+    pub.send_multipart(wire.encode_frame("cam0", 2, _image(3))[:2])  # truncated
+    assert sink.wait(lambda: len([e for e in events if e[1] == "cam0"]) == 3)
+    assert [e for e in events if e[1] == "cam0"] == [("frame", "cam0", 0), ("frame", "cam0", 1), ("error", "cam0", 2)]
+    assert ingest._order.outstanding() == 0
+
+
 def test_bad_messages_become_addressed_errors(started, context) -> None:
     ingest, sink = started([EndpointConfig(url=ANY_PORT)])
     pub = _pub(context, ingest.bound_urls[0])
