@@ -149,13 +149,14 @@ class AlignedPairs:
 
 
 def to_images01(images: list[np.ndarray], size: int, device: torch.device) -> Tensor:
-    """RGB uint8 (H, W, 3) images -> (B, 3, size, size) float in [0, 1] on `device`."""
+    """RGB uint8 (H, W, 3) images -> (B, 3, size, size) float in [0, 1] on `device`. The resize
+    (OpenCV's area filter) runs on the host; the uint8 result crosses to the device as in
+    `frames_to_device` (pinned, non-blocking on CUDA) and becomes float there."""
     resized = [
         cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) if img.shape[:2] != (size, size) else img
         for img in images
     ]
-    array = np.stack(resized).astype(np.float32) / 255.0
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+    return frames_to_device(resized, device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
 def frames_to_device(images: list[np.ndarray], device: torch.device) -> Tensor:
