@@ -395,8 +395,7 @@ class Inspector:
         """Judge blank frames of the bank's image size once per batch size, so that compiled
         models are compiled and CUDA kernels chosen before the first real frame (the daemon
         reports ready only after this)."""
-        shape = tuple(self.bank.manifest["source_shape"][:2]) if self.bank is not None else (self.config.image_size,) * 2
-        blank = np.full((*shape, 3), 128, dtype=np.uint8)
+        blank = np.full((*self.bank.manifest["source_shape"][:2], 3), 128, dtype=np.uint8)  # needs a bank, as inspect
         for size in sorted(set(batch_sizes)):
             self.inspect([blank] * size)
 
