@@ -19,7 +19,8 @@ from torch import nn
 
 from linewatch.detector.weights import WeightsError, read_state_dict, state_fingerprint
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DinoV2Backbone", "ClassicFeatures", "resample_pos_embed_like_dinov2"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DinoV2Backbone", "ClassicFeatures", "oriented_gradients",
+           "resample_pos_embed_like_dinov2"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +60,18 @@ def resample_pos_embed_like_dinov2(pos_embed: torch.Tensor, grid: tuple[int, int
         raise ValueError(f"pos_embed resample gave {tuple(patch.shape[-2:])}, wanted {grid}")
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
     return torch.cat([pos_embed[:, :prefix].float(), patch], dim=1).to(pos_embed.dtype)
+
+
+def oriented_gradients(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude and its soft orientation, from derivatives (B, 1, H, W) -> (B, 5, H, W):
+    magnitude, then the doubled-angle vector (cos 2t, sin 2t) times the magnitude split into its
+    positive and negative parts (c2+, s2+, c2-, s2-). Doubling the angle makes an edge's
+    orientation independent of which side is brighter; the four parts change smoothly with the
+    angle (no hard orientation bins, so a small rotation moves them a little)."""
+    mag = (gx * gx + gy * gy + 1e-12).sqrt()
+    c2 = (gx * gx - gy * gy) / mag  # = magnitude * cos 2t
+    s2 = 2.0 * gx * gy / mag  # = magnitude * sin 2t
+    return torch.cat([mag, c2.clamp_min(0), s2.clamp_min(0), (-c2).clamp_min(0), (-s2).clamp_min(0)], dim=1)
 
 
 def _list_keys(keys: list[str], limit: int = 8) -> str:
@@ -192,7 +205,7 @@ class ClassicFeatures(nn.Module):
         self.identity = f"classic:v3:stride{stride}:scales{num_scales}:pos{position_gain:g}:C{self.out_channels}"
 
     @staticmethod
-    def _blur_and_gradients(grey: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def blur_and_gradients(grey: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Binomial 3x3 blur and Sobel derivatives (per pixel) of (B, 1, H, W), replicate border.
 
         Written with shifted slices: single-channel convolutions are several times slower on CPU.
@@ -236,15 +249,10 @@ class ClassicFeatures(nn.Module):
         for level in range(self.num_scales):
             if level > 0:
                 grey = F.avg_pool2d(grey, 2)
-            smooth, gx, gy, smooth2 = self._blur_and_gradients(grey)
-            mag = (gx * gx + gy * gy + 1e-12).sqrt()
-            # doubled-angle unit vector (cos 2t, sin 2t) times magnitude = ((gx^2-gy^2), 2 gx gy) / mag
-            c2 = (gx * gx - gy * gy) / mag
-            s2 = 2.0 * gx * gy / mag
+            smooth, gx, gy, smooth2 = self.blur_and_gradients(grey)
             dog = (smooth - smooth2).abs()
             k = self.stride // (2 ** level)
-            cell = F.avg_pool2d(torch.cat([mag, c2.clamp_min(0), s2.clamp_min(0), (-c2).clamp_min(0),
-                                           (-s2).clamp_min(0), dog, grey, grey * grey], dim=1), k)
+            cell = F.avg_pool2d(torch.cat([oriented_gradients(gx, gy), dog, grey, grey * grey], dim=1), k)
             g_std = (cell[:, 7:8] - cell[:, 6:7] ** 2).clamp_min(0.0).add(1e-8).sqrt()
             # edge pixels per cell shrink with the cell's size at this level -> gain stride / 2**level
             gain = float(k)
