@@ -356,7 +356,7 @@ POLYGONS: dict[str, tuple[str, tuple[tuple[float, float], ...]]] = {
     "cross": ("brass", ((0.33, 0), (0.67, 0), (0.67, 0.33), (1, 0.33), (1, 0.67), (0.67, 0.67), (0.67, 1),
                         (0.33, 1), (0.33, 0.67), (0, 0.67), (0, 0.33), (0.33, 0.33))),
 }
-POLYGON_AREA = 0.022  # fraction of the image area
+POLYGON_AREA = 0.019  # fraction of the image area
 
 
 @functools.cache
@@ -535,7 +535,7 @@ PRODUCT_SPECS: dict[str, ProductSpec] = {
     "bracket_kit": ProductSpec(
         background=(0.17, 0.30, 0.24),
         parts=(
-            ("l_bracket", 0.19, 0.20, 0.0), ("t_piece", 0.49, 0.20, 0.0), ("arrow", 0.79, 0.21, 0.0),
+            ("l_bracket", 0.18, 0.21, 0.0), ("t_piece", 0.48, 0.20, 0.0), ("arrow", 0.79, 0.22, 0.0),
             ("step_plate", 0.19, 0.50, 0.0), ("trapezoid", 0.20, 0.80, 0.0), ("rice", 0.64, 0.66, 0.0),
         ),
         movable=(),
