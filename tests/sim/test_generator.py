@@ -306,3 +306,23 @@ def test_every_shape_kind_is_asymmetric_and_matched(product: str) -> None:
     # every anomaly has something to act on
     assert all(k in spec.wrong_part for k in kinds)
     assert spec.mirrorable and spec.rotatable and spec.swap_groups
+
+
+@pytest.mark.parametrize("product", SHAPE_PRODUCTS)
+def test_shape_products_keep_parts_apart(product: str) -> None:
+    """Like the free-spot clearance of the original products: whatever the in-place anomaly
+    does (a quarter turn, a swap, another shape), parts stay >= 4.5 % of the side apart and
+    >= 4 % from the border, so each part is its own connected component."""
+    S = 512
+    for seed in range(8):
+        for anomaly in (None,) + product_anomalies(product)[0]:
+            info = render(product, np.random.default_rng([10, seed]), anomaly, size=S // 2)[2]
+            feet = [DRAWERS[q["kind"]](np.zeros((S, S, 3), np.float32),
+                                       Part(q["kind"], q["cx"], q["cy"], q["angle"], 1.0, 0, q["mirrored"]),
+                                       S, np.random.default_rng(0)) for q in info["parts"]]
+            for i, foot in enumerate(feet):
+                ys, xs = np.nonzero(foot)
+                assert min(ys.min(), xs.min(), S - 1 - ys.max(), S - 1 - xs.max()) >= 0.04 * S, (anomaly, seed, i)
+                others = np.logical_or.reduce([f for j, f in enumerate(feet) if j != i])
+                distance = cv2.distanceTransform((~others).astype(np.uint8), cv2.DIST_L2, 5)
+                assert distance[foot].min() >= 0.045 * S, (anomaly, seed, info["parts"][i]["kind"])
