@@ -231,6 +231,31 @@ def test_main_unknown_product(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_main_sim_generate_defaults_to_all_products(capsys, tmp_path):
+    from linewatch.cli import main
+    from linewatch.sim import ALL_PRODUCTS, SHAPE_PRODUCTS, product_anomalies
+
+    assert set(SHAPE_PRODUCTS) <= set(ALL_PRODUCTS)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sim", "generate", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for product in ALL_PRODUCTS:
+        assert product in help_text
+
+    rc, out, _ = run_main(capsys, "sim", "generate", "--out", tmp_path, "--size", 96, "--train", 1,
+                          "--validation", 0, "--test-good", 1, "--test-logical", 1, "--test-structural", 1,
+                          "--quiet")
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ALL_PRODUCTS)
+    for product in ALL_PRODUCTS:
+        assert f"{product}: {tmp_path / product}" in out
+        images = json.loads((tmp_path / product / "manifest.json").read_text())["images"]
+        logical, structural = product_anomalies(product)
+        assert images["test/logical_anomalies/000.png"]["anomaly"] == logical[0]
+        assert images["test/structural_anomalies/000.png"]["anomaly"] == structural[0]
+
+
 def test_main_bank_info_missing_and_corrupt(capsys, tmp_path):
     rc, _, err = run_main(capsys, "bank", "info", tmp_path / "none.lwbank")
     assert rc == 2 and str(tmp_path / "none.lwbank") in err and err.startswith("linewatch: error:")

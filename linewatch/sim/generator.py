@@ -1,25 +1,56 @@
-"""A synthetic production line: top-down images of two products with logical and structural
+"""A synthetic production line: top-down images of four products with logical and structural
 anomalies and pixel ground truth, written in the MVTec LOCO AD layout.
 
-Honest note: these images are drawn shapes (rings, hexagons, rounded rectangles, textured
-patches) on a plain tray, with small random jitter in position, rotation, colour and
-brightness plus sensor noise. They exist so the tests, the demo and the evaluation harness can
-run end to end without a dataset download. Scores measured on them say that the pipeline is
-wired correctly; they are NOT a benchmark of real-world accuracy.
+Honest note: these images are drawn shapes (rings, hexagons, rounded rectangles, letter-like
+strokes, flat polygons, heaps of drawn grains) on a plain tray, with small random jitter in
+position, rotation, colour and brightness plus sensor noise. They exist so the tests, the demo
+and the evaluation harness can run end to end without a dataset download. Scores measured on
+them say that the pipeline is wired correctly and how it behaves on these drawn cases; they are
+NOT a benchmark of real-world accuracy.
 
-Products (PRODUCTS) and their good content:
+Products and their good content. PRODUCTS (the names older code iterates) are the first two;
+SHAPE_PRODUCTS the other two; ALL_PRODUCTS all four, what `linewatch sim generate` writes.
   screw_tray:    2 washers, 2 nuts, 1 long screw, 1 short screw (6 parts) on a dark tray.
   breakfast_box: 2 oranges, 1 peach, 1 cereal patch, 1 nut mix (5 parts) in a white box.
+  glyph_tray:    9 letter-like parts F R J / L P 4 / 7 2 K in a 3 x 3 grid, thick strokes all of
+                 one blue, on a light grey tray. Each glyph is scaled to the same area.
+  bracket_kit:   flat plates on a green board: an L-bracket, a T-piece and a step plate (steel),
+                 an arrow and a right trapezoid (brass), all of one area, and a heap of rice
+                 (long light grains on a darker base).
 
-Anomalies (ANOMALIES), each with a ground-truth mask of the affected pixels:
-  logical:    missing     a part is absent; mask = where it should be.
+Anomalies, each with a ground-truth mask of the affected pixels. Each product has its own list
+(ProductSpec.logical / .structural, product_anomalies(product)):
+  screw_tray, breakfast_box (LOGICAL_ANOMALIES + STRUCTURAL_ANOMALIES = ANOMALIES):
+    logical:  missing     a part is absent; mask = where it should be.
               extra       one more of a (small) part at a free spot; mask = the extra part.
               wrong_place a part moved to a free spot; mask = old and new location.
               wrong_part  a part replaced by another kind (washer -> nut, orange -> lime, ...);
                           mask = union of the old and the new part's footprint.
-  structural: scratch       a thin line of a foreign colour across a part; mask = the line.
-              chip          a bite out of a part's edge (background shows); mask = the bite.
-              contamination a foreign-coloured blob on a part; mask = the blob.
+  glyph_tray, bracket_kit: shape-only logical anomalies (SHAPE_ANOMALIES). The changed part keeps
+  its place, colour and amount of material (area within a few per cent); only its outline, or
+  for the heap its grain, differs. Mask = union of the old and the new footprints.
+              wrong_shape   a part replaced by another shape of its colour and area (glyph F -> h,
+                            L -> Z, ...; L-bracket -> U-channel, arrow -> chevron, ...).
+              mirrored      a part flipped left-right in place (kinds that are not symmetric).
+              swapped       two different parts of one colour exchange places; mask = both places.
+              rotated       a part turned by 90 degrees in place (kinds where orientation shows).
+              wrong_texture (bracket_kit) the rice heap replaced by millet: same outline, base,
+                            grain colours and grain cover, so nearly the same mean colour and
+                            colour spread, but small round grains, about twice as many.
+  every product (STRUCTURAL_ANOMALIES):
+    structural: scratch       a thin line of a foreign colour across a part; mask = the line.
+                chip          a bite out of a part's edge (background shows); mask = the bite.
+                contamination a foreign-coloured blob on a part; mask = the blob.
+
+For the docs: glyph_tray and bracket_kit test what colour statistics cannot see. Their logical
+anomalies change a part's outline but not its colour or size: a glyph replaced by another glyph
+of the same area, a part mirrored, turned by a quarter, or two parts of one colour trading
+places; on bracket_kit also a rice heap replaced by millet of nearly the same mean colour (the
+case of a cereal patch lying where the nut mix belongs on breakfast_box). A detector that
+compares parts only by colour and size can hardly tell these frames from good ones; the
+products are there to measure whether one that also looks at shape and texture can. They are
+drawn strokes, polygons and ellipse grains, so a score on them checks that ability on clean
+drawings; it is not a measure of accuracy on real parts.
 
 All randomness comes from the numpy Generator given to `render`; `generate_dataset` seeds one
 Generator per image from (seed, split, index), so files are bit-identical for a fixed seed.
@@ -27,6 +58,7 @@ Generator per image from (seed, split, index), so files are bit-identical for a 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -38,9 +70,14 @@ import numpy as np
 
 SUPERSAMPLE = 2  # draw at 2x and area-downsample: smooth edges without cv2's uint8-only AA
 
+# The anomalies of the original products (PRODUCTS: screw_tray, breakfast_box), under the names
+# every importer uses. Each product lists its own in ProductSpec.logical / .structural
+# (product_anomalies); the shape products (SHAPE_PRODUCTS) use SHAPE_ANOMALIES instead.
 LOGICAL_ANOMALIES = ("missing", "extra", "wrong_place", "wrong_part")
 STRUCTURAL_ANOMALIES = ("scratch", "chip", "contamination")
 ANOMALIES = LOGICAL_ANOMALIES + STRUCTURAL_ANOMALIES
+SHAPE_ANOMALIES = ("wrong_shape", "mirrored", "swapped", "rotated", "wrong_texture")
+ALL_ANOMALIES = ANOMALIES + SHAPE_ANOMALIES
 
 Colour = tuple[float, float, float]
 
@@ -54,7 +91,8 @@ Colour = tuple[float, float, float]
 @dataclass(frozen=True)
 class Part:
     """One part instance: kind, centre (fractions of the image side), rotation (degrees),
-    a per-part colour gain, and a seed for its texture."""
+    a per-part colour gain, a seed for its texture, and whether it lies mirrored (flipped
+    left-right in its own frame, before the rotation; only glyphs and polygons use it)."""
 
     kind: str
     cx: float
@@ -62,6 +100,7 @@ class Part:
     angle: float
     gain: float
     seed: int
+    mirror: bool = False
 
 
 def _grid(S: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,6 +257,196 @@ def _draw_nut_mix(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator)
                            [((0.62, 0.40, 0.22), 0.022, 0.012, 35), ((0.97, 0.90, 0.60), 0.016, 0.016, 25)])
 
 
+# ---- glyphs (glyph_tray): letter-like shapes drawn as thick strokes -------------------------
+# Strokes are polylines in a box 0.7 wide and 1 high centred at (0, 0), y down. Every glyph is
+# scaled (_glyph_scale) so that its footprint has the same area, GLYPH_AREA of the image, at
+# the same stroke width: a wrong shape differs in shape, not in colour or amount of material.
+
+
+def _arc(cx: float, cy: float, rx: float, ry: float, a0: float, a1: float, n: int = 16) -> list[tuple[float, float]]:
+    t = np.radians(np.linspace(a0, a1, n))
+    return [(cx + rx * math.cos(v), cy + ry * math.sin(v)) for v in t]
+
+
+Stroke = list[tuple[float, float]]
+GLYPHS: dict[str, list[Stroke]] = {
+    # on the tray: none of these is left-right symmetric or survives a quarter turn
+    "F": [[(-0.3, 0.5), (-0.3, -0.5), (0.35, -0.5)], [(-0.3, -0.02), (0.2, -0.02)]],
+    "R": [[(-0.3, 0.5), (-0.3, -0.5), (0.0, -0.5)] + _arc(0.0, -0.24, 0.26, 0.26, -90, 90) + [(-0.3, 0.02)],
+          [(-0.02, 0.02), (0.35, 0.5)]],
+    "J": [[(-0.15, -0.5), (0.35, -0.5)], [(0.2, -0.5)] + _arc(-0.075, 0.2, 0.275, 0.3, 0, 180)],
+    "L": [[(-0.3, -0.5), (-0.3, 0.5), (0.35, 0.5), (0.35, 0.22)]],
+    "P": [[(-0.3, 0.5), (-0.3, -0.5), (0.05, -0.5)] + _arc(0.05, -0.22, 0.28, 0.28, -90, 90) + [(-0.3, 0.06)]],
+    "4": [[(0.15, 0.5), (0.15, -0.5), (-0.35, 0.2), (0.35, 0.2)]],
+    "7": [[(-0.35, -0.5), (0.35, -0.5), (-0.12, 0.5)], [(-0.2, 0.0), (0.3, 0.0)]],
+    "2": [_arc(0.0, -0.2, 0.32, 0.3, 200, 380) + [(-0.35, 0.5), (0.35, 0.5)]],
+    "K": [[(-0.3, -0.5), (-0.3, 0.5)], [(0.33, -0.5), (-0.3, 0.08)], [(-0.08, -0.07), (0.35, 0.5)]],
+    # spares, only as wrong shapes
+    "E": [[(0.35, -0.5), (-0.3, -0.5), (-0.3, 0.5), (0.35, 0.5)], [(-0.3, 0.0), (0.2, 0.0)]],
+    "S": [_arc(0.0, -0.25, 0.3, 0.25, -20, -270) + _arc(0.0, 0.25, 0.3, 0.25, -90, 150)],
+    "Z": [[(-0.35, -0.5), (0.35, -0.5), (-0.35, 0.5), (0.35, 0.5)]],
+    "C": [_arc(0.0, 0.0, 0.35, 0.5, -40, -320, 24)],
+    "3": [_arc(0.0, -0.25, 0.3, 0.25, -160, 90) + _arc(0.0, 0.25, 0.3, 0.25, -90, 160)],
+    "h": [[(-0.3, -0.5), (-0.3, 0.5)], [(-0.3, 0.0)] + _arc(0.0, 0.05, 0.3, 0.25, -180, 0, 12) + [(0.3, 0.5)]],
+}
+GLYPH_HEIGHT = 0.18  # nominal height (fraction of the side) before the area calibration
+GLYPH_STROKE = 0.035  # stroke width, fraction of the side
+GLYPH_AREA = 0.0145  # footprint area of every glyph, fraction of the image area
+GLYPH_COLOUR: Colour = (0.16, 0.28, 0.60)
+
+_SUBPIXEL = 4  # cv2 drawing `shift`: coordinates carry 4 fractional bits
+
+
+def _fixed(pts: np.ndarray) -> np.ndarray:
+    return np.round(pts * (1 << _SUBPIXEL)).astype(np.int32)
+
+
+def _place(pts: np.ndarray, cx: float, cy: float, angle: float, mirror: bool) -> np.ndarray:
+    """Points (K, 2) of a part's own frame -> image: mirror x, rotate by `angle` degrees, shift."""
+    x = -pts[:, 0] if mirror else pts[:, 0]
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return np.stack([cx + c * x - s * pts[:, 1], cy + s * x + c * pts[:, 1]], 1)
+
+
+def _glyph_mask(name: str, S: int, cx: float, cy: float, scale: float, angle: float, mirror: bool) -> np.ndarray:
+    m = np.zeros((S, S), np.uint8)
+    h = GLYPH_HEIGHT * scale * S
+    lines = [_fixed(_place(np.asarray(stroke, np.float64) * h, cx, cy, angle, mirror)) for stroke in GLYPHS[name]]
+    cv2.polylines(m, lines, False, 1, max(1, int(round(GLYPH_STROKE * S))), cv2.LINE_8, _SUBPIXEL)
+    return m.astype(bool)
+
+
+@functools.cache
+def _glyph_scale(name: str) -> float:
+    """Scale of glyph `name` whose footprint covers GLYPH_AREA (fixed point on a 1024 grid)."""
+    S, scale = 1024, 1.0
+    for _ in range(4):
+        scale *= GLYPH_AREA / (_glyph_mask(name, S, S / 2, S / 2, scale, 0.0, False).sum() / S**2)
+    return scale
+
+
+def _glyph_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
+    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        cx, cy = p.cx * S, p.cy * S
+        m = _glyph_mask(name, S, cx, cy, _glyph_scale(name), p.angle, p.mirror)
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in GLYPH_COLOUR), cx, cy, 0.1 * S, 0.15)
+        return m
+
+    return draw
+
+
+# ---- flat polygons (bracket_kit): steel and brass plates of one area -----------------------
+# Outlines in any unit; each is centred on its centroid and scaled to POLYGON_AREA.
+
+POLYGON_COLOURS: dict[str, Colour] = {"steel": (0.70, 0.72, 0.76), "brass": (0.83, 0.66, 0.30)}
+POLYGONS: dict[str, tuple[str, tuple[tuple[float, float], ...]]] = {
+    # on the kit
+    "l_bracket": ("steel", ((0, 0), (0.3, 0), (0.3, 0.7), (0.75, 0.7), (0.75, 1.0), (0, 1.0))),
+    "t_piece": ("steel", ((0, 0), (1.0, 0), (1.0, 0.28), (0.64, 0.28), (0.64, 0.9), (0.36, 0.9), (0.36, 0.28),
+                          (0, 0.28))),
+    "step_plate": ("steel", ((0, 0), (0.55, 0), (0.55, 0.3), (1.0, 0.3), (1.0, 0.7), (0, 0.7))),
+    "arrow": ("brass", ((0, 0.36), (0.6, 0.36), (0.6, 0.1), (1.0, 0.5), (0.6, 0.9), (0.6, 0.64), (0, 0.64))),
+    "trapezoid": ("brass", ((0, 0), (0.45, 0), (1.0, 0.6), (0, 0.6))),
+    # spares, only as wrong shapes
+    "u_channel": ("steel", ((0, 0), (0.28, 0), (0.28, 0.62), (0.62, 0.62), (0.62, 0), (0.9, 0), (0.9, 0.9),
+                            (0, 0.9))),
+    "z_bracket": ("steel", ((0, 0), (0.6, 0), (0.6, 0.7), (0.9, 0.7), (0.9, 1.0), (0.3, 1.0), (0.3, 0.3),
+                            (0, 0.3))),
+    "chevron": ("brass", ((0, 0), (0.4, 0), (0.85, 0.45), (0.4, 0.9), (0, 0.9), (0.45, 0.45))),
+    "cross": ("brass", ((0.33, 0), (0.67, 0), (0.67, 0.33), (1, 0.33), (1, 0.67), (0.67, 0.67), (0.67, 1),
+                        (0.33, 1), (0.33, 0.67), (0, 0.67), (0, 0.33), (0.33, 0.33))),
+}
+POLYGON_AREA = 0.019  # fraction of the image area
+
+
+@functools.cache
+def _unit_polygon(name: str) -> np.ndarray:
+    """Outline (K, 2) of polygon `name`, centroid at (0, 0), area POLYGON_AREA (side = 1)."""
+    p = np.asarray(POLYGONS[name][1], np.float64)
+    x, y, x1, y1 = p[:, 0], p[:, 1], np.roll(p[:, 0], -1), np.roll(p[:, 1], -1)
+    cross = x * y1 - x1 * y
+    area = cross.sum() / 2
+    centroid = np.array([((x + x1) * cross).sum(), ((y + y1) * cross).sum()]) / (6 * area)
+    return (p - centroid) * math.sqrt(POLYGON_AREA / abs(area))
+
+
+def _polygon_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
+    colour = POLYGON_COLOURS[POLYGONS[name][0]]
+
+    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        cx, cy = p.cx * S, p.cy * S
+        m = np.zeros((S, S), np.uint8)
+        cv2.fillPoly(m, [_fixed(_place(_unit_polygon(name) * S, cx, cy, p.angle, p.mirror))], 1, cv2.LINE_8, _SUBPIXEL)
+        mb = m.astype(bool)
+        _paint_shaded(canvas, mb, tuple(v * p.gain for v in colour), cx, cy, 0.12 * S, 0.2)
+        return mb
+
+    return draw
+
+
+# ---- granular heaps (bracket_kit): many small grains of one colour family ------------------
+# Both heaps share the outline, the base, the grain colours and the expected grain cover;
+# only the grain differs (long thin rice, small round millet, about twice as many), so the
+# heap's mean colour and colour spread hardly tell them apart.
+
+GRANULAR_BASE: Colour = (0.60, 0.55, 0.42)
+GRANULAR_TONES: tuple[Colour, Colour] = ((0.95, 0.93, 0.85), (0.86, 0.82, 0.68))
+GRAIN_COVER = 0.6  # expected fraction of the heap under grains
+HEAP_W, HEAP_H = 0.28, 0.24  # fractions of the side
+
+
+@functools.cache
+def _grain_area(a: float, b: float, S: int) -> float:
+    """Mean drawn area (pixels) of one grain with half-axes a, b (fractions of S) on a side-S
+    canvas, over orientations and sub-pixel offsets: small ellipses rasterise larger than
+    pi*a*b, and not by the same factor for long and round grains."""
+    axes = (int(round(a * S * (1 << _SUBPIXEL))), int(round(b * S * (1 << _SUBPIXEL))))
+    side = int(2 * a * S) + 8
+    offsets = np.random.default_rng(0).random((32, 2))
+    total = 0
+    for k, (ox, oy) in enumerate(offsets):
+        m = np.zeros((side, side), np.uint8)
+        cv2.ellipse(m, tuple(int(v) for v in _fixed(np.array([side / 2 + ox, side / 2 + oy]))), axes,
+                    180.0 * k / len(offsets), 0, 360, 1, -1, cv2.LINE_8, _SUBPIXEL)
+        total += int(m.sum())
+    return total / len(offsets)
+
+
+def _granular_heap(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, a: float, b: float) -> np.ndarray:
+    """A rounded-rectangle heap covered by ellipse grains with half-axes a >= b (fractions of S)."""
+    cx, cy = p.cx * S, p.cy * S
+    m = _poly_mask(S, _rounded_rect(cx, cy, HEAP_W * S, HEAP_H * S, 0.06 * S, p.angle))
+    _paint_shaded(canvas, m, tuple(v * p.gain for v in GRANULAR_BASE), cx, cy, 0.15 * S, 0.2)
+    ys, xs = np.nonzero(m)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    # grain centres uniform on the heap's rectangle grown by a grain: cover is the same everywhere
+    bw, bh = HEAP_W + 2 * a, HEAP_H + 2 * a
+    count = int(round(-math.log(1 - GRAIN_COVER) * bw * bh * S * S / _grain_area(a, b, S)))
+    u = (rng.random((count, 2)) - 0.5) * np.array([bw, bh]) * S
+    centres = _place(u, cx - x0, cy - y0, p.angle, False)
+    tone = rng.random(count) < 0.6
+    gain = rng.uniform(0.88, 1.12, count) * p.gain
+    orient = rng.uniform(0.0, 180.0, count)
+    layer = canvas[y0:y1, x0:x1].copy()
+    axes = (int(round(a * S * (1 << _SUBPIXEL))), int(round(b * S * (1 << _SUBPIXEL))))
+    light, dark = (np.asarray(t, np.float32) for t in GRANULAR_TONES)
+    for (gx, gy), t, g, o in zip(_fixed(centres), tone, gain, orient):
+        colour = (light if t else dark) * g
+        cv2.ellipse(layer, (int(gx), int(gy)), axes, float(o), 0, 360, tuple(float(v) for v in colour), -1,
+                    cv2.LINE_8, _SUBPIXEL)
+    sub = m[y0:y1, x0:x1]
+    canvas[y0:y1, x0:x1][sub] = np.clip(layer[sub], 0.0, 1.0)  # grains are clipped to the heap
+    return m
+
+
+def _draw_rice(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+    return _granular_heap(canvas, p, S, rng, 0.013, 0.0038)
+
+
+def _draw_millet(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+    return _granular_heap(canvas, p, S, rng, 0.0048, 0.0048)
+
+
 DRAWERS: dict[str, Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]] = {
     "washer": _draw_washer,
     "nut": _draw_nut,
@@ -228,14 +457,21 @@ DRAWERS: dict[str, Callable[[np.ndarray, Part, int, np.random.Generator], np.nda
     "lime": _draw_lime,
     "cereal": _draw_cereal,
     "nut_mix": _draw_nut_mix,
+    "rice": _draw_rice,
+    "millet": _draw_millet,
+    **{f"glyph_{g}": _glyph_drawer(g) for g in GLYPHS},
+    **{name: _polygon_drawer(name) for name in POLYGONS},
 }
 
 
 @dataclass(frozen=True)
 class ProductSpec:
     """A product: background colour, nominal parts (kind, cx, cy, angle), which kinds may be
-    added/moved (small ones), what each kind is swapped for in `wrong_part`, and the colours of
-    scratches and contamination on it."""
+    added/moved (small ones), what each kind is replaced by in `wrong_part` / `wrong_shape` /
+    `wrong_texture`, the colours of scratches and contamination on it, and its anomaly names.
+    For the shape anomalies: kinds that change when mirrored (`mirrorable`) or turned by 90
+    degrees (`rotatable`), groups of kinds of one colour and area that may trade places
+    (`swap_groups`), and the granular kinds (`granular`: `wrong_texture`, not `wrong_shape`)."""
 
     background: Colour
     parts: tuple[tuple[str, float, float, float], ...]
@@ -243,6 +479,19 @@ class ProductSpec:
     wrong_part: dict[str, str]
     scratch_colour: Colour
     dirt_colour: Colour
+    logical: tuple[str, ...] = LOGICAL_ANOMALIES
+    structural: tuple[str, ...] = STRUCTURAL_ANOMALIES
+    mirrorable: tuple[str, ...] = ()
+    rotatable: tuple[str, ...] = ()
+    swap_groups: tuple[tuple[str, ...], ...] = ()
+    granular: tuple[str, ...] = ()
+
+    @property
+    def anomalies(self) -> tuple[str, ...]:
+        return self.logical + self.structural
+
+
+_TRAY_GLYPHS = ("glyph_F", "glyph_R", "glyph_J", "glyph_L", "glyph_P", "glyph_4", "glyph_7", "glyph_2", "glyph_K")
 
 
 PRODUCT_SPECS: dict[str, ProductSpec] = {
@@ -269,9 +518,53 @@ PRODUCT_SPECS: dict[str, ProductSpec] = {
         scratch_colour=(0.30, 0.16, 0.08),
         dirt_colour=(0.20, 0.45, 0.60),
     ),
+    "glyph_tray": ProductSpec(
+        background=(0.84, 0.85, 0.83),
+        parts=tuple((g, 0.20 + 0.30 * (k % 3), 0.20 + 0.30 * (k // 3), 0.0) for k, g in enumerate(_TRAY_GLYPHS)),
+        movable=(),
+        wrong_part={"glyph_F": "glyph_h", "glyph_R": "glyph_C", "glyph_J": "glyph_E", "glyph_L": "glyph_Z",
+                    "glyph_P": "glyph_S", "glyph_4": "glyph_3", "glyph_7": "glyph_C", "glyph_2": "glyph_h",
+                    "glyph_K": "glyph_3"},
+        scratch_colour=(0.97, 0.97, 0.95),
+        dirt_colour=(0.42, 0.27, 0.10),
+        logical=("wrong_shape", "mirrored", "swapped", "rotated"),
+        mirrorable=_TRAY_GLYPHS,
+        rotatable=_TRAY_GLYPHS,
+        swap_groups=(_TRAY_GLYPHS,),
+    ),
+    "bracket_kit": ProductSpec(
+        background=(0.17, 0.30, 0.24),
+        parts=(
+            ("l_bracket", 0.18, 0.21, 0.0), ("t_piece", 0.48, 0.20, 0.0), ("arrow", 0.79, 0.22, 0.0),
+            ("step_plate", 0.19, 0.50, 0.0), ("trapezoid", 0.20, 0.80, 0.0), ("rice", 0.64, 0.66, 0.0),
+        ),
+        movable=(),
+        wrong_part={"l_bracket": "u_channel", "t_piece": "z_bracket", "step_plate": "z_bracket",
+                    "arrow": "chevron", "trapezoid": "cross", "rice": "millet"},
+        scratch_colour=(0.12, 0.10, 0.10),
+        dirt_colour=(0.50, 0.12, 0.40),
+        logical=SHAPE_ANOMALIES,
+        mirrorable=("l_bracket", "step_plate", "arrow", "trapezoid"),  # the T is left-right symmetric
+        rotatable=("l_bracket", "t_piece", "step_plate", "arrow", "trapezoid"),
+        swap_groups=(("l_bracket", "t_piece", "step_plate"), ("arrow", "trapezoid")),
+        granular=("rice", "millet"),
+    ),
 }
 
-PRODUCTS: tuple[str, ...] = tuple(PRODUCT_SPECS)
+# PRODUCTS keeps its meaning for every importer: the products with the counting anomalies
+# (missing / extra / wrong_place / wrong_part). The shape products have shape-only logical
+# anomalies; ALL_PRODUCTS is both, and what `linewatch sim generate` writes by default.
+PRODUCTS: tuple[str, ...] = ("screw_tray", "breakfast_box")
+SHAPE_PRODUCTS: tuple[str, ...] = ("glyph_tray", "bracket_kit")
+ALL_PRODUCTS: tuple[str, ...] = tuple(PRODUCT_SPECS)
+
+
+def product_anomalies(product: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(logical, structural) anomaly names of `product`."""
+    if product not in PRODUCT_SPECS:
+        raise ValueError(f"unknown product {product!r}; known: {ALL_PRODUCTS}")
+    spec = PRODUCT_SPECS[product]
+    return spec.logical, spec.structural
 
 
 # --------------------------------------------------------------------------------------
@@ -337,14 +630,16 @@ def render(
       image:   uint8 (size, size, 3) RGB.
       gt_mask: bool (size, size); all False for a good frame.
       info:    {"product", "anomaly" (None for good), "category" ("good" | "logical_anomalies" |
-               "structural_anomalies"), "part" (affected kind or None), "n_parts" (parts present),
-               "parts": [{"kind", "cx", "cy", "angle"}] (fractions of the image side)}.
+               "structural_anomalies"), "part" (affected kind, "<kind>+<kind>" for `swapped`, or
+               None), "n_parts" (parts present), "parts": [{"kind", "cx", "cy", "angle", "mirrored"}]
+               (fractions of the image side)}.
+    `anomaly` must be one of the product's own (product_anomalies).
     """
     if product not in PRODUCT_SPECS:
-        raise ValueError(f"unknown product {product!r}; known: {PRODUCTS}")
-    if anomaly is not None and anomaly not in ANOMALIES:
-        raise ValueError(f"unknown anomaly {anomaly!r}; known: {ANOMALIES}")
+        raise ValueError(f"unknown product {product!r}; known: {ALL_PRODUCTS}")
     spec = PRODUCT_SPECS[product]
+    if anomaly is not None and anomaly not in spec.anomalies:
+        raise ValueError(f"unknown anomaly {anomaly!r} for {product}; known: {spec.anomalies}")
     S = size * SUPERSAMPLE
 
     # ---- the good scene: every draw here happens whatever `anomaly` is ----
@@ -364,7 +659,35 @@ def render(
     affected: str | None = None
 
     # ---- logical anomalies edit the part list before drawing ----
-    if anomaly in LOGICAL_ANOMALIES:
+    if anomaly in SHAPE_ANOMALIES:  # in place: same colour, same area, another outline
+        if anomaly == "swapped":
+            pairs = [(i, j) for i in range(len(parts)) for j in range(i + 1, len(parts))
+                     if parts[i].kind != parts[j].kind
+                     and any(parts[i].kind in g and parts[j].kind in g for g in spec.swap_groups)]
+            i, j = pairs[int(anomaly_rng.integers(len(pairs)))]
+            affected = f"{parts[i].kind}+{parts[j].kind}"
+            gt_ss |= _footprint(parts[i], S) | _footprint(parts[j], S)
+            parts[i], parts[j] = replace(parts[i], kind=parts[j].kind), replace(parts[j], kind=parts[i].kind)
+            gt_ss |= _footprint(parts[i], S) | _footprint(parts[j], S)
+        else:
+            eligible = {
+                "wrong_shape": lambda k: k in spec.wrong_part and k not in spec.granular,
+                "wrong_texture": lambda k: k in spec.wrong_part and k in spec.granular,
+                "mirrored": lambda k: k in spec.mirrorable,
+                "rotated": lambda k: k in spec.rotatable,
+            }[anomaly]
+            candidates = [i for i, p in enumerate(parts) if eligible(p.kind)]
+            i = candidates[int(anomaly_rng.integers(len(candidates)))]
+            affected = parts[i].kind
+            gt_ss |= _footprint(parts[i], S)
+            if anomaly == "mirrored":
+                parts[i] = replace(parts[i], mirror=not parts[i].mirror)
+            elif anomaly == "rotated":
+                parts[i] = replace(parts[i], angle=parts[i].angle + (90.0 if anomaly_rng.random() < 0.5 else -90.0))
+            else:
+                parts[i] = replace(parts[i], kind=spec.wrong_part[parts[i].kind])
+            gt_ss |= _footprint(parts[i], S)
+    elif anomaly in spec.logical:
         foot = [_footprint(p, S) for p in parts]
         if anomaly == "missing":
             i = int(anomaly_rng.integers(len(parts)))
@@ -407,7 +730,7 @@ def render(
         foot.append(DRAWERS[p.kind](canvas, p, S, np.random.default_rng(p.seed)))
 
     # ---- structural anomalies paint over one part ----
-    if anomaly in STRUCTURAL_ANOMALIES:
+    if anomaly in spec.structural:
         i = int(anomaly_rng.integers(len(parts)))
         p, m = parts[i], foot[i]
         affected = p.kind
@@ -456,16 +779,16 @@ def render(
     image = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
     # thin structural defects (scratches) keep any pixel they touch noticeably
-    gt = _mask_to_output(gt_ss, size, 0.25 if anomaly in STRUCTURAL_ANOMALIES else 0.5)
+    gt = _mask_to_output(gt_ss, size, 0.25 if anomaly in spec.structural else 0.5)
     category = ("good" if anomaly is None else
-                "logical_anomalies" if anomaly in LOGICAL_ANOMALIES else "structural_anomalies")
+                "logical_anomalies" if anomaly in spec.logical else "structural_anomalies")
     info = {
         "product": product,
         "anomaly": anomaly,
         "category": category,
         "part": affected,
         "n_parts": len(parts),
-        "parts": [{"kind": p.kind, "cx": p.cx, "cy": p.cy, "angle": p.angle} for p in parts],
+        "parts": [{"kind": p.kind, "cx": p.cx, "cy": p.cy, "angle": p.angle, "mirrored": p.mirror} for p in parts],
     }
     return image, gt, info
 
@@ -482,9 +805,10 @@ def defects_config(product: str) -> list[dict[str, Any]]:
     `pixel_value` does not tell defects apart; manifest.json names each test image's defect
     (`defect_name` = "<anomaly>"), which an evaluator uses to pick the entry.
     Saturation: logical defects saturate at half the marked region, structural at all of it."""
+    spec = PRODUCT_SPECS[product]
     out = []
-    for a in ANOMALIES:
-        logical = a in LOGICAL_ANOMALIES
+    for a in spec.anomalies:
+        logical = a in spec.logical
         out.append({"defect_name": a, "pixel_value": 255,
                     "saturation_threshold": 0.5 if logical else 1.0, "relative_saturation": True})
     return out
@@ -517,12 +841,14 @@ def generate_dataset(
       ground_truth/{logical,structural}_anomalies/000/000.png (uint8, 0 or 255),
       defects_config.json, manifest.json.
 
-    Anomaly kinds cycle through LOGICAL_ANOMALIES / STRUCTURAL_ANOMALIES in index order, so
-    every kind appears once there are enough images. manifest.json holds {"product", "seed",
-    "size", "counts", "images": {"test/<category>/000.png": {"anomaly", "defect_name", "part",
+    Anomaly kinds cycle through the product's logical / structural anomalies
+    (product_anomalies) in index order, so every kind appears once there are enough images;
+    defects_config.json lists the same names. manifest.json holds {"product", "seed", "size",
+    "counts", "images": {"test/<category>/000.png": {"anomaly", "defect_name", "part",
     "n_parts"}}}. Image i of a split uses np.random.default_rng([seed, split, i]): output is
     bit-identical for a fixed seed and an image does not change when other counts change.
     """
+    logical, structural = product_anomalies(product)
     root = Path(root)
     out = root / product
     jobs: list[tuple[str, str, int, str | None]] = []  # (split key, relative path, index, anomaly)
@@ -534,10 +860,10 @@ def generate_dataset(
         jobs.append(("test_good", f"test/good/{i:03d}.png", i, None))
     for i in range(n_test_logical):
         jobs.append(("test_logical", f"test/logical_anomalies/{i:03d}.png", i,
-                     LOGICAL_ANOMALIES[i % len(LOGICAL_ANOMALIES)]))
+                     logical[i % len(logical)]))
     for i in range(n_test_structural):
         jobs.append(("test_structural", f"test/structural_anomalies/{i:03d}.png", i,
-                     STRUCTURAL_ANOMALIES[i % len(STRUCTURAL_ANOMALIES)]))
+                     structural[i % len(structural)]))
 
     iterator: Any = jobs
     if progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,9 +10,24 @@ import cv2
 import numpy as np
 import pytest
 
-from linewatch.sim import ANOMALIES, LOGICAL_ANOMALIES, PRODUCTS, STRUCTURAL_ANOMALIES, generate_dataset, render
+from linewatch.sim import (
+    ALL_ANOMALIES,
+    ALL_PRODUCTS,
+    ANOMALIES,
+    LOGICAL_ANOMALIES,
+    PRODUCTS,
+    SHAPE_ANOMALIES,
+    SHAPE_PRODUCTS,
+    STRUCTURAL_ANOMALIES,
+    generate_dataset,
+    product_anomalies,
+    render,
+)
+from linewatch.sim.generator import DRAWERS, PRODUCT_SPECS, Part
 
 COUNTS = dict(n_train=3, n_val=2, n_test_good=2, n_test_logical=4, n_test_structural=3)
+# every (product, anomaly) pair the generator knows, each product with its own list
+PRODUCT_ANOMALIES = [(p, a) for p in ALL_PRODUCTS for a in product_anomalies(p)[0] + product_anomalies(p)[1]]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -72,7 +88,7 @@ def test_deterministic_bytes(dataset: Path, tmp_path: Path) -> None:
     assert (other / "screw_tray/train/good/000.png").read_bytes() != (dataset / "train/good/000.png").read_bytes()
 
 
-@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("product", ALL_PRODUCTS)
 def test_good_frames_vary_but_have_no_ground_truth(product: str) -> None:
     a, gt_a, info = render(product, np.random.default_rng(1))
     b, gt_b, _ = render(product, np.random.default_rng(2))
@@ -85,15 +101,14 @@ def test_good_frames_vary_but_have_no_ground_truth(product: str) -> None:
     assert np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("product", PRODUCTS)
-@pytest.mark.parametrize("anomaly", ANOMALIES)
+@pytest.mark.parametrize("product, anomaly", PRODUCT_ANOMALIES)
 def test_anomaly_changes_pixels_inside_its_mask(product: str, anomaly: str) -> None:
     for seed in range(3):
         good, _, good_info = render(product, np.random.default_rng([4, seed]))
         bad, gt, info = render(product, np.random.default_rng([4, seed]), anomaly)
         assert gt.dtype == bool and gt.any()
         assert info["anomaly"] == anomaly and info["part"] is not None
-        expected = "logical_anomalies" if anomaly in LOGICAL_ANOMALIES else "structural_anomalies"
+        expected = "logical_anomalies" if anomaly in product_anomalies(product)[0] else "structural_anomalies"
         assert info["category"] == expected
         n_good = good_info["n_parts"]
         assert info["n_parts"] == n_good + {"missing": -1, "extra": 1}.get(anomaly, 0)
@@ -111,3 +126,203 @@ def test_render_rejects_unknown_names() -> None:
         render("teapot", np.random.default_rng(0))
     with pytest.raises(ValueError, match="anomaly"):
         render("screw_tray", np.random.default_rng(0), "dent")
+    # each product takes only its own anomalies
+    with pytest.raises(ValueError, match="anomaly"):
+        render("screw_tray", np.random.default_rng(0), "mirrored")
+    with pytest.raises(ValueError, match="anomaly"):
+        render("glyph_tray", np.random.default_rng(0), "missing")
+    with pytest.raises(ValueError, match="anomaly"):
+        render("glyph_tray", np.random.default_rng(0), "wrong_texture")  # no granular part there
+
+
+# ----------------------------------------------------------------------------- per-product lists
+
+
+def test_product_and_anomaly_names() -> None:
+    # the names older importers use keep their values: the demo cycles ANOMALIES on PRODUCTS
+    assert PRODUCTS == ("screw_tray", "breakfast_box")
+    assert ANOMALIES == LOGICAL_ANOMALIES + STRUCTURAL_ANOMALIES
+    assert LOGICAL_ANOMALIES == ("missing", "extra", "wrong_place", "wrong_part")
+    assert ALL_PRODUCTS == PRODUCTS + SHAPE_PRODUCTS
+    assert set(SHAPE_PRODUCTS) >= {"glyph_tray", "bracket_kit"}
+    assert ALL_ANOMALIES == ANOMALIES + SHAPE_ANOMALIES
+    for product in PRODUCTS:
+        assert product_anomalies(product) == (LOGICAL_ANOMALIES, STRUCTURAL_ANOMALIES)
+    for product in SHAPE_PRODUCTS:
+        logical, structural = product_anomalies(product)
+        assert set(logical) <= set(SHAPE_ANOMALIES)
+        assert {"wrong_shape", "mirrored", "swapped", "rotated"} <= set(logical)
+        assert structural == STRUCTURAL_ANOMALIES
+    assert "wrong_texture" in product_anomalies("bracket_kit")[0]
+    with pytest.raises(ValueError, match="product"):
+        product_anomalies("teapot")
+
+
+@pytest.mark.parametrize("product", SHAPE_PRODUCTS)
+def test_shape_product_dataset(product: str, tmp_path: Path) -> None:
+    logical, structural = product_anomalies(product)
+    counts = dict(n_train=1, n_val=1, n_test_good=1, n_test_logical=len(logical) + 1,
+                  n_test_structural=len(structural))
+    out = generate_dataset(tmp_path / "a", product, seed=3, size=96, **counts)
+    config = json.loads((out / "defects_config.json").read_text())
+    assert [c["defect_name"] for c in config] == list(logical + structural)
+    assert {c["defect_name"]: c["saturation_threshold"] for c in config} == {
+        **{a: 0.5 for a in logical}, **{a: 1.0 for a in structural}}
+    images = json.loads((out / "manifest.json").read_text())["images"]
+    assert [images[f"test/logical_anomalies/{i:03d}.png"]["anomaly"] for i in range(len(logical) + 1)] == [
+        *logical, logical[0]]
+    assert [images[f"test/structural_anomalies/{i:03d}.png"]["anomaly"] for i in range(len(structural))] == [
+        *structural]
+    for category, n in (("logical_anomalies", len(logical) + 1), ("structural_anomalies", len(structural))):
+        for i in range(n):
+            gt = cv2.imread(str(out / "ground_truth" / category / f"{i:03d}" / "000.png"), cv2.IMREAD_UNCHANGED)
+            assert gt.shape == (96, 96) and set(np.unique(gt)) == {0, 255}
+    generate_dataset(tmp_path / "b", product, seed=3, size=96, **counts)
+    assert _files(tmp_path / "b" / product) == _files(out)
+
+
+@pytest.mark.parametrize("product", ALL_PRODUCTS)
+def test_every_anomaly_renders_for_many_seeds(product: str) -> None:
+    logical, structural = product_anomalies(product)
+    for seed in range(16):
+        size = (96, 224)[seed % 2]
+        n_good = render(product, np.random.default_rng([8, seed]), size=size)[2]["n_parts"]
+        for anomaly in logical + structural:
+            _, gt, info = render(product, np.random.default_rng([8, seed]), anomaly, size=size)
+            assert gt.any(), (product, anomaly, seed)
+            assert info["category"] == ("logical_anomalies" if anomaly in logical else "structural_anomalies")
+            assert info["n_parts"] == n_good + {"missing": -1, "extra": 1}.get(anomaly, 0)
+
+
+# ----------------------------------------------------------------------------- shape-only anomalies
+# A shape anomaly keeps the colour and the amount of material of the part it changes: only
+# its outline (or, for a granular heap, its grain) differs from the good part's.
+
+COLOUR_TOL = 8.0  # grey levels (max over channels) between good and changed part's mean colour
+AREA_TOL = 0.15
+SHAPE_IOU = 0.8  # footprints aligned at their centroids overlap less than this
+
+
+def _background(image: np.ndarray) -> np.ndarray:
+    """Median colour of a 4-pixel frame: no part comes that near the border."""
+    band = np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3),
+                           image[:, :4].reshape(-1, 3), image[:, -4:].reshape(-1, 3)])
+    return np.median(band, 0)
+
+
+def _foreground(image: np.ndarray) -> np.ndarray:
+    return np.abs(image.astype(np.int16) - _background(image)).max(2) > 50
+
+
+def _centred(m: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(m)
+    return np.roll(m, (m.shape[0] // 2 - int(round(ys.mean())), m.shape[1] // 2 - int(round(xs.mean()))), (0, 1))
+
+
+def _centred_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = _centred(a), _centred(b)
+    return float((a & b).sum() / (a | b).sum())
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    return cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def _mean_abs_laplacian(image: np.ndarray, where: np.ndarray) -> float:
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    return float(np.abs(cv2.Laplacian(grey, cv2.CV_32F))[where].mean())
+
+
+SHAPE_CASES = [(p, a) for p in SHAPE_PRODUCTS for a in product_anomalies(p)[0]]
+
+
+@pytest.mark.parametrize("product, anomaly", SHAPE_CASES)
+def test_shape_anomalies_change_the_shape_only(product: str, anomaly: str) -> None:
+    size = 256
+    for seed in range(5):
+        good, _, good_info = render(product, np.random.default_rng([9, seed]))
+        bad, gt, info = render(product, np.random.default_rng([9, seed]), anomaly)
+        changed = [k for k, (p, q) in enumerate(zip(good_info["parts"], info["parts"])) if p != q]
+        assert len(changed) == (2 if anomaly == "swapped" else 1), (anomaly, seed, changed)
+        if anomaly == "swapped":
+            a, b = (good_info["parts"][k]["kind"] for k in changed)
+            assert a != b and [info["parts"][k]["kind"] for k in changed] == [b, a]
+        fg_good, fg_bad = _foreground(good), _foreground(bad)
+        near_gt = cv2.dilate(gt.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        for k in changed:
+            part = good_info["parts"][k]
+            box = np.zeros_like(gt)
+            h, y, x = int(0.16 * size), int(part["cy"] * size), int(part["cx"] * size)
+            box[y - h:y + h, x - h:x + h] = True
+            old, new = fg_good & near_gt & box, fg_bad & near_gt & box
+            assert old.sum() > 300 and new.sum() > 300, (anomaly, seed)
+            where = f"{product} {anomaly} seed {seed} part {part['kind']}"
+            colour_change = np.abs(good[_erode(old)].mean(0) - bad[_erode(new)].mean(0)).max()
+            assert colour_change <= COLOUR_TOL, (where, colour_change)
+            assert abs(new.sum() / old.sum() - 1) <= AREA_TOL, (where, new.sum(), old.sum())
+            overlap = _centred_iou(old, new)
+            if anomaly == "wrong_texture":  # same heap, another grain
+                assert overlap > 0.95, (where, overlap)
+                inner = cv2.erode(gt.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+                grey_good = cv2.cvtColor(good, cv2.COLOR_RGB2GRAY)[inner].astype(float)
+                grey_bad = cv2.cvtColor(bad, cv2.COLOR_RGB2GRAY)[inner].astype(float)
+                assert abs(grey_bad.std() / grey_good.std() - 1) < 0.15, where  # same colour spread
+                edges_good, edges_bad = _mean_abs_laplacian(good, inner), _mean_abs_laplacian(bad, inner)
+                assert abs(edges_bad / edges_good - 1) > 0.1, (where, edges_good, edges_bad)  # other grain
+            else:
+                assert overlap < SHAPE_IOU, (where, overlap)
+
+
+def _part_render(kind: str, S: int = 512, **change) -> tuple[np.ndarray, np.ndarray]:
+    """Mean colour and footprint of one part drawn alone at the image centre."""
+    canvas = np.zeros((S, S, 3), np.float32)
+    part = dataclasses.replace(Part(kind, 0.5, 0.5, 0.0, 1.0, 0), **change)
+    m = DRAWERS[kind](canvas, part, S, np.random.default_rng(0))
+    return canvas[_erode(m)].mean(0), m
+
+
+@pytest.mark.parametrize("product", SHAPE_PRODUCTS)
+def test_every_shape_kind_is_asymmetric_and_matched(product: str) -> None:
+    """Every kind, not only the ones seeds happen to pick: mirroring and a quarter turn change
+    each part they apply to, and each replacement or swap partner has the part's colour and
+    area but not its outline."""
+    spec = PRODUCT_SPECS[product]
+    kinds = {k for k, *_ in spec.parts}
+    for kind in spec.mirrorable:
+        _, m = _part_render(kind)
+        assert _centred_iou(m, _part_render(kind, mirror=True)[1]) < SHAPE_IOU, kind
+    for kind in spec.rotatable:
+        _, m = _part_render(kind)
+        assert _centred_iou(m, _part_render(kind, angle=90.0)[1]) < SHAPE_IOU, kind
+    pairs = [(a, b) for a, b in spec.wrong_part.items() if a in kinds]
+    pairs += [(a, b) for g in spec.swap_groups for a in g for b in g if a < b]
+    assert pairs
+    for a, b in pairs:
+        (colour_a, m_a), (colour_b, m_b) = _part_render(a), _part_render(b)
+        assert np.abs(colour_a - colour_b).max() * 255 <= COLOUR_TOL, (a, b, colour_a, colour_b)  # shading only
+        assert abs(m_b.sum() / m_a.sum() - 1) < 0.05, (a, b, m_a.sum(), m_b.sum())
+        if a not in spec.granular:
+            assert _centred_iou(m_a, m_b) < SHAPE_IOU, (a, b)
+    # every anomaly has something to act on
+    assert all(k in spec.wrong_part for k in kinds)
+    assert spec.mirrorable and spec.rotatable and spec.swap_groups
+
+
+@pytest.mark.parametrize("product", SHAPE_PRODUCTS)
+def test_shape_products_keep_parts_apart(product: str) -> None:
+    """Like the free-spot clearance of the original products: whatever the in-place anomaly
+    does (a quarter turn, a swap, another shape), parts stay >= 4.5 % of the side apart and
+    >= 4 % from the border, so each part is its own connected component."""
+    S = 512
+    for seed in range(8):
+        for anomaly in (None,) + product_anomalies(product)[0]:
+            info = render(product, np.random.default_rng([10, seed]), anomaly, size=S // 2)[2]
+            feet = [DRAWERS[q["kind"]](np.zeros((S, S, 3), np.float32),
+                                       Part(q["kind"], q["cx"], q["cy"], q["angle"], 1.0, 0, q["mirrored"]),
+                                       S, np.random.default_rng(0)) for q in info["parts"]]
+            for i, foot in enumerate(feet):
+                ys, xs = np.nonzero(foot)
+                assert min(ys.min(), xs.min(), S - 1 - ys.max(), S - 1 - xs.max()) >= 0.04 * S, (anomaly, seed, i)
+                others = np.logical_or.reduce([f for j, f in enumerate(feet) if j != i])
+                distance = cv2.distanceTransform((~others).astype(np.uint8), cv2.DIST_L2, 5)
+                assert distance[foot].min() >= 0.045 * S, (anomaly, seed, info["parts"][i]["kind"])
