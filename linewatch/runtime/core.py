@@ -309,7 +309,9 @@ class PipelineCore:
             self.latencies.append(now_mono - slot.received_mono)
             m.verdicts.labels(camera=label, verdict=v.verdict).inc()
             m.capture_to_verdict.labels(camera=label).observe(max(0.0, v.latency_s))
-            if v.verdict == "timeout":
+            if v.verdict in ("pass", "fail"):
+                m.observe_score(label, v.verdict, v.score, v.threshold)
+            elif v.verdict == "timeout":
                 m.frames_timed_out.labels(camera=label).inc()
             elif v.verdict == "shed":
                 m.frames_shed.labels(reason=v.reason or "").inc()

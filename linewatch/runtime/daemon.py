@@ -95,6 +95,9 @@ class Daemon:
         # Without a logger from the caller, the daemon sets up logging from its own config.
         self.log = log if log is not None else configure_logging(config.logging)
         self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels, config.ingest.cameras))
+        # the scores the bank was calibrated on: the reference of the score drift alert
+        calibration = getattr(getattr(processor, "bank", None), "manifest", {}).get("calibration", {})
+        self.metrics.set_calibration(calibration.get("scores") or (), calibration.get("threshold"))
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else config.pipeline.deadline_ms / 1000 + 2.0
         overlay = None
         if config.publish.overlay_jpeg:

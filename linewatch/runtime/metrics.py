@@ -7,6 +7,7 @@ or two tests in one process do not collide. Names follow `linewatch_*` in base u
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections.abc import Iterable
@@ -20,8 +21,25 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
 # One stage on one batch: from a fraction of a millisecond (preprocess) to seconds (SAM).
 STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Image score / the bank's threshold (1.0 = the threshold; the detector fails a part above it),
+# so one layout fits every bank. Dense from 0.6 to 1: good parts sit there (the calibration
+# medians of the test banks built on the development machine, 4-10 calibration images each,
+# were 0.69-0.99), and the drift alert compares medians in this range.
+SCORE_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 1.0,
+                       1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 OTHER_CAMERAS = "_other"  # the one label shared by cameras beyond max_camera_labels
 DEFAULT_MAX_CAMERA_LABELS = 64
+
+
+def score_ratio(score: float | None, threshold: float | None) -> float | None:
+    """`score / threshold`, or None when that is no finite number to record: no score or
+    threshold, a threshold that is not positive and finite (an uncalibrated bank judges with
+    threshold inf; 0 would divide by zero), or a score that is NaN or infinite. A non-finite
+    sample would turn the histogram's `_sum` into NaN or inf for good."""
+    if score is None or threshold is None or not (0.0 < threshold < math.inf):
+        return None
+    ratio = score / threshold
+    return ratio if math.isfinite(ratio) else None
 
 
 class CameraLabels:
@@ -101,6 +119,16 @@ class Metrics:
             "Sender capture timestamp to verdict release (crosses two clocks; see pipeline.py).",
             ["camera"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.score_ratio = Histogram(
+            "linewatch_score_ratio",
+            "Image score / the bank's threshold of judged frames (pass/fail), 1.0 = the threshold.",
+            ["camera", "verdict"], buckets=SCORE_RATIO_BUCKETS, registry=r,
+        )
+        self.calibration_score_ratio = Histogram(
+            "linewatch_calibration_score_ratio",
+            "Score / threshold of the good images the loaded bank was calibrated on (set once at start).",
+            buckets=SCORE_RATIO_BUCKETS, registry=r,
+        )
         self.stage_seconds = Histogram(
             "linewatch_stage_seconds", "Wall time of one detector stage on one batch.", ["stage"],
             buckets=STAGE_BUCKETS, registry=r,
@@ -133,6 +161,26 @@ class Metrics:
     def set_bank_info(self, bank_id: str, backend: str, images: int | str) -> None:
         """Expose which template bank is loaded (value 1)."""
         self.bank_info.labels(bank_id=bank_id, backend=backend, images=str(images)).set(1)
+
+    def observe_score(self, camera_label: str, verdict: str, score: float | None, threshold: float | None) -> bool:
+        """Record a judged frame's score / threshold in `linewatch_score_ratio`; returns whether
+        it was recorded (see `score_ratio` for what is skipped)."""
+        ratio = score_ratio(score, threshold)
+        if ratio is None:
+            return False
+        self.score_ratio.labels(camera=camera_label, verdict=verdict).observe(ratio)
+        return True
+
+    def set_calibration(self, scores: Iterable[float], threshold: float | None) -> int:
+        """Fill `linewatch_calibration_score_ratio` with the bank's calibration scores, once;
+        the drift alert compares the live pass scores with them. Returns how many were recorded."""
+        n = 0
+        for score in scores:
+            ratio = score_ratio(score, threshold)
+            if ratio is not None:
+                self.calibration_score_ratio.observe(ratio)
+                n += 1
+        return n
 
     def track_queue(self, queue: str, depth: Callable[[], float]) -> None:
         """Read `depth()` at every scrape for `linewatch_queue_depth{queue=...}`."""

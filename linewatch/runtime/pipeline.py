@@ -52,7 +52,9 @@ class Processor(Protocol):
     value is the next stage's input; the last stage returns list[InspectionResult], one per
     input image, same order. A stage may raise: every frame of that batch is then answered
     `error` with reason "stage_failed:<name>" and the pipeline keeps going.
-    An optional `bank_images: int` attribute is shown in `linewatch_bank_info`.
+    An optional `bank_images: int` attribute is shown in `linewatch_bank_info`; an optional
+    `bank` whose `manifest["calibration"]` holds `scores` and `threshold` (a TemplateBank) fills
+    `linewatch_calibration_score_ratio`, the reference of the score drift alert.
     """
 
     backend: str

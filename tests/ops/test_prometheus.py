@@ -45,6 +45,10 @@ def test_alerts_cover_the_issue():
     assert 'verdict="shed"' in rules["LinewatchShedRate"]
     assert "histogram_quantile(0.99" in rules["LinewatchLatencyP99OverBudget"]
     assert "linewatch_ready == 0" in rules["LinewatchNotReady"]
+    # pass scores only, against the loaded bank's own calibration, with a traffic guard
+    drift = rules["LinewatchScoreDrift"]
+    assert 'linewatch_score_ratio_bucket{verdict="pass"}' in drift
+    assert "linewatch_calibration_score_ratio_bucket" in drift and "linewatch_score_ratio_count" in drift
 
 
 def test_health_endpoints(live_daemon):
@@ -59,6 +63,22 @@ def test_promtool_check_metrics_on_live_scrape(live_daemon):
                          capture_output=True, timeout=30)
     assert res.returncode == 0, (res.stdout + res.stderr).decode()
     assert not (res.stdout + res.stderr).strip(), (res.stdout + res.stderr).decode()
+
+
+def test_live_scrape_carries_the_score_histograms(live_daemon):
+    """The drift alert's two inputs from a real `linewatch serve`: the loaded bank's calibration
+    scores, and one score / threshold per judged (pass/fail) frame, none for the `error` one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(live_daemon.get("/metrics")[1].decode()) for s in f.samples]
+
+    def total(name: str, verdicts=("pass", "fail")) -> float:
+        return sum(s.value for s in samples if s.name == name and s.labels.get("verdict", "pass") in verdicts)
+
+    assert total("linewatch_calibration_score_ratio_count") > 0
+    judged = total("linewatch_verdicts_total")
+    assert judged >= 3 and total("linewatch_score_ratio_count") == judged
+    assert total("linewatch_verdicts_total", ("error",)) >= 1
 
 
 def _query(base: str, expr: str, timeout: float = 5.0) -> dict:

@@ -336,3 +336,30 @@ def test_metrics_tell_the_same_story_as_the_verdicts() -> None:
     assert get("linewatch_frames_shed_total", {"reason": "pending_full"}) == 2
     assert get("linewatch_frame_errors_total", {"reason": "too_large"}) == 1
     assert len(verdicts) == 5 and core.stats()["verdicts"] == {"pass": 2, "fail": 0, "error": 1, "timeout": 0, "shed": 2}
+
+
+def test_only_judged_frames_feed_the_score_histogram() -> None:
+    clock = FakeClock()
+    metrics = Metrics()
+    core = make_core(clock, max_batch=4, max_delay_ms=0.0, max_pending=4, metrics=metrics)
+    for i in range(5):
+        add(core, clock, "cam0", i)  # pending_full: frame 0 is shed
+    judged = {s.frame_id: s for s in core.take_batch()}
+    assert sorted(judged) == [1, 2, 3, 4]
+    core.deliver(judged[1], result(judged[1]))  # pass, 0.1 / 0.5 = 0.2
+    fail = result(judged[2], "fail")
+    fail.score = 0.7  # 1.4
+    core.deliver(judged[2], fail)
+    uncalibrated = result(judged[3])
+    uncalibrated.threshold = float("inf")  # an uncalibrated bank: counted as a pass, no ratio
+    core.deliver(judged[3], uncalibrated)
+    core.answer_simple(judged[4], "error", "stage_failed:only")
+    core.register_error("cam0", 9, "too_large", clock.time(), clock.monotonic())
+    assert [v.verdict for v in core.take_released()] == ["shed", "pass", "fail", "pass", "error", "error"]
+    get = metrics.registry.get_sample_value
+    assert get("linewatch_score_ratio_count", {"camera": "cam0", "verdict": "pass"}) == 1
+    assert get("linewatch_score_ratio_bucket", {"camera": "cam0", "verdict": "pass", "le": "0.2"}) == 1
+    assert get("linewatch_score_ratio_count", {"camera": "cam0", "verdict": "fail"}) == 1
+    assert get("linewatch_score_ratio_bucket", {"camera": "cam0", "verdict": "fail", "le": "1.25"}) == 0
+    assert get("linewatch_score_ratio_bucket", {"camera": "cam0", "verdict": "fail", "le": "1.5"}) == 1
+    assert get("linewatch_verdicts_total", {"camera": "cam0", "verdict": "pass"}) == 2
