@@ -21,6 +21,7 @@ from tqdm import tqdm
 from linewatch import __version__
 from linewatch.config import Config
 from linewatch.detector.bank import TemplateBank
+from linewatch.detector.fusion import branch_normalisation, fuse_scores
 from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector, pad_masks
 from linewatch.detector.models import Models, build_models, select_device
 from linewatch.images import ImageError, list_images, read_image
@@ -51,7 +52,8 @@ def _batches(items: list, size: int):
 
 def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool) -> dict:
     """Run the reference side of every good image once: backbone, upsampler, segmenter, DCGA."""
-    parts: dict[str, list] = {k: [] for k in ("retrieval", "features", "masks", "valid", "boxes", "descriptors")}
+    parts: dict[str, list] = {k: [] for k in ("retrieval", "features", "masks", "valid", "boxes", "descriptors",
+                                              "shapes", "textures")}
     bar = tqdm(total=len(images), desc="encoding good images", unit="img", disable=not progress)
     for _, chunk in _batches(images, batch_size):
         batch = inspector.run(Batch(images=chunk), ENCODE_STAGES)
@@ -60,6 +62,9 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         parts["features"].append(enc.upsampled.half().cpu())
         parts["masks"].extend(m.cpu() for m in enc.masks)
         parts["descriptors"].extend(enc.descriptors.cpu().unbind(0))
+        if enc.shapes is not None:
+            parts["shapes"].extend(enc.shapes.cpu().unbind(0))
+            parts["textures"].extend(enc.textures.cpu().unbind(0))
         bar.update(len(chunk))
     bar.close()
     size = tuple(parts["features"][0].shape[-2:])
@@ -68,6 +73,11 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
     descriptors = torch.zeros(len(images), n, parts["descriptors"][0].shape[-1])
     for i, d in enumerate(parts["descriptors"]):
         descriptors[i, : d.shape[0]] = d[:n]
+    shapes = torch.zeros(len(images), n, parts["shapes"][0].shape[-1] if parts["shapes"] else 0)
+    textures = torch.zeros(len(images), n, parts["textures"][0].shape[-1] if parts["textures"] else 0)
+    for i, (d, t) in enumerate(zip(parts["shapes"], parts["textures"])):
+        shapes[i, : d.shape[0]] = d[:n]
+        textures[i, : t.shape[0]] = t[:n]
     return {
         "retrieval": torch.cat(parts["retrieval"]),
         "features": torch.cat(parts["features"]),
@@ -76,6 +86,8 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         "descriptors": descriptors * valid[..., None],
         "boxes": boxes,
         "object_noise": torch.ones(valid.shape),
+        "shapes": shapes * valid[..., None],
+        "textures": textures * valid[..., None],
     }
 
 
@@ -94,16 +106,22 @@ def calibrate(scores: np.ndarray, target_false_reject_rate: float) -> dict:
     }
 
 
-def score_images(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool,
-                 desc: str = "calibrating") -> np.ndarray:
-    """Image scores of `images` against the inspector's bank."""
-    scores = []
+def inspect_images(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool,
+                   desc: str = "scoring validation images") -> list:
+    """InspectionResults of `images` against the inspector's bank."""
+    results = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
     for _, chunk in _batches(images, batch_size):
-        scores.extend(r.score for r in inspector.inspect(chunk))
+        results.extend(inspector.inspect(chunk))
         bar.update(len(chunk))
     bar.close()
-    return np.array(scores, dtype=np.float64)
+    return results
+
+
+def _by_branch(components: list[dict[str, float]]) -> dict[str, np.ndarray]:
+    """Per-image {branch: raw score} -> {branch: (N,) scores}."""
+    names = components[0].keys() if components else ()
+    return {name: np.array([c[name] for c in components], dtype=np.float64) for name in names}
 
 
 def judge_bank_images(inspector: Inspector, batch_size: int, progress: bool, desc: str):
@@ -200,12 +218,19 @@ def build_bank(
     if det.measure.normalize_objects:
         bank.object_noise = object_noise_levels(Inspector(det, models, bank=bank, device=device), batch_size, progress)
     judge = Inspector(det, models, bank=bank, device=device)
+    # raw branch scores of the good images: leave-one-out over the bank, and the validation images
+    loo = [r.components for _, batch in judge_bank_images(judge, batch_size, progress, "scoring good images")
+           for r in batch.results]
+    held_out = ([r.components for r in inspect_images(judge, validation, batch_size, progress)]
+                if validation is not None else [])
+    if det.score.source == "fused":
+        # each branch in units of its spread over all good scores there are
+        manifest["score_normalisation"] = branch_normalisation(_by_branch(loo + held_out))
     if validation is not None:
-        scores = score_images(judge, validation, batch_size, progress)
+        scores = fuse_scores(_by_branch(held_out), manifest.get("score_normalisation"), det.score.source)
         method = f"validation folder {Path(validation_dir).resolve()}"
     else:
-        scores = np.array([r.score for _, batch in judge_bank_images(judge, batch_size, progress, "calibrating")
-                           for r in batch.results], dtype=np.float64)
+        scores = fuse_scores(_by_branch(loo), manifest.get("score_normalisation"), det.score.source)
         method = "leave-one-out over the good images"
     manifest["calibration"] = dict(calibrate(scores, config.calibration.target_false_reject_rate), method=method)
     manifest["build_seconds"] = round(time.time() - started, 2)

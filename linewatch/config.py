@@ -48,6 +48,9 @@ class ClassicBackendConfig(_Section):
     upsample_stages: int = Field(1, ge=0, le=4, description="2x joint bilateral upsampling stages")
     position_gain: float = Field(2.0, ge=0, le=100, description="weight of the coordinate channels (where a part is)")
     background_threshold: float = Field(6.0, gt=0, description="colour distance (in background std units) above which a pixel is foreground")
+    shape_weight: float = Field(1.0, ge=0, le=10, description="each part's outline descriptor: its weight in matching "
+                                "(cosine of outlines times weight^2 against the pooled features' cosine) and, when above "
+                                "0, its distance to the matched good parts in the part's score (0: outlines unused)")
 
 
 # FeatUp's published JBU checkpoints (linewatch.detector.weights registry names) -> the image size
@@ -108,10 +111,23 @@ class MeasureConfig(_Section):
     eps: float = Field(0.01, gt=0, description="covariance regulariser epsilon*I (eq. 11)")
     align_max_shift: float = Field(0.05, ge=0, le=0.5, description="matched parts displaced by at most this fraction of the image are aligned before comparing (0: never)")
     align_max_rotation_deg: float = Field(20.0, ge=0, le=90, description="elongated matched parts turned by at most this are turned back before comparing")
-    smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian blur of the anomaly map, input pixels")
+    smoothing_sigma: float = Field(2.0, ge=0, description="Gaussian blur of the anomaly map, input pixels")
     normalize_objects: bool = Field(True, description="divide each part's map by the level that part reaches on good images (learned at bank build)")
     missing_part_weight: float = Field(1.0, ge=0, description="weight of the map of reference parts absent from the query")
     surplus_weight: float = Field(1.0, ge=0, description="weight of the map of query parts beyond the reference count")
+
+
+class ScoreConfig(_Section):
+    """The image score (beyond the paper): the object branch, a patch branch, or both fused."""
+
+    source: Literal["objects", "patch", "fused"] = Field(
+        "fused", description="objects: the SAM-LAD object map; patch: each patch against the same place in the nearest "
+        "good images; fused: every branch (objects, patch and, weights-free, part outline and grain) in units of its "
+        "spread on the good images, summed where above their good mean")
+    patch_window: int = Field(1, ge=0, le=8, description="the patch branch compares a patch with good patches up to "
+                              "this many feature cells away")
+    patch_images: int = Field(32, ge=1, le=64, description="the patch branch compares a frame with this many good images, "
+                              "the nearest ones by the backbone features (all of them when the bank holds fewer)")
 
 
 class DetectorConfig(_Section):
@@ -123,12 +139,13 @@ class DetectorConfig(_Section):
         "fp32 on CUDA allows TF32 matrix products")
     compile: bool = Field(False, description="torch.compile the backbone and the SAM image encoder (slower start, "
                           "warmed up before the daemon reports ready)")
-    k_references: int = Field(2, ge=1, le=16, description="nearest good images each frame is compared with")
+    k_references: int = Field(3, ge=1, le=16, description="nearest good images each frame is compared with")
     objects: ObjectFilterConfig = ObjectFilterConfig()
     classic: ClassicBackendConfig = ClassicBackendConfig()
     samlad: SamLadBackendConfig = SamLadBackendConfig()
     matching: MatchingConfig = MatchingConfig()
     measure: MeasureConfig = MeasureConfig()
+    score: ScoreConfig = ScoreConfig()
 
     @model_validator(mode="after")
     def _patch_multiple(self) -> "DetectorConfig":

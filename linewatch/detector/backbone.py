@@ -225,6 +225,22 @@ class ClassicFeatures(nn.Module):
         smooth2 = (r2[..., :-2, :] + 2.0 * r2[..., 1:-1, :] + r2[..., 2:, :]) / 16.0
         return smooth, gx, gy, smooth2
 
+    def texture_channels(self, features: torch.Tensor) -> torch.Tensor:
+        """Grain statistics per cell from this extractor's output (B, out_channels, h, w) ->
+        (B, 4 * num_scales, h, w): per scale the gradient magnitude, |difference of Gaussians|,
+        grey standard deviation, and the coherence of the cell's edge orientations
+        |mean doubled-angle vector| / mean magnitude (near 1 where edges in the cell share one
+        direction, as along a long grain; near 0 for round grains), times 3 to be O(1) as
+        the others. Averaged over a part they tell one granular texture from another of the
+        same colour (rice from millet) where per-position comparisons cannot."""
+        out = []
+        for level in range(self.num_scales):
+            o = 9 + 7 * level
+            mag, c2p, s2p, c2n, s2n, dog, g_std = features[:, o:o + 7].unbind(1)
+            coherence = torch.sqrt((c2p - c2n) ** 2 + (s2p - s2n) ** 2) / (mag + 1e-3)
+            out += [mag, dog, g_std, 3.0 * coherence]
+        return torch.stack(out, dim=1)
+
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
         """images01 (B, 3, H, W) RGB in [0, 1] -> (B, out_channels, H // stride, W // stride)."""
         b, _, h, w = images01.shape

@@ -19,9 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2  # 2: part outlines and grain statistics (shapes, textures)
 IDENTITY_KEYS = ("backend", "backbone", "upsampler", "segmenter", "config_hash")
-_TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes", "object_noise")
+_TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes", "object_noise", "shapes",
+                 "textures")
 _SEGMENTER_PREFIX = "segmenter."
 
 
@@ -40,6 +41,10 @@ class TemplateBank:
     boxes: (Z, N, 4) float32, object boxes x, y, w, h in working-resolution pixels.
     object_noise: (Z, N) float32, the peak of each object's anomaly map when its own image is
         judged against the rest of the bank (leave-one-out): what "normal" looks like for it.
+    shapes: (Z, N, D) float32, outline descriptors (`linewatch.detector.shape`); D = 0 when the
+        backend does not use them.
+    textures: (Z, N, T) float32, grain statistics of each object (`ClassicFeatures.
+        texture_channels` averaged over its mask); T = 0 when the backend does not use them.
     segmenter_state: tensors of a fitted weights-free segmenter (empty for SAM).
     manifest: identity, calibration and provenance (JSON-serialisable).
     """
@@ -51,6 +56,8 @@ class TemplateBank:
     descriptors: torch.Tensor
     boxes: torch.Tensor
     object_noise: torch.Tensor
+    shapes: torch.Tensor
+    textures: torch.Tensor
     manifest: dict[str, Any]
     segmenter_state: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -18,7 +18,11 @@ pipeline (`PIPELINE_GROUPS`, one thread each).
 Beyond the paper: a reference part that no query object matches (in more than half of
 the k references) is scored at its reference location ("missing"), and an unmatched query
 object whose closest reference part is already matched by another query object is a part
-too many ("surplus"). Both show in the heatmap and in the object list.
+too many ("surplus"). Both show in the heatmap and in the object list. With the weights-free
+backend each part also carries an outline descriptor (`linewatch.detector.shape`), used in
+matching and in its score. The image score fuses the object map with a patch branch
+(`linewatch.detector.patch_knn`), each in units of its spread on the good images
+(`detector.score`, `fuse_maps`).
 """
 
 from __future__ import annotations
@@ -37,11 +41,14 @@ from torch import Tensor
 from linewatch.config import Config, DetectorConfig
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.describe import masked_global_max_pool, resize_masks
+from linewatch.detector.fusion import fuse_maps
 from linewatch.detector.match import match_objects
 from linewatch.detector.measure import mahalanobis
 from linewatch.detector.models import Models
+from linewatch.detector.patch_knn import local_patch_features, nearest_patch_distances
 from linewatch.detector.result import InspectionResult
 from linewatch.detector.segment import interior_points
+from linewatch.detector.shape import shape_descriptors
 
 
 ENCODE_STAGES = ("preprocess", "backbone", "upsample", "segment", "describe")  # one image alone
@@ -63,7 +70,9 @@ class Encoded:
 
     features: (B, C, h, w) backbone; retrieval: (B, D) flattened backbone features;
     upsampled: (B, C, H', W'); masks: list of (M_b, S, S) bool; soft_masks: (B, M, H', W');
-    valid: (B, M) bool; boxes: (B, M, 4) x, y, w, h in working pixels; descriptors: (B, M, C).
+    valid: (B, M) bool; boxes: (B, M, 4) x, y, w, h in working pixels; descriptors: (B, M, C);
+    shapes: (B, M, D) outline descriptors, textures: (B, M, T) grain statistics (None when
+    the backend does not use them).
     """
 
     features: Tensor | None = None
@@ -73,6 +82,8 @@ class Encoded:
     valid: Tensor | None = None
     boxes: Tensor | None = None
     descriptors: Tensor | None = None
+    shapes: Tensor | None = None
+    textures: Tensor | None = None
 
     @property
     def retrieval(self) -> Tensor:
@@ -89,6 +100,7 @@ class Batch:
     frames: Tensor | None = None  # (B, H, W, 3) uint8 input frames on the device, for a segmenter that wants them
     encoded: Encoded = field(default_factory=Encoded)
     references: Tensor | None = None  # (B, k)
+    patch_references: Tensor | None = None  # (B, R) the good images the patch branch compares with
     exclude: Tensor | None = None  # (B,) reference index to skip in retrieval (leave-one-out)
     match: Any = None  # MatchResult over B*k query/reference pairs
     object_maps: Tensor | None = None  # (B, M, H', W') raw per-object Mahalanobis maps
@@ -316,6 +328,10 @@ class Inspector:
         self.backend = config.backend
         self.descriptor_mean: Tensor | None = None
         self.seed_points: Tensor | None = None  # (N, M, 2) a point inside each bank part, for seeded prompts
+        self.shape_mean: Tensor | None = None  # mean outline descriptor of the bank's parts, when outlines are used
+        self.patch_memory: Tensor | None = None  # (Z, C, h, w) the bank's patch features, for the patch branch
+        self.normalisation: dict | None = None  # each branch's spread on good images (fusion.branch_normalisation)
+        self.keep_component_maps = False  # evaluation: results carry each branch's map too
         if bank is not None:
             bank.check_identity(self.identity(), source=f"bank {bank.bank_id}", settings=config.fingerprint_settings())
             if bank.size < config.k_references:
@@ -335,6 +351,35 @@ class Inspector:
             # a part whose good-image maps are nearly flat must not turn tiny differences into alarms
             noise = self.bank.object_noise[self.bank.object_valid]
             self.noise_floor = float(noise.median()) * 0.25 if noise.numel() else 1.0
+            if self.uses_shapes:
+                good_shapes = self.bank.shapes[self.bank.object_valid]
+                self.shape_mean = good_shapes.mean(0) if good_shapes.numel() else None
+            if config.score.source != "objects":
+                self.patch_memory = local_patch_features(self._backbone_maps(self.bank.retrieval))
+            self.normalisation = self.bank.manifest.get("score_normalisation")
+
+    @property
+    def uses_shapes(self) -> bool:
+        """Whether parts carry outline descriptors and grain statistics (the weights-free backend
+        with classic.shape_weight > 0)."""
+        return self.models.shape_weight > 0
+
+    def _texture_statistics(self, features: Tensor, soft_masks: Tensor) -> Tensor:
+        """Mean grain statistics (`ClassicFeatures.texture_channels`) over each part's mask:
+        features (B, C, h, w) backbone map, soft_masks (B, M, H', W') -> (B, M, T)."""
+        channels = self.models.backbone.texture_channels(features.float())
+        masks = F.interpolate(soft_masks, size=channels.shape[-2:], mode="area") if soft_masks.shape[1] else \
+            soft_masks.new_zeros(*soft_masks.shape[:2], *channels.shape[-2:])
+        return torch.einsum("bthw,bmhw->bmt", channels, masks) / masks.sum((-2, -1)).clamp_min(1e-6)[..., None]
+
+    def _backbone_maps(self, retrieval: Tensor) -> Tensor:
+        """Flattened backbone features (n, C*h*w), as the bank keeps them -> (n, C, h, w)."""
+        side = self.config.image_size // self.models.backbone.stride
+        c = self.models.backbone.out_channels
+        if retrieval.shape[1] != c * side * side:
+            raise BankError(f"bank {self.bank_id}: its retrieval vectors have {retrieval.shape[1]} values, the backbone "
+                            f"gives {c} x {side} x {side}; rebuild the bank")
+        return retrieval.float().view(-1, c, side, side)
 
     # ------------------------------------------------------------------ identity
 
@@ -417,8 +462,22 @@ class Inspector:
         enc.valid = bank.object_valid[indices]
         enc.boxes = bank.boxes[indices]
         enc.descriptors = bank.descriptors[indices]
-        batch.references = bank.retrieve(bank.retrieval[indices], self.config.k_references, indices)
+        enc.shapes = bank.shapes[indices] if self.uses_shapes else None
+        enc.textures = bank.textures[indices] if self.uses_shapes else None
+        enc.features = self._backbone_maps(bank.retrieval[indices])
+        self._retrieve(batch, bank.retrieval[indices])
         return batch
+
+    def _retrieve(self, batch: Batch, retrieval: Tensor) -> None:
+        """The k references of each image, and (patch branch) its R nearest good images, in one
+        search (the first k of the R nearest are the k nearest)."""
+        k = self.config.k_references
+        r = 0
+        if self.patch_memory is not None:
+            r = min(self.config.score.patch_images, self.bank.size - (0 if batch.exclude is None else 1))
+        nearest = self.bank.retrieve(retrieval, max(k, r), batch.exclude)
+        batch.references = nearest[:, :k]
+        batch.patch_references = nearest[:, :r] if r else None
 
     # ------------------------------------------------------------------ stages
 
@@ -451,7 +510,7 @@ class Inspector:
     def backbone(self, batch: Batch) -> Batch:
         batch.encoded.features = self.models.backbone(batch.images01)
         if self.bank is not None:
-            batch.references = self.bank.retrieve(batch.encoded.retrieval, self.config.k_references, batch.exclude)
+            self._retrieve(batch, batch.encoded.retrieval)
         return batch
 
     @torch.inference_mode()
@@ -476,6 +535,9 @@ class Inspector:
         enc.soft_masks, enc.valid, enc.boxes = pad_masks(enc.masks, size, self.device)
         pooled = masked_global_max_pool(enc.upsampled, enc.soft_masks)
         enc.descriptors = self.models.dcga(pooled, enc.valid)
+        if self.uses_shapes:
+            enc.shapes = shape_descriptors(enc.masks, enc.boxes)  # masks and boxes at the working size
+            enc.textures = self._texture_statistics(enc.features, enc.soft_masks)
         return batch
 
     @torch.inference_mode()
@@ -491,6 +553,16 @@ class Inspector:
         if self.descriptor_mean is not None:
             query = F.normalize(query - self.descriptor_mean, dim=-1)
             reference = F.normalize(reference - self.descriptor_mean, dim=-1)
+        if self.uses_shapes:
+            # outlines next to the pooled features: for unit halves the cosine of the joined
+            # vectors is (cos_features + w^2 cos_outlines) / (1 + w^2)
+            w = self.models.shape_weight
+            query_shapes, reference_shapes = enc.shapes, self.bank.shapes[flat]
+            if self.shape_mean is not None:
+                query_shapes = query_shapes - self.shape_mean
+                reference_shapes = reference_shapes - self.shape_mean
+            query = F.normalize(torch.cat([query, w * F.normalize(query_shapes, dim=-1)], dim=-1), dim=-1)
+            reference = F.normalize(torch.cat([reference, w * F.normalize(reference_shapes, dim=-1)], dim=-1), dim=-1)
         batch.match = match_objects(
             query[:, None].expand(b, k, m, -1).reshape(b * k, m, -1),
             reference,
@@ -553,8 +625,44 @@ class Inspector:
         )
         image_maps = image_maps + cfg.missing_part_weight * missing_maps
 
-        batch.results = self._results(batch, image_maps, object_maps, is_matched, is_surplus, missing)
+        branch_maps = {"objects": image_maps}
+        if self.config.score.source != "objects":
+            branch_maps["patch"] = self._patch_maps(batch)
+            if self.uses_shapes:
+                branch_maps.update(self._part_maps(batch))
+        batch.results = self._results(batch, branch_maps, object_maps, is_matched, is_surplus, missing)
         return batch
+
+    def _part_maps(self, batch: Batch) -> dict[str, Tensor]:
+        """The part branches (weights-free backend): each query part's distance to the nearest
+        good part of the bank (any image but the query's own, any place) by its outline
+        (`linewatch.detector.shape`) and by its grain statistics (`ClassicFeatures.
+        texture_channels`), spread over the part's mask: {"outline", "texture"}: (B, H', W').
+        A part that no good part resembles (another shape, mirrored, turned, another granular
+        texture) stands out whatever the matching did; where a part is (a swap) is left to the
+        object and patch branches."""
+        enc, bank = batch.encoded, self.bank
+        z, n = bank.object_valid.shape
+        usable = bank.object_valid[None].expand(enc.valid.shape[0], z, n).clone()  # (B, Z, N)
+        if batch.exclude is not None:
+            own = batch.exclude[:, None] == torch.arange(z, device=self.device)[None]  # (B, Z)
+            usable &= ~own[..., None]
+        usable = usable.reshape(-1, z * n)[:, None]  # (B, 1, Z*N)
+        maps = {}
+        for name, query, good in (("outline", enc.shapes, bank.shapes), ("texture", enc.textures, bank.textures)):
+            distances = torch.cdist(query.float(), good.reshape(1, z * n, -1).float().expand(query.shape[0], -1, -1))
+            nearest = distances.masked_fill(~usable, float("inf")).amin(2)  # (B, M)
+            nearest = torch.where(enc.valid & torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
+            maps[name] = (enc.soft_masks * nearest[..., None, None]).amax(1)
+        return maps
+
+    def _patch_maps(self, batch: Batch) -> Tensor:
+        """The patch branch (`linewatch.detector.patch_knn`): (B, h, w) distance of each patch of
+        the backbone map to the nearest patch near the same place in the image's R nearest good
+        images (retrieved without the image itself when it is one of the bank's)."""
+        query = local_patch_features(batch.encoded.features)
+        memory = self.patch_memory[batch.patch_references]  # (B, R, C, h, w)
+        return nearest_patch_distances(query, memory, self.config.score.patch_window)
 
     def _aligned_pairs(self, batch: Batch, assigned: Tensor, is_matched: Tensor) -> AlignedPairs:
         """Every (image, object) pair, padding included, with its k reference objects moved onto
@@ -718,17 +826,29 @@ class Inspector:
         }
         return maps.view(b, hf, wf), report
 
-    def _results(self, batch, image_maps, object_maps, is_matched, is_surplus, missing) -> list[InspectionResult]:
+    def _results(self, batch, raw_maps, object_maps, is_matched, is_surplus, missing) -> list[InspectionResult]:
         """Smoothed maps, scores and object lists, from ONE device -> host copy (`to_host`) of
-        everything they need; the Python records are built on the host."""
+        everything they need; the Python records are built on the host. raw_maps: the branches'
+        maps, {"objects": (B, H', W'), "patch": (B, h, w), ...}; the score map is their
+        `fuse_maps` at the working size."""
         size = self.config.image_size
         enc = batch.encoded
-        maps = F.interpolate(image_maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        maps = gaussian_blur(maps, self.config.measure.smoothing_sigma)
+
+        def smoothed(raw: Tensor) -> Tensor:
+            up = F.interpolate(raw[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            return gaussian_blur(up, self.config.measure.smoothing_sigma)
+
+        branch_maps = {name: smoothed(raw) for name, raw in raw_maps.items()}
+        components = {name: m.flatten(1).amax(1) for name, m in branch_maps.items()}
+        maps = fuse_maps(branch_maps, self.normalisation, self.config.score.source)
+        scores = fuse_maps(components, self.normalisation, self.config.score.source)  # the same rule on the peaks
+        kept = branch_maps if self.keep_component_maps else {}
         cell_area = (size / enc.soft_masks.shape[-1]) ** 2  # working pixels per feature cell
         host = to_host({
             "maps": maps,
-            "scores": maps.flatten(1).amax(1),
+            "scores": scores,
+            **{f"component_{name}": value for name, value in components.items()},
+            **{f"component_map_{name}": m for name, m in kept.items()},
             "object_scores": object_maps.flatten(2).amax(2),
             "areas": enc.soft_masks.flatten(2).sum(2) * cell_area,  # (B, M), working pixels
             "boxes": enc.boxes,
@@ -751,16 +871,21 @@ class Inspector:
                 objects.append(_object_record(host["missing_box"][t], area, sx, sy, "missing",
                                               float(host["missing_score"][t])))
             score = float(host["scores"][bi])
-            heatmap = host["maps"][bi]
-            heatmap = cv2.resize(heatmap, (w, h), interpolation=cv2.INTER_LINEAR) if (h, w) != (size, size) else heatmap
+
+            def at_input_size(amap: np.ndarray) -> np.ndarray:
+                resized = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR) if (h, w) != (size, size) else amap
+                return resized.astype(np.float32)
+
             results.append(
                 InspectionResult(
                     score=score,
                     verdict="fail" if score > threshold else "pass",
                     threshold=float(threshold),
-                    heatmap=heatmap.astype(np.float32),
+                    heatmap=at_input_size(host["maps"][bi]),
                     objects=objects,
                     backend=self.backend,
+                    components={name: float(host[f"component_{name}"][bi]) for name in branch_maps},
+                    component_maps={name: at_input_size(host[f"component_map_{name}"][bi]) for name in kept} or None,
                 )
             )
         return results

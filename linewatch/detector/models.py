@@ -35,6 +35,7 @@ class Models:
     upsampler: nn.Module  # (features, images01) -> (B, C, H', W'); .identity
     segmenter: Any  # images01 -> list of (M_b, S, S) bool; .identity
     dcga: DCGA
+    shape_weight: float = 0.0  # weight of the parts' outline descriptors (linewatch.detector.shape); 0: unused
 
 
 def select_device(name: str) -> torch.device:
@@ -100,4 +101,5 @@ def build_models(config: DetectorConfig, device: torch.device) -> Models:
         backbone = torch.compile(backbone)  # attribute access (identity, out_channels) reaches the module
         if hasattr(segmenter, "compile_encoder"):
             segmenter.compile_encoder()
-    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=dcga)
+    shape_weight = config.classic.shape_weight if config.backend == "classic" else 0.0
+    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=dcga, shape_weight=shape_weight)

@@ -19,6 +19,10 @@ class InspectionResult:
     dict per object with keys bbox [x, y, w, h] (input pixels), area (pixels), status (one of
     OBJECT_STATUSES), score (max of its map). timings: seconds per stage for the batch this
     image was in. backend: which feature/segmenter backend produced it ("classic" or "samlad").
+    components: the raw image score of each branch ("objects", and "patch" when the score uses
+    it), before they are put in units of their spread on good images and fused
+    (detector.score). component_maps: their maps at the input resolution, only when the
+    Inspector was asked to keep them (evaluation).
     """
 
     score: float
@@ -28,3 +32,5 @@ class InspectionResult:
     objects: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     backend: str = ""
+    components: dict[str, float] = field(default_factory=dict)
+    component_maps: dict[str, np.ndarray] | None = None

@@ -28,8 +28,10 @@ doubled-angle channels change smoothly with the angle: the same turn moves this 
 (tests/detector/test_shape.py). A descriptor of the grey image inside
 the mask was tried too: sensor noise moved it as far as a 10 % size change.
 
-What moves a good part's descriptor (small rotations, the segmenter's boundary jitter) is
-measured per part on the good images when the bank is built (the bank's `shape_noise`).
+How far a good part's descriptor moves (small rotations, the segmenter's boundary jitter) is
+learned from the good images: the Inspector's outline branch scores a part by its distance
+to the nearest good part of the bank, in units of that distance's spread on good images
+(`linewatch.detector.fusion`).
 """
 
 from __future__ import annotations

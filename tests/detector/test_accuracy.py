@@ -17,7 +17,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from linewatch.bank_builder import build_bank, read_folder, score_images
+from linewatch.bank_builder import build_bank, inspect_images, read_folder
 from linewatch.config import load_config
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import build_models
@@ -45,7 +45,7 @@ def test_image_auroc_on_synthetic_line(tmp_path_factory):
                           progress=False)
         inspector = Inspector(config.detector, models, bank, device)
         scores = {
-            category: score_images(inspector, read_folder(data / "test" / category)[1], 8, False)
+            category: np.array([r.score for r in inspect_images(inspector, read_folder(data / "test" / category)[1], 8, False)])
             for category in ("good", "logical_anomalies", "structural_anomalies")
         }
         assert len(scores["good"]) == 20 and len(scores["logical_anomalies"]) == 20
