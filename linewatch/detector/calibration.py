@@ -18,7 +18,7 @@ Methods, picked by `choose_method`:
   refits it hundreds of times in milliseconds (scipy.stats.genpareto.fit took 12-35 ms per fit
   on the development machine).
 - ``empirical`` when there are that many scores but the target is not in the top 10 % (or the
-  top scores are all equal): the smallest score with at most `target` of the scores above it.
+  top 10 % are all equal): the smallest score with at most `target` of the scores above it.
 - ``normal-fit`` / ``lognormal-fit`` / ``gamma-fit`` with fewer scores: each family is fitted
   to all scores by maximum likelihood and the one with the highest log-likelihood gives t as
   its (1 - target) quantile (two free parameters each, so this is also the AIC choice;
@@ -155,8 +155,9 @@ class _Fits:
 
     def isf(self, p: float) -> np.ndarray:
         """The score t with fitted P(score > t) = p, per row."""
-        if self.method == "empirical":
-            return np.quantile(self.x, 1.0 - p, axis=1, method="higher")
+        if self.method == "empirical":  # the smallest score with at most a fraction p above it
+            n = self.x.shape[1]
+            return self.x[:, n - 1 - math.floor(round(p * n, 9))]
         if self.method == "gpd-tail":
             return self.u + self.dist.isf(p / self.zeta)
         return self.dist.isf(p)
@@ -174,7 +175,7 @@ def choose_method(scores: np.ndarray, target_false_reject_rate: float) -> str:
     x = np.sort(np.asarray(scores, dtype=np.float64))
     k = _tail_size(len(x))
     if k >= MIN_TAIL_SCORES:
-        flat = x[-1] == x[len(x) - k - 1]
+        flat = x[-1] == x[len(x) - k]  # the top scores all equal: no tail shape to fit
         return "gpd-tail" if target_false_reject_rate < k / len(x) and not flat else "empirical"
     return FAMILY_NAMES[int(best_family(x[None, :])[0])]
 
@@ -267,8 +268,8 @@ def _bootstrap_rates(method: str, x: np.ndarray, threshold: float, resamples: in
     n = len(x)
     xb = np.sort(x[rng.integers(0, n, (resamples, n))], axis=1)
     rates = np.mean(xb > threshold, axis=1)  # a resample with nothing to fit: what it shows
-    # something to fit: scores not all equal (for the tail fit: the top scores not all equal to u)
-    rows = np.nonzero(xb[:, -1] > xb[:, n - _tail_size(n) - 1 if method == "gpd-tail" else 0])[0]
+    # something to fit: scores not all equal (for the tail fit: the top scores not all equal)
+    rows = np.nonzero(xb[:, -1] > xb[:, n - _tail_size(n) if method == "gpd-tail" else 0])[0]
     if method == "gpd-tail":
         rates[rows] = _Fits(method, xb[rows]).sf(threshold)
     elif method in FAMILIES:
