@@ -297,7 +297,7 @@ def calibrate(scores, target: float, confidence: float = 0.95,
     if len(x) < n_required:
         warning = (f"{len(x)} good-image scores are too few for a false-reject rate of {target:.2%}: it needs "
                    f"at least {n_required} good images ({MIN_EXPECTED_EXCEEDANCES} expected above the threshold). "
-                   f"The threshold extrapolates a {method}; expect {expected:.2%} of good parts to fail "
+                   f"The threshold ({method}) extrapolates beyond the scores; expect {expected:.2%} of good parts to fail "
                    f"({confidence:.0%} CI {low:.2%} to {high:.2%}, likely wider on the high side)")
     return Calibration(
         threshold=threshold, method=method, target=target, expected_false_reject_rate=expected,
