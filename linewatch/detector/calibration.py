@@ -10,13 +10,13 @@ Methods, picked by `choose_method`:
 - ``gpd-tail`` (peaks over threshold) when the top TAIL_FRACTION (10 %) of the scores are at
   least MIN_TAIL_SCORES (20), i.e. from 200 scores on, and the target is below 10 %: u is the
   score just below that top 10 %, the top scores minus u are fitted with a generalized Pareto
-  distribution (scipy.stats.genpareto), and P(score > t) = 0.1 * GPD.sf(t - u) for t > u;
-  t solves that = target. The GPD is fitted with Zhang & Stephens's estimator (Technometrics
-  51(3), 2009) rather than maximum likelihood: it exists for every sample (the GPD likelihood is
-  unbounded for shapes below -1), is nearly unbiased with 20-50 exceedances where maximum
-  likelihood leans to light tails, and needs no iterative optimizer, so the bootstrap below
-  refits it hundreds of times in milliseconds (scipy.stats.genpareto.fit took 12-35 ms per fit
-  on the development machine).
+  distribution (scipy.stats.genpareto), and P(score > t) = zeta * GPD.sf(t - u) for t > u,
+  zeta = the fraction of scores in the tail (about 0.1); t solves that = target. The GPD is
+  fitted with Zhang & Stephens's estimator (Technometrics 51(3), 2009) rather than maximum
+  likelihood: it exists for every sample (the GPD likelihood is unbounded for shapes below
+  -1), it leans less to light tails than maximum likelihood with a few dozen exceedances, and
+  it needs no iterative optimizer, so the bootstrap below refits it hundreds of times in
+  milliseconds (scipy.stats.genpareto.fit took 12-38 ms per fit on the development machine).
 - ``empirical`` when there are that many scores but the target is not in the top 10 % (or the
   top 10 % are all equal): the smallest score with at most `target` of the scores above it.
 - ``normal-fit`` / ``lognormal-fit`` / ``gamma-fit`` with fewer scores: each family is fitted
@@ -29,18 +29,18 @@ Expected false-reject rate and confidence interval: percentile bootstrap. The sc
 resampled with replacement BOOTSTRAP_RESAMPLES times (seeded: the same scores always give the
 same numbers), each resample is fitted again by the same method (a whole-sample family is
 chosen again per resample, so the doubt about the family widens the interval), and each refit's
-P(score > t) is read off at the chosen t. The expected rate is their mean (above the target
-when the fit is uncertain: a tail probability is convex in the fitted parameters), the
-interval their central `confidence` range. Where the scores are too few (below), the interval
-is too narrow on the high side: in tests/detector/test_calibration.py the true rate lay above
-it more often than the nominal 2.5 %.
+P(score > t) is read off at the chosen t. The expected rate is their mean (it differs from
+the target when the fit is uncertain), the interval their central `confidence` range. The interval is too narrow on the high side: in
+tests/detector/test_calibration.py (100 draws per case) the true rate lay above a 95 %
+interval in 4-11 % of the draws with enough scores and in up to 23 % with too few, below it
+in at most 4 % (docs/detector.md#calibration has the numbers).
 
 Required number of good scores, `required_good_images(p)`: a threshold for a false-reject rate
 p is backed by data when the sample is expected to hold at least MIN_EXPECTED_EXCEEDANCES (5)
-scores above it, n >= 5 / p (0.5 % -> 1000, 2 % -> 250). A count with 5 expected falls within
-about 1.6 to 11.7 in 95 % of samples (Poisson, Garwood's interval), so the data pin the rate
-down to within a factor of about 2-3; with fewer, t extrapolates the fitted shape, and
-`Calibration.warning` says so.
+scores above it, n >= 5 / p (0.5 % -> 1000, 2 % -> 250). When 5 scores lie above a threshold,
+the exact (Garwood) 95 % interval for the rate there is 0.32 to 2.3 times what they show (with
+1 score: 0.025 to 5.6 times); with fewer than 5 expected, t extrapolates the fitted shape more
+than it reads the data, and `Calibration.warning` says so.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ __all__ = [
     "TAIL_FRACTION", "MIN_TAIL_SCORES", "MIN_EXPECTED_EXCEEDANCES", "BOOTSTRAP_RESAMPLES", "MIN_SCORES",
 ]
 
-TAIL_FRACTION = 0.10  # the tail fit uses the scores above the empirical 90 % quantile
+TAIL_FRACTION = 0.10  # the tail fit uses the top 10 % of the scores
 MIN_TAIL_SCORES = 20  # ... and needs at least this many of them
 MIN_EXPECTED_EXCEEDANCES = 5  # good scores expected above the threshold for it to be backed by data
 BOOTSTRAP_RESAMPLES = 200
