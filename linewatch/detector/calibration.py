@@ -115,7 +115,8 @@ def fit_gpd(exceedances: np.ndarray):
     k = y.shape[1]
     m = 20 + int(math.sqrt(k))
     top = y[:, -1:]
-    quartile = np.maximum(y[:, int(k / 4 + 0.5) - 1: int(k / 4 + 0.5)], top * 1e-3)  # > 0 with ties at 0
+    q = max(1, int(k / 4 + 0.5))  # the first quartile, 1-based
+    quartile = np.maximum(y[:, q - 1: q], top * 1e-3)  # > 0 with ties at 0
     theta = 1.0 / top + (1.0 - np.sqrt(m / (np.arange(1, m + 1) - 0.5)))[None, :] / (3.0 * quartile)  # (B, m)
     with np.errstate(all="ignore"):
         kz = -np.mean(np.log1p(-theta[:, :, None] * y[:, None, :]), axis=2)  # Zhang & Stephens's k = -shape
