@@ -1,10 +1,12 @@
 """Builds a template bank from a folder of good images and calibrates its threshold.
 
 This is the offline on-boarding stage (SAM-LAD 3.1, stage 1): every good image goes through
-the models once; the bank keeps what a frame needs of it. Calibration scores held-out good
-images (a validation folder, or leave-one-out over the good images: each is judged against
-the bank without itself) and stores the threshold that fails the target fraction of good
-parts, plus the score distribution.
+the models once; the bank keeps what a frame needs of it. Calibration pools the scores of
+good images judged against a bank without them (the validation folder, if any, and
+leave-one-out over the bank's own good images: each judged against the others), fits
+the tail of their distribution (linewatch.detector.calibration) and stores the threshold for
+the target false-reject rate, the rate to expect there with its confidence interval, and the
+scores.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from linewatch import __version__
 from linewatch.config import Config
 from linewatch.detector.bank import TemplateBank
+from linewatch.detector.calibration import calibrate
 from linewatch.detector.fusion import branch_normalisation, fuse_scores
 from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector, pad_masks
 from linewatch.detector.models import Models, build_models, select_device
@@ -88,21 +91,6 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         "object_noise": torch.ones(valid.shape),
         "shapes": shapes * valid[..., None],
         "textures": textures * valid[..., None],
-    }
-
-
-def calibrate(scores: np.ndarray, target_false_reject_rate: float) -> dict:
-    """Threshold that lets at most `target_false_reject_rate` of good scores fail (score > threshold)."""
-    threshold = float(np.quantile(scores, 1.0 - target_false_reject_rate, method="higher"))
-    return {
-        "threshold": threshold,
-        "target_false_reject_rate": target_false_reject_rate,
-        "observed_false_reject_rate": float(np.mean(scores > threshold)),
-        "scores": [round(float(s), 6) for s in scores],
-        "mean": float(np.mean(scores)),
-        "std": float(np.std(scores)),
-        "max": float(np.max(scores)),
-        "n": int(len(scores)),
     }
 
 
@@ -218,20 +206,27 @@ def build_bank(
     if det.measure.normalize_objects:
         bank.object_noise = object_noise_levels(Inspector(det, models, bank=bank, device=device), batch_size, progress)
     judge = Inspector(det, models, bank=bank, device=device)
-    # raw branch scores of the good images: leave-one-out over the bank, and the validation images
-    loo = [r.components for _, batch in judge_bank_images(judge, batch_size, progress, "scoring good images")
-           for r in batch.results]
-    held_out = ([r.components for r in inspect_images(judge, validation, batch_size, progress)]
-                if validation is not None else [])
-    if det.score.source == "fused":
-        # each branch in units of its spread over all good scores there are
-        manifest["score_normalisation"] = branch_normalisation(_by_branch(loo + held_out))
+    # raw branch scores of the good images: the validation images, and leave-one-out over the
+    # bank (each good image against k others)
+    held_out, loo, sources = [], [], []
     if validation is not None:
-        scores = fuse_scores(_by_branch(held_out), manifest.get("score_normalisation"), det.score.source)
-        method = f"validation folder {Path(validation_dir).resolve()}"
-    else:
-        scores = fuse_scores(_by_branch(loo), manifest.get("score_normalisation"), det.score.source)
-        method = "leave-one-out over the good images"
-    manifest["calibration"] = dict(calibrate(scores, config.calibration.target_false_reject_rate), method=method)
+        held_out = [r.components for r in inspect_images(judge, validation, batch_size, progress)]
+        sources.append(f"validation folder {Path(validation_dir).resolve()} ({len(validation)})")
+    if bank.size > k:
+        loo = [r.components for _, batch in judge_bank_images(judge, batch_size, progress, "scoring good images")
+               for r in batch.results]
+        sources.append(f"leave-one-out over the good images ({bank.size})")
+    good = _by_branch(held_out + loo)
+    try:
+        if det.score.source == "fused":  # each branch in units of its spread over all good scores there are
+            manifest["score_normalisation"] = branch_normalisation(good)
+        scores = fuse_scores(good, manifest.get("score_normalisation"), det.score.source)
+        calibration = calibrate(scores, config.calibration.target_false_reject_rate,
+                                confidence=config.calibration.confidence)
+    except ValueError as e:
+        raise BankBuildError(f"{good_dir}: cannot calibrate the threshold: {e}") from None
+    manifest["calibration"] = dict(calibration.to_manifest(), source=" + ".join(sources))
+    if calibration.warning:
+        log(f"WARNING: calibration: {calibration.warning}")
     manifest["build_seconds"] = round(time.time() - started, 2)
     return bank

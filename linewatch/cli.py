@@ -84,7 +84,11 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     cal = bank.manifest["calibration"]
     print(
         f"bank {bank.bank_id}: {bank.size} good images, threshold {cal['threshold']:.4g} "
-        f"(target false-reject rate {cal['target_false_reject_rate']:.2%}, {cal['method']}, n={cal['n']}) -> {out}"
+        f"({cal['method']} of n={cal['n']} good scores: {cal['source']}); false-reject rate: "
+        f"target {cal['target_false_reject_rate']:.2%}, expected {cal['expected_false_reject_rate']:.2%} "
+        f"({cal['confidence']:.0%} CI {cal['ci_low']:.2%} to {cal['ci_high']:.2%}; "
+        + ("enough good images" if cal["enough"] else f"needs {cal['n_required']} good images, see the WARNING")
+        + f") -> {out}"
     )
     return 0
 

@@ -55,10 +55,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         bank_images=inspector.bank.size,
         threshold=round(float(inspector.bank.threshold), 6),
         target_false_reject_rate=calibration.get("target_false_reject_rate"),
+        expected_false_reject_rate=calibration.get("expected_false_reject_rate"),  # absent in banks built before
+        false_reject_rate_ci=[calibration.get("ci_low"), calibration.get("ci_high")],
+        calibration_confidence=calibration.get("confidence"),
+        calibration_method=calibration.get("method"),
+        calibration_scores=calibration.get("n"),
+        calibration_scores_required=calibration.get("n_required"),
         ingest=[f"{url} ({e.protocol}, {e.mode})" for url, e in zip(daemon.ingest.bound_urls, config.runtime.ingest.endpoints)],
         verdicts=daemon.publisher.bound_url,
         metrics=f"{daemon.health.scheme}://{daemon.health.host}:{daemon.health.port}/metrics",
     )
+    if calibration.get("warning"):
+        log.warning("calibration_too_few_good_images", warning=calibration["warning"])
     code = daemon.run_until_signal()
     exit_now_if_a_stage_still_runs(daemon.pipeline.running_after_stop(), code, log)
     return code

@@ -201,8 +201,13 @@ class DetectorConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    target_false_reject_rate: float = Field(0.005, gt=0, lt=0.5, description="fraction of good parts allowed to fail")
+    target_false_reject_rate: float = Field(
+        0.005, gt=0, lt=0.5, description="fraction of good parts allowed to fail; the threshold is the score the "
+        "fitted tail of the good-image scores exceeds with this probability")
     min_validation_images: int = Field(5, ge=1, description="fewer held-out good images than this is an error")
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="level of the confidence interval reported for the false-reject rate "
+        "(changes no threshold)")
 
 
 class BankConfig(_Section):

@@ -1,7 +1,7 @@
 """`linewatch demo`: a synthetic production line on loopback, end to end, without weights or GPU.
 
   1. the weights-free `classic` backend (honestly labelled: not SAM-LAD's accuracy)
-  2. synthetic good images of one product -> a template bank, calibrated on held-out good ones
+  2. synthetic good images of one product -> a template bank, calibrated on held-out and leave-one-out good ones
   3. the daemon, in this process, on free loopback ports (never collides with a running one)
   4. a tap on the verdict stream
   5. a camera: frames rendered on the fly (good and defective, known ground truth), sent in
@@ -137,8 +137,8 @@ def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", 
             inspector = Inspector(config.detector, models, bank, device)
         cal = bank.manifest["calibration"]
         _say(f"      bank {bank.bank_id}: {bank.size} images, threshold {bank.threshold:.3f} "
-             f"(target false-reject rate {cal['target_false_reject_rate']:.1%}, calibrated on {cal['n']} held-out "
-             f"good images), {time.monotonic() - t0:.1f} s" + (f" -> {bank_path}" if workdir else ""))
+             f"(target false-reject rate {cal['target_false_reject_rate']:.1%}, calibrated on {cal['n']} "
+             f"good-image scores), {time.monotonic() - t0:.1f} s" + (f" -> {bank_path}" if workdir else ""))
         inspector.bank_images = bank.size
 
         # -- 3. daemon ---------------------------------------------------------------------------

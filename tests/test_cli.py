@@ -87,6 +87,11 @@ def test_bank_build_and_info(bank):
     assert not out.with_name(out.name + ".part").exists()
     assert "threshold" in proc.stdout and str(out) in proc.stdout
     assert "classic" in proc.stderr  # the backend is always named
+    # 5 validation + 6 leave-one-out scores are far too few for the default 0.5 %: said on stderr
+    assert ("WARNING: calibration: 11 good-image scores are too few for a false-reject rate of 0.50%: "
+            "it needs at least 1000 good images") in proc.stderr
+    assert "target 0.50%, expected " in proc.stdout and "95% CI " in proc.stdout
+    assert "needs 1000 good images, see the WARNING" in proc.stdout
     info = linewatch("bank", "info", out)
     assert info.returncode == 0, info.stderr
     manifest = json.loads(info.stdout)
@@ -96,8 +101,11 @@ def test_bank_build_and_info(bank):
     assert manifest["format_version"] == 1
     cal = manifest["calibration"]
     assert "scores" not in cal  # info leaves the raw scores out
-    assert cal["n"] == 5 and "validation folder" in cal["method"]
+    assert cal["n"] == 11 and "validation folder" in cal["source"] and "leave-one-out" in cal["source"]
     assert cal["threshold"] > 0
+    assert cal["n_required"] == 1000 and cal["enough"] is False and "11 good-image scores" in cal["warning"]
+    assert cal["ci_low"] <= cal["expected_false_reject_rate"] <= cal["ci_high"]
+    assert f"expected {cal['expected_false_reject_rate']:.2%} " in proc.stdout  # the build line shows the manifest's
     assert manifest["bank_id"] in proc.stdout
     assert manifest["tensors"]["objects_per_image"] == [6] * 6
 

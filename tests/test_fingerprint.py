@@ -84,7 +84,9 @@ def test_every_detector_setting_is_in_the_fingerprint_unless_listed(backend: str
 def test_calibration_settings_are_each_checked_or_build_only() -> None:
     # The threshold belongs to its target: TemplateBank.check_calibration refuses another one.
     checked_at_load = {"target_false_reject_rate"}
-    build_only = {"min_validation_images"}  # refuses a build with too few images; changes no threshold
+    # min_validation_images refuses a build with too few images; confidence sets the level of the
+    # reported interval; neither changes the threshold
+    build_only = {"min_validation_images", "confidence"}
     assert set(CalibrationConfig.model_fields) == checked_at_load | build_only, (
         "a new calibration setting: decide whether a bank built under another value must be refused")
 

@@ -29,7 +29,8 @@ from linewatch.images import ImageError, read_image, write_image
 if TYPE_CHECKING:
     from linewatch.eval.runner import MethodRun
 
-__all__ = ["write_report", "render_markdown", "write_anomaly_maps", "write_tiff", "write_roc_png", "write_examples_png"]
+__all__ = ["write_report", "render_markdown", "write_anomaly_maps", "write_tiff", "write_roc_png", "write_examples_png",
+           "score_caption"]
 
 # RGB colours: images are written through linewatch.images.write_image
 _CURVE_COLOURS = {
@@ -44,10 +45,34 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 # ---------------------------------------------------------------------------- text
 
 
-def _fmt(x: float | None, percent: bool = True) -> str:
+def _fmt(x: float | None, percent: bool = True, digits: int = 1) -> str:
     if x is None:
         return "–"
-    return f"{100 * x:.1f}" if percent else f"{x:.4g}"
+    return f"{100 * x:.{digits}f}" if percent else f"{x:.4g}"
+
+
+def _false_reject_rows(report: Mapping, method: str) -> list[str]:
+    """Target vs expected vs observed false-reject rate of `method`, per category (percent)."""
+    rows = [
+        "",
+        f"False rejects of {method}, in percent: the target the threshold was calibrated for, the rate the "
+        "calibration expected (its confidence interval), and the good test images that failed "
+        "(exact binomial interval).",
+        "",
+        "| category | target | expected | expected CI | observed on test/good | observed CI | calibration |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, per_method in report["categories"].items():
+        fr, cal = per_method[method]["false_reject"], per_method[method]["calibration"]
+        scores = f"{cal['method']} of {cal['n']} good scores" + ("" if cal["enough"] else
+                                                                  f" (**too few**: needs {cal['n_required']})")
+        rows.append(
+            f"| {name} | {_fmt(fr['target'], digits=2)} | {_fmt(fr['expected'], digits=2)} | "
+            f"{_fmt(fr['expected_ci'][0], digits=2)}–{_fmt(fr['expected_ci'][1], digits=2)} | "
+            f"{fr['failed_good']}/{fr['good']} = {_fmt(fr['observed'], digits=2)} | "
+            f"{_fmt(fr['observed_ci'][0], digits=2)}–{_fmt(fr['observed_ci'][1], digits=2)} | {scores} |"
+        )
+    return rows
 
 
 def render_markdown(report: Mapping) -> str:
@@ -63,7 +88,8 @@ def render_markdown(report: Mapping) -> str:
         f"AU-sPRO: area under the sPRO curve up to FPR {report['max_fpr']} divided by {report['max_fpr']} "
         "(MVTec LOCO definition with defects_config.json saturation thresholds; AU-PRO where a category has "
         "none); false-reject rate = good test images failed, escape rate = anomalous test images passed, "
-        "both at the threshold calibrated on validation/good. All numbers in percent.",
+        "both at the threshold calibrated on good images (objects: validation/good and train/good "
+        "leave-one-out; patchcore: validation/good). All numbers in percent.",
         f"- linewatch {report['linewatch_version']}, {report['created']}",
     ]
     for note in report.get("notes", []):
@@ -94,6 +120,7 @@ def render_markdown(report: Mapping) -> str:
             f"{_fmt(mean['au_spro']['structural'])} | **{_fmt(mean['au_spro']['mean'])}** | "
             f"{_fmt(mean['false_reject_rate'])} | {_fmt(mean['escape_rate']['overall'])} | |"
         )
+        lines += _false_reject_rows(report, method)
     lines += ["", "Figures: `roc_<category>.png`, `examples_<category>.png`. "
               "Anomaly maps: `anomaly_maps/<method>/<category>/test/<type>/<id>.tiff`.", ""]
     return "\n".join(lines)
@@ -189,11 +216,24 @@ def _fit(image: np.ndarray, tile: int) -> np.ndarray:
     return out
 
 
+def score_caption(score: float, threshold: float) -> str:
+    """'pass 0.82 <= thr 1.3' / 'FAIL 2.61 > thr 1.3': the verdict, the score and the threshold it
+    was compared with (fail when score > threshold). Four significant digits, more where those
+    would print a failing score equal to its threshold."""
+    fail = score > threshold
+    digits = 4
+    while fail and f"{score:.{digits}g}" == f"{threshold:.{digits}g}" and digits < 12:
+        digits += 1
+    return f"{'FAIL' if fail else 'pass'} {score:.{digits}g} {'>' if fail else '<='} thr {threshold:.{digits}g}"
+
+
 def write_examples_png(path: str | Path, category: Category, runs: Mapping[str, "MethodRun"],
                        per_type: int = 2, tile: int = 200) -> None:
     """Rows: the first `per_type` test images of each type (good, logical, structural);
     columns: the image with its ground truth outlined in green, then each method's heatmap
-    over the image (colour scale: 1 = the method's calibrated threshold, red = twice it)."""
+    over the image (colour scale: the map divided by the method's calibrated threshold, red =
+    twice it), captioned with the verdict and the image score against that threshold
+    ("FAIL 2.61 > thr 1.3": fail when score > threshold)."""
     rows = []
     for label in ("good", "logical", "structural"):
         rows += [i for i, t in enumerate(category.test_images) if t.label == label][:per_type]
@@ -202,7 +242,7 @@ def write_examples_png(path: str | Path, category: Category, runs: Mapping[str, 
     canvas = np.full((header + len(rows) * (tile + 18), cols * tile, 3), 255, np.uint8)
     _text(canvas, "image + ground truth", (6, 16))
     for c, method in enumerate(runs, start=1):
-        _text(canvas, f"{method} (1 = threshold)", (c * tile + 6, 16))
+        _text(canvas, f"{method} (colour = map/thr)", (c * tile + 6, 16))
     for r, i in enumerate(rows):
         item = category.test_images[i]
         image = read_image(item.path)
@@ -217,7 +257,6 @@ def write_examples_png(path: str | Path, category: Category, runs: Mapping[str, 
             heat = _colourize(run.maps[i], run.threshold)
             blend = cv2.addWeighted(image, 0.45, heat, 0.55, 0)
             canvas[y: y + tile, c * tile:(c + 1) * tile] = _fit(blend, tile)
-            verdict = "FAIL" if run.scores[i] > run.threshold else "pass"
-            _text(canvas, f"{verdict} {run.scores[i]:.3g}", (c * tile + 4, y + tile + 13), 0.38,
-                  (200, 0, 0) if verdict == "FAIL" else (0, 120, 0))
+            _text(canvas, score_caption(run.scores[i], run.threshold), (c * tile + 4, y + tile + 13), 0.38,
+                  (200, 0, 0) if run.scores[i] > run.threshold else (0, 120, 0))
     write_image(path, canvas)

@@ -8,7 +8,8 @@ test image, then compute
 - AU-sPRO up to FPR `max_fpr` (AU-PRO without defects_config.json) for each anomaly type,
   each on that type's images plus the good test images, and their mean;
 - the false-reject rate (good test images failed) and escape rates (anomalous images passed)
-  at the calibrated threshold.
+  at the calibrated threshold; next to the observed false-reject rate, the target it was
+  calibrated for and the rate the calibration expected, with its confidence interval.
 
 Methods: "objects" is the Inspector (the SAM-LAD pipeline on whatever backend the config
 names); "patchcore" is the object-free kNN baseline on the same backbone.
@@ -28,20 +29,26 @@ import torch
 from tqdm import tqdm
 
 from linewatch import __version__
-from linewatch.bank_builder import build_bank, calibrate
+from scipy import stats
+
+from linewatch.bank_builder import build_bank, judge_bank_images
 from linewatch.config import Config
+from linewatch.detector.calibration import MIN_SCORES, calibrate
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import BACKEND_LABELS, Models, build_models, select_device
-from linewatch.eval.dataset import ANOMALY_TYPES, Category, list_categories, load_category
+from linewatch.eval.dataset import ANOMALY_TYPES, Category, DatasetError, list_categories, load_category
 from linewatch.eval.metrics import au_spro, image_auroc, rates_at_threshold
 from linewatch.eval.patchcore import PatchCore
 from linewatch.images import list_images, read_image
 
-__all__ = ["METHODS", "MethodRun", "resolve_methods", "run_objects", "run_patchcore", "category_metrics", "evaluate"]
+__all__ = ["METHODS", "MethodRun", "resolve_methods", "run_detector", "run_patchcore", "category_metrics", "evaluate"]
 
-METHODS = ("objects", "patchcore")
+DETECTOR_METHODS = ("objects", "patch", "fused")  # one detector run, its score branches and their fusion
+METHODS = DETECTOR_METHODS + ("patchcore",)
 METHOD_LABELS = {
-    "objects": "objects (SAM-LAD pipeline: object matching + per-object Gaussians)",
+    "objects": "objects (the detector's object branch: SAM-LAD object matching + per-object Gaussians)",
+    "patch": "patch (the detector's patch branch: each patch against its place in the nearest good images)",
+    "fused": "fused (the detector's score: every branch in units of its spread on good images; detector.score)",
     "patchcore": "patchcore (kNN over patch features of the same backbone, no objects)",
 }
 ANOMALY_LABELS = tuple(ANOMALY_TYPES.values())  # ("logical", "structural")
@@ -53,7 +60,8 @@ class MethodRun:
 
     scores: (N,) image scores; maps: N float32 (H, W) anomaly maps at original size;
     threshold: the calibrated verdict threshold (fail when score > threshold); calibration:
-    bank_builder.calibrate's record; seconds: fit / calibrate / test wall times; info: extras."""
+    the calibration record (Calibration.to_manifest() plus "source"); seconds: fit / calibrate /
+    test wall times; info: extras."""
 
     method: str
     scores: np.ndarray
@@ -65,7 +73,8 @@ class MethodRun:
 
 
 def resolve_methods(method: str | Sequence[str]) -> list[str]:
-    """'objects' | 'patchcore' | 'both' (or a list of names) -> list of method names."""
+    """'objects' | 'patch' | 'fused' | 'patchcore' | 'both' (all of them) (or a list of names) -> list of
+    method names."""
     names = list(METHODS) if method == "both" else ([method] if isinstance(method, str) else list(method))
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
@@ -97,40 +106,75 @@ def _score_test(category: Category, judge: Callable[[list[np.ndarray]], tuple[np
     return np.asarray(scores), maps, seconds
 
 
-def run_objects(config: Config, category: Category, models: Models, device: torch.device,
-                batch_size: int = 8, progress: bool = True) -> MethodRun:
-    """The object pipeline: bank from train/good, calibrated on validation/good (leave-one-out
-    over train/good when there is no validation folder), then every test image."""
+def run_detector(config: Config, category: Category, models: Models, device: torch.device, wanted: Sequence[str],
+                 batch_size: int = 8, progress: bool = True) -> dict[str, MethodRun]:
+    """The detector: bank from train/good, calibrated on the scores of validation/good and of
+    train/good judged leave-one-out (build_bank), then every test image. One run gives every
+    method of `wanted` among DETECTOR_METHODS: "fused" is the detector's score (with the bank's
+    threshold), "objects" and "patch" its branches alone, each with its own threshold from the
+    same good images by the same `calibrate`. The bank is built with detector.score.source =
+    "fused" whatever the config says, so that every branch is computed."""
+    config = config.model_copy(deep=True)
+    config.detector.score.source = "fused"
     start = time.perf_counter()
     bank = build_bank(config, category.train_dir, category.validation_dir, models=models,
                       batch_size=batch_size, progress=progress)
     fit_seconds = time.perf_counter() - start
     inspector = Inspector(config.detector, models, bank, device)
+    inspector.keep_component_maps = True
+
+    start = time.perf_counter()
+    good: list[dict[str, float]] = []  # the branch scores build_bank calibrated with, again
+    if category.validation_dir is not None:
+        for chunk in _chunks(list_images(category.validation_dir), batch_size):
+            good.extend(r.components for r in inspector.inspect([read_image(p) for p in chunk]))
+    if bank.size > config.detector.k_references:
+        good.extend(r.components for _, batch in judge_bank_images(inspector, batch_size, False, "") for r in batch.results)
+    calibrate_seconds = time.perf_counter() - start
+
+    results: list = []
 
     def judge(images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        results = inspector.inspect(images)
-        return np.array([r.score for r in results]), [r.heatmap for r in results]
+        batch = inspector.inspect(images)
+        results.extend(batch)
+        return np.array([r.score for r in batch]), [r.heatmap for r in batch]
 
-    scores, maps, test_seconds = _score_test(category, judge, batch_size, progress, f"{category.name}: objects")
-    calibration = bank.manifest["calibration"]
-    return MethodRun(
-        "objects", scores, maps, float(calibration["threshold"]), calibration,
-        seconds={"fit_and_calibrate": round(fit_seconds, 3), "test": round(test_seconds, 3)},
-        info={"bank_images": bank.size, "k_references": config.detector.k_references},
-    )
+    fused_scores, fused_maps, test_seconds = _score_test(category, judge, batch_size, progress,
+                                                         f"{category.name}: detector")
+    seconds = {"fit_and_calibrate": round(fit_seconds, 3), "calibrate_branches": round(calibrate_seconds, 3),
+               "test": round(test_seconds, 3)}
+    info = {"bank_images": bank.size, "k_references": config.detector.k_references}
+    runs = {}
+    for name in wanted:
+        if name == "fused":
+            calibration = bank.manifest["calibration"]
+            runs[name] = MethodRun(name, fused_scores, fused_maps, float(calibration["threshold"]), calibration,
+                                   seconds=seconds, info=dict(info, branches=sorted(results[0].components)))
+            continue
+        branch = calibrate(np.array([g[name] for g in good]), config.calibration.target_false_reject_rate,
+                           confidence=config.calibration.confidence)
+        calibration = dict(branch.to_manifest(), source=bank.manifest["calibration"].get("source"))
+        runs[name] = MethodRun(name, np.array([r.components[name] for r in results]),
+                               [r.component_maps[name] for r in results], branch.threshold, calibration,
+                               seconds=seconds, info=info)
+    return runs
 
 
 def run_patchcore(config: Config, category: Category, models: Models, device: torch.device,
                   batch_size: int = 8, progress: bool = True) -> MethodRun:
-    """The PatchCore baseline on the detector's backbone. Calibration uses validation/good, or
-    the last fifth of train/good (held out of the memory bank) when there is none."""
+    """The PatchCore baseline on the detector's backbone. Calibration (the same `calibrate` as
+    the bank builder) uses validation/good, or the last fifth of train/good (at least
+    MIN_SCORES images, held out of the memory bank) when there is none."""
     det = config.detector
     start = time.perf_counter()
     good = [read_image(p) for p in list_images(category.train_dir)]
     if category.validation_dir is not None:
         held_out = [read_image(p) for p in list_images(category.validation_dir)]
     else:
-        n_hold = max(1, len(good) // 5)
+        n_hold = max(MIN_SCORES, len(good) // 5)
+        if len(good) <= n_hold:
+            raise DatasetError(f"{category.train_dir}: {len(good)} good images; patchcore without validation/good "
+                               f"holds out {n_hold} of them for calibration and needs at least one more")
         good, held_out = good[:-n_hold], good[-n_hold:]
     model = PatchCore(models.backbone, det.image_size, device, smoothing_sigma=det.measure.smoothing_sigma)
     model.fit(good, batch_size=batch_size)
@@ -138,8 +182,13 @@ def run_patchcore(config: Config, category: Category, models: Models, device: to
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     val_scores = np.concatenate([model.score(chunk)[0] for chunk in _chunks(held_out, batch_size)])
-    calibration = dict(calibrate(val_scores, config.calibration.target_false_reject_rate),
-                       method="validation folder" if category.validation_dir is not None else "held-out fifth of train/good")
+    try:
+        calibrated = calibrate(val_scores, config.calibration.target_false_reject_rate,
+                               confidence=config.calibration.confidence)
+    except ValueError as e:
+        raise DatasetError(f"{category.name}: patchcore cannot calibrate its threshold: {e}") from None
+    source = "validation folder" if category.validation_dir is not None else "held-out fifth of train/good"
+    calibration = dict(calibrated.to_manifest(), source=f"{source} ({len(val_scores)})")
     calibrate_seconds = time.perf_counter() - start
     scores, maps, test_seconds = _score_test(category, model.score, batch_size, progress, f"{category.name}: patchcore")
     return MethodRun(
@@ -184,7 +233,9 @@ def category_metrics(category: Category, run: MethodRun, max_fpr: float = 0.05) 
         )
         escape[kind] = rates_at_threshold(sel[both], run.scores[both], run.threshold)["escape_rate"]
     overall = rates_at_threshold(~good, run.scores, run.threshold)
+    failed_good = int(np.sum(run.scores[good] > run.threshold))
     n_test = len(run.scores)
+    cal = run.calibration
     test_seconds = run.seconds.get("test", 0.0)
     return {
         "image_auroc": {**{k: _round(v) for k, v in auroc.items()}, "mean": _round(_mean(list(auroc.values())))},
@@ -192,14 +243,50 @@ def category_metrics(category: Category, run: MethodRun, max_fpr: float = 0.05) 
                     "metric": category.metric_name, "max_fpr": max_fpr},
         "threshold": _round(run.threshold, 6),
         "false_reject_rate": _round(overall["false_reject_rate"]),
+        "false_reject": false_reject_summary(cal, failed_good, int(good.sum())),
         "escape_rate": {**{k: _round(v) for k, v in escape.items()}, "overall": _round(overall["escape_rate"])},
         "counts": {"good": int(good.sum()), **{k: int((labels == k).sum()) for k in ANOMALY_LABELS}},
-        "calibration": {k: run.calibration.get(k) for k in ("method", "n", "target_false_reject_rate",
-                                                             "observed_false_reject_rate")},
+        "calibration": {k: cal.get(k) for k in ("method", "source", "n", "n_required", "enough", "warning",
+                                                 "observed_false_reject_rate")},
         "seconds": run.seconds,
         "test_images_per_s": _round(n_test / test_seconds, 2) if test_seconds > 0 else None,
         **run.info,
     }
+
+
+def false_reject_summary(calibration: dict, failed: int, good: int) -> dict:
+    """Target vs observed false-reject rate of one method on one category: the target and the
+    rate the calibration expected (with its interval) next to the good test images failed, with
+    an exact (Clopper-Pearson) interval at the calibration's confidence: a handful of good test
+    images measures a rate of 0.5 % only very roughly."""
+    confidence = calibration.get("confidence", 0.95)
+    alpha = 1.0 - confidence
+    if good:
+        low = stats.beta.ppf(alpha / 2, failed, good - failed + 1) if failed else 0.0
+        high = stats.beta.ppf(1 - alpha / 2, failed + 1, good - failed) if failed < good else 1.0
+    return {
+        "target": calibration.get("target_false_reject_rate"),
+        "expected": _round(calibration.get("expected_false_reject_rate"), 6),
+        "expected_ci": [_round(calibration.get("ci_low"), 6), _round(calibration.get("ci_high"), 6)],
+        "observed": _round(failed / good, 6) if good else None,
+        "observed_ci": [_round(low, 6), _round(high, 6)] if good else [None, None],
+        "failed_good": failed,
+        "good": good,
+        "confidence": confidence,
+    }
+
+
+def false_reject_line(category: str, method: str, metrics: dict) -> str:
+    """The log line: target, expected and observed false-reject rate of one method on one category."""
+    fr, cal = metrics["false_reject"], metrics["calibration"]
+    expected = ("expected ?" if fr["expected"] is None else
+                f"expected {fr['expected']:.2%} ({fr['confidence']:.0%} CI {fr['expected_ci'][0]:.2%} to "
+                f"{fr['expected_ci'][1]:.2%})")
+    observed = ("observed: no good test images" if not fr["good"] else
+                f"observed {fr['failed_good']}/{fr['good']} = {fr['observed']:.2%} of the good test images "
+                f"({fr['confidence']:.0%} CI {fr['observed_ci'][0]:.2%} to {fr['observed_ci'][1]:.2%})")
+    return (f"{category}: {method}: false-reject rate target {fr['target']:.2%}, {expected} from "
+            f"{cal['method']} of {cal['n']} good scores; {observed}")
 
 
 def _data_note(category: Category) -> str | None:
@@ -263,10 +350,17 @@ def evaluate(
         # fresh models per category: the classic segmenter is fitted to each category's good images
         models = build_models(det, device)
         runs: dict[str, MethodRun] = {}
+        detector_methods = [m for m in methods if m in DETECTOR_METHODS]
+        if detector_methods:
+            runs.update(run_detector(config, category, models, device, detector_methods, batch_size, progress))
+        if "patchcore" in methods:
+            runs["patchcore"] = run_patchcore(config, category, models, device, batch_size=batch_size, progress=progress)
         for name in methods:
-            runner = run_objects if name == "objects" else run_patchcore
-            runs[name] = runner(config, category, models, device, batch_size=batch_size, progress=progress)
-            report["categories"].setdefault(category.name, {})[name] = category_metrics(category, runs[name], max_fpr)
+            metrics = category_metrics(category, runs[name], max_fpr)
+            report["categories"].setdefault(category.name, {})[name] = metrics
+            log(false_reject_line(category.name, name, metrics))
+            if metrics["calibration"]["warning"]:
+                log(f"{category.name}: {name}: WARNING: calibration: {metrics['calibration']['warning']}")
             report_io.write_anomaly_maps(out, name, category, runs[name].maps)
         report_io.write_roc_png(out / f"roc_{category.name}.png", category, runs)
         report_io.write_examples_png(out / f"examples_{category.name}.png", category, runs, examples_per_type)
@@ -277,6 +371,14 @@ def evaluate(
             "image_auroc": {k: _round(_mean([m["image_auroc"][k] for m in per_cat])) for k in (*ANOMALY_LABELS, "mean")},
             "au_spro": {k: _round(_mean([m["au_spro"][k] for m in per_cat])) for k in (*ANOMALY_LABELS, "mean")},
             "false_reject_rate": _round(_mean([m["false_reject_rate"] for m in per_cat])),
+            "false_reject": {
+                "target": config.calibration.target_false_reject_rate,
+                "expected": _round(_mean([m["false_reject"]["expected"] for m in per_cat]), 6),
+                "observed": _round(_mean([m["false_reject"]["observed"] for m in per_cat]), 6),
+                # pooled over the categories: the good test images failed / all good test images
+                "failed_good": sum(m["false_reject"]["failed_good"] for m in per_cat),
+                "good": sum(m["false_reject"]["good"] for m in per_cat),
+            },
             "escape_rate": {k: _round(_mean([m["escape_rate"][k] for m in per_cat])) for k in (*ANOMALY_LABELS, "overall")},
         }
     report_io.write_report(out, report)

@@ -31,6 +31,8 @@ def make_bank(z: int = 4, n: int = 3, c: int = 5, hw: int = 8, d: int = 6, seed:
         descriptors=torch.randn(z, n, c, generator=g),
         boxes=torch.rand(z, n, 4, generator=g) * 10,
         object_noise=torch.rand(z, n, generator=g) + 0.5,
+        shapes=torch.rand(z, n, 7, generator=g),
+        textures=torch.zeros(z, n, 0),  # a backend without grain statistics: zero-width, saved and loaded
         manifest={
             "identity": dict(IDENTITY),
             "bank_id": "abcdef012345",
@@ -46,7 +48,7 @@ def _raw_tensors(bank: TemplateBank) -> dict[str, torch.Tensor]:
     return {
         "retrieval": bank.retrieval, "features": bank.features, "masks": bank.masks,
         "object_valid": bank.object_valid.to(torch.uint8), "descriptors": bank.descriptors,
-        "boxes": bank.boxes, "object_noise": bank.object_noise,
+        "boxes": bank.boxes, "object_noise": bank.object_noise, "shapes": bank.shapes, "textures": bank.textures,
     }
 
 

@@ -1,5 +1,6 @@
-"""Bank building: threshold calibration, the errors bad input folders give, and a
-leave-one-out build (no validation folder) on non-square synthetic images."""
+"""Bank building: the errors bad input folders give, the scores calibration pools (validation
+and leave-one-out), and a leave-one-out build (no validation folder) on non-square synthetic
+images. The threshold computation itself is tested in test_calibration.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from linewatch.bank_builder import BankBuildError, build_bank, calibrate
+from linewatch.bank_builder import BankBuildError, build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.bank import IDENTITY_KEYS, TemplateBank
 from linewatch.detector.inspector import Inspector
@@ -50,51 +51,6 @@ def write_folder(folder, n: int, start: int = 0, shape=(H, W)) -> list:
         paths.append(folder / f"{i:03d}.png")
         write_png(paths[-1], img)
     return paths
-
-
-# ---------------------------------------------------------------------------- calibrate
-
-
-def test_calibrate_hand_made_scores():
-    scores = np.array([0.3, 0.1, 0.9, 0.5, 0.7, 0.2, 0.4, 0.8, 0.6, 1.0])
-    cal = calibrate(scores, 0.005)
-    assert cal["threshold"] == 1.0  # 10 good images, 0.5 % allowed to fail: none may fail
-    assert cal["observed_false_reject_rate"] == 0.0
-    assert cal["target_false_reject_rate"] == 0.005
-    assert cal["n"] == 10
-    assert cal["max"] == 1.0
-    assert cal["mean"] == pytest.approx(0.55)
-    assert cal["std"] == pytest.approx(np.std(scores))
-    assert cal["scores"] == pytest.approx(scores.tolist())  # in input order
-
-
-def test_calibrate_allows_the_target_fraction():
-    scores = np.arange(1, 401, dtype=np.float64)  # 400 distinct scores
-    cal = calibrate(scores, 0.01)  # 4 may fail; the quantile may be one rank stricter
-    assert cal["threshold"] in (396.0, 397.0)
-    assert cal["observed_false_reject_rate"] <= 0.01
-    assert cal["observed_false_reject_rate"] == np.mean(scores > cal["threshold"])
-
-
-def test_calibrate_ties():
-    cal = calibrate(np.full(20, 0.25), 0.1)
-    assert cal["threshold"] == 0.25
-    assert cal["observed_false_reject_rate"] == 0.0
-
-
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("target", [0.005, 0.02, 0.1, 0.3])
-def test_calibrate_properties(seed, target):
-    rng = np.random.default_rng(seed)
-    scores = rng.gamma(2.0, 0.3, size=int(rng.integers(5, 500)))
-    cal = calibrate(scores, target)
-    t = cal["threshold"]
-    assert t in scores  # a real good score, not an interpolation
-    fails = int(np.sum(scores > t))
-    assert fails / len(scores) <= target
-    assert cal["observed_false_reject_rate"] == pytest.approx(fails / len(scores))
-    # not needlessly strict: at most one more good image would have been allowed to fail
-    assert fails >= int(np.floor(target * len(scores))) - 1
 
 
 # ---------------------------------------------------------------------------- input errors
@@ -195,8 +151,31 @@ def test_exactly_k_good_images_without_normalization(tmp_path):
     config = small_config()
     config.detector.measure.normalize_objects = False
     bank = build_bank(config, tmp_path / "good", tmp_path / "val", progress=False)
-    assert bank.size == 2 and bank.manifest["calibration"]["n"] == 5
+    cal = bank.manifest["calibration"]
+    assert bank.size == 2 and cal["n"] == 5  # 2 good images: no leave-one-out with k = 2
+    assert "validation folder" in cal["source"] and "leave-one-out" not in cal["source"]
     assert torch.all(bank.object_noise == 1.0)
+
+
+def test_calibration_pools_validation_and_leave_one_out_and_warns(tmp_path):
+    write_folder(tmp_path / "good", 4)
+    write_folder(tmp_path / "val", 5, start=50)
+    messages = []
+    config = small_config()
+    config.detector.score.source = "objects"  # raw object scores: comparable magnitudes (a fused score can be ~0)
+    bank = build_bank(config, tmp_path / "good", tmp_path / "val", progress=False, log=messages.append)
+    cal = bank.manifest["calibration"]
+    assert cal["n"] == 9 and len(cal["scores"]) == 9  # 5 validation + 4 leave-one-out
+    assert cal["source"] == (f"validation folder {(tmp_path / 'val').resolve()} (5) + "
+                             "leave-one-out over the good images (4)")
+    # validation images are not in the bank: each scores like a leave-one-out image, not ~0
+    assert min(cal["scores"][:5]) > 0.2 * max(cal["scores"][5:])
+    assert cal["n_required"] == 1000 and cal["enough"] is False
+    assert cal["ci_low"] <= cal["expected_false_reject_rate"] <= cal["ci_high"]
+    warnings = [m for m in messages if m.startswith("WARNING")]
+    assert warnings == [f"WARNING: calibration: {cal['warning']}"]
+    assert "9 good-image scores are too few for a false-reject rate of 0.50%" in cal["warning"]
+    assert "at least 1000 good images" in cal["warning"]
 
 
 def test_empty_validation_folder(tmp_path):
@@ -231,13 +210,16 @@ def test_leave_one_out_manifest(loo):
     folder, paths, config, models, bank = loo
     m = bank.manifest
     cal = m["calibration"]
-    assert "leave-one-out" in cal["method"]
+    assert cal["source"] == f"leave-one-out over the good images ({len(paths)})"
     assert cal["n"] == len(paths) == bank.size
     assert len(cal["scores"]) == len(paths)
     assert all(np.isfinite(cal["scores"]))
-    assert cal["threshold"] == pytest.approx(max(cal["scores"]), abs=1e-5)  # 0.5 % of 7: none may fail
+    assert cal["method"] in ("normal-fit", "lognormal-fit", "gamma-fit")  # 7 scores: a whole-sample fit
+    assert cal["threshold"] > max(cal["scores"])  # its 99.5 % quantile lies beyond the largest of 7
     assert cal["observed_false_reject_rate"] == 0.0
     assert cal["target_false_reject_rate"] == config.calibration.target_false_reject_rate
+    assert cal["confidence"] == config.calibration.confidence
+    assert cal["n_required"] == 1000 and cal["enough"] is False and "7 good-image scores" in cal["warning"]
     assert bank.threshold == cal["threshold"]
     assert m["source_shape"] == [H, W, 3]
     assert m["image_size"] == 112

@@ -10,6 +10,7 @@ import pytest
 from linewatch.config import config_from_dict
 from linewatch.detector.models import BACKEND_LABELS
 from linewatch.eval.cli import register
+from linewatch.eval.report import score_caption
 from linewatch.eval.runner import evaluate, resolve_methods
 from linewatch.sim import generate_dataset
 
@@ -30,8 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def test_score_caption_names_the_threshold():
+    assert score_caption(0.82, 1.3) == "pass 0.82 <= thr 1.3"
+    assert score_caption(2.61, 1.3) == "FAIL 2.61 > thr 1.3"
+    assert score_caption(1.3, 1.3) == "pass 1.3 <= thr 1.3"  # fail only when strictly above
+    assert score_caption(1.30004, 1.3) == "FAIL 1.30004 > thr 1.3"  # never "FAIL 1.3 > thr 1.3"
+
+
 def test_resolve_methods():
-    assert resolve_methods("both") == ["objects", "patchcore"]
+    assert resolve_methods("both") == ["objects", "patch", "fused", "patchcore"]
     assert resolve_methods("patchcore") == ["patchcore"]
     with pytest.raises(ValueError, match="unknown method"):
         resolve_methods("samlad")
@@ -40,13 +48,14 @@ def test_resolve_methods():
 def test_evaluate_both_methods_writes_a_well_formed_report(sim_root, tmp_path):
     config = config_from_dict({"detector": {"image_size": 64, "device": "cpu"}})
     out = tmp_path / "out"
-    report = evaluate(config, sim_root, ["screw_tray"], out, method="both", progress=False, log=lambda m: None)
+    messages = []
+    report = evaluate(config, sim_root, ["screw_tray"], out, method="both", progress=False, log=messages.append)
 
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["backend_label"] == BACKEND_LABELS["classic"]
     assert saved["notes"] and "synthetic" in saved["notes"][0]
-    for method in ("objects", "patchcore"):
+    for method in ("objects", "patch", "fused", "patchcore"):
         m = saved["categories"]["screw_tray"][method]
         for kind in ("logical", "structural", "mean"):
             assert 0.0 <= m["image_auroc"][kind] <= 1.0
@@ -56,14 +65,29 @@ def test_evaluate_both_methods_writes_a_well_formed_report(sim_root, tmp_path):
         assert 0.0 <= m["false_reject_rate"] <= 1.0 and 0.0 <= m["escape_rate"]["overall"] <= 1.0
         assert np.isfinite(m["threshold"])
         assert saved["mean"][method]["image_auroc"]["mean"] == m["image_auroc"]["mean"]
+        # target vs expected vs observed false-reject rate
+        fr, cal = m["false_reject"], m["calibration"]
+        assert fr["target"] == config.calibration.target_false_reject_rate
+        assert fr["good"] == 3 and fr["observed"] == pytest.approx(fr["failed_good"] / 3, abs=1e-6)
+        assert fr["observed"] == pytest.approx(m["false_reject_rate"], abs=1e-4)
+        assert fr["observed_ci"][0] <= fr["observed"] <= fr["observed_ci"][1]
+        assert fr["expected_ci"][0] <= fr["expected"] <= fr["expected_ci"][1]
+        assert cal["n"] == (5 + 5 if method != "patchcore" else 5)  # detector: validation + train leave-one-out
+        assert cal["enough"] is False and cal["n_required"] == 1000 and cal["warning"]
+        assert f"screw_tray: {method}: false-reject rate target 0.50%, expected " in "\n".join(messages)
+        assert f"screw_tray: {method}: WARNING: calibration: {cal['warning']}" in messages
+        assert saved["mean"][method]["false_reject"]["target"] == fr["target"]
 
     md = (out / "report.md").read_text()
     assert BACKEND_LABELS["classic"] in md and "| screw_tray |" in md and "## patchcore" in md
+    assert "False rejects of objects" in md and "False rejects of patchcore" in md
+    fr = saved["categories"]["screw_tray"]["objects"]["false_reject"]
+    assert f"| screw_tray | 0.50 | {100 * fr['expected']:.2f} |" in md and "(**too few**: needs 1000)" in md
 
     for png in ("roc_screw_tray.png", "examples_screw_tray.png"):
         image = cv2.imread(str(out / png))
         assert image is not None and image.shape[0] > 100
-    for method in ("objects", "patchcore"):
+    for method in ("objects", "patch", "fused", "patchcore"):
         tiffs = sorted((out / "anomaly_maps" / method / "screw_tray" / "test").rglob("*.tiff"))
         assert len(tiffs) == 9
         assert {t.parent.name for t in tiffs} == {"good", "logical_anomalies", "structural_anomalies"}
