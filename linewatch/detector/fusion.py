@@ -64,3 +64,11 @@ def fuse_scores(components: dict[str, np.ndarray], normalisation: dict, source: 
     z = [(np.asarray(components[name], dtype=np.float64) - stats["mean"]) / stats["std"]
          for name, stats in normalisation.items()]
     return np.maximum(np.asarray(z), 0.0).sum(axis=0)
+
+
+def branch_z_scores(components: dict[str, float], normalisation: dict | None) -> dict[str, float]:
+    """Each branch's raw image score in units of its spread on good images, z_b (empty without
+    `normalisation`): which branch made a fused score, and by how much."""
+    if normalisation is None:
+        return {}
+    return {name: (components[name] - stats["mean"]) / stats["std"] for name, stats in normalisation.items()}

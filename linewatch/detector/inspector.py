@@ -41,7 +41,7 @@ from torch import Tensor
 from linewatch.config import Config, DetectorConfig
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.describe import masked_global_max_pool, resize_masks
-from linewatch.detector.fusion import fuse_maps
+from linewatch.detector.fusion import branch_z_scores, fuse_maps
 from linewatch.detector.match import match_objects
 from linewatch.detector.measure import mahalanobis
 from linewatch.detector.models import Models
@@ -885,6 +885,8 @@ class Inspector:
                     objects=objects,
                     backend=self.backend,
                     components={name: float(host[f"component_{name}"][bi]) for name in branch_maps},
+                    branch_scores=branch_z_scores({name: float(host[f"component_{name}"][bi]) for name in branch_maps},
+                                                  self.normalisation if self.config.score.source == "fused" else None),
                     component_maps={name: at_input_size(host[f"component_map_{name}"][bi]) for name in kept} or None,
                 )
             )

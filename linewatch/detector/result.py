@@ -21,8 +21,10 @@ class InspectionResult:
     image was in. backend: which feature/segmenter backend produced it ("classic" or "samlad").
     components: the raw image score of each branch ("objects", and "patch" when the score uses
     it), before they are put in units of their spread on good images and fused
-    (detector.score). component_maps: their maps at the input resolution, only when the
-    Inspector was asked to keep them (evaluation).
+    (detector.score). branch_scores: with the fused score, each branch's z_b (its raw score in
+    units of its spread on good images; the score is the sum of the positive ones): which
+    branch saw what. component_maps: the branches' raw maps at the input resolution, only when
+    the Inspector was asked to keep them (evaluation).
     """
 
     score: float
@@ -33,4 +35,5 @@ class InspectionResult:
     timings: dict[str, float] = field(default_factory=dict)
     backend: str = ""
     components: dict[str, float] = field(default_factory=dict)
+    branch_scores: dict[str, float] = field(default_factory=dict)
     component_maps: dict[str, np.ndarray] | None = None

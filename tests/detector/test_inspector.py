@@ -78,9 +78,13 @@ def check_result(result: InspectionResult, shape: tuple[int, int], threshold: fl
     assert result.verdict == ("fail" if result.score > result.threshold else "pass")
     assert result.backend == "classic"
     assert set(result.timings) >= {"preprocess", "backbone", "upsample", "segment", "describe", "match", "measure"}
-    # the score is the peak of the smoothed map (resizing to the input keeps the peak close)
+    # fused score: the sum over branches of how far each is above its good mean, z_b > 0; the map
+    # adds the branches per pixel, so its peak is at least the largest z_b and at most the score
+    # (resizing to the input keeps the peak close)
+    assert set(result.components) == {"objects", "patch", "outline", "texture"}
     assert float(result.heatmap.max()) <= result.score * 1.0001 + 1e-6
-    assert float(result.heatmap.max()) >= result.score * 0.8
+    assert float(result.heatmap.max()) >= max(result.branch_scores.values()) * 0.8
+    assert result.score == pytest.approx(sum(max(z, 0.0) for z in result.branch_scores.values()), rel=1e-5, abs=1e-6)
     h, w = shape
     for obj in result.objects:
         assert obj["status"] in OBJECT_STATUSES
@@ -237,7 +241,7 @@ def test_bank_smaller_than_k_is_refused_at_construction(bank):
 
 
 def test_bank_calibrated_under_other_scoring_settings_is_refused_naming_them(bank):
-    # Fault run: a bank built with k=2 and smoothing 4 served under k=3 and smoothing 2, with
+    # Fault run: a bank built with k=2 and smoothing 4 served under k=3 and smoothing 2 (now: 2 and 1), with
     # the old threshold, and false rejects went from 1/20 to 5/20 without a word.
     data = small_config().model_dump()
     data["detector"]["k_references"] = 3
@@ -248,7 +252,7 @@ def test_bank_calibrated_under_other_scoring_settings_is_refused_naming_them(ban
         Inspector(other.detector, build_models(other.detector, CPU), bank, CPU)
     message = str(info.value)
     assert "detector.k_references: bank built with 2, this config has 3" in message
-    assert "detector.measure.smoothing_sigma: bank built with 4.0, this config has 1.0" in message
+    assert "detector.measure.smoothing_sigma: bank built with 2.0, this config has 1.0" in message
     assert "detector.matching.match_threshold: bank built with 0.2, this config has 0.3" in message
 
 
