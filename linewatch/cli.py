@@ -147,6 +147,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "file": str(path), "verdict": result.verdict, "score": round(result.score, 6),
                 "threshold": round(result.threshold, 6), "backend": result.backend, "bank_id": inspector.bank_id,
                 "objects": result.objects, "timings_s": {k: round(v, 5) for k, v in result.timings.items()},
+                "branches": {name: {"raw": round(raw, 6), **({"z": round(result.branch_scores[name], 4)}
+                                                             if name in result.branch_scores else {})}
+                             for name, raw in result.components.items()},
             }
             name = _unique_name(path, used_names)
             (out / f"{name}.json").write_text(json.dumps(record, indent=2))

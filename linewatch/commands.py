@@ -170,7 +170,7 @@ def _curve_keys(args: argparse.Namespace):
 def register(subparsers) -> None:
     """Add serve, replay, tap and demo to the `linewatch` argument parser's subparsers."""
     from linewatch.runtime.replay import PROTOCOLS
-    from linewatch.sim import PRODUCTS
+    from linewatch.sim import ALL_PRODUCTS as PRODUCTS
     from linewatch.wire import ENCODINGS
 
     p = subparsers.add_parser("serve", help="run the inspection daemon (frames in, verdicts out, /metrics)")

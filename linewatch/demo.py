@@ -61,9 +61,12 @@ def _say(message: str = "") -> None:
     print(message, flush=True)
 
 
-def _truth_plan(frames: int, anomaly_rate: float, seed: int) -> list[str | None]:
-    """Ground truth per frame: None (good) or an anomaly kind, kinds cycling for variety."""
-    from linewatch.sim import ANOMALIES
+def _truth_plan(frames: int, anomaly_rate: float, seed: int, product: str) -> list[str | None]:
+    """Ground truth per frame: None (good) or one of the product's anomaly kinds, cycling for variety."""
+    from linewatch.sim import product_anomalies
+
+    logical, structural = product_anomalies(product)
+    ANOMALIES = logical + structural
 
     rng = np.random.default_rng([seed, 1])
     plan, k = [], 0
@@ -152,7 +155,7 @@ def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", 
              f"(deadline {deadline_s * 1000:.0f} ms)")
 
         # -- 4. tap ------------------------------------------------------------------------------
-        truth = _truth_plan(frames, anomaly_rate, seed)
+        truth = _truth_plan(frames, anomaly_rate, seed, product)
         got: dict[int, list] = {}
         demo_running = threading.Event()
         demo_running.set()

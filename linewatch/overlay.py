@@ -18,7 +18,8 @@ STATUS_COLOURS = {
 
 def render_overlay(image: np.ndarray, result: InspectionResult, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 (H, W, 3): the heatmap (scaled so the threshold sits mid-colourmap) blended
-    over `image`, object boxes coloured by status, and a banner with verdict and score."""
+    over `image`, object boxes coloured by status, a banner with verdict and score, and (fused
+    score) a line with each branch's z-score."""
     h, w = image.shape[:2]
     heat = result.heatmap
     if heat.shape != (h, w):
@@ -41,6 +42,11 @@ def render_overlay(image: np.ndarray, result: InspectionResult, alpha: float = 0
     banner_colour = (200, 30, 30) if result.verdict == "fail" else (30, 140, 30)
     cv2.rectangle(out, (0, 0), (w, bar_h), banner_colour, -1)
     cv2.putText(out, banner, (4, bar_h - 4), cv2.FONT_HERSHEY_SIMPLEX, bar_h / 36, (255, 255, 255), 1, cv2.LINE_AA)
+    if result.branch_scores:  # the fused score's parts: which branch saw what (z above its good mean)
+        line = "  ".join(f"{name} {z:+.1f}" for name, z in result.branch_scores.items())
+        cv2.rectangle(out, (0, bar_h), (w, 2 * bar_h), (40, 40, 40), -1)
+        cv2.putText(out, line, (4, 2 * bar_h - 4), cv2.FONT_HERSHEY_SIMPLEX, bar_h / 40, (255, 255, 255), 1,
+                    cv2.LINE_AA)
     return out
 
 

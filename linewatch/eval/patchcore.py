@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linewatch.detector.inspector import gaussian_blur, to_images01
+from linewatch.detector.patch_knn import local_patch_features
 
 __all__ = ["PatchCore", "greedy_coreset"]
 
@@ -74,8 +75,7 @@ class PatchCore:
     @torch.inference_mode()
     def _patches(self, images: list[np.ndarray]) -> Tensor:
         """(B, C, h, w) locally aggregated patch features."""
-        features = self.backbone(to_images01(images, self.image_size, self.device)).float()
-        return F.avg_pool2d(features, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        return local_patch_features(self.backbone(to_images01(images, self.image_size, self.device)))
 
     def fit(self, images: list[np.ndarray], batch_size: int = 8) -> "PatchCore":
         """Build the memory bank from good RGB uint8 (H, W, 3) images."""
