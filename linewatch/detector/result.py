@@ -14,13 +14,13 @@ OBJECT_STATUSES = ("matched", "unmatched", "missing", "surplus")
 class InspectionResult:
     """Result for one image.
 
-    score: the image anomaly score (max of the smoothed anomaly map); verdict "fail" when
-    score > threshold. heatmap: float32 (H, W) at the input image's resolution. objects: one
+    score: the image anomaly score (detector.score: the object map's peak, the patch map's, or
+    the branches fused, `linewatch.detector.fusion`); verdict "fail" when score > threshold. heatmap: float32 (H, W) at the input image's resolution. objects: one
     dict per object with keys bbox [x, y, w, h] (input pixels), area (pixels), status (one of
     OBJECT_STATUSES), score (max of its map). timings: seconds per stage for the batch this
     image was in. backend: which feature/segmenter backend produced it ("classic" or "samlad").
-    components: the raw image score of each branch ("objects", and "patch" when the score uses
-    it), before they are put in units of their spread on good images and fused
+    components: the raw image score of each branch ("objects", and "patch", "outline",
+    "texture" when the score uses them), before they are put in units of their spread on good images and fused
     (detector.score). branch_scores: with the fused score, each branch's z_b (its raw score in
     units of its spread on good images; the score is the sum of the positive ones): which
     branch saw what. component_maps: the branches' raw maps at the input resolution, only when
