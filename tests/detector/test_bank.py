@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from linewatch.detector.bank import BANK_FORMAT_VERSION, IDENTITY_KEYS, BankError, TemplateBank
+from linewatch.detector.bank import BANK_FORMAT_VERSION, IDENTITY_KEYS, BankError, BankManifest, TemplateBank
 
 IDENTITY = {
     "backend": "classic",
@@ -33,13 +34,19 @@ def make_bank(z: int = 4, n: int = 3, c: int = 5, hw: int = 8, d: int = 6, seed:
         object_noise=torch.rand(z, n, generator=g) + 0.5,
         shapes=torch.rand(z, n, 7, generator=g),
         textures=torch.zeros(z, n, 0),  # a backend without grain statistics: zero-width, saved and loaded
-        manifest={
-            "identity": dict(IDENTITY),
-            "bank_id": "abcdef012345",
-            "source_shape": [32, 32, 3],
-            "calibration": {"threshold": 1.25, "scores": [0.5, 1.0, 1.25]},
-            **manifest,
-        },
+        manifest=dict(BankManifest(
+            linewatch_version="0.0.test",
+            identity=dict(IDENTITY),
+            settings={"image_size": 32},
+            images=z,
+            source="/good",
+            source_files=[f"{i:03d}.png" for i in range(z)],
+            source_shape=[32, 32, 3],
+            image_size=32,
+            created="2024-01-01T00:00:00Z",
+            calibration={"threshold": 1.25, "scores": [0.5, 1.0, 1.25]},
+            bank_id="abcdef012345",
+        ).to_dict(), **manifest),
         segmenter_state={"mean": torch.tensor([0.1, 0.2, 0.3]), "cov": torch.eye(3) * 2},
     )
 
@@ -57,6 +64,7 @@ def _raw_tensors(bank: TemplateBank) -> dict[str, torch.Tensor]:
 
 def test_save_load_round_trip(tmp_path):
     bank = make_bank()
+    before = copy.deepcopy(bank.manifest)
     path = tmp_path / "sub" / "bank.lwbank"  # parent folder is created
     bank.save(path)
     loaded = TemplateBank.load(path)
@@ -75,8 +83,8 @@ def test_save_load_round_trip(tmp_path):
     assert set(loaded.segmenter_state) == {"mean", "cov"}
     assert torch.equal(loaded.segmenter_state["mean"], bank.segmenter_state["mean"])
     assert torch.equal(loaded.segmenter_state["cov"], bank.segmenter_state["cov"])
-    # saving does not add format_version to the in-memory manifest of the bank saved
-    assert "format_version" not in bank.manifest
+    assert loaded.manifest == bank.manifest
+    assert bank.manifest == before  # saving leaves the in-memory manifest alone
 
 
 def test_save_leaves_no_part_file_and_overwrites(tmp_path):
@@ -238,9 +246,9 @@ def test_load_manifest_not_json(tmp_path):
 @pytest.mark.parametrize("version", [BANK_FORMAT_VERSION + 1, 0, None, "1"])
 def test_load_wrong_format_version(tmp_path, version):
     bank = make_bank()
-    manifest = dict(bank.manifest)
-    if version is not None:
-        manifest["format_version"] = version
+    manifest = dict(bank.manifest, format_version=version)
+    if version is None:
+        del manifest["format_version"]
     path = tmp_path / "bank.lwbank"
     save_file(_raw_tensors(bank), str(path), metadata={"linewatch_manifest": json.dumps(manifest)})
     message = _load_error(path)
