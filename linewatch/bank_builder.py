@@ -191,7 +191,7 @@ def build_bank(
     # into the bank; the encoder runs on models carrying it, `models` themselves stay as given
     state = backend.fit(models, working_size(good, det.image_size))
     if state:
-        log(f"fitted the {backend.name} backend's {', '.join(sorted(state))} on the good images")
+        log(f"{backend.name}: fitted on the good images ({', '.join(sorted(state))})")
     encoder = Inspector(det, backend.load_state(models, state), bank=None, device=device)
     tensors = encode_references(encoder, good, batch_size, progress)
     identity = encoder.identity()
