@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from linewatch import __version__
 from linewatch.config import Config
-from linewatch.detector.bank import TemplateBank
+from linewatch.detector.backends import get_backend
+from linewatch.detector.bank import BankManifest, TemplateBank
 from linewatch.detector.calibration import calibrate
 from linewatch.detector.fusion import branch_normalisation, fuse_scores
 from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector, pad_masks
@@ -51,6 +52,16 @@ def read_folder(folder: str | Path) -> tuple[list[Path], list[np.ndarray]]:
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield start, items[start:start + size]
+
+
+def working_size(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """RGB uint8 images -> (B, 3, size, size) float in [0, 1], area-resized one at a time (so
+    that only the small results are held together)."""
+    return torch.cat([
+        torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0,
+                                        size=(size, size), mode="area")
+        for img in images
+    ])
 
 
 def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool) -> dict:
@@ -173,35 +184,34 @@ def build_bank(
     if validation is not None and validation[0].shape != good[0].shape:
         raise ImageError(f"{validation_dir}: validation images are {validation[0].shape[1]}x{validation[0].shape[0]}, "
                          f"good images are {good[0].shape[1]}x{good[0].shape[0]}")
+    backend = get_backend(det.backend)
     models = models or build_models(det, device)
     started = time.time()
-    if hasattr(models.segmenter, "fit"):
-        log("fitting the weights-free background model on the good images")
-        fit_images = torch.stack([torch.from_numpy(img).permute(2, 0, 1) for img in good]).float() / 255.0
-        fit_images = torch.nn.functional.interpolate(fit_images, size=(det.image_size, det.image_size), mode="area")
-        models.segmenter.fit(fit_images)
-
-    encoder = Inspector(det, models, bank=None, device=device)
+    # what the backend learns from the good images (the classic background colour model) goes
+    # into the bank; the encoder runs on models carrying it, `models` themselves stay as given
+    state = backend.fit(models, working_size(good, det.image_size))
+    if state:
+        log(f"{backend.name}: fitted on the good images ({', '.join(sorted(state))})")
+    encoder = Inspector(det, backend.load_state(models, state), bank=None, device=device)
     tensors = encode_references(encoder, good, batch_size, progress)
     identity = encoder.identity()
-    manifest = {
-        "linewatch_version": __version__,
-        "identity": identity,
-        "settings": det.fingerprint_settings(),  # what config_hash covers, to name a difference
-        "images": len(good),
-        "source": str(Path(good_dir).resolve()),
-        "source_files": [p.name for p in good_paths],
-        "source_shape": list(good[0].shape),
-        "image_size": det.image_size,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "calibration": {"threshold": None},
-    }
-    segmenter_state = models.segmenter.state_dict() if hasattr(models.segmenter, "state_dict") else {}
     content = hashlib.sha256()
     content.update(repr(sorted(identity.items())).encode())
     content.update(tensors["retrieval"].numpy().tobytes())
-    manifest["bank_id"] = content.hexdigest()[:12]
-    bank = TemplateBank(**tensors, manifest=manifest, segmenter_state=segmenter_state)
+    manifest = BankManifest(
+        linewatch_version=__version__,
+        identity=identity,
+        settings=det.fingerprint_settings(),  # what config_hash covers, to name a difference
+        images=len(good),
+        source=str(Path(good_dir).resolve()),
+        source_files=[p.name for p in good_paths],
+        source_shape=list(good[0].shape),
+        image_size=det.image_size,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        calibration={"threshold": None},
+        bank_id=content.hexdigest()[:12],
+    )
+    bank = TemplateBank(**tensors, manifest=manifest.to_dict(), segmenter_state=state)
 
     if det.measure.normalize_objects:
         bank.object_noise = object_noise_levels(Inspector(det, models, bank=bank, device=device), batch_size, progress)
@@ -219,14 +229,15 @@ def build_bank(
     good = _by_branch(held_out + loo)
     try:
         if det.score.source == "fused":  # each branch in units of its spread over all good scores there are
-            manifest["score_normalisation"] = branch_normalisation(good)
-        scores = fuse_scores(good, manifest.get("score_normalisation"), det.score.source)
+            manifest.score_normalisation = branch_normalisation(good)
+        scores = fuse_scores(good, manifest.score_normalisation, det.score.source)
         calibration = calibrate(scores, config.calibration.target_false_reject_rate,
                                 confidence=config.calibration.confidence)
     except ValueError as e:
         raise BankBuildError(f"{good_dir}: cannot calibrate the threshold: {e}") from None
-    manifest["calibration"] = dict(calibration.to_manifest(), source=" + ".join(sources))
+    manifest.calibration = dict(calibration.to_manifest(), source=" + ".join(sources))
     if calibration.warning:
         log(f"WARNING: calibration: {calibration.warning}")
-    manifest["build_seconds"] = round(time.time() - started, 2)
+    manifest.build_seconds = round(time.time() - started, 2)
+    bank.manifest = manifest.to_dict()
     return bank

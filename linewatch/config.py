@@ -41,7 +41,16 @@ class ObjectFilterConfig(_Section):
         return self
 
 
-class ClassicBackendConfig(_Section):
+class BackendSection(_Section):
+    """Settings of one detector backend: the `DetectorConfig` field named like the backend
+    (`linewatch.detector.backends`). Only the chosen backend's section is checked (`check`)
+    and part of the bank's fingerprint."""
+
+    def check(self, detector: "DetectorConfig") -> None:
+        """Raise ValueError when these settings do not fit the rest of `detector`."""
+
+
+class ClassicBackendConfig(BackendSection):
     """The weights-free backend: classical features, joint bilateral upsampling, colour segmentation."""
 
     feature_stride: int = Field(4, ge=1, le=32, description="pixels per classical feature cell")
@@ -51,6 +60,12 @@ class ClassicBackendConfig(_Section):
     shape_weight: float = Field(1.0, ge=0, le=10, description="each part's outline descriptor: its weight in matching "
                                 "(cosine of outlines times weight^2 against the pooled features' cosine) and, when above "
                                 "0, its distance to the matched good parts in the part's score (0: outlines unused)")
+
+    def check(self, detector: "DetectorConfig") -> None:
+        if detector.image_size % self.feature_stride:
+            raise ValueError(
+                f"image_size ({detector.image_size}) must be a multiple of classic.feature_stride ({self.feature_stride})"
+            )
 
 
 # FeatUp's published JBU checkpoints (linewatch.detector.weights registry names) -> the image size
@@ -78,7 +93,7 @@ class SamConfig(_Section):
     box_nms_thresh: float = Field(0.7, ge=0, le=1)
 
 
-class SamLadBackendConfig(_Section):
+class SamLadBackendConfig(BackendSection):
     """The SAM-LAD backend: DINOv2 + FeatUp JBU + SAM (needs the official weights)."""
 
     weights_dir: str = Field("/var/lib/linewatch/models", description="where `linewatch models download` puts checkpoints")
@@ -91,6 +106,18 @@ class SamLadBackendConfig(_Section):
         False, description="use FeatUp's published JBU with another image size or backbone than it was trained for "
         "(224, ViT-S/14 without registers); its upsampling is then not what FeatUp measured")
     sam: SamConfig = SamConfig()
+
+    def check(self, detector: "DetectorConfig") -> None:
+        if detector.image_size % 14:
+            raise ValueError(f"image_size must be a multiple of 14 for the DINOv2 backbone, got {detector.image_size}")
+        if self.upsampler_checkpoint in FEATUP_TRAINED_SETUP and not self.allow_untrained_upsampler_setup:
+            size, backbone = FEATUP_TRAINED_SETUP[self.upsampler_checkpoint]
+            if detector.image_size != size or self.backbone != backbone:
+                raise ValueError(
+                    f"samlad.upsampler_checkpoint {self.upsampler_checkpoint!r} was trained at image_size {size} on "
+                    f"{backbone}; this config has image_size {detector.image_size} and {self.backbone}. Use those, or set "
+                    "samlad.allow_untrained_upsampler_setup: true to run it outside its training setup on purpose"
+                )
 
 
 class MatchingConfig(_Section):
@@ -131,6 +158,7 @@ class ScoreConfig(_Section):
 
 
 class DetectorConfig(_Section):
+    # one name per backend of linewatch.detector.backends, each with its BackendSection field below
     backend: Literal["classic", "samlad"] = "classic"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(224, ge=28, le=2048, description="images are resized to this square working size")
@@ -148,24 +176,16 @@ class DetectorConfig(_Section):
     score: ScoreConfig = ScoreConfig()
 
     @model_validator(mode="after")
-    def _patch_multiple(self) -> "DetectorConfig":
-        if self.backend == "samlad" and self.image_size % 14:
-            raise ValueError(f"image_size must be a multiple of 14 for the DINOv2 backbone, got {self.image_size}")
-        s = self.samlad
-        if (self.backend == "samlad" and s.upsampler_checkpoint in FEATUP_TRAINED_SETUP
-                and not s.allow_untrained_upsampler_setup):
-            size, backbone = FEATUP_TRAINED_SETUP[s.upsampler_checkpoint]
-            if self.image_size != size or s.backbone != backbone:
-                raise ValueError(
-                    f"samlad.upsampler_checkpoint {s.upsampler_checkpoint!r} was trained at image_size {size} on "
-                    f"{backbone}; this config has image_size {self.image_size} and {s.backbone}. Use those, or set "
-                    "samlad.allow_untrained_upsampler_setup: true to run it outside its training setup on purpose"
-                )
-        if self.backend == "classic" and self.image_size % self.classic.feature_stride:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be a multiple of classic.feature_stride ({self.classic.feature_stride})"
-            )
+    def _backend_settings(self) -> "DetectorConfig":
+        section = getattr(self, self.backend, None)
+        if not isinstance(section, BackendSection):
+            raise ValueError(f"backend {self.backend!r} has no settings section detector.{self.backend}")
+        section.check(self)
         return self
+
+    def backend_sections(self) -> list[str]:
+        """The fields holding a backend's settings (named like their backend)."""
+        return [name for name, value in self if isinstance(value, BackendSection)]
 
     # Settings that change neither what the bank holds nor any score, so a bank stays valid
     # when they change. Every other key of this section is part of the bank's fingerprint
@@ -179,9 +199,11 @@ class DetectorConfig(_Section):
 
     def fingerprint_settings(self) -> dict[str, object]:
         """Every setting that changes what the template bank holds, a score or the calibrated
-        threshold, flattened to "key.path": value (the other backend's section left out)."""
+        threshold, flattened to "key.path": value (the other backends' sections left out)."""
         dumped = self.model_dump(mode="json")
-        dumped.pop("samlad" if self.backend == "classic" else "classic")
+        for name in self.backend_sections():
+            if name != self.backend:
+                dumped.pop(name)
         flat: dict[str, object] = {}
 
         def walk(prefix: str, value: object) -> None:

@@ -11,7 +11,7 @@ refused with a message that lists what differs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,94 @@ class BankError(Exception):
 
 
 @dataclass
+class BankManifest:
+    """The bank's manifest as a typed record: identity, provenance and calibration.
+
+    identity: Inspector.identity() of the models and config that built it. settings: the
+    config's fingerprint_settings(), to name a difference. source / source_files /
+    source_shape: the good images (folder, file names, (H, W, 3)). calibration: the
+    calibration record (`Calibration.to_manifest()` plus "source"; threshold None until
+    calibrated). score_normalisation: each branch's spread on good images (fused score only).
+    `TemplateBank.manifest` holds it as the plain dict `to_dict()` gives.
+    """
+
+    linewatch_version: str
+    identity: dict[str, str]
+    settings: dict[str, Any]
+    images: int
+    source: str
+    source_files: list[str]
+    source_shape: list[int]
+    image_size: int
+    created: str
+    calibration: dict[str, Any]
+    bank_id: str
+    score_normalisation: dict[str, Any] | None = None
+    build_seconds: float | None = None
+    format_version: int = BANK_FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; the optional keys that are None are left out."""
+        return {k: v for k, v in asdict(self).items() if not (v is None and k in _OPTIONAL_KEYS)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "bank") -> "BankManifest":
+        """Validate `data` (a manifest as read from a bank file); a BankError names the key."""
+        if not isinstance(data, dict):
+            raise BankError(f"{source}: the bank manifest is {type(data).__name__}, not a mapping; rebuild the bank")
+        unknown = sorted(set(data) - set(_MANIFEST_KEYS))
+        if unknown:
+            raise BankError(f"{source}: the bank manifest has unknown keys {unknown}; rebuild the bank")
+        for key, (kinds, item) in _MANIFEST_KEYS.items():
+            if key not in data:
+                if key in _OPTIONAL_KEYS:
+                    continue
+                raise BankError(f"{source}: the bank manifest lacks {key!r}; rebuild the bank")
+            value = data[key]
+            if not _is(value, kinds) or (item is not None and value is not None and not _items_are(value, item)):
+                want = " or ".join(k.__name__ for k in kinds) + (f" of {item.__name__}" if item else "")
+                raise BankError(f"{source}: the bank manifest's {key!r} is {value!r:.80}, expected {want}; "
+                                "rebuild the bank")
+        if "threshold" not in data["calibration"] or not _is(data["calibration"]["threshold"], (float, type(None))):
+            raise BankError(f"{source}: bank has no calibration threshold; rebuild the bank")
+        return cls(**data)
+
+
+def _is(value: Any, kinds: tuple[type, ...]) -> bool:
+    """isinstance, where a bool is no number and an int is a float."""
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int) and float in kinds:
+        return True
+    return isinstance(value, kinds)
+
+
+def _items_are(value: Any, kind: type) -> bool:
+    items = value.values() if isinstance(value, dict) else value
+    return all(_is(v, (kind,)) for v in items)
+
+
+# manifest key -> (accepted types, type of its items or values (None: any))
+_MANIFEST_KEYS: dict[str, tuple[tuple[type, ...], type | None]] = {
+    "linewatch_version": ((str,), None),
+    "identity": ((dict,), str),
+    "settings": ((dict,), None),
+    "images": ((int,), None),
+    "source": ((str,), None),
+    "source_files": ((list,), str),
+    "source_shape": ((list,), int),
+    "image_size": ((int,), None),
+    "created": ((str,), None),
+    "calibration": ((dict,), None),
+    "bank_id": ((str,), None),
+    "score_normalisation": ((dict, type(None)), None),
+    "build_seconds": ((float, type(None)), None),
+    "format_version": ((int,), None),
+}
+_OPTIONAL_KEYS = frozenset({"score_normalisation", "build_seconds"})
+
+
+@dataclass
 class TemplateBank:
     """Tensors of Z reference images with up to N objects each.
 
@@ -45,8 +133,10 @@ class TemplateBank:
         backend does not use them.
     textures: (Z, N, T) float32, grain statistics of each object (`ClassicFeatures.
         texture_channels` averaged over its mask); T = 0 when the backend does not use them.
-    segmenter_state: tensors of a fitted weights-free segmenter (empty for SAM).
-    manifest: identity, calibration and provenance (JSON-serialisable).
+    segmenter_state: the backend's state fitted on the good images (`Backend.fit`: the classic
+        background colour model; empty for samlad), saved under "segmenter." in the file.
+    manifest: identity, calibration and provenance, `BankManifest.to_dict()` (a plain dict for
+        its many readers; `load` validates it through `BankManifest.from_dict`).
     """
 
     retrieval: torch.Tensor
@@ -129,7 +219,7 @@ class TemplateBank:
             manifest = json.loads(metadata["linewatch_manifest"])
         except json.JSONDecodeError as e:
             raise BankError(f"{path}: the bank manifest is not valid JSON: {e}") from None
-        version = manifest.get("format_version")
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
         if version != BANK_FORMAT_VERSION:
             raise BankError(
                 f"{path}: bank format version {version}, this linewatch reads version {BANK_FORMAT_VERSION}; rebuild the bank"
@@ -137,8 +227,7 @@ class TemplateBank:
         missing = [name for name in _TENSOR_NAMES if name not in tensors]
         if missing:
             raise BankError(f"{path}: bank file lacks tensors {missing}; rebuild the bank")
-        if "calibration" not in manifest or "threshold" not in manifest["calibration"]:
-            raise BankError(f"{path}: bank has no calibration threshold; rebuild the bank")
+        manifest = BankManifest.from_dict(manifest, source=str(path)).to_dict()
         segmenter_state = {
             key[len(_SEGMENTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(_SEGMENTER_PREFIX)
         }
@@ -154,9 +243,10 @@ class TemplateBank:
         """Refuse a bank built with other models or settings; the message lists the differences
         (with `settings`, the config's `fingerprint_settings()`, each setting that differs)."""
         have = self.manifest.get("identity", {})
+        keys = list(IDENTITY_KEYS) + sorted((set(have) | set(expected)) - set(IDENTITY_KEYS))  # a backend's own
         differences = [
             f"  {key}: bank has {have.get(key)!r}, this config has {expected.get(key)!r}"
-            for key in IDENTITY_KEYS
+            for key in keys
             if have.get(key) != expected.get(key)
         ]
         built = self.manifest.get("settings")

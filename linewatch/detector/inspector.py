@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linewatch.config import Config, DetectorConfig
+from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.describe import masked_global_max_pool, resize_masks
 from linewatch.detector.fusion import branch_z_scores, fuse_maps
@@ -339,8 +340,9 @@ class Inspector:
                     f"bank {bank.bank_id} holds {bank.size} good images, fewer than detector.k_references = "
                     f"{config.k_references}; lower k_references or rebuild the bank with more good images"
                 )
-            if bank.segmenter_state:
-                self.models.segmenter.load_state_dict(bank.segmenter_state)
+            # the bank's fitted state (the classic background model) on models of this inspector
+            # alone: `models` stay as given, so other banks' inspectors may share them
+            self.models = get_backend(config.backend).load_state(models, bank.segmenter_state)
             if config.matching.center_descriptors:
                 # Descriptors of different parts share a large common component (every object
                 # pools the same kind of features); matching on what sets them apart works far
@@ -384,13 +386,8 @@ class Inspector:
     # ------------------------------------------------------------------ identity
 
     def identity(self) -> dict[str, str]:
-        return {
-            "backend": self.config.backend,
-            "backbone": self.models.backbone.identity,
-            "upsampler": self.models.upsampler.identity,
-            "segmenter": self.models.segmenter.identity,
-            "config_hash": self.config.identity_hash(),
-        }
+        backend = get_backend(self.config.backend)
+        return {"backend": backend.name, **backend.identity(self.models), "config_hash": self.config.identity_hash()}
 
     @property
     def bank_id(self) -> str:

@@ -1,41 +1,20 @@
-"""Builds the detector's models from config: the one place that knows which backend uses what.
+"""Builds the detector's models from config, through the backend `detector.backend` names.
 
-- `samlad`: DINOv2 (timm) + FeatUp-compatible JBU stack + SAM automatic masks, from the
-  official checkpoints (`linewatch models download`).
-- `classic`: the weights-free backend: classical colour/gradient/texture features, classical
-  joint bilateral upsampling and a colour/background segmenter. It needs no weights and is
-  what the demo and CI run; it is not SAM-LAD's accuracy and is labelled as such everywhere.
-Both share the same DCGA / OMM / AMM / bank / calibration code.
+The backends themselves (what each builds, fits and records) are the modules of
+`linewatch.detector.backends`: `samlad` (DINOv2 + FeatUp JBU + SAM from the official
+checkpoints) and `classic` (weights-free, not SAM-LAD's accuracy). Both share the same
+DCGA / OMM / AMM / bank / calibration code. Here: the device, and what every backend's models
+get alike (device, eval mode, TF32, compilation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-from torch import nn
 
 from linewatch.config import DetectorConfig
-from linewatch.detector.backbone import ClassicFeatures, DinoV2Backbone
-from linewatch.detector.describe import DCGA
-from linewatch.detector.segment import AreaFilter, ClassicSegmenter, build_sam_segmenter
-from linewatch.detector.upsample import ClassicJointBilateralUpsampler, load_featup_jbu
-from linewatch.detector.weights import CHECKPOINTS, resolve_checkpoint, verify_checkpoint
+from linewatch.detector.backends import BACKEND_LABELS, Models, get_backend
 
-BACKEND_LABELS = {
-    "classic": "classic (weights-free: classical features + colour segmentation; not SAM-LAD's DINOv2/SAM accuracy)",
-    "samlad": "samlad (DINOv2 + FeatUp JBU + SAM)",
-}
-
-
-@dataclass
-class Models:
-    backbone: nn.Module  # images01 (B, 3, S, S) -> (B, C, h, w); .identity
-    upsampler: nn.Module  # (features, images01) -> (B, C, H', W'); .identity
-    segmenter: Any  # images01 -> list of (M_b, S, S) bool; .identity
-    dcga: DCGA
-    shape_weight: float = 0.0  # weight of the parts' outline descriptors (linewatch.detector.shape); 0: unused
+__all__ = ["BACKEND_LABELS", "Models", "build_models", "select_device"]
 
 
 def select_device(name: str) -> torch.device:
@@ -46,60 +25,21 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _checkpoint(name_or_path: str, weights_dir: str):
-    path = resolve_checkpoint(name_or_path, weights_dir)
-    spec = CHECKPOINTS.get(name_or_path)
-    verify_checkpoint(path, spec.sha256 if spec else None)
-    return path
-
-
 def build_models(config: DetectorConfig, device: torch.device) -> Models:
-    """Build and load every model the configured backend needs, on `device`."""
-    area_filter = AreaFilter(
-        min_area=config.objects.min_area, max_area=config.objects.max_area, max_objects=config.objects.max_objects
-    )
-    dcga = DCGA(kernel_size=config.matching.dcga_kernel_size, context_weight=config.matching.context_weight)
-    if config.backend == "classic":
-        c = config.classic
-        backbone = ClassicFeatures(stride=c.feature_stride, position_gain=c.position_gain)
-        upsampler = ClassicJointBilateralUpsampler(num_stages=c.upsample_stages)
-        segmenter = ClassicSegmenter(area_filter, threshold=c.background_threshold)
-    else:
-        s = config.samlad
-        backbone = DinoV2Backbone(
-            s.backbone, checkpoint=_checkpoint(s.backbone_checkpoint, s.weights_dir), image_size=config.image_size
-        )
-        upsampler = load_featup_jbu(
-            _checkpoint(s.upsampler_checkpoint, s.weights_dir),
-            channels=backbone.out_channels,
-            num_stages=s.upsample_stages,
-            use_norm=s.upsampler_use_norm,
-        )
-        segmenter = build_sam_segmenter(
-            s.sam.kind,
-            _checkpoint(s.sam.checkpoint, s.weights_dir),
-            area_filter,
-            device=device,
-            points_per_side=s.sam.points_per_side,
-            coarse_points_per_side=s.sam.coarse_points_per_side,
-            generator=s.sam.generator,
-            prompts=s.sam.prompts,
-            points_per_batch=s.sam.points_per_batch,
-            pred_iou_thresh=s.sam.pred_iou_thresh,
-            stability_score_thresh=s.sam.stability_score_thresh,
-            box_nms_thresh=s.sam.box_nms_thresh,
-        )
-    backbone = backbone.to(device).eval()
-    upsampler = upsampler.to(device).eval()
-    dcga = dcga.to(device).eval()
+    """Build and load every model the configured backend needs, on `device`. The models hold
+    no bank's fitted state (see `linewatch.detector.backends.base`): one set serves any bank
+    built under the same config."""
+    models = get_backend(config.backend).build(config, device)
+    models.backbone = models.backbone.to(device).eval()
+    models.upsampler = models.upsampler.to(device).eval()
+    models.dcga = models.dcga.to(device).eval()
     if device.type == "cuda" and config.precision == "fp32":
         # TF32 matrix products (10-bit mantissa inputs, fp32 accumulation): what "fp32" means on
         # Ampere and later for every framework that does not say otherwise; process-wide.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if config.compile:
-        backbone = torch.compile(backbone)  # attribute access (identity, out_channels) reaches the module
-        if hasattr(segmenter, "compile_encoder"):
-            segmenter.compile_encoder()
-    shape_weight = config.classic.shape_weight if config.backend == "classic" else 0.0
-    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=dcga, shape_weight=shape_weight)
+        models.backbone = torch.compile(models.backbone)  # attribute access (identity, out_channels) reaches the module
+        if hasattr(models.segmenter, "compile_encoder"):
+            models.segmenter.compile_encoder()
+    return models

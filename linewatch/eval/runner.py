@@ -344,11 +344,12 @@ def evaluate(
         "categories": {},
         "mean": {},
     }
+    # one set of models for every category: what a backend fits on a category's good images
+    # lives in that category's bank, and each Inspector applies its own bank's to a copy
+    models = build_models(det, device)
     for category in loaded:
         log(f"{category.name}: {len(category.test_images)} test images, {category.metric_name} "
             f"({'defects_config.json' if category.defects else 'no defects_config.json'})")
-        # fresh models per category: the classic segmenter is fitted to each category's good images
-        models = build_models(det, device)
         runs: dict[str, MethodRun] = {}
         detector_methods = [m for m in methods if m in DETECTOR_METHODS]
         if detector_methods:

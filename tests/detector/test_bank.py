@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from linewatch.detector.bank import BANK_FORMAT_VERSION, IDENTITY_KEYS, BankError, TemplateBank
+import linewatch.detector.bank as bank_module
+from linewatch.detector.bank import BANK_FORMAT_VERSION, IDENTITY_KEYS, BankError, BankManifest, TemplateBank
 
 IDENTITY = {
     "backend": "classic",
@@ -33,13 +36,19 @@ def make_bank(z: int = 4, n: int = 3, c: int = 5, hw: int = 8, d: int = 6, seed:
         object_noise=torch.rand(z, n, generator=g) + 0.5,
         shapes=torch.rand(z, n, 7, generator=g),
         textures=torch.zeros(z, n, 0),  # a backend without grain statistics: zero-width, saved and loaded
-        manifest={
-            "identity": dict(IDENTITY),
-            "bank_id": "abcdef012345",
-            "source_shape": [32, 32, 3],
-            "calibration": {"threshold": 1.25, "scores": [0.5, 1.0, 1.25]},
-            **manifest,
-        },
+        manifest=dict(BankManifest(
+            linewatch_version="0.0.test",
+            identity=dict(IDENTITY),
+            settings={"image_size": 32},
+            images=z,
+            source="/good",
+            source_files=[f"{i:03d}.png" for i in range(z)],
+            source_shape=[32, 32, 3],
+            image_size=32,
+            created="2024-01-01T00:00:00Z",
+            calibration={"threshold": 1.25, "scores": [0.5, 1.0, 1.25]},
+            bank_id="abcdef012345",
+        ).to_dict(), **manifest),
         segmenter_state={"mean": torch.tensor([0.1, 0.2, 0.3]), "cov": torch.eye(3) * 2},
     )
 
@@ -57,6 +66,7 @@ def _raw_tensors(bank: TemplateBank) -> dict[str, torch.Tensor]:
 
 def test_save_load_round_trip(tmp_path):
     bank = make_bank()
+    before = copy.deepcopy(bank.manifest)
     path = tmp_path / "sub" / "bank.lwbank"  # parent folder is created
     bank.save(path)
     loaded = TemplateBank.load(path)
@@ -75,8 +85,8 @@ def test_save_load_round_trip(tmp_path):
     assert set(loaded.segmenter_state) == {"mean", "cov"}
     assert torch.equal(loaded.segmenter_state["mean"], bank.segmenter_state["mean"])
     assert torch.equal(loaded.segmenter_state["cov"], bank.segmenter_state["cov"])
-    # saving does not add format_version to the in-memory manifest of the bank saved
-    assert "format_version" not in bank.manifest
+    assert loaded.manifest == bank.manifest
+    assert bank.manifest == before  # saving leaves the in-memory manifest alone
 
 
 def test_save_leaves_no_part_file_and_overwrites(tmp_path):
@@ -238,9 +248,9 @@ def test_load_manifest_not_json(tmp_path):
 @pytest.mark.parametrize("version", [BANK_FORMAT_VERSION + 1, 0, None, "1"])
 def test_load_wrong_format_version(tmp_path, version):
     bank = make_bank()
-    manifest = dict(bank.manifest)
-    if version is not None:
-        manifest["format_version"] = version
+    manifest = dict(bank.manifest, format_version=version)
+    if version is None:
+        del manifest["format_version"]
     path = tmp_path / "bank.lwbank"
     save_file(_raw_tensors(bank), str(path), metadata={"linewatch_manifest": json.dumps(manifest)})
     message = _load_error(path)
@@ -265,6 +275,52 @@ def test_load_without_calibration(tmp_path):
     path = tmp_path / "bank.lwbank"
     bank.save(path)
     assert "calibration" in _load_error(path)
+
+
+def _saved_with_manifest(tmp_path, change) -> str:
+    """The load error of a bank whose saved manifest went through `change(manifest)`."""
+    bank = make_bank()
+    manifest = dict(bank.manifest, format_version=BANK_FORMAT_VERSION)
+    change(manifest)
+    path = tmp_path / "bank.lwbank"
+    save_file(_raw_tensors(bank), str(path), metadata={"linewatch_manifest": json.dumps(manifest)})
+    return _load_error(path)
+
+
+@pytest.mark.parametrize("key", ["linewatch_version", "identity", "settings", "images", "source", "source_files",
+                                 "source_shape", "image_size", "created", "bank_id"])
+def test_load_manifest_without_a_required_key(tmp_path, key):
+    message = _saved_with_manifest(tmp_path, lambda m: m.pop(key))
+    assert f"lacks {key!r}" in message and "rebuild the bank" in message
+
+
+@pytest.mark.parametrize("key, value", [
+    ("images", "8"), ("images", True), ("image_size", 112.0), ("source_shape", [32, "32", 3]),
+    ("source_files", "000.png"), ("identity", {"backend": 1}), ("identity", ["classic"]), ("bank_id", 12),
+    ("calibration", [1.25]), ("settings", None), ("score_normalisation", [1.0]), ("build_seconds", "fast"),
+])
+def test_load_manifest_with_an_ill_typed_key(tmp_path, key, value):
+    message = _saved_with_manifest(tmp_path, lambda m: m.update({key: value}))
+    assert f"manifest's {key!r} is {value!r}" in message and "expected" in message
+
+
+def test_load_manifest_with_an_unknown_key(tmp_path):
+    assert "unknown keys ['thresold']" in _saved_with_manifest(tmp_path, lambda m: m.update(thresold=1.0))
+
+
+@pytest.mark.parametrize("calibration", [{"scores": [1.0]}, {"threshold": "1.25"}])
+def test_load_manifest_without_a_usable_threshold(tmp_path, calibration):
+    assert "no calibration threshold" in _saved_with_manifest(tmp_path, lambda m: m.update(calibration=calibration))
+
+
+def test_manifest_record_round_trip():
+    record = BankManifest.from_dict(make_bank(build_seconds=3, score_normalisation={"patch": {"mean": 0.1}}).manifest)
+    assert record.build_seconds == 3 and record.score_normalisation == {"patch": {"mean": 0.1}}
+    assert record.format_version == BANK_FORMAT_VERSION and record.images == 4
+    assert BankManifest.from_dict(record.to_dict()) == record
+    bare = BankManifest.from_dict(make_bank().manifest)
+    assert "score_normalisation" not in bare.to_dict() and "build_seconds" not in bare.to_dict()  # None: left out
+    assert set(bank_module._MANIFEST_KEYS) == {f.name for f in dataclasses.fields(BankManifest)}
 
 
 def test_load_inconsistent_tensors_names_file(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from linewatch.bank_builder import BankBuildError, build_bank, judge_bank_images
 from linewatch.config import config_from_dict
-from linewatch.detector.bank import IDENTITY_KEYS, TemplateBank
+from linewatch.detector.bank import IDENTITY_KEYS, BankManifest, TemplateBank
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES
@@ -232,6 +232,7 @@ def test_leave_one_out_manifest(loo):
     assert m["identity"]["config_hash"] == config.detector.identity_hash()
     assert m["identity"] == Inspector(config.detector, models, bank, CPU).identity()
     assert m["build_seconds"] >= 0
+    assert BankManifest.from_dict(m).to_dict() == m  # the builder writes the typed record
 
 
 def test_leave_one_out_scores_exclude_self(loo):
