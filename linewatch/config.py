@@ -150,7 +150,7 @@ class ScoreConfig(_Section):
     source: Literal["objects", "patch", "fused"] = Field(
         "fused", description="objects: the SAM-LAD object map; patch: each patch against the same place in the nearest "
         "good images; fused: every branch (objects, patch and, weights-free, part outline and grain) in units of its "
-        "spread on the good images, summed where above their good mean")
+        "spread on the good images (z), softplus(z) summed")
     patch_window: int = Field(1, ge=0, le=8, description="the patch branch compares a patch with good patches up to "
                               "this many feature cells away")
     patch_images: int = Field(32, ge=1, le=64, description="the patch branch compares a frame with this many good images, "

@@ -1,6 +1,6 @@
 """The `eval` and `bench` subcommands; `linewatch.cli` calls `register(subparsers)`.
 
-    linewatch eval --dataset ROOT [--categories A B] [--out DIR] [-c CONFIG] [--method objects|patch|fused|patchcore|both]
+    linewatch eval --dataset ROOT [--categories A B] [--out DIR] [-c CONFIG] [--method objects|patch|fused|patchcore|both ...]
     linewatch bench [--batch-sizes 1 4 8] [--out bench.json] [--samlad-random] ...
 
 `bench` runs linewatch.eval.bench (benchmarks/detector_bench.py is a wrapper of it).
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--categories", nargs="+", default=None, help="category folder names (default: all)")
     p.add_argument("--out", default="eval_out", help="output folder (report.json, report.md, PNGs, TIFF maps)")
     p.add_argument("-c", "--config", default=None, help="config YAML (default: built-in defaults, classic backend)")
-    p.add_argument("--method", choices=["objects", "patch", "fused", "patchcore", "both"], default="both",
+    p.add_argument("--method", nargs="+", choices=["objects", "patch", "fused", "patchcore", "both"], default=["both"],
                    help="fused = the detector's score; objects / patch = its object (SAM-LAD) and patch branches "
                    "alone (one detector run gives all three); patchcore = object-free kNN baseline on the same "
                    "backbone; both = all of them")

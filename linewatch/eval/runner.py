@@ -75,7 +75,8 @@ class MethodRun:
 def resolve_methods(method: str | Sequence[str]) -> list[str]:
     """'objects' | 'patch' | 'fused' | 'patchcore' | 'both' (all of them) (or a list of names) -> list of
     method names."""
-    names = list(METHODS) if method == "both" else ([method] if isinstance(method, str) else list(method))
+    given = [method] if isinstance(method, str) else list(method)
+    names = list(METHODS) if "both" in given else [m for m in METHODS if m in given] + [m for m in given if m not in METHODS]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'both'")

@@ -78,13 +78,14 @@ def check_result(result: InspectionResult, shape: tuple[int, int], threshold: fl
     assert result.verdict == ("fail" if result.score > result.threshold else "pass")
     assert result.backend == "classic"
     assert set(result.timings) >= {"preprocess", "backbone", "upsample", "segment", "describe", "match", "measure"}
-    # fused score: the sum over branches of how far each is above its good mean, z_b > 0; the map
-    # adds the branches per pixel, so its peak is at least the largest z_b and at most the score
-    # (resizing to the input keeps the peak close)
+    # fused score: the sum over branches of softplus(z_b), how far each is above its good mean;
+    # the map adds the branches per pixel, so its peak is at most the score and at least the
+    # largest z_b (resizing to the input keeps the peak close)
     assert set(result.components) == {"objects", "patch", "outline", "texture"}
     assert float(result.heatmap.max()) <= result.score * 1.0001 + 1e-6
     assert float(result.heatmap.max()) >= max(result.branch_scores.values()) * 0.8
-    assert result.score == pytest.approx(sum(max(z, 0.0) for z in result.branch_scores.values()), rel=1e-5, abs=1e-6)
+    softplus = sum(math.log1p(math.exp(z)) for z in result.branch_scores.values())
+    assert result.score == pytest.approx(softplus, rel=1e-5, abs=1e-6)
     h, w = shape
     for obj in result.objects:
         assert obj["status"] in OBJECT_STATUSES

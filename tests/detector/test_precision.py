@@ -22,7 +22,10 @@ PRODUCT = "screw_tray"
 
 def config_for(precision: str):
     return config_from_dict({
-        "detector": {"image_size": 112, "device": "cpu", "k_references": 2, "precision": precision},
+        # the object score alone: a random tiny DINOv2's good-image object scores spread so widely
+        # that, fused in units of that spread, nothing fails; this is about precision, not fusion
+        "detector": {"image_size": 112, "device": "cpu", "k_references": 2, "precision": precision,
+                     "score": {"source": "objects"}},
         "calibration": {"min_validation_images": 3},
     })
 
@@ -42,6 +45,7 @@ def tiny_dino_models(config):
     models = build_models(config.detector, CPU)
     models.backbone = backbone
     models.upsampler = JBUStack(backbone.out_channels, num_stages=2).eval()
+    models.shape_weight = 0.0  # part outlines and grain statistics belong to the classic features
     return models
 
 

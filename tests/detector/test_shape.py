@@ -104,3 +104,27 @@ def test_padding_rows_are_zero_and_objects_keep_their_order():
     assert torch.equal(out[1, 1], torch.zeros(SHAPE_DIM))
     assert shape_distances(out[0, 0], out[1, 0]).item() < 1e-6  # the same F, alone or with an L
     assert shape_distances(out[0, 0], out[0, 1]).item() > 0.3
+
+
+def test_grain_coherence_tells_long_grains_from_round_ones():
+    """ClassicFeatures.texture_channels: parallel strokes (long grains side by side) have coherent
+    edge orientations, dots (round grains) do not."""
+    import cv2
+
+    from linewatch.detector.backbone import ClassicFeatures
+
+    stripes = np.full((64, 64), 0.3, np.float32)
+    for x in range(2, 64, 6):
+        cv2.line(stripes, (x, 0), (x, 63), 0.8, 2)
+    dots = np.full((64, 64), 0.3, np.float32)
+    for y in range(3, 64, 6):
+        for x in range(3, 64, 6):
+            cv2.circle(dots, (x, y), 2, 0.8, -1)
+    extractor = ClassicFeatures(stride=8, num_scales=3, position_gain=0.0)
+    stats = {}
+    for name, grey in (("stripes", stripes), ("dots", dots)):
+        image = torch.from_numpy(grey)[None, None].expand(1, 3, 64, 64)
+        channels = extractor.texture_channels(extractor(image))  # (1, 12, 8, 8)
+        stats[name] = channels[0, :, 2:-2, 2:-2].mean((-2, -1))  # inner cells
+    coherence_finest = 3  # per scale: magnitude, dog, grey std, coherence
+    assert stats["stripes"][coherence_finest] > 2 * stats["dots"][coherence_finest]
