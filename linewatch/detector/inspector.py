@@ -19,10 +19,10 @@ Beyond the paper: a reference part that no query object matches (in more than ha
 the k references) is scored at its reference location ("missing"), and an unmatched query
 object whose closest reference part is already matched by another query object is a part
 too many ("surplus"). Both show in the heatmap and in the object list. With the weights-free
-backend each part also carries an outline descriptor (`linewatch.detector.shape`), used in
-matching and in its score. The image score fuses the object map with a patch branch
-(`linewatch.detector.patch_knn`), each in units of its spread on the good images
-(`detector.score`, `fuse_maps`).
+backend each part also carries an outline descriptor (`linewatch.detector.shape`, used in
+matching too) and grain statistics. The image score fuses the object map with a patch branch
+(`linewatch.detector.patch_knn`) and, weights-free, the parts' outline and grain branches,
+each in units of its spread on the good images (`detector.score`, `linewatch.detector.fusion`).
 """
 
 from __future__ import annotations
