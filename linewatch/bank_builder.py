@@ -226,11 +226,11 @@ def build_bank(
         loo = [r.components for _, batch in judge_bank_images(judge, batch_size, progress, "scoring good images")
                for r in batch.results]
         sources.append(f"leave-one-out over the good images ({bank.size})")
-    good = _by_branch(held_out + loo)
+    good_scores = _by_branch(held_out + loo)
     try:
         if det.score.source == "fused":  # each branch in units of its spread over all good scores there are
-            manifest.score_normalisation = branch_normalisation(good)
-        scores = fuse_scores(good, manifest.score_normalisation, det.score.source)
+            manifest.score_normalisation = branch_normalisation(good_scores)
+        scores = fuse_scores(good_scores, manifest.score_normalisation, det.score.source)
         calibration = calibrate(scores, config.calibration.target_false_reject_rate,
                                 confidence=config.calibration.confidence)
     except ValueError as e:
