@@ -17,12 +17,14 @@ the calibration's tail fits cannot describe. Where one branch sees the anomaly, 
 peak is about the score; where several see it in different places, each place shows its own
 branch's part (the peak is then below the score).
 
-Why this rule: on `linewatch sim` data (seed 1, 4 products, default config) the lowest image
-AUROC over products and anomaly types was 94.7 for the sum of max(z_b, 0) (softplus is its
-smooth form), 93.0 for the largest z_b, 93.0 for the plain sum (a branch below its good mean
-then subtracts from one that sees the anomaly), 94.7 and 89.0 for the sums of max(z_b - 1, 0)
-and max(z_b - 2, 0), and 84.0 for objects and patch alone (they miss a granular texture swapped
-for another of the same colour, which the grain branch sees). The branches' raw scores travel with each result
+Why this rule: `python benchmarks/score_branches.py /tmp/sim1 screw_tray,breakfast_box,glyph_tray,bracket_kit`
+on `linewatch sim generate --out /tmp/sim1 --seed 1 --validation 30` (default config, 2026-11-26)
+gave as the lowest image AUROC over the four products and both anomaly types: softplus 93.0,
+sum of max(z_b, 0) 93.7, largest z_b 92.3, plain sum 93.0 (a branch below its good mean then
+subtracts from one that sees the anomaly), softplus over objects and patch alone 83.8 (they miss
+a granular texture swapped for another of the same colour, which the grain branch sees).
+Softplus and max(z_b, 0) are within a seed's noise of each other; softplus is kept for the
+continuous good-score distribution. The branches' raw scores travel with each result
 (`InspectionResult.components`).
 """
 

@@ -20,13 +20,13 @@ is, so another outline, a mirror image or a quarter turn of an asymmetric part c
 Colour and texture are left to the pooled features and the AMM maps.
 
 Why not scikit-image's or OpenCV's HOG: scikit-image bins orientations hard (20-degree bins
-with a boundary at 0 degrees), so an axis-aligned part turned by 4 degrees, the placement
-jitter of a good part, moved its descriptor by 0.44 (unit vectors), more than half the
-distance to another glyph (0.85); OpenCV 5's Python package no longer has HOGDescriptor. The
-doubled-angle channels change smoothly with the angle: the same turn moves this descriptor by
-0.15-0.21, another glyph, a mirror image or a quarter turn by 0.66 or more
-(tests/detector/test_shape.py). A descriptor of the grey image inside
-the mask was tried too: sensor noise moved it as far as a 10 % size change.
+with a boundary at 0 degrees), so an axis-aligned part turned by a few degrees, the placement
+jitter of a good part, jumps between bins; OpenCV 5's Python package no longer has
+HOGDescriptor. The doubled-angle channels change smoothly with the angle:
+tests/detector/test_shape.py holds a 4-degree turn, a shift, a 10 % size change and a noisy
+segmentation under 0.25 (unit vectors) and another glyph, a mirror image and a quarter turn
+above 0.5 and 2.5 times that. The grey image inside the mask is left out: sensor noise moves
+a histogram of it in flat cells.
 
 How far a good part's descriptor moves (small rotations, the segmenter's boundary jitter) is
 learned from the good images: the Inspector's outline branch scores a part by its distance
