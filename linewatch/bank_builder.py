@@ -229,7 +229,11 @@ def build_bank(
     good_scores = _by_branch(held_out + loo)
     try:
         if det.score.source == "fused":  # each branch in units of its spread over all good scores there are
-            manifest.score_normalisation = branch_normalisation(good_scores)
+            # each branch's spread, and the good scores it came from (as the calibration keeps its own)
+            manifest.score_normalisation = {
+                name: dict(stats, scores=[round(float(v), 6) for v in good_scores[name]])
+                for name, stats in branch_normalisation(good_scores).items()
+            }
         scores = fuse_scores(good_scores, manifest.score_normalisation, det.score.source)
         calibration = calibrate(scores, config.calibration.target_false_reject_rate,
                                 confidence=config.calibration.confidence)

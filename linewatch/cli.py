@@ -99,6 +99,8 @@ def cmd_bank_info(args: argparse.Namespace) -> int:
     bank = TemplateBank.load(args.bank)
     manifest = dict(bank.manifest)
     manifest["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "scores"}
+    for stats in (manifest.get("score_normalisation") or {}).values():
+        stats.pop("scores", None)
     manifest.pop("source_files", None)
     manifest["tensors"] = {
         "features": list(bank.features.shape),

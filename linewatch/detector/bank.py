@@ -38,7 +38,7 @@ class BankManifest:
     config's fingerprint_settings(), to name a difference. source / source_files /
     source_shape: the good images (folder, file names, (H, W, 3)). calibration: the
     calibration record (`Calibration.to_manifest()` plus "source"; threshold None until
-    calibrated). score_normalisation: each branch's spread on good images (fused score only).
+    calibrated). score_normalisation: each branch's spread on good images, with the good scores it was measured on (fused score only).
     `TemplateBank.manifest` holds it as the plain dict `to_dict()` gives.
     """
 

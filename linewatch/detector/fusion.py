@@ -31,6 +31,7 @@ continuous good-score distribution. The branches' raw scores travel with each re
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -64,13 +65,10 @@ def fuse_maps(maps: dict[str, Tensor], normalisation: dict | None, source: str) 
 
 
 def fuse_scores(components: dict[str, np.ndarray], normalisation: dict, source: str) -> np.ndarray:
-    """Image scores of `source` from the branches' raw image scores ((N,) arrays), by the rule
-    of the module docstring."""
-    if source != "fused":
-        return np.asarray(components[source], dtype=np.float64)
-    z = [(np.asarray(components[name], dtype=np.float64) - stats["mean"]) / stats["std"]
-         for name, stats in normalisation.items()]
-    return np.logaddexp(0.0, np.asarray(z)).sum(axis=0)  # softplus
+    """Image scores of `source` from the branches' raw image scores ((N,) arrays): `fuse_maps`
+    on the scores themselves (float64)."""
+    scores = {name: torch.as_tensor(np.asarray(values, dtype=np.float64)) for name, values in components.items()}
+    return fuse_maps(scores, normalisation, source).numpy()
 
 
 def branch_z_scores(components: dict[str, float], normalisation: dict | None) -> dict[str, float]:

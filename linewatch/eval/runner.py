@@ -31,7 +31,7 @@ from tqdm import tqdm
 from linewatch import __version__
 from scipy import stats
 
-from linewatch.bank_builder import build_bank, judge_bank_images
+from linewatch.bank_builder import build_bank
 from linewatch.config import Config
 from linewatch.detector.calibration import MIN_SCORES, calibrate
 from linewatch.detector.inspector import Inspector
@@ -124,14 +124,7 @@ def run_detector(config: Config, category: Category, models: Models, device: tor
     inspector = Inspector(config.detector, models, bank, device)
     inspector.keep_component_maps = True
 
-    start = time.perf_counter()
-    good: list[dict[str, float]] = []  # the branch scores build_bank calibrated with, again
-    if category.validation_dir is not None:
-        for chunk in _chunks(list_images(category.validation_dir), batch_size):
-            good.extend(r.components for r in inspector.inspect([read_image(p) for p in chunk]))
-    if bank.size > config.detector.k_references:
-        good.extend(r.components for _, batch in judge_bank_images(inspector, batch_size, False, "") for r in batch.results)
-    calibrate_seconds = time.perf_counter() - start
+    good = bank.manifest["score_normalisation"]  # each branch's good scores, as build_bank calibrated with them
 
     results: list = []
 
@@ -142,8 +135,7 @@ def run_detector(config: Config, category: Category, models: Models, device: tor
 
     fused_scores, fused_maps, test_seconds = _score_test(category, judge, batch_size, progress,
                                                          f"{category.name}: detector")
-    seconds = {"fit_and_calibrate": round(fit_seconds, 3), "calibrate_branches": round(calibrate_seconds, 3),
-               "test": round(test_seconds, 3)}
+    seconds = {"fit_and_calibrate": round(fit_seconds, 3), "test": round(test_seconds, 3)}
     info = {"bank_images": bank.size, "k_references": config.detector.k_references}
     runs = {}
     for name in wanted:
@@ -152,7 +144,7 @@ def run_detector(config: Config, category: Category, models: Models, device: tor
             runs[name] = MethodRun(name, fused_scores, fused_maps, float(calibration["threshold"]), calibration,
                                    seconds=seconds, info=dict(info, branches=sorted(results[0].components)))
             continue
-        branch = calibrate(np.array([g[name] for g in good]), config.calibration.target_false_reject_rate,
+        branch = calibrate(np.array(good[name]["scores"]), config.calibration.target_false_reject_rate,
                            confidence=config.calibration.confidence)
         calibration = dict(branch.to_manifest(), source=bank.manifest["calibration"].get("source"))
         runs[name] = MethodRun(name, np.array([r.components[name] for r in results]),
