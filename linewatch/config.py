@@ -279,6 +279,17 @@ class PublishConfig(_Section):
     overlay_jpeg: bool = False
 
 
+class ArchiveConfig(_Section):
+    """The verdict archive: every verdict as a row of an SQLite file, images of failed parts beside it."""
+
+    enabled: bool = Field(False, description="keep every verdict in an SQLite archive (linewatch archive query/export)")
+    path: str = Field("archive", description="folder of the archive: verdicts.sqlite and images/")
+    pass_image_sample: float = Field(0.0, ge=0.0, le=1.0, description="fraction of pass verdicts whose images are kept too (failed parts always)")
+    max_age_days: float = Field(90.0, gt=0, description="verdicts and images older than this are deleted")
+    max_bytes: int = Field(20 * 1024**3, ge=1024 * 1024, description="the archive's size limit; the oldest images, then rows, go first")
+    queue_size: int = Field(256, ge=1, le=100_000, description="image writes waiting for the disk; beyond it they are dropped and counted")
+
+
 class SecurityConfig(_Section):
     """CurveZMQ on the frame and verdict sockets: encryption and an allow-list of client keys.
 
@@ -304,6 +315,20 @@ class SecurityConfig(_Section):
         return self.server_secret_key is not None
 
 
+class MqttConfig(_Section):
+    """An optional second verdict sink: one JSON message per verdict to an MQTT broker."""
+
+    enabled: bool = Field(False, description="publish every verdict to an MQTT broker as JSON")
+    host: str = Field("127.0.0.1", description="the broker's host name or address")
+    port: int = Field(1883, ge=1, le=65535)
+    topic: str = Field("linewatch/{camera}/verdict", description="topic per verdict; {camera} is replaced by the camera id")
+    qos: Literal[0, 1, 2] = Field(1, description="MQTT quality of service")
+    retain: list[Literal["pass", "fail", "error", "timeout", "shed"]] = Field(
+        default_factory=lambda: ["fail", "timeout"], description="verdict values sent retained (the broker keeps the last one per topic)")
+    client_id: str = Field("", description="MQTT client id; empty: linewatch-<host>-<pid>")
+    max_queued: int = Field(10_000, ge=1, description="messages held while the broker is away; beyond it they are dropped and counted")
+
+
 class MetricsConfig(_Section):
     host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz server")
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
@@ -316,6 +341,19 @@ class MetricsConfig(_Section):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together (HTTPS needs both)")
         return self
+
+
+class LiveConfig(_Section):
+    """The live inspection page, served by the metrics server at /live."""
+
+    enabled: bool = Field(False, description="serve the live page at /live on the metrics server")
+    recent_failures: int = Field(12, ge=1, le=200, description="failed parts shown (the newest first)")
+
+
+class ControlConfig(_Section):
+    """The control socket: `linewatch bank switch` talks to the running daemon through it."""
+
+    socket: str | None = Field(None, description="path of a Unix socket for `linewatch bank switch`; empty: no control socket")
 
 
 class LoggingConfig(_Section):
@@ -331,6 +369,10 @@ class RuntimeConfig(_Section):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     security: SecurityConfig = SecurityConfig()
+    live: LiveConfig = LiveConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    mqtt: MqttConfig = MqttConfig()
+    control: ControlConfig = ControlConfig()
 
 
 class Config(_Section):

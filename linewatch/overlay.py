@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 
 from linewatch.detector.result import InspectionResult
+from linewatch.wire import Verdict
 
 # BGR-free: colours are RGB because images are RGB throughout linewatch.
 STATUS_COLOURS = {
@@ -16,12 +17,13 @@ STATUS_COLOURS = {
 }
 
 
-def render_overlay(image: np.ndarray, result: InspectionResult, alpha: float = 0.45) -> np.ndarray:
+def render_overlay(image: np.ndarray, result: InspectionResult | Verdict, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 (H, W, 3): the heatmap (scaled so the threshold sits mid-colourmap) blended
     over `image`, object boxes coloured by status, a banner with verdict and score, and (fused
-    score) a line with each branch's z-score."""
+    score) a line with each branch's z-score. `result` is the detector's result or a judged
+    (pass/fail) verdict carrying the same fields."""
     h, w = image.shape[:2]
-    heat = result.heatmap
+    heat = result.heatmap if result.heatmap is not None else np.zeros((h, w), np.float32)
     if heat.shape != (h, w):
         heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
     scale = result.threshold if np.isfinite(result.threshold) and result.threshold > 0 else max(float(heat.max()), 1e-9)
@@ -37,9 +39,10 @@ def render_overlay(image: np.ndarray, result: InspectionResult, alpha: float = 0
         if obj["status"] != "matched":
             cv2.putText(out, obj["status"], (x, max(10, y - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thickness, colour, 1,
                         cv2.LINE_AA)
-    banner = f"{result.verdict.upper()}  score {result.score:.3g} / thr {result.threshold:.3g}  [{result.backend}]"
+    verdict = result.verdict
+    banner = f"{verdict.upper()}  score {result.score:.3g} / thr {result.threshold:.3g}  [{result.backend}]"
     bar_h = max(14, round(h / 16))
-    banner_colour = (200, 30, 30) if result.verdict == "fail" else (30, 140, 30)
+    banner_colour = (200, 30, 30) if verdict == "fail" else (30, 140, 30)
     cv2.rectangle(out, (0, 0), (w, bar_h), banner_colour, -1)
     cv2.putText(out, banner, (4, bar_h - 4), cv2.FONT_HERSHEY_SIMPLEX, bar_h / 36, (255, 255, 255), 1, cv2.LINE_AA)
     if result.branch_scores:  # the fused score's parts: which branch saw what (z above its good mean)
@@ -50,7 +53,7 @@ def render_overlay(image: np.ndarray, result: InspectionResult, alpha: float = 0
     return out
 
 
-def overlay_jpeg(image: np.ndarray, result: InspectionResult, quality: int = 85) -> bytes:
+def overlay_jpeg(image: np.ndarray, result: InspectionResult | Verdict, quality: int = 85) -> bytes:
     """The overlay encoded as JPEG bytes (for the verdict stream)."""
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(render_overlay(image, result), cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, quality])

@@ -102,8 +102,26 @@ class Daemon:
         overlay = None
         if config.publish.overlay_jpeg:
             from linewatch.overlay import overlay_jpeg as overlay
+        # Sinks beside the verdict publisher. The archive and the live page keep pictures, so the
+        # pipeline attaches each judged frame's image to its verdict for them (never encoded).
+        self.archive: Any = None  # linewatch.runtime.archive.Archive
+        self.live: Any = None  # linewatch.runtime.live.LiveView
+        self.extra_sinks: list[VerdictSink] = []  # MQTT
+        if config.archive.enabled:
+            from linewatch.runtime.archive import Archive
+
+            self.archive = Archive(config.archive, metrics=self.metrics, log=self.log)
+        if config.live.enabled:
+            from linewatch.runtime.live import LiveView
+
+            self.live = LiveView(config.live, status=self.live_status, clock=clock)
+        if config.mqtt.enabled:
+            from linewatch.runtime.mqtt import MqttSink
+
+            self.extra_sinks.append(MqttSink(config.mqtt, log=self.log, metrics=self.metrics))
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
-                                 overlay=overlay, clock=clock)
+                                 overlay=overlay, clock=clock,
+                                 keep_images=self.archive is not None or self.live is not None)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
         self.health: HealthServer | None = None
         self.ingest: FrameSource | None = None
@@ -130,7 +148,8 @@ class Daemon:
         m.track_gpu_memory()
         m.ready.set(0)
         try:
-            self.health = HealthServer(self.config.metrics, m.registry, self.dead_threads, self.readiness)
+            routes = {"/live": self.live.handle} if self.live is not None else {}
+            self.health = HealthServer(self.config.metrics, m.registry, self.dead_threads, self.readiness, routes)
         except OSError as e:
             mc = self.config.metrics
             raise RuntimeError(
@@ -139,6 +158,10 @@ class Daemon:
             ) from None
         self.health.start()
         try:
+            if self.archive is not None:
+                self.archive.start()  # before the pipeline: no verdict may pass it by
+            for sink in self.extra_sinks:
+                sink.start()
             self.pipeline.start()
             publisher = self.publisher = verdict_sink(self.config.publish, self.log, m, self.config.security)
             publisher.start()
@@ -205,6 +228,10 @@ class Daemon:
         self.pipeline.stop()
         if self.publisher is not None:
             self._close(self.publisher, "publisher")
+        for sink in self.extra_sinks:
+            self._close(sink, type(sink).__name__)
+        if self.archive is not None:
+            self._close(self.archive, "archive")
         try:
             self.summary.stop()
         except Exception:  # noqa: BLE001
@@ -223,7 +250,7 @@ class Daemon:
         dead = self.pipeline.dead_threads()
         if self.summary.thread.ident is not None and not self.summary.thread.is_alive():
             dead.append(self.summary.thread.name)
-        for part in (self.ingest, self.publisher):
+        for part in (self.ingest, self.publisher, self.archive, *self.extra_sinks):
             if part is not None:
                 dead.extend(part.dead_threads())
         return dead
@@ -257,7 +284,30 @@ class Daemon:
             self.log.error("submit_error_failed", error=repr(e))
 
     def _publish(self, verdict: Verdict) -> None:
+        """Hand one verdict to every sink (on the pipeline's output thread; each call only queues,
+        except the archive's row, which is written before the verdict leaves, see archive.py)."""
+        if self.archive is not None:
+            self._feed(self.archive.record, verdict, "archive_row")
+        if self.live is not None:
+            self._feed(self.live.publish, verdict, "live")
+        verdict.image = None  # the pictures stay with the sinks that keep them
         self.publisher.publish(verdict)
+        for sink in self.extra_sinks:
+            self._feed(sink.publish, verdict, type(sink).__name__)
+
+    def _feed(self, publish: Any, verdict: Verdict, sink: str) -> None:
+        """A secondary sink that fails loses its copy of the verdict (counted), never the verdict."""
+        try:
+            publish(verdict)
+        except Exception as e:  # noqa: BLE001
+            self.metrics.sink_dropped.labels(sink=sink, reason="exception").inc()
+            self.log.error("sink_failed", sink=sink, camera=verdict.camera, frame_id=verdict.frame_id, error=repr(e))
+
+    def live_status(self) -> dict[str, Any]:
+        """What the live page shows about the daemon itself: the bank and backend in service."""
+        p = self.processor
+        return {"bank_id": p.bank_id, "backend": p.backend, "bank_images": getattr(p, "bank_images", None),
+                "ready": self.readiness()[0], "version": linewatch.__version__}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signal.set()

@@ -20,6 +20,9 @@ from linewatch.config import MetricsConfig
 LivenessCheck = Callable[[], list[str]]
 # ready() -> (ready, why)
 ReadinessCheck = Callable[[], tuple[bool, str]]
+# route(path, query) -> (status, content type, body); path is the request path under the route's
+# prefix (e.g. "/live/state.json"), query the part after "?" ("" without one)
+Route = Callable[[str, str], tuple[int, str, bytes]]
 
 
 class _Server(ThreadingHTTPServer):
@@ -28,6 +31,7 @@ class _Server(ThreadingHTTPServer):
     registry: CollectorRegistry
     liveness: LivenessCheck
     readiness: ReadinessCheck
+    routes: dict[str, Route]
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a client that is not TLS, or hangs up mid-request, is its own problem: no traceback
@@ -38,10 +42,13 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 10  # seconds a silent client (or TLS handshake) may hold its thread
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         try:
-            if path == "/metrics":
-                self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            route = self._route(path)
+            if route is not None:
+                self._send(*route(path, query))
+            elif path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
             elif path == "/healthz":
                 dead = self.server.liveness()
                 if dead:
@@ -56,10 +63,16 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - a failing check is an unhealthy answer, not a crash
             self._text(500, f"check failed: {e!r}")
 
-    def _text(self, code: int, body: str) -> None:
-        self._send(code, (body + "\n").encode(), "text/plain; charset=utf-8")
+    def _route(self, path: str) -> Route | None:
+        for prefix, route in self.server.routes.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return route
+        return None
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
+    def _text(self, code: int, body: str) -> None:
+        self._send(code, "text/plain; charset=utf-8", (body + "\n").encode())
+
+    def _send(self, code: int, content_type: str, body: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -75,10 +88,12 @@ class HealthServer:
 
     /healthz: 200 "ok" while liveness() returns no names, else 503 naming the dead threads.
     /readyz: 200 when readiness() says ready, else 503; the body is its reason either way.
+    `routes` maps a path prefix (e.g. "/live") to the handler of every path under it.
     """
 
     def __init__(self, config: MetricsConfig, registry: CollectorRegistry,
-                 liveness: LivenessCheck = lambda: [], readiness: ReadinessCheck = lambda: (True, "ready")) -> None:
+                 liveness: LivenessCheck = lambda: [], readiness: ReadinessCheck = lambda: (True, "ready"),
+                 routes: dict[str, Route] | None = None) -> None:
         tls = None
         if config.tls_cert_file:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -96,6 +111,7 @@ class HealthServer:
         self._server.registry = registry
         self._server.liveness = liveness
         self._server.readiness = readiness
+        self._server.routes = dict(routes or {})
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="lw-health", daemon=True)
 

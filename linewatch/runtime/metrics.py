@@ -151,6 +151,17 @@ class Metrics:
         self.bank_info = Gauge("linewatch_bank_info", "The loaded template bank (value 1).",
                                ["bank_id", "backend", "images"], registry=r)
         self.ready = Gauge("linewatch_ready", "1 when the daemon accepts frames, else 0.", registry=r)
+        self.sink_dropped = Counter(
+            "linewatch_sink_dropped", "Verdicts a secondary sink could not take, by sink (archive_row, archive_image, "
+            "mqtt) and reason; the verdict itself was published.", ["sink", "reason"], registry=r,
+        )
+        self.archive_bytes = Gauge("linewatch_archive_bytes", "Size of the verdict archive on disk.", registry=r)
+        self.mqtt_connected = Gauge("linewatch_mqtt_connected", "1 while the MQTT sink is connected to its broker.",
+                                    registry=r)
+        self.bank_switches = Counter(
+            "linewatch_bank_switches", "Bank changeovers asked for while running, by result (switched/refused).",
+            ["result"], registry=r,
+        )
 
     # ------------------------------------------------------------------ helpers
 

@@ -130,9 +130,12 @@ class Pipeline:
         stall_s: float | None = None,
         overlay: Callable[[np.ndarray, InspectionResult], bytes] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        keep_images: bool = False,
     ) -> None:
         """`overlay`, when given, renders the JPEG attached to each pass/fail verdict from the
-        frame's image and its result; the frame's image is then held until its result."""
+        frame's image and its result; the frame's image is then held until its result.
+        `keep_images`: attach the frame's image to each pass/fail verdict (`Verdict.image`, never
+        encoded) for the sinks that keep pictures; the image is then held until its result too."""
         if not processor.stages:
             raise ValueError("the processor has no stages")
         self.processor = processor
@@ -141,6 +144,7 @@ class Pipeline:
         self.clock = clock
         self._on_verdict = on_verdict
         self._overlay = overlay
+        self._keep_images = keep_images or overlay is not None
         self._stages = list(processor.stages)
         self.core = PipelineCore(batch, pipeline, len(self._stages), clock, self.metrics)
         # A stage call or a publish taking this long means the pipeline is stuck (watchdog).
@@ -347,7 +351,7 @@ class Pipeline:
                 if not slots:
                     continue
                 images = [s.image for s in slots]
-                if self._overlay is None:
+                if not self._keep_images:
                     for s in slots:
                         s.image = None
             try:
@@ -454,6 +458,8 @@ class Pipeline:
                     verdict.overlay_jpeg = self._overlay(image, r)
                 except Exception as e:  # a picture must never cost the verdict
                     self.log.warning("overlay_failed", error=repr(e))
+            if self._keep_images and verdict.verdict in ("pass", "fail"):
+                verdict.image = image
             verdicts.append(verdict)
         with self._lock:
             self.core.batch_left()
@@ -469,7 +475,7 @@ class Pipeline:
         return Verdict(
             camera=slot.camera, frame_id=slot.frame_id, verdict=r.verdict, capture_ts=slot.capture_ts,
             part_id=slot.part_id, score=float(r.score), threshold=float(r.threshold), objects=list(r.objects),
-            backend=r.backend or p.backend, bank_id=p.bank_id, heatmap=r.heatmap,
+            backend=r.backend or p.backend, bank_id=p.bank_id, heatmap=r.heatmap, branch_scores=dict(r.branch_scores or {}),
             # The detector's own (finer) timings, then the runtime's wall time per stage.
             timings={**r.timings, **timings},
         )
