@@ -9,6 +9,7 @@
     linewatch models list|download         the official checkpoints
     linewatch replay / tap                 camera simulator / verdict printer
     linewatch eval ...                     accuracy on MVTec LOCO-layout folders
+    linewatch config check|schema|example  a config file without starting the daemon
 
 Errors a user can fix (bad config, image, bank, checkpoint) print one clear message and exit
 with status 2; anything else is a bug and shows its traceback.
@@ -262,10 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_runtime_commands(sub) -> None:
     """serve / replay / tap / demo / eval live in their own modules; they register here."""
     from linewatch.commands import register as register_runtime
+    from linewatch.config_cli import register as register_config
     from linewatch.eval.cli import register as register_eval
 
     register_runtime(sub)
     register_eval(sub)
+    register_config(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,19 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # scrapes every few seconds must not reach the journal
 
 
+def server_tls_context(config: MetricsConfig) -> ssl.SSLContext | None:
+    """The HTTPS context of `config` (None: plain HTTP); RuntimeError naming the files when they do not load."""
+    if not config.tls_cert_file:
+        return None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        tls.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise RuntimeError(f"runtime.metrics: cannot use the TLS certificate {config.tls_cert_file} "
+                           f"with key {config.tls_key_file}: {e}") from None
+    return tls
+
+
 class HealthServer:
     """Serves /metrics from `registry`, /healthz from `liveness`, /readyz from `readiness`.
 
@@ -94,14 +107,7 @@ class HealthServer:
     def __init__(self, config: MetricsConfig, registry: CollectorRegistry,
                  liveness: LivenessCheck = lambda: [], readiness: ReadinessCheck = lambda: (True, "ready"),
                  routes: dict[str, Route] | None = None) -> None:
-        tls = None
-        if config.tls_cert_file:
-            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            try:
-                tls.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-            except (OSError, ssl.SSLError) as e:
-                raise RuntimeError(f"runtime.metrics: cannot use the TLS certificate {config.tls_cert_file} "
-                                   f"with key {config.tls_key_file}: {e}") from None
+        tls = server_tls_context(config)
         self._server = _Server((config.host, config.port), _Handler, bind_and_activate=True)
         if tls is not None:
             # the handshake runs in the request's own thread, so a slow client blocks nobody
