@@ -9,6 +9,12 @@
     <= 0.5 ms/frame added. Also the in-process pipeline alone (submit -> on_verdict).
 (b) pipelined throughput of a 3-stage graph with known per-batch costs vs the slowest-stage
     bound (1 / max cost). Target ratio >= 0.85.
+(c) the verdict path with the operator sinks: `Daemon._publish` (what the pipeline's output
+    thread calls per verdict) timed per call with the archive, MQTT (a local Mosquitto) and the
+    live page on, against all off, in the same run, variants interleaved. 224x224 frames, 30 %
+    fails (their pictures go to the archive). Target: <= 0.2 ms added per verdict.
+
+    python benchmarks/runtime_bench.py --only sinks [--verdicts 3000]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import multiprocessing as mp
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -187,12 +194,120 @@ def bench_inprocess(n: int, costs: list[tuple[str, float]], max_batch: int, max_
     return {"lat": got, "elapsed": elapsed, "n": len(got)}
 
 
+# ---------------------------------------------------------------- (c) the verdict path with sinks
+
+
+def _mosquitto(tmp: Path) -> tuple[Any, int] | None:
+    """A local Mosquitto on a free port (None when it is not installed)."""
+    import shutil
+    import socket
+    import subprocess
+
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None
+
+
+def _verdicts(n: int) -> list[Any]:
+    from linewatch.wire import Verdict
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8)
+    heat = rng.random((SIZE, SIZE), dtype=np.float32)
+    objects = [{"bbox": [10.0 * i, 20.0, 30.0, 30.0], "status": "matched" if i else "missing", "score": 0.1 * i}
+               for i in range(6)]
+    out = []
+    for k in range(n):
+        fail = k % 10 < 3
+        out.append(Verdict(camera="cam0", frame_id=k, verdict="fail" if fail else "pass", capture_ts=time.time(),
+                           score=1.4 if fail else 0.6, threshold=1.0, objects=objects, latency_s=0.05,
+                           backend="classic", bank_id="bench", heatmap=heat, image=image, run_id="bench", seq=k,
+                           branch_scores={"objects": 1.0, "patch": 0.5}))
+    return out
+
+
+def bench_sinks(n: int, rounds: int = 3) -> dict[str, list[float]]:
+    """Per-verdict cost (s) of Daemon._publish for each sink variant; variants interleaved per round."""
+    import tempfile
+
+    from linewatch.runtime.daemon import Daemon
+
+    tmp = Path(tempfile.mkdtemp(prefix="lw-sinks-"))
+    broker = _mosquitto(tmp)
+    variants: dict[str, dict[str, Any]] = {"all off": {}, "archive": {"archive": True}, "live": {"live": True}}
+    if broker is not None:
+        variants["mqtt"] = {"mqtt": True}
+        variants["archive+mqtt+live"] = {"archive": True, "mqtt": True, "live": True}
+    else:
+        print("    mqtt: no mosquitto here, MQTT variants left out")
+        variants["archive+live"] = {"archive": True, "live": True}
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for r in range(rounds):
+            for name, on in variants.items():
+                config = RuntimeConfig(
+                    ingest=IngestConfig(endpoints=[EndpointConfig(url="tcp://127.0.0.1:*")]),
+                    publish=PublishConfig(url="tcp://127.0.0.1:*", send_hwm=100_000),
+                    metrics=MetricsConfig(port=0),
+                    live={"enabled": bool(on.get("live"))},
+                    archive={"enabled": bool(on.get("archive")), "path": str(tmp / f"archive-{r}-{len(results[name])}")},
+                    mqtt={"enabled": bool(on.get("mqtt")), "port": broker[1] if broker else 1883, "qos": 1,
+                          "max_queued": 100_000},
+                )
+                daemon = Daemon(config, NoopProcessor(), log=quiet_log())
+                daemon.start()
+                try:
+                    batch = _verdicts(n)
+                    t0 = time.perf_counter()
+                    for v in batch:
+                        daemon._publish(v)
+                    results[name].append((time.perf_counter() - t0) / n)
+                finally:
+                    daemon.stop()
+    finally:
+        if broker is not None:
+            broker[0].kill()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=5000)
     ap.add_argument("--rate", type=float, default=1000.0, help="paced rate for the latency runs, frames/s")
+    ap.add_argument("--verdicts", type=int, default=3000, help="verdicts per variant in (c)")
+    ap.add_argument("--only", choices=("runtime", "sinks"), help="run only (a)-(b) or only (c)")
     args = ap.parse_args()
     n = args.frames
+    if args.only != "sinks":
+        bench_runtime(n, args.rate)
+    if args.only != "runtime":
+        print(f"(c) verdict path with the operator sinks: Daemon._publish per verdict, {args.verdicts} verdicts "
+              f"per variant, 3 interleaved rounds, {SIZE}x{SIZE} frames, 30 % fails")
+        res = bench_sinks(args.verdicts)
+        base = float(np.median(res["all off"]))
+        for name, per in res.items():
+            med = float(np.median(per))
+            print(f"    {name:18s} {med * 1e6:8.1f} us/verdict (rounds: {', '.join(f'{x * 1e6:.1f}' for x in per)})"
+                  + ("" if name == "all off" else f"; added {(med - base) * 1e3:.3f} ms, ratio {med / base:.2f}"
+                                                  f"  (target <= 0.2 ms added)"))
+
+
+def bench_runtime(n: int, rate_fps: float) -> None:
 
     print(f"(a) loopback ZMQ, {SIZE}x{SIZE} raw RGB, no-op stage, max_batch 8")
     r = bench_loopback(n, None, max_delay_ms=1.0)
@@ -200,9 +315,9 @@ def main() -> None:
     print(f"    burst {n} frames: {len(r['lat'])} verdicts {r['values']} in {r['total_s']:.2f} s"
           f" -> {fps:.0f} frames/s  (target >= 2000)")
     for delay in (0.0, 10.0):
-        r = bench_loopback(n // 2, args.rate, max_delay_ms=delay)
+        r = bench_loopback(n // 2, rate_fps, max_delay_ms=delay)
         lat_ms = [x * 1000 for x in r["lat"]]
-        print(f"    paced {args.rate:.0f} frames/s, max_delay_ms={delay:g}: {len(lat_ms)} verdicts {r['values']};"
+        print(f"    paced {rate_fps:.0f} frames/s, max_delay_ms={delay:g}: {len(lat_ms)} verdicts {r['values']};"
               f" capture->verdict p50 {pct(lat_ms, 50):.2f} ms p99 {pct(lat_ms, 99):.2f} ms"
               + ("  (target <= 0.5 ms added)" if delay == 0 else "  (includes batch wait)"))
 
@@ -210,9 +325,9 @@ def main() -> None:
     r = bench_inprocess(n, [("noop", 0.0)], 8, 1.0)
     print(f"    burst {n} frames in {r['elapsed']:.2f} s -> {r['n'] / r['elapsed']:.0f} frames/s,"
           f" {r['elapsed'] / max(r['n'], 1) * 1e3:.3f} ms/frame")
-    r = bench_inprocess(n // 2, [("noop", 0.0)], 8, 0.0, rate=args.rate)
+    r = bench_inprocess(n // 2, [("noop", 0.0)], 8, 0.0, rate=rate_fps)
     lat_ms = [x * 1000 for x in r["lat"]]
-    print(f"    paced {args.rate:.0f} frames/s, max_delay 0: received->verdict p50 {pct(lat_ms, 50):.3f} ms"
+    print(f"    paced {rate_fps:.0f} frames/s, max_delay 0: received->verdict p50 {pct(lat_ms, 50):.3f} ms"
           f" p99 {pct(lat_ms, 99):.3f} ms")
 
     print("(b) pipelined 3-stage graph, costs 5/10/5 ms per batch, max_batch 1")
