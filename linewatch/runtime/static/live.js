@@ -19,18 +19,22 @@ function el(tag, cls, content) {
   return node;
 }
 
-// Why a part failed, in words: the reason when there is one, the object statuses, the branches.
+// Why a part failed, in words: the reason when there is one, and what the object branch saw.
 function why(f) {
   const parts = [];
   if (f.reason) parts.push(f.reason);
   const objects = Object.entries(f.objects).map(([status, n]) => `${n} ${status}`);
   if (objects.length) parts.push("objects: " + objects.join(", "));
-  const branches = Object.entries(f.branch_scores)
-    .filter(([, z]) => z !== null && z > 0)
-    .sort((a, b) => b[1] - a[1])
-    .map(([name, z]) => `${name} z ${z.toFixed(1)}`);
-  if (branches.length) parts.push(branches.join(", "));
   return parts.length ? parts.join(" · ") : "score above threshold";
+}
+
+// Which branch saw it: the fused score's positive z-scores, largest first.
+function branches(f) {
+  const seen = Object.entries(f.branch_scores)
+    .filter(([, z]) => z !== null && z >= 0.05)
+    .sort((a, b) => b[1] - a[1])
+    .map(([name, z]) => `${name} ${z.toFixed(1)}`);
+  return seen.length ? "z: " + seen.join(" · ") : "";
 }
 
 function card(f) {
@@ -49,7 +53,7 @@ function card(f) {
   const line = el("div");
   line.append(el("span", "score", `score ${num(f.score, 3)}`), ` / threshold ${num(f.threshold, 3)}`,
               el("span", "muted", f.capture_ts ? ` · ${clock(f.capture_ts)}` : ""));
-  body.append(line, el("div", "why", why(f)));
+  body.append(line, el("div", "why", why(f)), el("div", "branches muted", branches(f)));
   if (f.verdict_id) body.append(el("div", "id muted", `verdict ${f.verdict_id}`));
   node.append(body);
   return node;
