@@ -346,7 +346,7 @@ class MetricsConfig(_Section):
 class LiveConfig(_Section):
     """The live inspection page, served by the metrics server at /live."""
 
-    enabled: bool = Field(False, description="serve the live page at /live on the metrics server")
+    enabled: bool = Field(True, description="serve the live page at /live on the metrics server")
     recent_failures: int = Field(12, ge=1, le=200, description="failed parts shown (the newest first)")
 
 

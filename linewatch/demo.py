@@ -6,7 +6,8 @@
   4. a tap on the verdict stream
   5. a camera: frames rendered on the fly (good and defective, known ground truth), sent in
      the linewatch wire format at --fps
-  6. one line per verdict, then a summary checked against what was sent and a live /metrics scrape
+  6. one line per verdict, then a summary checked against what was sent and a live /metrics scrape;
+     the live page (/live on the metrics server) shows the same line in a browser
 
 The detector settings are DEMO_DETECTOR, the `detector` section of configs/demo.yaml
 (a test keeps the two equal); only the ports and the log level are the demo's own.
@@ -52,6 +53,7 @@ def demo_config(bank_path: str | Path):
             "pipeline": {"stage_queue_size": 1, "max_pending_frames": 4, "shed_policy": "oldest"},
             "publish": {"url": "tcp://127.0.0.1:*", "mode": "bind"},
             "metrics": {"host": "127.0.0.1", "port": 0},
+            "live": {"enabled": True},  # the live page on the metrics server: /live
             "logging": {"level": "WARNING", "format": "console"},
         },
     }, "<demo config>")
@@ -150,9 +152,11 @@ def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", 
         ingest_url = daemon.ingest.bound_urls[0]
         verdict_url = daemon.publisher.bound_url
         metrics_url = f"http://{daemon.health.host}:{daemon.health.port}/metrics"
+        live_url = f"http://{daemon.health.host}:{daemon.health.port}/live"
         deadline_s = config.runtime.pipeline.deadline_ms / 1000
         _say(f"[3/5] daemon up: frames in {ingest_url}, verdicts out {verdict_url}, metrics {metrics_url} "
              f"(deadline {deadline_s * 1000:.0f} ms)")
+        _say(f"      live page: {live_url}")
 
         # -- 4. tap ------------------------------------------------------------------------------
         truth = _truth_plan(frames, anomaly_rate, seed, product)
@@ -265,6 +269,7 @@ def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", 
                  f"sent faster than this CPU judges, so the overload policy answered them rather than let them "
                  f"queue past the {deadline_s * 1000:.0f} ms deadline; lower --fps until every frame is judged")
         _say(f"  metrics            {metrics_url} (live while the demo runs; --keep-running keeps it up)")
+        _say(f"  live page          {live_url}")
         try:
             _say("  live scrape        " + _scrape_summary(metrics_url))
         except OSError as e:
@@ -274,6 +279,7 @@ def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", 
         if keep_running:
             demo_running.clear()
             _say("the daemon keeps running; Ctrl-C stops it")
+            _say(f"  live page: {live_url}")
             _say(f"  curl {metrics_url}")
             _say(f"  linewatch replay {data / 'validation' / 'good'} --endpoint {ingest_url} --fps 2")
             _say(f"  linewatch tap --endpoint {verdict_url}")

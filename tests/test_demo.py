@@ -40,6 +40,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert set(counts) <= {"pass", "fail", "error", "timeout", "shed"}, counts
     assert re.search(r"exactly once\s+yes", out), out[-2000:]
     assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", out), out[-2000:]
+    assert re.search(r"live page: http://127\.0\.0\.1:\d+/live$", out, re.M), out[-2000:]
     assert re.search(r"linewatch_frames_received_total 30\b", out), out[-2000:]
     # one line per verdict, frame ids 0..29 each once
     ids = [int(i) for i in re.findall(r"^\s+cam0 #(\d+) ", out, re.M)]

