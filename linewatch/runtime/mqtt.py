@@ -44,7 +44,7 @@ from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Verdict
 
 RECONNECT_DELAY_S = (1, 10)  # paho's wait before a connection attempt: the first, then doubling up to the last
-KEEPALIVE_S = 30  # a broker that vanishes without closing the connection is noticed within 1.5x this
+KEEPALIVE_S = 30  # a broker that vanishes without closing the connection is noticed within about 2x this (paho's ping)
 LOG_INTERVAL_S = 30.0  # at most one connected / disconnected / connect-failed line per interval each
 SINK = "mqtt"  # the `sink` label of linewatch_sink_dropped_total
 

@@ -264,7 +264,8 @@ def test_every_verdict_arrives_once_as_json_on_its_camera_topic(broker, qos):
     metrics = Metrics()
     sink = sink_for(broker.port, metrics=metrics, qos=qos)
     sent = [verdict("cam0", 0, "pass"), verdict("line/1+#", 1, "fail"), verdict("cam0", 2, "timeout"),
-            verdict("line/1+#", 3, "pass"), verdict("cam0", 4, "error"), verdict("line/1+#", 5, "shed")]
+            verdict("line/1+#", 3, "pass"), verdict("cam0", 4, "error"), verdict("line/1+#", 5, "shed"),
+            verdict("", 6, "error")]  # an error verdict for a message with no readable camera id
     try:
         sink.start()
         assert sink.wait_connected(True, WAIT_S)
@@ -273,7 +274,8 @@ def test_every_verdict_arrives_once_as_json_on_its_camera_topic(broker, qos):
             sink.publish(v)
         # The last message on each topic comes after the others from this one connection:
         # once both have arrived, nothing earlier is still on its way, so the count is final.
-        last = {"linewatch/cam0/verdict": "run1-4", "linewatch/line%2F1%2B%23/verdict": "run1-5"}
+        last = {"linewatch/cam0/verdict": "run1-4", "linewatch/line%2F1%2B%23/verdict": "run1-5",
+                "linewatch//verdict": "run1-6"}
         assert sub.wait(lambda: all(any(m.topic == t and json.loads(m.payload)["id"] == i for m in sub.messages)
                                     for t, i in last.items())), [m.topic for m in sub.messages]
     finally:
