@@ -316,17 +316,38 @@ class SecurityConfig(_Section):
 
 
 class MqttConfig(_Section):
-    """An optional second verdict sink: one JSON message per verdict to an MQTT broker."""
+    """An optional second verdict sink: one JSON message per verdict to an MQTT broker
+    (linewatch.runtime.mqtt).
+
+    The retained copy goes to `last_topic`, never to `topic`: a broker hands a topic's retained
+    message to every new subscriber first, so a reject actuator subscribed to `topic` would get
+    an old fail again at each reconnect and could act on it twice (or on the wrong part)."""
 
     enabled: bool = Field(False, description="publish every verdict to an MQTT broker as JSON")
-    host: str = Field("127.0.0.1", description="the broker's host name or address")
+    host: str = Field("127.0.0.1", min_length=1, description="the broker's host name or address")
     port: int = Field(1883, ge=1, le=65535)
-    topic: str = Field("linewatch/{camera}/verdict", description="topic per verdict; {camera} is replaced by the camera id")
+    topic: str = Field("linewatch/{camera}/verdict", description="topic of every verdict (never retained); {camera} is replaced by the camera id")
+    last_topic: str = Field("linewatch/{camera}/last", description="topic of the retained copy of the verdicts in `retain`: the last one per camera, for late subscribers")
     qos: Literal[0, 1, 2] = Field(1, description="MQTT quality of service")
     retain: list[Literal["pass", "fail", "error", "timeout", "shed"]] = Field(
-        default_factory=lambda: ["fail", "timeout"], description="verdict values sent retained (the broker keeps the last one per topic)")
+        default_factory=lambda: ["fail", "timeout"], description="verdict values also sent retained on last_topic (the broker keeps the last one per topic)")
     client_id: str = Field("", description="MQTT client id; empty: linewatch-<host>-<pid>")
-    max_queued: int = Field(10_000, ge=1, description="messages held while the broker is away; beyond it they are dropped and counted")
+    max_queued: int = Field(10_000, ge=1, le=65_535, description="messages held while the broker is away (QoS 1/2); beyond it they are dropped and counted")
+    queue_size: int = Field(1000, ge=1, le=100_000, description="verdicts waiting for the sink's thread; beyond it they are dropped and counted")
+
+    @model_validator(mode="after")
+    def _topics(self) -> "MqttConfig":
+        for name in ("topic", "last_topic"):
+            template = getattr(self, name)
+            if not template.replace("{camera}", ""):
+                raise ValueError(f"{name} {template!r} needs text besides {{camera}} (an unaddressed error verdict has camera \"\")")
+            bad = sorted(set(template) & set("+#\0"))
+            if bad:
+                raise ValueError(f"{name} {template!r} contains {', '.join(map(repr, bad))}: MQTT forbids wildcards (+ #) and NUL in the topic of a message")
+        if self.topic == self.last_topic:
+            raise ValueError(f"topic and last_topic are both {self.topic!r}; the retained copy needs its own topic "
+                             "(retained messages on the verdict topic reach every new subscriber again)")
+        return self
 
 
 class MetricsConfig(_Section):

@@ -87,7 +87,8 @@ def by_label(samples: dict[tuple, float], key: str) -> dict[str, float]:
 class Served:
     """A `linewatch serve` subprocess on free loopback ports, with a verdict subscriber."""
 
-    def __init__(self, tmp: Path, bank: Path, deadline_ms: float = 60_000.0) -> None:
+    def __init__(self, tmp: Path, bank: Path, deadline_ms: float = 60_000.0, runtime: dict | None = None) -> None:
+        """`runtime`: more sections of `runtime` (e.g. {"mqtt": {...}}), set over the ones below."""
         self.ingest_port, self.izmq_port, self.publish_port, self.metrics_port = (free_port() for _ in range(4))
         config = {
             "detector": DETECTOR,
@@ -105,6 +106,7 @@ class Served:
                 "logging": {"level": "INFO", "format": "console"},
             },
         }
+        config["runtime"].update(runtime or {})
         self.config_path = tmp / "serve.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp / "serve.log"
