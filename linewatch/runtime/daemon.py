@@ -106,7 +106,7 @@ class Daemon:
         # pipeline attaches each judged frame's image to its verdict for them (never encoded).
         self.archive: Any = None  # linewatch.runtime.archive.Archive
         self.live: Any = None  # linewatch.runtime.live.LiveView
-        self.extra_sinks: list[VerdictSink] = []  # MQTT
+        self.extra_sinks: dict[str, VerdictSink] = {}  # by name (the `sink` label of linewatch_sink_dropped): mqtt
         if config.archive.enabled:
             from linewatch.runtime.archive import Archive
 
@@ -118,7 +118,7 @@ class Daemon:
         if config.mqtt.enabled:
             from linewatch.runtime.mqtt import MqttSink
 
-            self.extra_sinks.append(MqttSink(config.mqtt, log=self.log, metrics=self.metrics))
+            self.extra_sinks["mqtt"] = MqttSink(config.mqtt, log=self.log, metrics=self.metrics)
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
                                  overlay=overlay, clock=clock,
                                  keep_images=self.archive is not None or self.live is not None)
@@ -160,8 +160,9 @@ class Daemon:
         try:
             if self.archive is not None:
                 self.archive.start()  # before the pipeline: no verdict may pass it by
-            for sink in self.extra_sinks:
+            for name, sink in self.extra_sinks.items():
                 sink.start()
+                m.track_queue(name, lambda sink=sink: sink.pending)
             self.pipeline.start()
             publisher = self.publisher = verdict_sink(self.config.publish, self.log, m, self.config.security)
             publisher.start()
@@ -228,8 +229,8 @@ class Daemon:
         self.pipeline.stop()
         if self.publisher is not None:
             self._close(self.publisher, "publisher")
-        for sink in self.extra_sinks:
-            self._close(sink, type(sink).__name__)
+        for name, sink in self.extra_sinks.items():
+            self._close(sink, name)
         if self.archive is not None:
             self._close(self.archive, "archive")
         try:
@@ -250,7 +251,7 @@ class Daemon:
         dead = self.pipeline.dead_threads()
         if self.summary.thread.ident is not None and not self.summary.thread.is_alive():
             dead.append(self.summary.thread.name)
-        for part in (self.ingest, self.publisher, self.archive, *self.extra_sinks):
+        for part in (self.ingest, self.publisher, self.archive, *self.extra_sinks.values()):
             if part is not None:
                 dead.extend(part.dead_threads())
         return dead
@@ -292,8 +293,8 @@ class Daemon:
             self._feed(self.live.publish, verdict, "live")
         verdict.image = None  # the pictures stay with the sinks that keep them
         self.publisher.publish(verdict)
-        for sink in self.extra_sinks:
-            self._feed(sink.publish, verdict, type(sink).__name__)
+        for name, sink in self.extra_sinks.items():
+            self._feed(sink.publish, verdict, name)
 
     def _feed(self, publish: Any, verdict: Verdict, sink: str) -> None:
         """A secondary sink that fails loses its copy of the verdict (counted), never the verdict."""
