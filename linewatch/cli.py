@@ -9,6 +9,7 @@
     linewatch models list|download         the official checkpoints
     linewatch replay / tap                 camera simulator / verdict printer
     linewatch eval ...                     accuracy on MVTec LOCO-layout folders
+    linewatch archive query|export ...     the verdict archive (runtime.archive)
 
 Errors a user can fix (bad config, image, bank, checkpoint) print one clear message and exit
 with status 2; anything else is a bug and shows its traceback.
@@ -260,12 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_runtime_commands(sub) -> None:
-    """serve / replay / tap / demo / eval live in their own modules; they register here."""
+    """serve / replay / tap / demo / eval / archive live in their own modules; they register here."""
+    from linewatch.archive_cli import register as register_archive
     from linewatch.commands import register as register_runtime
     from linewatch.eval.cli import register as register_eval
 
     register_runtime(sub)
     register_eval(sub)
+    register_archive(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
