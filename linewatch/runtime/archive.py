@@ -335,7 +335,8 @@ class Archive:
         stem = f"{IMAGES}/{day}/{verdict.id}"
         with self._idle:
             try:
-                self._images.put_nowait((stem, verdict, now))
+                # the image itself: the daemon drops verdict.image once record() returns
+                self._images.put_nowait((stem, verdict.image, verdict, now))
             except queue.Full:
                 self._drop_picture("queue_full", verdict)
                 return None
@@ -388,7 +389,7 @@ class Archive:
         except sqlite3.Error as e:
             self._log.warning("archive_checkpoint_failed", error=repr(e))
 
-    def _write_pictures(self, stem: str, verdict: Verdict, verdict_ts: float) -> None:
+    def _write_pictures(self, stem: str, image: np.ndarray, verdict: Verdict, verdict_ts: float) -> None:
         """The frame (PNG), the heatmap (float16 .npz) and the overlay (JPEG), each written to a
         temporary name and renamed, so a kill leaves whole files or none. A failure costs this
         verdict's pictures only (counted); its row's `pictures` is cleared."""
@@ -396,7 +397,7 @@ class Archive:
         with self._maintenance_lock:
             try:
                 base.parent.mkdir(parents=True, exist_ok=True)
-                ok, png = cv2.imencode(".png", cv2.cvtColor(verdict.image, cv2.COLOR_RGB2BGR),
+                ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                                        [cv2.IMWRITE_PNG_COMPRESSION, 1])
                 if not ok:
                     raise ValueError("could not encode the frame as PNG")
@@ -404,7 +405,7 @@ class Archive:
                 if verdict.heatmap is not None:
                     heat = np.nan_to_num(np.asarray(verdict.heatmap, np.float32), posinf=65504, neginf=-65504)
                     self._write_file(base, HEATMAP_SUFFIX, _npz_bytes(np.clip(heat, -65504, 65504).astype(np.float16)))
-                self._write_file(base, OVERLAY_SUFFIX, overlay_jpeg(verdict.image, verdict, quality=90))
+                self._write_file(base, OVERLAY_SUFFIX, overlay_jpeg(image, verdict, quality=90))
                 self._counts["pictures"] += 1
             except Exception as e:  # noqa: BLE001 - disk full, a bad image
                 self._picture_bytes -= _remove_pictures(self.folder, stem)

@@ -49,6 +49,12 @@ def verdict(seq: int, value: str = "pass", camera: str = "cam0", image: np.ndarr
     return v
 
 
+def record(archive: Archive, v: Verdict) -> None:
+    """As the daemon does: record, then drop the verdict's image (it goes on to the publisher without it)."""
+    archive.record(v)
+    v.image = None
+
+
 def rows(archive_dir: Path, where: str = "", args: tuple = ()) -> list[dict]:
     conn = open_read_only(archive_dir)
     try:
@@ -124,7 +130,7 @@ def test_a_failed_part_gets_its_frame_heatmap_and_overlay(tmp_path):
     heat[0, 0] = np.nan  # a broken map still gives a picture
     v.heatmap = heat
     try:
-        archive.record(v)
+        record(archive, v)
         assert archive.wait_idle(30)
         [row] = rows(tmp_path / "archive")
     finally:
@@ -180,11 +186,11 @@ def test_a_full_picture_queue_drops_the_picture_and_counts_it_never_the_row(tmp_
     monkeypatch.setattr(archive_module, "overlay_jpeg", blocked_overlay)
     archive, metrics = make_archive(tmp_path, queue_size=2)
     try:
-        archive.record(verdict(0, "fail", image=noise(0)))
+        record(archive, verdict(0, "fail", image=noise(0)))
         assert entered.wait(30)  # the picture thread holds #0: the queue is empty again
-        archive.record(verdict(1, "fail", image=noise(1)))
-        archive.record(verdict(2, "fail", image=noise(2)))  # the queue is full now
-        archive.record(verdict(3, "fail", image=noise(3)))
+        record(archive, verdict(1, "fail", image=noise(1)))
+        record(archive, verdict(2, "fail", image=noise(2)))  # the queue is full now
+        record(archive, verdict(3, "fail", image=noise(3)))
         assert dropped(metrics, "archive_image", "queue_full") == 1
         got = rows(tmp_path / "archive")  # every row is there while the pictures wait
         assert [r["id"] for r in got] == ["run1-0", "run1-1", "run1-2", "run1-3"]
