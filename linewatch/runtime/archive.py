@@ -94,7 +94,8 @@ PICTURE_SUFFIXES = (FRAME_SUFFIX, HEATMAP_SUFFIX, OVERLAY_SUFFIX)
 
 CHECKPOINT_INTERVAL_S = 1.0  # WAL -> database file (and its fsync), on the background thread
 RETENTION_INTERVAL_S = 60.0
-RETENTION_BATCH = 200  # rows per delete statement: the longest the output thread may wait on the lock
+RETENTION_BATCH = 100  # rows per delete statement (~0.4 ms): the longest the output thread may wait on the lock
+VACUUM_PAGES = 64  # pages given back to the file system per transaction (~0.2 ms)
 WAL_LIMIT_BYTES = 4 * 1024 * 1024  # the WAL file goes back to this size after a checkpoint (or max_bytes / 16)
 ROW_BUSY_TIMEOUT_MS = 250  # another process holding the write lock: the output thread waits this long, then drops
 MAINT_BUSY_TIMEOUT_MS = 5000
@@ -299,22 +300,20 @@ class Archive:
     # ------------------------------------------------------------------ the verdict path
 
     def record(self, verdict: Verdict) -> None:
-        """Append one verdict (committed when this returns) and queue its pictures. Never
+        """Append one verdict (committed when this returns), then queue its pictures. Never
         raises: a row that cannot be written is counted in sink_dropped{sink="archive_row"}."""
         now = self._clock.time()
-        pictures = self._queue_pictures(verdict, now)
+        stem = self._pictures_stem(verdict, now)
         try:
             row = (verdict.id, verdict.run_id, verdict.seq, verdict.camera, verdict.frame_id, verdict.part_id,
                    verdict.capture_ts, now, verdict.verdict, verdict.reason, verdict.score, verdict.threshold,
                    verdict.bank_id, verdict.backend, verdict.latency_s,
                    json.dumps(verdict.objects, default=_json_default),
-                   json.dumps(verdict.branch_scores or {}, default=_json_default), pictures)
+                   json.dumps(verdict.branch_scores or {}, default=_json_default), stem)
             with self._write_lock:
                 if self._rows is None:
                     raise sqlite3.ProgrammingError("the archive is not open")
                 self._rows.execute(INSERT, row)
-            self._counts["rows"] += 1
-            self._rows_since_checkpoint += 1
         except Exception as e:  # noqa: BLE001 - a failed row costs the archive its copy, never the verdict
             reason = _failure_reason(e)
             self._counts["rows_dropped"] += 1
@@ -323,25 +322,32 @@ class Archive:
             if held_back is not None:
                 self._log.error("archive_row_failed", reason=reason, error=repr(e), camera=verdict.camera,
                                 frame_id=verdict.frame_id, not_logged_since_last=held_back)
+            return
+        self._counts["rows"] += 1
+        self._rows_since_checkpoint += 1
+        if stem is not None:
+            # after the commit: the picture thread wakes once the row is written. The image itself
+            # goes on the queue, since the daemon drops verdict.image once record() returns.
+            with self._idle:
+                try:
+                    self._images.put_nowait((stem, verdict.image, verdict, now))
+                    self._pictures_pending += 1
+                except queue.Full:  # only when stop() raced us; the row's pictures never come
+                    self._drop_picture("queue_full", verdict)
 
-    def _queue_pictures(self, verdict: Verdict, now: float) -> str | None:
-        """The pictures' stem when they were queued for writing, else None (not kept, or dropped)."""
+    def _pictures_stem(self, verdict: Verdict, now: float) -> str | None:
+        """Where this verdict's pictures go ("images/<UTC day>/<id>"): failed parts and a
+        sample of passes that come with their image, when the queue has room (a full queue
+        is a counted drop). None: no pictures."""
         if verdict.image is None or verdict.id is None or self._closed:
             return None
         if verdict.verdict != "fail" and not (verdict.verdict == "pass"
                                               and picture_sampled(verdict.id, self.config.pass_image_sample)):
             return None
-        day = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
-        stem = f"{IMAGES}/{day}/{verdict.id}"
-        with self._idle:
-            try:
-                # the image itself: the daemon drops verdict.image once record() returns
-                self._images.put_nowait((stem, verdict.image, verdict, now))
-            except queue.Full:
-                self._drop_picture("queue_full", verdict)
-                return None
-            self._pictures_pending += 1
-        return stem
+        if self._images.full():  # only record() adds to the queue: room now is room after the insert
+            self._drop_picture("queue_full", verdict)
+            return None
+        return f"{IMAGES}/{dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime('%Y-%m-%d')}/{verdict.id}"
 
     def _drop_picture(self, reason: str, verdict: Verdict, error: Exception | None = None) -> None:
         self._counts["pictures_dropped"] += 1
@@ -552,7 +558,8 @@ class Archive:
         free = self._maint.execute("PRAGMA freelist_count").fetchone()[0]
         while free:
             with self._write_lock:
-                self._maint.executescript("PRAGMA incremental_vacuum(256);")  # executescript steps it to the end
+                # (executescript steps it to the end; execute would free one page)
+                self._maint.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
             before, free = free, self._maint.execute("PRAGMA freelist_count").fetchone()[0]
             if free >= before:  # auto_vacuum is off in this file: the pages stay free for new rows
                 break
