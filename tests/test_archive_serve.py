@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_serve import Served, of, sim_images, small_bank  # noqa: F401 - small_bank is a fixture
+import yaml
+
+from tests.test_serve import DETECTOR, Served, of, sim_images, small_bank  # noqa: F401 - small_bank is a fixture
 
 
 def archived(folder: Path) -> list[dict]:
@@ -77,3 +79,19 @@ def test_kill_9_mid_stream_keeps_every_published_verdict_and_a_restart_appends(s
     assert {r["id"] for r in rows} >= {v.id for v in received}  # the first run's rows are still there
     fails = [r for r in new if r["verdict"] == "fail"]
     assert fails and all(r["pictures"] and (folder / (r["pictures"] + ".png")).is_file() for r in fails)
+
+
+def test_an_archive_folder_that_cannot_be_made_stops_the_start_with_one_line(small_bank, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "detector": DETECTOR, "bank": {"path": str(small_bank)},
+        "runtime": {"ingest": {"endpoints": [{"url": "tcp://127.0.0.1:0"}]}, "publish": {"url": "tcp://127.0.0.1:0"},
+                    "metrics": {"port": 0},
+                    "archive": {"enabled": True, "path": str(tmp_path / "a-file" / "archive")}},
+    }))
+    res = subprocess.run([sys.executable, "-m", "linewatch.cli", "serve", "-c", str(config)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.splitlines() == [f"linewatch: error: runtime.archive.path: cannot create "
+                                       f"{tmp_path / 'a-file' / 'archive'}: Not a directory"], res.stderr
