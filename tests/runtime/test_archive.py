@@ -121,6 +121,7 @@ def test_reopening_appends_to_the_same_archive(tmp_path):
 # ---------------------------------------------------------------- pictures
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # overlay.py colours the NaN pixel
 def test_a_failed_part_gets_its_frame_heatmap_and_overlay(tmp_path):
     clock = FakeClock(wall=dt.datetime(2026, 3, 4, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp())
     archive, metrics = make_archive(tmp_path, clock)
