@@ -10,6 +10,7 @@
     linewatch replay / tap                 camera simulator / verdict printer
     linewatch eval ...                     accuracy on MVTec LOCO-layout folders
     linewatch config check|schema|example  a config file without starting the daemon
+    linewatch archive query|export ...     the verdict archive (runtime.archive)
 
 Errors a user can fix (bad config, image, bank, checkpoint) print one clear message and exit
 with status 2; anything else is a bug and shows its traceback.
@@ -261,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_runtime_commands(sub) -> None:
-    """serve / replay / tap / demo / eval live in their own modules; they register here."""
+    """serve / replay / tap / demo / eval / archive / config live in their own modules; they register here."""
+    from linewatch.archive_cli import register as register_archive
     from linewatch.commands import register as register_runtime
     from linewatch.config_cli import register as register_config
     from linewatch.eval.cli import register as register_eval
@@ -269,6 +271,7 @@ def _add_runtime_commands(sub) -> None:
     register_runtime(sub)
     register_eval(sub)
     register_config(sub)
+    register_archive(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
