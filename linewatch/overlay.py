@@ -23,7 +23,7 @@ def render_overlay(image: np.ndarray, result: InspectionResult | Verdict, alpha:
     score) a line with each branch's z-score. `result` is the detector's result or a judged
     (pass/fail) verdict carrying the same fields."""
     h, w = image.shape[:2]
-    heat = result.heatmap if result.heatmap is not None else np.zeros((h, w), np.float32)
+    heat = np.nan_to_num(result.heatmap) if result.heatmap is not None else np.zeros((h, w), np.float32)
     if heat.shape != (h, w):
         heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
     scale = result.threshold if np.isfinite(result.threshold) and result.threshold > 0 else max(float(heat.max()), 1e-9)

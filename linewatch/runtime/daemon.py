@@ -110,7 +110,7 @@ class Daemon:
         if config.archive.enabled:
             from linewatch.runtime.archive import Archive
 
-            self.archive = Archive(config.archive, metrics=self.metrics, log=self.log)
+            self.archive = Archive(config.archive, metrics=self.metrics, log=self.log, clock=clock)
         if config.live.enabled:
             from linewatch.runtime.live import LiveView
 
