@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from linewatch.config import Config, ConfigError, DetectorConfig, RuntimeConfig, load_config
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.inspector import InputError, Inspector
@@ -89,8 +91,10 @@ class RecipeLoader:
             sizes = [1, self.runtime.batch.max_batch]
             self.log.info("warming up", batch_sizes=sizes, compile=config.detector.compile, bank_id=inspector.bank_id)
             inspector.warm_up(tuple(sizes))
-        self.log.info("recipe_loaded", bank=bank_path, bank_id=inspector.bank_id,
-                      models="reused" if reuse else "built")
+        if device.type == "cuda":
+            # The bank's tensors were copied and derived on this thread's stream; the stage
+            # threads read them on their own streams: all of it must be done before the cut.
+            torch.cuda.synchronize(device)
         return inspector
 
     def __call__(self, bank: str | None, config: str | None, in_service: Inspector) -> LoadedBank:
@@ -103,6 +107,8 @@ class RecipeLoader:
             inspector = self.load(new_config, bank_path, in_service)
         except _REFUSALS as e:
             raise SwitchRefused(str(e)) from None
+        self.log.info("recipe_loaded", bank=bank_path, bank_id=inspector.bank_id,
+                      models="reused" if inspector.recipe.models is in_service.recipe.models else "built")
         return LoadedBank(inspector, bank_path, warnings=runtime_differences(self.runtime, new_config.runtime))
 
 

@@ -87,7 +87,8 @@ def by_label(samples: dict[tuple, float], key: str) -> dict[str, float]:
 class Served:
     """A `linewatch serve` subprocess on free loopback ports, with a verdict subscriber."""
 
-    def __init__(self, tmp: Path, bank: Path, deadline_ms: float = 60_000.0) -> None:
+    def __init__(self, tmp: Path, bank: Path, deadline_ms: float = 60_000.0, runtime: dict | None = None) -> None:
+        """`runtime`: more runtime sections for the config (e.g. {"control": {...}})."""
         self.ingest_port, self.izmq_port, self.publish_port, self.metrics_port = (free_port() for _ in range(4))
         config = {
             "detector": DETECTOR,
@@ -103,6 +104,7 @@ class Served:
                 "publish": {"url": f"tcp://127.0.0.1:{self.publish_port}", "mode": "bind"},
                 "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
                 "logging": {"level": "INFO", "format": "console"},
+                **(runtime or {}),
             },
         }
         self.config_path = tmp / "serve.yaml"
