@@ -257,7 +257,8 @@ class Daemon:
                 if self._reload_requested:
                     self._reload_requested = False
                     self.log.info("reload_signal_received")
-                    self.switch_bank()
+                    # on its own thread: loading takes seconds, and SIGTERM meanwhile must not wait
+                    threading.Thread(target=self.switch_bank, name="lw-reload", daemon=True).start()
             self.log.info("signal_received")
         finally:
             self.stop()
