@@ -4,6 +4,7 @@
     linewatch serve -c CONFIG              the daemon
     linewatch bank build ...               template bank from good images, calibrated
     linewatch bank info BANK               what a bank holds
+    linewatch bank switch --socket S ...   put another bank in service in a running daemon
     linewatch inspect IMAGE... ...         judge image files, write JSON + overlay PNGs
     linewatch sim generate ...             synthetic products in the MVTec LOCO layout
     linewatch models list|download         the official checkpoints
@@ -229,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = bank.add_parser("info", help="print a bank's manifest")
     p.add_argument("bank")
     p.set_defaults(func=cmd_bank_info)
+    from linewatch.commands import cmd_bank_switch  # the runtime commands' module: it talks to a running serve
+
+    p = bank.add_parser("switch", help="put another bank (and config) in service in a running daemon")
+    p.add_argument("--socket", required=True, help="the daemon's control socket (runtime.control.socket)")
+    p.add_argument("--bank", "-b", help="bank file (default: the config's bank.path)")
+    p.add_argument("--config", "-c", help="config file for the daemon to read (default: the one in service; "
+                   "neither option: what a restart would load, like SIGHUP)")
+    p.set_defaults(func=cmd_bank_switch)
 
     p = sub.add_parser("inspect", help="judge image files; write JSON and overlay PNGs")
     p.add_argument("images", nargs="+")

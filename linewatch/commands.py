@@ -1,4 +1,5 @@
-"""The runtime commands of `linewatch`: serve, replay, tap, demo.
+"""The runtime commands of `linewatch`: serve, replay, tap, demo (and `bank switch`, which
+talks to a running serve).
 
 `register(subparsers)` adds them to the parser built in linewatch/cli.py. Errors a user can
 fix raise the exceptions cli.main maps to exit status 2 (ConfigError, BankError, ...), or
@@ -19,10 +20,10 @@ EXIT_USAGE = 2
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from linewatch.detector.inspector import load_inspector
     from linewatch.config import load_config
     from linewatch.detector.bank import BankError
     from linewatch.detector.models import BACKEND_LABELS
+    from linewatch.recipe import RecipeLoader
     from linewatch.runtime.daemon import Daemon
     from linewatch.runtime.logs import configure_logging
 
@@ -35,13 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"  linewatch bank build -c {args.config} --good GOOD_DIR --validation HELD_OUT_DIR --out {bank_path}\n"
             "(for a quick try without a camera: `linewatch demo`)"
         )
-    inspector = load_inspector(config, str(bank_path))
-    inspector.bank_images = inspector.bank.size  # shown in linewatch_bank_info
-    if config.detector.compile or inspector.device.type == "cuda":
-        # compile and pick kernels for a lone frame and a full batch before anyone is told we are ready
-        log.info("warming up", batch_sizes=[1, config.runtime.batch.max_batch], compile=config.detector.compile)
-        inspector.warm_up((1, config.runtime.batch.max_batch))
-    daemon = Daemon(config.runtime, inspector, log=log)
+    # the loader warms the models up (CUDA, compile) before anyone is told we are ready, and
+    # loads the banks of later changeovers (`linewatch bank switch`, SIGHUP)
+    recipes = RecipeLoader(args.config, args.bank, config.runtime, log)
+    inspector = recipes.load(config, str(bank_path))
+    daemon = Daemon(config.runtime, inspector, log=log, bank_loader=recipes)
     try:
         daemon.start()
     except RuntimeError as e:  # a port in use, an endpoint that cannot be opened
@@ -84,6 +83,35 @@ def exit_now_if_a_stage_still_runs(threads: list[str], code: int, log) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cmd_bank_switch(args: argparse.Namespace) -> int:
+    """Ask a running daemon to put another bank in service: exit 0 switched, 1 refused (the
+    old bank stays), 2 the daemon cannot be reached."""
+    from linewatch.runtime.control import ControlError, request
+
+    def absolute(path: str | None) -> str | None:  # the daemon's working directory is not ours
+        return os.path.abspath(path) if path is not None else None
+
+    try:
+        reply = request(args.socket, {"command": "switch", "bank": absolute(args.bank), "config": absolute(args.config)})
+    except ControlError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not reply.get("ok"):
+        print(f"linewatch: the daemon did not take the request: {reply.get('error')}", file=sys.stderr)
+        return 1
+    for warning in reply.get("warnings") or []:
+        print(f"linewatch: warning: {warning}", file=sys.stderr)
+    if not reply.get("switched"):
+        print(f"linewatch: bank switch refused: {reply.get('reason')}\n"
+              f"bank {reply.get('bank_id')} stays in service", file=sys.stderr)
+        return 1
+    last = ", ".join(f"{camera} #{frame_id}" for camera, frame_id in sorted((reply.get("last_frame_ids") or {}).items()))
+    print(f"switched: bank {reply.get('old_bank_id')} -> {reply.get('bank_id')} ({reply.get('bank')}); "
+          f"{reply.get('frames_before')} frame(s) received before the cut keep the old bank"
+          + (f" (the last per camera: {last})" if last else ""))
+    return 0
 
 
 # ---------------------------------------------------------------------------- replay / tap

@@ -374,7 +374,8 @@ class LiveConfig(_Section):
 class ControlConfig(_Section):
     """The control socket: `linewatch bank switch` talks to the running daemon through it."""
 
-    socket: str | None = Field(None, description="path of a Unix socket for `linewatch bank switch`; empty: no control socket")
+    socket: str | None = Field(None, min_length=1, description="path of a Unix socket for `linewatch bank switch` "
+                               "(mode 0660); null: no control socket (SIGHUP still switches banks)")
 
 
 class LoggingConfig(_Section):

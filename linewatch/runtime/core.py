@@ -35,6 +35,13 @@ What it keeps:
   while draining. When a batch enters, frames past their deadline get `timeout` and frames
   that cannot have a result before it (by the moving average of each stage's time) are
   answered `shed` (`deadline_unreachable`) before any work is spent on them.
+* **The processor in service.** Each frame is judged by the processor (detector) in service
+  when it was registered; `switch_processor` puts another in service (a recipe changeover)
+  and says where the cut fell. Ingest registers each camera's frames in the order they came
+  off the socket, so per camera the frames before the cut are exactly the earlier ones. A
+  batch never mixes processors: it takes the frames of one (the longest-waiting frame's).
+  A slot lets go of its processor when its verdict is released, so an old processor lives
+  only as long as frames it judges (and the batches holding it) do.
 """
 
 from __future__ import annotations
@@ -77,6 +84,17 @@ class Slot:
     enqueued: float = 0.0  # monotonic time it started waiting for a batch
     answered: bool = False  # set once, by the first answer
     verdict: Verdict | None = None  # held only until released (the deadline heap outlives it)
+    processor: Any = None  # what judges it: the one in service at register; held only until released
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a processor switch fell: the frames registered before it stay with the old one."""
+
+    frames_before: int  # frames registered before the switch, over the run and every camera
+    # per camera, the id of the last frame registered before the switch (cameras beyond the
+    # metrics' camera-label limit are left out, as they share a label there)
+    last_frame_ids: dict[str, int]
 
 
 class PipelineCore:
@@ -86,10 +104,12 @@ class PipelineCore:
     """
 
     def __init__(self, batch: BatchConfig, pipeline: PipelineConfig, n_stages: int, clock: Clock,
-                 metrics: Metrics | None = None, run_id: str | None = None) -> None:
+                 metrics: Metrics | None = None, run_id: str | None = None, processor: Any = None) -> None:
+        """`processor`: the processor in service (opaque here; each slot carries the one that judges it)."""
         if n_stages < 1:
             raise ValueError("the pipeline needs at least one stage")
         self.clock = clock
+        self.processor = processor
         # Verdict ids "<run_id>-<seq>": unique across restarts of this daemon and of senders,
         # whose frame ids may start again at 0.
         self.run_id = run_id if run_id is not None else secrets.token_hex(6)
@@ -120,6 +140,7 @@ class PipelineCore:
         self.counts = {v: 0 for v in VERDICT_VALUES}
         self.late = 0
         self.latencies: deque[float] = deque(maxlen=100_000)  # received -> release, seconds
+        self.last_frame_ids: dict[str, int] = {}  # per labelled camera: the last frame registered
 
     # ================================================================== frames in
 
@@ -148,7 +169,8 @@ class PipelineCore:
 
     def _new_slot(self, camera: str, frame_id: int, capture_ts: float, received_mono: float, deadline: float,
                   part_id: str | None) -> Slot:
-        slot = Slot(next(self._seq), camera, frame_id, capture_ts, received_mono, deadline, part_id)
+        slot = Slot(next(self._seq), camera, frame_id, capture_ts, received_mono, deadline, part_id,
+                    processor=self.processor)
         buf = self._cameras.get(camera)
         if buf is None:
             buf = self._cameras[camera] = deque()
@@ -163,8 +185,18 @@ class PipelineCore:
         self.inflight += 1
         self.received += 1
         heapq.heappush(self._deadlines, (deadline, slot.seq, slot))
-        self.metrics.frames_received.labels(camera=self.metrics.camera_label(camera)).inc()
+        label = self.metrics.camera_label(camera)
+        self.metrics.frames_received.labels(camera=label).inc()
+        if label == camera and frame_id >= 0:  # bounded like the labels: a sender cycling ids cannot grow it
+            self.last_frame_ids[camera] = frame_id
         return slot
+
+    def switch_processor(self, processor: Any) -> Cut:
+        """Put `processor` in service: frames registered from now on are judged by it, those
+        registered before by the one they were registered under. Returns where the cut fell."""
+        cut = Cut(frames_before=self.received, last_frame_ids=dict(self.last_frame_ids))
+        self.processor = processor
+        return cut
 
     def enqueue(self, slot: Slot, image: np.ndarray) -> None:
         """Let a registered, unanswered frame wait for a batch (or shed one, when too many wait)."""
@@ -211,9 +243,13 @@ class PipelineCore:
         if due is None or due > self.clock.monotonic():
             return None
         now, expected = self.clock.monotonic(), self.expected_latency_s()
+        processor = self._longest_waiting_processor()
         live: list[Slot] = []
         while len(live) < self.max_batch and self._pending_count:
-            for slot in self._pick(self.max_batch - len(live)):
+            picked = self._pick(self.max_batch - len(live), processor)
+            if not picked:  # the frames still waiting are another processor's: the next batch's
+                break
+            for slot in picked:
                 # frames that cannot be judged in time are answered here, and their places
                 # go to the next waiting frames
                 if slot.deadline <= now:
@@ -227,13 +263,25 @@ class PipelineCore:
             self.metrics.batch_size.observe(len(live))
         return live
 
-    def _pick(self, n: int) -> list[Slot]:
-        """Take up to n waiting frames: round robin across cameras, longest-waiting camera first."""
+    def _longest_waiting_processor(self) -> Any:
+        """The processor of the frame that has waited longest for a batch (answered frames,
+        which take_batch drops, aside): the next batch is that processor's."""
+        oldest = min((q[0] for q in self._pending.values() if not q[0].answered), key=lambda s: s.enqueued,
+                     default=None)
+        return oldest.processor if oldest is not None else None
+
+    def _pick(self, n: int, processor: Any) -> list[Slot]:
+        """Take up to n waiting frames of `processor` (and answered ones, which take_batch
+        drops): round robin across cameras, longest-waiting camera first. A camera whose next
+        frame is another processor's gives none: its frames wait for that processor's batch."""
         picked: list[Slot] = []
         cameras = sorted(self._pending, key=lambda c: self._pending[c][0].enqueued)
         while len(picked) < n and cameras:
             for camera in list(cameras):
                 queue = self._pending[camera]
+                if not queue[0].answered and queue[0].processor is not processor:
+                    cameras.remove(camera)
+                    continue
                 picked.append(queue.popleft())
                 if not queue:
                     self._forget_pending(camera)
@@ -301,6 +349,7 @@ class PipelineCore:
             v = slot.verdict
             assert v is not None
             slot.verdict = None  # a heatmap must not live on in the deadline heap
+            slot.processor = None  # nor an old processor (a bank on the GPU) after a switch
             v.latency_s = now_wall - slot.capture_ts
             v.run_id, v.seq = self.run_id, next(self._verdict_seq)
             self._out.append(v)

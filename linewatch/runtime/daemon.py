@@ -5,6 +5,11 @@ the publisher, then ingest last (nothing arrives before everything behind it run
 READY=1 to systemd. Shutdown (SIGTERM/SIGINT) goes the other way: STOPPING=1, ingest stops,
 the pipeline drains (every in-flight frame is answered), the publisher closes, exit 0.
 
+Recipe changeover: `switch_bank` puts another bank (and product config) in service while
+frames flow, through the bank loader the caller gives (`linewatch serve`'s is
+linewatch.recipe.RecipeLoader); the control socket (`linewatch bank switch`) and SIGHUP ask
+for it. See docs/operations.md, Recipe changeover.
+
 systemd notifications are sent by `sd_notify` below: a datagram to $NOTIFY_SOCKET, the whole
 protocol, so no libsystemd binding is needed.
 """
@@ -16,7 +21,8 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import linewatch
 from linewatch.config import RuntimeConfig
@@ -72,6 +78,46 @@ def watchdog_interval_s(env: dict[str, str] | None = None) -> float | None:
     return value / 2 / 1e6 if value > 0 else None
 
 
+# ---------------------------------------------------------------- bank switches
+
+
+class SwitchRefused(Exception):
+    """A bank that cannot go into service; the message says why, in words for the operator
+    (a bank loader raises it for a bad file, a bank built under other settings, ...)."""
+
+
+@dataclass
+class LoadedBank:
+    """What a bank loader hands the daemon for a switch."""
+
+    processor: Processor
+    path: str  # the bank file it came from (logged, and in the reply)
+    warnings: list[str] = field(default_factory=list)  # what could not be applied (restart-only settings)
+
+
+# loader(bank, config, in_service) -> LoadedBank: `bank` and `config` are the request's file
+# paths (None: the loader's defaults), `in_service` the processor serving now (its models may
+# be reused). It raises SwitchRefused (or anything else) when the bank cannot go into service.
+BankLoader = Callable[[str | None, str | None, Processor], LoadedBank]
+
+
+@dataclass
+class BankSwitch:
+    """The outcome of a switch request (the control socket sends it back as JSON)."""
+
+    switched: bool
+    bank_id: str  # in service afterwards: the new bank, or the old one when refused
+    reason: str | None = None  # why it was refused
+    old_bank_id: str | None = None
+    bank: str | None = None  # the bank file put in service
+    frames_before: int | None = None  # frames received before the cut (over the run): the old bank's
+    last_frame_ids: dict[str, int] | None = None  # per camera, the last frame the old bank judges
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # ---------------------------------------------------------------- the daemon
 
 
@@ -83,14 +129,18 @@ class Daemon:
     `config.logging` with `configure_logging`).
     summary_interval_s: period of the INFO summary line. drain_timeout_s: how long shutdown
     waits for in-flight frames (default: the frame deadline plus 2 s, after which every
-    frame has an answer anyway).
+    frame has an answer anyway). bank_loader: what `switch_bank` loads a new bank with
+    (None: switches are refused).
     """
 
     def __init__(self, config: RuntimeConfig, processor: Processor, log: Any = None,
                  summary_interval_s: float = 60.0, drain_timeout_s: float | None = None,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, bank_loader: BankLoader | None = None) -> None:
         self.config = config
-        self.processor = processor
+        self.processor = processor  # in service; the live page and /readyz read it
+        self.bank_loader = bank_loader
+        self._switching = threading.Lock()  # one bank switch at a time
+        self._reload_requested = False  # set by SIGHUP, acted on by run_until_signal's loop
         self.clock = clock
         # Without a logger from the caller, the daemon sets up logging from its own config.
         self.log = log if log is not None else configure_logging(config.logging)
@@ -126,6 +176,7 @@ class Daemon:
         self.health: HealthServer | None = None
         self.ingest: FrameSource | None = None
         self.publisher: VerdictSink | None = None
+        self.control: Any = None  # linewatch.runtime.control.ControlServer
         self._listening = False
         self._served = False  # start() completed once
         self._stopping = False
@@ -170,6 +221,11 @@ class Daemon:
             self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m,
                                  clock=self.clock, security=self.config.security)
             self.ingest.start()
+            if self.config.control.socket:
+                from linewatch.runtime.control import ControlServer
+
+                self.control = ControlServer(self.config.control.socket, self._switch_request, self.log)
+                self.control.start()
         except Exception:
             self.stop()  # release what did start (threads, sockets, the HTTP port)
             raise
@@ -189,15 +245,21 @@ class Daemon:
 
     def run_until_signal(self) -> int:
         """Start (if needed), wait for SIGTERM/SIGINT, then shut down cleanly. Returns 0.
+        SIGHUP meanwhile: switch to what a restart would load (`switch_bank()`).
 
         Must be called from the main thread (Python delivers signals there).
         """
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
         try:
             if self.health is None:
                 self.start()
             while not self._signal.wait(0.5):
-                pass
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.log.info("reload_signal_received")
+                    # on its own thread: loading takes seconds, and SIGTERM meanwhile must not wait
+                    threading.Thread(target=self.switch_bank, name="lw-reload", daemon=True).start()
             self.log.info("signal_received")
         finally:
             self.stop()
@@ -225,6 +287,8 @@ class Daemon:
         if self.ingest is not None:
             self._close(self.ingest, "ingest")
         self._listening = False
+        if self.control is not None:
+            self._close(self.control, "control")
         clean = self.pipeline.drain(self.drain_timeout_s)
         self.pipeline.stop()
         if self.publisher is not None:
@@ -251,7 +315,7 @@ class Daemon:
         dead = self.pipeline.dead_threads()
         if self.summary.thread.ident is not None and not self.summary.thread.is_alive():
             dead.append(self.summary.thread.name)
-        for part in (self.ingest, self.publisher, self.archive, *self.extra_sinks.values()):
+        for part in (self.ingest, self.publisher, self.archive, *self.extra_sinks.values(), self.control):
             if part is not None:
                 dead.extend(part.dead_threads())
         return dead
@@ -312,6 +376,77 @@ class Daemon:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signal.set()
+
+    def _on_reload_signal(self, signum: int, frame: Any) -> None:
+        self._reload_requested = True  # a plain flag: a handler must not wait for a lock the loop may hold
+
+    # ------------------------------------------------------------------ bank switch
+
+    def switch_bank(self, bank: str | None = None, config: str | None = None) -> BankSwitch:
+        """Put another bank in service while frames flow (a recipe changeover).
+
+        `bank`, `config`: file paths for the bank loader (None: its defaults; both None: what a
+        restart would load). The loader loads and checks the bank (it reads, fits the config,
+        its threshold the calibration target); the pipeline then takes it if its stages are
+        the running ones, and cuts over: frames received before the cut are judged by the old
+        bank, frames after it by the new one. On any failure the old bank stays in service and
+        the reason is returned and logged (`bank_switch_refused`). One switch at a time: a
+        request meanwhile is refused. Slow (it loads a bank, maybe models): never call it on
+        the verdict path.
+        """
+        if not self._switching.acquire(blocking=False):
+            return self._refused(bank, "another bank switch is in progress; try again when it is done")
+        try:
+            return self._switch(bank, config)
+        finally:
+            self._switching.release()
+
+    def _switch(self, bank: str | None, config: str | None) -> BankSwitch:
+        if self._stopping:
+            return self._refused(bank, "the daemon is stopping")
+        if self.bank_loader is None:
+            return self._refused(bank, "this daemon was started without a bank loader; restart it to load a bank")
+        old = self.processor
+        try:
+            loaded = self.bank_loader(bank, config, old)
+            cut = self.pipeline.switch_processor(loaded.processor)
+        except (SwitchRefused, ValueError) as e:  # ValueError: the pipeline's stage check
+            return self._refused(bank, str(e))
+        except Exception as e:  # noqa: BLE001 - a bug or the machine (GPU memory): still not the line's end
+            return self._refused(bank, f"{type(e).__name__}: {e}", exc_info=e)
+        new = self.processor = loaded.processor
+        self._show_bank(old, new)
+        self.metrics.bank_switches.labels(result="switched").inc()
+        result = BankSwitch(switched=True, bank_id=new.bank_id, old_bank_id=old.bank_id, bank=loaded.path,
+                            frames_before=cut.frames_before, last_frame_ids=cut.last_frame_ids,
+                            warnings=list(loaded.warnings))
+        self.log.info("bank_switched", old_bank_id=old.bank_id, bank_id=new.bank_id, bank=loaded.path,
+                      backend=new.backend, frames_before=cut.frames_before, last_frame_ids=cut.last_frame_ids)
+        for warning in loaded.warnings:
+            self.log.warning("bank_switch_not_applied", bank_id=new.bank_id, warning=warning)
+        return result
+
+    def _refused(self, bank: str | None, reason: str, exc_info: BaseException | None = None) -> BankSwitch:
+        self.metrics.bank_switches.labels(result="refused").inc()
+        self.log.error("bank_switch_refused", bank=bank, bank_id=self.processor.bank_id, reason=reason,
+                       exc_info=exc_info)
+        return BankSwitch(switched=False, bank_id=self.processor.bank_id, reason=reason, bank=bank)
+
+    def _show_bank(self, old: Processor, new: Processor) -> None:
+        """The metrics that describe the bank in service: its info (the old label set goes), the
+        build's backend, and the calibration scores the drift alert compares with."""
+        m = self.metrics
+        m.bank_info.remove(old.bank_id, old.backend, str(getattr(old, "bank_images", "unknown")))
+        m.set_bank_info(new.bank_id, new.backend, getattr(new, "bank_images", "unknown"))
+        if new.backend != old.backend:
+            m.build_info.remove(linewatch.__version__, old.backend)
+            m.set_build_info(linewatch.__version__, new.backend)
+        calibration = getattr(getattr(new, "bank", None), "manifest", {}).get("calibration", {})
+        m.set_calibration(calibration.get("scores") or (), calibration.get("threshold"))
+
+    def _switch_request(self, bank: str | None, config: str | None) -> dict[str, Any]:
+        """The control socket's `switch` command."""
+        return self.switch_bank(bank, config).to_dict()
 
     def _watchdog_loop(self, interval: float) -> None:
         while not self._stopped.wait(interval):

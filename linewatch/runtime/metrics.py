@@ -124,11 +124,7 @@ class Metrics:
             "Image score / the bank's threshold of judged frames (pass/fail), 1.0 = the threshold.",
             ["camera", "verdict"], buckets=SCORE_RATIO_BUCKETS, registry=r,
         )
-        self.calibration_score_ratio = Histogram(
-            "linewatch_calibration_score_ratio",
-            "Score / threshold of the good images the loaded bank was calibrated on (set once at start).",
-            buckets=SCORE_RATIO_BUCKETS, registry=r,
-        )
+        self.calibration_score_ratio = self._calibration_histogram()
         self.stage_seconds = Histogram(
             "linewatch_stage_seconds", "Wall time of one detector stage on one batch.", ["stage"],
             buckets=STAGE_BUCKETS, registry=r,
@@ -182,9 +178,20 @@ class Metrics:
         self.score_ratio.labels(camera=camera_label, verdict=verdict).observe(ratio)
         return True
 
+    def _calibration_histogram(self) -> Histogram:
+        return Histogram(
+            "linewatch_calibration_score_ratio",
+            "Score / threshold of the good images the bank in service was calibrated on (set at start and at "
+            "each bank switch).", buckets=SCORE_RATIO_BUCKETS, registry=self.registry,
+        )
+
     def set_calibration(self, scores: Iterable[float], threshold: float | None) -> int:
-        """Fill `linewatch_calibration_score_ratio` with the bank's calibration scores, once;
-        the drift alert compares the live pass scores with them. Returns how many were recorded."""
+        """Fill `linewatch_calibration_score_ratio` with the bank's calibration scores; the
+        drift alert compares the live pass scores with them. After a bank switch it holds the
+        new bank's alone: a histogram cannot be emptied, so each call registers it anew.
+        Returns how many were recorded."""
+        self.registry.unregister(self.calibration_score_ratio)
+        self.calibration_score_ratio = self._calibration_histogram()
         n = 0
         for score in scores:
             ratio = score_ratio(score, threshold)

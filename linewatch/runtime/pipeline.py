@@ -20,6 +20,11 @@ JPEG encode or a stuck stage never stalls another camera's bookkeeping.
 * A stage may raise: its batch is answered `error` (stage_failed:<name>) and the pipeline
   keeps going (one log line per stage per 10 s at most).
 * With CUDA, each stage runs on its own stream (see issue #8 for what is left there).
+* Recipe changeover: `switch_processor` puts another processor (bank) in service while frames
+  flow. Each frame is judged by the processor in service when it was submitted: a batch
+  carries its frames' processor (the core never mixes two in one batch) and every stage runs
+  that processor's stage function, so frames before the cut get the old bank and frames after
+  it the new one, in unchanged verdict order.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import structlog
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
-from linewatch.runtime.core import SHUTDOWN_REASON, PipelineCore, Slot
+from linewatch.runtime.core import SHUTDOWN_REASON, Cut, PipelineCore, Slot
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Frame, Verdict
@@ -103,12 +108,14 @@ class _Stop(Exception):
 
 
 class _Batch:
-    __slots__ = ("slots", "data", "timings")
+    __slots__ = ("slots", "data", "timings", "processor", "stage_fns")
 
-    def __init__(self, slots: list[Slot], data: Any) -> None:
+    def __init__(self, slots: list[Slot], data: Any, processor: Processor) -> None:
         self.slots = slots
         self.data = data  # input of the next stage
         self.timings: dict[str, float] = {}  # seconds per finished stage
+        self.processor = processor  # judges every frame of the batch (the one they were submitted under)
+        self.stage_fns = [fn for _, fn in processor.stages]
 
 
 class Pipeline:
@@ -138,15 +145,14 @@ class Pipeline:
         encoded) for the sinks that keep pictures; the image is then held until its result too."""
         if not processor.stages:
             raise ValueError("the processor has no stages")
-        self.processor = processor
         self.metrics = metrics if metrics is not None else Metrics()
         self.log = log if log is not None else structlog.get_logger("linewatch.pipeline")
         self.clock = clock
         self._on_verdict = on_verdict
         self._overlay = overlay
         self._keep_images = keep_images or overlay is not None
-        self._stages = list(processor.stages)
-        self.core = PipelineCore(batch, pipeline, len(self._stages), clock, self.metrics)
+        self._stage_names = [name for name, _ in processor.stages]  # every processor in service has these
+        self.core = PipelineCore(batch, pipeline, len(self._stage_names), clock, self.metrics, processor=processor)
         # A stage call or a publish taking this long means the pipeline is stuck (watchdog).
         self.stall_s = stall_s if stall_s is not None else max(10.0, 5 * pipeline.deadline_ms / 1000.0)
 
@@ -161,18 +167,18 @@ class Pipeline:
         self._started = False
         self._stopped = False
 
-        self._queues: list[queue.Queue[_Batch]] = [queue.Queue(pipeline.stage_queue_size) for _ in self._stages]
-        self._busy_since: list[float | None] = [None] * len(self._stages)
+        self._queues: list[queue.Queue[_Batch]] = [queue.Queue(pipeline.stage_queue_size) for _ in self._stage_names]
+        self._busy_since: list[float | None] = [None] * len(self._stage_names)
         self._fail_log = RateLimiter(10.0)  # one stage_failed line per stage per 10 s
         self._threads: list[threading.Thread] = [threading.Thread(target=self._intake_loop, name="lw-intake", daemon=True)]
-        for i, (name, _) in enumerate(self._stages):
+        for i, name in enumerate(self._stage_names):
             self._threads.append(threading.Thread(target=self._stage_loop, args=(i,), name=f"lw-stage-{name}", daemon=True))
         self._threads.append(threading.Thread(target=self._deadline_loop, name="lw-deadline", daemon=True))
         self._threads.append(threading.Thread(target=self._output_loop, name="lw-output", daemon=True))
 
         m = self.metrics
         m.track_queue("pending", lambda: self.core.pending)
-        for (name, _), q in zip(self._stages, self._queues):
+        for name, q in zip(self._stage_names, self._queues):
             m.track_queue(f"stage:{name}", q.qsize)
         m.track_queue("output", lambda: self.core.released_waiting)
         m.inflight_frames.set_function(lambda: self.core.inflight)
@@ -189,25 +195,53 @@ class Pipeline:
 
     def submit(self, frame: Frame) -> None:
         """Take one decoded frame; it will get exactly one verdict. Never blocks on the detector."""
-        # A frame the detector cannot judge (another camera size, say) is answered alone,
-        # instead of failing the batch it would have joined. Checked before taking the lock.
-        bad_image = False
-        check = getattr(self.processor, "check_image", None)
-        if check is not None:
-            try:
-                check(frame.image, f"{frame.camera} #{frame.frame_id}")
-            except ValueError as e:
-                self.log.debug("bad_image", camera=frame.camera, frame_id=frame.frame_id, error=str(e))
-                bad_image = True
         with self._lock:
             slot = self.core.register(frame.camera, frame.frame_id, frame.capture_ts, frame.received_ts,
                                       frame.received_mono, frame.part_id)
-            if bad_image and self.core.accepting:
+            # A frame its processor cannot judge (another camera size, say) is answered alone,
+            # instead of failing the batch it would have joined. Checked under the lock, by the
+            # processor register tied it to (a shape comparison: microseconds).
+            problem = self._unjudgeable(slot.processor, frame)
+            if problem is not None and self.core.accepting:
                 self.core.answer_simple(slot, "error", "bad_image")
             else:
                 self.core.enqueue(slot, frame.image)  # no-op when register answered it already
             self._changed()
+        if problem is not None:
+            self.log.debug("bad_image", camera=frame.camera, frame_id=frame.frame_id, error=problem)
         self.metrics.last_frame_timestamp.set(frame.received_ts)
+
+    @staticmethod
+    def _unjudgeable(processor: Processor | None, frame: Frame) -> str | None:
+        """Why `processor` cannot judge the frame's image (its optional check_image), or None."""
+        check = getattr(processor, "check_image", None)
+        if check is None:
+            return None
+        try:
+            check(frame.image, f"{frame.camera} #{frame.frame_id}")
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def switch_processor(self, processor: Processor) -> Cut:
+        """Put `processor` in service (a recipe changeover) and return where the cut fell.
+
+        Frames submitted from now on are judged by it; frames submitted before keep the one
+        they were submitted under, even those still waiting in a batch. The old processor is
+        let go when its last batch is done and its last verdict released. Refused
+        (ValueError) when its stage names differ: the stage threads, queues and metrics are
+        the running pipeline's.
+        """
+        names = [name for name, _ in processor.stages]
+        if names != self._stage_names:
+            raise ValueError(f"the new processor's stages {names} are not the running pipeline's {self._stage_names}")
+        with self._lock:
+            return self.core.switch_processor(processor)
+
+    @property
+    def processor(self) -> Processor:
+        """The processor in service: the one frames submitted now are judged by."""
+        return self.core.processor
 
     def submit_error(self, camera: str, frame_id: int, reason: str, received_mono: float,
                      capture_ts: float, part_id: str | None = None) -> None:
@@ -286,7 +320,7 @@ class Pipeline:
         if dead:
             return False, "dead threads: " + ", ".join(dead)
         now = self.clock.monotonic()
-        for (name, _), since in zip(self._stages, list(self._busy_since)):
+        for name, since in zip(self._stage_names, list(self._busy_since)):
             if since is not None and now - since > self.stall_s:
                 return False, f"stage {name} stuck for {now - since:.1f} s"
         since = self._publishing_since
@@ -351,14 +385,16 @@ class Pipeline:
                 if not slots:
                     continue
                 images = [s.image for s in slots]
+                processor = slots[0].processor  # the core's batches never mix processors
                 if not self._keep_images:
                     for s in slots:
                         s.image = None
             try:
-                self._put(0, _Batch(slots, images))
+                self._put(0, _Batch(slots, images, processor))
             except _Stop:
                 self._abandon(slots)
                 return
+            slots = images = processor = None  # waiting for the next batch holds nothing of this one
 
     def _put(self, i: int, batch: _Batch) -> None:
         while True:
@@ -378,8 +414,8 @@ class Pipeline:
             self._changed()
 
     def _stage_loop(self, i: int) -> None:
-        name, fn = self._stages[i]
-        last = i == len(self._stages) - 1
+        name = self._stage_names[i]
+        last = i == len(self._stage_names) - 1
         torch = _cuda_torch()
         stream = torch.cuda.Stream() if torch is not None else None
         q = self._queues[i]
@@ -392,6 +428,7 @@ class Pipeline:
                 with self._lock:
                     self.core.batch_left()
                     self._changed()
+                batch = None  # an idle stage holds no batch: its images, its (maybe old) processor
                 continue
             t0 = self.clock.monotonic()
             self._busy_since[i] = t0
@@ -399,16 +436,17 @@ class Pipeline:
                 if stream is not None:
                     _record_stream(batch.data, torch, stream)
                     with torch.cuda.stream(stream):
-                        out = fn(batch.data)
+                        out = batch.stage_fns[i](batch.data)
                     # The next stage runs on its own stream: its input must be complete.
                     stream.synchronize()
                 else:
-                    out = fn(batch.data)
+                    out = batch.stage_fns[i](batch.data)
                 if last:
                     self._check_results(out, len(batch.slots))
             except Exception as e:  # noqa: BLE001 - a stage failure must not stop the line
                 self._busy_since[i] = None
                 self._stage_failed(name, batch, e)
+                batch = None
                 continue
             dt = self.clock.monotonic() - t0
             self._busy_since[i] = None
@@ -448,7 +486,7 @@ class Pipeline:
 
     def _deliver(self, batch: _Batch) -> None:
         """Turn the last stage's results into verdicts (overlays rendered outside the lock)."""
-        p = self.processor
+        p = batch.processor
         verdicts = []
         for slot, r in zip(batch.slots, batch.data):
             verdict = self._from_result(slot, r, batch.timings, p)

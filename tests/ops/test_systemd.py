@@ -103,6 +103,7 @@ def test_unit_settings(name: str):
     deadline_s = Config().runtime.pipeline.deadline_ms / 1000
     assert int(one["TimeoutStopSec"]) >= deadline_s + 10
     assert " serve -c " in one["ExecStart"]
+    assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"  # reload: the daemon re-reads its config, switches bank
     if "@" in name:
         assert "%i" in one["ExecStart"] and "%i" in one["StateDirectory"]
 
