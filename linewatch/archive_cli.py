@@ -108,14 +108,15 @@ def _number(value: float | None) -> str:
 
 
 def table_line(r: dict[str, Any]) -> str:
-    """One verdict for a person: local time, camera, frame, value, score / threshold, part, reason, id, pictures."""
+    """One verdict for a person: local time, camera, frame, value, score / threshold, bank, part, reason, id,
+    pictures."""
     return (f"{_iso(r['verdict_ts'])[:23]:23}  {r['camera']:<12} {r['frame_id']:>10}  {r['verdict']:<7} "
-            f"{_number(r['score']):>9} {_number(r['threshold']):>9}  {r['part_id'] or '-':<16} "
-            f"{r['reason'] or '-':<14} {r['id'] or '-'}  {r['pictures'] or ''}").rstrip()
+            f"{_number(r['score']):>9} {_number(r['threshold']):>9}  {r['bank_id'] or '-':<12}  "
+            f"{r['part_id'] or '-':<16} {r['reason'] or '-':<14} {r['id'] or '-'}  {r['pictures'] or ''}").rstrip()
 
 
 TABLE_HEADER = (f"{'time (local)':23}  {'camera':<12} {'frame_id':>10}  {'verdict':<7} {'score':>9} {'threshold':>9}  "
-                f"{'part_id':<16} {'reason':<14} id  pictures")
+                f"{'bank_id':<12}  {'part_id':<16} {'reason':<14} id  pictures")
 
 
 def _open(args: argparse.Namespace) -> tuple[sqlite3.Connection, Path]:

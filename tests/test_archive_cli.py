@@ -96,6 +96,7 @@ def test_query_prints_a_table_with_a_line_per_verdict(archive_dir, capsys):
     lines = out.splitlines()
     assert code == 0 and len(lines) == 4 and lines[0].split()[:3] == ["time", "(local)", "camera"]
     assert "run1-1" in lines[1] and "cam1" in lines[1] and "fail" in lines[1] and "images/2026-05-01/run1-1" in lines[1]
+    assert lines[0].split()[7] == "bank_id" and lines[1].split()[6] == "b1"  # which bank judged it (changeover)
 
 
 def test_export_csv_and_json_read_back(archive_dir, tmp_path, capsys):
