@@ -23,20 +23,6 @@ from tests.runtime.fakes import (Collector, FakeClock, FakeProcessor, GatedProce
                                  make_pipeline)
 
 
-@pytest.fixture
-def started():
-    """Start pipelines and always stop them (bounded), even when a test fails."""
-    pipes: list[Pipeline] = []
-
-    def start(p: Pipeline) -> Pipeline:
-        p.start()
-        pipes.append(p)
-        return p
-
-    yield start
-    for p in pipes:
-        p.stop(timeout_s=2.0)
-
 
 def counter_value(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
     value = metrics.registry.get_sample_value(name, labels or {})

@@ -39,19 +39,6 @@ class SizedProcessor(FakeProcessor):
             raise ValueError(f"{name}: {image.shape[1]}x{image.shape[0]}, this bank judges {self.side}x{self.side}")
 
 
-@pytest.fixture
-def started():
-    pipes = []
-
-    def start(p):
-        p.start()
-        pipes.append(p)
-        return p
-
-    yield start
-    for p in pipes:
-        p.stop(timeout_s=2.0)
-
 
 def test_frames_before_and_after_the_cut_in_one_pending_batch_get_their_own_bank() -> None:
     # Two cameras, three frames each before the cut and after it, all waiting for one batch
