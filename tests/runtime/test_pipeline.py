@@ -12,7 +12,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
