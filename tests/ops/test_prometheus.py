@@ -49,6 +49,9 @@ def test_alerts_cover_the_issue():
     drift = rules["LinewatchScoreDrift"]
     assert 'linewatch_score_ratio_bucket{verdict="pass"}' in drift
     assert "linewatch_calibration_score_ratio_bucket" in drift and "linewatch_score_ratio_count" in drift
+    # the operator sinks: lost verdict copies and an MQTT broker out of reach
+    assert "linewatch_sink_dropped_total" in rules["LinewatchSinkDropped"]
+    assert "linewatch_mqtt_connected == 0" in rules["LinewatchMqttDisconnected"]
 
 
 def test_health_endpoints(live_daemon):
