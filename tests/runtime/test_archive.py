@@ -538,6 +538,19 @@ def test_an_archive_written_before_the_journal_gets_unique_ids_and_opens(tmp_pat
     assert str(root / DATABASE) in str(err.value)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a nice value per thread is Linux's")
+def test_the_background_thread_runs_below_the_verdict_paths_priority(tmp_path):
+    archive, _ = make_archive(tmp_path)
+    try:
+        archive.record(verdict(0))
+        assert archive.wait_idle(WAIT_S)  # the thread has run (it lowers its priority first)
+        background = os.getpriority(os.PRIO_PROCESS, archive._thread.native_id)
+    finally:
+        archive.stop()
+    assert background == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+                             + archive_module.BACKGROUND_NICE)
+
+
 # ---------------------------------------------------------------- retention
 
 
