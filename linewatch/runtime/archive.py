@@ -15,8 +15,9 @@ write queued but not done at a kill -9 leaves the column set and no file: reader
 
 The verdict path. `record()` runs on the pipeline's output thread BEFORE the verdict goes to
 the ZeroMQ publisher, inside a budget of 0.2 ms per verdict, which an SQLite commit per verdict
-did not keep (p99 0.36-1.1 ms at 500 verdicts/s, `benchmarks/archive_bench.py`, shared 2-core
-VM; the journal line: p99 0.19-0.2 ms there). So it does not touch SQLite: it encodes the row as
+did not keep (p99 0.27-0.34 ms at 500 verdicts/s, 1.0 ms during retention; the journal line:
+0.16-0.17 ms, 0.04-0.07 ms: `benchmarks/archive_bench.py`, shared 2-core VM, two runs each).
+So it does not touch SQLite: it encodes the row as
 one JSON line and appends it to the journal with one os.write() on a file opened O_APPEND.
 A complete write() to a regular file is in the kernel's page cache when it returns, so every
 verdict a subscriber has received is in the journal when the daemon is killed (kill -9, OOM
