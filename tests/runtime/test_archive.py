@@ -1,13 +1,23 @@
-"""The verdict archive with real SQLite files and real picture files: rows, pictures, sampling,
-drops (queue full, a locked database, a closed archive), retention by age and size, schema
-versions. Time comes from a fake clock; the picture thread is blocked with an event."""
+"""The verdict archive with real SQLite files, real journal files and real picture files: rows
+(journaled by record(), in the database after wait_idle), the journal (replay after a real
+kill -9, torn and invalid lines, failed writes, segments rotating under a writer), pictures,
+sampling, drops and delays (queue full, a locked database, a full journal, a closed archive),
+retention by age and size, schema versions, one daemon per folder. Time comes from a fake
+clock; the background thread is blocked with an event where a test needs it still."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import resource
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -17,21 +27,53 @@ import structlog
 from linewatch.config import ArchiveConfig
 from linewatch.runtime import archive as archive_module
 from linewatch.runtime.archive import (
-    DATABASE, FRAME_SUFFIX, HEATMAP_SUFFIX, OVERLAY_SUFFIX, Archive, ArchiveError, open_read_only, picture_sampled,
+    DATABASE, FRAME_SUFFIX, HEATMAP_SUFFIX, OVERLAY_SUFFIX, SCHEMA, Archive, ArchiveError, journal_line,
+    open_read_only, picture_sampled,
 )
 from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock
 
 DAY = 86400.0
+WAIT_S = 30.0  # for the background thread: generous, never reached when it works
+REPO = Path(__file__).resolve().parents[2]
 
 
-def make_archive(tmp_path: Path, clock: FakeClock | None = None, **config) -> tuple[Archive, Metrics]:
+def make_archive(tmp_path: Path, clock: FakeClock | None = None, log: Any = None,
+                 **config) -> tuple[Archive, Metrics]:
     metrics = Metrics()
     archive = Archive(ArchiveConfig(enabled=True, path=str(tmp_path / "archive"), **config), metrics=metrics,
-                      log=structlog.get_logger("test"), clock=clock or FakeClock())
+                      log=log or structlog.get_logger("test"), clock=clock or FakeClock())
     archive.start()
     return archive, metrics
+
+
+class RecordingLog:
+    """A logger that keeps (event, fields) and lets the test wait for an event."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict]] = []
+        self.cond = threading.Condition()
+
+    def _add(self, event: str, **fields: Any) -> None:
+        with self.cond:
+            self.lines.append((event, fields))
+            self.cond.notify_all()
+
+    info = warning = error = _add
+
+    def wait_for(self, event: str, timeout_s: float = WAIT_S) -> dict | None:
+        with self.cond:
+            self.cond.wait_for(lambda: any(e == event for e, _ in self.lines), timeout_s)
+            return next((f for e, f in self.lines if e == event), None)
+
+    def all(self, event: str) -> list[dict]:
+        with self.cond:
+            return [f for e, f in self.lines if e == event]
+
+
+def journal_files(archive_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(archive_dir.glob("journal-*.jsonl"))}
 
 
 def verdict(seq: int, value: str = "pass", camera: str = "cam0", image: np.ndarray | None = None,
@@ -80,7 +122,7 @@ def noise(seed: int, size: int = 48) -> np.ndarray:
 # ---------------------------------------------------------------- rows
 
 
-def test_every_verdict_is_a_committed_row_with_every_field(tmp_path):
+def test_every_verdict_is_a_journal_line_then_a_row_with_every_field(tmp_path):
     clock = FakeClock(wall=1_790_000_000.0)
     archive, metrics = make_archive(tmp_path, clock)
     try:
@@ -89,7 +131,11 @@ def test_every_verdict_is_a_committed_row_with_every_field(tmp_path):
         archive.record(Verdict(camera="cam1", frame_id=7, verdict="error", capture_ts=1_700_000_100.0,
                                reason="decode_failed", run_id="run1", seq=1))
         archive.record(verdict(2, "fail"))
-        # committed when record returns: another connection (read-only, as the CLI opens it) sees them
+        # in the journal file when record returns (what survives a kill -9), one whole line each
+        [journal] = journal_files(tmp_path / "archive").values()
+        assert journal.count(b"\n") == 3 and journal.endswith(b"\n")
+        # then in the database: another connection (read-only, as the CLI opens it) sees them
+        assert archive.wait_idle(WAIT_S)
         got = rows(tmp_path / "archive")
     finally:
         archive.stop()
@@ -116,6 +162,7 @@ def test_reopening_appends_to_the_same_archive(tmp_path):
     archive.record(verdict(0, run_id="run2"))
     archive.stop()
     assert [r["id"] for r in rows(tmp_path / "archive")] == ["run1-0", "run2-0"]
+    assert journal_files(tmp_path / "archive") == {}  # stop() put every line in the database
 
 
 # ---------------------------------------------------------------- pictures
@@ -193,14 +240,18 @@ def test_a_full_picture_queue_drops_the_picture_and_counts_it_never_the_row(tmp_
         record(archive, verdict(2, "fail", image=noise(2)))  # the queue is full now
         record(archive, verdict(3, "fail", image=noise(3)))
         assert dropped(metrics, "archive_image", "queue_full") == 1
-        got = rows(tmp_path / "archive")  # every row is there while the pictures wait
-        assert [r["id"] for r in got] == ["run1-0", "run1-1", "run1-2", "run1-3"]
-        assert [r["pictures"] is not None for r in got] == [True, True, True, False]
+        # every row is in the journal while the pictures wait (the thread that inserts them is held)
+        [journal] = journal_files(tmp_path / "archive").values()
+        assert [line.split(b",", 1)[0] for line in journal.splitlines()] == \
+            [b'["run1-0"', b'["run1-1"', b'["run1-2"', b'["run1-3"']
         release.set()
         assert archive.wait_idle(30)
+        got = rows(tmp_path / "archive")
     finally:
         release.set()
         archive.stop()
+    assert [r["id"] for r in got] == ["run1-0", "run1-1", "run1-2", "run1-3"]
+    assert [r["pictures"] is not None for r in got] == [True, True, True, False]
     assert {p.rsplit("/", 1)[1].split(".")[0] for p in picture_files(tmp_path / "archive")} == \
         {"run1-0", "run1-1", "run1-2"}
     assert archive.stats()["pictures_dropped"] == 1
@@ -224,21 +275,96 @@ def test_a_picture_that_cannot_be_written_is_counted_and_its_row_says_so(tmp_pat
 # ---------------------------------------------------------------- rows that cannot be written
 
 
-def test_a_locked_database_costs_the_row_counted_and_record_never_raises(tmp_path):
-    archive, metrics = make_archive(tmp_path)
+def test_a_locked_database_holds_rows_back_in_the_journal_and_loses_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "BUSY_TIMEOUT_MS", 50)
+    log = RecordingLog()
+    archive, metrics = make_archive(tmp_path, log=log)
     other = sqlite3.connect(tmp_path / "archive" / DATABASE, isolation_level=None)
     try:
-        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock past the busy timeout
         archive.record(verdict(0))
-        other.execute("ROLLBACK")
         archive.record(verdict(1))
+        held = log.wait_for("archive_rows_held_back")  # the background thread tried, and keeps the lines
+        assert held is not None and held["reason"] == "locked", log.lines
+        assert rows(tmp_path / "archive") == []
+        other.execute("ROLLBACK")
+        assert archive.wait_idle(WAIT_S)
         got = rows(tmp_path / "archive")
     finally:
         other.close()
         archive.stop()
+    assert [r["id"] for r in got] == ["run1-0", "run1-1"]
+    assert archive.stats()["rows_dropped"] == 0 and dropped(metrics, "archive_row", "locked") == 0
+
+
+def test_a_full_journal_drops_rows_counted_until_the_database_takes_them_again(tmp_path):
+    archive, metrics = make_archive(tmp_path)
+    line_bytes = len(journal_line(verdict(0), FakeClock().time(), None))  # (every line here is this long)
+    archive.journal_limit_bytes = 5 * line_bytes + 10  # room for five lines
+    archive.journal_rotate_bytes = line_bytes  # a line in the database frees its bytes at once
+    other = sqlite3.connect(tmp_path / "archive" / DATABASE, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # nothing leaves the journal
+        for seq in range(7):
+            archive.record(verdict(seq))
+        assert dropped(metrics, "archive_row", "journal_full") == 2
+        other.execute("ROLLBACK")
+        assert archive.wait_idle(WAIT_S)
+        archive.record(verdict(7))  # room again once the lines are in the database
+        assert archive.wait_idle(WAIT_S)
+        got = rows(tmp_path / "archive")
+    finally:
+        other.close()
+        archive.stop()
+    assert [r["id"] for r in got] == [f"run1-{s}" for s in (0, 1, 2, 3, 4, 7)]
+    assert archive.stats()["rows_dropped"] == 2
+
+
+def test_a_journal_write_that_fails_is_counted_never_raised_and_queues_no_pictures(tmp_path):
+    archive, metrics = make_archive(tmp_path)
+    fd = archive._journal_fd
+    saved, full = os.dup(fd), os.open("/dev/full", os.O_WRONLY)  # /dev/full: every write is ENOSPC
+    try:
+        os.dup2(full, fd)  # the journal's descriptor now writes to /dev/full: a real failed write()
+        archive.record(verdict(0, "fail", image=noise(0)))
+        os.dup2(saved, fd)
+        archive.record(verdict(1, "fail", image=noise(1)))
+        assert archive.wait_idle(WAIT_S)
+        got = rows(tmp_path / "archive")
+    finally:
+        os.close(saved)
+        os.close(full)
+        archive.stop()
     assert [r["id"] for r in got] == ["run1-1"]
-    assert dropped(metrics, "archive_row", "locked") == 1
-    assert archive.stats()["rows_dropped"] == 1
+    assert dropped(metrics, "archive_row", "disk_full") == 1 and archive.stats()["rows_dropped"] == 1
+    assert archive.stats()["pictures"] == 1  # the failed row's pictures were never queued
+    assert {p.rsplit("/", 1)[1].split(".")[0] for p in picture_files(tmp_path / "archive")} == {"run1-1"}
+
+
+def test_a_short_journal_write_is_cut_off_so_the_next_line_stands_alone(tmp_path):
+    archive, metrics = make_archive(tmp_path, log=RecordingLog())  # (a log in memory: no file grows meanwhile)
+    root = tmp_path / "archive"
+    archive.record(verdict(0))
+    [name] = journal_files(root)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: short, or EFBIG
+    try:
+        # the background thread writes no database file meanwhile (RLIMIT_FSIZE is per process)
+        with archive._maintenance_lock:
+            resource.setrlimit(resource.RLIMIT_FSIZE, ((root / name).stat().st_size + 100, limits[1]))
+            try:
+                archive.record(verdict(1))  # 100 bytes of it fit: the kernel writes them and says so
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        archive.record(verdict(2))
+        assert archive.wait_idle(WAIT_S)
+        got = rows(root)
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+        archive.stop()
+    assert [r["id"] for r in got] == ["run1-0", "run1-2"]
+    assert dropped(metrics, "archive_row", "disk_full") == 1
+    assert dropped(metrics, "archive_row", "invalid") == 0  # no piece of run1-1 was left before run1-2
 
 
 def test_record_after_stop_is_counted_not_raised(tmp_path):
@@ -246,6 +372,183 @@ def test_record_after_stop_is_counted_not_raised(tmp_path):
     archive.stop()
     archive.record(verdict(0, "fail", image=noise(0)))
     assert dropped(metrics, "archive_row", "closed") == 1
+
+
+# ---------------------------------------------------------------- the journal
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from linewatch.config import ArchiveConfig
+    from linewatch.runtime.archive import Archive
+    from linewatch.runtime.metrics import Metrics
+    from linewatch.wire import Verdict
+
+    archive = Archive(ArchiveConfig(enabled=True, path=sys.argv[1]), Metrics())
+    archive.start()
+
+    def record(seq):
+        archive.record(Verdict(camera="cam0", frame_id=seq, verdict="pass", capture_ts=1.0, run_id="killed", seq=seq))
+
+    for seq in range(50):
+        record(seq)
+    assert archive.wait_idle(60)  # these 50 are in the database (and still in the journal)
+    archive._maintenance_lock.acquire()  # the background thread inserts nothing more
+    for seq in range(50, 100):
+        record(seq)  # these 50 are in the journal only
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_daemons_journal_is_replayed_at_start_each_verdict_once(tmp_path):
+    root = tmp_path / "archive"
+    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(root)], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert [r["id"] for r in rows(root)] == [f"killed-{s}" for s in range(50)]
+    [journal] = journal_files(root).values()
+    assert journal.count(b"\n") == 100  # nothing was deleted: the first 50 lines are replayed again
+
+    log = RecordingLog()
+    archive, metrics = make_archive(tmp_path, log=log)
+    try:
+        got = rows(root)  # in the database as soon as start() returns
+        assert log.all("archive_opened")[0]["replayed"] == 50
+        assert list(journal_files(root).values()) == [b""]  # the replayed lines are gone, a new segment begun
+        archive.record(verdict(0, run_id="after"))
+    finally:
+        archive.stop()
+    assert [r["id"] for r in got] == [f"killed-{s}" for s in range(100)]  # each once
+    assert [r["id"] for r in rows(root)][100:] == ["after-0"]
+    assert archive.stats()["rows_dropped"] == 0 and dropped(metrics, "archive_row", "torn") == 0
+
+
+def test_a_torn_last_line_and_an_invalid_line_are_skipped_and_counted_the_rest_replayed(tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    whole = [journal_line(verdict(seq), 1_700_000_000.0, None) for seq in range(4)]
+    # a line that is no row, two good ones, and the start of a line cut by a kill in its write()
+    (root / "journal-7.jsonl").write_bytes(whole[0] + b"{not json\n" + whole[1] + whole[2] + whole[3][:40])
+    log = RecordingLog()
+    archive, metrics = make_archive(tmp_path, log=log)
+    try:
+        got = rows(root)
+        files = list(journal_files(root).values())
+    finally:
+        archive.stop()
+    assert [r["id"] for r in got] == ["run1-0", "run1-1", "run1-2"]
+    assert dropped(metrics, "archive_row", "invalid") == 1 and dropped(metrics, "archive_row", "torn") == 1
+    assert archive.stats()["rows_dropped"] == 2
+    torn = [f for f in log.all("archive_row_failed") if f["reason"] == "torn"]
+    assert torn == [{"reason": "torn", "error": None, "segment": "journal-7.jsonl", "bytes": 40,
+                     "not_logged_since_last": 0}]
+    assert files == [b""]  # the replayed segment is gone, a new one begun
+
+
+def test_lines_sqlite_cannot_read_go_in_one_by_one_as_before_the_journal(tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    nan = verdict(1, "fail")
+    nan.score = float("nan")  # json writes NaN, which SQLite's JSON refuses: this batch goes in line by line
+    nan.objects = [{"bbox": [1.0, 2.0, 3.0, 4.0], "status": "missing", "score": float("nan")}]
+    no_camera = verdict(2)
+    no_camera.camera = None  # a row SQLite refuses (camera NOT NULL)
+    (root / "journal-1.jsonl").write_bytes(b"".join(journal_line(v, 1_700_000_000.0, None)
+                                                    for v in (verdict(0), nan, no_camera, verdict(3))))
+    archive, metrics = make_archive(tmp_path)  # (replayed at start: one batch)
+    archive.stop()
+    got = rows(root)
+    assert [r["id"] for r in got] == ["run1-0", "run1-1", "run1-3"]
+    assert got[1]["score"] is None  # as the archive stored NaN before the journal
+    assert got[1]["objects"] == '[{"bbox": [1.0, 2.0, 3.0, 4.0], "status": "missing", "score": NaN}]'
+    assert dropped(metrics, "archive_row", "invalid") == 1
+
+
+def test_segments_rotating_under_a_writer_lose_and_repeat_no_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "JOURNAL_INTERVAL_S", 0.001)  # the tailer runs all the time
+    archive, metrics = make_archive(tmp_path)
+    archive.journal_rotate_bytes = 4096  # a new segment every ten lines or so
+    root = tmp_path / "archive"
+    segments_seen: set[str] = set()
+    written = 0
+
+    def write() -> None:
+        """Until 30 segments have come and gone under it (or 200,000 lines). It yields the GIL
+        after each line, as the output thread does while it waits for its next verdict (a loop
+        that never lets go of it leaves the tailer one turn per switch interval, 5 ms)."""
+        nonlocal written
+        while len(segments_seen) < 30 and written < 200_000:
+            archive.record(verdict(written))
+            written += 1
+            os.sched_yield()
+            if written % 50 == 0:
+                segments_seen.update(p.name for p in root.glob("journal-*.jsonl"))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(300)
+    try:
+        assert not writer.is_alive()
+        assert archive.wait_idle(WAIT_S)
+        got = [r["id"] for r in rows(root)]
+    finally:
+        archive.stop()
+    assert len(segments_seen) >= 30, (len(segments_seen), written)
+    assert got == [f"run1-{s}" for s in range(written)]  # every line once, in the order written
+    assert archive.stats()["rows_dropped"] == 0 and journal_files(root) == {}
+
+
+def test_one_daemon_per_archive_folder(tmp_path):
+    first, _ = make_archive(tmp_path)
+    try:
+        with pytest.raises(ArchiveError, match=r"is in use by another linewatch") as err:
+            make_archive(tmp_path)
+        assert str(tmp_path / "archive") in str(err.value)
+    finally:
+        first.stop()
+    second, _ = make_archive(tmp_path)  # free again once the first one stopped
+    second.stop()
+
+
+def test_an_archive_written_before_the_journal_gets_unique_ids_and_opens(tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    with sqlite3.connect(root / DATABASE) as conn:  # as the archive's first version made it: no unique index
+        conn.executescript(f"{SCHEMA} PRAGMA user_version = 1;")
+        conn.execute("INSERT INTO verdicts (id, camera, frame_id, verdict_ts, verdict, objects, branch_scores) "
+                     "VALUES ('old-1', 'cam0', 1, 1.0, 'pass', '[]', '{}')")
+    conn.close()
+    archive, _ = make_archive(tmp_path)
+    archive.record(verdict(0))
+    archive.stop()
+    assert [r["id"] for r in rows(root)] == ["old-1", "run1-0"]
+    conn = open_read_only(root)
+    try:
+        assert conn.execute("SELECT \"unique\" FROM pragma_index_list('verdicts') WHERE name = 'verdicts_id'"
+                            ).fetchone() == (1,)
+    finally:
+        conn.close()
+
+    with sqlite3.connect(root / DATABASE) as conn:  # two rows with one id cannot get the index: refused by name
+        conn.execute("DROP INDEX verdicts_id")
+        conn.execute("INSERT INTO verdicts (id, camera, frame_id, verdict_ts, verdict, objects, branch_scores) "
+                     "VALUES ('old-1', 'cam0', 2, 2.0, 'pass', '[]', '{}')")
+    conn.close()
+    with pytest.raises(ArchiveError, match=r"two rows have the same verdict id") as err:
+        make_archive(tmp_path)
+    assert str(root / DATABASE) in str(err.value)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a nice value per thread is Linux's")
+def test_the_background_thread_runs_below_the_verdict_paths_priority(tmp_path):
+    archive, _ = make_archive(tmp_path)
+    try:
+        archive.record(verdict(0))
+        assert archive.wait_idle(WAIT_S)  # the thread has run (it lowers its priority first)
+        background = os.getpriority(os.PRIO_PROCESS, archive._thread.native_id)
+    finally:
+        archive.stop()
+    assert background == min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+                             + archive_module.BACKGROUND_NICE)
 
 
 # ---------------------------------------------------------------- retention
@@ -304,12 +607,16 @@ def test_retention_by_size_removes_the_oldest_pictures_first_then_the_oldest_row
         for seq in range(100, 2100):  # ~2 MB of rows
             clock.advance(1.0)
             archive.record(_bulky(seq, bulky))
+            if seq % 50 == 0:  # (faster than any line: the journal's limit is 128 KiB here)
+                assert archive.wait_idle(WAIT_S)
+        assert archive.wait_idle(WAIT_S)
         archive.enforce_retention()
         left = [r["id"] for r in rows(root)]
         files = picture_files(root)
         assert archive.retained_bytes() <= budget
         archive.checkpoint()
         archive.record(_bulky(5000, bulky))  # the first write after a checkpoint brings the WAL back to its limit
+        assert archive.wait_idle(WAIT_S)
         on_disk = archive.size_on_disk()
     finally:
         archive.stop()
@@ -317,6 +624,7 @@ def test_retention_by_size_removes_the_oldest_pictures_first_then_the_oldest_row
     assert left[-1] == "run1-2099" and left == sorted(left, key=lambda i: int(i.split("-")[1]))
     assert "run1-100" not in left and len(left) > 100  # the oldest rows went, not all of them
     assert on_disk <= mib, on_disk
+    assert archive.stats()["rows_dropped"] == 0
 
 
 def _bulky(seq: int, objects: list) -> Verdict:
