@@ -47,9 +47,19 @@ class NoopProcessor:
     backend = "noop"
     bank_id = "bench"
 
-    def __init__(self, costs: list[tuple[str, float]] | None = None) -> None:
+    def __init__(self, costs: list[tuple[str, float]] | None = None, fail_share: float = 0.0) -> None:
+        """`fail_share`: this fraction of the results fail (every k-th image; a failed part's
+        pictures go to the archive), with a few objects, as the detector's results carry."""
         heat = np.zeros((SIZE, SIZE), np.float32)
         costs = costs or [("noop", 0.0)]
+        judged = iter(range(1 << 62))
+        objects = [{"bbox": [10.0 * i, 20.0, 30.0, 30.0], "status": "matched" if i else "missing", "score": 0.1 * i}
+                   for i in range(6)]
+
+        def result() -> InspectionResult:
+            if fail_share and next(judged) % round(1 / fail_share) == 0:
+                return InspectionResult(score=0.9, verdict="fail", threshold=0.5, heatmap=heat, objects=objects)
+            return InspectionResult(score=0.1, verdict="pass", threshold=0.5, heatmap=heat, objects=objects)
 
         def make(i: int, cost: float):
             def stage(x: Any) -> Any:
@@ -57,7 +67,7 @@ class NoopProcessor:
                     time.sleep(cost)
                 if i < len(costs) - 1:
                     return x
-                return [InspectionResult(score=0.1, verdict="pass", threshold=0.5, heatmap=heat) for _ in x]
+                return [result() for _ in x]
             return stage
 
         self.stages = [(name, make(i, c)) for i, (name, c) in enumerate(costs)]
@@ -142,7 +152,9 @@ def _line_process(ingest_url: str, verdict_url: str, n: int, rate: float | None,
     ctx.term()
 
 
-def bench_loopback(n: int, rate: float | None, max_delay_ms: float) -> dict[str, Any]:
+def bench_loopback(n: int, rate: float | None, max_delay_ms: float, sinks: dict[str, Any] | None = None,
+                   fail_share: float = 0.0) -> dict[str, Any]:
+    """`sinks`: runtime sections to set (archive, mqtt, live), e.g. {"archive": {"enabled": True, ...}}."""
     from linewatch.runtime.daemon import Daemon
 
     config = RuntimeConfig(
@@ -151,8 +163,9 @@ def bench_loopback(n: int, rate: float | None, max_delay_ms: float) -> dict[str,
         pipeline=PipelineConfig(max_pending_frames=4096, deadline_ms=10_000),
         publish=PublishConfig(url="tcp://127.0.0.1:*", send_hwm=100_000),
         metrics=MetricsConfig(port=0),
+        **(sinks or {"live": {"enabled": False}}),
     )
-    daemon = Daemon(config, NoopProcessor(), log=quiet_log())
+    daemon = Daemon(config, NoopProcessor(fail_share=fail_share), log=quiet_log())
     daemon.start()
     try:
         q: Any = mp.get_context("spawn").Queue()
@@ -321,6 +334,42 @@ def main() -> None:
                                                   f"p99 {(p99 - base99) * 1e3:.3f} ms  (target <= 0.2 ms added)")
             print(f"    {name:18s} p50 {p50 * 1e6:6.1f} us, p99 {p99 * 1e6:6.1f} us per verdict (rounds p50/p99 us: "
                   f"{rounds}; sink drops {int(sum(r['dropped']))}){extra}")
+        rate = args.sink_rate or 200.0
+        print(f"(c') end to end: camera -> daemon -> actuator over loopback (as (a)), {args.verdicts} frames at "
+              f"{rate:g}/s, 30 % fails; each sink alone and all on vs all off, 3 interleaved rounds")
+        e2e = bench_sinks_end_to_end(args.verdicts, rate)
+        off50, off99 = (float(np.median([x[i] for x in e2e["all off"]])) for i in (0, 1))
+        for name, per in e2e.items():
+            p50, p99 = (float(np.median([x[i] for x in per])) for i in (0, 1))
+            extra = "" if name == "all off" else (f"; added p50 {(p50 - off50) * 1e3:.3f} ms, p99 {(p99 - off99) * 1e3:.3f} ms"
+                                                  "  (target <= 0.2 ms added)")
+            print(f"    {name:8s} capture->verdict p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (rounds: "
+                  + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in per) + ")" + extra)
+
+
+def bench_sinks_end_to_end(n: int, rate: float, rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
+    """Camera -> daemon -> actuator over loopback (as (a)), 30 % fails, each sink on alone and all
+    on vs all off, interleaved: capture->verdict (p50, p99) per round, seconds."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="lw-sinks-e2e-"))
+    broker = _mosquitto(tmp)
+    variants = ["all off", "archive", "live"] + (["mqtt", "all on"] if broker is not None else ["all on"])
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    try:
+        for r in range(rounds):
+            for name in variants:
+                sinks: dict[str, Any] = {"live": {"enabled": name in ("live", "all on")}}
+                if name in ("archive", "all on"):
+                    sinks["archive"] = {"enabled": True, "path": str(tmp / f"archive-{r}-{name}")}
+                if name in ("mqtt", "all on") and broker is not None:
+                    sinks["mqtt"] = {"enabled": True, "port": broker[1], "qos": 1}
+                lat = bench_loopback(n, rate, 0.0, sinks=sinks, fail_share=0.3)["lat"]
+                results[name].append((pct(lat, 50), pct(lat, 99)))
+    finally:
+        if broker is not None:
+            broker[0].kill()
+    return results
 
 
 def bench_runtime(n: int, rate_fps: float) -> None:

@@ -7,6 +7,7 @@ clock; the background thread is blocked with an event where a test needs it stil
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import os
 import resource
@@ -223,14 +224,14 @@ def test_passes_get_pictures_by_a_deterministic_sample_of_their_ids(tmp_path):
 
 def test_a_full_picture_queue_drops_the_picture_and_counts_it_never_the_row(tmp_path, monkeypatch):
     entered, release = threading.Event(), threading.Event()
-    real_overlay = archive_module.overlay_jpeg
 
-    def blocked_overlay(image, v, quality=90):
+    def blocked_encode(encoder, image, v, timeout_s):
+        """The picture thread waits here for the test (then encodes in this process)."""
         entered.set()
         assert release.wait(60), "the test never released the picture thread"
-        return real_overlay(image, v, quality=quality)
+        return archive_module.encode_pictures(image, v)
 
-    monkeypatch.setattr(archive_module, "overlay_jpeg", blocked_overlay)
+    monkeypatch.setattr(archive_module.PictureEncoder, "encode", blocked_encode)
     archive, metrics = make_archive(tmp_path, queue_size=2)
     try:
         record(archive, verdict(0, "fail", image=noise(0)))
@@ -662,3 +663,24 @@ def test_a_folder_that_cannot_be_created_is_an_error_naming_it(tmp_path):
         archive.start()
     archive.stop()  # a start that failed still stops cleanly
     assert archive.dead_threads() == []
+
+
+def test_pictures_are_encoded_in_a_low_priority_child_process_replaced_when_it_dies():
+    """The encoding (milliseconds of CPU, much of it under the GIL) runs in a process of its own:
+    same bytes as encoding here, the lowest CPU priority (SCHED_IDLE), and a killed process
+    costs one picture only."""
+    encoder = archive_module.PictureEncoder()
+    v = verdict(0, "fail", image=noise(0))
+    v.heatmap = np.linspace(0, 2, 48 * 64, dtype=np.float32).reshape(48, 64)
+    image = v.image
+    try:
+        assert encoder.encode(image, v, 60) == archive_module.encode_pictures(image, v)
+        pid = encoder._pool.submit(os.getpid).result(60)
+        assert pid != os.getpid() and os.sched_getscheduler(pid) == os.SCHED_IDLE
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            encoder.encode(image, v, 60)
+        assert encoder.encode(image, v, 60) == archive_module.encode_pictures(image, v)  # a new process
+        assert encoder._pool.submit(os.getpid).result(60) != pid
+    finally:
+        encoder.close()
