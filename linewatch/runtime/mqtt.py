@@ -81,10 +81,16 @@ class MqttSink:
         self._config = config
         self._log = log if log is not None else structlog.get_logger("linewatch.mqtt")
         self._metrics = metrics if metrics is not None else Metrics()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
+        # SimpleQueue: its put takes no Python lock, so the verdict path never waits for this
+        # sink's thread (a lock it held while it waited for the GIL cost publish() up to 4.8 ms
+        # in `benchmarks/runtime_bench.py --only sinks` with the archive and live page on too).
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self._state = threading.Condition()  # guards the counters and `_connected` below
-        self._unhanded = 0  # verdicts taken and not yet handed to paho (or dropped)
+        # verdicts taken by publish() (written by the one thread that publishes, the pipeline's
+        # output thread) and handed to paho or dropped by this sink's thread (under _state)
+        self._taken = 0
+        self._handed_n = 0
         self._unacked = 0  # QoS 1/2 messages paho holds until the broker acknowledges them
         self._connected = False
         self._stopped = False
@@ -118,16 +124,14 @@ class MqttSink:
 
     def publish(self, verdict: Verdict) -> None:
         """Queue one verdict for the broker; never blocks (queue full: dropped and counted)."""
-        with self._state:
-            if self._stopped:
-                self._count_drop("stopped")
-                return
-            self._unhanded += 1
-        try:
-            self._queue.put_nowait(verdict)
-        except queue.Full:
-            self._handed()
+        if self._stopped:
+            self._count_drop("stopped")
+            return
+        if self._queue.qsize() >= self._config.queue_size:
             self._count_drop("queue_full")
+            return
+        self._taken += 1
+        self._queue.put(verdict)
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Send what is queued and wait for the broker's acknowledgements, up to `timeout_s`; then
@@ -140,14 +144,11 @@ class MqttSink:
         if self._thread.ident is None:  # never started
             return
         deadline = time.monotonic() + timeout_s
-        try:
-            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            pass
+        self._queue.put(_STOP)
         self._thread.join(max(0.0, deadline - time.monotonic()))
         with self._state:
             self._state.wait_for(lambda: self._unacked == 0, max(0.0, deadline - time.monotonic()))
-            unsent = self._unhanded + self._unacked
+            unsent = self._unhanded() + self._unacked
         if unsent:
             self._count_drop("unsent_at_stop", unsent)
             self._log.error("mqtt_unsent_at_stop", count=unsent, broker=self.bound_url,
@@ -165,21 +166,21 @@ class MqttSink:
     def stats(self) -> dict[str, Any]:
         """Messages acknowledged, verdicts/messages not yet sent, drops by reason, connection."""
         with self._state:
-            return {"sent": self._sent, "pending": self._unhanded + self._unacked, "dropped": dict(self._dropped),
+            return {"sent": self._sent, "pending": self._unhanded() + self._unacked, "dropped": dict(self._dropped),
                     "connected": self._connected}
 
     @property
     def pending(self) -> int:
         """Verdicts not yet handed to paho plus messages paho holds unacknowledged."""
         with self._state:
-            return self._unhanded + self._unacked
+            return self._unhanded() + self._unacked
 
     # ------------------------------------------------------------------ waiting (tests, shutdown)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until every verdict taken so far has been handed to paho (or dropped)."""
         with self._state:
-            return self._state.wait_for(lambda: self._unhanded == 0, timeout_s)
+            return self._state.wait_for(lambda: self._unhanded() == 0, timeout_s)
 
     def wait_connected(self, connected: bool, timeout_s: float) -> bool:
         """Wait until the connection to the broker is up (`connected`) or down."""
@@ -229,8 +230,12 @@ class MqttSink:
 
     def _handed(self) -> None:
         with self._state:
-            self._unhanded -= 1
+            self._handed_n += 1
             self._state.notify_all()
+
+    def _unhanded(self) -> int:
+        """Verdicts taken and not yet handed to paho (or dropped)."""
+        return self._taken - self._handed_n
 
     def _count_drop(self, reason: str, n: int = 1) -> None:
         self._metrics.sink_dropped.labels(sink=SINK, reason=reason).inc(n)
