@@ -953,8 +953,8 @@ class PictureEncoder:
     it gives way to them for the CPU. `python benchmarks/runtime_bench.py --only sinks
     --verdicts 600`, case (c') archive (loopback, 200 frames/s, 30 % fails, random-noise
     224x224 frames: the worst case for PNG), added capture->verdict p99 over all sinks off,
-    median of 3 rounds, one run each on a shared 2-core VM: picture thread 5.7 ms, this process
-    at nice 19 5.7 ms, at SCHED_IDLE 2.6 ms. A process that dies is replaced at the next
+    median of 3 rounds, one run each on a shared 2-core VM: encoding on the picture thread
+    6.2 ms, in this process at SCHED_IDLE 2.6 ms. A process that dies is replaced at the next
     picture (that picture is lost, counted as `write_failed`)."""
 
     def __init__(self) -> None:
