@@ -81,9 +81,8 @@ class MqttSink:
         self._config = config
         self._log = log if log is not None else structlog.get_logger("linewatch.mqtt")
         self._metrics = metrics if metrics is not None else Metrics()
-        # SimpleQueue: its put takes no Python lock, so the verdict path never waits for this
-        # sink's thread (a lock it held while it waited for the GIL cost publish() up to 4.8 ms
-        # in `benchmarks/runtime_bench.py --only sinks` with the archive and live page on too).
+        # SimpleQueue: its put takes no Python lock, so the verdict path never waits for a lock
+        # this sink's thread holds (while that thread waits for the GIL, say).
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self._state = threading.Condition()  # guards the counters and `_connected` below
