@@ -138,8 +138,8 @@ JOURNAL_ROTATE_BYTES = 1024 * 1024  # a new segment once this much of the curren
 JOURNAL_BATCH_LINES = 500
 CHECKPOINT_INTERVAL_S = 1.0  # WAL -> database file (and its fsync), on the background thread
 RETENTION_INTERVAL_S = 60.0
-RETENTION_BATCH = 100  # rows per delete statement (~0.4 ms)
-VACUUM_PAGES = 64  # pages given back to the file system per transaction (~0.2 ms)
+RETENTION_BATCH = 100  # rows per delete statement: a short transaction
+VACUUM_PAGES = 64  # pages given back to the file system per transaction
 WAL_LIMIT_BYTES = 4 * 1024 * 1024  # the WAL file goes back to this size after a checkpoint (or max_bytes / 16)
 # The background thread's CPU priority, below the verdict path's threads: retention and pictures
 # run in C with the GIL released, a whole core's worth, and on a loaded machine they took CPU
