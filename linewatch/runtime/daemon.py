@@ -137,7 +137,6 @@ class Daemon:
                  summary_interval_s: float = 60.0, drain_timeout_s: float | None = None,
                  clock: Clock = SYSTEM_CLOCK, bank_loader: BankLoader | None = None) -> None:
         self.config = config
-        self.processor = processor  # in service; the live page and /readyz read it
         self.bank_loader = bank_loader
         self._switching = threading.Lock()  # one bank switch at a time
         self._reload_requested = False  # set by SIGHUP, acted on by run_until_signal's loop
@@ -145,9 +144,7 @@ class Daemon:
         # Without a logger from the caller, the daemon sets up logging from its own config.
         self.log = log if log is not None else configure_logging(config.logging)
         self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels, config.ingest.cameras))
-        # the scores the bank was calibrated on: the reference of the score drift alert
-        calibration = getattr(getattr(processor, "bank", None), "manifest", {}).get("calibration", {})
-        self.metrics.set_calibration(calibration.get("scores") or (), calibration.get("threshold"))
+        self._show_calibration(processor)
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else config.pipeline.deadline_ms / 1000 + 2.0
         overlay = None
         if config.publish.overlay_jpeg:
@@ -382,6 +379,12 @@ class Daemon:
 
     # ------------------------------------------------------------------ bank switch
 
+    @property
+    def processor(self) -> Processor:
+        """The processor in service (the pipeline's; a switch changes it): the live page and
+        /readyz show its bank."""
+        return self.pipeline.processor
+
     def switch_bank(self, bank: str | None = None, config: str | None = None) -> BankSwitch:
         """Put another bank in service while frames flow (a recipe changeover).
 
@@ -414,7 +417,7 @@ class Daemon:
             return self._refused(bank, str(e))
         except Exception as e:  # noqa: BLE001 - a bug or the machine (GPU memory): still not the line's end
             return self._refused(bank, f"{type(e).__name__}: {e}", exc_info=e)
-        new = self.processor = loaded.processor
+        new = loaded.processor
         self._show_bank(old, new)
         self.metrics.bank_switches.labels(result="switched").inc()
         result = BankSwitch(switched=True, bank_id=new.bank_id, old_bank_id=old.bank_id, bank=loaded.path,
@@ -441,8 +444,12 @@ class Daemon:
         if new.backend != old.backend:
             m.build_info.remove(linewatch.__version__, old.backend)
             m.set_build_info(linewatch.__version__, new.backend)
-        calibration = getattr(getattr(new, "bank", None), "manifest", {}).get("calibration", {})
-        m.set_calibration(calibration.get("scores") or (), calibration.get("threshold"))
+        self._show_calibration(new)
+
+    def _show_calibration(self, processor: Processor) -> None:
+        """The scores the processor's bank was calibrated on: the score drift alert's reference."""
+        calibration = getattr(getattr(processor, "bank", None), "manifest", {}).get("calibration", {})
+        self.metrics.set_calibration(calibration.get("scores") or (), calibration.get("threshold"))
 
     def _switch_request(self, bank: str | None, config: str | None) -> dict[str, Any]:
         """The control socket's `switch` command."""
