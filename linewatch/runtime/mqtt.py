@@ -100,6 +100,11 @@ class MqttSink:
         client_id = config.client_id or f"linewatch-{socket.gethostname()}-{os.getpid()}"
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
         self._client.max_queued_messages_set(config.max_queued)
+        # One message in flight at a time: the broker gets them in publish order, also when paho
+        # sends the held ones at a (re)connect while this sink hands it new ones. With several in
+        # flight an older fail could reach the broker after a newer timeout and become the
+        # retained `last` state (seen once in tests/runtime/test_mqtt.py's late-subscriber test).
+        self._client.max_inflight_messages_set(1)
         self._client.reconnect_delay_set(*RECONNECT_DELAY_S)
         self._client.suppress_exceptions = True  # a failing callback is logged (on_log), the network thread lives on
         self._client.on_connect = self._on_connect
