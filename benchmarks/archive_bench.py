@@ -15,6 +15,11 @@ puts the lines in SQLite
   retention   pass verdicts while a retention pass deletes 20,000 expired rows in batches
 and then the time from record() until the row is in SQLite (wait_idle), one verdict at a time:
   lag         what `linewatch archive query` waits at most to see a verdict just published
+and last (`--only encode` for this part alone) the CPU time of one failed part's pictures in the
+encoder process (frame PNG, heatmap .npz, overlay JPEG: `encode_pictures`), each file alone
+and the previous settings beside the current ones (PNG deflate level 1 default strategy, npz
+at np.savez_compressed's level 6), on a random-noise frame (PNG's worst case) and on a frame
+of the synthetic line, with a smooth heatmap, at 224x224 and 1024x1024.
 
 Run it from the repository root; `PYTHONPATH=OTHER_CHECKOUT python benchmarks/archive_bench.py`
 measures another version of linewatch with the same cases.
@@ -23,12 +28,14 @@ measures another version of linewatch with the same cases.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -93,11 +100,66 @@ def report(name: str, us: np.ndarray, archive: Archive) -> None:
           f"p99 {np.percentile(us, 99):7.1f} us  max {us.max():8.1f} us   {archive.stats()}")
 
 
+def best_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` calls, in ms (the least disturbed by the machine's other work)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * min(times)
+
+
+def bench_encoding(repeats: int) -> None:
+    """CPU ms of one failed part's pictures, per file, current vs previous settings."""
+    import cv2
+
+    from linewatch.overlay import overlay_jpeg
+    from linewatch.runtime.archive import PNG_PARAMS, _npz_bytes, encode_pictures
+    from linewatch.sim.generator import render
+
+    def npz_level6(heat: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, heatmap=heat)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    for size in (224, 1024):
+        line_frame, _, _ = render("breakfast_box", np.random.default_rng(1), size=size)
+        noise_heat = rng.random((size, size), dtype=np.float32)
+        smooth_heat = cv2.GaussianBlur(noise_heat, (0, 0), size / 28)
+        for name, frame, heat in (("noise", rng.integers(0, 256, (size, size, 3), dtype=np.uint8), noise_heat),
+                                  ("line", line_frame, smooth_heat)):
+            v = verdict("fail", frame)
+            v.heatmap = heat
+            bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+            h16 = heat.astype(np.float16)
+            cases = {
+                "all (encode_pictures)": lambda: encode_pictures(frame, v),
+                "frame PNG rle level 1": lambda: cv2.imencode(".png", bgr, PNG_PARAMS),
+                "frame PNG level 1 (before)": lambda: cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1]),
+                "heatmap npz level 1": lambda: _npz_bytes(h16),
+                "heatmap npz level 6 (before)": lambda: npz_level6(h16),
+                "overlay JPEG q90": lambda: overlay_jpeg(frame, v, quality=90),
+            }
+            sizes = {"frame PNG rle level 1": len(cv2.imencode(".png", bgr, PNG_PARAMS)[1]),
+                     "frame PNG level 1 (before)": len(cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]),
+                     "heatmap npz level 1": len(_npz_bytes(h16)), "heatmap npz level 6 (before)": len(npz_level6(h16))}
+            for case, fn in cases.items():
+                extra = f"  {sizes[case] / 1024:8.1f} KiB" if case in sizes else ""
+                print(f"encode {size}x{size} {name:5s} {case:30s} {best_ms(fn, repeats):8.2f} ms{extra}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--verdicts", type=int, default=5000)
     ap.add_argument("--dir", help="where the archive goes (default: a temporary folder, removed after)")
+    ap.add_argument("--only", choices=("encode",), help="run only the picture encoding part")
+    ap.add_argument("--encode-repeats", type=int, default=15, help="calls per encoding case (the fastest is shown)")
     args = ap.parse_args()
+    if args.only == "encode":
+        bench_encoding(args.encode_repeats)
+        return
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="lw-archive-bench-"))
     shutil.rmtree(root / "archive", ignore_errors=True)
     clock = WallClock()
@@ -140,6 +202,7 @@ def main() -> None:
         archive.stop()
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
+    bench_encoding(args.encode_repeats)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import shutil
 import threading
 import time
 from collections import Counter
@@ -307,6 +308,7 @@ def bench_sinks(n: int, rate: float, rounds: int = 3) -> dict[str, dict[str, lis
     finally:
         if broker is not None:
             broker[0].kill()
+        shutil.rmtree(tmp, ignore_errors=True)  # the archives' pictures: hundreds of MB a run
     return results
 
 
@@ -369,6 +371,7 @@ def bench_sinks_end_to_end(n: int, rate: float, rounds: int = 3) -> dict[str, li
     finally:
         if broker is not None:
             broker[0].kill()
+        shutil.rmtree(tmp, ignore_errors=True)  # the archives' pictures: hundreds of MB a run
     return results
 
 
