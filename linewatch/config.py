@@ -332,6 +332,12 @@ class MqttConfig(_Section):
     retain: list[Literal["pass", "fail", "error", "timeout", "shed"]] = Field(
         default_factory=lambda: ["fail", "timeout"], description="verdict values also sent retained on last_topic (the broker keeps the last one per topic)")
     client_id: str = Field("", description="MQTT client id; empty: linewatch-<host>-<pid>")
+    username: str | None = Field(None, min_length=1, description="user name the broker checks; with password_file for its password")
+    password_file: str | None = Field(None, description="file holding the password (its first line): the config itself holds none")
+    tls: bool = Field(False, description="connect over TLS (brokers listen on 8883 for it), verifying the broker's certificate and host name")
+    tls_ca_file: str | None = Field(None, description="PEM CA certificate(s) the broker's certificate is checked against; none: the system's trusted CAs")
+    tls_cert_file: str | None = Field(None, description="PEM client certificate, for a broker that requires one (with tls_key_file)")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
     max_queued: int = Field(10_000, ge=1, le=65_535, description="messages held while the broker is away (QoS 1/2); beyond it they are dropped and counted")
     queue_size: int = Field(1000, ge=1, le=100_000, description="verdicts waiting for the sink's thread; beyond it they are dropped and counted")
 
@@ -347,6 +353,13 @@ class MqttConfig(_Section):
         if self.topic == self.last_topic:
             raise ValueError(f"topic and last_topic are both {self.topic!r}; the retained copy needs its own topic "
                              "(retained messages on the verdict topic reach every new subscriber again)")
+        if self.password_file and not self.username:
+            raise ValueError("password_file is set without a username: set username too")
+        tls_files = [name for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)]
+        if tls_files and not self.tls:
+            raise ValueError(f"{', '.join(tls_files)} set but tls is false: set tls: true (or remove them)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: a client certificate needs its key")
         return self
 
 

@@ -64,6 +64,18 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
         allowed_keys_folder(rt.security.frame_senders, "runtime.security.frame_senders")
         allowed_keys_folder(rt.security.verdict_subscribers, "runtime.security.verdict_subscribers")
         done.append("CurveZMQ: the server key and both allow-list folders load")
+    if rt.mqtt.enabled and (rt.mqtt.password_file or rt.mqtt.tls):
+        from linewatch.runtime.mqtt import client_tls_context, read_password
+
+        if rt.mqtt.password_file:
+            read_password(rt.mqtt.password_file)
+            done.append(f"MQTT: the password file {rt.mqtt.password_file} holds a password")
+        if rt.mqtt.tls:
+            client_tls_context(rt.mqtt)
+            loaded = [f"CA certificates {rt.mqtt.tls_ca_file or '(the system ones)'}"]
+            if rt.mqtt.tls_cert_file:
+                loaded.append(f"client certificate {rt.mqtt.tls_cert_file} and its key")
+            done.append(f"MQTT TLS: {', '.join(loaded)} load")
     if config_only:
         return done
     from linewatch.detector.bank import BankError

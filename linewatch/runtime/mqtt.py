@@ -10,6 +10,12 @@ reconnect, up to `max_queued` messages.
 Payload: the verdict's wire-format header (`linewatch.wire.encode_verdict` without attachments),
 the same JSON object a ZeroMQ subscriber gets: no image, heatmap or overlay bytes.
 
+Broker access: `username` with the password read from `password_file` at start (the config
+holds none), and TLS (`tls`) checking the broker's certificate and host name, with a client
+certificate where the broker asks for one. MQTT sends the password in the clear without TLS.
+A broker that refuses the login is logged (mqtt_connect_refused, with its reason) and tried
+again as after any loss; `linewatch_mqtt_connected` stays 0 meanwhile.
+
 Topics: `topic` with {camera} replaced by the camera id as one topic level (`camera_topic_level`).
 Verdicts whose value is in `retain` are published again, retained, on `last_topic`, never on
 `topic`: the broker gives a topic's retained message to every new subscriber first, and an
@@ -28,6 +34,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -38,7 +45,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from linewatch import wire
-from linewatch.config import MqttConfig
+from linewatch.config import ConfigError, MqttConfig
 from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Verdict
@@ -47,6 +54,7 @@ RECONNECT_DELAY_S = (1, 10)  # paho's wait before a connection attempt: the firs
 KEEPALIVE_S = 30  # a broker that vanishes without closing the connection is noticed within about 2x this (paho's ping)
 LOG_INTERVAL_S = 30.0  # at most one connected / disconnected / connect-failed line per interval each
 SINK = "mqtt"  # the `sink` label of linewatch_sink_dropped_total
+SOCKET_ERRORS = ("failed to receive on socket", "timeout on socket")  # paho's log lines before a loss
 
 _STOP = object()  # the worker's end-of-queue marker
 _ESCAPES = str.maketrans({c: f"%{ord(c):02X}" for c in "%/+#$"})
@@ -69,6 +77,36 @@ def verdict_topic(template: str, camera: str) -> str:
     return template.replace("{camera}", camera_topic_level(camera))
 
 
+def read_password(path: str) -> str:
+    """The first line of `path` (without its line end). ConfigError naming the file when it
+    cannot be read or holds no password."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"runtime.mqtt.password_file: cannot read {path}: {e}") from None
+    if not password:
+        raise ConfigError(f"runtime.mqtt.password_file: {path} holds no password (its first line is empty)")
+    return password
+
+
+def client_tls_context(config: MqttConfig) -> ssl.SSLContext:
+    """TLS to the broker: its certificate checked against tls_ca_file (or the system's CAs) and
+    its host name against `host`; the client certificate when one is set. ConfigError naming
+    the file that cannot be used."""
+    try:
+        context = ssl.create_default_context(cafile=config.tls_ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"runtime.mqtt.tls_ca_file: cannot use {config.tls_ca_file} as CA certificates: {e}") from None
+    if config.tls_cert_file:
+        try:
+            context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"runtime.mqtt: cannot use the client certificate {config.tls_cert_file} with key "
+                              f"{config.tls_key_file}: {e}") from None
+    return context
+
+
 def verdict_payload(verdict: Verdict) -> bytes:
     """The message body: the verdict's wire-format JSON header, without attachments."""
     return wire.encode_verdict(verdict)[1]
@@ -78,6 +116,7 @@ class MqttSink:
     """Publishes every verdict to an MQTT broker (a `VerdictSink`); never blocks the caller."""
 
     def __init__(self, config: MqttConfig, log: Any = None, metrics: Metrics | None = None) -> None:
+        """Reads the password file and the TLS files now: ConfigError naming the one at fault."""
         self._config = config
         self._log = log if log is not None else structlog.get_logger("linewatch.mqtt")
         self._metrics = metrics if metrics is not None else Metrics()
@@ -92,13 +131,19 @@ class MqttSink:
         self._handed_n = 0
         self._unacked = 0  # QoS 1/2 messages paho holds until the broker acknowledges them
         self._connected = False
+        self._socket_error: str | None = None  # paho's last socket error (its network thread only)
         self._stopped = False
         self._sent = 0  # messages the broker acknowledged (QoS 0: written to the socket)
         self._dropped: dict[str, int] = {}
         self._log_limit = RateLimiter(LOG_INTERVAL_S)
-        self.bound_url = f"mqtt://{config.host}:{config.port}"
+        self.bound_url = f"{'mqtts' if config.tls else 'mqtt'}://{config.host}:{config.port}"
         client_id = config.client_id or f"linewatch-{socket.gethostname()}-{os.getpid()}"
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        if config.username:
+            self._client.username_pw_set(config.username,
+                                         read_password(config.password_file) if config.password_file else None)
+        if config.tls:
+            self._client.tls_set_context(client_tls_context(config))
         self._client.max_queued_messages_set(config.max_queued)
         # One message in flight at a time: the broker gets them in publish order, also when paho
         # sends the held ones at a (re)connect while this sink hands it new ones. With several in
@@ -281,11 +326,13 @@ class MqttSink:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._set_connected(False)
+        socket_error, self._socket_error = self._socket_error, None
         if self._stopped:
             self._log.info("mqtt_disconnected", broker=self.bound_url, reason="stopping")
-        else:
+        else:  # paho's reason code is "Unspecified error" for a lost socket: the socket's error says why
+            reason = str(reason_code) + (f" ({socket_error})" if socket_error else "")
             self._log_limited("disconnected", "warning", "mqtt_disconnected", broker=self.bound_url,
-                              reason=str(reason_code), note="reconnecting by itself")
+                              reason=reason, note="reconnecting by itself")
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         with self._state:
@@ -295,7 +342,10 @@ class MqttSink:
                 self._state.notify_all()
 
     def _on_paho_log(self, client: Any, userdata: Any, level: int, message: str) -> None:
-        # Only an exception in one of the callbacks above; paho's other ERR lines are routine
-        # (e.g. "Client is not connected" at every reconnect attempt) and the callbacks report those.
+        # An exception in one of the callbacks above is logged; a socket error is kept for the
+        # disconnect line; paho's other ERR lines are routine (e.g. "Client is not connected" at
+        # every reconnect attempt) and the callbacks report those.
         if level == paho.MQTT_LOG_ERR and message.startswith("Caught exception"):
             self._log_limited("callback_failed", "error", "mqtt_callback_failed", error=message)
+        elif level == paho.MQTT_LOG_ERR and message.startswith(SOCKET_ERRORS):
+            self._socket_error = message  # (on this network thread) for the disconnect that follows

@@ -166,9 +166,14 @@ class RecordingLog:
         self._add("error", event, **fields)
 
     def wait_for(self, event: str, timeout_s: float = WAIT_S) -> dict | None:
+        """The fields of the first `event` logged, waiting for it up to `timeout_s` (None: never came)."""
+        return self.wait_for_any(event, timeout_s=timeout_s)
+
+    def wait_for_any(self, *events: str, timeout_s: float = WAIT_S) -> dict | None:
+        """The fields of the first of `events` logged, waiting up to `timeout_s`."""
         with self.cond:
-            self.cond.wait_for(lambda: any(e == event for _, e, _ in self.lines), timeout_s)
-            return next((f for _, e, f in self.lines if e == event), None)
+            self.cond.wait_for(lambda: any(e in events for _, e, _ in self.lines), timeout_s)
+            return next((f for _, e, f in self.lines if e in events), None)
 
 
 def verdict(camera: str, seq: int, value: str = "pass") -> Verdict:
