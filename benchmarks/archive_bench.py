@@ -16,8 +16,9 @@ puts the lines in SQLite
 and then the time from record() until the row is in SQLite (wait_idle), one verdict at a time:
   lag         what `linewatch archive query` waits at most to see a verdict just published
 and last (`--only encode` for this part alone) the CPU time of one failed part's pictures in the
-encoder process (frame PNG, heatmap .npz, overlay JPEG: `encode_pictures`), each file alone
-and the previous settings beside the current ones (PNG deflate level 1 default strategy, npz
+encoder process (frame PNG, heatmap .npz, overlay JPEG: `encode_pictures`), each file alone,
+with the frame as BMP (`runtime.archive.frame_format: bmp`), and the previous settings beside
+the current ones (PNG deflate level 1 default strategy, npz
 at np.savez_compressed's level 6), on a random-noise frame (PNG's worst case) and on a frame
 of the synthetic line, with a smooth heatmap, at 224x224 and 1024x1024.
 
@@ -135,15 +136,18 @@ def bench_encoding(repeats: int) -> None:
             bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
             h16 = heat.astype(np.float16)
             cases = {
-                "all (encode_pictures)": lambda: encode_pictures(frame, v),
+                "all (encode_pictures, png)": lambda: encode_pictures(frame, v),
                 "frame PNG rle level 1": lambda: cv2.imencode(".png", bgr, PNG_PARAMS),
                 "frame PNG level 1 (before)": lambda: cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1]),
+                "frame BMP (frame_format bmp)": lambda: cv2.imencode(".bmp", bgr),
+                "all, frame_format bmp": lambda: encode_pictures(frame, v, "bmp"),
                 "heatmap npz level 1": lambda: _npz_bytes(h16),
                 "heatmap npz level 6 (before)": lambda: npz_level6(h16),
                 "overlay JPEG q90": lambda: overlay_jpeg(frame, v, quality=90),
             }
             sizes = {"frame PNG rle level 1": len(cv2.imencode(".png", bgr, PNG_PARAMS)[1]),
                      "frame PNG level 1 (before)": len(cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]),
+                     "frame BMP (frame_format bmp)": len(cv2.imencode(".bmp", bgr)[1]),
                      "heatmap npz level 1": len(_npz_bytes(h16)), "heatmap npz level 6 (before)": len(npz_level6(h16))}
             for case, fn in cases.items():
                 extra = f"  {sizes[case] / 1024:8.1f} KiB" if case in sizes else ""

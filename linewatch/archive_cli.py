@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from linewatch.runtime.archive import COLUMNS, FRAME_SUFFIX, ArchiveError, open_read_only
+from linewatch.runtime.archive import COLUMNS, FRAME_SUFFIXES, ArchiveError, open_read_only
 from linewatch.wire import VERDICT_VALUES
 
 EXIT_USAGE = 2
@@ -83,7 +83,7 @@ def record(row: dict, folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"time": _iso(row["verdict_ts"], dt.timezone.utc), **row}
     out["objects"] = json.loads(row["objects"])
     out["branch_scores"] = json.loads(row["branch_scores"])
-    if row["pictures"] and not (folder / (row["pictures"] + FRAME_SUFFIX)).is_file():
+    if row["pictures"] and not any((folder / (row["pictures"] + s)).is_file() for s in FRAME_SUFFIXES.values()):
         out["pictures"] = None
     return out
 

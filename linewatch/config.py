@@ -288,6 +288,7 @@ class ArchiveConfig(_Section):
     max_age_days: float = Field(90.0, gt=0, description="verdicts and images older than this are deleted")
     max_bytes: int = Field(20 * 1024**3, ge=1024 * 1024, description="the archive's size limit; the oldest images, then rows, go first")
     queue_size: int = Field(256, ge=1, le=100_000, description="image writes waiting for the disk; beyond it they are dropped and counted")
+    frame_format: Literal["png", "bmp"] = Field("png", description="file of the frame, both lossless: png (compressed, milliseconds of CPU per picture, tens at 1 MP) or bmp (about twice the disk, next to no CPU)")
 
 
 class SecurityConfig(_Section):

@@ -129,6 +129,8 @@ def test_pictures_that_are_gone_are_not_reported(archive_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(archive_dir, copy)
     (copy / "images" / "2026-05-01" / "run1-2.png").unlink()  # retention, or a kill before it was written
+    # a frame kept as BMP (runtime.archive.frame_format: bmp) counts as the frame too
+    (copy / "images" / "2026-05-01" / "run1-7.png").rename(copy / "images" / "2026-05-01" / "run1-7.bmp")
     _, out, _ = run(capsys, "export", "--archive", str(copy), "--format", "json", "--verdict", "fail")
     assert [r["pictures"] for r in json.loads(out)] == ["images/2026-05-01/run1-1", None, "images/2026-05-01/run1-7"]
 

@@ -4,7 +4,7 @@ Layout of `runtime.archive.path`::
 
     journal-<n>.jsonl                       verdicts recorded: a JSON array of the COLUMNS a line (see below)
     verdicts.sqlite (+ -wal, -shm)          one row per verdict, schema version in PRAGMA user_version
-    images/<YYYY-MM-DD>/<id>.png            the frame as judged, lossless (RGB, 8 bit)
+    images/<YYYY-MM-DD>/<id>.png            the frame as judged, lossless (RGB, 8 bit; .bmp with frame_format bmp)
                         <id>.heatmap.npz    the anomaly map, float16: np.load(f)["heatmap"]
                         <id>.overlay.jpg    heatmap + object boxes + banner, for a person
 
@@ -106,7 +106,7 @@ CREATE TABLE verdicts (
     latency_s REAL,             -- capture -> verdict
     objects TEXT NOT NULL,      -- JSON list
     branch_scores TEXT NOT NULL, -- JSON object
-    pictures TEXT               -- "images/<day>/<id>" (+ .png, .heatmap.npz, .overlay.jpg) or NULL
+    pictures TEXT               -- "images/<day>/<id>" (+ .png or .bmp, .heatmap.npz, .overlay.jpg) or NULL
 );
 CREATE INDEX verdicts_time ON verdicts (verdict_ts);
 CREATE INDEX verdicts_camera_time ON verdicts (camera, verdict_ts);
@@ -125,11 +125,13 @@ _FROM_ARRAY = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(COLU
 INSERT_LINES = f"{_INSERT} SELECT {_FROM_ARRAY} FROM json_each(?) WHERE true ON CONFLICT (id) DO NOTHING"
 INSERT_ROW = f"{_INSERT} VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 # the files of one verdict's pictures: the `pictures` stem + these
-FRAME_SUFFIX, HEATMAP_SUFFIX, OVERLAY_SUFFIX = ".png", ".heatmap.npz", ".overlay.jpg"
+FRAME_SUFFIXES = {"png": ".png", "bmp": ".bmp"}  # by ArchiveConfig.frame_format
+HEATMAP_SUFFIX, OVERLAY_SUFFIX = ".heatmap.npz", ".overlay.jpg"
 # the frame's PNG: deflate level 1 with run-length matching only (lossless like any PNG; on
 # camera-like frames faster and no larger than level 1's default strategy)
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
-PICTURE_SUFFIXES = (FRAME_SUFFIX, HEATMAP_SUFFIX, OVERLAY_SUFFIX)
+# every file a verdict's pictures may have (a folder can hold both frame formats after a change)
+PICTURE_SUFFIXES = (*FRAME_SUFFIXES.values(), HEATMAP_SUFFIX, OVERLAY_SUFFIX)
 
 JOURNAL_PREFIX, JOURNAL_SUFFIX = "journal-", ".jsonl"  # segments journal-<n>.jsonl, n counting up
 JOURNAL_INTERVAL_S = 0.05  # how often the background thread looks for new lines: the lag before a row is queryable
@@ -754,8 +756,9 @@ class Archive:
         with self._maintenance_lock:
             try:
                 base.parent.mkdir(parents=True, exist_ok=True)
-                png, npz, jpeg = self._encoder.encode(image, verdict, PICTURE_TIMEOUT_S)
-                self._write_file(base, FRAME_SUFFIX, png)
+                frame_format = self.config.frame_format
+                frame, npz, jpeg = self._encoder.encode(image, verdict, frame_format, PICTURE_TIMEOUT_S)
+                self._write_file(base, FRAME_SUFFIXES[frame_format], frame)
                 if npz is not None:
                     self._write_file(base, HEATMAP_SUFFIX, npz)
                 self._write_file(base, OVERLAY_SUFFIX, jpeg)
@@ -920,18 +923,19 @@ class Archive:
         return self._abort.is_set()
 
 
-def encode_pictures(image: np.ndarray, verdict: Verdict) -> tuple[bytes, bytes | None, bytes]:
-    """A verdict's picture files: the frame as PNG (lossless, BGR as files are), the heatmap as
-    float16 .npz (None without one) and the overlay as JPEG. Runs in the picture encoder
-    process (see PictureEncoder)."""
-    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), PNG_PARAMS)
+def encode_pictures(image: np.ndarray, verdict: Verdict, frame_format: str = "png") -> tuple[bytes, bytes | None, bytes]:
+    """A verdict's picture files: the frame as PNG or BMP (`frame_format`; lossless, BGR as
+    files are), the heatmap as float16 .npz (None without one) and the overlay as JPEG. Runs in
+    the picture encoder process (see PictureEncoder)."""
+    suffix = FRAME_SUFFIXES[frame_format]
+    ok, frame = cv2.imencode(suffix, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), PNG_PARAMS if suffix == ".png" else [])
     if not ok:
-        raise ValueError("could not encode the frame as PNG")
+        raise ValueError(f"could not encode the frame as {frame_format.upper()}")
     npz = None
     if verdict.heatmap is not None:
         heat = np.nan_to_num(np.asarray(verdict.heatmap, np.float32), posinf=65504, neginf=-65504)
         npz = _npz_bytes(np.clip(heat, -65504, 65504).astype(np.float16))
-    return png.tobytes(), npz, overlay_jpeg(image, verdict, quality=90)
+    return frame.tobytes(), npz, overlay_jpeg(image, verdict, quality=90)
 
 
 def _picture_process_init() -> None:
@@ -964,13 +968,15 @@ class PictureEncoder:
     def __init__(self) -> None:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-    def encode(self, image: np.ndarray, verdict: Verdict, timeout_s: float) -> tuple[bytes, bytes | None, bytes]:
+    def encode(self, image: np.ndarray, verdict: Verdict, frame_format: str,
+               timeout_s: float) -> tuple[bytes, bytes | None, bytes]:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_picture_process_init)
         try:
             # the verdict without its image (sent once, as `image`)
-            return self._pool.submit(encode_pictures, image, dataclasses.replace(verdict, image=None)).result(timeout_s)
+            return self._pool.submit(encode_pictures, image, dataclasses.replace(verdict, image=None),
+                                     frame_format).result(timeout_s)
         except concurrent.futures.process.BrokenProcessPool:
             self.close()
             raise

@@ -28,7 +28,7 @@ import structlog
 from linewatch.config import ArchiveConfig
 from linewatch.runtime import archive as archive_module
 from linewatch.runtime.archive import (
-    DATABASE, FRAME_SUFFIX, HEATMAP_SUFFIX, OVERLAY_SUFFIX, SCHEMA, Archive, ArchiveError, journal_line,
+    DATABASE, FRAME_SUFFIXES, HEATMAP_SUFFIX, OVERLAY_SUFFIX, SCHEMA, Archive, ArchiveError, journal_line,
     open_read_only, picture_sampled,
 )
 from linewatch.runtime.metrics import Metrics
@@ -169,9 +169,11 @@ def test_reopening_appends_to_the_same_archive(tmp_path):
 # ---------------------------------------------------------------- pictures
 
 
-def test_a_failed_part_gets_its_frame_heatmap_and_overlay(tmp_path):
+@pytest.mark.parametrize("frame_format", ["png", "bmp"])
+def test_a_failed_part_gets_its_frame_heatmap_and_overlay(tmp_path, frame_format):
     clock = FakeClock(wall=dt.datetime(2026, 3, 4, 23, 59, 59, tzinfo=dt.timezone.utc).timestamp())
-    archive, metrics = make_archive(tmp_path, clock)
+    archive, metrics = make_archive(tmp_path, clock, frame_format=frame_format)
+    frame_suffix = FRAME_SUFFIXES[frame_format]
     image = noise(1)
     v = verdict(5, "fail", image=image)
     heat = v.heatmap.copy()
@@ -185,7 +187,7 @@ def test_a_failed_part_gets_its_frame_heatmap_and_overlay(tmp_path):
         archive.stop()
     stem = tmp_path / "archive" / row["pictures"]
     assert row["pictures"] == "images/2026-03-04/run1-5"  # the UTC day it was archived
-    frame = cv2.cvtColor(cv2.imread(str(stem) + FRAME_SUFFIX, cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
+    frame = cv2.cvtColor(cv2.imread(str(stem) + frame_suffix, cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
     assert np.array_equal(frame, image)  # lossless
     back = np.load(str(stem) + HEATMAP_SUFFIX)["heatmap"].astype(np.float32)
     assert back.shape == image.shape[:2] and back[0, 0] == 0.0
@@ -193,7 +195,7 @@ def test_a_failed_part_gets_its_frame_heatmap_and_overlay(tmp_path):
     np.testing.assert_allclose(back.ravel()[1:], heat.ravel()[1:], rtol=2.0**-11, atol=1e-4)
     overlay = cv2.imread(str(stem) + OVERLAY_SUFFIX)
     assert overlay is not None and overlay.shape == image.shape
-    assert picture_files(tmp_path / "archive") == {f"{row['pictures']}{s}" for s in (FRAME_SUFFIX, HEATMAP_SUFFIX,
+    assert picture_files(tmp_path / "archive") == {f"{row['pictures']}{s}" for s in (frame_suffix, HEATMAP_SUFFIX,
                                                                                       OVERLAY_SUFFIX)}
     assert archive.stats()["pictures"] == 1 and dropped(metrics, "archive_image", "queue_full") == 0
     assert metrics.archive_bytes._value.get() > 0
@@ -215,7 +217,7 @@ def test_passes_get_pictures_by_a_deterministic_sample_of_their_ids(tmp_path):
         kept[name] = {r["id"] for r in got if r["verdict"] == "pass"}
         assert "run1-300" in {r["id"] for r in got}  # a failed part always
         assert picture_files(tmp_path / name / "archive") == {r["pictures"] + s for r in got
-                                                              for s in (FRAME_SUFFIX, HEATMAP_SUFFIX, OVERLAY_SUFFIX)}
+                                                              for s in (".png", HEATMAP_SUFFIX, OVERLAY_SUFFIX)}
     assert kept["none"] == set() and len(kept["all"]) == 300
     assert 60 <= len(kept["some"]) <= 120, len(kept["some"])  # 30 % of 300, give or take
     assert kept["some"] == kept["some_again"]  # the same verdicts every time
@@ -225,11 +227,11 @@ def test_passes_get_pictures_by_a_deterministic_sample_of_their_ids(tmp_path):
 def test_a_full_picture_queue_drops_the_picture_and_counts_it_never_the_row(tmp_path, monkeypatch):
     entered, release = threading.Event(), threading.Event()
 
-    def blocked_encode(encoder, image, v, timeout_s):
+    def blocked_encode(encoder, image, v, frame_format, timeout_s):
         """The picture thread waits here for the test (then encodes in this process)."""
         entered.set()
         assert release.wait(60), "the test never released the picture thread"
-        return archive_module.encode_pictures(image, v)
+        return archive_module.encode_pictures(image, v, frame_format)
 
     monkeypatch.setattr(archive_module.PictureEncoder, "encode", blocked_encode)
     archive, metrics = make_archive(tmp_path, queue_size=2)
@@ -674,13 +676,13 @@ def test_pictures_are_encoded_in_a_low_priority_child_process_replaced_when_it_d
     v.heatmap = np.linspace(0, 2, 48 * 64, dtype=np.float32).reshape(48, 64)
     image = v.image
     try:
-        assert encoder.encode(image, v, 60) == archive_module.encode_pictures(image, v)
+        assert encoder.encode(image, v, "png", 60) == archive_module.encode_pictures(image, v)
         pid = encoder._pool.submit(os.getpid).result(60)
         assert pid != os.getpid() and os.sched_getscheduler(pid) == os.SCHED_IDLE
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
-            encoder.encode(image, v, 60)
-        assert encoder.encode(image, v, 60) == archive_module.encode_pictures(image, v)  # a new process
+            encoder.encode(image, v, "png", 60)
+        assert encoder.encode(image, v, "png", 60) == archive_module.encode_pictures(image, v)  # a new process
         assert encoder._pool.submit(os.getpid).result(60) != pid
     finally:
         encoder.close()
