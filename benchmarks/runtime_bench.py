@@ -12,7 +12,7 @@
 (c) the verdict path with the operator sinks: `Daemon._publish` (what the pipeline's output
     thread calls per verdict) timed per call with the archive, MQTT (a local Mosquitto) and the
     live page on, against all off, in the same run, variants interleaved. 224x224 frames, 30 %
-    fails (their pictures go to the archive), paced at --sink-rate verdicts/s. The sinks' own
+    (--fail-share) fails (their pictures go to the archive), paced at --sink-rate verdicts/s. The sinks' own
     threads (pictures, MQTT) run meanwhile and compete for the GIL: that is part of the cost.
     Target: <= 0.2 ms added per verdict.
 
@@ -42,6 +42,11 @@ from linewatch.wire import Frame
 SIZE = 224
 
 
+def is_fail(k: int, share: float) -> bool:
+    """Whether the k-th verdict (from 0) fails, so that exactly `share` of them do, spread evenly."""
+    return int((k + 1) * share) > int(k * share)
+
+
 class NoopProcessor:
     """One stage that returns a constant result per image: the runtime's cost alone."""
 
@@ -49,8 +54,8 @@ class NoopProcessor:
     bank_id = "bench"
 
     def __init__(self, costs: list[tuple[str, float]] | None = None, fail_share: float = 0.0) -> None:
-        """`fail_share`: this fraction of the results fail (every k-th image; a failed part's
-        pictures go to the archive), with a few objects, as the detector's results carry."""
+        """`fail_share`: this fraction of the results fail (spread evenly, `is_fail`; a failed
+        part's pictures go to the archive), with a few objects, as the detector's results carry."""
         heat = np.zeros((SIZE, SIZE), np.float32)
         costs = costs or [("noop", 0.0)]
         judged = iter(range(1 << 62))
@@ -58,7 +63,7 @@ class NoopProcessor:
                    for i in range(6)]
 
         def result() -> InspectionResult:
-            if fail_share and next(judged) % round(1 / fail_share) == 0:
+            if is_fail(next(judged), fail_share):
                 return InspectionResult(score=0.9, verdict="fail", threshold=0.5, heatmap=heat, objects=objects)
             return InspectionResult(score=0.1, verdict="pass", threshold=0.5, heatmap=heat, objects=objects)
 
@@ -239,7 +244,7 @@ def _mosquitto(tmp: Path) -> tuple[Any, int] | None:
     return None
 
 
-def _verdicts(n: int) -> list[Any]:
+def _verdicts(n: int, fail_share: float = 0.3) -> list[Any]:
     from linewatch.wire import Verdict
 
     rng = np.random.default_rng(0)
@@ -249,7 +254,7 @@ def _verdicts(n: int) -> list[Any]:
                for i in range(6)]
     out = []
     for k in range(n):
-        fail = k % 10 < 3
+        fail = is_fail(k, fail_share)
         out.append(Verdict(camera="cam0", frame_id=k, verdict="fail" if fail else "pass", capture_ts=time.time(),
                            score=1.4 if fail else 0.6, threshold=1.0, objects=objects, latency_s=0.05,
                            backend="classic", bank_id="bench", heatmap=heat, image=image, run_id="bench", seq=k,
@@ -257,7 +262,7 @@ def _verdicts(n: int) -> list[Any]:
     return out
 
 
-def bench_sinks(n: int, rate: float, rounds: int = 3) -> dict[str, dict[str, list[float]]]:
+def bench_sinks(n: int, rate: float, fail_share: float = 0.3, rounds: int = 3) -> dict[str, dict[str, list[float]]]:
     """Per-verdict cost (s) of Daemon._publish for each sink variant, verdicts paced at `rate`
     per second (0: back to back), variants interleaved per round. Returns per variant the
     p50 and p99 of each round and the sink drops counted."""
@@ -290,7 +295,7 @@ def bench_sinks(n: int, rate: float, rounds: int = 3) -> dict[str, dict[str, lis
                 daemon = Daemon(config, NoopProcessor(), log=quiet_log())
                 daemon.start()
                 try:
-                    batch = _verdicts(n)
+                    batch = _verdicts(n, fail_share)
                     per_call = []
                     t0 = time.perf_counter()
                     for k, v in enumerate(batch):
@@ -319,6 +324,8 @@ def main() -> None:
     ap.add_argument("--verdicts", type=int, default=1000, help="verdicts per variant and round in (c)")
     ap.add_argument("--sink-rate", type=float, default=200.0,
                     help="verdicts per second in (c) (0: back to back, far beyond any camera)")
+    ap.add_argument("--fail-share", type=float, default=0.3,
+                    help="share of failed parts in (c), spread evenly (their pictures go to the archive)")
     ap.add_argument("--only", choices=("runtime", "sinks"), help="run only (a)-(b) or only (c)")
     args = ap.parse_args()
     n = args.frames
@@ -326,8 +333,9 @@ def main() -> None:
         bench_runtime(n, args.rate)
     if args.only != "runtime":
         print(f"(c) verdict path with the operator sinks: Daemon._publish per verdict, {args.verdicts} verdicts "
-              f"per variant at {args.sink_rate:g}/s, 3 interleaved rounds, {SIZE}x{SIZE} frames, 30 % fails")
-        res = bench_sinks(args.verdicts, args.sink_rate)
+              f"per variant at {args.sink_rate:g}/s, 3 interleaved rounds, {SIZE}x{SIZE} frames, "
+              f"{args.fail_share:.0%} fails")
+        res = bench_sinks(args.verdicts, args.sink_rate, args.fail_share)
         base50, base99 = (float(np.median(res["all off"][q])) for q in ("p50", "p99"))
         for name, r in res.items():
             p50, p99 = float(np.median(r["p50"])), float(np.median(r["p99"]))
@@ -338,8 +346,8 @@ def main() -> None:
                   f"{rounds}; sink drops {int(sum(r['dropped']))}){extra}")
         rate = args.sink_rate or 200.0
         print(f"(c') end to end: camera -> daemon -> actuator over loopback (as (a)), {args.verdicts} frames at "
-              f"{rate:g}/s, 30 % fails; each sink alone and all on vs all off, 3 interleaved rounds")
-        e2e = bench_sinks_end_to_end(args.verdicts, rate)
+              f"{rate:g}/s, {args.fail_share:.0%} fails; each sink alone and all on vs all off, 3 interleaved rounds")
+        e2e = bench_sinks_end_to_end(args.verdicts, rate, args.fail_share)
         off50, off99 = (float(np.median([x[i] for x in e2e["all off"]])) for i in (0, 1))
         for name, per in e2e.items():
             p50, p99 = (float(np.median([x[i] for x in per])) for i in (0, 1))
@@ -349,8 +357,9 @@ def main() -> None:
                   + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in per) + ")" + extra)
 
 
-def bench_sinks_end_to_end(n: int, rate: float, rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
-    """Camera -> daemon -> actuator over loopback (as (a)), 30 % fails, each sink on alone and all
+def bench_sinks_end_to_end(n: int, rate: float, fail_share: float = 0.3,
+                           rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
+    """Camera -> daemon -> actuator over loopback (as (a)), `fail_share` fails, each sink on alone and all
     on vs all off, interleaved: capture->verdict (p50, p99) per round, seconds."""
     import tempfile
 
@@ -366,7 +375,7 @@ def bench_sinks_end_to_end(n: int, rate: float, rounds: int = 3) -> dict[str, li
                     sinks["archive"] = {"enabled": True, "path": str(tmp / f"archive-{r}-{name}")}
                 if name in ("mqtt", "all on") and broker is not None:
                     sinks["mqtt"] = {"enabled": True, "port": broker[1], "qos": 1}
-                lat = bench_loopback(n, rate, 0.0, sinks=sinks, fail_share=0.3)["lat"]
+                lat = bench_loopback(n, rate, 0.0, sinks=sinks, fail_share=fail_share)["lat"]
                 results[name].append((pct(lat, 50), pct(lat, 99)))
     finally:
         if broker is not None:
