@@ -156,6 +156,21 @@ def test_a_broker_certificate_from_another_ca_is_not_trusted(secured, tmp_path):
         sink.stop(timeout_s=0.5)
 
 
+def test_a_broker_certificate_for_another_name_is_not_trusted(secured, tmp_path):
+    """The broker's certificate names 127.0.0.1 only; reached as `localhost`, it is refused."""
+    log = RecordingLog()
+    sink = sink_for(secured.tls_port, log=log, host="localhost", username=USER, tls=True,
+                    tls_ca_file=str(secured.ca[0]), password_file=password_file(tmp_path, PASSWORD))
+    sink.start()
+    try:
+        failed = log.wait_for("mqtt_connect_failed")
+        assert failed is not None, log.lines
+        assert "Hostname mismatch" in failed["reason"] and "localhost" in failed["reason"], failed
+        assert not sink.wait_connected(True, 1.0)
+    finally:
+        sink.stop(timeout_s=0.5)
+
+
 def test_a_client_certificate_is_sent_where_the_broker_requires_one(secured):
     sub = Subscriber(secured.port, topic="linewatch/+/verdict")
     sink = sink_for(secured.mtls_port, tls=True, tls_ca_file=str(secured.ca[0]),
