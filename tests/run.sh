@@ -3,7 +3,14 @@
 # dev extras, installs the Debian tools the ops tests use where it can, runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+    # PyTorch with its CUDA libraries makes the venv about 6 GiB: say so before pip runs out of disk
+    free_mib=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 ))
+    if [ "$free_mib" -lt 7168 ]; then
+        echo "tests/run.sh: $free_mib MiB free on this disk; the virtual environment needs about 6 GiB" >&2
+    fi
+    python3 -m venv .venv
+fi
 .venv/bin/python -m pip install -q -e '.[dev]'
 if [ -f tests/ops/install-tools.sh ]; then
     bash tests/ops/install-tools.sh || echo "tests/run.sh: could not install the ops tools; those tests will skip and say why" >&2
