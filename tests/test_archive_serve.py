@@ -13,6 +13,40 @@ from pathlib import Path
 import yaml
 
 from tests.test_serve import DETECTOR, Served, of, sim_images, small_bank  # noqa: F401 - small_bank is a fixture
+from tests.waiting import wait_until
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (not zombies)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return f"{pid} (gone)"
 
 
 def archived(folder: Path) -> list[dict]:
@@ -43,11 +77,17 @@ def test_kill_9_mid_stream_keeps_every_published_verdict_and_a_restart_appends(s
                 sent += 1
             served.recv(lambda vs: False, 0.02)
         assert len(of(served.verdicts, "cam0")) >= 10, served.log()
+        children = children_of(served.proc.pid)
+        assert children, "the daemon has no picture encoder process (or resource tracker)"
         served.proc.send_signal(signal.SIGKILL)
         assert served.proc.wait(30) == -signal.SIGKILL
         received = served.drain_after_exit()  # and whatever was already on its way to us
     finally:
         served.stop()
+    # the daemon's helper processes (picture encoder, multiprocessing's resource tracker) do not
+    # outlive it: left behind, every crash of a daemon run outside systemd would add two
+    assert wait_until(lambda: not alive(children), 60), \
+        f"still running after the daemon was killed: {[cmdline(p) for p in alive(children)]}"
     assert len(of(received, "cam0")) < sent  # killed mid-stream: frames were still unanswered
     first_run = {v.run_id for v in received}
     assert len(first_run) == 1

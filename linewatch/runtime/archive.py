@@ -64,6 +64,7 @@ import shutil
 import signal
 import sqlite3
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,7 @@ WAL_LIMIT_BYTES = 4 * 1024 * 1024  # the WAL file goes back to this size after a
 # each, alternating, on a shared 2-core VM: p99 of record() 0.10-1.3 ms with retention at the
 # same priority, 0.03-0.08 ms with it niced by 10).
 BACKGROUND_NICE = 10
+PARENT_CHECK_S = 1.0  # how often the picture encoder process looks whether the daemon is still there
 PICTURE_TIMEOUT_S = 30.0  # one verdict's pictures in the encoder process (a 5 MP frame: well under a second)
 BUSY_TIMEOUT_MS = 5000  # another process holding the database's write lock: wait this long, then try again later
 LOG_INTERVAL_S = 10.0  # at most one log line per failure reason per interval
@@ -938,11 +940,12 @@ def encode_pictures(image: np.ndarray, verdict: Verdict, frame_format: str = "pn
     return frame.tobytes(), npz, overlay_jpeg(image, verdict, quality=90)
 
 
-def _picture_process_init() -> None:
-    """The encoder process: deaf to Ctrl-C (the daemon stops it), and at the lowest CPU
-    priority: SCHED_IDLE on Linux (it runs only when no other thread wants the CPU, and gives
-    way at once when one wakes up), else nice 19."""
+def _picture_process_init(daemon_pid: int) -> None:
+    """The encoder process: deaf to Ctrl-C (the daemon stops it), gone with the daemon, and at
+    the lowest CPU priority: SCHED_IDLE on Linux (it runs only when no other thread wants the
+    CPU, and gives way at once when one wakes up), else nice 19."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(daemon_pid,), name="exit-with-daemon", daemon=True).start()
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -950,6 +953,17 @@ def _picture_process_init() -> None:
             os.setpriority(os.PRIO_PROCESS, 0, 19)
         except (AttributeError, OSError):
             pass
+
+
+def _exit_with(daemon_pid: int) -> None:
+    """(A thread of the encoder process.) Exit once the daemon is gone. Its task queue's pipe
+    is open at both ends in this process too, so a daemon killed with kill -9 (or crashed)
+    never closes it: without this the process would wait for tasks for ever, and with it
+    multiprocessing's resource tracker, each crash of a daemon run outside systemd leaving
+    two processes behind."""
+    while os.getppid() == daemon_pid:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 class PictureEncoder:
@@ -972,7 +986,8 @@ class PictureEncoder:
                timeout_s: float) -> tuple[bytes, bytes | None, bytes]:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_picture_process_init)
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_picture_process_init,
+                initargs=(os.getpid(),))
         try:
             # the verdict without its image (sent once, as `image`)
             return self._pool.submit(encode_pictures, image, dataclasses.replace(verdict, image=None),
