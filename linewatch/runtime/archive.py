@@ -129,7 +129,7 @@ INSERT_ROW = f"{_INSERT} VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (i
 FRAME_SUFFIXES = {"png": ".png", "bmp": ".bmp"}  # by ArchiveConfig.frame_format
 HEATMAP_SUFFIX, OVERLAY_SUFFIX = ".heatmap.npz", ".overlay.jpg"
 # the frame's PNG: deflate level 1 with run-length matching only (lossless like any PNG; on
-# camera-like frames faster and no larger than level 1's default strategy)
+# camera-like frames faster and no larger than level 1's default strategy: archive_bench.py --only encode)
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 # every file a verdict's pictures may have (a folder can hold both frame formats after a change)
 PICTURE_SUFFIXES = (*FRAME_SUFFIXES.values(), HEATMAP_SUFFIX, OVERLAY_SUFFIX)
