@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import structlog
 
-from linewatch.config import ArchiveConfig
+from linewatch.config import ArchiveConfig, ConfigError, config_from_dict
 from linewatch.runtime import archive as archive_module
 from linewatch.runtime.archive import (
     DATABASE, FRAME_SUFFIXES, HEATMAP_SUFFIX, OVERLAY_SUFFIX, SCHEMA, Archive, ArchiveError, journal_line,
@@ -167,6 +167,12 @@ def test_reopening_appends_to_the_same_archive(tmp_path):
 
 
 # ---------------------------------------------------------------- pictures
+
+
+def test_an_unknown_frame_format_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"runtime": {"archive": {"frame_format": "jpeg"}}})
+    assert "runtime.archive.frame_format" in str(e.value) and "'png'" in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("frame_format", ["png", "bmp"])
