@@ -18,9 +18,9 @@ and then the time from record() until the row is in SQLite (wait_idle), one verd
 and last (`--only encode` for this part alone) the CPU time of one failed part's pictures in the
 encoder process (frame PNG, heatmap .npz, overlay JPEG: `encode_pictures`), each file alone,
 with the frame as BMP (`runtime.archive.frame_format: bmp`), and the previous settings beside
-the current ones (PNG deflate level 1 default strategy, npz
-at np.savez_compressed's level 6), on a random-noise frame (PNG's worst case) and on a frame
-of the synthetic line, with a smooth heatmap, at 224x224 and 1024x1024.
+the current ones (PNG deflate level 1 default strategy, npz at np.savez_compressed's level 6),
+on a random-noise frame (PNG's worst case) and on a frame of the synthetic line, with a smooth
+heatmap, at 224x224 and 1024x1024; each file's size beside its time.
 
 Run it from the repository root; `PYTHONPATH=OTHER_CHECKOUT python benchmarks/archive_bench.py`
 measures another version of linewatch with the same cases.
@@ -101,14 +101,15 @@ def report(name: str, us: np.ndarray, archive: Archive) -> None:
           f"p99 {np.percentile(us, 99):7.1f} us  max {us.max():8.1f} us   {archive.stats()}")
 
 
-def best_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """The fastest of `repeats` calls, in ms (the least disturbed by the machine's other work)."""
+def best_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """The fastest of `repeats` calls, in ms (the least disturbed by the machine's other work),
+    and what the last call returned."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return 1000.0 * min(times)
+    return 1000.0 * min(times), out
 
 
 def bench_encoding(repeats: int) -> None:
@@ -135,23 +136,20 @@ def bench_encoding(repeats: int) -> None:
             v.heatmap = heat
             bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
             h16 = heat.astype(np.float16)
-            cases = {
+            cases = {  # a single file's case returns its bytes (their size is printed), `all` the three
                 "all (encode_pictures, png)": lambda: encode_pictures(frame, v),
-                "frame PNG rle level 1": lambda: cv2.imencode(".png", bgr, PNG_PARAMS),
-                "frame PNG level 1 (before)": lambda: cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1]),
-                "frame BMP (frame_format bmp)": lambda: cv2.imencode(".bmp", bgr),
+                "frame PNG rle level 1": lambda: cv2.imencode(".png", bgr, PNG_PARAMS)[1],
+                "frame PNG level 1 (before)": lambda: cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1],
+                "frame BMP (frame_format bmp)": lambda: cv2.imencode(".bmp", bgr)[1],
                 "all, frame_format bmp": lambda: encode_pictures(frame, v, "bmp"),
                 "heatmap npz level 1": lambda: _npz_bytes(h16),
                 "heatmap npz level 6 (before)": lambda: npz_level6(h16),
                 "overlay JPEG q90": lambda: overlay_jpeg(frame, v, quality=90),
             }
-            sizes = {"frame PNG rle level 1": len(cv2.imencode(".png", bgr, PNG_PARAMS)[1]),
-                     "frame PNG level 1 (before)": len(cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1]),
-                     "frame BMP (frame_format bmp)": len(cv2.imencode(".bmp", bgr)[1]),
-                     "heatmap npz level 1": len(_npz_bytes(h16)), "heatmap npz level 6 (before)": len(npz_level6(h16))}
             for case, fn in cases.items():
-                extra = f"  {sizes[case] / 1024:8.1f} KiB" if case in sizes else ""
-                print(f"encode {size}x{size} {name:5s} {case:30s} {best_ms(fn, repeats):8.2f} ms{extra}")
+                ms, out = best_ms(fn, repeats)
+                extra = "" if isinstance(out, tuple) else f"  {len(out) / 1024:8.1f} KiB"
+                print(f"encode {size}x{size} {name:5s} {case:30s} {ms:8.2f} ms{extra}")
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from linewatch.runtime.pipeline import Pipeline
 from linewatch.wire import Frame
 
 SIZE = 224
+FAIL_SHARE = 0.3  # failed parts in (c) unless --fail-share says otherwise
 
 
 def is_fail(k: int, share: float) -> bool:
@@ -244,7 +245,7 @@ def _mosquitto(tmp: Path) -> tuple[Any, int] | None:
     return None
 
 
-def _verdicts(n: int, fail_share: float = 0.3) -> list[Any]:
+def _verdicts(n: int, fail_share: float = FAIL_SHARE) -> list[Any]:
     from linewatch.wire import Verdict
 
     rng = np.random.default_rng(0)
@@ -262,7 +263,7 @@ def _verdicts(n: int, fail_share: float = 0.3) -> list[Any]:
     return out
 
 
-def bench_sinks(n: int, rate: float, fail_share: float = 0.3, rounds: int = 3) -> dict[str, dict[str, list[float]]]:
+def bench_sinks(n: int, rate: float, fail_share: float = FAIL_SHARE, rounds: int = 3) -> dict[str, dict[str, list[float]]]:
     """Per-verdict cost (s) of Daemon._publish for each sink variant, verdicts paced at `rate`
     per second (0: back to back), variants interleaved per round. Returns per variant the
     p50 and p99 of each round and the sink drops counted."""
@@ -324,7 +325,7 @@ def main() -> None:
     ap.add_argument("--verdicts", type=int, default=1000, help="verdicts per variant and round in (c)")
     ap.add_argument("--sink-rate", type=float, default=200.0,
                     help="verdicts per second in (c) (0: back to back, far beyond any camera)")
-    ap.add_argument("--fail-share", type=float, default=0.3,
+    ap.add_argument("--fail-share", type=float, default=FAIL_SHARE,
                     help="share of failed parts in (c), spread evenly (their pictures go to the archive)")
     ap.add_argument("--only", choices=("runtime", "sinks"), help="run only (a)-(b) or only (c)")
     args = ap.parse_args()
@@ -357,15 +358,16 @@ def main() -> None:
                   + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in per) + ")" + extra)
 
 
-def bench_sinks_end_to_end(n: int, rate: float, fail_share: float = 0.3,
+def bench_sinks_end_to_end(n: int, rate: float, fail_share: float = FAIL_SHARE,
                            rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
     """Camera -> daemon -> actuator over loopback (as (a)), `fail_share` fails, each sink on alone and all
     on vs all off, interleaved: capture->verdict (p50, p99) per round, seconds."""
     import tempfile
 
+    from linewatch.runtime import mqtt as mqtt_module
+
     tmp = Path(tempfile.mkdtemp(prefix="lw-sinks-e2e-"))
     broker = _mosquitto(tmp)
-    from linewatch.runtime import mqtt as mqtt_module
 
     # "mqtt, no settle": the MQTT sink's thread starting on a verdict at once (SETTLE_S 0), as before
     mqtt_variants = ["mqtt", "mqtt, no settle"] if broker is not None else []
