@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): makes the venv, installs linewatch with its
-# dev extras, installs the Debian tools the ops tests use where it can, runs the whole suite.
+# dev extras at the versions of the lock (deploy/constraints.txt), installs the Debian tools the ops tests use where it can, runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
     fi
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -c deploy/constraints.txt -e '.[dev]'
 if [ -f tests/ops/install-tools.sh ]; then
     bash tests/ops/install-tools.sh || echo "tests/run.sh: could not install the ops tools; those tests will skip and say why" >&2
 fi

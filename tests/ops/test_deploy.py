@@ -80,5 +80,9 @@ def test_dockerfile_agrees_with_the_repo(name):
     ports = {cfg.runtime.metrics.port, int(cfg.runtime.publish.url.rsplit(":", 1)[1])}
     ports |= {int(e.url.rsplit(":", 1)[1]) for e in cfg.runtime.ingest.endpoints}
     assert exposed == ports
-    assert "torch==" in text, "pin torch so installing linewatch does not replace it"
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    assert installs and all("-c /opt/linewatch/constraints.txt" in line for line in installs), \
+        "every pip install takes the lock's versions (deploy/constraints.txt)"
+    assert installs[0].split("-c /opt/linewatch/constraints.txt")[1].split()[-2:] == ["torch", "torchvision"], \
+        "PyTorch first, in a layer of its own"
     assert re.search(r"^USER \d+", text, re.M), "run as a numeric non-root user (Kubernetes runAsNonRoot)"
