@@ -24,17 +24,17 @@ def test_overlay_keeps_size_marks_hot_spot_and_boxes() -> None:
     hot, cold = out[50, 90].astype(int), out[70, 60].astype(int)
     assert hot[0] > cold[0] + 40  # red end of the colour map where the map is at 2x threshold
     assert tuple(out[40, 10]) == STATUS_COLOURS["missing"]  # left edge of the box
-    banner = out[:14].reshape(-1, 3)  # bar height max(14, 80 / 16)
+    banner = out[:15].reshape(-1, 3)  # bar height max(14, 80 / 16), both corners drawn
     red = np.all(banner == (200, 30, 30), axis=1).mean()
     text = np.all(banner > 200, axis=1).mean()  # the white text, whatever the font rasterizer does
     assert red > 0.5 and text > 0.01  # a red banner for a fail, with words on it
-    below = out[14:, 60:].reshape(-1, 3)
+    below = out[15:, 60:].reshape(-1, 3)
     assert not np.all(below == (200, 30, 30), axis=1).any()  # and only the banner is red
 
 
 def test_overlay_banner_is_green_for_a_pass() -> None:
     out = render_overlay(np.full((80, 120, 3), 128, np.uint8), result(verdict="pass"))
-    assert np.all(out[:14].reshape(-1, 3) == (30, 140, 30), axis=1).mean() > 0.5
+    assert np.all(out[:15].reshape(-1, 3) == (30, 140, 30), axis=1).mean() > 0.5
 
 
 def test_overlay_jpeg_decodes_to_the_image_size() -> None:
