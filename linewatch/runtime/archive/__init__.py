@@ -37,7 +37,7 @@ import structlog
 
 from linewatch.config import ArchiveConfig
 from linewatch.runtime.archive.encoder import FRAME_SUFFIXES, PNG_PARAMS, PictureEncoder, _npz_bytes, encode_pictures
-from linewatch.runtime.archive.errors import ArchiveError, failure_reason
+from linewatch.runtime.archive.errors import LOG_INTERVAL_S, ArchiveError, Losses, failure_reason
 from linewatch.runtime.archive.journal import (
     JOURNAL_BATCH_LINES, JOURNAL_INTERVAL_S, JOURNAL_LIMIT_BYTES, JOURNAL_PREFIX, JOURNAL_ROTATE_BYTES, JOURNAL_SUFFIX,
     Journal,
@@ -53,7 +53,6 @@ from linewatch.runtime.archive.store import (
     open_read_only, read_schema_version,
 )
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
-from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Verdict
 
@@ -75,7 +74,6 @@ RETENTION_INTERVAL_S = 60.0
 # each, alternating, on a shared 2-core VM: p99 of record() 0.10-1.3 ms with retention at the
 # same priority, 0.03-0.08 ms with it niced by 10).
 BACKGROUND_NICE = 10
-LOG_INTERVAL_S = 10.0  # at most one log line per failure reason per interval
 _STOP = object()
 
 
@@ -127,9 +125,7 @@ class Archive:
         self._maintenance_lock = threading.RLock()
         self._images: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._pictures_pending = 0  # queued and not yet written (or dropped), under _idle
-        self._counts_lock = threading.Lock()
-        self._counts = {"rows_dropped": 0, "pictures": 0, "pictures_dropped": 0}
-        self._log_limiter = RateLimiter(LOG_INTERVAL_S)
+        self._losses = Losses(metrics, self._log, clock)
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
         self._abort = threading.Event()
         self._closed = False
@@ -223,7 +219,8 @@ class Archive:
     def stats(self) -> dict[str, int]:
         """Rows journaled and dropped, pictures written and dropped, pictures queued, the
         journal's bytes (this process)."""
-        return {"rows": self._journal.lines, **self._counts, "pictures_queued": self._images.qsize(),
+        return {"rows": self._journal.lines, "rows_dropped": self._losses.rows, "pictures": self._pictures.written,
+                "pictures_dropped": self._losses.pictures, "pictures_queued": self._images.qsize(),
                 "journal_bytes": self._journal.bytes}
 
     # ------------------------------------------------------------------ the verdict path
@@ -237,7 +234,7 @@ class Archive:
         try:
             self._journal.append(journal_line(verdict, now, stem))
         except Exception as e:  # noqa: BLE001 - a failed row costs the archive its copy, never the verdict
-            self._drop_row(failure_reason(e), e, camera=verdict.camera, frame_id=verdict.frame_id)
+            self._losses.row(failure_reason(e), e, camera=verdict.camera, frame_id=verdict.frame_id)
             return
         if stem is not None:
             # after the row: a failed row queues no pictures. The image itself goes on the
@@ -247,7 +244,7 @@ class Archive:
                     self._images.put_nowait((stem, verdict.image, verdict))
                     self._pictures_pending += 1
                 except queue.Full:  # only when stop() raced us; the row's pictures never come
-                    self._drop_picture("queue_full", verdict)
+                    self._losses.picture("queue_full", verdict)
 
     def _pictures_stem(self, verdict: Verdict, now: float) -> str | None:
         """Where this verdict's pictures go, when it keeps them (PictureFiles.wanted) and the
@@ -255,28 +252,9 @@ class Archive:
         if self._closed or not self._pictures.wanted(verdict):
             return None
         if self._images.full():  # only record() adds to the queue: room now is room after the row
-            self._drop_picture("queue_full", verdict)
+            self._losses.picture("queue_full", verdict)
             return None
         return self._pictures.stem(verdict.id, now)  # type: ignore[arg-type]
-
-    def _drop_row(self, reason: str, error: BaseException | None = None, **where: Any) -> None:
-        with self._counts_lock:
-            self._counts["rows_dropped"] += 1
-        self._metrics.sink_dropped.labels(sink="archive_row", reason=reason).inc()
-        held_back = self._log_limiter.allow(f"row:{reason}", self._clock.monotonic())
-        if held_back is not None:
-            self._log.error("archive_row_failed", reason=reason, error=repr(error) if error else None, **where,
-                            not_logged_since_last=held_back)
-
-    def _drop_picture(self, reason: str, verdict: Verdict, error: Exception | None = None) -> None:
-        with self._counts_lock:
-            self._counts["pictures_dropped"] += 1
-        self._metrics.sink_dropped.labels(sink="archive_image", reason=reason).inc()
-        held_back = self._log_limiter.allow(f"picture:{reason}", self._clock.monotonic())
-        if held_back is not None:
-            self._log.warning("archive_picture_dropped", reason=reason, camera=verdict.camera,
-                              frame_id=verdict.frame_id, error=repr(error) if error else None,
-                              not_logged_since_last=held_back)
 
     # ------------------------------------------------------------------ the background thread
 
@@ -312,9 +290,7 @@ class Archive:
                     next_checkpoint = now + CHECKPOINT_INTERVAL_S
                     self.checkpoint()
             except Exception as e:  # noqa: BLE001 - a full disk now must not end the upkeep for good
-                held_back = self._log_limiter.allow("maintenance", self._clock.monotonic())
-                if held_back is not None:
-                    self._log.error("archive_maintenance_failed", error=repr(e), not_logged_since_last=held_back)
+                self._losses.log("maintenance", "error", "archive_maintenance_failed", error=repr(e))
         if self._abort.is_set():
             return  # stop() gave up waiting: the journal stays, for the next start
         self._tail_journal()  # stop() closed the last segment: every line goes in and the journal is deleted
@@ -331,31 +307,26 @@ class Archive:
                 self._journal.consume(self._insert, self._torn)
         except (sqlite3.Error, OSError) as e:
             reason = failure_reason(e)
-            held_back = self._log_limiter.allow(f"journal:{reason}", self._clock.monotonic())
-            if held_back is not None:
-                self._log.error("archive_rows_held_back", reason=reason, error=repr(e),
-                                journal_bytes=self._journal.bytes, journal_limit_bytes=self.journal_limit_bytes,
-                                not_logged_since_last=held_back)
+            self._losses.log(f"journal:{reason}", "error", "archive_rows_held_back", reason=reason, error=repr(e),
+                             journal_bytes=self._journal.bytes, journal_limit_bytes=self.journal_limit_bytes)
 
     def _insert(self, lines: list[bytes]) -> int:
         """One batch of journal lines into the store; lines that are not rows are counted `invalid`."""
         inserted, invalid = self._store.insert_lines(lines)
         for error in invalid:
-            self._drop_row("invalid", error)
+            self._losses.row("invalid", error)
         return inserted
 
     def _torn(self, segment: str, nbytes: int) -> None:
-        self._drop_row("torn", segment=segment, bytes=nbytes)
+        self._losses.row("torn", segment=segment, bytes=nbytes)
 
     def _write_pictures(self, stem: str, image: np.ndarray, verdict: Verdict) -> None:
         """A failure costs this verdict's pictures only (counted); its row's `pictures` is cleared."""
         with self._maintenance_lock:
             try:
                 self._pictures.write(stem, image, verdict)
-                with self._counts_lock:
-                    self._counts["pictures"] += 1
             except Exception as e:  # noqa: BLE001 - disk full, a bad image
-                self._drop_picture("write_failed", verdict, e)
+                self._losses.picture("write_failed", verdict, e)
                 self._store.clear_picture(verdict.id, stem)  # (its row went in before the picture: see _run)
 
     def _between_batches(self) -> bool:

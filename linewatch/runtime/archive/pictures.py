@@ -57,7 +57,7 @@ def tree_bytes(folder: Path) -> int:
 
 class PictureFiles:
     """The pictures of the archive in `folder`, and `bytes`, what they take on disk (scan() at
-    start, then kept up to date by write() and the removals)."""
+    start, then kept up to date by write() and the removals); `written`: write()s that succeeded."""
 
     def __init__(self, folder: Path, frame_format: str = "png", pass_image_sample: float = 0.0,
                  encoder: PictureEncoder | None = None) -> None:
@@ -66,6 +66,7 @@ class PictureFiles:
         self.pass_image_sample = pass_image_sample
         self.encoder = encoder if encoder is not None else PictureEncoder()
         self.bytes = 0
+        self.written = 0  # verdicts whose pictures write() wrote
         self._day = (-1, "")  # the last UTC day a stem was made for: (days since 1970, "YYYY-MM-DD")
 
     def scan(self) -> None:
@@ -108,6 +109,7 @@ class PictureFiles:
         except Exception:
             self.remove(stem)
             raise
+        self.written += 1
 
     def _write_file(self, base: Path, suffix: str, data: bytes) -> None:
         final = base.with_name(base.name + suffix)
