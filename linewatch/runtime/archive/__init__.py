@@ -56,6 +56,10 @@ from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Verdict
 
+# The names other modules and tests import from here (archive.py's, before it became this
+# package). Setting one of them here (a test's monkeypatch) changes what the Archive reads:
+# BUSY_TIMEOUT_MS and JOURNAL_INTERVAL_S, and the constants defined below; the others are read
+# in their own module, to be set there. (_npz_bytes too: benchmarks/archive_bench.py uses it.)
 __all__ = [
     "Archive", "ArchiveError", "BACKGROUND_NICE", "BUSY_TIMEOUT_MS", "CHECKPOINT_INTERVAL_S", "COLUMNS", "DATABASE",
     "FRAME_SUFFIXES", "HEATMAP_SUFFIX", "IMAGES", "JOURNAL_BATCH_LINES", "JOURNAL_INTERVAL_S", "JOURNAL_LIMIT_BYTES",

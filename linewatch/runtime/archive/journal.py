@@ -4,8 +4,8 @@ Why a journal. `record()` runs on the pipeline's output thread BEFORE the verdic
 the ZeroMQ publisher, inside a budget of 0.2 ms per verdict, which an SQLite commit per verdict
 did not keep (p99 0.27-0.34 ms at 500 verdicts/s, 1.0 ms during retention; the journal line:
 0.16-0.17 ms, 0.04-0.07 ms: `benchmarks/archive_bench.py`, shared 2-core VM, two runs each).
-So it does not touch SQLite: it encodes the row as
-one JSON line and appends it to the journal with one os.write() on a file opened O_APPEND.
+So it does not touch SQLite: it encodes the row as one JSON line (rows.journal_line) and
+appends it to the journal with one os.write() (Journal.append) on a file opened O_APPEND.
 A complete write() to a regular file is in the kernel's page cache when it returns, so every
 verdict a subscriber has received is in the journal when the daemon is killed (kill -9, OOM
 killer, crash), as a WAL commit was. The background thread tails the journal (every
@@ -26,7 +26,7 @@ and the delete, and append() never waits for a truncate. The bytes of the journa
 full) holds rows back until then; beyond, append() refuses them (RowRefused("journal_full")).
 
 Threads. append() (the output thread) may run beside everything else; the consumer side
-(replay(), consume(), close_reader()) is one caller at a time, which the Archive ensures with
+(find_segments(), begin(), consume(), close_reader()) is one caller at a time, which the Archive ensures with
 its maintenance lock. The read position changes under `progress` (a Condition), which
 consume() notifies when lines went in: reached() tells a waiter whether a mark() is consumed.
 Lines are opaque bytes here: what they hold is rows.py's, what inserts them the caller's.

@@ -1,14 +1,11 @@
 """The pictures under images/: which verdicts keep theirs, where they go, writing them whole,
 removing them, and the bytes they take.
 
-    images/<YYYY-MM-DD>/<id>.png            the frame as judged, lossless (RGB, 8 bit; .bmp with frame_format bmp)
-                        <id>.heatmap.npz    the anomaly map, float16: np.load(f)["heatmap"]
-                        <id>.overlay.jpg    heatmap + object boxes + banner, for a person
-
-`<id>` is the verdict id, the day the UTC day the verdict was archived; "images/<day>/<id>" is
-a verdict's `stem` (its row's `pictures` column). The bytes come from the encoder process
-(encoder.py). PictureFiles is used by one thread at a time, except stem() and wanted(), which
-the output thread calls (they touch nothing the others do).
+A verdict's pictures are "images/<UTC day>/<verdict id>" (its `stem`, its row's `pictures`
+column) + a suffix: the frame (FRAME_SUFFIXES), HEATMAP_SUFFIX, OVERLAY_SUFFIX (the layout: the
+package's docstring). The bytes come from the encoder process (encoder.py). PictureFiles is
+used by one thread at a time, except wanted() and stem(), which the output thread calls (they
+touch nothing the others do).
 """
 
 from __future__ import annotations
