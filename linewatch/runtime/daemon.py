@@ -59,9 +59,8 @@ class Daemon:
         self.sinks = SinkList(build_sinks(SinkContext(config, self.metrics, self.log, clock, self.live_status)),
                               self.metrics, self.log)
         overlay = None
-        if self.sinks.wants_overlay:  # rendered on the stage thread, before the verdict is released
+        if self.sinks.wants_overlay:  # on the wire: rendered on the stage thread, before the release
             from linewatch.overlay import overlay_jpeg as overlay
-        # keep_images: the pipeline attaches each judged frame's image for the sinks that keep pictures
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
                                  overlay=overlay, clock=clock, keep_images=self.sinks.wants_image)
         self.changeover = Changeover(self.pipeline, bank_loader, self.metrics, self.log, self._show_bank,
@@ -229,8 +228,7 @@ class Daemon:
 
     @property
     def publisher(self) -> Any:
-        """The ZeroMQ verdict publisher (the `publish` sink's Publisher): its bound_url is where
-        the verdicts are (`linewatch serve` logs it; tests subscribe there)."""
+        """The `publish` sink's Publisher: its bound_url is where the verdicts go out."""
         return self.sinks.target("publish")
 
     def live_status(self) -> dict[str, Any]:

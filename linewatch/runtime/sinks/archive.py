@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from linewatch.runtime.outcome import Outcome
+from linewatch.runtime.outcome import Outcome, with_image
 from linewatch.runtime.sinks import Adapter, SinkContext
 
 
@@ -16,7 +14,7 @@ class ArchiveSink(Adapter):
         # The archive's own copy of the verdict carries the image (Archive.record's contract):
         # the row is in the journal when this returns, the pictures are queued with the copy.
         verdict = outcome.verdict
-        self.target.record(verdict if outcome.image is None else dataclasses.replace(verdict, image=outcome.image))
+        self.target.record(verdict if outcome.image is None else with_image(verdict, outcome.image))
 
     @property
     def pending(self) -> int | None:
