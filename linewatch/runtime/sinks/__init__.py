@@ -128,7 +128,9 @@ def register(section: str, factory: SinkFactory, before: str | None = None) -> S
     if section in SINKS:
         raise ValueError(f"a sink for section {section!r} is already registered")
     items = list(SINKS.items())
-    at = len(items) if before is None else [s for s, _ in items].index(before)
+    if before is not None and before not in SINKS:
+        raise ValueError(f"no sink is registered for section {before!r}; registered: {', '.join(SINKS)}")
+    at = len(items) if before is None else list(SINKS).index(before)
     items.insert(at, (section, factory))
     SINKS.clear()
     SINKS.update(items)
