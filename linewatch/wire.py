@@ -116,8 +116,9 @@ class Verdict:
     # verdict's number within it (0, 1, 2, ... in publish order, so a gap is a lost verdict).
     run_id: str | None = None
     seq: int | None = None
-    # Local only, never encoded: the frame's RGB image and the fused score's per-branch z-scores,
-    # attached for the sinks that keep pictures (archive, live page) when the daemon asks for them.
+    # Local only, never encoded: the frame's RGB image and the fused score's per-branch z-scores.
+    # The pipeline attaches the image when a sink keeps pictures (archive, live page); the daemon
+    # then hands it to the sinks beside the verdict (linewatch.runtime.outcome.Outcome).
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     branch_scores: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 

@@ -16,7 +16,7 @@ import linewatch
 from linewatch.config import EndpointConfig, PublishConfig
 from linewatch.runtime.ingest import FRAME_PROTOCOLS, Ingest
 from linewatch.runtime.publish import Publisher
-from linewatch.runtime.transport import VERDICT_SINKS, FrameSource, VerdictSink
+from linewatch.runtime.transport import VERDICT_PUBLISHERS, FrameSource, VerdictPublisher
 
 ROOT = Path(linewatch.__file__).parent
 
@@ -87,11 +87,11 @@ def test_the_wire_format_depends_on_nothing_of_the_runtime() -> None:
 def test_every_configured_protocol_has_a_class() -> None:
     endpoint_protocols = typing.get_args(EndpointConfig.model_fields["protocol"].annotation)
     assert set(endpoint_protocols) == set(FRAME_PROTOCOLS)
-    assert set(typing.get_args(PublishConfig.model_fields["protocol"].annotation)) == set(VERDICT_SINKS)
+    assert set(typing.get_args(PublishConfig.model_fields["protocol"].annotation)) == set(VERDICT_PUBLISHERS)
 
 
 def test_ingest_and_publisher_have_what_the_daemon_uses() -> None:
-    for cls, protocol in ((Ingest, FrameSource), (Publisher, VerdictSink)):
+    for cls, protocol in ((Ingest, FrameSource), (Publisher, VerdictPublisher)):
         wanted = {n for n in dir(protocol) if not n.startswith("_")} | set(protocol.__annotations__)
         missing = {n for n in wanted if not hasattr(cls, n) and n not in ("bound_urls", "bound_url")}
         assert not missing, (cls.__name__, missing)

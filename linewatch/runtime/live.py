@@ -2,9 +2,10 @@
 
 `LiveView.publish` runs on the verdict path (the pipeline's output thread) and only counts and
 keeps references: the verdict counts, a window of recent release times and latencies, and the
-latest failed parts with their picture. Everything costly happens on the HTTP thread of the
-request that wants it: the percentiles when the page asks for its state, a failed part's
-overlay JPEG (heatmap + object boxes) when the page first asks for that picture.
+latest failed parts' outcomes (linewatch.runtime.outcome). Everything costly happens on the HTTP
+thread of the request that wants it: the percentiles when the page asks for its state, a failed
+part's overlay JPEG (heatmap + object boxes) when the page first asks for that picture (the
+outcome's overlay: rendered once, shared with any other sink that wants it).
 
 Routes under /live (served by the metrics server, `HealthServer(routes={"/live": view.handle})`):
   /live                    the page (static/live.html; it polls state.json about once a second)
@@ -31,9 +32,9 @@ import numpy as np
 
 from linewatch.config import LiveConfig
 from linewatch.detector.backends import BACKEND_LABELS
-from linewatch.overlay import overlay_jpeg
 from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
-from linewatch.wire import VERDICT_VALUES, Verdict
+from linewatch.runtime.outcome import Outcome
+from linewatch.wire import VERDICT_VALUES
 
 WINDOW_S = 10.0  # frames/s and latency percentiles are over the verdicts of the last this many seconds
 
@@ -50,13 +51,10 @@ _FAILURE_PATH = re.compile(r"/live/failures/([0-9a-f]+-[0-9]+)\.jpg")
 
 @dataclass
 class _Failure:
-    """A failed part as the page shows it; `verdict` and `image` are the pipeline's own objects
-    (references, nothing copied), `jpeg` its overlay once some request has rendered it."""
+    """A failed part as the page shows it: its outcome (a reference, nothing copied)."""
 
     id: str
-    verdict: Verdict
-    image: np.ndarray | None
-    jpeg: bytes | None = None
+    outcome: Outcome
 
 
 def _finite(x: Any) -> float | None:
@@ -90,12 +88,13 @@ class LiveView:
 
     # ------------------------------------------------------------------ the verdict path
 
-    def publish(self, verdict: Verdict) -> None:
-        """Count one released verdict; keep a failed part's references (no copy, no encoding)."""
+    def publish(self, outcome: Outcome) -> None:
+        """Count one released verdict; keep a failed part's outcome (no copy, no encoding)."""
         now = self._clock.monotonic()
+        verdict = outcome.verdict
         failure = None
         if verdict.verdict == "fail":
-            failure = _Failure(f"{self._run}-{next(self._numbers)}", verdict, verdict.image)
+            failure = _Failure(f"{self._run}-{next(self._numbers)}", outcome)
         with self._lock:
             self._counts[verdict.verdict] += 1
             self._window.append((now, verdict.latency_s, verdict.verdict in ("pass", "fail")))
@@ -142,7 +141,7 @@ class LiveView:
 
     @staticmethod
     def _describe(f: _Failure) -> dict[str, Any]:
-        v = f.verdict
+        v = f.outcome.verdict
         return {
             "id": f.id,
             "verdict_id": v.id,
@@ -157,19 +156,18 @@ class LiveView:
             "objects": dict(Counter(str(o.get("status")) for o in v.objects if o.get("status") != "matched")),
             "branch_scores": {k: _finite(z) for k, z in v.branch_scores.items()},
             "bank_id": v.bank_id,
-            "image": f"/live/failures/{f.id}.jpg" if f.image is not None else None,
+            "image": f"/live/failures/{f.id}.jpg" if f.outcome.image is not None else None,
         }
 
     def failure_jpeg(self, failure_id: str) -> bytes | None:
-        """The overlay of a failed part still shown, rendered at its first request; None when
-        the id is not (or no longer) among them or it has no picture."""
+        """The overlay of a failed part still shown (the outcome's: rendered once, at the first
+        request unless a sink needed it before); None when the id is not (or no longer) among
+        them or it has no picture."""
         with self._lock:
             failure = next((f for f in self._failures if f.id == failure_id), None)
-        if failure is None or failure.image is None:
+        if failure is None or failure.outcome.image is None:
             return None
-        if failure.jpeg is None:  # two requests at once may both render it: same bytes, no harm
-            failure.jpeg = overlay_jpeg(failure.image, failure.verdict)
-        return failure.jpeg
+        return failure.outcome.overlay_jpeg()
 
     # ------------------------------------------------------------------ HTTP
 

@@ -1,4 +1,4 @@
-"""MQTT out: one JSON message per verdict to a broker, a `VerdictSink` beside the ZeroMQ publisher.
+"""MQTT out: one JSON message per verdict to a broker, a verdict sink beside the ZeroMQ publisher.
 
 `publish()` runs on the pipeline's output thread, which must never wait for a network: it only
 puts the verdict on a bounded queue (full: this sink's copy is dropped and counted). The sink's
@@ -115,7 +115,7 @@ def verdict_payload(verdict: Verdict) -> bytes:
 
 
 class MqttSink:
-    """Publishes every verdict to an MQTT broker (a `VerdictSink`); never blocks the caller."""
+    """Publishes every verdict to an MQTT broker (the daemon's `mqtt` sink); never blocks the caller."""
 
     def __init__(self, config: MqttConfig, log: Any = None, metrics: Metrics | None = None) -> None:
         """Reads the password file and the TLS files now: ConfigError naming the one at fault."""
@@ -160,7 +160,7 @@ class MqttSink:
         self._client.on_publish = self._on_publish
         self._client.on_log = self._on_paho_log
 
-    # ------------------------------------------------------------------ VerdictSink
+    # ------------------------------------------------------------------ what its sink adapter calls
 
     def start(self) -> None:
         """Start connecting in the background and sending; returns at once, broker or not."""

@@ -33,7 +33,7 @@ from linewatch.wire import Verdict
 
 
 class Publisher:
-    """Thread-safe verdict publisher (a `VerdictSink`); binds/connects in start() (errors raise there)."""
+    """Thread-safe verdict publisher (a `VerdictPublisher`; the daemon's `publish` sink); binds/connects in start() (errors raise there)."""
 
     def __init__(self, config: PublishConfig, log: Any = None, metrics: Metrics | None = None,
                  security: SecurityConfig | None = None) -> None:

@@ -1,12 +1,14 @@
-"""What the daemon needs from the things that bring frames in and take verdicts out.
+"""What the daemon needs from the things that bring frames in and send verdicts on.
 
 The daemon is typed against these two protocols, never against a socket library:
 
 * `FrameSource` (linewatch.runtime.ingest.Ingest): receives frames on the configured
   endpoints; each endpoint speaks one frame protocol (a class per protocol, chosen by
   `runtime.ingest.endpoints[].protocol` through `linewatch.runtime.ingest.FRAME_PROTOCOLS`).
-* `VerdictSink` (linewatch.runtime.publish.Publisher): sends every verdict on; chosen by
-  `runtime.publish.protocol` through `VERDICT_SINKS` below.
+* `VerdictPublisher` (linewatch.runtime.publish.Publisher): sends every verdict on; chosen by
+  `runtime.publish.protocol` through `VERDICT_PUBLISHERS` below. The daemon feeds it as one
+  of its verdict sinks (linewatch.runtime.sinks.publish), like the archive, the live page and
+  MQTT.
 
 Both: `start()` opens what they need (errors raise there, naming what could not be opened),
 `stop()` is idempotent and prompt, `dead_threads()` names threads that died while running
@@ -35,7 +37,7 @@ class FrameSource(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-class VerdictSink(Protocol):
+class VerdictPublisher(Protocol):
     bound_url: str
 
     def start(self) -> None: ...
@@ -55,17 +57,17 @@ class VerdictSink(Protocol):
         """Verdicts queued and not yet sent (a metrics gauge)."""
 
 
-def verdict_sink(config: PublishConfig, log: Any, metrics: Metrics, security: SecurityConfig) -> VerdictSink:
-    """The sink `config.protocol` names (not started)."""
-    return VERDICT_SINKS[config.protocol](config, log, metrics, security)
+def verdict_publisher(config: PublishConfig, log: Any, metrics: Metrics, security: SecurityConfig) -> VerdictPublisher:
+    """The publisher `config.protocol` names (not started)."""
+    return VERDICT_PUBLISHERS[config.protocol](config, log, metrics, security)
 
 
-def _zmq_pub(config: PublishConfig, log: Any, metrics: Metrics, security: SecurityConfig) -> VerdictSink:
+def _zmq_pub(config: PublishConfig, log: Any, metrics: Metrics, security: SecurityConfig) -> VerdictPublisher:
     from linewatch.runtime.publish import Publisher
 
     return Publisher(config, log=log, metrics=metrics, security=security)
 
 
-VERDICT_SINKS: dict[str, Callable[[PublishConfig, Any, Metrics, SecurityConfig], VerdictSink]] = {
+VERDICT_PUBLISHERS: dict[str, Callable[[PublishConfig, Any, Metrics, SecurityConfig], VerdictPublisher]] = {
     "linewatch": _zmq_pub,  # wire-format verdict messages on a ZeroMQ PUB socket
 }

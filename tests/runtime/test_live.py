@@ -14,12 +14,13 @@ import cv2
 import numpy as np
 import pytest
 
-import linewatch.runtime.live as live_module
+import linewatch.runtime.outcome as outcome_module
 from linewatch.config import LiveConfig, MetricsConfig
 from linewatch.runtime.daemon import Daemon
 from linewatch.runtime.health import HealthServer
 from linewatch.runtime.live import WINDOW_S, LiveView
 from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.outcome import Outcome
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock, FakeProcessor, quiet_log
 from tests.runtime.test_daemon import Line, runtime_config
@@ -27,14 +28,14 @@ from tests.runtime.test_daemon import Line, runtime_config
 STATUS = {"bank_id": "bank-a", "backend": "classic", "bank_images": 16, "ready": True, "version": "9.9"}
 
 
-def verdict(value: str, frame_id: int = 0, latency_s: float | None = 0.05, image: bool = True, **kw) -> Verdict:
-    """A released verdict as the pipeline hands it to the sinks (pass/fail ones with a picture)."""
+def verdict(value: str, frame_id: int = 0, latency_s: float | None = 0.05, image: bool = True, **kw) -> Outcome:
+    """A released verdict as the daemon hands it to the sinks (pass/fail ones with a picture)."""
     judged = value in ("pass", "fail")
     picture = np.full((32, 48, 3), 90, np.uint8) if judged and image else None
     fields = dict(camera="cam0", part_id=f"P{frame_id}", score=0.9 if value == "fail" else 0.1 if judged else None,
                   threshold=0.5 if judged else None, latency_s=latency_s,
                   heatmap=np.zeros((32, 48), np.float32) if judged else None, image=picture, run_id="run", seq=frame_id)
-    return Verdict(frame_id=frame_id, verdict=value, capture_ts=1_700_000_000.0 + frame_id, **(fields | kw))
+    return Outcome.of(Verdict(frame_id=frame_id, verdict=value, capture_ts=1_700_000_000.0 + frame_id, **(fields | kw)))
 
 
 def view(clock: FakeClock, recent_failures: int = 12, status: dict | None = None) -> LiveView:
@@ -111,13 +112,13 @@ def test_status_is_read_at_each_request_and_unknown_backends_keep_their_name() -
 
 def test_failure_ring_keeps_the_newest_and_renders_each_overlay_once_on_request(monkeypatch) -> None:
     rendered: list[int] = []
-    real = live_module.overlay_jpeg
+    real = outcome_module.overlay_jpeg
 
     def counting_overlay(image, v):
         rendered.append(v.frame_id)
         return real(image, v)
 
-    monkeypatch.setattr(live_module, "overlay_jpeg", counting_overlay)
+    monkeypatch.setattr(outcome_module, "overlay_jpeg", counting_overlay)
     live = view(FakeClock(), recent_failures=3)
     objects = [{"bbox": [1, 2, 10, 8], "status": "missing", "score": 0.8},
                {"bbox": [20, 2, 10, 8], "status": "matched", "score": 0.1},
@@ -231,7 +232,7 @@ def test_daemon_with_the_page_off_answers_404_and_keeps_no_pictures() -> None:
     daemon = Daemon(config, FakeProcessor([("net", 0.0)]), log=quiet_log())
     daemon.start()
     try:
-        assert daemon.live is None
+        assert "live" not in [sink.name for sink in daemon.sinks]
         assert daemon.pipeline._keep_images is False  # no frame image is held for anyone
         status, _, body = get(daemon.health.port, "/live")
         assert status == 404, body
