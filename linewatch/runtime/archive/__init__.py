@@ -241,8 +241,8 @@ class Archive:
             self._losses.row(failure_reason(e), e, camera=verdict.camera, frame_id=verdict.frame_id)
             return
         if stem is not None:
-            # after the row: a failed row queues no pictures. The image itself goes on the
-            # queue, since the daemon drops verdict.image once record() returns.
+            # after the row: a failed row queues no pictures. The verdict is the archive
+            # sink's own copy (runtime/sinks/archive.py), so its image stays with it.
             with self._idle:
                 try:
                     self._images.put_nowait((stem, verdict.image, verdict))
