@@ -97,14 +97,12 @@ def _random_samlad_models(config, device, tiny: bool = False):
     kwargs = dict(depth=1, embed_dim=48, num_heads=2) if tiny else None
     backbone = DinoV2Backbone(det.samlad.backbone, image_size=det.image_size, model_kwargs=kwargs).to(device).eval()
     upsampler = JBUStack(backbone.out_channels, num_stages=det.samlad.upsample_stages).to(device).eval()
-    area = AreaFilter(det.objects.min_area, det.objects.max_area, det.objects.max_objects)
-    params = dict(points_per_side=sam.points_per_side, coarse_points_per_side=sam.coarse_points_per_side,
-                  generator=sam.generator, prompts=sam.prompts, points_per_batch=sam.points_per_batch,
-                  pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    area = AreaFilter.from_config(det.objects)
+    settings = sam.model_copy(update=dict(pred_iou_thresh=0.0, stability_score_thresh=0.0))  # random weights
     if tiny:
-        segmenter = SamSegmenter(build_tiny_sam().to(device).eval(), area, model_name="tiny-random", **params)
+        segmenter = SamSegmenter(build_tiny_sam().to(device).eval(), area, settings, model_name="tiny-random")
     else:
-        segmenter = build_sam_segmenter(sam.kind, None, area, device=device, **params)
+        segmenter = build_sam_segmenter(settings, None, area, device=device)
     return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().to(device).eval())
 
 
