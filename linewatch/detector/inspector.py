@@ -13,7 +13,10 @@ The reference side (features, masks, descriptors of the k references) comes from
 template bank, so only the query image goes through the models. Each stage is a method
 taking and returning a `Batch`, named once in `STAGES`: `run` runs any of them in that
 order (inspect, the bank builder and the benchmark), `stages` groups them for the runtime's
-pipeline (`PIPELINE_GROUPS`, one thread each).
+pipeline (`PIPELINE_GROUPS`, one thread each). The Inspector only orchestrates: it binds the
+config, the models and the bank to the stages' math, which lives in `describe` (masks ->
+descriptors), `match` (OMM), `align` (moving reference parts onto query parts), `measure`
+(AMM and the other score branches' maps) and `report` (maps -> InspectionResult).
 
 Beyond the paper: a reference part that no query object matches (in more than half of
 the k references) is scored at its reference location ("missing"), and an unmatched query
@@ -174,6 +177,21 @@ def frames_to_device(images: list[np.ndarray], device: torch.device) -> Tensor:
     return host.to(device, non_blocking=True) if device.type == "cuda" else host
 
 
+def pipeline_stages(run: Callable[[Batch, tuple[str, ...]], Batch]) -> list[tuple[str, Callable[[Any], Any]]]:
+    """(name, function) per `PIPELINE_GROUPS` entry, each running its stages through `run`: the
+    first takes a list of RGB uint8 images, the last returns a list of InspectionResult."""
+
+    def group(names: tuple[str, ...], first: bool, last: bool) -> Callable[[Any], Any]:
+        def fn(data: Any) -> Any:
+            batch = Batch(images=list(data)) if first else data
+            batch = run(batch, names)
+            return batch.results if last else batch
+        return fn
+
+    n = len(PIPELINE_GROUPS)
+    return [("_".join(names), group(names, i == 0, i == n - 1)) for i, names in enumerate(PIPELINE_GROUPS)]
+
+
 class Inspector:
     """Judges batches of images against a template bank: binds the config, the models and the
     bank to the stages' math (`align`, `describe`, `match`, `measure`, `report`) and runs them.
@@ -222,8 +240,7 @@ class Inspector:
 
     @property
     def uses_shapes(self) -> bool:
-        """Whether parts carry outline descriptors and grain statistics (the weights-free backend
-        with classic.shape_weight > 0)."""
+        """Whether parts carry outline descriptors and grain statistics (classic.shape_weight > 0)."""
         return self.models.shape_weight > 0
 
     def _backbone_maps(self, retrieval: Tensor) -> Tensor:
@@ -247,18 +264,8 @@ class Inspector:
 
     @property
     def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
-        """Stage functions for the runtime, one per `PIPELINE_GROUPS` entry: the first takes a
-        list of RGB uint8 images, the last returns a list of InspectionResult."""
-
-        def group(names: tuple[str, ...], first: bool, last: bool) -> Callable[[Any], Any]:
-            def fn(data: Any) -> Any:
-                batch = Batch(images=list(data)) if first else data
-                batch = self.run(batch, names)
-                return batch.results if last else batch
-            return fn
-
-        n = len(PIPELINE_GROUPS)
-        return [("_".join(names), group(names, i == 0, i == n - 1)) for i, names in enumerate(PIPELINE_GROUPS)]
+        """Stage functions for the runtime (`pipeline_stages` of `run`)."""
+        return pipeline_stages(self.run)
 
     def run(self, batch: Batch, names: tuple[str, ...] = STAGES) -> Batch:
         """Run the stages `names` (a run of `STAGES`, in that order) on `batch`, each timed by
@@ -395,15 +402,14 @@ class Inspector:
         if self.bank is None:
             raise RuntimeError("match needs a template bank")
         enc, refs, cfg, bank = batch.encoded, batch.references, self.config.matching, self.bank
-        b, k = refs.shape
-        m = enc.descriptors.shape[1]
-        flat = refs.flatten()
-        weight = self.models.shape_weight
-        query = matching_vectors(enc.descriptors, enc.shapes if self.uses_shapes else None, self.descriptor_mean,
-                                 self.shape_mean, weight)  # (B, M, D)
-        reference = matching_vectors(bank.descriptors[flat], bank.shapes[flat] if self.uses_shapes else None,
-                                     self.descriptor_mean, self.shape_mean, weight)  # (B*k, N, D)
-        batch.match = match_objects(
+        (b, k), m, flat = refs.shape, enc.descriptors.shape[1], refs.flatten()
+
+        def vectors(descriptors: Tensor, shapes: Tensor | None) -> Tensor:
+            return matching_vectors(descriptors, shapes if self.uses_shapes else None, self.descriptor_mean,
+                                    self.shape_mean, self.models.shape_weight)
+
+        query, reference = vectors(enc.descriptors, enc.shapes), vectors(bank.descriptors[flat], bank.shapes[flat])
+        batch.match = match_objects(  # (B*k) query/reference pairs
             query[:, None].expand(b, k, m, -1).reshape(b * k, m, -1), reference,
             enc.valid[:, None].expand(b, k, m).reshape(b * k, m), bank.object_valid[flat],
             dustbin=cfg.dustbin, threshold=cfg.match_threshold, iterations=cfg.sinkhorn_iterations,
