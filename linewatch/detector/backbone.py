@@ -189,12 +189,12 @@ class ClassicFeatures(nn.Module):
       - position: x, 1-x, y, 1-y times position_gain (4; none when position_gain is 0).
 
     Args:
-        stride: output cell size in pixels; H and W should be multiples of it.
+        stride: output cell size in pixels; H and W should be multiples of it (classic.feature_stride).
+        position_gain: weight of the coordinate channels, 0 leaves them out (classic.position_gain).
         num_scales: pyramid levels (1-3 sensible); stride must be divisible by 2**(num_scales-1).
-        position_gain: weight of the coordinate channels (0 leaves them out).
     """
 
-    def __init__(self, stride: int = 8, num_scales: int = 3, position_gain: float = 2.0) -> None:
+    def __init__(self, stride: int, *, position_gain: float, num_scales: int = 3) -> None:
         super().__init__()
         if num_scales < 1 or stride % (2 ** (num_scales - 1)):
             raise ValueError(f"stride {stride} must be divisible by 2**(num_scales-1) = {2 ** (num_scales - 1)}")

@@ -145,7 +145,8 @@ class DCGA(nn.Module):
     positively similar neighbour, or a lone object) stays all-zero: no context.
     """
 
-    def __init__(self, kernel_size: int = 3, context_weight: float = 0.5, eps: float = 1e-8) -> None:
+    def __init__(self, kernel_size: int, context_weight: float, eps: float = 1e-8) -> None:
+        """kernel_size, context_weight: detector.matching.dcga_kernel_size / context_weight."""
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")

@@ -210,13 +210,13 @@ class ClassicJointBilateralUpsampler(nn.Module):
     Borders replicate.
 
     Args:
-        num_stages: number of 2x stages.
+        num_stages: number of 2x stages (classic.upsample_stages).
         radius: window radius in source pixels of each stage.
         sigma_spatial: spatial Gaussian sigma in source pixels.
         sigma_range: colour-difference sigma in [0, 1] RGB units (Euclidean over channels).
     """
 
-    def __init__(self, num_stages: int = 2, radius: int = 3, sigma_spatial: float = 1.0,
+    def __init__(self, num_stages: int, radius: int = 3, sigma_spatial: float = 1.0,
                  sigma_range: float = 0.1) -> None:
         super().__init__()
         self.num_stages = num_stages

@@ -87,7 +87,7 @@ def _random_samlad_models(config, device, tiny: bool = False):
     """The samlad models at full size with random weights: the compute of the real ones.
     tiny: a 1-block DINOv2 and a 1-block SAM encoder (still 1024 input): the plumbing only, in seconds on a CPU."""
     from linewatch.detector.backbone import DinoV2Backbone
-    from linewatch.detector.describe import DCGA
+    from linewatch.detector.backends.base import build_dcga
     from linewatch.detector.models import Models
     from linewatch.detector.segment import AreaFilter, SamSegmenter, build_sam_segmenter, build_tiny_sam
     from linewatch.detector.upsample import JBUStack
@@ -103,7 +103,7 @@ def _random_samlad_models(config, device, tiny: bool = False):
         segmenter = SamSegmenter(build_tiny_sam().to(device).eval(), area, settings, model_name="tiny-random")
     else:
         segmenter = build_sam_segmenter(settings, None, area, device=device)
-    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().to(device).eval())
+    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=build_dcga(det).to(device).eval())
 
 
 def _setup(backend: str, device: str, args, data_root: Path, variant: dict[str, str]):

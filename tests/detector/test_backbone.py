@@ -172,13 +172,13 @@ def test_full_size_vits14_from_meta_layout(tmp_path):
 
 # ----------------------------------------------------------------------------- classic features
 def test_classic_features_shape_no_parameters_deterministic():
-    feats = ClassicFeatures()
+    feats = ClassicFeatures(stride=8, position_gain=2.0)  # the constructor's former defaults
     images = torch.rand(8, 3, 224, 224)
     a, b = feats(images), feats(images.clone())
     assert a.shape == (8, feats.out_channels, 28, 28) and 24 <= feats.out_channels <= 48
     assert torch.equal(a, b) and list(feats.parameters()) == []
     assert torch.isfinite(a).all()
-    assert "stride8" in feats.identity and feats.identity != ClassicFeatures(stride=16).identity
+    assert "stride8" in feats.identity and feats.identity != ClassicFeatures(stride=16, position_gain=2.0).identity
 
 
 def test_classic_features_respond_to_colour_edges_and_orientation():

@@ -98,7 +98,8 @@ class DummyBackend(Backend):
 
     def build(self, config: DetectorConfig, device: torch.device) -> Models:
         d = self.settings(config)
-        return Models(backbone=ClassicFeatures(stride=d.feature_stride), upsampler=ClassicJointBilateralUpsampler(1),
+        return Models(backbone=ClassicFeatures(stride=d.feature_stride, position_gain=2.0),
+                      upsampler=ClassicJointBilateralUpsampler(1),
                       segmenter=ClassicSegmenter(area_filter(config), threshold=d.background_threshold),
                       dcga=build_dcga(config))
 

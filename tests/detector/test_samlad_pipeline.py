@@ -46,7 +46,8 @@ def tiny_samlad_models(config) -> Models:
     upsampler = JBUStack(backbone.out_channels, num_stages=config.detector.samlad.upsample_stages).eval()
     sam = config.detector.samlad.sam
     segmenter = SamSegmenter(build_tiny_sam(seed=0), AreaFilter(0.0005, 0.9, 6), sam, model_name="tiny-random")
-    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().eval())
+    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter,
+                  dcga=DCGA(kernel_size=3, context_weight=0.5).eval())
 
 
 def write_images(folder: Path, count: int, seed: int) -> None:

@@ -357,8 +357,9 @@ def test_models_refuse_a_segmenter_that_does_not_declare_its_capabilities() -> N
             return [torch.zeros(0, *images01.shape[-2:], dtype=torch.bool)] * images01.shape[0]
 
     with pytest.raises(TypeError, match="wants_frames.*wants_seeds.*compile_encoder"):
-        Models(backbone=ClassicFeatures(stride=4), upsampler=ClassicJointBilateralUpsampler(num_stages=1),
-               segmenter=Bare(), dcga=build_dcga(DetectorConfig()))
+        Models(backbone=ClassicFeatures(stride=4, position_gain=2.0),
+               upsampler=ClassicJointBilateralUpsampler(num_stages=1), segmenter=Bare(),
+               dcga=build_dcga(DetectorConfig()))
 
 
 def test_area_filter_from_config_is_detector_objects() -> None:
