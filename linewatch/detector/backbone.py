@@ -87,14 +87,15 @@ class DinoV2Backbone(nn.Module):
     converted by timm's own `checkpoint_filter_fn`, and checks the result strictly.
 
     Args:
-        model_name: a timm DINOv2 model name (`vit_{small,base,large}_patch14_{dinov2,reg4_dinov2}.lvd142m`).
+        model_name: a timm DINOv2 model name (`vit_{small,base,large}_patch14_{dinov2,reg4_dinov2}.lvd142m`;
+            samlad.backbone).
         checkpoint: .pth/.safetensors file; None gives random weights (tests only).
-        image_size: input side in pixels, a multiple of the patch size (14); inputs must match it.
+        image_size: input side in pixels, a multiple of the patch size (14); inputs must match it
+            (detector.image_size).
         model_kwargs: extra timm overrides (e.g. depth/embed_dim for tiny test models).
     """
 
-    def __init__(self, model_name: str = "vit_small_patch14_dinov2.lvd142m",
-                 checkpoint: str | Path | None = None, image_size: int = 224,
+    def __init__(self, model_name: str, checkpoint: str | Path | None = None, *, image_size: int,
                  model_kwargs: dict | None = None) -> None:
         super().__init__()
         build = dict(pretrained=False, img_size=image_size, num_classes=0, **(model_kwargs or {}))

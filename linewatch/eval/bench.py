@@ -96,7 +96,8 @@ def _random_samlad_models(config, device, tiny: bool = False):
     sam = det.samlad.sam
     kwargs = dict(depth=1, embed_dim=48, num_heads=2) if tiny else None
     backbone = DinoV2Backbone(det.samlad.backbone, image_size=det.image_size, model_kwargs=kwargs).to(device).eval()
-    upsampler = JBUStack(backbone.out_channels, num_stages=det.samlad.upsample_stages).to(device).eval()
+    upsampler = JBUStack(backbone.out_channels, num_stages=det.samlad.upsample_stages,
+                         use_norm=det.samlad.upsampler_use_norm).to(device).eval()
     area = AreaFilter.from_config(det.objects)
     settings = sam.model_copy(update=dict(pred_iou_thresh=0.0, stability_score_thresh=0.0))  # random weights
     if tiny:
