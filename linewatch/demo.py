@@ -9,8 +9,9 @@
   6. one line per verdict, then a summary checked against what was sent and a live /metrics scrape;
      the live page (/live on the metrics server) shows the same line in a browser
 
-The detector settings are DEMO_DETECTOR, the `detector` section of configs/demo.yaml
-(a test keeps the two equal); only the ports and the log level are the demo's own.
+The detector settings are DEMO_DETECTOR, the `detector` section of configs/demo.yaml, read from
+the copy the package ships (linewatch/demo.yaml; configs/demo.yaml is a link to it); only the
+ports and the log level are the demo's own.
 """
 
 from __future__ import annotations
@@ -20,18 +21,14 @@ import tempfile
 import threading
 import time
 import urllib.request
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-# == configs/demo.yaml `detector` (tests/test_demo.py checks they agree)
-DEMO_DETECTOR = {
-    "backend": "classic",
-    "device": "cpu",
-    "image_size": 224,
-    "k_references": 3,
-    "measure": {"smoothing_sigma": 2.0},
-}
+DEMO_CONFIG = "demo.yaml"  # package data of linewatch: configs/demo.yaml
+DEMO_DETECTOR = yaml.safe_load(resources.files("linewatch").joinpath(DEMO_CONFIG).read_text())["detector"]
 N_TRAIN = 16  # good images in the bank
 N_VALIDATION = 10  # held-out good images for the threshold
 IMAGE_SIZE = 256  # rendered frame side, pixels

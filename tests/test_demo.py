@@ -24,6 +24,14 @@ def test_demo_config_is_configs_demo_yaml():
 
     on_disk = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["detector"]
     assert DEMO_DETECTOR == on_disk
+    # the demo reads the copy the package ships (an installed wheel has no configs/): the same file
+    from importlib import resources
+
+    from linewatch.demo import DEMO_CONFIG
+
+    shipped = resources.files("linewatch").joinpath(DEMO_CONFIG)
+    assert shipped.read_text() == (ROOT / "configs" / "demo.yaml").read_text()
+    assert (ROOT / "configs" / "demo.yaml").resolve() == (ROOT / "linewatch" / DEMO_CONFIG).resolve()
     assert demo_config("x.lwbank").detector == load_config(ROOT / "configs" / "demo.yaml").detector
 
 

@@ -33,8 +33,8 @@ def test_random_checkpoints_load_through_the_real_loaders(tmp_path):
     paths = _load("random_checkpoints").write_random_checkpoints(tmp_path, seed=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
 
-    backbone = DinoV2Backbone(checkpoint=paths["backbone"], image_size=224)
-    upsampler = load_featup_jbu(paths["upsampler"], channels=backbone.out_channels)  # use_norm=True, 3 stages
+    backbone = DinoV2Backbone("vit_small_patch14_dinov2.lvd142m", checkpoint=paths["backbone"], image_size=224)
+    upsampler = load_featup_jbu(paths["upsampler"], channels=backbone.out_channels, num_stages=3, use_norm=True)
     images = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         features = backbone(images)

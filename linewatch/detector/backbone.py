@@ -87,14 +87,15 @@ class DinoV2Backbone(nn.Module):
     converted by timm's own `checkpoint_filter_fn`, and checks the result strictly.
 
     Args:
-        model_name: a timm DINOv2 model name (`vit_{small,base,large}_patch14_{dinov2,reg4_dinov2}.lvd142m`).
+        model_name: a timm DINOv2 model name (`vit_{small,base,large}_patch14_{dinov2,reg4_dinov2}.lvd142m`;
+            samlad.backbone).
         checkpoint: .pth/.safetensors file; None gives random weights (tests only).
-        image_size: input side in pixels, a multiple of the patch size (14); inputs must match it.
+        image_size: input side in pixels, a multiple of the patch size (14); inputs must match it
+            (detector.image_size).
         model_kwargs: extra timm overrides (e.g. depth/embed_dim for tiny test models).
     """
 
-    def __init__(self, model_name: str = "vit_small_patch14_dinov2.lvd142m",
-                 checkpoint: str | Path | None = None, image_size: int = 224,
+    def __init__(self, model_name: str, checkpoint: str | Path | None = None, *, image_size: int,
                  model_kwargs: dict | None = None) -> None:
         super().__init__()
         build = dict(pretrained=False, img_size=image_size, num_classes=0, **(model_kwargs or {}))
@@ -189,12 +190,12 @@ class ClassicFeatures(nn.Module):
       - position: x, 1-x, y, 1-y times position_gain (4; none when position_gain is 0).
 
     Args:
-        stride: output cell size in pixels; H and W should be multiples of it.
+        stride: output cell size in pixels; H and W should be multiples of it (classic.feature_stride).
+        position_gain: weight of the coordinate channels, 0 leaves them out (classic.position_gain).
         num_scales: pyramid levels (1-3 sensible); stride must be divisible by 2**(num_scales-1).
-        position_gain: weight of the coordinate channels (0 leaves them out).
     """
 
-    def __init__(self, stride: int = 8, num_scales: int = 3, position_gain: float = 2.0) -> None:
+    def __init__(self, stride: int, *, position_gain: float, num_scales: int = 3) -> None:
         super().__init__()
         if num_scales < 1 or stride % (2 ** (num_scales - 1)):
             raise ValueError(f"stride {stride} must be divisible by 2**(num_scales-1) = {2 ** (num_scales - 1)}")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from linewatch.detector.align import mask_boxes
+
 
 def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinearly resize object masks to a feature map size (paper 3.4.3).
@@ -34,6 +36,41 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     # align_corners=False: pixel-centre convention, same as the feature upsampler.
     out = F.interpolate(m.reshape(b * n, 1, *m.shape[-2:]), size=size, mode="bilinear", align_corners=False)
     return out.reshape(b, n, *size)
+
+
+def pad_masks(masks: list[Tensor], size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image bool masks (M_b, S, S) -> soft masks (B, M, H', W'), valid (B, M), boxes (B, M, 4).
+
+    One copy and one resize per image (not per mask); the boxes come from one `mask_boxes` call
+    over the padded (B, M, S, S) bool masks (padding masks are empty: zero boxes)."""
+    b = len(masks)
+    m = max([int(x.shape[0]) for x in masks] + [1])
+    soft = torch.zeros(b, m, *size, device=device)
+    valid = torch.zeros(b, m, dtype=torch.bool, device=device)
+    if b == 0:
+        return soft, valid, torch.zeros(b, m, 4, device=device)
+    padded = torch.zeros(b, m, *masks[0].shape[-2:], dtype=torch.bool, device=device)
+    for i, mask in enumerate(masks):
+        n = int(mask.shape[0])
+        if n == 0:
+            continue
+        padded[i, :n] = mask
+        soft[i, :n] = resize_masks(padded[i : i + 1, :n].float(), size)[0]
+        valid[i, :n] = True
+    return soft, valid, mask_boxes(padded)
+
+
+def part_textures(channels: Tensor, soft_masks: Tensor) -> Tensor:
+    """Mean grain statistics over the interior of each part's mask: channels (B, T, h, w)
+    (`ClassicFeatures.texture_channels` of the backbone map), soft_masks (B, M, H', W') -> (B, M, T)."""
+    masks = F.interpolate(soft_masks, size=channels.shape[-2:], mode="area") if soft_masks.shape[1] else \
+        soft_masks.new_zeros(*soft_masks.shape[:2], *channels.shape[-2:])
+    if masks.shape[1]:
+        # the part's interior (mask eroded by one cell): the grains, not the part's outline
+        # against the tray, whose strong coherent edges would drown them
+        inner = -F.max_pool2d(-masks, 3, stride=1, padding=1)
+        masks = torch.where(inner.sum((-2, -1), keepdim=True) > 0, inner, masks)  # a thin part keeps its mask
+    return torch.einsum("bthw,bmhw->bmt", channels, masks) / masks.sum((-2, -1)).clamp_min(1e-6)[..., None]
 
 
 def object_feature_maps(features: Tensor, masks: Tensor) -> Tensor:
@@ -108,7 +145,8 @@ class DCGA(nn.Module):
     positively similar neighbour, or a lone object) stays all-zero: no context.
     """
 
-    def __init__(self, kernel_size: int = 3, context_weight: float = 0.5, eps: float = 1e-8) -> None:
+    def __init__(self, kernel_size: int, context_weight: float, eps: float = 1e-8) -> None:
+        """kernel_size, context_weight: detector.matching.dcga_kernel_size / context_weight."""
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")

@@ -86,6 +86,24 @@ def log_optimal_transport(
     return couplings + u[:, :, None] + v[:, None, :] - norm[:, None, None]
 
 
+def matching_vectors(descriptors: Tensor, shapes: Tensor | None, descriptor_mean: Tensor | None,
+                     shape_mean: Tensor | None, shape_weight: float) -> Tensor:
+    """What OMM compares (the same for query and reference objects): descriptors (..., C), less
+    the bank's mean good-object descriptor when given (every object pools the same kind of
+    features; matching on what sets them apart works far better), then, when parts carry outline
+    descriptors (shapes (..., D), less their bank mean when given), joined with them at weight w:
+    for unit halves the cosine of the joined vectors is (cos_features + w^2 cos_outlines) / (1 + w^2).
+    -> (..., C) or (..., C + D)."""
+    vectors = descriptors
+    if descriptor_mean is not None:
+        vectors = F.normalize(vectors - descriptor_mean, dim=-1)
+    if shapes is not None:
+        if shape_mean is not None:
+            shapes = shapes - shape_mean
+        vectors = F.normalize(torch.cat([vectors, shape_weight * F.normalize(shapes, dim=-1)], dim=-1), dim=-1)
+    return vectors
+
+
 @dataclass
 class MatchResult:
     """Output of `match_objects` for B (query, reference) pairs.

@@ -40,6 +40,5 @@ def build_models(config: DetectorConfig, device: torch.device) -> Models:
         torch.backends.cudnn.allow_tf32 = True
     if config.compile:
         models.backbone = torch.compile(models.backbone)  # attribute access (identity, out_channels) reaches the module
-        if hasattr(models.segmenter, "compile_encoder"):
-            models.segmenter.compile_encoder()
+        models.segmenter.compile_encoder()  # SAM's image encoder; nothing for the classic segmenter
     return models

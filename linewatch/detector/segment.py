@@ -1,11 +1,15 @@
 """Object masks (paper section 3.4.2): a segmenter turns images into per-image object masks,
 then a per-product area filter keeps the key objects.
 
-Two backends share one contract:
+Every segmenter is a `Segmenter` (the Protocol below): it is called as
   segmenter(images01 (B, 3, S, S) float RGB in [0, 1], frames=None, seeds=None) -> list of B bool
-  tensors (M_b, S, S) at the working size, sorted by area descending, after the AreaFilter.
+  tensors (M_b, S, S) at the working size, sorted by area descending, after the AreaFilter,
+and declares what it needs and offers, which the Inspector and `build_models` read as they are:
   `wants_frames`: the segmenter reads the camera frames, uint8 (B, H, W, 3) on the device;
-  `wants_seeds`: it takes prompt points inside the reference parts, (B, Q, 2) in [0, 1] + validity.
+  `wants_seeds`: it takes prompt points inside the reference parts, (B, Q, 2) in [0, 1] + validity;
+  `compile_encoder()`: torch.compile what is worth compiling (detector.compile; may do nothing);
+  `identity`: every setting that changes the masks, recorded in the bank.
+Their settings come from the config (`linewatch.config`), the only place their defaults live.
 
 - SamSegmenter: SAM automatic masks on the camera frame (the paper's choice), by our batched
   generator (linewatch.detector.sam_masks) or segment-anything's own.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -29,10 +33,29 @@ import torch.nn.functional as F
 
 from linewatch.detector.weights import WeightsError, read_state_dict
 
+if TYPE_CHECKING:
+    from linewatch.config import ObjectFilterConfig, SamConfig
+
 
 class SegmenterError(Exception):
     """A segmenter could not be built (unknown kind, bad state) or used (not fitted).
     Checkpoint problems raise linewatch.detector.weights.WeightsError instead."""
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """What the detector needs of a segmenter (the module docstring has the contract)."""
+
+    wants_frames: bool  # reads the camera frames, uint8 (B, H, W, 3) on the device
+    wants_seeds: bool  # takes prompt points inside the reference parts
+
+    @property
+    def identity(self) -> str: ...
+
+    def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
+                 seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]: ...
+
+    def compile_encoder(self) -> None: ...
 
 
 @dataclass
@@ -41,9 +64,14 @@ class AreaFilter:
     at most `max_objects` of them, the largest first. Fractions keep one config valid at any
     input resolution."""
 
-    min_area: float = 0.001
-    max_area: float = 0.5
-    max_objects: int = 32
+    min_area: float
+    max_area: float
+    max_objects: int
+
+    @classmethod
+    def from_config(cls, objects: "ObjectFilterConfig") -> "AreaFilter":
+        """The filter of `detector.objects`."""
+        return cls(min_area=objects.min_area, max_area=objects.max_area, max_objects=objects.max_objects)
 
     def select(self, areas: np.ndarray | torch.Tensor, image_area: int) -> list[int]:
         """Indices of the kept objects, largest first (ties keep input order).
@@ -128,20 +156,14 @@ class SamSegmenter:
 
     wants_frames = True  # segments the camera frame itself (longest side 1024 inside SAM)
 
-    def __init__(
-        self,
-        sam_model: torch.nn.Module,
-        area_filter: AreaFilter,
-        points_per_side: int = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        box_nms_thresh: float = 0.7,
-        model_name: str = "sam",
-        generator: str = "batched",
-        prompts: str = "full_grid",
-        coarse_points_per_side: int = 8,
-    ) -> None:
+    def __init__(self, sam_model: torch.nn.Module, area_filter: AreaFilter, settings: "SamConfig",
+                 model_name: str = "sam") -> None:
+        """settings: `detector.samlad.sam` (its kind and checkpoint are the model's business)."""
+        generator, prompts = settings.generator, settings.prompts
+        points_per_side, coarse_points_per_side = settings.points_per_side, settings.coarse_points_per_side
+        points_per_batch = settings.points_per_batch
+        pred_iou_thresh, stability_score_thresh = settings.pred_iou_thresh, settings.stability_score_thresh
+        box_nms_thresh = settings.box_nms_thresh
         if generator not in ("batched", "segment_anything"):
             raise SegmenterError(f"unknown SAM generator {generator!r}; known: batched, segment_anything")
         if prompts not in PROMPT_STRATEGIES:
@@ -270,19 +292,19 @@ def load_sam_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def build_sam_segmenter(
-    kind: str,
+    settings: "SamConfig",
     checkpoint: Path | None,
     area_filter: AreaFilter,
     device: str | torch.device = "cpu",
-    **params: Any,
 ) -> SamSegmenter:
-    """Build SAM `kind` ('vit_b' | 'vit_l' | 'vit_h') from the segment-anything registry, load
-    `checkpoint` safely (None: random weights, for tests only), move it to `device`, and wrap
-    it. `params` go to SamSegmenter (points_per_side, pred_iou_thresh, ...).
+    """Build SAM `settings.kind` ('vit_b' | 'vit_l' | 'vit_h') from the segment-anything registry,
+    load `checkpoint` (the resolved file of `settings.checkpoint`) safely (None: random weights,
+    for tests only), move it to `device`, and wrap it with the rest of `settings`.
 
     Raises:
         SegmenterError: unknown kind.  WeightsError: checkpoint absent, unreadable or unfit.
     """
+    kind = settings.kind
     if kind not in SAM_KINDS:
         raise SegmenterError(f"unknown SAM kind {kind!r}; known: {SAM_KINDS}")
     from segment_anything import sam_model_registry
@@ -295,7 +317,7 @@ def build_sam_segmenter(
         load_sam_weights(model, Path(checkpoint))
         name = f"{kind}@{Path(checkpoint).name}"
     model.to(device).eval()
-    return SamSegmenter(model, area_filter, model_name=name, **params)
+    return SamSegmenter(model, area_filter, settings, model_name=name)
 
 
 def build_tiny_sam(seed: int = 0) -> torch.nn.Module:
@@ -325,13 +347,17 @@ class ClassicSegmenter:
     call: Mahalanobis distance of each pixel's colour to the model; foreground above
     `threshold`; opening (drops noise specks) then closing (bridges thin threads, slots and
     scratches so one part stays one component); 8-connected components; AreaFilter.
-    Kernel sizes are given for a 256-pixel image and scale with min(H, W).
+    Kernel sizes are given for a 256-pixel image and scale with min(H, W). `threshold` is
+    `detector.classic.background_threshold`; the other settings are not configurable.
     """
+
+    wants_frames = False  # works on the working images
+    wants_seeds = False
 
     def __init__(
         self,
         area_filter: AreaFilter,
-        threshold: float = 4.0,
+        threshold: float,
         min_std: float = 0.02,
         border_frac: float = 0.06,
         open_px: int = 3,
@@ -410,8 +436,8 @@ class ClassicSegmenter:
             fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k_close, k_close)))
         return fg.astype(bool)
 
-    wants_frames = False  # works on the working images
-    wants_seeds = False
+    def compile_encoder(self) -> None:
+        """Nothing to compile: no neural network."""
 
     def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
                  seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:

@@ -99,12 +99,13 @@ class JBUStack(nn.Module):
 
     Args:
         channels: feature channels C (384 for DINOv2 ViT-S/14).
-        num_stages: stages to run, 1-4 (SAM-LAD: 3 = 8x).
+        num_stages: stages to run, 1-4 (SAM-LAD: 3 = 8x; samlad.upsample_stages).
         use_norm: apply the checkpoint's LayerNorm over channels to the input features first
-            (FeatUp's `ChannelNorm`, `model.1.norm`); the "no_norm" checkpoints have none.
+            (FeatUp's `ChannelNorm`, `model.1.norm`); the "no_norm" checkpoints have none
+            (samlad.upsampler_use_norm).
     """
 
-    def __init__(self, channels: int, num_stages: int = 3, use_norm: bool = True) -> None:
+    def __init__(self, channels: int, *, num_stages: int, use_norm: bool) -> None:
         super().__init__()
         if not 1 <= num_stages <= 4:
             raise ValueError(f"num_stages must be 1..4, got {num_stages}")
@@ -148,8 +149,9 @@ def _featup_key(ours: str) -> str:
     return "upsampler." + ours
 
 
-def load_featup_jbu(path: str | Path, channels: int, num_stages: int = 3, use_norm: bool = True) -> JBUStack:
-    """Build a JBUStack from FeatUp's published checkpoint (e.g. dinov2_jbu_stack_cocostuff.ckpt).
+def load_featup_jbu(path: str | Path, channels: int, *, num_stages: int, use_norm: bool) -> JBUStack:
+    """Build a JBUStack (num_stages, use_norm as there) from FeatUp's published checkpoint (e.g.
+    dinov2_jbu_stack_cocostuff.ckpt).
 
     Accepts the Lightning file (weights under "state_dict"), a plain state dict or .safetensors
     with FeatUp's key names. Keys with `scale_net`/`downsampler` and the backbone (`model.0.*`)
@@ -210,13 +212,13 @@ class ClassicJointBilateralUpsampler(nn.Module):
     Borders replicate.
 
     Args:
-        num_stages: number of 2x stages.
+        num_stages: number of 2x stages (classic.upsample_stages).
         radius: window radius in source pixels of each stage.
         sigma_spatial: spatial Gaussian sigma in source pixels.
         sigma_range: colour-difference sigma in [0, 1] RGB units (Euclidean over channels).
     """
 
-    def __init__(self, num_stages: int = 2, radius: int = 3, sigma_spatial: float = 1.0,
+    def __init__(self, num_stages: int, radius: int = 3, sigma_spatial: float = 1.0,
                  sigma_range: float = 0.1) -> None:
         super().__init__()
         self.num_stages = num_stages

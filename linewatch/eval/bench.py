@@ -87,7 +87,7 @@ def _random_samlad_models(config, device, tiny: bool = False):
     """The samlad models at full size with random weights: the compute of the real ones.
     tiny: a 1-block DINOv2 and a 1-block SAM encoder (still 1024 input): the plumbing only, in seconds on a CPU."""
     from linewatch.detector.backbone import DinoV2Backbone
-    from linewatch.detector.describe import DCGA
+    from linewatch.detector.backends.base import build_dcga
     from linewatch.detector.models import Models
     from linewatch.detector.segment import AreaFilter, SamSegmenter, build_sam_segmenter, build_tiny_sam
     from linewatch.detector.upsample import JBUStack
@@ -96,16 +96,15 @@ def _random_samlad_models(config, device, tiny: bool = False):
     sam = det.samlad.sam
     kwargs = dict(depth=1, embed_dim=48, num_heads=2) if tiny else None
     backbone = DinoV2Backbone(det.samlad.backbone, image_size=det.image_size, model_kwargs=kwargs).to(device).eval()
-    upsampler = JBUStack(backbone.out_channels, num_stages=det.samlad.upsample_stages).to(device).eval()
-    area = AreaFilter(det.objects.min_area, det.objects.max_area, det.objects.max_objects)
-    params = dict(points_per_side=sam.points_per_side, coarse_points_per_side=sam.coarse_points_per_side,
-                  generator=sam.generator, prompts=sam.prompts, points_per_batch=sam.points_per_batch,
-                  pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    upsampler = JBUStack(backbone.out_channels, num_stages=det.samlad.upsample_stages,
+                         use_norm=det.samlad.upsampler_use_norm).to(device).eval()
+    area = AreaFilter.from_config(det.objects)
+    settings = sam.model_copy(update=dict(pred_iou_thresh=0.0, stability_score_thresh=0.0))  # random weights
     if tiny:
-        segmenter = SamSegmenter(build_tiny_sam().to(device).eval(), area, model_name="tiny-random", **params)
+        segmenter = SamSegmenter(build_tiny_sam().to(device).eval(), area, settings, model_name="tiny-random")
     else:
-        segmenter = build_sam_segmenter(sam.kind, None, area, device=device, **params)
-    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().to(device).eval())
+        segmenter = build_sam_segmenter(settings, None, area, device=device)
+    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=build_dcga(det).to(device).eval())
 
 
 def _setup(backend: str, device: str, args, data_root: Path, variant: dict[str, str]):

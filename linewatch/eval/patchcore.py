@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linewatch.detector.inspector import gaussian_blur, to_images01
+from linewatch.detector.inspector import to_images01
 from linewatch.detector.patch_knn import local_patch_features
+from linewatch.detector.report import gaussian_blur
 
 __all__ = ["PatchCore", "greedy_coreset"]
 

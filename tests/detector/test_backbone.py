@@ -118,36 +118,36 @@ def test_bad_checkpoints_raise_weights_error_naming_file_and_keys(tmp_path):
     path = tmp_path / "missing.pth"
     torch.save(missing, path)
     with pytest.raises(WeightsError) as info:
-        DinoV2Backbone(SMALL, checkpoint=path, model_kwargs=TINY)
+        DinoV2Backbone(SMALL, checkpoint=path, image_size=224, model_kwargs=TINY)
     assert str(path) in str(info.value) and "blocks.1.attn.qkv.weight" in str(info.value)
 
     extra = dict(state, **{"blocks.7.norm1.weight": torch.ones(48)})
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(WeightsError, match=r"unexpected keys: blocks\.7\.norm1\.weight"):
-        DinoV2Backbone(SMALL, checkpoint=tmp_path / "extra.pth", model_kwargs=TINY)
+        DinoV2Backbone(SMALL, checkpoint=tmp_path / "extra.pth", image_size=224, model_kwargs=TINY)
 
     torch.save(state, tmp_path / "tiny.pth")  # a 48-channel file into a 64-channel model
     with pytest.raises(WeightsError, match="shape mismatch"):
-        DinoV2Backbone(SMALL, checkpoint=tmp_path / "tiny.pth", model_kwargs=dict(TINY, embed_dim=64))
+        DinoV2Backbone(SMALL, checkpoint=tmp_path / "tiny.pth", image_size=224, model_kwargs=dict(TINY, embed_dim=64))
 
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint" * 10)
     with pytest.raises(WeightsError, match="corrupt.pth"):
-        DinoV2Backbone(SMALL, checkpoint=corrupt, model_kwargs=TINY)
+        DinoV2Backbone(SMALL, checkpoint=corrupt, image_size=224, model_kwargs=TINY)
 
     with pytest.raises(WeightsError, match="nowhere.pth"):
-        DinoV2Backbone(SMALL, checkpoint=tmp_path / "nowhere.pth", model_kwargs=TINY)
+        DinoV2Backbone(SMALL, checkpoint=tmp_path / "nowhere.pth", image_size=224, model_kwargs=TINY)
 
 
 def test_identity_and_input_size_check(tmp_path):
     a, b = random_timm(SMALL, 224, seed=5, **TINY), random_timm(SMALL, 224, seed=6, **TINY)
     torch.save(to_meta_layout(a), tmp_path / "a.pth")
     torch.save(to_meta_layout(b), tmp_path / "b.pth")
-    ba = DinoV2Backbone(SMALL, checkpoint=tmp_path / "a.pth", model_kwargs=TINY)
-    bb = DinoV2Backbone(SMALL, checkpoint=tmp_path / "b.pth", model_kwargs=TINY)
+    ba = DinoV2Backbone(SMALL, checkpoint=tmp_path / "a.pth", image_size=224, model_kwargs=TINY)
+    bb = DinoV2Backbone(SMALL, checkpoint=tmp_path / "b.pth", image_size=224, model_kwargs=TINY)
     b448 = DinoV2Backbone(SMALL, checkpoint=tmp_path / "a.pth", image_size=448, model_kwargs=TINY)
     assert len({ba.identity, bb.identity, b448.identity}) == 3
-    assert ba.identity == DinoV2Backbone(SMALL, checkpoint=tmp_path / "a.pth", model_kwargs=TINY).identity
+    assert ba.identity == DinoV2Backbone(SMALL, checkpoint=tmp_path / "a.pth", image_size=224, model_kwargs=TINY).identity
     with pytest.raises(ValueError, match="224x224"):
         ba(torch.rand(1, 3, 448, 448))
 
@@ -172,13 +172,13 @@ def test_full_size_vits14_from_meta_layout(tmp_path):
 
 # ----------------------------------------------------------------------------- classic features
 def test_classic_features_shape_no_parameters_deterministic():
-    feats = ClassicFeatures()
+    feats = ClassicFeatures(stride=8, position_gain=2.0)  # the constructor's former defaults
     images = torch.rand(8, 3, 224, 224)
     a, b = feats(images), feats(images.clone())
     assert a.shape == (8, feats.out_channels, 28, 28) and 24 <= feats.out_channels <= 48
     assert torch.equal(a, b) and list(feats.parameters()) == []
     assert torch.isfinite(a).all()
-    assert "stride8" in feats.identity and feats.identity != ClassicFeatures(stride=16).identity
+    assert "stride8" in feats.identity and feats.identity != ClassicFeatures(stride=16, position_gain=2.0).identity
 
 
 def test_classic_features_respond_to_colour_edges_and_orientation():

@@ -98,7 +98,8 @@ class DummyBackend(Backend):
 
     def build(self, config: DetectorConfig, device: torch.device) -> Models:
         d = self.settings(config)
-        return Models(backbone=ClassicFeatures(stride=d.feature_stride), upsampler=ClassicJointBilateralUpsampler(1),
+        return Models(backbone=ClassicFeatures(stride=d.feature_stride, position_gain=2.0),
+                      upsampler=ClassicJointBilateralUpsampler(1),
                       segmenter=ClassicSegmenter(area_filter(config), threshold=d.background_threshold),
                       dcga=build_dcga(config))
 
@@ -207,7 +208,8 @@ def test_a_third_backend_builds_models_a_bank_and_an_inspector(tmp_path, registe
 
 def test_builder_calls_backend_fit_and_never_probes_the_segmenter(tmp_path, registered):
     good = write_good(tmp_path / "good", "screw_tray", 5)
-    background = ClassicSegmenter(area_filter(DetectorConfig())).fit(working_size(
+    threshold = DetectorConfig().classic.background_threshold  # fitting does not use it
+    background = ClassicSegmenter(area_filter(DetectorConfig()), threshold).fit(working_size(
         [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(good.iterdir())], 112)).state_dict()
     registered(StatelessDummyBackend(background))
     config = dummy_config()

@@ -49,7 +49,7 @@ def test_gmp_hand_example():
 
 
 def test_adjacency_hand_example():
-    d = DCGA()
+    d = DCGA(kernel_size=3, context_weight=0.5)
     x = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0]]])
     a2 = d.adjacency(x)
     # cos(0,1) = 1/sqrt2 > 0; every other pair is <= 0 and clamped; rows 2 and 3 have no neighbour
@@ -62,7 +62,7 @@ def test_adjacency_zero_diagonal_and_row_normalised():
     x = torch.rand(3, 5, 16, generator=g)  # non-negative, like GMP outputs
     valid = torch.ones(3, 5, dtype=torch.bool)
     valid[1, 3:] = False
-    a2 = DCGA().adjacency(x, valid)
+    a2 = DCGA(kernel_size=3, context_weight=0.5).adjacency(x, valid)
     assert a2.shape == (3, 5, 5)
     assert (torch.diagonal(a2, dim1=1, dim2=2) == 0).all()
     assert (a2 >= 0).all()
@@ -81,7 +81,7 @@ def test_dcga_shapes_norms_and_padding():
     b, m, c = 2, 4, 32
     pooled = torch.rand(b, m, c, generator=g)
     valid = torch.tensor([[True, True, True, False], [True, False, False, False]])
-    d = DCGA(kernel_size=5)
+    d = DCGA(kernel_size=5, context_weight=0.5)
     assert torch.allclose(d.weight, torch.full((1, 1, 5), 0.2))
     out, a2 = d(pooled, valid, return_adjacency=True)
     assert out.shape == (b, m, c) and a2.shape == (b, m, m)
@@ -99,7 +99,7 @@ def test_dcga_shapes_norms_and_padding():
 def test_dcga_permutation_equivariant():
     g = torch.Generator().manual_seed(3)
     pooled = torch.rand(1, 6, 24, generator=g)
-    d = DCGA()
+    d = DCGA(kernel_size=3, context_weight=0.5)
     perm = torch.randperm(6, generator=g)
     out, a2 = d(pooled, return_adjacency=True)
     outp, a2p = d(pooled[:, perm], return_adjacency=True)
@@ -110,23 +110,23 @@ def test_dcga_permutation_equivariant():
 def test_channel_attention_is_a_distribution():
     g = torch.Generator().manual_seed(4)
     pooled = torch.randn(2, 3, 10, generator=g)
-    a = DCGA(kernel_size=3).channel_attention(pooled)
+    a = DCGA(kernel_size=3, context_weight=0.5).channel_attention(pooled)
     torch.testing.assert_close(a.sum(-1), torch.ones(2, 3))
     # a constant vector gives uniform attention (replicate padding: no edge bias)
-    a = DCGA(kernel_size=3).channel_attention(torch.full((1, 1, 10), 2.0))
+    a = DCGA(kernel_size=3, context_weight=0.5).channel_attention(torch.full((1, 1, 10), 2.0))
     torch.testing.assert_close(a, torch.full((1, 1, 10), 0.1))
 
 
 def test_dcga_keeps_identity_with_two_objects():
     # eq. 8 taken literally would swap two objects' descriptors; the residual form must not
     x = torch.tensor([[[1.0, 0.2, 0.0, 0.0], [0.0, 0.3, 1.0, 0.0]]])
-    out = DCGA()(x)
+    out = DCGA(kernel_size=3, context_weight=0.5)(x)
     sims = out[0] @ F.normalize(x[0], dim=-1).T
     assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0]
 
 
 def test_dcga_empty_and_float64():
-    d = DCGA()
+    d = DCGA(kernel_size=3, context_weight=0.5)
     assert d(torch.zeros(2, 0, 8)).shape == (2, 0, 8)
     out = d(torch.rand(1, 3, 8, dtype=torch.float64))
     assert out.dtype == torch.float64

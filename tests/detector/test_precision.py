@@ -43,10 +43,10 @@ def tiny_dino_models(config):
     """A random tiny DINOv2 + JBU (the samlad feature path, whose matrix products autocast turns
     to bf16) with the classic segmenter (SAM's cost is not what this test is about)."""
     torch.manual_seed(0)
-    backbone = DinoV2Backbone(image_size=112, model_kwargs=dict(depth=2, embed_dim=48, num_heads=2)).eval()
+    backbone = DinoV2Backbone("vit_small_patch14_dinov2.lvd142m", image_size=112, model_kwargs=dict(depth=2, embed_dim=48, num_heads=2)).eval()
     models = build_models(config.detector, CPU)
     models.backbone = backbone
-    models.upsampler = JBUStack(backbone.out_channels, num_stages=2).eval()
+    models.upsampler = JBUStack(backbone.out_channels, num_stages=2, use_norm=True).eval()
     models.shape_weight = 0.0  # part outlines and grain statistics belong to the classic features
     return models
 
@@ -120,8 +120,8 @@ def test_bf16_autocast_follows_fp32_for_the_small_samlad_models():
     """Tiny random DINOv2 + JBU under CPU bf16 autocast: relative error of the upsampled features
     below 3 % (bf16 keeps 8 bits of mantissa: about 0.4 % per rounding, a few roundings deep)."""
     torch.manual_seed(0)
-    backbone = DinoV2Backbone(image_size=112, model_kwargs=dict(depth=2, embed_dim=48, num_heads=2)).eval()
-    upsampler = JBUStack(backbone.out_channels, num_stages=2).eval()
+    backbone = DinoV2Backbone("vit_small_patch14_dinov2.lvd142m", image_size=112, model_kwargs=dict(depth=2, embed_dim=48, num_heads=2)).eval()
+    upsampler = JBUStack(backbone.out_channels, num_stages=2, use_norm=True).eval()
     images01 = torch.rand(2, 3, 112, 112)
     with torch.inference_mode():
         want = upsampler(backbone(images01), images01).float()

@@ -42,13 +42,14 @@ def samlad_config(tmp_path: Path, prompts: str = "full_grid"):
 
 def tiny_samlad_models(config) -> Models:
     torch.manual_seed(0)
-    backbone = DinoV2Backbone(image_size=config.detector.image_size, model_kwargs=TINY_VIT).eval()
-    upsampler = JBUStack(backbone.out_channels, num_stages=config.detector.samlad.upsample_stages).eval()
+    backbone = DinoV2Backbone(config.detector.samlad.backbone, image_size=config.detector.image_size,
+                              model_kwargs=TINY_VIT).eval()
+    upsampler = JBUStack(backbone.out_channels, num_stages=config.detector.samlad.upsample_stages,
+                         use_norm=config.detector.samlad.upsampler_use_norm).eval()
     sam = config.detector.samlad.sam
-    segmenter = SamSegmenter(build_tiny_sam(seed=0), AreaFilter(0.0005, 0.9, 6), points_per_side=sam.points_per_side,
-                             pred_iou_thresh=0.0, stability_score_thresh=0.0, model_name="tiny-random",
-                             prompts=sam.prompts, coarse_points_per_side=sam.coarse_points_per_side)
-    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=DCGA().eval())
+    segmenter = SamSegmenter(build_tiny_sam(seed=0), AreaFilter(0.0005, 0.9, 6), sam, model_name="tiny-random")
+    return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter,
+                  dcga=DCGA(kernel_size=3, context_weight=0.5).eval())
 
 
 def write_images(folder: Path, count: int, seed: int) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from linewatch.config import SamConfig
 from linewatch.detector.segment import (
     AreaFilter,
     ClassicSegmenter,
@@ -21,6 +22,11 @@ from linewatch.detector.segment import (
 )
 from linewatch.detector.weights import WeightsError
 from linewatch.sim import PRODUCTS, render
+
+# What AreaFilter() and ClassicSegmenter(area_filter) were before the constructors lost their
+# defaults (they live in linewatch.config only): these tests keep their numbers.
+WIDE = dict(min_area=0.001, max_area=0.5, max_objects=32)
+THRESHOLD = 4.0
 
 
 def _to01(image: np.ndarray) -> torch.Tensor:
@@ -104,7 +110,7 @@ def test_area_filter_ties_keep_input_order_and_empty() -> None:
     masks[2] = torch.roll(masks[2], 50)  # same area, different pixels
     out = AreaFilter(0.0, 1.0, 32).apply(masks)
     assert torch.equal(out, masks[[1, 0, 2]])
-    empty = AreaFilter().apply(torch.zeros(0, 10, 10, dtype=torch.bool))
+    empty = AreaFilter(**WIDE).apply(torch.zeros(0, 10, 10, dtype=torch.bool))
     assert empty.shape == (0, 10, 10)
 
 
@@ -116,7 +122,7 @@ def fitted() -> dict[str, ClassicSegmenter]:
     segs = {}
     for product in PRODUCTS:
         good = torch.stack([_to01(render(product, np.random.default_rng([1, i]))[0]) for i in range(6)])
-        segs[product] = ClassicSegmenter(AreaFilter()).fit(good)
+        segs[product] = ClassicSegmenter(AreaFilter(**WIDE), THRESHOLD).fit(good)
     return segs
 
 
@@ -160,7 +166,7 @@ def test_classic_state_dict_round_trip(fitted: dict[str, ClassicSegmenter]) -> N
     seg = fitted["breakfast_box"]
     state = seg.state_dict()
     assert set(state) == {"mean", "cov"} and all(isinstance(v, torch.Tensor) for v in state.values())
-    fresh = ClassicSegmenter(AreaFilter())
+    fresh = ClassicSegmenter(AreaFilter(**WIDE), THRESHOLD)
     with pytest.raises(SegmenterError, match="not fitted"):
         fresh(torch.zeros(1, 3, 32, 32))
     fresh.load_state_dict(state)
@@ -175,7 +181,7 @@ def test_classic_state_dict_round_trip(fitted: dict[str, ClassicSegmenter]) -> N
 
 def test_classic_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
-        ClassicSegmenter(AreaFilter()).fit(torch.zeros(3, 8, 8))
+        ClassicSegmenter(AreaFilter(**WIDE), THRESHOLD).fit(torch.zeros(3, 8, 8))
 
 
 # ----------------------------------------------------------------------------- SAM
@@ -190,8 +196,9 @@ def tiny_sam() -> torch.nn.Module:
 def test_sam_segmenter_runs_with_tiny_model(tiny_sam: torch.nn.Module, generator: str) -> None:
     area_filter = AreaFilter(min_area=0.0, max_area=1.0, max_objects=3)
     # random weights: with thresholds at 0 something survives; 2x2 points keeps it ~2 s an image
-    seg = SamSegmenter(tiny_sam, area_filter, points_per_side=2, points_per_batch=4,
-                       pred_iou_thresh=0.0, stability_score_thresh=0.0, model_name="tiny", generator=generator)
+    seg = SamSegmenter(tiny_sam, area_filter, SamConfig(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0,
+                                                       stability_score_thresh=0.0, generator=generator),
+                       model_name="tiny")
     images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     out = seg(images)
     assert len(out) == 2
@@ -215,7 +222,7 @@ def test_sam_segmenter_segments_the_frame_and_returns_working_size_masks(tiny_sa
             masks[0, :10], masks[1, :40], masks[2, :20] = True, True, True
             return type("P", (), {"masks": [masks] * frames.shape[0]})()
 
-    seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2), points_per_side=2)
+    seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2), SamConfig(points_per_side=2))
     seg.generator = Recorder()
     frames = torch.randint(0, 256, (1, 192, 256, 3), dtype=torch.uint8)
     (masks,) = seg(torch.rand(1, 3, 64, 64), frames=frames)
@@ -233,8 +240,8 @@ def test_reference_seeded_prompts_are_the_seeds_then_the_coarse_grid(tiny_sam: t
             seen.update(points=points, valid=valid)
             return type("P", (), {"masks": [torch.zeros(0, *output_size, dtype=torch.bool)] * frames.shape[0]})()
 
-    seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2), prompts="reference_seeded", coarse_points_per_side=1,
-                       points_per_side=2)
+    seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2),
+                       SamConfig(prompts="reference_seeded", coarse_points_per_side=1, points_per_side=2))
     assert seg.wants_seeds and seg.wants_frames
     seg.generator = Recorder()
     frames = torch.zeros((2, 100, 200, 3), dtype=torch.uint8)
@@ -253,11 +260,11 @@ def test_reference_seeded_prompts_are_the_seeds_then_the_coarse_grid(tiny_sam: t
 
 def test_sam_segmenter_refuses_unknown_or_unsupported_settings(tiny_sam: torch.nn.Module) -> None:
     with pytest.raises(SegmenterError, match="unknown SAM generator"):
-        SamSegmenter(tiny_sam, AreaFilter(), generator="fast")
+        SamSegmenter(tiny_sam, AreaFilter(**WIDE), SamConfig.model_construct(generator="fast"))
     with pytest.raises(SegmenterError, match="unknown SAM prompt strategy"):
-        SamSegmenter(tiny_sam, AreaFilter(), prompts="boxes")
+        SamSegmenter(tiny_sam, AreaFilter(**WIDE), SamConfig.model_construct(prompts="boxes"))
     with pytest.raises(SegmenterError, match="grid prompts only"):
-        SamSegmenter(tiny_sam, AreaFilter(), generator="segment_anything", prompts="reference_seeded")
+        SamSegmenter(tiny_sam, AreaFilter(**WIDE), SamConfig(generator="segment_anything", prompts="reference_seeded"))
 
 
 class _StubGenerator:
@@ -276,7 +283,8 @@ class _StubGenerator:
 
 
 def test_sam_segmenter_filters_by_record_area(tiny_sam: torch.nn.Module) -> None:
-    seg = SamSegmenter(tiny_sam, AreaFilter(min_area=0.05, max_area=0.5, max_objects=32), generator="segment_anything")
+    seg = SamSegmenter(tiny_sam, AreaFilter(min_area=0.05, max_area=0.5, max_objects=32),
+                       SamConfig(generator="segment_anything"))
     seg.generator = _StubGenerator([4, 60, 10, 30, 50], 10, 10)  # fractions .04 .6 .1 .3 .5
     (masks,) = seg(torch.rand(1, 3, 10, 10))
     assert masks.flatten(1).sum(1).tolist() == [50, 30, 10]
@@ -307,12 +315,55 @@ def test_sam_weights_missing_key_names_file_and_key(tiny_sam: torch.nn.Module, t
 
 def test_build_sam_segmenter_errors(tmp_path: Path) -> None:
     with pytest.raises(SegmenterError, match="vit_x"):
-        build_sam_segmenter("vit_x", None, AreaFilter())
+        build_sam_segmenter(SamConfig.model_construct(kind="vit_x"), None, AreaFilter(**WIDE))
     with pytest.raises(WeightsError, match="nowhere.pth"):
-        build_sam_segmenter("vit_b", tmp_path / "nowhere.pth", AreaFilter())
+        build_sam_segmenter(SamConfig(kind="vit_b"), tmp_path / "nowhere.pth", AreaFilter(**WIDE))
     partial = tmp_path / "sam_vit_b_partial.pth"
     torch.save({"image_encoder.pos_embed": torch.zeros(1)}, partial)
     with pytest.raises(WeightsError) as info:
-        build_sam_segmenter("vit_b", partial, AreaFilter())
+        build_sam_segmenter(SamConfig(kind="vit_b"), partial, AreaFilter(**WIDE))
     assert str(partial) in str(info.value) and "missing keys" in str(info.value)
     assert "image_encoder.blocks.0.attn.proj.bias" in str(info.value)  # first missing key, sorted
+
+
+# ----------------------------------------------------------------------------- the Segmenter protocol
+
+
+def test_every_segmenter_declares_its_capabilities(tiny_sam: torch.nn.Module) -> None:
+    """The detector reads wants_frames / wants_seeds / compile_encoder as declared, never probes for them."""
+    from linewatch.detector.segment import Segmenter
+
+    classic = ClassicSegmenter(AreaFilter(**WIDE), THRESHOLD)
+    grid = SamSegmenter(tiny_sam, AreaFilter(**WIDE), SamConfig())
+    seeded = SamSegmenter(tiny_sam, AreaFilter(**WIDE), SamConfig(prompts="reference_seeded"))
+    for seg in (classic, grid, seeded):
+        assert isinstance(seg, Segmenter)
+    assert (classic.wants_frames, classic.wants_seeds) == (False, False)
+    assert (grid.wants_frames, grid.wants_seeds) == (True, False)
+    assert (seeded.wants_frames, seeded.wants_seeds) == (True, True)
+    classic.compile_encoder()  # nothing to compile, and no error
+
+
+def test_models_refuse_a_segmenter_that_does_not_declare_its_capabilities() -> None:
+    from linewatch.config import DetectorConfig
+    from linewatch.detector.backends.base import Models, build_dcga
+    from linewatch.detector.backbone import ClassicFeatures
+    from linewatch.detector.upsample import ClassicJointBilateralUpsampler
+
+    class Bare:  # callable with an identity, but says nothing about frames, seeds or compiling
+        identity = "bare"
+
+        def __call__(self, images01, frames=None, seeds=None):
+            return [torch.zeros(0, *images01.shape[-2:], dtype=torch.bool)] * images01.shape[0]
+
+    with pytest.raises(TypeError, match="wants_frames.*wants_seeds.*compile_encoder"):
+        Models(backbone=ClassicFeatures(stride=4, position_gain=2.0),
+               upsampler=ClassicJointBilateralUpsampler(num_stages=1), segmenter=Bare(),
+               dcga=build_dcga(DetectorConfig()))
+
+
+def test_area_filter_from_config_is_detector_objects() -> None:
+    from linewatch.config import ObjectFilterConfig
+
+    objects = ObjectFilterConfig(min_area=0.01, max_area=0.4, max_objects=5)
+    assert AreaFilter.from_config(objects) == AreaFilter(min_area=0.01, max_area=0.4, max_objects=5)

@@ -15,6 +15,7 @@ from linewatch.detector.weights import WeightsError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+FEATUP = dict(num_stages=3, use_norm=True)  # what load_featup_jbu defaulted to: FeatUp's published DINOv2 JBU at 8x
 
 
 def featup_state(channels: int, use_norm: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -117,8 +118,8 @@ def test_loader_accepts_plain_and_safetensors_state_dicts(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "jbu.safetensors"))
     feats, images = torch.randn(1, 4, 4, 4), torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        a = load_featup_jbu(tmp_path / "plain.pth", 4)(feats, images)
-        b = load_featup_jbu(tmp_path / "jbu.safetensors", 4)(feats, images)
+        a = load_featup_jbu(tmp_path / "plain.pth", 4, **FEATUP)(feats, images)
+        b = load_featup_jbu(tmp_path / "jbu.safetensors", 4, **FEATUP)(feats, images)
     assert torch.equal(a, b)
 
 
@@ -128,7 +129,7 @@ def test_missing_key_raises_naming_file_and_key(tmp_path):
     path = tmp_path / "broken.ckpt"
     torch.save({"state_dict": state}, path)
     with pytest.raises(WeightsError) as info:
-        load_featup_jbu(path, 4)
+        load_featup_jbu(path, 4, **FEATUP)
     assert "upsampler.up3.fixup_proj.3.bias" in str(info.value)
     assert str(path) in str(info.value)
 
@@ -137,13 +138,13 @@ def test_shape_mismatch_and_norm_mismatch_raise(tmp_path):
     path = tmp_path / "c4.ckpt"
     torch.save({"state_dict": featup_state(4)}, path)
     with pytest.raises(WeightsError, match=r"upsampler\.fixup_proj\.1\.weight"):
-        load_featup_jbu(path, channels=8)
+        load_featup_jbu(path, channels=8, **FEATUP)
     with pytest.raises(WeightsError, match="use_norm=False"):
-        load_featup_jbu(path, channels=4, use_norm=False)
+        load_featup_jbu(path, channels=4, num_stages=3, use_norm=False)
     no_norm = tmp_path / "no_norm.ckpt"
     torch.save({"state_dict": featup_state(4, use_norm=False)}, no_norm)
     with pytest.raises(WeightsError, match=r"model\.1\.norm\.weight"):
-        load_featup_jbu(no_norm, channels=4, use_norm=True)
+        load_featup_jbu(no_norm, channels=4, num_stages=3, use_norm=True)
 
 
 def test_unexpected_upsampler_key_raises(tmp_path):
@@ -152,23 +153,23 @@ def test_unexpected_upsampler_key_raises(tmp_path):
     path = tmp_path / "five.ckpt"
     torch.save({"state_dict": state}, path)
     with pytest.raises(WeightsError, match=r"upsampler\.up5\.range_temp"):
-        load_featup_jbu(path, 4)
+        load_featup_jbu(path, 4, **FEATUP)
 
 
 def test_identity_tracks_weights_and_config(tmp_path):
     torch.save({"state_dict": featup_state(4, seed=0)}, tmp_path / "a.ckpt")
     torch.save({"state_dict": featup_state(4, seed=1)}, tmp_path / "b.ckpt")
-    a3 = load_featup_jbu(tmp_path / "a.ckpt", 4, num_stages=3)
-    a2 = load_featup_jbu(tmp_path / "a.ckpt", 4, num_stages=2)
-    b3 = load_featup_jbu(tmp_path / "b.ckpt", 4, num_stages=3)
+    a3 = load_featup_jbu(tmp_path / "a.ckpt", 4, num_stages=3, use_norm=True)
+    a2 = load_featup_jbu(tmp_path / "a.ckpt", 4, num_stages=2, use_norm=True)
+    b3 = load_featup_jbu(tmp_path / "b.ckpt", 4, num_stages=3, use_norm=True)
     assert len({a3.identity, a2.identity, b3.identity}) == 3
-    assert a3.identity == load_featup_jbu(tmp_path / "a.ckpt", 4, num_stages=3).identity
+    assert a3.identity == load_featup_jbu(tmp_path / "a.ckpt", 4, num_stages=3, use_norm=True).identity
 
 
 def test_jbu_stack_realistic_size_shape():
     """DINOv2 at 224: 16 x 16 -> 128 x 128 in 3 stages (64 channels instead of 384 to keep the
     test fast; the channel count only scales the work)."""
-    stack = JBUStack(64, num_stages=3).eval()
+    stack = JBUStack(64, num_stages=3, use_norm=True).eval()
     with torch.no_grad():
         out = stack(torch.randn(1, 64, 16, 16), torch.rand(1, 3, 224, 224))
     assert out.shape == (1, 64, 128, 128)

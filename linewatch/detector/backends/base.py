@@ -24,7 +24,7 @@ from torch import nn
 
 from linewatch.detector.bank import BankError
 from linewatch.detector.describe import DCGA
-from linewatch.detector.segment import AreaFilter
+from linewatch.detector.segment import AreaFilter, Segmenter
 
 if TYPE_CHECKING:
     from linewatch.config import DetectorConfig
@@ -34,9 +34,16 @@ if TYPE_CHECKING:
 class Models:
     backbone: nn.Module  # images01 (B, 3, S, S) -> (B, C, h, w); .identity
     upsampler: nn.Module  # (features, images01) -> (B, C, H', W'); .identity
-    segmenter: Any  # images01 -> list of (M_b, S, S) bool; .identity
+    segmenter: Segmenter  # images01 (B, 3, S, S) -> list of (M_b, S, S) bool; declares what it needs
     dcga: DCGA
     shape_weight: float = 0.0  # weight of the parts' outline descriptors (linewatch.detector.shape); 0: unused
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.segmenter, Segmenter):
+            missing = [name for name in ("wants_frames", "wants_seeds", "identity", "compile_encoder")
+                       if not hasattr(self.segmenter, name)]
+            raise TypeError(f"{type(self.segmenter).__name__} is not a Segmenter (linewatch.detector.segment): "
+                            f"it lacks {missing}")
 
 
 class Backend(ABC):
@@ -83,8 +90,7 @@ class Backend(ABC):
 
 def area_filter(config: "DetectorConfig") -> AreaFilter:
     """Which segments count as objects (detector.objects), for any backend's segmenter."""
-    o = config.objects
-    return AreaFilter(min_area=o.min_area, max_area=o.max_area, max_objects=o.max_objects)
+    return AreaFilter.from_config(config.objects)
 
 
 def build_dcga(config: "DetectorConfig") -> DCGA:

@@ -36,18 +36,6 @@ class SamLadBackend(Backend):
             num_stages=s.upsample_stages,
             use_norm=s.upsampler_use_norm,
         )
-        segmenter = build_sam_segmenter(
-            s.sam.kind,
-            _checkpoint(s.sam.checkpoint, s.weights_dir),
-            area_filter(config),
-            device=device,
-            points_per_side=s.sam.points_per_side,
-            coarse_points_per_side=s.sam.coarse_points_per_side,
-            generator=s.sam.generator,
-            prompts=s.sam.prompts,
-            points_per_batch=s.sam.points_per_batch,
-            pred_iou_thresh=s.sam.pred_iou_thresh,
-            stability_score_thresh=s.sam.stability_score_thresh,
-            box_nms_thresh=s.sam.box_nms_thresh,
-        )
+        segmenter = build_sam_segmenter(s.sam, _checkpoint(s.sam.checkpoint, s.weights_dir), area_filter(config),
+                                        device=device)
         return Models(backbone=backbone, upsampler=upsampler, segmenter=segmenter, dcga=build_dcga(config))
