@@ -33,14 +33,14 @@ def test_requests_load_the_documented_config_and_bank(small_bank, second_bank, o
     loaded = loader(str(second_bank), None, first)
     assert loaded.path == str(second_bank) and loaded.warnings == []
     assert loaded.processor.bank.bank_id != first.bank_id
-    assert loaded.processor.recipe.models is first.recipe.models  # reused: nothing rebuilt
+    assert loader.recipe_of(loaded.processor).models is loader.recipe_of(first).models  # reused: nothing rebuilt
 
     # --config alone: that file and its bank.path; other model settings: new models
     other = write_config(tmp_path / "other.yaml", other_settings_bank, {**DETECTOR, "image_size": 56}, max_batch=2)
     loaded = loader(None, str(other), first)
     assert loaded.path == str(other_settings_bank)
     assert loaded.processor.config.image_size == 56
-    assert loaded.processor.recipe.models is not first.recipe.models
+    assert loader.recipe_of(loaded.processor).models is not loader.recipe_of(first).models
     assert loaded.warnings == ["runtime.batch.max_batch: running with 4, the config says 2 (applies after a restart)"]
 
     # neither: what a restart would load, the serve config read again (edited meanwhile)
