@@ -1,11 +1,12 @@
 """`linewatch demo`: a synthetic production line on loopback, end to end, without weights or GPU.
 
   1. the weights-free `classic` backend (honestly labelled: not SAM-LAD's accuracy)
-  2. synthetic good images of one product -> a template bank, calibrated on held-out and leave-one-out good ones
+  2. synthetic good images of one product -> a template bank, calibrated on held-out and leave-one-out good ones,
+     loaded as `serve` loads one (linewatch.recipe.load_processor)
   3. the daemon, in this process, on free loopback ports (never collides with a running one)
-  4. a tap on the verdict stream
-  5. a camera: frames rendered on the fly (good and defective, known ground truth), sent in
-     the linewatch wire format at --fps
+  4. a tap on the verdict stream (linewatch.runtime.tap)
+  5. a camera: frames rendered on the fly (good and defective, known ground truth), sent by the
+     replay sender (linewatch.runtime.replay) in the linewatch wire format at --fps
   6. one line per verdict, then a summary checked against what was sent and a live /metrics scrape;
      the live page (/live on the metrics server) shows the same line in a browser
 
@@ -22,8 +23,13 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from linewatch.config import Config
+    from linewatch.detector.inspector import Inspector
 
 # == configs/demo.yaml `detector` (tests/test_demo.py checks they agree)
 DEMO_DETECTOR = {
@@ -155,7 +161,8 @@ def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", 
         return 0 if exactly_once else 1
 
 
-def _load_or_build_bank(config, bank_path: Path, work: Path, product: str, seed: int, show_path: bool):
+def _load_or_build_bank(config: Config, bank_path: Path, work: Path, product: str, seed: int,
+                        show_path: bool) -> Inspector:
     """The Inspector the demo serves: the bank at `bank_path` when an earlier --workdir run left
     one that still fits, else one built from freshly rendered good images (and saved there)."""
     from linewatch.bank_builder import build_bank
