@@ -53,6 +53,8 @@ class NoopProcessor:
 
     backend = "noop"
     bank_id = "bench"
+    bank_images = 0
+    calibration = None
 
     def __init__(self, costs: list[tuple[str, float]] | None = None, fail_share: float = 0.0) -> None:
         """`fail_share`: this fraction of the results fail (spread evenly, `is_fail`; a failed
@@ -78,6 +80,9 @@ class NoopProcessor:
             return stage
 
         self.stages = [(name, make(i, c)) for i, (name, c) in enumerate(costs)]
+
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """Judges any image."""
 
 
 

@@ -24,7 +24,7 @@ from linewatch import __version__
 from linewatch.config import Config
 from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankManifest, TemplateBank
-from linewatch.detector.calibration import calibrate
+from linewatch.detector.calibration import Calibration, calibrate
 from linewatch.detector.fusion import branch_normalisation, fuse_scores
 from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector, pad_masks
 from linewatch.detector.models import Models, build_models, select_device
@@ -208,10 +208,10 @@ def build_bank(
         source_shape=list(good[0].shape),
         image_size=det.image_size,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        calibration={"threshold": None},
+        calibration=Calibration(threshold=None),  # judged with threshold inf until calibrated below
         bank_id=content.hexdigest()[:12],
     )
-    bank = TemplateBank(**tensors, manifest=manifest.to_dict(), segmenter_state=state)
+    bank = TemplateBank(**tensors, manifest=manifest, segmenter_state=state)
 
     if det.measure.normalize_objects:
         bank.object_noise = object_noise_levels(Inspector(det, models, bank=bank, device=device), batch_size, progress)
@@ -239,9 +239,9 @@ def build_bank(
                                 confidence=config.calibration.confidence)
     except ValueError as e:
         raise BankBuildError(f"{good_dir}: cannot calibrate the threshold: {e}") from None
-    manifest.calibration = dict(calibration.to_manifest(), source=" + ".join(sources))
+    # what the bank file will hold (the scores rounded), so that this bank and its file judge alike
+    manifest.calibration = Calibration.from_manifest(dict(calibration.to_manifest(), source=" + ".join(sources)))
     if calibration.warning:
         log(f"WARNING: calibration: {calibration.warning}")
     manifest.build_seconds = round(time.time() - started, 2)
-    bank.manifest = manifest.to_dict()
     return bank

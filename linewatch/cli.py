@@ -84,13 +84,13 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     )
     out = Path(args.out or config.bank.path)
     bank.save(out)
-    cal = bank.manifest["calibration"]
+    cal = bank.calibration
     print(
-        f"bank {bank.bank_id}: {bank.size} good images, threshold {cal['threshold']:.4g} "
-        f"({cal['method']} of n={cal['n']} good scores: {cal['source']}); false-reject rate: "
-        f"target {cal['target_false_reject_rate']:.2%}, expected {cal['expected_false_reject_rate']:.2%} "
-        f"({cal['confidence']:.0%} CI {cal['ci_low']:.2%} to {cal['ci_high']:.2%}; "
-        + ("enough good images" if cal["enough"] else f"needs {cal['n_required']} good images, see the WARNING")
+        f"bank {bank.bank_id}: {bank.size} good images, threshold {cal.threshold:.4g} "
+        f"({cal.method} of n={cal.n} good scores: {cal.source}); false-reject rate: "
+        f"target {cal.target_false_reject_rate:.2%}, expected {cal.expected_false_reject_rate:.2%} "
+        f"({cal.confidence:.0%} CI {cal.ci_low:.2%} to {cal.ci_high:.2%}; "
+        + ("enough good images" if cal.enough else f"needs {cal.n_required} good images, see the WARNING")
         + f") -> {out}"
     )
     return 0
@@ -99,18 +99,7 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
 def cmd_bank_info(args: argparse.Namespace) -> int:
     from linewatch.detector.bank import TemplateBank
 
-    bank = TemplateBank.load(args.bank)
-    manifest = dict(bank.manifest)
-    manifest["calibration"] = {k: v for k, v in manifest["calibration"].items() if k != "scores"}
-    for stats in (manifest.get("score_normalisation") or {}).values():
-        stats.pop("scores", None)
-    manifest.pop("source_files", None)
-    manifest["tensors"] = {
-        "features": list(bank.features.shape),
-        "masks": list(bank.masks.shape),
-        "objects_per_image": bank.object_valid.sum(1).tolist(),
-    }
-    print(json.dumps(manifest, indent=2))
+    print(json.dumps(TemplateBank.load(args.bank).info(), indent=2))
     return 0
 
 
@@ -123,10 +112,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from linewatch.images import ImageError, read_image, write_image
     from linewatch.overlay import render_overlay
 
-    config = load_config(args.config)
-    from linewatch.detector.inspector import load_inspector
+    from linewatch.recipe import load_processor
 
-    inspector = load_inspector(config, args.bank)
+    config = load_config(args.config)
+    inspector, _ = load_processor(config, args.bank or config.bank.path)
     print(f"backend: {BACKEND_LABELS[config.detector.backend]}; bank {inspector.bank_id}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

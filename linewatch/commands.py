@@ -46,26 +46,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # a port in use, an endpoint that cannot be opened
         print(f"linewatch: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    calibration = inspector.bank.manifest.get("calibration", {})
+    calibration = inspector.bank.calibration  # fields absent in banks built before are None
     log.info(
         "serving",
         backend=BACKEND_LABELS[config.detector.backend],
         bank_id=inspector.bank_id,
-        bank_images=inspector.bank.size,
+        bank_images=inspector.bank_images,
         threshold=round(float(inspector.bank.threshold), 6),
-        target_false_reject_rate=calibration.get("target_false_reject_rate"),
-        expected_false_reject_rate=calibration.get("expected_false_reject_rate"),  # absent in banks built before
-        false_reject_rate_ci=[calibration.get("ci_low"), calibration.get("ci_high")],
-        calibration_confidence=calibration.get("confidence"),
-        calibration_method=calibration.get("method"),
-        calibration_scores=calibration.get("n"),
-        calibration_scores_required=calibration.get("n_required"),
+        target_false_reject_rate=calibration.target_false_reject_rate,
+        expected_false_reject_rate=calibration.expected_false_reject_rate,
+        false_reject_rate_ci=[calibration.ci_low, calibration.ci_high],
+        calibration_confidence=calibration.confidence,
+        calibration_method=calibration.method,
+        calibration_scores=calibration.n,
+        calibration_scores_required=calibration.n_required,
         ingest=[f"{url} ({e.protocol}, {e.mode})" for url, e in zip(daemon.ingest.bound_urls, config.runtime.ingest.endpoints)],
         verdicts=daemon.publisher.bound_url,
         metrics=f"{daemon.health.scheme}://{daemon.health.host}:{daemon.health.port}/metrics",
     )
-    if calibration.get("warning"):
-        log.warning("calibration_too_few_good_images", warning=calibration["warning"])
+    if calibration.warning:
+        log.warning("calibration_too_few_good_images", warning=calibration.warning)
     code = daemon.run_until_signal()
     exit_now_if_a_stage_still_runs(daemon.pipeline.running_after_stop(), code, log)
     return code

@@ -79,14 +79,14 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
     if config_only:
         return done
     from linewatch.detector.bank import BankError
-    from linewatch.detector.inspector import load_inspector
+    from linewatch.recipe import load_processor
 
     bank_path = Path(bank or config.bank.path)
     if not bank_path.is_file():
         raise BankError(f"{bank_path}: no bank file here (bank.path{'' if bank is None else ' / --bank'}); build one "
                         f"with `linewatch bank build -c {path} --good GOOD_DIR --validation HELD_OUT_DIR --out "
                         f"{bank_path}`, or check only the file with --config-only")
-    inspector = load_inspector(config, str(bank_path))
+    inspector, _ = load_processor(config, bank_path)
     done.append(f"models: {config.detector.backend} backend built on {inspector.device}")
     done.append(f"bank: {bank_path} ({inspector.bank_id}, {inspector.bank.size} good images) fits the detector "
                 f"settings and the false-reject target {config.calibration.target_false_reject_rate}")

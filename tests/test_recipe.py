@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -33,14 +34,14 @@ def test_requests_load_the_documented_config_and_bank(small_bank, second_bank, o
     loaded = loader(str(second_bank), None, first)
     assert loaded.path == str(second_bank) and loaded.warnings == []
     assert loaded.processor.bank.bank_id != first.bank_id
-    assert loaded.processor.recipe.models is first.recipe.models  # reused: nothing rebuilt
+    assert loader.recipe_of(loaded.processor).models is loader.recipe_of(first).models  # reused: nothing rebuilt
 
     # --config alone: that file and its bank.path; other model settings: new models
     other = write_config(tmp_path / "other.yaml", other_settings_bank, {**DETECTOR, "image_size": 56}, max_batch=2)
     loaded = loader(None, str(other), first)
     assert loaded.path == str(other_settings_bank)
     assert loaded.processor.config.image_size == 56
-    assert loaded.processor.recipe.models is not first.recipe.models
+    assert loader.recipe_of(loaded.processor).models is not loader.recipe_of(first).models
     assert loaded.warnings == ["runtime.batch.max_batch: running with 4, the config says 2 (applies after a restart)"]
 
     # neither: what a restart would load, the serve config read again (edited meanwhile)
@@ -88,3 +89,86 @@ def test_runtime_differences_name_each_key():
     assert runtime_differences(running, running) == []
     assert [w.split(":")[0] for w in runtime_differences(running, wanted)] == ["runtime.batch.max_batch",
                                                                              "runtime.control.socket"]
+
+
+def _spy_on_the_loader(monkeypatch) -> list[str]:
+    """Record every load_processor call (the bank each loads: a path, or "in memory")."""
+    import linewatch.recipe as recipe
+    from linewatch.detector.bank import TemplateBank
+
+    calls: list[str] = []
+    real = recipe.load_processor
+
+    def spy(config, bank, *args, **kwargs):
+        calls.append("in memory" if isinstance(bank, TemplateBank) else str(bank))
+        return real(config, bank, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "load_processor", spy)
+    return calls
+
+
+def test_every_command_loads_its_bank_through_load_processor(small_bank, second_bank, tmp_path, monkeypatch):
+    from linewatch.cli import main
+    from linewatch.config_cli import check_config
+    from linewatch.demo import _load_or_build_bank
+
+    calls = _spy_on_the_loader(monkeypatch)
+    serve_config = write_config(tmp_path / "serve.yaml", small_bank)
+    config = load_config(serve_config)
+
+    loader = RecipeLoader(str(serve_config), None, config.runtime, quiet_log())
+    first = loader.load(config, str(small_bank))  # serve
+    assert calls == [str(small_bank)]
+    loader(str(second_bank), None, first)  # bank switch (and SIGHUP)
+    assert calls[1:] == [str(second_bank)]
+
+    image = tmp_path / "frame.png"
+    image.write_bytes(b"not a picture")  # the bank is loaded before the images are read
+    main(["inspect", "-c", str(serve_config), "--bank", str(second_bank), "--out", str(tmp_path / "out"), str(image)])
+    assert calls[2:] == [str(second_bank)]
+
+    check_config(str(serve_config))  # config check: the config's bank.path
+    assert calls[3:] == [str(small_bank)]
+
+    inspector = _load_or_build_bank(config, small_bank, tmp_path, "screw_tray", 0, show_path=False)  # the demo's
+    assert calls[4:] == [str(small_bank)] and inspector.bank_id == first.bank_id
+
+
+def test_the_processor_has_all_the_runtime_needs(small_bank):
+    from linewatch.detector.bank import TemplateBank
+    from linewatch.recipe import load_processor
+    from linewatch.runtime.pipeline import Processor
+
+    config = config_from_dict({"detector": DETECTOR})
+    inspector, recipe = load_processor(config, small_bank)
+    bank = TemplateBank.load(small_bank)
+    declared = set(Processor.__annotations__) | {"check_image"}
+    assert declared == {"backend", "bank_id", "bank_images", "calibration", "stages", "check_image"}
+    assert all(hasattr(inspector, name) for name in declared)
+    assert inspector.bank_images == bank.size and inspector.calibration == bank.calibration
+    assert recipe.config is config and inspector.device == recipe.device
+    with pytest.raises(ValueError, match="good images are"):
+        inspector.check_image(np.zeros((8, 8, 3), np.uint8), "small")
+
+
+def test_load_processor_shares_fitting_models_and_refuses_a_bank_before_building_any(small_bank, monkeypatch):
+    import linewatch.recipe as recipe
+    from linewatch.detector.bank import BankError
+
+    config = config_from_dict({"detector": DETECTOR})
+    first, shared = recipe.load_processor(config, small_bank)
+    other = config_from_dict({"detector": DETECTOR, "runtime": {"batch": {"max_batch": 2}}})  # the same models
+    _, again = recipe.load_processor(other, small_bank, shared)
+    assert again.models is shared.models and again.config is other
+    bigger = config_from_dict({"detector": {**DETECTOR, "image_size": 56}})
+    assert not shared.fits(bigger)
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models built for a bank that does not fit")
+
+    monkeypatch.setattr(recipe, "build_models", no_models)
+    stricter = config_from_dict({"detector": DETECTOR, "calibration": {"target_false_reject_rate": 0.01}})
+    with pytest.raises(BankError, match="calibrated for calibration.target_false_reject_rate"):
+        recipe.load_processor(stricter, small_bank)
+    with pytest.raises(BankError, match="no bank file"):
+        recipe.load_processor(config, small_bank.parent / "absent.lwbank")

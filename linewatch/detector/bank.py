@@ -10,14 +10,21 @@ refused with a message that lists what differs.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from linewatch.detector.calibration import Calibration
 
 BANK_FORMAT_VERSION = 2  # 2: part outlines and grain statistics (shapes, textures)
 IDENTITY_KEYS = ("backend", "backbone", "upsampler", "segmenter", "config_hash")
@@ -36,10 +43,12 @@ class BankManifest:
 
     identity: Inspector.identity() of the models and config that built it. settings: the
     config's fingerprint_settings(), to name a difference. source / source_files /
-    source_shape: the good images (folder, file names, (H, W, 3)). calibration: the
-    calibration record (`Calibration.to_manifest()` plus "source"; threshold None until
-    calibrated). score_normalisation: each branch's spread on good images, with the good scores it was measured on (fused score only).
-    `TemplateBank.manifest` holds it as the plain dict `to_dict()` gives.
+    source_shape: the good images (folder, file names, (H, W, 3)). calibration: the threshold
+    and what it promises (`Calibration`; threshold None until calibrated). score_normalisation:
+    each branch's spread on good images, with the good scores it was measured on (fused score
+    only). The fields that default to None are absent in banks built before them (and left out
+    of the file while None). `to_dict` / `from_dict` are the JSON form the bank file carries;
+    `from_dict` checks every key against these fields' types.
     """
 
     linewatch_version: str
@@ -51,37 +60,34 @@ class BankManifest:
     source_shape: list[int]
     image_size: int
     created: str
-    calibration: dict[str, Any]
+    calibration: Calibration
     bank_id: str
     score_normalisation: dict[str, Any] | None = None
     build_seconds: float | None = None
     format_version: int = BANK_FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; the optional keys that are None are left out."""
-        return {k: v for k, v in asdict(self).items() if not (v is None and k in _OPTIONAL_KEYS)}
+        """JSON-ready dict (a copy); the optional keys that are None are left out."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name in _OPTIONAL_KEYS:
+                continue
+            out[f.name] = value.to_manifest() if isinstance(value, Calibration) else copy.deepcopy(value)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "bank") -> "BankManifest":
         """Validate `data` (a manifest as read from a bank file); a BankError names the key."""
         if not isinstance(data, dict):
             raise BankError(f"{source}: the bank manifest is {type(data).__name__}, not a mapping; rebuild the bank")
-        unknown = sorted(set(data) - set(_MANIFEST_KEYS))
-        if unknown:
-            raise BankError(f"{source}: the bank manifest has unknown keys {unknown}; rebuild the bank")
-        for key, (kinds, item) in _MANIFEST_KEYS.items():
-            if key not in data:
-                if key in _OPTIONAL_KEYS:
-                    continue
-                raise BankError(f"{source}: the bank manifest lacks {key!r}; rebuild the bank")
-            value = data[key]
-            if not _is(value, kinds) or (item is not None and value is not None and not _items_are(value, item)):
-                want = " or ".join(k.__name__ for k in kinds) + (f" of {item.__name__}" if item else "")
-                raise BankError(f"{source}: the bank manifest's {key!r} is {value!r:.80}, expected {want}; "
-                                "rebuild the bank")
-        if "threshold" not in data["calibration"] or not _is(data["calibration"]["threshold"], (float, type(None))):
+        _check_keys(data, _MANIFEST_KEYS, _OPTIONAL_KEYS, "the bank manifest", source)
+        calibration = data["calibration"]
+        if "threshold" not in calibration or not _is(calibration["threshold"], (float, type(None))):
             raise BankError(f"{source}: bank has no calibration threshold; rebuild the bank")
-        return cls(**data)
+        _check_keys(calibration, _CALIBRATION_KEYS, frozenset(_CALIBRATION_KEYS) - {"threshold"},
+                    "the bank manifest's calibration", source)
+        return cls(**dict(data, calibration=Calibration.from_manifest(calibration)))
 
 
 def _is(value: Any, kinds: tuple[type, ...]) -> bool:
@@ -98,24 +104,49 @@ def _items_are(value: Any, kind: type) -> bool:
     return all(_is(v, (kind,)) for v in items)
 
 
-# manifest key -> (accepted types, type of its items or values (None: any))
-_MANIFEST_KEYS: dict[str, tuple[tuple[type, ...], type | None]] = {
-    "linewatch_version": ((str,), None),
-    "identity": ((dict,), str),
-    "settings": ((dict,), None),
-    "images": ((int,), None),
-    "source": ((str,), None),
-    "source_files": ((list,), str),
-    "source_shape": ((list,), int),
-    "image_size": ((int,), None),
-    "created": ((str,), None),
-    "calibration": ((dict,), None),
-    "bank_id": ((str,), None),
-    "score_normalisation": ((dict, type(None)), None),
-    "build_seconds": ((float, type(None)), None),
-    "format_version": ((int,), None),
-}
-_OPTIONAL_KEYS = frozenset({"score_normalisation", "build_seconds"})
+def _check_keys(data: dict[str, Any], table: dict[str, tuple[tuple[type, ...], type | None]], optional: frozenset[str],
+                what: str, source: str) -> None:
+    """Refuse unknown keys, a missing key that is not optional and a value of another type."""
+    unknown = sorted(set(data) - set(table))
+    if unknown:
+        raise BankError(f"{source}: {what} has unknown keys {unknown}; rebuild the bank")
+    for key, (kinds, item) in table.items():
+        if key not in data:
+            if key in optional:
+                continue
+            raise BankError(f"{source}: {what} lacks {key!r}; rebuild the bank")
+        value = data[key]
+        if not _is(value, kinds) or (item is not None and value is not None and not _items_are(value, item)):
+            want = " or ".join(k.__name__ for k in kinds) + (f" of {item.__name__}" if item else "")
+            raise BankError(f"{source}: {what}'s {key!r} is {value!r:.80}, expected {want}; rebuild the bank")
+
+
+def _json_types(annotation: Any) -> tuple[tuple[type, ...], type | None]:
+    """(accepted types, type of its items or values (None: any)) of a field's value in JSON: a
+    tuple is a list there, a nested record (dataclass) a dict checked on its own."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = tuple(kind for arg in args for kind in _json_types(arg)[0])
+        items = [item for arg in args if (item := _json_types(arg)[1]) is not None]
+        return kinds, items[0] if items else None
+    if origin is dict:
+        return (dict,), None if args[1] is Any else args[1]
+    if origin in (list, tuple):
+        return (list,), args[0]
+    if dataclasses.is_dataclass(annotation):
+        return (dict,), None
+    return (annotation,), None
+
+
+def _key_table(record: type) -> dict[str, tuple[tuple[type, ...], type | None]]:
+    """Each field of the record class -> the JSON types `_check_keys` accepts for it."""
+    hints = typing.get_type_hints(record)
+    return {f.name: _json_types(hints[f.name]) for f in fields(record)}
+
+
+_MANIFEST_KEYS = _key_table(BankManifest)
+_OPTIONAL_KEYS = frozenset(f.name for f in fields(BankManifest) if f.default is None)
+_CALIBRATION_KEYS = _key_table(Calibration)
 
 
 @dataclass
@@ -135,8 +166,8 @@ class TemplateBank:
         texture_channels` averaged over its mask); T = 0 when the backend does not use them.
     segmenter_state: the backend's state fitted on the good images (`Backend.fit`: the classic
         background colour model; empty for samlad), saved under "segmenter." in the file.
-    manifest: identity, calibration and provenance, `BankManifest.to_dict()` (a plain dict for
-        its many readers; `load` validates it through `BankManifest.from_dict`).
+    manifest: identity, calibration and provenance (`load` validates the file's through
+        `BankManifest.from_dict`).
     """
 
     retrieval: torch.Tensor
@@ -148,7 +179,7 @@ class TemplateBank:
     object_noise: torch.Tensor
     shapes: torch.Tensor
     textures: torch.Tensor
-    manifest: dict[str, Any]
+    manifest: BankManifest
     segmenter_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,11 +194,32 @@ class TemplateBank:
 
     @property
     def bank_id(self) -> str:
-        return str(self.manifest.get("bank_id", "unknown"))
+        return self.manifest.bank_id
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.manifest.calibration
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["calibration"]["threshold"])
+        """The fail threshold (fail when score > threshold); inf until calibrated: nothing fails."""
+        threshold = self.manifest.calibration.threshold
+        return math.inf if threshold is None else float(threshold)
+
+    def info(self) -> dict[str, Any]:
+        """What `linewatch bank info` shows: the manifest without the good scores (calibration,
+        score normalisation) and the good images' file names, then the tensors' sizes."""
+        out = self.manifest.to_dict()
+        out["calibration"].pop("scores")
+        for stats in (out.get("score_normalisation") or {}).values():
+            stats.pop("scores", None)
+        out.pop("source_files")
+        out["tensors"] = {
+            "features": list(self.features.shape),
+            "masks": list(self.masks.shape),
+            "objects_per_image": self.object_valid.sum(1).tolist(),
+        }
+        return out
 
     def to(self, device: torch.device | str) -> "TemplateBank":
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_NAMES}
@@ -194,7 +246,7 @@ class TemplateBank:
         tensors["object_valid"] = tensors["object_valid"].to(torch.uint8)
         for key, value in self.segmenter_state.items():
             tensors[_SEGMENTER_PREFIX + key] = value.contiguous().cpu()
-        manifest = dict(self.manifest, format_version=BANK_FORMAT_VERSION)
+        manifest = dict(self.manifest.to_dict(), format_version=BANK_FORMAT_VERSION)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
         save_file(tensors, str(tmp), metadata={"linewatch_manifest": json.dumps(manifest)})
@@ -227,14 +279,14 @@ class TemplateBank:
         missing = [name for name in _TENSOR_NAMES if name not in tensors]
         if missing:
             raise BankError(f"{path}: bank file lacks tensors {missing}; rebuild the bank")
-        manifest = BankManifest.from_dict(manifest, source=str(path)).to_dict()
+        manifest = BankManifest.from_dict(manifest, source=str(path))
         segmenter_state = {
             key[len(_SEGMENTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(_SEGMENTER_PREFIX)
         }
-        fields = {name: tensors[name] for name in _TENSOR_NAMES}
-        fields["object_valid"] = fields["object_valid"].bool()
+        named = {name: tensors[name] for name in _TENSOR_NAMES}
+        named["object_valid"] = named["object_valid"].bool()
         try:
-            return cls(**fields, manifest=manifest, segmenter_state=segmenter_state)
+            return cls(**named, manifest=manifest, segmenter_state=segmenter_state)
         except BankError as e:
             raise BankError(f"{path}: {e}") from None
 
@@ -242,15 +294,15 @@ class TemplateBank:
                        settings: dict[str, object] | None = None) -> None:
         """Refuse a bank built with other models or settings; the message lists the differences
         (with `settings`, the config's `fingerprint_settings()`, each setting that differs)."""
-        have = self.manifest.get("identity", {})
+        have = self.manifest.identity
         keys = list(IDENTITY_KEYS) + sorted((set(have) | set(expected)) - set(IDENTITY_KEYS))  # a backend's own
         differences = [
             f"  {key}: bank has {have.get(key)!r}, this config has {expected.get(key)!r}"
             for key in keys
             if have.get(key) != expected.get(key)
         ]
-        built = self.manifest.get("settings")
-        if differences and settings is not None and isinstance(built, dict):
+        built = self.manifest.settings
+        if differences and settings is not None:
             for key in sorted(set(built) | set(settings)):
                 if built.get(key, "(absent)") != settings.get(key, "(absent)"):
                     differences.append(f"  detector.{key}: bank built with {built.get(key, '(absent)')!r}, "
@@ -263,7 +315,7 @@ class TemplateBank:
 
     def check_calibration(self, target_false_reject_rate: float, source: str = "bank") -> None:
         """Refuse a bank whose threshold was calibrated for another false-reject target."""
-        built = self.manifest.get("calibration", {}).get("target_false_reject_rate")
+        built = self.manifest.calibration.target_false_reject_rate
         if built is not None and built != target_false_reject_rate:
             raise BankError(
                 f"{source}: its threshold was calibrated for calibration.target_false_reject_rate = {built}, "

@@ -46,7 +46,7 @@ than it reads the data, and `Calibration.warning` says so.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy import special, stats
@@ -197,52 +197,45 @@ def best_family(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Calibration:
-    """A calibrated threshold and what it promises. Fail when score > threshold."""
+    """A calibrated threshold and what it promises. Fail when score > threshold.
 
-    threshold: float
-    method: str  # "gpd-tail" | "empirical" | "normal-fit" | "lognormal-fit" | "gamma-fit"
-    target: float  # the false-reject rate asked for
-    expected_false_reject_rate: float  # bootstrap mean of the fitted rate at the threshold
-    ci_low: float
-    ci_high: float
-    confidence: float
-    n: int
-    n_required: int  # required_good_images(target)
-    warning: str | None
-    scores: np.ndarray = field(repr=False)
-    mean: float = 0.0
-    std: float = 0.0
-    max: float = 0.0
+    It is also the bank manifest's "calibration" record, one key per field (`to_manifest`,
+    `from_manifest`; `linewatch.detector.bank` checks each key's type against the fields). A
+    bank being built holds threshold None until it is calibrated. Banks built before this
+    record had its present form hold only threshold, method, target_false_reject_rate,
+    observed_false_reject_rate, n, mean, std, max and scores: the other fields are None there.
+    """
 
-    @property
-    def enough(self) -> bool:
-        return self.n >= self.n_required
-
-    @property
-    def observed_false_reject_rate(self) -> float:
-        """Fraction of the calibration scores themselves above the threshold."""
-        return float(np.mean(self.scores > self.threshold))
+    threshold: float | None
+    method: str | None = None  # "gpd-tail" | "empirical" | "normal-fit" | "lognormal-fit" | "gamma-fit"
+    target_false_reject_rate: float | None = None  # the false-reject rate asked for
+    expected_false_reject_rate: float | None = None  # bootstrap mean of the fitted rate at the threshold
+    ci_low: float | None = None
+    ci_high: float | None = None
+    confidence: float | None = None
+    observed_false_reject_rate: float | None = None  # fraction of the calibration scores above the threshold
+    n: int | None = None
+    n_required: int | None = None  # required_good_images(target)
+    enough: bool | None = None  # n >= n_required
+    warning: str | None = None
+    mean: float | None = None
+    std: float | None = None
+    max: float | None = None
+    scores: tuple[float, ...] = field(default=(), repr=False)  # the good scores it was fitted on
+    source: str | None = None  # where the scores came from (a bank's validation folder, leave-one-out)
 
     def to_manifest(self) -> dict:
-        """The bank manifest's "calibration" record (JSON-serialisable)."""
-        return {
-            "threshold": self.threshold,
-            "method": self.method,
-            "target_false_reject_rate": self.target,
-            "expected_false_reject_rate": self.expected_false_reject_rate,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
-            "confidence": self.confidence,
-            "observed_false_reject_rate": self.observed_false_reject_rate,
-            "n": self.n,
-            "n_required": self.n_required,
-            "enough": self.enough,
-            "warning": self.warning,
-            "mean": self.mean,
-            "std": self.std,
-            "max": self.max,
-            "scores": [round(float(s), 6) for s in self.scores],
-        }
+        """The bank manifest's "calibration" record (JSON-serialisable): every field, the
+        scores rounded to 6 decimals (what a bank keeps of them)."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["scores"] = [round(float(s), 6) for s in self.scores]
+        return record
+
+    @classmethod
+    def from_manifest(cls, record: dict) -> "Calibration":
+        """The record `to_manifest` wrote (a key a bank built before lacks: None). The keys and
+        their types are the caller's to check (TemplateBank.load does, naming the bank)."""
+        return cls(**dict(record, scores=tuple(record.get("scores", ()))))
 
 
 def _check(scores, target: float, confidence: float) -> np.ndarray:
@@ -301,7 +294,8 @@ def calibrate(scores, target: float, confidence: float = 0.95,
                    f"The threshold ({method}) extrapolates beyond the scores; expect {expected:.2%} of good parts to fail "
                    f"({confidence:.0%} CI {low:.2%} to {high:.2%}, likely wider on the high side)")
     return Calibration(
-        threshold=threshold, method=method, target=target, expected_false_reject_rate=expected,
-        ci_low=low, ci_high=high, confidence=confidence, n=len(x), n_required=n_required, warning=warning,
-        scores=x, mean=float(np.mean(x)), std=float(np.std(x)), max=float(np.max(x)),
+        threshold=threshold, method=method, target_false_reject_rate=target, expected_false_reject_rate=expected,
+        ci_low=low, ci_high=high, confidence=confidence, observed_false_reject_rate=float(np.mean(x > threshold)),
+        n=len(x), n_required=n_required, enough=len(x) >= n_required, warning=warning,
+        mean=float(np.mean(x)), std=float(np.std(x)), max=float(np.max(x)), scores=tuple(x.tolist()),
     )

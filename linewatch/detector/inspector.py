@@ -40,10 +40,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linewatch.config import Config, DetectorConfig
+from linewatch.config import DetectorConfig
 from linewatch.detector.align import AlignedPairs, aligned_pairs
 from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankError, TemplateBank
+from linewatch.detector.calibration import Calibration
 from linewatch.detector.describe import masked_global_max_pool, pad_masks, part_textures
 from linewatch.detector.match import match_objects, matching_vectors
 from linewatch.detector.measure import (missing_parts, object_maps, object_statuses, part_maps, read_counts,
@@ -236,7 +237,7 @@ class Inspector:
                 self.shape_mean = good_shapes.mean(0) if good_shapes.numel() else None
             if config.score.source != "objects":
                 self.patch_memory = local_patch_features(self._backbone_maps(self.bank.retrieval))
-            self.normalisation = self.bank.manifest.get("score_normalisation")
+            self.normalisation = self.bank.manifest.score_normalisation
 
     @property
     def uses_shapes(self) -> bool:
@@ -261,6 +262,16 @@ class Inspector:
         return self.bank.bank_id if self.bank is not None else "none"
 
     # ------------------------------------------------------------------ running the stages
+
+    @property
+    def bank_images(self) -> int:
+        """Good images in the bank (0 without one): shown in linewatch_bank_info."""
+        return self.bank.size if self.bank is not None else 0
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The bank's threshold and the good scores it came from (None without a bank)."""
+        return self.bank.calibration if self.bank is not None else None
 
     @property
     def stages(self) -> list[tuple[str, Callable[[Any], Any]]]:
@@ -296,7 +307,7 @@ class Inspector:
         """Judge blank frames of the bank's image size once per batch size, so that compiled
         models are compiled and CUDA kernels chosen before the first real frame (the daemon
         reports ready only after this)."""
-        blank = np.full((*self.bank.manifest["source_shape"][:2], 3), 128, dtype=np.uint8)  # needs a bank, as inspect
+        blank = np.full((*self.bank.manifest.source_shape[:2], 3), 128, dtype=np.uint8)  # needs a bank, as inspect
         for size in sorted(set(batch_sizes)):
             self.inspect([blank] * size)
 
@@ -311,7 +322,7 @@ class Inspector:
         `match` and `measure` on these instead of encoding every good image again."""
         bank = self.bank
         batch = Batch(images=[], exclude=indices)
-        batch.sizes = [tuple(bank.manifest["source_shape"][:2])] * len(indices)
+        batch.sizes = [tuple(bank.manifest.source_shape[:2])] * len(indices)
         enc = batch.encoded
         enc.upsampled = bank.features[indices].float()
         enc.soft_masks = bank.masks[indices].float()
@@ -355,7 +366,7 @@ class Inspector:
             dtype = getattr(image, "dtype", type(image).__name__)
             raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got shape {shape} dtype {dtype}")
         if self.bank is not None:
-            expected = self.bank.manifest.get("source_shape")
+            expected = self.bank.manifest.source_shape
             if expected and list(image.shape[:2]) != list(expected[:2]):
                 raise InputError(
                     f"{name}: image is {image.shape[1]}x{image.shape[0]} but the bank's good images are "
@@ -452,7 +463,7 @@ class Inspector:
                                                            self.config.score.patch_window)
             if self.uses_shapes:
                 branch_maps.update(part_maps(enc.shapes, enc.textures, enc.valid, enc.soft_masks, bank, batch.exclude))
-        threshold = self.bank.threshold if self.bank.manifest["calibration"].get("threshold") is not None else math.inf
+        threshold = self.bank.threshold  # inf while the bank builder calibrates
         batch.results = build_results(
             branch_maps, object_maps, is_matched, is_surplus, missing, enc.soft_masks, enc.boxes, enc.valid,
             batch.sizes, image_size=self.config.image_size, smoothing_sigma=cfg.smoothing_sigma,
@@ -480,15 +491,3 @@ class Inspector:
         """Rows (pairs, images or cells) per chunk so that a chunk holds about OBJECT_CHUNK_ELEMENTS floats."""
         return rows_per_chunk(self._chunk_floats, floats_per_row)
 
-
-def load_inspector(config: Config, bank_path: str | None = None) -> Inspector:
-    """Config + bank file (default: config.bank.path) -> a ready Inspector. The bank's identity
-    is checked against the config's models and settings, its threshold against the config's
-    false-reject target (BankError naming each difference)."""
-    from linewatch.detector.models import build_models, select_device
-
-    path = bank_path or config.bank.path
-    bank = TemplateBank.load(path)
-    bank.check_calibration(config.calibration.target_false_reject_rate, source=f"bank {path}")
-    device = select_device(config.detector.device)
-    return Inspector(config.detector, build_models(config.detector, device), bank, device)

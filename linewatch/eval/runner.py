@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,7 +33,7 @@ from scipy import stats
 
 from linewatch.bank_builder import build_bank
 from linewatch.config import Config
-from linewatch.detector.calibration import MIN_SCORES, calibrate
+from linewatch.detector.calibration import MIN_SCORES, Calibration, calibrate
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import BACKEND_LABELS, Models, build_models, select_device
 from linewatch.eval.dataset import ANOMALY_TYPES, Category, DatasetError, list_categories, load_category
@@ -60,14 +60,14 @@ class MethodRun:
 
     scores: (N,) image scores; maps: N float32 (H, W) anomaly maps at original size;
     threshold: the calibrated verdict threshold (fail when score > threshold); calibration:
-    the calibration record (Calibration.to_manifest() plus "source"); seconds: fit / calibrate /
+    how it was calibrated (with the source of the scores); seconds: fit / calibrate /
     test wall times; info: extras."""
 
     method: str
     scores: np.ndarray
     maps: list[np.ndarray]
     threshold: float
-    calibration: dict
+    calibration: Calibration
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -124,7 +124,7 @@ def run_detector(config: Config, category: Category, models: Models, device: tor
     inspector = Inspector(config.detector, models, bank, device)
     inspector.keep_component_maps = True
 
-    good = bank.manifest["score_normalisation"]  # each branch's good scores, as build_bank calibrated with them
+    good = bank.manifest.score_normalisation  # each branch's good scores, as build_bank calibrated with them
 
     results: list = []
 
@@ -140,15 +140,14 @@ def run_detector(config: Config, category: Category, models: Models, device: tor
     runs = {}
     for name in wanted:
         if name == "fused":
-            calibration = bank.manifest["calibration"]
-            runs[name] = MethodRun(name, fused_scores, fused_maps, float(calibration["threshold"]), calibration,
+            runs[name] = MethodRun(name, fused_scores, fused_maps, bank.threshold, bank.calibration,
                                    seconds=seconds, info=dict(info, branches=sorted(results[0].components)))
             continue
         branch = calibrate(np.array(good[name]["scores"]), config.calibration.target_false_reject_rate,
                            confidence=config.calibration.confidence)
-        calibration = dict(branch.to_manifest(), source=bank.manifest["calibration"].get("source"))
         runs[name] = MethodRun(name, np.array([r.components[name] for r in results]),
-                               [r.component_maps[name] for r in results], branch.threshold, calibration,
+                               [r.component_maps[name] for r in results], branch.threshold,
+                               replace(branch, source=bank.calibration.source),
                                seconds=seconds, info=info)
     return runs
 
@@ -181,11 +180,11 @@ def run_patchcore(config: Config, category: Category, models: Models, device: to
     except ValueError as e:
         raise DatasetError(f"{category.name}: patchcore cannot calibrate its threshold: {e}") from None
     source = "validation folder" if category.validation_dir is not None else "held-out fifth of train/good"
-    calibration = dict(calibrated.to_manifest(), source=f"{source} ({len(val_scores)})")
+    calibration = replace(calibrated, source=f"{source} ({len(val_scores)})")
     calibrate_seconds = time.perf_counter() - start
     scores, maps, test_seconds = _score_test(category, model.score, batch_size, progress, f"{category.name}: patchcore")
     return MethodRun(
-        "patchcore", scores, maps, float(calibration["threshold"]), calibration,
+        "patchcore", scores, maps, calibration.threshold, calibration,
         seconds={"fit": round(fit_seconds, 3), "calibrate": round(calibrate_seconds, 3), "test": round(test_seconds, 3)},
         info={"memory_bank_patches": model.bank_size},
     )
@@ -239,28 +238,28 @@ def category_metrics(category: Category, run: MethodRun, max_fpr: float = 0.05) 
         "false_reject": false_reject_summary(cal, failed_good, int(good.sum())),
         "escape_rate": {**{k: _round(v) for k, v in escape.items()}, "overall": _round(overall["escape_rate"])},
         "counts": {"good": int(good.sum()), **{k: int((labels == k).sum()) for k in ANOMALY_LABELS}},
-        "calibration": {k: cal.get(k) for k in ("method", "source", "n", "n_required", "enough", "warning",
-                                                 "observed_false_reject_rate")},
+        "calibration": {k: getattr(cal, k) for k in ("method", "source", "n", "n_required", "enough", "warning",
+                                                     "observed_false_reject_rate")},
         "seconds": run.seconds,
         "test_images_per_s": _round(n_test / test_seconds, 2) if test_seconds > 0 else None,
         **run.info,
     }
 
 
-def false_reject_summary(calibration: dict, failed: int, good: int) -> dict:
+def false_reject_summary(calibration: Calibration, failed: int, good: int) -> dict:
     """Target vs observed false-reject rate of one method on one category: the target and the
     rate the calibration expected (with its interval) next to the good test images failed, with
     an exact (Clopper-Pearson) interval at the calibration's confidence: a handful of good test
     images measures a rate of 0.5 % only very roughly."""
-    confidence = calibration.get("confidence", 0.95)
+    confidence = calibration.confidence if calibration.confidence is not None else 0.95
     alpha = 1.0 - confidence
     if good:
         low = stats.beta.ppf(alpha / 2, failed, good - failed + 1) if failed else 0.0
         high = stats.beta.ppf(1 - alpha / 2, failed + 1, good - failed) if failed < good else 1.0
     return {
-        "target": calibration.get("target_false_reject_rate"),
-        "expected": _round(calibration.get("expected_false_reject_rate"), 6),
-        "expected_ci": [_round(calibration.get("ci_low"), 6), _round(calibration.get("ci_high"), 6)],
+        "target": calibration.target_false_reject_rate,
+        "expected": _round(calibration.expected_false_reject_rate, 6),
+        "expected_ci": [_round(calibration.ci_low, 6), _round(calibration.ci_high, 6)],
         "observed": _round(failed / good, 6) if good else None,
         "observed_ci": [_round(low, 6), _round(high, 6)] if good else [None, None],
         "failed_good": failed,

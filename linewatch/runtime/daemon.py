@@ -86,7 +86,7 @@ class Daemon:
 
         p, m = self.processor, self.metrics
         m.set_build_info(linewatch.__version__, p.backend)
-        m.set_bank_info(p.bank_id, p.backend, getattr(p, "bank_images", "unknown"))
+        m.set_bank_info(p.bank_id, p.backend, p.bank_images)
         m.track_gpu_memory()
         m.ready.set(0)
         try:
@@ -234,7 +234,7 @@ class Daemon:
     def live_status(self) -> dict[str, Any]:
         """What the live page shows about the daemon itself: the bank and backend in service."""
         p = self.processor
-        return {"bank_id": p.bank_id, "backend": p.backend, "bank_images": getattr(p, "bank_images", None),
+        return {"bank_id": p.bank_id, "backend": p.backend, "bank_images": p.bank_images,
                 "ready": self.readiness()[0], "version": linewatch.__version__}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -260,8 +260,8 @@ class Daemon:
         """The metrics that describe the bank in service: its info (the old label set goes), the
         build's backend, and the calibration scores the drift alert compares with."""
         m = self.metrics
-        m.bank_info.remove(old.bank_id, old.backend, str(getattr(old, "bank_images", "unknown")))
-        m.set_bank_info(new.bank_id, new.backend, getattr(new, "bank_images", "unknown"))
+        m.bank_info.remove(old.bank_id, old.backend, str(old.bank_images))
+        m.set_bank_info(new.bank_id, new.backend, new.bank_images)
         if new.backend != old.backend:
             m.build_info.remove(linewatch.__version__, old.backend)
             m.set_build_info(linewatch.__version__, new.backend)
@@ -269,8 +269,11 @@ class Daemon:
 
     def _show_calibration(self, processor: Processor) -> None:
         """The scores the processor's bank was calibrated on: the score drift alert's reference."""
-        calibration = getattr(getattr(processor, "bank", None), "manifest", {}).get("calibration", {})
-        self.metrics.set_calibration(calibration.get("scores") or (), calibration.get("threshold"))
+        calibration = processor.calibration
+        if calibration is None:  # no calibrated bank: the histogram stays empty
+            self.metrics.set_calibration((), None)
+        else:
+            self.metrics.set_calibration(calibration.scores, calibration.threshold)
 
     def _switch_request(self, bank: str | None, config: str | None) -> dict[str, Any]:
         """The control socket's `switch` command."""

@@ -34,7 +34,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import structlog
@@ -47,26 +47,34 @@ from linewatch.runtime.logs import RateLimiter
 from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Frame, Verdict
 
+if TYPE_CHECKING:  # scipy, which calibration imports, is not needed to run a pipeline
+    from linewatch.detector.calibration import Calibration
+
 POLL_S = 0.2  # how quickly a waiting thread notices stop() when nothing else wakes it
 
 
 class Processor(Protocol):
-    """What the runtime runs: a detector split into stages.
+    """What the runtime runs: a detector split into stages, judging against one bank.
 
     stages[0] receives a list of RGB uint8 (H, W, 3) images (one batch); each stage's return
     value is the next stage's input; the last stage returns list[InspectionResult], one per
     input image, same order. A stage may raise: every frame of that batch is then answered
     `error` with reason "stage_failed:<name>" and the pipeline keeps going.
-    An optional `bank_images: int` attribute is shown in `linewatch_bank_info`; an optional
-    `bank` whose `manifest["calibration"]` holds `scores` and `threshold` (a TemplateBank) fills
-    `linewatch_calibration_score_ratio`, the reference of the score drift alert.
+    bank_id, backend and bank_images (good images in the bank) are shown in
+    `linewatch_bank_info`, /readyz and the live page; the calibration's scores and threshold
+    fill `linewatch_calibration_score_ratio`, the reference of the score drift alert (None: a
+    processor without a calibrated bank leaves it empty).
     """
 
     backend: str
     bank_id: str
+    bank_images: int
+    calibration: Calibration | None
     stages: list[tuple[str, Callable[[Any], Any]]]
-    # Optional: check_image(image, name) raising ValueError for a frame it cannot judge; such a
-    # frame gets `error` (reason "bad_image") on its own.
+
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """Raise ValueError for an image it cannot judge (another size than the bank's, say):
+        that frame gets `error` (reason "bad_image") on its own, checked when it arrives."""
 
 
 def _cuda_torch() -> Any | None:
@@ -213,12 +221,11 @@ class Pipeline:
 
     @staticmethod
     def _unjudgeable(processor: Processor | None, frame: Frame) -> str | None:
-        """Why `processor` cannot judge the frame's image (its optional check_image), or None."""
-        check = getattr(processor, "check_image", None)
-        if check is None:
+        """Why `processor` cannot judge the frame's image (its check_image), or None."""
+        if processor is None:
             return None
         try:
-            check(frame.image, f"{frame.camera} #{frame.frame_id}")
+            processor.check_image(frame.image, f"{frame.camera} #{frame.frame_id}")
         except ValueError as e:
             return str(e)
         return None

@@ -9,14 +9,18 @@ Protocols:
 imagezmq supports encoding "raw" (send_image, BGR array) and "jpeg" (send_jpg) only.
 
 PUB/SUB drops whatever is sent before a subscriber has joined ("slow joiner"), so PUB modes
-wait `warmup_s` after opening the socket before the first frame.
+wait `warmup_s` after opening the socket before the first frame (and, with `handshake_s`, for
+the connection to the daemon first).
+
+The frames come from a folder of images, a video file, or any iterable of (RGB image,
+part_id) pairs (`linewatch demo` renders its frames as they are sent).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
@@ -65,7 +69,7 @@ def _encode_file(rgb: np.ndarray, encoding: str) -> bytes:
 
 
 def replay(
-    source: Path,
+    source: Path | str | Iterable[tuple[np.ndarray, str | None]],
     endpoint: str,
     fps: float,
     protocol: str = "linewatch",
@@ -78,17 +82,21 @@ def replay(
     stop: threading.Event | None = None,
     reply_timeout_s: float = 5.0,
     curve: ClientKeys | None = None,
+    handshake_s: float = 0.0,
 ) -> int:
     """Send the images of `source` to `endpoint` at `fps` (<= 0: as fast as possible).
 
+    `source`: a folder of images, a video file, or an iterable of (RGB uint8 (H, W, 3) image,
+    part_id or None) pairs, taken one at a time as they are sent (no `loop` for those).
     Frame ids count from 0; capture_ts is the send time; part_id is the file stem (folders).
     `mode` defaults to "connect" for linewatch and to what imagezmq's sender does for its
     protocols (a contradicting mode is a ValueError). Stops after one pass (or forever with
     `loop`), after `count` frames, or when `stop` is set. Returns the number of frames sent.
     An imagezmq REQ/REP hub that does not reply within `reply_timeout_s` raises TimeoutError.
     `curve`: CurveZMQ keys for a daemon with runtime.security (linewatch protocol only).
+    `handshake_s` (linewatch protocol, connect mode): first wait up to this long for the
+    connection to the daemon to be made, then `warmup_s` for its subscription to arrive.
     """
-    source = Path(source)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if encoding not in wire.ENCODINGS:
@@ -102,10 +110,17 @@ def replay(
             raise ValueError("imagezmq's sender has no CurveZMQ option; use protocol 'linewatch' with keys")
     elif mode not in (None, "bind", "connect"):
         raise ValueError(f"mode must be 'bind' or 'connect', got {mode!r}")
-    if not source.exists():
-        raise ValueError(f"{source}: no such folder or file")
+    if isinstance(source, (str, Path)):
+        if not Path(source).exists():
+            raise ValueError(f"{source}: no such folder or file")
+        frames = _frames(Path(source), loop)
+    elif loop:
+        raise ValueError("loop needs a folder or a video file to go through again, not frames")
+    else:
+        frames = iter(source)
 
-    send, close = _open_sender(protocol, endpoint, mode or "connect", encoding, camera, reply_timeout_s, curve)
+    send, close = _open_sender(protocol, endpoint, mode or "connect", encoding, camera, reply_timeout_s, curve,
+                               handshake_s)
     sent = 0
     try:
         if protocol != "imagezmq-reqrep" and warmup_s > 0:
@@ -114,7 +129,7 @@ def replay(
             else:
                 time.sleep(warmup_s)
         start = time.monotonic()
-        for image, part_id in _frames(source, loop):
+        for image, part_id in frames:
             if (count is not None and sent >= count) or (stop is not None and stop.is_set()):
                 break
             if fps > 0:
@@ -132,14 +147,23 @@ def replay(
 
 
 def _open_sender(protocol: str, endpoint: str, mode: str, encoding: str, camera: str, reply_timeout_s: float,
-                 curve: ClientKeys | None = None):
+                 curve: ClientKeys | None = None, handshake_s: float = 0.0):
     """(send(frame_id, rgb, part_id), close()) for the protocol."""
     if protocol == "linewatch":
         context = zmq.Context()
         sock = context.socket(zmq.PUB)
         if curve is not None:
             curve.apply(sock)
-        (sock.bind if mode == "bind" else sock.connect)(endpoint)
+        if mode == "bind":
+            sock.bind(endpoint)
+        elif handshake_s > 0:
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            sock.connect(endpoint)
+            monitor.poll(int(handshake_s * 1000))  # the connection is made (or the wait is over)
+            sock.disable_monitor()
+            monitor.close()
+        else:
+            sock.connect(endpoint)
 
         def send(frame_id: int, rgb: np.ndarray, part_id: str | None) -> None:
             sock.send_multipart(wire.encode_frame(camera, frame_id, rgb, encoding=encoding, part_id=part_id), copy=False)

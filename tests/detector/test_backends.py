@@ -187,14 +187,14 @@ def test_a_third_backend_builds_models_a_bank_and_an_inspector(tmp_path, registe
     assert backend.fitted == [models]  # the builder asked the backend, once
     assert models.segmenter.mean is None  # and left the given models unfitted
     assert set(bank.segmenter_state) == {"background_mean", "background_cov"}
-    assert bank.manifest["identity"]["backend"] == "dummy"
-    assert bank.manifest["settings"]["dummy.feature_stride"] == 8
-    BankManifest.from_dict(bank.manifest)
+    assert bank.manifest.identity["backend"] == "dummy"
+    assert bank.manifest.settings["dummy.feature_stride"] == 8
+    assert BankManifest.from_dict(bank.manifest.to_dict()) == bank.manifest
 
     bank.save(tmp_path / "dummy.lwbank")
     loaded = TemplateBank.load(tmp_path / "dummy.lwbank")
     inspector = Inspector(config.detector, build_models(config.detector, CPU), loaded, CPU)  # fresh, unfitted models
-    assert inspector.identity() == loaded.manifest["identity"]
+    assert inspector.identity() == loaded.manifest.identity
     assert torch.equal(inspector.models.segmenter.mean, loaded.segmenter_state["background_mean"])
     good_result, bad_result = inspector.inspect([frame("screw_tray", 1), frame("screw_tray", 1, "missing")])
     assert np.isfinite(good_result.score) and good_result.backend == "dummy"

@@ -8,10 +8,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import linewatch.detector.bank as bank_module
 from linewatch.detector.bank import BANK_FORMAT_VERSION, IDENTITY_KEYS, BankError, BankManifest, TemplateBank
+from linewatch.detector.calibration import Calibration, calibrate
 
 IDENTITY = {
     "backend": "classic",
@@ -20,6 +22,23 @@ IDENTITY = {
     "segmenter": "classic-seg/6",
     "config_hash": "0123456789abcdef",
 }
+
+
+def make_manifest(z: int = 4, **manifest) -> BankManifest:
+    fields = dict(
+        linewatch_version="0.0.test",
+        identity=dict(IDENTITY),
+        settings={"image_size": 32},
+        images=z,
+        source="/good",
+        source_files=[f"{i:03d}.png" for i in range(z)],
+        source_shape=[32, 32, 3],
+        image_size=32,
+        created="2024-01-01T00:00:00Z",
+        calibration=Calibration(threshold=1.25, scores=(0.5, 1.0, 1.25)),
+        bank_id="abcdef012345",
+    )
+    return BankManifest(**{**fields, **manifest})
 
 
 def make_bank(z: int = 4, n: int = 3, c: int = 5, hw: int = 8, d: int = 6, seed: int = 0, **manifest) -> TemplateBank:
@@ -36,19 +55,7 @@ def make_bank(z: int = 4, n: int = 3, c: int = 5, hw: int = 8, d: int = 6, seed:
         object_noise=torch.rand(z, n, generator=g) + 0.5,
         shapes=torch.rand(z, n, 7, generator=g),
         textures=torch.zeros(z, n, 0),  # a backend without grain statistics: zero-width, saved and loaded
-        manifest=dict(BankManifest(
-            linewatch_version="0.0.test",
-            identity=dict(IDENTITY),
-            settings={"image_size": 32},
-            images=z,
-            source="/good",
-            source_files=[f"{i:03d}.png" for i in range(z)],
-            source_shape=[32, 32, 3],
-            image_size=32,
-            created="2024-01-01T00:00:00Z",
-            calibration={"threshold": 1.25, "scores": [0.5, 1.0, 1.25]},
-            bank_id="abcdef012345",
-        ).to_dict(), **manifest),
+        manifest=make_manifest(z, **manifest),
         segmenter_state={"mean": torch.tensor([0.1, 0.2, 0.3]), "cov": torch.eye(3) * 2},
     )
 
@@ -59,6 +66,12 @@ def _raw_tensors(bank: TemplateBank) -> dict[str, torch.Tensor]:
         "object_valid": bank.object_valid.to(torch.uint8), "descriptors": bank.descriptors,
         "boxes": bank.boxes, "object_noise": bank.object_noise, "shapes": bank.shapes, "textures": bank.textures,
     }
+
+
+def _file_manifest(path) -> str:
+    """The manifest JSON as the bank file carries it."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()["linewatch_manifest"]
 
 
 # ---------------------------------------------------------------------------- round trip
@@ -75,10 +88,11 @@ def test_save_load_round_trip(tmp_path):
         assert a.dtype == b.dtype, name
         assert torch.equal(a, b), name
     assert loaded.object_valid.dtype == torch.bool
-    assert loaded.manifest["identity"] == IDENTITY
-    assert loaded.manifest["calibration"] == {"threshold": 1.25, "scores": [0.5, 1.0, 1.25]}
-    assert loaded.manifest["source_shape"] == [32, 32, 3]
-    assert loaded.manifest["format_version"] == BANK_FORMAT_VERSION
+    assert isinstance(loaded.manifest, BankManifest) and isinstance(loaded.calibration, Calibration)
+    assert loaded.manifest.identity == IDENTITY
+    assert loaded.calibration == Calibration(threshold=1.25, scores=(0.5, 1.0, 1.25))
+    assert loaded.manifest.source_shape == [32, 32, 3]
+    assert loaded.manifest.format_version == BANK_FORMAT_VERSION
     assert loaded.bank_id == "abcdef012345"
     assert loaded.threshold == 1.25
     assert loaded.size == 4
@@ -248,7 +262,7 @@ def test_load_manifest_not_json(tmp_path):
 @pytest.mark.parametrize("version", [BANK_FORMAT_VERSION + 1, 0, None, "1"])
 def test_load_wrong_format_version(tmp_path, version):
     bank = make_bank()
-    manifest = dict(bank.manifest, format_version=version)
+    manifest = dict(bank.manifest.to_dict(), format_version=version)
     if version is None:
         del manifest["format_version"]
     path = tmp_path / "bank.lwbank"
@@ -263,24 +277,20 @@ def test_load_missing_tensor(tmp_path, name):
     tensors = _raw_tensors(bank)
     del tensors[name]
     path = tmp_path / "bank.lwbank"
-    manifest = dict(bank.manifest, format_version=BANK_FORMAT_VERSION)
+    manifest = bank.manifest.to_dict()
     save_file(tensors, str(path), metadata={"linewatch_manifest": json.dumps(manifest)})
     message = _load_error(path)
     assert name in message and "lacks tensors" in message
 
 
 def test_load_without_calibration(tmp_path):
-    bank = make_bank()
-    del bank.manifest["calibration"]
-    path = tmp_path / "bank.lwbank"
-    bank.save(path)
-    assert "calibration" in _load_error(path)
+    assert "lacks 'calibration'" in _saved_with_manifest(tmp_path, lambda m: m.pop("calibration"))
 
 
 def _saved_with_manifest(tmp_path, change) -> str:
     """The load error of a bank whose saved manifest went through `change(manifest)`."""
     bank = make_bank()
-    manifest = dict(bank.manifest, format_version=BANK_FORMAT_VERSION)
+    manifest = bank.manifest.to_dict()
     change(manifest)
     path = tmp_path / "bank.lwbank"
     save_file(_raw_tensors(bank), str(path), metadata={"linewatch_manifest": json.dumps(manifest)})
@@ -314,13 +324,78 @@ def test_load_manifest_without_a_usable_threshold(tmp_path, calibration):
 
 
 def test_manifest_record_round_trip():
-    record = BankManifest.from_dict(make_bank(build_seconds=3, score_normalisation={"patch": {"mean": 0.1}}).manifest)
-    assert record.build_seconds == 3 and record.score_normalisation == {"patch": {"mean": 0.1}}
-    assert record.format_version == BANK_FORMAT_VERSION and record.images == 4
-    assert BankManifest.from_dict(record.to_dict()) == record
-    bare = BankManifest.from_dict(make_bank().manifest)
-    assert "score_normalisation" not in bare.to_dict() and "build_seconds" not in bare.to_dict()  # None: left out
+    record = make_manifest(build_seconds=3, score_normalisation={"patch": {"mean": 0.1}})
+    again = BankManifest.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record and isinstance(again.calibration, Calibration)
+    assert again.build_seconds == 3 and again.score_normalisation == {"patch": {"mean": 0.1}}
+    assert again.format_version == BANK_FORMAT_VERSION and again.images == 4
+    bare = make_manifest().to_dict()
+    assert "score_normalisation" not in bare and "build_seconds" not in bare  # None: left out
     assert set(bank_module._MANIFEST_KEYS) == {f.name for f in dataclasses.fields(BankManifest)}
+    assert set(bank_module._CALIBRATION_KEYS) == {f.name for f in dataclasses.fields(Calibration)}
+    assert list(bare["calibration"]) == [f.name for f in dataclasses.fields(Calibration)]
+
+
+def test_a_calibrated_manifest_keeps_its_keys_and_values_through_a_file(tmp_path):
+    """What the bank builder writes (a calibration record with its source) reads back as the
+    same record, and saves again as the same bytes."""
+    calibration = calibrate([0.5, 0.61, 0.72, 0.8, 0.93, 1.1, 1.25, 1.3], 0.05)
+    record = Calibration.from_manifest(dict(calibration.to_manifest(), source="validation folder /val (8)"))
+    bank = make_bank(calibration=record, build_seconds=1.5, score_normalisation={"objects": {"scale": 0.2}})
+    bank.save(tmp_path / "a.lwbank")
+    loaded = TemplateBank.load(tmp_path / "a.lwbank")
+    assert loaded.manifest == bank.manifest and loaded.calibration.observed_false_reject_rate == 0.0
+    loaded.save(tmp_path / "b.lwbank")
+    assert (tmp_path / "a.lwbank").read_bytes() == (tmp_path / "b.lwbank").read_bytes()
+    written = json.loads(_file_manifest(tmp_path / "a.lwbank"))
+    assert list(written) == ["linewatch_version", "identity", "settings", "images", "source", "source_files",
+                             "source_shape", "image_size", "created", "calibration", "bank_id", "score_normalisation",
+                             "build_seconds", "format_version"]
+    assert list(written["calibration"]) == [  # the keys banks have carried since the fitted-tail calibration
+        "threshold", "method", "target_false_reject_rate", "expected_false_reject_rate", "ci_low", "ci_high",
+        "confidence", "observed_false_reject_rate", "n", "n_required", "enough", "warning", "mean", "std", "max",
+        "scores", "source"]
+
+
+# the calibration record of banks built before the fitted-tail calibration (format 2 already)
+OLD_CALIBRATION = {"threshold": 2.5, "target_false_reject_rate": 0.005, "observed_false_reject_rate": 0.0,
+                   "scores": [1.0, 1.5, 2.0], "mean": 1.5, "std": 0.408248, "max": 2.0, "n": 3,
+                   "method": "leave-one-out over the good images"}
+
+
+def test_a_bank_built_before_the_calibration_record_loads(tmp_path):
+    path = tmp_path / "old.lwbank"
+    bank = make_bank()
+    old = dict(bank.manifest.to_dict(), calibration=OLD_CALIBRATION, build_seconds=12.5,
+               score_normalisation={"objects": {"center": 0.1, "scale": 0.2}})  # no good scores kept then
+    save_file(_raw_tensors(bank), str(path), metadata={"linewatch_manifest": json.dumps(old)})
+    loaded = TemplateBank.load(path)
+    cal = loaded.calibration
+    assert loaded.threshold == 2.5 and cal.target_false_reject_rate == 0.005 and cal.n == 3
+    assert cal.scores == (1.0, 1.5, 2.0) and cal.method == "leave-one-out over the good images"
+    assert cal.expected_false_reject_rate is None and cal.enough is None and cal.source is None  # absent there
+    assert {k: v for k, v in cal.to_manifest().items() if k in OLD_CALIBRATION} == OLD_CALIBRATION
+    loaded.check_calibration(0.005)
+    with pytest.raises(BankError, match="calibrated for calibration.target_false_reject_rate = 0.005"):
+        loaded.check_calibration(0.01)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(n="3"), "calibration's 'n' is '3', expected int or NoneType"),
+    (lambda c: c.update(enough=1), "calibration's 'enough' is 1, expected bool or NoneType"),
+    (lambda c: c.update(scores=[1.0, "x"]), "calibration's 'scores' is [1.0, 'x'], expected list of float"),
+    (lambda c: c.update(treshold=1.0), "calibration has unknown keys ['treshold']"),
+])
+def test_load_refuses_an_ill_formed_calibration_record(tmp_path, change, message):
+    def changed(manifest):
+        change(manifest["calibration"])
+    assert message in _saved_with_manifest(tmp_path, changed)
+
+
+def test_an_uncalibrated_bank_fails_nothing():
+    bank = make_bank(calibration=Calibration(threshold=None))
+    assert bank.threshold == float("inf")
+    assert BankManifest.from_dict(bank.manifest.to_dict()).calibration == Calibration(threshold=None)
 
 
 def test_load_inconsistent_tensors_names_file(tmp_path):
@@ -328,7 +403,7 @@ def test_load_inconsistent_tensors_names_file(tmp_path):
     tensors = _raw_tensors(bank)
     tensors["boxes"] = tensors["boxes"][:2].contiguous()
     path = tmp_path / "bank.lwbank"
-    manifest = dict(bank.manifest, format_version=BANK_FORMAT_VERSION)
+    manifest = bank.manifest.to_dict()
     save_file(tensors, str(path), metadata={"linewatch_manifest": json.dumps(manifest)})
     assert "boxes" in _load_error(path)
 
@@ -362,15 +437,14 @@ def test_check_identity_every_key_checked():
 
 
 def test_check_identity_bank_without_identity():
-    bank = make_bank()
-    del bank.manifest["identity"]
+    bank = make_bank(identity={})
     with pytest.raises(BankError) as info:
         bank.check_identity(dict(IDENTITY))
     assert all(f"  {key}:" in str(info.value) for key in IDENTITY_KEYS)
 
 
 def test_check_calibration_refuses_another_false_reject_target():
-    bank = make_bank(calibration={"threshold": 1.25, "target_false_reject_rate": 0.005})
+    bank = make_bank(calibration=Calibration(threshold=1.25, target_false_reject_rate=0.005))
     bank.check_calibration(0.005)
     with pytest.raises(BankError) as info:
         bank.check_calibration(0.001, source="bank abc")

@@ -151,9 +151,9 @@ def test_exactly_k_good_images_without_normalization(tmp_path):
     config = small_config()
     config.detector.measure.normalize_objects = False
     bank = build_bank(config, tmp_path / "good", tmp_path / "val", progress=False)
-    cal = bank.manifest["calibration"]
-    assert bank.size == 2 and cal["n"] == 5  # 2 good images: no leave-one-out with k = 2
-    assert "validation folder" in cal["source"] and "leave-one-out" not in cal["source"]
+    cal = bank.calibration
+    assert bank.size == 2 and cal.n == 5  # 2 good images: no leave-one-out with k = 2
+    assert "validation folder" in cal.source and "leave-one-out" not in cal.source
     assert torch.all(bank.object_noise == 1.0)
 
 
@@ -164,18 +164,18 @@ def test_calibration_pools_validation_and_leave_one_out_and_warns(tmp_path):
     config = small_config()
     config.detector.score.source = "objects"  # raw object scores: comparable magnitudes (a fused score can be ~0)
     bank = build_bank(config, tmp_path / "good", tmp_path / "val", progress=False, log=messages.append)
-    cal = bank.manifest["calibration"]
-    assert cal["n"] == 9 and len(cal["scores"]) == 9  # 5 validation + 4 leave-one-out
-    assert cal["source"] == (f"validation folder {(tmp_path / 'val').resolve()} (5) + "
+    cal = bank.calibration
+    assert cal.n == 9 and len(cal.scores) == 9  # 5 validation + 4 leave-one-out
+    assert cal.source == (f"validation folder {(tmp_path / 'val').resolve()} (5) + "
                              "leave-one-out over the good images (4)")
     # validation images are not in the bank: each scores like a leave-one-out image, not ~0
-    assert min(cal["scores"][:5]) > 0.2 * max(cal["scores"][5:])
-    assert cal["n_required"] == 1000 and cal["enough"] is False
-    assert cal["ci_low"] <= cal["expected_false_reject_rate"] <= cal["ci_high"]
+    assert min(cal.scores[:5]) > 0.2 * max(cal.scores[5:])
+    assert cal.n_required == 1000 and cal.enough is False
+    assert cal.ci_low <= cal.expected_false_reject_rate <= cal.ci_high
     warnings = [m for m in messages if m.startswith("WARNING")]
-    assert warnings == [f"WARNING: calibration: {cal['warning']}"]
-    assert "9 good-image scores are too few for a false-reject rate of 0.50%" in cal["warning"]
-    assert "at least 1000 good images" in cal["warning"]
+    assert warnings == [f"WARNING: calibration: {cal.warning}"]
+    assert "9 good-image scores are too few for a false-reject rate of 0.50%" in cal.warning
+    assert "at least 1000 good images" in cal.warning
 
 
 def test_empty_validation_folder(tmp_path):
@@ -209,30 +209,30 @@ def loo(tmp_path_factory):
 def test_leave_one_out_manifest(loo):
     folder, paths, config, models, bank = loo
     m = bank.manifest
-    cal = m["calibration"]
-    assert cal["source"] == f"leave-one-out over the good images ({len(paths)})"
-    assert cal["n"] == len(paths) == bank.size
-    assert len(cal["scores"]) == len(paths)
-    assert all(np.isfinite(cal["scores"]))
-    assert cal["method"] in ("normal-fit", "lognormal-fit", "gamma-fit")  # 7 scores: a whole-sample fit
-    assert cal["threshold"] > max(cal["scores"])  # its 99.5 % quantile lies beyond the largest of 7
-    assert cal["observed_false_reject_rate"] == 0.0
-    assert cal["target_false_reject_rate"] == config.calibration.target_false_reject_rate
-    assert cal["confidence"] == config.calibration.confidence
-    assert cal["n_required"] == 1000 and cal["enough"] is False and "7 good-image scores" in cal["warning"]
-    assert bank.threshold == cal["threshold"]
-    assert m["source_shape"] == [H, W, 3]
-    assert m["image_size"] == 112
-    assert m["images"] == len(paths)
-    assert m["source_files"] == [p.name for p in paths]
-    assert m["source"] == str(folder.resolve())
-    assert re.fullmatch(r"[0-9a-f]{12}", m["bank_id"])
-    assert set(m["identity"]) == set(IDENTITY_KEYS)
-    assert m["identity"]["backend"] == "classic"
-    assert m["identity"]["config_hash"] == config.detector.identity_hash()
-    assert m["identity"] == Inspector(config.detector, models, bank, CPU).identity()
-    assert m["build_seconds"] >= 0
-    assert BankManifest.from_dict(m).to_dict() == m  # the builder writes the typed record
+    cal = bank.calibration
+    assert cal.source == f"leave-one-out over the good images ({len(paths)})"
+    assert cal.n == len(paths) == bank.size
+    assert len(cal.scores) == len(paths)
+    assert all(np.isfinite(cal.scores))
+    assert cal.method in ("normal-fit", "lognormal-fit", "gamma-fit")  # 7 scores: a whole-sample fit
+    assert cal.threshold > max(cal.scores)  # its 99.5 % quantile lies beyond the largest of 7
+    assert cal.observed_false_reject_rate == 0.0
+    assert cal.target_false_reject_rate == config.calibration.target_false_reject_rate
+    assert cal.confidence == config.calibration.confidence
+    assert cal.n_required == 1000 and cal.enough is False and "7 good-image scores" in cal.warning
+    assert bank.threshold == cal.threshold
+    assert m.source_shape == [H, W, 3]
+    assert m.image_size == 112
+    assert m.images == len(paths)
+    assert m.source_files == [p.name for p in paths]
+    assert m.source == str(folder.resolve())
+    assert re.fullmatch(r"[0-9a-f]{12}", m.bank_id)
+    assert set(m.identity) == set(IDENTITY_KEYS)
+    assert m.identity["backend"] == "classic"
+    assert m.identity["config_hash"] == config.detector.identity_hash()
+    assert m.identity == Inspector(config.detector, models, bank, CPU).identity()
+    assert m.build_seconds >= 0
+    assert isinstance(m, BankManifest) and BankManifest.from_dict(m.to_dict()) == m  # as a file holds it
 
 
 def test_leave_one_out_scores_exclude_self(loo):
@@ -270,8 +270,8 @@ def test_saved_bank_reloads_and_judges_non_square_images(loo, tmp_path):
     _, _, config, _, bank = loo
     bank.save(tmp_path / "b.lwbank")
     loaded = TemplateBank.load(tmp_path / "b.lwbank")
-    assert loaded.manifest["calibration"] == bank.manifest["calibration"]
-    assert loaded.manifest["source_shape"] == [H, W, 3]
+    assert loaded.manifest == bank.manifest  # the bank in memory is the one its file holds
+    assert loaded.manifest.source_shape == [H, W, 3]
     # fresh models: the segmenter must come from the bank's saved state
     inspector = Inspector(config.detector, build_models(config.detector, CPU), loaded, CPU)
     results = inspector.inspect([sim_image(100), sim_image(101, "extra")])

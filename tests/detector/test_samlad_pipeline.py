@@ -66,9 +66,9 @@ def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(tmp_path: Pa
     write_images(tmp_path / "val", 2, seed=2)
     models = tiny_samlad_models(config)
     bank = build_bank(config, tmp_path / "good", tmp_path / "val", models=models, batch_size=2, progress=False)
-    assert bank.manifest["identity"]["backend"] == "samlad"
+    assert bank.manifest.identity["backend"] == "samlad"
     assert bank.features.shape[1] == 48 and bank.features.shape[-1] == 112 // 14 * 4  # two 2x JBU stages
-    assert bank.manifest["calibration"]["n"] == 2 + 4  # validation + leave-one-out over the 4 good images
+    assert bank.calibration.n == 2 + 4  # validation + leave-one-out over the 4 good images
 
     inspector = Inspector(config.detector, models, bank, torch.device("cpu"))
     if prompts == "reference_seeded":  # one prompt inside each bank part, then the 1-point coarse grid

@@ -73,6 +73,7 @@ class FakeProcessor:
     backend = "fake"
     bank_id = "bank-test"
     bank_images = 3
+    calibration = None
 
     def __init__(self, costs: list[tuple[str, float]],
                  fail_if: Callable[[str, list[np.ndarray]], bool] | None = None,
@@ -103,6 +104,9 @@ class FakeProcessor:
 
         return stage
 
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """Judges any image."""
+
 
 class GatedProcessor:
     """One stage ("only") that holds each batch until the test opens `gate`; `entered` is set
@@ -110,6 +114,8 @@ class GatedProcessor:
 
     backend = "fake"
     bank_id = "bank-test"
+    bank_images = 1
+    calibration = None
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -120,6 +126,9 @@ class GatedProcessor:
         self.entered.set()
         assert self.gate.wait(30.0), "the test never opened the gate"
         return [InspectionResult(score=0.1, verdict="pass", threshold=0.5, heatmap=np.zeros((2, 2), np.float32), backend="fake") for _ in images]
+
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """Judges any image."""
 
 
 class Collector:

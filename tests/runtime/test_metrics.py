@@ -165,17 +165,19 @@ def test_calibration_histogram_holds_the_banks_scores() -> None:
 
 
 def test_the_daemon_exposes_the_calibration_of_the_bank_it_serves() -> None:
-    from types import SimpleNamespace
-
     from linewatch.config import RuntimeConfig
+    from linewatch.detector.calibration import Calibration
     from linewatch.runtime.daemon import Daemon
     from tests.runtime.fakes import FakeProcessor, quiet_log
 
     processor = FakeProcessor([("only", 0.0)])
-    processor.bank = SimpleNamespace(manifest={"calibration": {"threshold": 0.5, "scores": [0.1, 0.3, 0.45]}})
+    processor.calibration = Calibration(threshold=0.5, scores=(0.1, 0.3, 0.45))
     d = Daemon(RuntimeConfig(), processor, log=quiet_log())  # not started: no socket opened
     assert d.metrics.registry.get_sample_value("linewatch_calibration_score_ratio_count") == 3
     assert d.metrics.registry.get_sample_value("linewatch_calibration_score_ratio_bucket", {"le": "0.6"}) == 2
     # a processor without a bank (or a bank never calibrated) leaves the histogram empty
     bare = Daemon(RuntimeConfig(), FakeProcessor([("only", 0.0)]), log=quiet_log())
     assert bare.metrics.registry.get_sample_value("linewatch_calibration_score_ratio_count") == 0
+    processor.calibration = Calibration(threshold=None, scores=(0.1, 0.3))
+    uncalibrated = Daemon(RuntimeConfig(), processor, log=quiet_log())
+    assert uncalibrated.metrics.registry.get_sample_value("linewatch_calibration_score_ratio_count") == 0

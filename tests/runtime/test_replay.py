@@ -72,3 +72,38 @@ def test_replay_refuses_impossible_settings(tmp_path: Path, folder) -> None:
         replay(tmp_path, "tcp://127.0.0.1:1", fps=1, protocol="imagezmq-reqrep", encoding="png")
     with pytest.raises(ValueError, match="no such"):
         replay(tmp_path / "missing", "tcp://127.0.0.1:1", fps=1)
+    with pytest.raises(ValueError, match="loop needs a folder"):
+        replay(iter([]), "tcp://127.0.0.1:1", fps=1, loop=True)
+
+
+def test_replay_sends_frames_made_as_it_goes_after_the_connection_is_made(tmp_path: Path, folder) -> None:
+    """An iterable source (the demo's camera renders each frame when it is taken), raw, with
+    the wait for the connection instead of a long warm-up."""
+    taken: list[int] = []
+
+    def camera():
+        for i, image in enumerate(folder):
+            taken.append(i)
+            yield image, f"P{i:04d}"
+
+    frames: list[Frame] = []
+    arrived = threading.Condition()
+
+    def on_frame(frame: Frame) -> None:
+        with arrived:
+            frames.append(frame)
+            arrived.notify_all()
+
+    ingest = Ingest(IngestConfig(endpoints=[EndpointConfig(url="tcp://127.0.0.1:*")]), on_frame, lambda e, m: None)
+    ingest.start()
+    try:
+        sent = replay(camera(), ingest.bound_urls[0], fps=0, encoding="raw", camera="cam7", handshake_s=10.0,
+                      warmup_s=0.2)
+        with arrived:
+            arrived.wait_for(lambda: len(frames) >= 3, 5.0)
+    finally:
+        ingest.stop()
+    assert sent == 3 and taken == [0, 1, 2]
+    assert [(f.camera, f.frame_id, f.part_id) for f in frames] == [("cam7", i, f"P{i:04d}") for i in range(3)]
+    for frame in frames:
+        np.testing.assert_array_equal(frame.image, folder[frame.frame_id])

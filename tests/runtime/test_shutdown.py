@@ -18,10 +18,13 @@ SCRIPT = textwrap.dedent('''
     inside = threading.Event()
 
     class BusyModel:
-        backend, bank_id = "fake", "bank-test"
+        backend, bank_id, bank_images, calibration = "fake", "bank-test", 1, None
 
         def __init__(self):
             self.stages = [("model", self.model)]
+
+        def check_image(self, image, name):
+            pass
 
         def model(self, images):
             inside.set()
