@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import cv2
 import numpy as np
 
 from linewatch.eval.dataset import Category
 from linewatch.eval.metrics import image_auroc, roc_curve_points
+from linewatch.eval.results import MethodRun
 from linewatch.images import ImageError, read_image, write_image
-
-if TYPE_CHECKING:
-    from linewatch.eval.runner import MethodRun
 
 __all__ = ["write_report", "render_markdown", "write_anomaly_maps", "write_tiff", "write_roc_png", "write_examples_png",
            "score_caption"]
@@ -164,7 +162,7 @@ def _text(canvas: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.
     cv2.putText(canvas, text, org, _FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
-def write_roc_png(path: str | Path, category: Category, runs: Mapping[str, "MethodRun"], size: int = 420) -> None:
+def write_roc_png(path: str | Path, category: Category, runs: Mapping[str, MethodRun], size: int = 420) -> None:
     """Image-level ROC curves of every method, logical and structural, on one plot."""
     margin_l, margin_b, margin_t, margin_r = 50, 45, 30, 15
     width, height = size + margin_l + margin_r, size + margin_t + margin_b
@@ -227,7 +225,7 @@ def score_caption(score: float, threshold: float) -> str:
     return f"{'FAIL' if fail else 'pass'} {score:.{digits}g} {'>' if fail else '<='} thr {threshold:.{digits}g}"
 
 
-def write_examples_png(path: str | Path, category: Category, runs: Mapping[str, "MethodRun"],
+def write_examples_png(path: str | Path, category: Category, runs: Mapping[str, MethodRun],
                        per_type: int = 2, tile: int = 200) -> None:
     """Rows: the first `per_type` test images of each type (good, logical, structural);
     columns: the image with its ground truth outlined in green, then each method's heatmap

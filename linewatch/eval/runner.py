@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,6 +39,7 @@ from linewatch.detector.models import BACKEND_LABELS, Models, build_models, sele
 from linewatch.eval.dataset import ANOMALY_TYPES, Category, DatasetError, list_categories, load_category
 from linewatch.eval.metrics import au_spro, image_auroc, rates_at_threshold
 from linewatch.eval.patchcore import PatchCore
+from linewatch.eval.results import MethodRun
 from linewatch.images import list_images, read_image
 
 __all__ = ["METHODS", "MethodRun", "resolve_methods", "run_detector", "run_patchcore", "category_metrics", "evaluate"]
@@ -52,24 +53,6 @@ METHOD_LABELS = {
     "patchcore": "patchcore (kNN over patch features of the same backbone, no objects)",
 }
 ANOMALY_LABELS = tuple(ANOMALY_TYPES.values())  # ("logical", "structural")
-
-
-@dataclass
-class MethodRun:
-    """What one method produced on one category's test images (in `category.test_images` order).
-
-    scores: (N,) image scores; maps: N float32 (H, W) anomaly maps at original size;
-    threshold: the calibrated verdict threshold (fail when score > threshold); calibration:
-    how it was calibrated (with the source of the scores); seconds: fit / calibrate /
-    test wall times; info: extras."""
-
-    method: str
-    scores: np.ndarray
-    maps: list[np.ndarray]
-    threshold: float
-    calibration: Calibration
-    seconds: dict[str, float] = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
 
 
 def resolve_methods(method: str | Sequence[str]) -> list[str]:
