@@ -198,17 +198,43 @@ def connected(metrics: Metrics) -> float | None:
 
 def clear_retained(port: int, topic: str = "#") -> None:
     """Delete every retained message under `topic` on the broker at `port`, so that a broker
-    shared by several tests shows each test only what it published itself. The broker sends
-    the retained messages while it handles the SUBSCRIBE; a message this client publishes after
-    its SUBACK therefore arrives after all of them."""
-    sub = Subscriber(port, topic=topic)
+    shared by several tests shows each test only what it published itself.
+
+    The broker sends the retained messages while it handles the SUBSCRIBE; a message this
+    client publishes after its SUBACK therefore arrives after all of them -- when all come at
+    QoS 0 (a QoS 2 delivery is reported only after its PUBREL, possibly after the marker)."""
+    cond = threading.Condition()
+    retained: set[str] = set()
+    state = {"subscribed": False, "marker": False}
+    marker = "linewatch-tests/clear-retained"
+
+    def on_subscribe(client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        with cond:
+            state["subscribed"] = True
+            cond.notify_all()
+
+    def on_message(client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        with cond:
+            if message.topic == marker:
+                state["marker"] = True
+            elif message.retain and message.payload:
+                retained.add(message.topic)
+            cond.notify_all()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe([(topic, 0), (marker, 0)])
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
     try:
-        marker = "linewatch-tests/clear-retained"
-        sub.client.publish(marker, b"end", qos=1)
-        assert sub.wait(lambda: any(m.topic == marker for m in sub.messages)), "the marker never came back"
-        with sub.cond:
-            retained = {m.topic for m in sub.messages if m.retain}
-        for name in retained:
-            sub.client.publish(name, b"", qos=1, retain=True).wait_for_publish(WAIT_S)
+        with cond:
+            assert cond.wait_for(lambda: state["subscribed"], WAIT_S), "no SUBACK from the broker"
+        client.publish(marker, b"end", qos=0)
+        with cond:
+            assert cond.wait_for(lambda: state["marker"], WAIT_S), "the marker never came back"
+        for name in sorted(retained):
+            client.publish(name, b"", qos=1, retain=True).wait_for_publish(WAIT_S)
     finally:
-        sub.close()
+        client.disconnect()
+        client.loop_stop()
