@@ -6,10 +6,12 @@ Mosquitto broker, a browser, Prometheus, a system tool -- is marked `system` (by
 pyproject.toml: `cuda` tests run only where a CUDA device is present (benchmarks/gpu_check.sh
 runs them on one); elsewhere they skip and say why.
 
-Banks: `sim_bank(...)` builds a classic-backend bank from sim images once per set of arguments
-(a hash of them names it), shared by every test and module of the session -- and by every
-pytest-xdist worker: the first worker builds it under a file lock, the others load the file.
-`small_bank`, `second_bank` and `other_settings_bank` are the banks the serve tests share.
+Expensive results are made once per run: `made_once(kind, spec, make)` keeps what `make`
+returned under a hash of `spec`, for every test and module -- and every pytest-xdist worker:
+the first makes it under a file lock, the others read it. `sim_bank(...)` builds a classic bank
+from sim images that way; `small_bank`, `second_bank` and `other_settings_bank` are the banks
+the serve tests share. With xdist, the tests of a module that has module-scoped fixtures run
+in one worker (an xdist_group per module), so those fixtures are made once too.
 
 Test modules never import each other (tests/test_suite_layout.py checks it): shared code lives
 in helper modules (tests/serving.py, tests/ports.py, tests/waiting.py, tests/runtime/fakes.py,
@@ -22,9 +24,11 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,11 +41,35 @@ SYSTEM_FIXTURES = frozenset({"session_broker", "broker", "own_broker", "secured_
                              "live_daemon"})
 
 
+# Fixtures that start one program for the whole session: with pytest-xdist (--dist loadgroup)
+# their tests run in one worker, so the program starts once, not once per worker.
+SESSION_PROGRAMS = ("live_daemon",)
+
+
+def _xdist_group(item: pytest.Item, fixtures: set[str]) -> str | None:
+    """With --dist loadgroup: the tests of a session program run in one worker; so do the tests
+    of a module with a module- or class-scoped fixture (built once, not once per worker)."""
+    shared = [name for name in SESSION_PROGRAMS if name in fixtures]
+    if shared:
+        return shared[0]
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    if any(d.scope in ("module", "class") for seq in defs for d in seq):
+        return item.nodeid.split("::")[0]
+    return None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
-        if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SYSTEM_FIXTURES & fixtures:
             item.add_marker(pytest.mark.system)
+        if xdist:
+            group = _xdist_group(item, fixtures)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
 
     import torch
 
@@ -87,44 +115,58 @@ def pytest_runtest_protocol(item, nextitem):
         _running["item"] = None
 
 
-# ---------------------------------------------------------------- banks, built once
+# ---------------------------------------------------------------- expensive results, made once
 
 
 @pytest.fixture(scope="session")
-def _bank_cache_dir(tmp_path_factory) -> Path:
-    """Where built banks are kept: under the session's base temp dir, or, in a pytest-xdist
-    worker, the folder above the workers' own ones, which they share."""
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder for the whole run: under the session's base temp dir, or, in a pytest-xdist
+    worker, the folder above the workers' own ones, which they all share."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    folder = root / "bank-cache"
+    folder = root / "shared"
     folder.mkdir(exist_ok=True)
     return folder
 
 
 @pytest.fixture(scope="session")
-def sim_bank(_bank_cache_dir: Path) -> Callable[..., Path]:
-    """`sim_bank(detector, seed=, n_train=, n_val=, product=, size=)`: the path of a bank built
-    from sim images with those arguments (see tests.serving.build_sim_bank), built on first use
-    and cached by a hash of the arguments for the session (and across xdist workers)."""
+def made_once(shared_dir: Path) -> Callable[..., Any]:
+    """`made_once(kind, spec, make)`: what `make(folder)` returns (JSON data, or a path in
+    `folder`), made on the first call with this `kind` and `spec` (a JSON-able dict, hashed to
+    name the folder) and kept for the run: by every test and module, and by every xdist worker
+    (the first takes a file lock and makes it, the others wait and read it)."""
     from filelock import FileLock
 
-    built: dict[str, Path] = {}
+    memo: dict[str, Any] = {}
 
+    def get(kind: str, spec: dict, make: Callable[[Path], Any]) -> Any:
+        key = f"{kind}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        if key not in memo:
+            folder = shared_dir / key
+            done = folder / "result.json"
+            with FileLock(str(folder) + ".lock"):
+                if not done.is_file():
+                    shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+                    folder.mkdir()
+                    value = make(folder)
+                    stored = {"path": str(value)} if isinstance(value, Path) else {"value": value}
+                    done.write_text(json.dumps(stored))
+            stored = json.loads(done.read_text())
+            memo[key] = Path(stored["path"]) if "path" in stored else stored["value"]
+        return memo[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sim_bank(made_once) -> Callable[..., Path]:
+    """`sim_bank(detector, seed=, n_train=, n_val=, product=, size=)`: the path of a bank built
+    from sim images with those arguments (tests.serving.build_sim_bank), built once per run."""
     def get(detector: dict, *, seed: int, n_train: int, n_val: int, product: str = PRODUCT, size: int = SIZE) -> Path:
         spec = {"detector": detector, "product": product, "seed": seed, "n_train": n_train, "n_val": n_val,
                 "size": size}
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        if key not in built:
-            folder = _bank_cache_dir / key
-            with FileLock(str(folder) + ".lock"):
-                path = folder / "bank.lwbank"
-                if not path.is_file():
-                    folder.mkdir(exist_ok=True)
-                    built_path = build_sim_bank(folder, detector, product=product, seed=seed, n_train=n_train,
-                                                n_val=n_val, size=size)
-                    assert built_path == path
-            built[key] = path
-        return built[key]
+        return made_once("bank", spec, lambda folder: build_sim_bank(folder, detector, **{
+            k: v for k, v in spec.items() if k != "detector"}))
 
     return get
 
