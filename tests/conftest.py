@@ -86,6 +86,24 @@ def pytest_collection_modifyitems(config, items):
 _running: dict[str, pytest.Item | None] = {"item": None}
 
 
+def _share_the_cores_between_xdist_workers(config: pytest.Config) -> None:
+    """With pytest-xdist, each worker's torch, BLAS and OpenMP (and those of the programs its
+    tests start) get the worker's share of the cores, not all of them: N workers each running N
+    threads spin-wait on each other. The controller sets OMP_NUM_THREADS before it starts the
+    workers (read when they load torch and numpy); a worker also tells torch directly."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT") or getattr(config.option, "numprocesses", None)
+    if workers in ("auto", "logical"):
+        workers = os.cpu_count() or 1
+    if not workers or int(workers) < 2:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(min(threads, torch.get_num_threads()))
+
+
 def pytest_configure(config):
     """The layers hold: while a test without the `system` marker runs (its fixtures included),
     starting another program through `subprocess` fails, saying to mark the test. Worker
@@ -104,6 +122,7 @@ def pytest_configure(config):
 
     subprocess.Popen.__init__ = guarded_init
     config.add_cleanup(lambda: setattr(subprocess.Popen, "__init__", real_init))
+    _share_the_cores_between_xdist_workers(config)
 
 
 @pytest.hookimpl(hookwrapper=True)
