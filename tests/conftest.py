@@ -10,8 +10,8 @@ Expensive results are made once per run: `made_once(kind, spec, make)` keeps wha
 returned under a hash of `spec`, for every test and module -- and every pytest-xdist worker:
 the first makes it under a file lock, the others read it. `sim_bank(...)` builds a classic bank
 from sim images that way; `small_bank`, `second_bank` and `other_settings_bank` are the banks
-the serve tests share. With xdist, the tests of a module that has module-scoped fixtures run
-in one worker (an xdist_group per module), so those fixtures are made once too.
+the serve tests share. With xdist (`--dist loadfile`), a module's tests run in one worker, so
+its module-scoped fixtures are made once too (SPREAD_MODULES: the exceptions).
 
 Test modules never import each other (tests/test_suite_layout.py checks it): shared code lives
 in helper modules (tests/serving.py, tests/ports.py, tests/waiting.py, tests/runtime/fakes.py,
@@ -41,35 +41,36 @@ SYSTEM_FIXTURES = frozenset({"session_broker", "broker", "own_broker", "secured_
                              "live_daemon"})
 
 
-# Fixtures that start one program for the whole session: with pytest-xdist (--dist loadgroup)
-# their tests run in one worker, so the program starts once, not once per worker.
-SESSION_PROGRAMS = ("live_daemon",)
+# ---------------------------------------------------------------- pytest-xdist: which tests share a worker
+
+# With `--dist loadfile` (tests/run.sh) each module's tests run in one worker, so a module-scoped
+# fixture is made once, and so is the ops tests' live daemon (only tests/ops/test_prometheus.py
+# uses it). The tests of SPREAD_MODULES share no fixture but `made_once` results and are slow
+# one by one: they are dealt out singly. (xdist's own `--dist loadgroup` cannot do this with
+# pytest 9.2: it marks groups by editing node ids, which no longer takes effect --
+# pytest-dev/pytest-xdist#1386 -- so the tests of a group are spread like any others.)
+SPREAD_MODULES = frozenset({"tests/detector/test_accuracy.py", "tests/detector/test_calibration.py"})
 
 
-def _xdist_group(item: pytest.Item, fixtures: set[str]) -> str | None:
-    """With --dist loadgroup: the tests of a session program run in one worker; so do the tests
-    of a module with a module- or class-scoped fixture (built once, not once per worker)."""
-    shared = [name for name in SESSION_PROGRAMS if name in fixtures]
-    if shared:
-        return shared[0]
-    info = getattr(item, "_fixtureinfo", None)
-    defs = info.name2fixturedefs.values() if info is not None else ()
-    if any(d.scope in ("module", "class") for seq in defs for d in seq):
-        return item.nodeid.split("::")[0]
-    return None
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesExceptSpread(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module in SPREAD_MODULES else module
+
+    return ModulesExceptSpread(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SYSTEM_FIXTURES & fixtures:
+        if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
-        if xdist:
-            group = _xdist_group(item, fixtures)
-            if group is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
 
     import torch
 

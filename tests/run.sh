@@ -16,7 +16,8 @@ fi
 if [ -f tests/ops/install-tools.sh ]; then
     bash tests/ops/install-tools.sh || echo "tests/run.sh: could not install the ops tools; those tests will skip and say why" >&2
 fi
-# pytest-xdist: one worker per core; tests that share a session-scoped program (the ops tests'
-# live daemon) form an xdist_group and run in one worker (tests/conftest.py), the rest are dealt
-# out one by one. TEST_WORKERS=0 runs in this process. `bash tests/run.sh -m "not system"`: the unit layer.
-exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadgroup "$@"
+# pytest-xdist: one worker per core, each module's tests in one worker (its module-scoped fixtures
+# are made once; tests/conftest.py deals out a few slow modules' tests singly); banks and other
+# results made once per run are shared between the workers (tests/conftest.py `made_once`).
+# TEST_WORKERS=0 runs in this process. `bash tests/run.sh -m "not system"`: the unit layer alone.
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"
