@@ -105,6 +105,17 @@ def _share_the_cores_between_xdist_workers(config: pytest.Config) -> None:
         torch.set_num_threads(min(threads, torch.get_num_threads()))
 
 
+# Programs the standard library runs on its own to learn about the machine (platform: uname;
+# ctypes.util.find_library: ldconfig, gcc, objdump, ld), once and whichever test asks first.
+INCIDENTAL_PROGRAMS = frozenset({"uname", "ldconfig", "gcc", "cc", "objdump", "ld"})
+
+
+def _incidental(args) -> bool:
+    first = args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), "")
+    words = os.fsdecode(first).split()
+    return bool(words) and os.path.basename(words[0]) in INCIDENTAL_PROGRAMS
+
+
 def pytest_configure(config):
     """The layers hold: while a test without the `system` marker runs (its fixtures included),
     starting another program through `subprocess` fails, saying to mark the test. Worker
@@ -115,7 +126,7 @@ def pytest_configure(config):
     @functools.wraps(real_init)
     def guarded_init(self, args, *a, **kw):
         item = _running["item"]
-        if item is not None and item.get_closest_marker("system") is None:
+        if item is not None and item.get_closest_marker("system") is None and not _incidental(args):
             self._child_created = False  # Popen.__del__ reads it
             raise AssertionError(f"{item.nodeid} starts a program ({args!r:.160}) but is not marked `system`: "
                                  "mark the test (@pytest.mark.system) or its module (pytestmark = pytest.mark.system)")
