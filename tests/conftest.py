@@ -1,8 +1,9 @@
 """Suite-wide fixtures and markers.
 
 Layers: a test that starts another process -- a `linewatch serve` or other CLI subprocess, a
-Mosquitto broker, a browser, Prometheus, a system tool -- is marked `system` (by module, with
-`pytestmark`); `pytest -m "not system"` runs the unit layer alone. `slow` and `cuda` as in
+Mosquitto broker, a browser, Prometheus, a system tool -- is marked `system` (a whole module with
+`pytestmark`, or the test; a test using a fixture in SYSTEM_FIXTURES is marked here);
+`pytest -m "not system"` runs the unit layer alone, and a unit test that starts a program fails. `slow` and `cuda` as in
 pyproject.toml: `cuda` tests run only where a CUDA device is present (benchmarks/gpu_check.sh
 runs them on one); elsewhere they skip and say why.
 
