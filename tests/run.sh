@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): makes the venv, installs linewatch with its
-# dev extras at the versions of the lock (deploy/constraints.txt), installs the Debian tools the ops tests use where it can, runs the whole suite.
+# dev extras at the versions of the lock (deploy/constraints.txt), installs the Debian tools the ops tests use where it can, runs the whole suite
+# on every core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -15,4 +16,8 @@ fi
 if [ -f tests/ops/install-tools.sh ]; then
     bash tests/ops/install-tools.sh || echo "tests/run.sh: could not install the ops tools; those tests will skip and say why" >&2
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# pytest-xdist: one worker per core, each module's tests in one worker (its module-scoped fixtures
+# are made once; tests/conftest.py deals out a few slow modules' tests singly); banks and other
+# results made once per run are shared between the workers (tests/conftest.py `made_once`).
+# TEST_WORKERS=0 runs in this process. `bash tests/run.sh -m "not system"`: the unit layer alone.
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"

@@ -168,6 +168,7 @@ def test_a_missing_or_foreign_archive_is_one_line_of_error(tmp_path, capsys):
     assert code == 2 and "archive schema version 7" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.system
 def test_the_command_runs_as_a_process_and_reads_without_writing(archive_dir):
     before = sorted(p.name for p in archive_dir.iterdir())
     res = subprocess.run([sys.executable, "-m", "linewatch.cli", "archive", "query", "--archive", str(archive_dir),

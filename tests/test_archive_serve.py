@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.test_serve import DETECTOR, Served, of, sim_images, small_bank  # noqa: F401 - small_bank is a fixture
+from tests.serving import DETECTOR, Served, of, sim_images
 from tests.waiting import wait_until
+
+pytestmark = pytest.mark.system  # every test here starts a program
 
 
 def children_of(pid: int) -> list[int]:

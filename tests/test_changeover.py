@@ -1,7 +1,8 @@
 """Recipe changeover with real processes: a `linewatch serve` judging a stream of frames,
 `linewatch bank switch` mid-stream through the control socket, refusals that keep the old
 bank, and SIGHUP after an edit of the config file. Banks: classic backend, sim images, built
-once per session (two good-image subsets of one product, and one under other detector settings)."""
+once per session by tests/conftest.py (two good-image subsets of one product, and one under other
+detector settings)."""
 
 from __future__ import annotations
 
@@ -17,37 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_serve import DETECTOR, PRODUCT, SIZE, Served, by_label, scrape, sim_images, small_bank  # noqa: F401
+from tests.serving import Served, by_label, scrape, sim_images
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.system
+
 SWITCH_TIMEOUT_S = 300.0  # the CLI's whole run: a loaded CI machine is slow, never wrong
-
-
-def build_bank(root: Path, seed: int, n_train: int, detector: dict) -> Path:
-    """A classic bank from `n_train` good sim images (seed `seed`), calibrated on 5 held-out ones."""
-    from linewatch.bank_builder import build_bank as build
-    from linewatch.config import config_from_dict
-    from linewatch.sim import generate_dataset
-
-    data = generate_dataset(root / f"sim{seed}", PRODUCT, seed=seed, n_train=n_train, n_val=5, n_test_good=0,
-                            n_test_logical=0, n_test_structural=0, size=SIZE)
-    bank = build(config_from_dict({"detector": detector}), data / "train" / "good", data / "validation" / "good",
-                 progress=False)
-    path = root / f"bank-{seed}.lwbank"
-    bank.save(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def second_bank(tmp_path_factory) -> Path:
-    """Another good-image subset of the same product, under the same detector settings."""
-    return build_bank(tmp_path_factory.mktemp("switch-bank"), seed=8, n_train=6, detector=DETECTOR)
-
-
-@pytest.fixture(scope="session")
-def other_settings_bank(tmp_path_factory) -> Path:
-    """A bank built under other detector settings (image_size): it does not fit serve's config."""
-    return build_bank(tmp_path_factory.mktemp("other-bank"), seed=9, n_train=3, detector={**DETECTOR, "image_size": 56})
 
 
 @pytest.fixture

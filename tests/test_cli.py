@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.system  # every test here starts a program
+
 REPO = Path(__file__).resolve().parents[1]
 
 

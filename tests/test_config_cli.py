@@ -16,7 +16,9 @@ import yaml
 
 from linewatch.config import Config, config_from_dict
 from linewatch.config_cli import config_schema, reference_config_text
-from tests.test_serve import DETECTOR, small_bank  # noqa: F401 - the session fixture
+from tests.serving import DETECTOR
+
+pytestmark = pytest.mark.system  # every test here starts a program
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +53,7 @@ def test_schema_accepts_every_shipped_config_and_refuses_what_the_loader_refuses
             config_from_dict(bad)
 
 
-def test_check_a_good_config_with_its_bank(small_bank, tmp_path):  # noqa: F811
+def test_check_a_good_config_with_its_bank(small_bank, tmp_path):
     config = tmp_path / "line.yaml"
     config.write_text(yaml.safe_dump({"detector": DETECTOR, "bank": {"path": str(small_bank)}}))
     out = run_cli("config", "check", str(config))
@@ -60,7 +62,7 @@ def test_check_a_good_config_with_its_bank(small_bank, tmp_path):  # noqa: F811
     assert f"ok  bank: {small_bank}" in out.stdout and "fits the detector settings" in out.stdout
 
 
-def test_check_names_what_is_wrong(small_bank, tmp_path):  # noqa: F811
+def test_check_names_what_is_wrong(small_bank, tmp_path):
     bad_key = tmp_path / "typo.yaml"
     bad_key.write_text("runtime:\n  archive:\n    enabled: true\n    max_bytez: 10\n")
     out = run_cli("config", "check", str(bad_key), "--config-only")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ def test_demo_config_is_configs_demo_yaml():
     assert demo_config("x.lwbank").detector == load_config(ROOT / "configs" / "demo.yaml").detector
 
 
+@pytest.mark.system
 def test_demo_runs_end_to_end(tmp_path):
     res = subprocess.run([*_linewatch(), "demo", "--frames", "30", "--fps", "30"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)

@@ -50,6 +50,7 @@ def test_random_checkpoints_load_through_the_real_loaders(tmp_path):
     assert torch.equal(sam.state_dict()[key], saved[key])
 
 
+@pytest.mark.system
 def test_gpu_check_references_only_files_that_exist():
     script = ROOT / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -59,6 +60,7 @@ def test_gpu_check_references_only_files_that_exist():
     assert [p for p in sorted(referenced) if not (ROOT / p).is_file()] == []
 
 
+@pytest.mark.system
 def test_gpu_check_help_runs_nothing(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--help"], capture_output=True,
                             text=True, cwd=tmp_path, timeout=30)

@@ -14,8 +14,7 @@ from linewatch.config import config_from_dict, load_config
 from linewatch.recipe import RecipeLoader, model_settings, runtime_differences
 from linewatch.runtime.daemon import SwitchRefused
 from tests.runtime.fakes import quiet_log
-from tests.test_changeover import other_settings_bank, second_bank  # noqa: F401
-from tests.test_serve import DETECTOR, small_bank  # noqa: F401
+from tests.serving import DETECTOR
 
 
 def write_config(path: Path, bank: Path, detector: dict | None = None, max_batch: int = 4) -> Path:

@@ -25,6 +25,7 @@ def tracked_root_entries() -> set[str]:
     return {name.split("/", 1)[0] for name in out.decode().split("\0") if name}
 
 
+@pytest.mark.system  # runs git
 def test_the_root_holds_only_the_expected_entries() -> None:
     entries = tracked_root_entries()
     assert entries - EXPECTED_ROOT == set(), "unexpected files at the repository root"

@@ -11,204 +11,30 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-import zmq
-from zmq.utils.monitor import recv_monitor_message
-
-from linewatch import wire
-from linewatch.sim import render
+from tests.serving import DETECTOR, Served, by_label, http_get, of, scrape, sim_images
 from tests.waiting import wait_until
 
-SIZE = 128  # rendered frame side
-DETECTOR = {"backend": "classic", "device": "cpu", "image_size": 112, "k_references": 2}
-PRODUCT = "screw_tray"
-START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def small_bank(tmp_path_factory) -> Path:
-    """A classic-backend bank: 12 good sim images, calibrated on 6 held-out ones (128 px)."""
-    from linewatch.bank_builder import build_bank
-    from linewatch.config import config_from_dict
-    from linewatch.sim import generate_dataset
-
-    root = tmp_path_factory.mktemp("serve-bank")
-    data = generate_dataset(root / "sim", PRODUCT, seed=3, n_train=12, n_val=6, n_test_good=0,
-                            n_test_logical=0, n_test_structural=0, size=SIZE)
-    config = config_from_dict({"detector": DETECTOR})
-    bank = build_bank(config, data / "train" / "good", data / "validation" / "good", progress=False)
-    path = root / "small.lwbank"
-    bank.save(path)
-    return path
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def scrape(port: int) -> dict[str, dict[tuple, float]]:
-    """/metrics parsed with prometheus_client: sample name -> {sorted label items: value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, text = http_get(port, "/metrics")
-    assert status == 200
-    out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
-def by_label(samples: dict[tuple, float], key: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for labels, value in samples.items():
-        d = dict(labels)
-        out[d[key]] = out.get(d[key], 0.0) + value
-    return out
-
-
-class Served:
-    """A `linewatch serve` subprocess on free loopback ports, with a verdict subscriber."""
-
-    def __init__(self, tmp: Path, bank: Path, deadline_ms: float = 60_000.0, runtime: dict | None = None) -> None:
-        """`runtime`: more sections of `runtime` (e.g. {"mqtt": {...}}), set over the ones below."""
-        self.ingest_port, self.izmq_port, self.publish_port, self.metrics_port = (free_port() for _ in range(4))
-        config = {
-            "detector": DETECTOR,
-            "bank": {"path": str(bank)},
-            "runtime": {
-                "ingest": {"endpoints": [
-                    {"url": f"tcp://127.0.0.1:{self.ingest_port}", "mode": "bind", "protocol": "linewatch"},
-                    # imagezmq's PUB sender binds, so the daemon connects
-                    {"url": f"tcp://127.0.0.1:{self.izmq_port}", "mode": "connect", "protocol": "imagezmq-pubsub"},
-                ]},
-                "batch": {"max_batch": 4, "max_delay_ms": 5},
-                "pipeline": {"deadline_ms": deadline_ms},
-                "publish": {"url": f"tcp://127.0.0.1:{self.publish_port}", "mode": "bind"},
-                "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
-                "logging": {"level": "INFO", "format": "console"},
-            },
-        }
-        config["runtime"].update(runtime or {})
-        self.config_path = tmp / "serve.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = tmp / "serve.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "serve", "-c", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.sub.connect(f"tcp://127.0.0.1:{self.publish_port}")
-        self.cam = self.ctx.socket(zmq.PUB)
-        self.cam.setsockopt(zmq.LINGER, 0)
-        self.cam.connect(f"tcp://127.0.0.1:{self.ingest_port}")
-        self.verdicts: list = []
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}:\n{self.log()}"
-            try:
-                return http_get(self.metrics_port, "/readyz", timeout=1)[0] == 200
-            except OSError:
-                return False
-
-        assert wait_until(ready, START_TIMEOUT_S, poll_s=0.2), f"/readyz not 200 within {START_TIMEOUT_S} s:\n{self.log()}"
-
-    def drain_after_exit(self) -> list:
-        """After the daemon exited: read every verdict it sent. Its PUB socket disconnecting
-        (seen on a socket monitor) comes after its last message on the same TCP stream."""
-        assert self.proc.poll() is not None
-        while self.monitor.poll(30_000):
-            if recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED:
-                break
-        else:
-            pytest.fail("the verdict socket never saw the daemon disconnect")
-        while self.sub.poll(0):
-            self.verdicts.append(wire.decode_verdict(self.sub.recv_multipart()))
-        return self.verdicts
-
-    def recv(self, until, timeout_s: float) -> list:
-        """Collect verdicts into self.verdicts until `until(self.verdicts)` or the timeout."""
-        end = time.monotonic() + timeout_s
-        while not until(self.verdicts) and time.monotonic() < end:
-            if self.sub.poll(100):
-                self.verdicts.append(wire.decode_verdict(self.sub.recv_multipart()))
-        return self.verdicts
-
-    def warm_up(self, camera: str, send) -> None:
-        """PUB/SUB drops messages sent before the peers are joined: send a cheap bad frame on
-        `camera` until its error verdict comes back, which proves both directions are live."""
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            send()
-            self.recv(lambda vs: any(v.camera == camera for v in vs), 0.3)
-            if any(v.camera == camera for v in self.verdicts):
-                return
-        pytest.fail(f"no verdict for warm-up camera {camera} within 30 s:\n{self.log()}")
-
-    def send_frame(self, camera: str, frame_id: int, image: np.ndarray, encoding: str = "jpeg") -> None:
-        self.cam.send_multipart(wire.encode_frame(camera, frame_id, image, encoding=encoding, part_id=f"{camera}-{frame_id}"))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.sub.disable_monitor()
-        self.monitor.close()
-        self.sub.close()
-        self.cam.close()
-        self.ctx.term()
-        self._log.close()
-        return self.proc.returncode
-
-
-def sim_images(n: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [render(PRODUCT, rng, None if i % 2 == 0 else "missing", size=SIZE)[0] for i in range(n)]
-
-
-def of(verdicts: list, camera: str) -> list:
-    return [v for v in verdicts if v.camera == camera]
+pytestmark = pytest.mark.system
 
 
 def test_serve_wire_and_imagezmq_frames_bad_frames_and_metrics(small_bank, tmp_path):
     import imagezmq
-    served = Served(tmp_path, small_bank)
-    sender = None
+    import zmq
+
+    # imagezmq's PUB sender binds (port 0 here), the daemon connects to it
+    sender = imagezmq.ImageSender(connect_to="tcp://127.0.0.1:0", REQ_REP=False)
+    served = Served(tmp_path, small_bank, imagezmq_url=sender.zmq_socket.getsockopt_string(zmq.LAST_ENDPOINT))
     try:
         served.wait_ready()
         log = served.log()
         assert "classic (weights-free" in log and "not SAM-LAD" in log, log  # the start line names the backend
         assert small_bank.exists()
         served.warm_up("warm", lambda: served.cam.send_multipart([b"warm", b"not json", b""]))
-        sender = imagezmq.ImageSender(connect_to=f"tcp://127.0.0.1:{served.izmq_port}", REQ_REP=False)
         served.warm_up("izwarm", lambda: sender.send_jpg("izwarm", b"not a jpeg"))
 
         images = sim_images(8, seed=11)
@@ -271,8 +97,7 @@ def test_serve_wire_and_imagezmq_frames_bad_frames_and_metrics(small_bank, tmp_p
         assert m["linewatch_ready"][()] == 1
         assert http_get(served.metrics_port, "/healthz")[0] == 200
     finally:
-        if sender is not None:
-            sender.close()
+        sender.close()
         rc = served.stop()
     assert rc == 0, served.log()
 
@@ -333,7 +158,7 @@ def test_a_port_in_use_is_one_line_of_error(small_bank, tmp_path, which):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        urls = {name: f"tcp://127.0.0.1:{port if name == which else free_port()}" for name in ("ingest", "publish")}
+        urls = {name: f"tcp://127.0.0.1:{port if name == which else 0}" for name in ("ingest", "publish")}
         config = {
             "detector": DETECTOR,
             "bank": {"path": str(small_bank)},

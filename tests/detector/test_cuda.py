@@ -6,7 +6,6 @@ on any synchronisation), and the results on CUDA follow those on the CPU."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from linewatch.bank_builder import build_bank
 from linewatch.detector.inspector import Batch, Inspector, StageTimer
-from tests.detector.test_samlad_pipeline import samlad_config, tiny_samlad_models, write_images
+from tests.detector.samlad_models import samlad_config, tiny_samlad_models, write_images
 
 pytestmark = pytest.mark.cuda
 

@@ -24,6 +24,7 @@ from linewatch.detector.weights import (
     state_fingerprint,
     verify_checkpoint,
 )
+from tests.ports import refused_port
 
 
 def test_registry_is_consistent():
@@ -86,10 +87,7 @@ def _spec(url: str, data: bytes | None = None) -> dict[str, CheckpointSpec]:
 
 @pytest.mark.timeout(30)  # a hang fails the test; the download's own timeout is 2 s
 def test_download_connection_refused_fails_fast(tmp_path):
-    with socket.socket() as probe:  # a port that is certainly closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.raises(WeightsError) as info:
+    with refused_port() as port, pytest.raises(WeightsError) as info:  # bound, never listening: refused
         download(["thing"], tmp_path, timeout_s=2, progress=False, registry=_spec(f"http://127.0.0.1:{port}/thing.pth"))
     message = str(info.value)
     assert "cannot reach 127.0.0.1" in message and "manually" in message and str(tmp_path) in message

@@ -1,9 +1,9 @@
-"""Shared helpers of the ops tests: locating the real tools (or skipping with the reason), ports."""
+"""Shared helpers of the ops tests: locating the real tools (or skipping with the reason), running them.
+(Ports: tests/ports.py.)"""
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +44,3 @@ def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProces
     """Run a command with a time bound, capturing text output."""
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

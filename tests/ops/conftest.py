@@ -1,7 +1,8 @@
 """Fixtures of the ops tests.
 
 `live_daemon`: a real `linewatch serve` subprocess (weights-free classic backend, a small
-bank built from synthetic good images, loopback ports picked at run time) that has already
+bank built from synthetic good images, loopback ports it binds itself: port 0, read back from
+its log, as tests/serving.py does; its verdicts go to a SUB socket bound here) that has already
 answered a few frames -- good ones and one undecodable one -- so every series the dashboards
 and alerts query (verdict counters, the latency histogram, error counters) has samples.
 One daemon serves the whole session; it gets SIGTERM at the end and must exit 0.
@@ -21,14 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.serving import DETECTOR, PRODUCT, SIZE, bound_ports
 from tests.waiting import wait_until
 
-from ._tools import free_port
-
 START_TIMEOUT_S = 120.0
-DETECTOR = {"backend": "classic", "device": "cpu", "image_size": 112, "k_references": 2}
-PRODUCT = "screw_tray"
-SIZE = 128
 
 
 @dataclass
@@ -50,18 +47,18 @@ class LiveDaemon:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def _build_bank(root: Path) -> Path:
-    from linewatch.bank_builder import build_bank
-    from linewatch.config import config_from_dict
-    from linewatch.sim import generate_dataset
+def _wait_started(proc: subprocess.Popen, log_path: Path) -> tuple[list[str], int]:
+    """The ingest endpoints and the /metrics port the daemon bound, from its `started` log line."""
+    def started() -> tuple[list[str], int] | None:
+        if proc.poll() is not None:
+            pytest.fail(f"linewatch serve exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
+        return bound_ports(log_path.read_text(errors="replace"))
 
-    data = generate_dataset(root / "sim", PRODUCT, seed=7, n_train=12, n_val=6, n_test_good=0,
-                            n_test_logical=0, n_test_structural=0, size=SIZE)
-    bank = build_bank(config_from_dict({"detector": DETECTOR}), data / "train" / "good", data / "validation" / "good",
-                      progress=False)
-    path = root / "ops.lwbank"
-    bank.save(path)
-    return path
+    ports = wait_until(started, START_TIMEOUT_S, poll_s=0.1)
+    if not ports:
+        pytest.fail(f"linewatch serve logged no `started` within {START_TIMEOUT_S} s:\n"
+                    f"{log_path.read_text(errors='replace')[-4000:]}")
+    return ports
 
 
 def _wait_ready(daemon: LiveDaemon) -> None:
@@ -77,21 +74,18 @@ def _wait_ready(daemon: LiveDaemon) -> None:
         pytest.fail(f"linewatch serve not ready within {START_TIMEOUT_S} s:\n{daemon.log()}")
 
 
-def _feed_frames(ingest_url: str, verdict_url: str, daemon: LiveDaemon) -> None:
+def _feed_frames(ctx, sub, ingest_url: str, daemon: LiveDaemon) -> None:
     """Send one undecodable frame (until its `error` verdict proves the sockets are joined),
-    then three rendered frames, and wait for their verdicts."""
+    then three rendered frames, and wait for their verdicts (on `sub`, where the daemon's
+    publisher connects)."""
     import numpy as np
     import zmq
 
     from linewatch import wire
     from linewatch.sim import render
 
-    ctx = zmq.Context()
-    sub, cam = ctx.socket(zmq.SUB), ctx.socket(zmq.PUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    for s in (sub, cam):
-        s.setsockopt(zmq.LINGER, 0)
-    sub.connect(verdict_url)
+    cam = ctx.socket(zmq.PUB)
+    cam.setsockopt(zmq.LINGER, 0)
     cam.connect(ingest_url)
     seen: list = []
 
@@ -118,25 +112,29 @@ def _feed_frames(ingest_url: str, verdict_url: str, daemon: LiveDaemon) -> None:
         if not wait_for(lambda: sum(v.frame_id >= 0 for v in seen) >= 3, 60):
             pytest.fail(f"no verdicts for the rendered frames within 60 s:\n{daemon.log()}")
     finally:
-        sub.close()
         cam.close()
-        ctx.term()
 
 
 @pytest.fixture(scope="session")
-def live_daemon(tmp_path_factory):
+def live_daemon(tmp_path_factory, small_bank):
+    import zmq
+
     root = tmp_path_factory.mktemp("live-daemon")
-    bank = _build_bank(root)
-    ingest_port, publish_port, metrics_port = free_port(), free_port(), free_port()
+    bank = small_bank  # the serve tests' bank (tests/conftest.py): built once per session
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.bind("tcp://127.0.0.1:0")
     config = root / "serve.yaml"
     config.write_text(yaml.safe_dump({
         "detector": DETECTOR,
         "bank": {"path": str(bank)},
         "runtime": {
-            "ingest": {"endpoints": [{"url": f"tcp://127.0.0.1:{ingest_port}", "mode": "bind"}]},
+            "ingest": {"endpoints": [{"url": "tcp://127.0.0.1:0", "mode": "bind"}]},
             "pipeline": {"deadline_ms": 30000},
-            "publish": {"url": f"tcp://127.0.0.1:{publish_port}", "mode": "bind"},
-            "metrics": {"host": "127.0.0.1", "port": metrics_port},
+            "publish": {"url": sub.getsockopt_string(zmq.LAST_ENDPOINT), "mode": "connect"},
+            "metrics": {"host": "127.0.0.1", "port": 0},
             "logging": {"level": "INFO", "format": "console"},
         },
     }))
@@ -144,12 +142,15 @@ def live_daemon(tmp_path_factory):
     log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "serve", "-c", str(config)],
                             stdout=log, stderr=subprocess.STDOUT)
-    daemon = LiveDaemon(f"http://127.0.0.1:{metrics_port}", "127.0.0.1", metrics_port, proc, log_path)
     try:
+        endpoints, metrics_port = _wait_started(proc, log_path)
+        daemon = LiveDaemon(f"http://127.0.0.1:{metrics_port}", "127.0.0.1", metrics_port, proc, log_path)
         _wait_ready(daemon)
-        _feed_frames(f"tcp://127.0.0.1:{ingest_port}", f"tcp://127.0.0.1:{publish_port}", daemon)
+        _feed_frames(ctx, sub, endpoints[0], daemon)
         yield daemon
     finally:
+        sub.close()
+        ctx.term()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -158,4 +159,4 @@ def live_daemon(tmp_path_factory):
                 proc.kill()
                 proc.wait(10)
         log.close()
-    assert proc.returncode == 0, f"linewatch serve exited with {proc.returncode}:\n{daemon.log()}"
+    assert proc.returncode == 0, f"linewatch serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"

@@ -27,6 +27,7 @@ def _compose_tool() -> list[str]:
     raise AssertionError("unreachable")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("files", [["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]], ids=["cpu", "gpu"])
 def test_compose_config_is_valid(files):
     cmd = _compose_tool()
@@ -56,6 +57,7 @@ def test_compose_wiring():
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_hadolint(name):
     res = run([require_tool("hadolint"), "--no-color", str(DEPLOY / name)], timeout=60)

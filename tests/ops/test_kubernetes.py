@@ -39,6 +39,7 @@ def _check_pod(spec: dict, what: str) -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+@pytest.mark.system
 def test_kustomize_renders_one_daemon_per_line():
     docs = _render()
     by_kind: dict[str, list[dict]] = {}
@@ -89,6 +90,7 @@ def test_line_configs_load(line):
     load_config(K8S / "lines" / line / "linewatch.yaml")
 
 
+@pytest.mark.system
 def test_scrape_config(tmp_path: Path):
     doc = yaml.safe_load((K8S / "prometheus-scrape.yaml").read_text())
     relabel = doc["scrape_configs"][0]["relabel_configs"]

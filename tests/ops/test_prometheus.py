@@ -5,6 +5,7 @@ dashboard and alert expression runs on it."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.parse
 import urllib.request
@@ -15,23 +16,26 @@ import yaml
 
 from tests.waiting import wait_until
 
-from ._tools import DEPLOY, free_port, require_tool, run
+from ._tools import DEPLOY, require_tool, run
 
 PROM_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "linewatch.json"
 
 
+@pytest.mark.system
 def test_promtool_check_rules():
     res = run([require_tool("promtool"), "check", "rules", str(PROM_DIR / "alerts.yml")])
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.system
 def test_promtool_alert_unit_tests():
     """alerts.test.yml feeds series to the rules and states which alerts must fire (and not)."""
     res = run([require_tool("promtool"), "test", "rules", "alerts.test.yml"], cwd=PROM_DIR)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.system
 def test_promtool_check_compose_config():
     res = run([require_tool("promtool"), "check", "config", str(PROM_DIR / "prometheus.yml")])
     assert res.returncode == 0, res.stdout + res.stderr
@@ -115,7 +119,6 @@ def _alert_exprs() -> list[str]:
 @pytest.mark.slow
 def test_real_prometheus_scrapes_the_daemon(live_daemon, tmp_path: Path):
     prom = require_tool("prometheus")
-    port = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -124,9 +127,17 @@ def test_real_prometheus_scrapes_the_daemon(live_daemon, tmp_path: Path):
     }))
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen([prom, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+                             "--web.listen-address=127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT)
     try:
+        def listening() -> str | None:  # port 0: the log line says which port it got
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            found = re.search(r'msg="Listening on" address=(127\.0\.0\.1:\d+)', (tmp_path / "prometheus.log").read_text())
+            return found and found.group(1)
+
+        address = wait_until(listening, 30, poll_s=0.1)
+        assert address, "Prometheus logged no listening address within 30 s:\n" + (tmp_path / "prometheus.log").read_text()[-2000:]
+        base = f"http://{address}"
+
         def scraped() -> list:
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
             try:

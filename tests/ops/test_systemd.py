@@ -60,6 +60,7 @@ def _verify(unit: Path) -> list[str]:
     return problems
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", list(UNITS))
 def test_unit_verifies(tmp_path: Path, name: str):
     staged = _staged(tmp_path)
@@ -67,6 +68,7 @@ def test_unit_verifies(tmp_path: Path, name: str):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.system
 def test_verify_harness_catches_mistakes(tmp_path: Path):
     """A misspelt key must be reported, or test_unit_verifies proves nothing."""
     staged = _staged(tmp_path)
@@ -75,6 +77,7 @@ def test_verify_harness_catches_mistakes(tmp_path: Path):
     assert _verify(unit), "systemd-analyze verify did not report an unknown key"
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("name", list(UNITS))
 def test_security_exposure_is_low(tmp_path: Path, name: str):
     """`systemd-analyze security --offline` rates the hardening; 3.0 or lower is 'OK'."""
@@ -108,6 +111,7 @@ def test_unit_settings(name: str):
         assert "%i" in one["ExecStart"] and "%i" in one["StateDirectory"]
 
 
+@pytest.mark.system
 def test_sysusers_creates_the_account(tmp_path: Path):
     tool = require_tool("systemd-sysusers")
     (tmp_path / "etc").mkdir()

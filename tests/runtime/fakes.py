@@ -1,4 +1,5 @@
-"""Fake detector and helpers shared by the runtime tests (no torch, no weights).
+"""Fake detector and helpers shared by the runtime tests (no torch, no weights): fake clock,
+processors, frames, verdict and frame collectors, a PipelineCore on the fake clock.
 
 The fake processor encodes the answer in the image: pixel [0, 0, 0] / 255 is the score,
 threshold 0.5, so a test knows each frame's expected verdict.
@@ -19,9 +20,10 @@ import structlog
 
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
+from linewatch.runtime.core import PipelineCore, Slot
 from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.pipeline import Pipeline
-from linewatch.wire import Frame, Verdict
+from linewatch.wire import Frame, Verdict, WireError
 
 
 class FakeClock:
@@ -187,3 +189,57 @@ def make_pipeline(processor: FakeProcessor, collector: Collector, max_batch: int
                        shed_policy=shed_policy, deadline_ms=deadline_ms),
         collector, metrics=metrics, log=quiet_log(), **({"clock": clock} if clock is not None else {}),
     )
+
+
+# ---------------------------------------------------------------- a PipelineCore on a fake clock (test_core.py)
+
+
+IMAGE = np.zeros((2, 2, 3), np.uint8)
+
+
+def make_core(clock: FakeClock, n_stages: int = 1, max_batch: int = 4, max_delay_ms: float = 10.0,
+              max_pending: int = 64, shed_policy: str = "oldest", deadline_ms: float = 1000.0,
+              deadline_from: str = "capture", skew_ms: float = 1000.0, metrics: Metrics | None = None) -> PipelineCore:
+    return PipelineCore(
+        BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms),
+        PipelineConfig(max_pending_frames=max_pending, shed_policy=shed_policy, deadline_ms=deadline_ms,
+                       deadline_from=deadline_from, clock_skew_tolerance_ms=skew_ms),
+        n_stages, clock, metrics if metrics is not None else Metrics(),
+    )
+
+
+def add(core: PipelineCore, clock: FakeClock, camera: str, frame_id: int, age_s: float = 0.0,
+        received_mono: float | None = None) -> Slot:
+    """Register and enqueue a frame received now, captured `age_s` ago."""
+    slot = core.register(camera, frame_id, clock.time() - age_s, clock.time(),
+                         clock.monotonic() if received_mono is None else received_mono)
+    core.enqueue(slot, IMAGE)
+    return slot
+
+
+def result(slot: Slot, value: str = "pass") -> Verdict:
+    return Verdict(camera=slot.camera, frame_id=slot.frame_id, verdict=value, capture_ts=slot.capture_ts,
+                   score=0.1, threshold=0.5, heatmap=np.zeros((2, 2), np.float32))
+
+
+class FrameCollector:
+    """Thread-safe sink for Ingest's on_frame / on_error, with bounded waits."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.errors: list[WireError] = []
+        self._cond = threading.Condition()
+
+    def on_frame(self, frame: Frame) -> None:
+        with self._cond:
+            self.frames.append(frame)
+            self._cond.notify_all()
+
+    def on_error(self, error: WireError, received_mono: float) -> None:
+        with self._cond:
+            self.errors.append(error)
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout_s)

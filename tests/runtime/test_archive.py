@@ -407,6 +407,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.system
 def test_a_killed_daemons_journal_is_replayed_at_start_each_verdict_once(tmp_path):
     root = tmp_path / "archive"
     child = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(root)], cwd=REPO, capture_output=True,

@@ -22,7 +22,7 @@ from linewatch.runtime import control
 from linewatch.runtime.control import ControlError, request
 from linewatch.runtime.daemon import Daemon, LoadedBank, SwitchRefused
 from tests.runtime.fakes import FakeProcessor, quiet_log
-from tests.runtime.test_daemon import Line, http, runtime_config
+from tests.runtime.line import Line, http, runtime_config
 
 
 def fake_bank(bank_id: str, stages: tuple[str, ...] = ("pre", "net"), images: int = 3) -> FakeProcessor:

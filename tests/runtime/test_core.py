@@ -8,42 +8,11 @@ from __future__ import annotations
 import gc
 import weakref
 
-import numpy as np
 import pytest
 
-from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.runtime.core import PipelineCore, Slot
 from linewatch.runtime.metrics import Metrics
-from linewatch.wire import Verdict
-from tests.runtime.fakes import FakeClock
-
-IMAGE = np.zeros((2, 2, 3), np.uint8)
-
-
-def make_core(clock: FakeClock, n_stages: int = 1, max_batch: int = 4, max_delay_ms: float = 10.0,
-              max_pending: int = 64, shed_policy: str = "oldest", deadline_ms: float = 1000.0,
-              deadline_from: str = "capture", skew_ms: float = 1000.0, metrics: Metrics | None = None) -> PipelineCore:
-    return PipelineCore(
-        BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms),
-        PipelineConfig(max_pending_frames=max_pending, shed_policy=shed_policy, deadline_ms=deadline_ms,
-                       deadline_from=deadline_from, clock_skew_tolerance_ms=skew_ms),
-        n_stages, clock, metrics if metrics is not None else Metrics(),
-    )
-
-
-def add(core: PipelineCore, clock: FakeClock, camera: str, frame_id: int, age_s: float = 0.0,
-        received_mono: float | None = None) -> Slot:
-    """Register and enqueue a frame received now, captured `age_s` ago."""
-    slot = core.register(camera, frame_id, clock.time() - age_s, clock.time(),
-                         clock.monotonic() if received_mono is None else received_mono)
-    core.enqueue(slot, IMAGE)
-    return slot
-
-
-def result(slot: Slot, value: str = "pass") -> Verdict:
-    return Verdict(camera=slot.camera, frame_id=slot.frame_id, verdict=value, capture_ts=slot.capture_ts,
-                   score=0.1, threshold=0.5, heatmap=np.zeros((2, 2), np.float32))
-
+from tests.runtime.fakes import FakeClock, add, make_core, result
 
 def released(core: PipelineCore) -> list[tuple[str, int, str, str | None]]:
     return [(v.camera, v.frame_id, v.verdict, v.reason) for v in core.take_released()]

@@ -20,33 +20,10 @@ from linewatch.config import EndpointConfig, IngestConfig
 from linewatch.runtime.ingest import Ingest
 from linewatch.runtime.metrics import Metrics
 from linewatch.wire import Frame
-from linewatch.wire import WireError
 from tests.runtime.fakes import FakeClock, quiet_log
+from tests.runtime.fakes import FrameCollector as Collector
 
 ANY_PORT = "tcp://127.0.0.1:*"
-
-
-class Collector:
-    """Thread-safe sink for on_frame / on_error, with bounded waits."""
-
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-        self.errors: list[WireError] = []
-        self._cond = threading.Condition()
-
-    def on_frame(self, frame: Frame) -> None:
-        with self._cond:
-            self.frames.append(frame)
-            self._cond.notify_all()
-
-    def on_error(self, error: WireError, received_mono: float) -> None:
-        with self._cond:
-            self.errors.append(error)
-            self._cond.notify_all()
-
-    def wait(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout_s)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.outcome import Outcome
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock, FakeProcessor, quiet_log
-from tests.runtime.test_daemon import Line, runtime_config
+from tests.runtime.line import Line, runtime_config
 
 STATUS = {"bank_id": "bank-a", "backend": "classic", "bank_images": 16, "ready": True, "version": "9.9"}
 

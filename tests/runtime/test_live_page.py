@@ -14,7 +14,9 @@ from PIL import Image
 from linewatch import wire
 from linewatch.sim import render
 from tests.ops._tools import require_tool
-from tests.test_serve import PRODUCT, SIZE, Served, of, small_bank  # noqa: F401 - small_bank is a fixture
+from tests.serving import PRODUCT, SIZE, Served, of
+
+pytestmark = pytest.mark.system  # every test here starts a program
 
 
 WAIT_S = 120.0  # generous: the classic backend on a loaded CI machine is slow, never wrong

@@ -1,6 +1,8 @@
-"""The MQTT verdict sink against a real Mosquitto broker (started here, one per test, with
-persistence so that sessions and retained messages survive a restart like a production broker's),
-a paho subscriber in the test, and a real `linewatch serve` with `runtime.mqtt.enabled`.
+"""The MQTT verdict sink against a real Mosquitto broker (with persistence so that sessions
+and retained messages survive a restart like a production broker's: one per session for the
+tests that leave it running, cleared of retained messages before each; one of its own for a
+test that stops and restarts it -- tests/runtime/conftest.py), a paho subscriber in the test,
+and a real `linewatch serve` with `runtime.mqtt.enabled`.
 
 Waits inside this process use conditions (the sink's and the subscriber's); the broker and the
 daemon are other processes, asked through `tests.waiting.wait_until`.
@@ -8,202 +10,19 @@ daemon are other processes, asked through `tests.waiting.wait_until`.
 
 from __future__ import annotations
 
-import getpass
 import json
-import shutil
 import signal
-import socket
-import subprocess
-import threading
 import urllib.parse
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from linewatch import wire
-from linewatch.config import ConfigError, MqttConfig, config_from_dict
+from linewatch.config import ConfigError, config_from_dict
 from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.mqtt import MqttSink, camera_topic_level
-from linewatch.wire import Verdict
-from tests.test_serve import Served, free_port, sim_images, small_bank  # noqa: F401 - small_bank is a fixture
-from tests.waiting import wait_until
-
-WAIT_S = 30.0  # generous: a loaded machine is slow, never wrong
-
-
-def mosquitto_path() -> str:
-    """The broker binary (Debian puts it in /usr/sbin, often not on PATH), or skip saying why."""
-    path = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-    if path is None:
-        pytest.skip("mosquitto is not installed (Debian package `mosquitto`); "
-                    "tests/ops/install-tools.sh installs it where it runs as root with apt-get")
-    return path
-
-
-class Broker:
-    """A mosquitto process on a free loopback port. Its persistence file keeps the subscribers'
-    sessions and the retained messages across stop()/start(), as a production broker's does."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.binary = mosquitto_path()
-        self.port = free_port()
-        self.dir = tmp / "mosquitto"
-        self.dir.mkdir()
-        self.log_path = self.dir / "mosquitto.log"
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.dir}/\n"
-            f"user {getpass.getuser()}\n"  # as root it would switch to user mosquitto, who cannot write here
-            f"log_dest file {self.log_path}\n"
-        )
-        self.proc: subprocess.Popen | None = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else "(no log)"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-
-        def accepts() -> bool:
-            assert self.proc.poll() is None, f"mosquitto exited with {self.proc.returncode}:\n{self.log()}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-
-        assert wait_until(accepts, WAIT_S), f"mosquitto not listening on {self.port}:\n{self.log()}"
-
-    def stop(self) -> None:
-        """SIGTERM (mosquitto saves its persistence file), and wait for the exit."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(WAIT_S)
-        self.proc = None
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
-
-
-class Subscriber:
-    """A paho client in the test: subscribes to `topic` at QoS 2 (so each message arrives with
-    the QoS it was published with) on every connection, and keeps every message."""
-
-    def __init__(self, port: int, topic: str = "linewatch/#", client_id: str = "", clean_session: bool = True) -> None:
-        self.topic = topic
-        self.messages: list[paho.MQTTMessage] = []
-        self.subscribed = 0  # subscriptions acknowledged (one per connection)
-        self.cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
-                                  protocol=paho.MQTTv311)
-        self.client.reconnect_delay_set(1, 2)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=2)
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert self.wait(lambda: self.subscribed >= 1), "the test subscriber never got its SUBACK"
-
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        with self.cond:
-            self.subscribed += 1
-            self.cond.notify_all()
-
-    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
-        with self.cond:
-            self.messages.append(message)
-            self.cond.notify_all()
-
-    def wait(self, predicate, timeout_s: float = WAIT_S) -> bool:
-        with self.cond:
-            return self.cond.wait_for(predicate, timeout_s)
-
-    def on(self, suffix: str) -> list[paho.MQTTMessage]:
-        """The messages whose topic ends with `suffix`, in arrival order."""
-        with self.cond:
-            return [m for m in self.messages if m.topic.endswith(suffix)]
-
-    def ids(self, suffix: str = "/verdict") -> list[str]:
-        return [json.loads(m.payload)["id"] for m in self.on(suffix)]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-class RecordingLog:
-    """A logger that keeps (level, event, fields) and lets the test wait for an event."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict]] = []
-        self.cond = threading.Condition()
-
-    def _add(self, level: str, event: str, **fields: Any) -> None:
-        with self.cond:
-            self.lines.append((level, event, fields))
-            self.cond.notify_all()
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._add("info", event, **fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._add("warning", event, **fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._add("error", event, **fields)
-
-    def wait_for(self, event: str, timeout_s: float = WAIT_S) -> dict | None:
-        """The fields of the first `event` logged, waiting for it up to `timeout_s` (None: never came)."""
-        return self.wait_for_any(event, timeout_s=timeout_s)
-
-    def wait_for_any(self, *events: str, timeout_s: float = WAIT_S) -> dict | None:
-        """The fields of the first of `events` logged, waiting up to `timeout_s`."""
-        with self.cond:
-            self.cond.wait_for(lambda: any(e in events for _, e, _ in self.lines), timeout_s)
-            return next((f for _, e, f in self.lines if e in events), None)
-
-
-def verdict(camera: str, seq: int, value: str = "pass") -> Verdict:
-    """A verdict with everything a real one carries, local pictures included (never to be sent)."""
-    judged = value in ("pass", "fail")
-    return Verdict(
-        camera=camera, frame_id=100 + seq, verdict=value, capture_ts=1_700_000_000.0 + seq, part_id=f"P-{seq}",
-        score=2.5 if judged else None, threshold=2.0 if judged else None, reason=None if judged else "deadline",
-        latency_s=0.012, backend="classic", bank_id="bank-1",
-        objects=[{"bbox": [1, 2, 30, 40], "status": "missing", "score": 3.5}] if judged else [],
-        heatmap=np.ones((64, 64), np.float32), overlay_jpeg=b"\xff\xd8\xff" + b"x" * 5000,
-        image=np.zeros((64, 64, 3), np.uint8), run_id="run1", seq=seq,
-    )
-
-
-def sink_for(broker_port: int, metrics: Metrics | None = None, log: Any = None, host: str = "127.0.0.1",
-             **settings: Any) -> MqttSink:
-    config = MqttConfig(enabled=True, host=host, port=broker_port, **settings)
-    return MqttSink(config, log=log if log is not None else RecordingLog(), metrics=metrics or Metrics())
-
-
-def dropped(metrics: Metrics, reason: str) -> float:
-    value = metrics.registry.get_sample_value("linewatch_sink_dropped_total", {"sink": "mqtt", "reason": reason})
-    return value or 0.0
-
-
-def connected(metrics: Metrics) -> float | None:
-    """The linewatch_mqtt_connected gauge."""
-    return metrics.registry.get_sample_value("linewatch_mqtt_connected")
-
+from linewatch.runtime.mqtt import camera_topic_level
+from tests.ports import refused_port
+from tests.runtime.mqtt_broker import WAIT_S, RecordingLog, Subscriber, connected, dropped, sink_for, verdict
+from tests.serving import Served, sim_images
 
 # ---------------------------------------------------------------- topics and config (no broker)
 
@@ -326,14 +145,14 @@ def test_a_late_subscriber_gets_the_last_fail_or_timeout_per_camera_only_on_last
                    "linewatch/cam1/last": ("run1-4", "fail", True)}  # nothing old on .../verdict
 
 
-def test_broker_down_at_start_then_up_the_held_verdicts_arrive(broker, tmp_path):
+def test_broker_down_at_start_then_up_the_held_verdicts_arrive(own_broker, tmp_path):
     # A subscriber with a session the broker keeps (persistence file): it gets what is published
     # while it is offline, whoever connects first after the broker comes up.
-    sub = Subscriber(broker.port, client_id="plc-1", clean_session=False)
-    broker.stop()
+    sub = Subscriber(own_broker.port, client_id="plc-1", clean_session=False)
+    own_broker.stop()
     log = RecordingLog()
     metrics = Metrics()
-    sink = sink_for(broker.port, metrics=metrics, log=log, qos=1)
+    sink = sink_for(own_broker.port, metrics=metrics, log=log, qos=1)
     try:
         sink.start()  # no broker: returns at once, retries in the background
         failed = log.wait_for("mqtt_connect_failed")
@@ -343,10 +162,10 @@ def test_broker_down_at_start_then_up_the_held_verdicts_arrive(broker, tmp_path)
         assert sink.wait_idle(WAIT_S)
         assert sink.pending == 3 and connected(metrics) == 0
 
-        broker.start()
+        own_broker.start()
         assert sink.wait_connected(True, WAIT_S), log.lines
         assert connected(metrics) == 1
-        assert sub.wait(lambda: len(sub.on("/verdict")) >= 3), broker.log()
+        assert sub.wait(lambda: len(sub.on("/verdict")) >= 3), own_broker.log()
         assert sorted(set(sub.ids())) == ["run1-0", "run1-1", "run1-2"]
         assert log.wait_for("mqtt_connected") is not None
     finally:
@@ -356,13 +175,13 @@ def test_broker_down_at_start_then_up_the_held_verdicts_arrive(broker, tmp_path)
 
 
 @pytest.mark.parametrize("qos", [0, 1])
-def test_broker_restart_mid_stream_the_sink_reconnects_by_itself(broker, qos):
+def test_broker_restart_mid_stream_the_sink_reconnects_by_itself(own_broker, qos):
     """QoS 1: paho keeps what the broker has not acknowledged and resends it after reconnecting,
     so the verdicts published while the broker was away arrive too (at least once). QoS 0:
     those are dropped and counted; the later ones arrive."""
-    sub = Subscriber(broker.port, client_id="plc-1", clean_session=False)
+    sub = Subscriber(own_broker.port, client_id="plc-1", clean_session=False)
     metrics = Metrics()
-    sink = sink_for(broker.port, metrics=metrics, qos=qos)
+    sink = sink_for(own_broker.port, metrics=metrics, qos=qos)
     try:
         sink.start()
         assert sink.wait_connected(True, WAIT_S)
@@ -370,20 +189,20 @@ def test_broker_restart_mid_stream_the_sink_reconnects_by_itself(broker, qos):
             sink.publish(verdict("cam0", seq))
         assert sub.wait(lambda: len(sub.on("/verdict")) >= 3)
 
-        broker.stop()
+        own_broker.stop()
         assert sink.wait_connected(False, WAIT_S)
         assert connected(metrics) == 0
         for seq in range(3, 6):  # while the broker is away
             sink.publish(verdict("cam0", seq))
         assert sink.wait_idle(WAIT_S)
 
-        broker.start()
-        assert sink.wait_connected(True, WAIT_S), broker.log()
+        own_broker.start()
+        assert sink.wait_connected(True, WAIT_S), own_broker.log()
         assert sub.wait(lambda: sub.subscribed >= 2)  # the subscriber is back too (QoS 0 is not queued for it)
         for seq in range(6, 9):
             sink.publish(verdict("cam0", seq))
         expected = {f"run1-{s}" for s in (range(9) if qos else [*range(3), *range(6, 9)])}
-        assert sub.wait(lambda: set(sub.ids()) >= expected), (sub.ids(), broker.log())
+        assert sub.wait(lambda: set(sub.ids()) >= expected), (sub.ids(), own_broker.log())
     finally:
         sink.stop()
         sub.close()
@@ -395,10 +214,10 @@ def test_broker_restart_mid_stream_the_sink_reconnects_by_itself(broker, qos):
 def test_a_full_paho_queue_while_the_broker_is_away_is_counted(tmp_path):
     """QoS 1 with no broker: paho holds max_queued messages, the rest are dropped and counted;
     stop() with the broker still away counts what it could not send."""
-    port = free_port()  # nothing listens there
     metrics = Metrics()
-    sink = sink_for(port, metrics=metrics, qos=1, max_queued=3)
-    sink.start()
+    with refused_port() as port:  # nothing listens there
+        sink = sink_for(port, metrics=metrics, qos=1, max_queued=3)
+        sink.start()
     for seq in range(5):
         sink.publish(verdict("cam0", seq))  # pass: one message each
     assert sink.wait_idle(WAIT_S)

@@ -3,7 +3,7 @@ broker's certificate and host name, and a client certificate. Against a real Mos
 three listeners: plain and anonymous (the test's subscriber), TLS with a password file, and TLS
 that requires a client certificate. The certificates are made here with openssl: a CA, the
 broker's certificate for 127.0.0.1 signed by it, a client certificate signed by it, and a
-second CA that signed nothing the broker has.
+second CA that signed nothing the broker has. One such broker serves the module.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from linewatch.config import ConfigError, MqttConfig, config_from_dict
 from linewatch.config_cli import check_config
 from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.mqtt import MqttSink
-from tests.runtime.test_mqtt import WAIT_S, Broker, RecordingLog, Subscriber, connected, sink_for, verdict
-from tests.test_serve import free_port
+from tests.ports import reserved_port
+from tests.runtime.mqtt_broker import WAIT_S, Broker, RecordingLog, Subscriber, clear_retained, connected, sink_for, verdict
 
 USER, PASSWORD = "line-3", "s3cret pass"
 
@@ -69,7 +69,7 @@ class SecuredBroker(Broker):
         subprocess.run([passwd, "-b", "-c", str(passwords), USER, PASSWORD], check=True, capture_output=True,
                        timeout=60)
         passwords.chmod(0o600)
-        self.tls_port, self.mtls_port = free_port(), free_port()
+        self.tls_port, self.mtls_port = reserved_port(), reserved_port()
         tls = f"certfile {server[0]}\nkeyfile {server[1]}\ncafile {self.ca[0]}\n"
         self.conf.write_text(
             "per_listener_settings true\n"
@@ -82,12 +82,22 @@ class SecuredBroker(Broker):
         )
 
 
-@pytest.fixture
-def secured(tmp_path):
-    b = SecuredBroker(tmp_path)
+@pytest.fixture(scope="module")
+def secured_broker(tmp_path_factory):
+    """One secured broker (and one set of certificates) for the module."""
+    b = SecuredBroker(tmp_path_factory.mktemp("secured"))
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def secured(secured_broker):
+    """The module's secured broker, running, with no retained message from an earlier test."""
+    if secured_broker.proc is None or secured_broker.proc.poll() is not None:
+        secured_broker.start()
+    clear_retained(secured_broker.port)
+    return secured_broker
 
 
 def password_file(tmp_path: Path, text: str) -> str:

@@ -16,8 +16,8 @@ import pytest
 
 from linewatch.runtime.core import PipelineCore
 from linewatch.runtime.metrics import Metrics
-from tests.runtime.fakes import Collector, FakeClock, FakeProcessor, GatedProcessor, make_frame, make_pipeline
-from tests.runtime.test_core import add, make_core, result
+from tests.runtime.fakes import (Collector, FakeClock, FakeProcessor, GatedProcessor, add, make_core, make_frame,
+                                 make_pipeline, result)
 
 
 def bank(bank_id: str, stages: tuple[str, ...] = ("pre", "net")) -> FakeProcessor:

@@ -22,7 +22,7 @@ from linewatch.runtime.metrics import Metrics
 from linewatch.runtime.publish import Publisher
 from linewatch.runtime.security import ClientKeys, SecurityError, generate_keys, load_secret_key
 from linewatch.wire import Verdict
-from tests.runtime.test_ingest import Collector
+from tests.runtime.fakes import FrameCollector as Collector
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
@@ -147,6 +147,7 @@ def test_unusable_keys_are_start_up_errors_naming_the_file(keys, tmp_path) -> No
         ingest.start()
 
 
+@pytest.mark.system
 def test_keys_generate_writes_a_usable_pair_and_never_overwrites(tmp_path) -> None:
     run = [str(Path(__import__("sys").executable).parent / "linewatch"), "keys", "generate", "--dir", str(tmp_path),
            "--name", "cam"]
@@ -159,6 +160,7 @@ def test_keys_generate_writes_a_usable_pair_and_never_overwrites(tmp_path) -> No
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.system
 def test_metrics_over_tls(tmp_path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

@@ -8,6 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.system  # every test here starts a program
+
 SCRIPT = textwrap.dedent('''
     import sys, threading, torch
     from linewatch.commands import exit_now_if_a_stage_still_runs

@@ -21,7 +21,7 @@ from linewatch.runtime.outcome import Outcome
 from linewatch.runtime.sinks import SINKS, Sink, SinkContext, build_sinks, register
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock, FakeProcessor, quiet_log
-from tests.runtime.test_daemon import Line, http, runtime_config
+from tests.runtime.line import Line, http, runtime_config
 
 
 class DummySink(Sink):
