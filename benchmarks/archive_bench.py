@@ -41,15 +41,15 @@ from typing import Any, Callable
 import numpy as np
 
 from linewatch.config import ArchiveConfig
-from linewatch.runtime.archive import Archive
+from linewatch.runtime.sinks.archive import Archive
 
 try:
-    from linewatch.runtime.archive import lower_thread_priority
+    from linewatch.runtime.sinks.archive import lower_thread_priority
 except ImportError:  # a linewatch before the journal: its retention ran at the daemon's priority
 
     def lower_thread_priority() -> None:
         pass
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 
 OBJECTS = [{"bbox": [10.0 * i, 20.0, 30.0, 40.0], "area": 1200.0, "status": "matched", "score": 0.31} for i in range(4)]
@@ -117,7 +117,7 @@ def bench_encoding(repeats: int) -> None:
     import cv2
 
     from linewatch.overlay import overlay_jpeg
-    from linewatch.runtime.archive import PNG_PARAMS, _npz_bytes, encode_pictures
+    from linewatch.runtime.sinks.archive import PNG_PARAMS, _npz_bytes, encode_pictures
     from linewatch.sim.generator import render
 
     def npz_level6(heat: np.ndarray) -> bytes:

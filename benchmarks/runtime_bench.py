@@ -36,7 +36,7 @@ from linewatch.config import (
     BatchConfig, EndpointConfig, IngestConfig, MetricsConfig, PipelineConfig, PublishConfig, RuntimeConfig,
 )
 from linewatch.detector.result import InspectionResult
-from linewatch.runtime.pipeline import Pipeline
+from linewatch.runtime.pipeline.runner import Pipeline
 from linewatch.wire import Frame
 
 SIZE = 224
@@ -369,7 +369,7 @@ def bench_sinks_end_to_end(n: int, rate: float, fail_share: float = FAIL_SHARE,
     on vs all off, interleaved: capture->verdict (p50, p99) per round, seconds."""
     import tempfile
 
-    from linewatch.runtime import mqtt as mqtt_module
+    from linewatch.runtime.sinks import mqtt_client as mqtt_module
 
     tmp = Path(tempfile.mkdtemp(prefix="lw-sinks-e2e-"))
     broker = _mosquitto(tmp)

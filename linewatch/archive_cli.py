@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from linewatch.runtime.archive import COLUMNS, FRAME_SUFFIXES, ArchiveError, open_read_only
+from linewatch.runtime.sinks.archive import COLUMNS, FRAME_SUFFIXES, ArchiveError, open_read_only
 from linewatch.wire import VERDICT_VALUES
 
 EXIT_USAGE = 2

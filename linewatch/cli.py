@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from linewatch.detector.segment import SegmenterError
     from linewatch.detector.weights import WeightsError
     from linewatch.images import ImageError
-    from linewatch.runtime.security import SecurityError
+    from linewatch.runtime.transport.security import SecurityError
 
     return (ConfigError, BankError, BankBuildError, ImageError, InputError, WeightsError, SegmenterError,
             SecurityError)

@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from linewatch.detector.models import BACKEND_LABELS
     from linewatch.recipe import RecipeLoader
     from linewatch.runtime.daemon import Daemon
-    from linewatch.runtime.logs import configure_logging
+    from linewatch.runtime.ops.logs import configure_logging
 
     config = load_config(args.config)
     log = configure_logging(config.runtime.logging)
@@ -88,7 +88,7 @@ def exit_now_if_a_stage_still_runs(threads: list[str], code: int, log) -> None:
 def cmd_bank_switch(args: argparse.Namespace) -> int:
     """Ask a running daemon to put another bank in service: exit 0 switched, 1 refused (the
     old bank stays), 2 the daemon cannot be reached."""
-    from linewatch.runtime.control import ControlError, request
+    from linewatch.runtime.ops.control import ControlError, request
 
     def absolute(path: str | None) -> str | None:  # the daemon's working directory is not ours
         return os.path.abspath(path) if path is not None else None
@@ -118,7 +118,7 @@ def cmd_bank_switch(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from linewatch.runtime.replay import replay
+    from linewatch.runtime.transport.replay import replay
 
     try:
         sent = replay(
@@ -133,7 +133,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
-    from linewatch.runtime.tap import SequenceGaps, tap
+    from linewatch.runtime.transport.tap import SequenceGaps, tap
 
     try:
         curve = _curve_keys(args)
@@ -167,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from linewatch.runtime.security import generate_keys
+    from linewatch.runtime.transport.security import generate_keys
 
     public, secret = generate_keys(args.dir, args.name)
     print(f"public key: {public}  (give it to the other side: the daemon's to senders and subscribers, "
@@ -183,7 +183,7 @@ def _curve_arguments(p: argparse.ArgumentParser) -> None:
 
 def _curve_keys(args: argparse.Namespace):
     """ClientKeys from --server-key/--client-key, None without them; both or neither."""
-    from linewatch.runtime.security import ClientKeys
+    from linewatch.runtime.transport.security import ClientKeys
 
     if args.server_key is None and args.client_key is None:
         return None
@@ -197,7 +197,7 @@ def _curve_keys(args: argparse.Namespace):
 
 def register(subparsers) -> None:
     """Add serve, replay, tap and demo to the `linewatch` argument parser's subparsers."""
-    from linewatch.runtime.replay import PROTOCOLS
+    from linewatch.runtime.transport.replay import PROTOCOLS
     from linewatch.sim import ALL_PRODUCTS as PRODUCTS
     from linewatch.wire import ENCODINGS
 

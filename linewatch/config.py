@@ -318,7 +318,7 @@ class SecurityConfig(_Section):
 
 class MqttConfig(_Section):
     """An optional second verdict sink: one JSON message per verdict to an MQTT broker
-    (linewatch.runtime.mqtt).
+    (linewatch.runtime.sinks.mqtt_client).
 
     The retained copy goes to `last_topic`, never to `topic`: a broker hands a topic's retained
     message to every new subscriber first, so a reject actuator subscribed to `topic` would get

@@ -50,7 +50,7 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
     done = [f"config: {path} is valid (every key known, every value in range)"]
     rt = config.runtime
     if rt.metrics.tls_cert_file:
-        from linewatch.runtime.health import server_tls_context
+        from linewatch.runtime.ops.health import server_tls_context
 
         try:
             server_tls_context(rt.metrics)
@@ -58,14 +58,14 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
             raise ConfigError(str(e)) from None
         done.append(f"metrics TLS: certificate {rt.metrics.tls_cert_file} and its key load")
     if rt.security.enabled:
-        from linewatch.runtime.security import allowed_keys_folder, load_secret_key
+        from linewatch.runtime.transport.security import allowed_keys_folder, load_secret_key
 
         load_secret_key(rt.security.server_secret_key)
         allowed_keys_folder(rt.security.frame_senders, "runtime.security.frame_senders")
         allowed_keys_folder(rt.security.verdict_subscribers, "runtime.security.verdict_subscribers")
         done.append("CurveZMQ: the server key and both allow-list folders load")
     if rt.mqtt.enabled and (rt.mqtt.password_file or rt.mqtt.tls):
-        from linewatch.runtime.mqtt import client_tls_context, read_password
+        from linewatch.runtime.sinks.mqtt_client import client_tls_context, read_password
 
         if rt.mqtt.password_file:
             read_password(rt.mqtt.password_file)

@@ -4,9 +4,9 @@
   2. synthetic good images of one product -> a template bank, calibrated on held-out and leave-one-out good ones,
      loaded as `serve` loads one (linewatch.recipe.load_processor)
   3. the daemon, in this process, on free loopback ports (never collides with a running one)
-  4. a tap on the verdict stream (linewatch.runtime.tap)
+  4. a tap on the verdict stream (linewatch.runtime.transport.tap)
   5. a camera: frames rendered on the fly (good and defective, known ground truth), sent by the
-     replay sender (linewatch.runtime.replay) in the linewatch wire format at --fps
+     replay sender (linewatch.runtime.transport.replay) in the linewatch wire format at --fps
   6. one line per verdict, then a summary checked against what was sent and a live /metrics scrape;
      the live page (/live on the metrics server) shows the same line in a browser
 
@@ -94,8 +94,8 @@ def run_demo(frames: int = 120, fps: float = 10.0, product: str = "screw_tray", 
     """Run the demo; returns 0 when every frame got exactly one verdict, else 1."""
     from linewatch.detector.models import BACKEND_LABELS
     from linewatch.runtime.daemon import Daemon
-    from linewatch.runtime.replay import replay
-    from linewatch.runtime.tap import tap
+    from linewatch.runtime.transport.replay import replay
+    from linewatch.runtime.transport.tap import tap
 
     t_begin = time.monotonic()
     _say("linewatch demo: synthetic line -> daemon -> tap, all on this machine (loopback only)")
@@ -226,7 +226,7 @@ class _Watch:
         self.arrived: list[float] = []
 
     def __call__(self, v) -> None:
-        from linewatch.runtime.tap import format_verdict
+        from linewatch.runtime.transport.tap import format_verdict
 
         with self.lock:
             self.got.setdefault(v.frame_id, []).append(v)

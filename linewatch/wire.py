@@ -118,7 +118,7 @@ class Verdict:
     seq: int | None = None
     # Local only, never encoded: the frame's RGB image and the fused score's per-branch z-scores.
     # The pipeline attaches the image when a sink keeps pictures (archive, live page); the daemon
-    # then hands it to the sinks beside the verdict (linewatch.runtime.outcome.Outcome).
+    # then hands it to the sinks beside the verdict (linewatch.runtime.sinks.outcome.Outcome).
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     branch_scores: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 

@@ -18,8 +18,8 @@ import yaml
 
 from linewatch.cli import main
 from linewatch.config import ArchiveConfig
-from linewatch.runtime.archive import DATABASE, Archive
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.sinks.archive import DATABASE, Archive
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock
 

@@ -82,6 +82,9 @@ def test_kill_9_mid_stream_keeps_every_published_verdict_and_a_restart_appends(s
         assert len(of(served.verdicts, "cam0")) >= 10, served.log()
         children = children_of(served.proc.pid)
         assert children, "the daemon has no picture encoder process (or resource tracker)"
+        for _ in range(8):  # a burst right before the kill: the detector cannot have judged it all
+            served.send_frame("cam0", sent, images[sent % 4], encoding="raw")
+            sent += 1
         served.proc.send_signal(signal.SIGKILL)
         assert served.proc.wait(30) == -signal.SIGKILL
         received = served.drain_after_exit()  # and whatever was already on its way to us
@@ -112,6 +115,9 @@ def test_kill_9_mid_stream_keeps_every_published_verdict_and_a_restart_appends(s
         for i in range(4):
             again.send_frame("cam1", i, images[i], encoding="raw")
         assert again.recv(lambda vs: len(of(vs, "cam1")) >= 4, 120) and len(of(again.verdicts, "cam1")) == 4
+        # the picture encoder runs at SCHED_IDLE: on a busy machine it may still be writing them
+        failed = [v.id for v in of(again.verdicts, "cam1") if v.verdict == "fail"]
+        assert wait_until(lambda: all(any(folder.rglob(f"{id_}.png")) for id_ in failed), 120), failed
     finally:
         rc = again.stop()
     assert rc == 0, again.log()

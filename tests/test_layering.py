@@ -1,9 +1,10 @@
-"""The package's import graph has no cycles, and every configured protocol has its class.
+"""The package's import graph: no cycles, the layers of docs/architecture.md in order, and every
+configured protocol has its class.
 
 A cycle (wire importing the runtime while the runtime imports wire; cli and commands
 importing each other) makes the order of imports matter and the layers meaningless. Imports
-inside functions count too: they are the usual way such cycles hide (imports for type
-checking only do not).
+inside functions count too: they are the usual way such cycles hide; so do imports for type
+checking only (a type that two modules need both ways belongs in a third).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import linewatch
 from linewatch.config import EndpointConfig, PublishConfig
-from linewatch.runtime.ingest import FRAME_PROTOCOLS, Ingest
-from linewatch.runtime.publish import Publisher
+from linewatch.runtime.transport.ingest import FRAME_PROTOCOLS, Ingest
+from linewatch.runtime.transport.publish import Publisher
 from linewatch.runtime.transport import VERDICT_PUBLISHERS, FrameSource, VerdictPublisher
 
 ROOT = Path(linewatch.__file__).parent
@@ -26,28 +27,26 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_nodes(tree: ast.AST):
-    """Every node, except those under `if TYPE_CHECKING:` (never imported at run time)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            continue
-        yield node
-        yield from runtime_nodes(node)
+def imports_of(source: str, modules: set[str]) -> set[str]:
+    """The linewatch modules `source` imports: at the top, inside functions and under
+    `if TYPE_CHECKING:` alike (`from a.b import c` counts for a.b, and for a.b.c when c is a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found & modules
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+def import_graph(packages: bool = False) -> dict[str, set[str]]:
+    """module -> the modules it imports. packages=False leaves out imports of a package's
+    __init__ (a registry package imports its plug-ins, which import its base classes back)."""
+    paths = {module_name(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        edges = set()
-        for node in runtime_nodes(ast.parse(path.read_text())):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            edges |= {t for t in targets if t in modules and t != name and modules[t].name != "__init__.py"}
-        graph[name] = edges
+    for name, path in paths.items():
+        edges = imports_of(path.read_text(), set(paths)) - {name}
+        graph[name] = {t for t in edges if packages or paths[t].name != "__init__.py"}
     return graph
 
 
@@ -78,6 +77,50 @@ def test_no_import_cycles() -> None:
     assert "linewatch.wire" in graph and graph["linewatch.cli"]  # the walk found the package
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the finder finds one
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# docs/architecture.md, "Layers": lowest first; a module imports from its own layer and the ones
+# before it. A module belongs to the layer of the longest prefix that names it.
+LAYERS = [
+    ("records", ["linewatch", "linewatch.wire", "linewatch.config", "linewatch.images"]),
+    ("detector", ["linewatch.detector"]),
+    ("pictures", ["linewatch.overlay"]),
+    ("operations", ["linewatch.runtime", "linewatch.runtime.ops"]),
+    ("pipeline core", ["linewatch.runtime.pipeline"]),
+    ("transports", ["linewatch.runtime.transport"]),
+    ("sinks", ["linewatch.runtime.sinks"]),
+    ("daemon", ["linewatch.runtime.daemon", "linewatch.runtime.changeover", "linewatch.runtime.systemd"]),
+    ("commands", ["linewatch.cli", "linewatch.commands", "linewatch.demo", "linewatch.recipe", "linewatch.bank_builder",
+                  "linewatch.config_cli", "linewatch.archive_cli", "linewatch.eval", "linewatch.sim"]),
+]
+
+
+def layer_of(module: str) -> int:
+    best, rank = "", None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) >= len(best):
+                best, rank = prefix, i
+    assert rank is not None and best != "linewatch" or module == "linewatch", f"{module} is in no layer of LAYERS"
+    return rank
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]})"
+                  for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
+def test_every_module_imports_only_its_own_layer_and_those_below() -> None:
+    graph = import_graph(packages=True)
+    assert upward_imports({"linewatch.wire": {"linewatch.runtime.daemon"}}) == [
+        "linewatch.wire (records) imports linewatch.runtime.daemon (daemon)"]  # the check sees one
+    assert not upward_imports(graph), "\n".join(upward_imports(graph))
+
+
+def test_imports_for_type_checking_and_inside_functions_count() -> None:
+    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from linewatch.cli import main\n"
+              "def f():\n    import linewatch.demo\n")
+    assert imports_of(source, {"linewatch.cli", "linewatch.demo", "linewatch.wire"}) == {"linewatch.cli", "linewatch.demo"}
 
 
 def test_the_wire_format_depends_on_nothing_of_the_runtime() -> None:

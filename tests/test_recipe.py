@@ -136,7 +136,7 @@ def test_every_command_loads_its_bank_through_load_processor(small_bank, second_
 def test_the_processor_has_all_the_runtime_needs(small_bank):
     from linewatch.detector.bank import TemplateBank
     from linewatch.recipe import load_processor
-    from linewatch.runtime.pipeline import Processor
+    from linewatch.runtime.pipeline.runner import Processor
 
     config = config_from_dict({"detector": DETECTOR})
     inspector, recipe = load_processor(config, small_bank)

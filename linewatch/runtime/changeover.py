@@ -12,8 +12,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.pipeline import Pipeline, Processor
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.pipeline.runner import Pipeline, Processor
 
 
 class SwitchRefused(Exception):

@@ -22,11 +22,11 @@ from typing import Any
 import linewatch
 from linewatch.config import RuntimeConfig
 from linewatch.runtime.changeover import BankLoader, BankSwitch, Changeover, LoadedBank, SwitchRefused  # noqa: F401
-from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
-from linewatch.runtime.health import HealthServer
-from linewatch.runtime.logs import SummaryLogger, configure_logging
-from linewatch.runtime.metrics import CameraLabels, Metrics
-from linewatch.runtime.pipeline import Pipeline, Processor
+from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
+from linewatch.runtime.ops.health import HealthServer
+from linewatch.runtime.ops.logs import SummaryLogger, configure_logging
+from linewatch.runtime.ops.metrics import CameraLabels, Metrics
+from linewatch.runtime.pipeline.runner import Pipeline, Processor
 from linewatch.runtime.sinks import SinkContext, SinkList, build_sinks
 from linewatch.runtime.systemd import Watchdog, sd_notify, watchdog_interval_s  # noqa: F401
 from linewatch.runtime.transport import FrameSource
@@ -68,7 +68,7 @@ class Daemon:
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
         self.health: HealthServer | None = None
         self.ingest: FrameSource | None = None
-        self.control: Any = None  # linewatch.runtime.control.ControlServer
+        self.control: Any = None  # linewatch.runtime.ops.control.ControlServer
         self.watchdog = Watchdog(self.watchdog_check)
         self._listening = False
         self._served = False  # start() completed once
@@ -82,7 +82,7 @@ class Daemon:
     def start(self) -> None:
         """Start everything; raises (with what to fix) when a socket cannot be opened."""
         # Imported here: ingest pulls in zmq, which the pipeline and its tests do not need.
-        from linewatch.runtime.ingest import Ingest
+        from linewatch.runtime.transport.ingest import Ingest
 
         p, m = self.processor, self.metrics
         m.set_build_info(linewatch.__version__, p.backend)
@@ -106,7 +106,7 @@ class Daemon:
                                  clock=self.clock, security=self.config.security)
             self.ingest.start()
             if self.config.control.socket:
-                from linewatch.runtime.control import ControlServer
+                from linewatch.runtime.ops.control import ControlServer
 
                 self.control = ControlServer(self.config.control.socket, self._switch_request, self.log)
                 self.control.start()

@@ -40,7 +40,7 @@ def _rule_queries() -> list[str]:
 
 @pytest.fixture(scope="module")
 def registry_names() -> set[str]:
-    from linewatch.runtime.metrics import Metrics
+    from linewatch.runtime.ops.metrics import Metrics
 
     return Metrics().metric_names()
 

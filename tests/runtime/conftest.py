@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from linewatch.runtime.pipeline import Pipeline
+from linewatch.runtime.pipeline.runner import Pipeline
 
 
 @pytest.fixture

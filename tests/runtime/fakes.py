@@ -20,14 +20,14 @@ import structlog
 
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
-from linewatch.runtime.core import PipelineCore, Slot
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.pipeline import Pipeline
+from linewatch.runtime.pipeline.core import PipelineCore, Slot
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.pipeline.runner import Pipeline
 from linewatch.wire import Frame, Verdict, WireError
 
 
 class FakeClock:
-    """A Clock (linewatch.runtime.clock) that moves only when the test says so."""
+    """A Clock (linewatch.runtime.pipeline.clock) that moves only when the test says so."""
 
     def __init__(self, mono: float = 1000.0, wall: float = 1_700_000_000.0) -> None:
         self.mono = mono

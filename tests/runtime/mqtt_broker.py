@@ -25,8 +25,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from linewatch.config import MqttConfig
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.mqtt import MqttSink
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.sinks.mqtt_client import MqttSink
 from linewatch.wire import Verdict
 from tests.ports import reserved_port
 from tests.waiting import wait_until

@@ -26,12 +26,12 @@ import pytest
 import structlog
 
 from linewatch.config import ArchiveConfig, ConfigError, config_from_dict
-from linewatch.runtime import archive as archive_module
-from linewatch.runtime.archive import (
+from linewatch.runtime.sinks import archive as archive_module
+from linewatch.runtime.sinks.archive import (
     DATABASE, FRAME_SUFFIXES, HEATMAP_SUFFIX, OVERLAY_SUFFIX, SCHEMA, Archive, ArchiveError, journal_line,
     open_read_only, picture_sampled,
 )
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock
 
@@ -387,8 +387,8 @@ def test_record_after_stop_is_counted_not_raised(tmp_path):
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     from linewatch.config import ArchiveConfig
-    from linewatch.runtime.archive import Archive
-    from linewatch.runtime.metrics import Metrics
+    from linewatch.runtime.sinks.archive import Archive
+    from linewatch.runtime.ops.metrics import Metrics
     from linewatch.wire import Verdict
 
     archive = Archive(ArchiveConfig(enabled=True, path=sys.argv[1]), Metrics())

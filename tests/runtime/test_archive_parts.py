@@ -1,4 +1,4 @@
-"""The archive's parts on their own (linewatch/runtime/archive/): the journal's segments without
+"""The archive's parts on their own (linewatch/runtime/sinks/archive/): the journal's segments without
 SQLite, a verdict's row and its journal line, the store on a temporary database, retention over
 a store and picture files, the picture files with a stand-in encoder, the folder lock, and how
 losses are counted and logged. Exact small cases, no threads: tests/runtime/test_archive.py
@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from linewatch.runtime.archive import journal as journal_module
-from linewatch.runtime.archive import retention as retention_module
-from linewatch.runtime.archive.errors import ArchiveError, Losses, RowRefused, failure_reason
-from linewatch.runtime.archive.journal import Journal
-from linewatch.runtime.archive.lock import FolderLock
-from linewatch.runtime.archive.pictures import PictureFiles
-from linewatch.runtime.archive.retention import Retention
-from linewatch.runtime.archive.rows import COLUMNS, journal_line, row_from_line
-from linewatch.runtime.archive.store import DATABASE, SCHEMA_VERSION, Store, open_read_only
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.sinks.archive import journal as journal_module
+from linewatch.runtime.sinks.archive import retention as retention_module
+from linewatch.runtime.sinks.archive.errors import ArchiveError, Losses, RowRefused, failure_reason
+from linewatch.runtime.sinks.archive.journal import Journal
+from linewatch.runtime.sinks.archive.lock import FolderLock
+from linewatch.runtime.sinks.archive.pictures import PictureFiles
+from linewatch.runtime.sinks.archive.retention import Retention
+from linewatch.runtime.sinks.archive.rows import COLUMNS, journal_line, row_from_line
+from linewatch.runtime.sinks.archive.store import DATABASE, SCHEMA_VERSION, Store, open_read_only
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock
 

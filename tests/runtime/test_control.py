@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from linewatch.config import ControlConfig
-from linewatch.runtime import control
-from linewatch.runtime.control import ControlError, request
+from linewatch.runtime.ops import control
+from linewatch.runtime.ops.control import ControlError, request
 from linewatch.runtime.daemon import Daemon, LoadedBank, SwitchRefused
 from tests.runtime.fakes import FakeProcessor, quiet_log
 from tests.runtime.line import Line, http, runtime_config

@@ -10,8 +10,8 @@ import weakref
 
 import pytest
 
-from linewatch.runtime.core import PipelineCore, Slot
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline.core import PipelineCore, Slot
+from linewatch.runtime.ops.metrics import Metrics
 from tests.runtime.fakes import FakeClock, add, make_core, result
 
 def released(core: PipelineCore) -> list[tuple[str, int, str, str | None]]:

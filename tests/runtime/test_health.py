@@ -10,8 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from linewatch.config import MetricsConfig
-from linewatch.runtime.health import HealthServer
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.ops.health import HealthServer
+from linewatch.runtime.ops.metrics import Metrics
 from tests.runtime.fakes import Collector, FakeProcessor, make_frame, make_pipeline
 
 

@@ -17,8 +17,8 @@ import zmq
 
 from linewatch import wire
 from linewatch.config import EndpointConfig, IngestConfig
-from linewatch.runtime.ingest import Ingest
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.transport.ingest import Ingest
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Frame
 from tests.runtime.fakes import FakeClock, quiet_log
 from tests.runtime.fakes import FrameCollector as Collector
@@ -96,7 +96,7 @@ def test_one_cameras_frames_and_errors_leave_in_arrival_order_whatever_decodes_f
         started, context, monkeypatch) -> None:
     """Two decode workers; frame 0's decode is held until frame 1's has finished, and a bad
     message (2) follows: the pipeline still gets frame 0, frame 1, then the error for 2."""
-    from linewatch.runtime.ingest import LinewatchFrames
+    from linewatch.runtime.transport.ingest import LinewatchFrames
 
     real = LinewatchFrames.decode
     one_decoded = threading.Event()

@@ -14,13 +14,13 @@ import cv2
 import numpy as np
 import pytest
 
-import linewatch.runtime.outcome as outcome_module
+import linewatch.runtime.sinks.outcome as outcome_module
 from linewatch.config import LiveConfig, MetricsConfig
 from linewatch.runtime.daemon import Daemon
-from linewatch.runtime.health import HealthServer
-from linewatch.runtime.live import WINDOW_S, LiveView
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.outcome import Outcome
+from linewatch.runtime.ops.health import HealthServer
+from linewatch.runtime.sinks.live import WINDOW_S, LiveView
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.sinks.outcome import Outcome
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock, FakeProcessor, quiet_log
 from tests.runtime.line import Line, runtime_config

@@ -8,7 +8,7 @@ import json
 import structlog
 
 from linewatch.config import LoggingConfig
-from linewatch.runtime.logs import SummaryLogger, configure_logging, percentile_ms
+from linewatch.runtime.ops.logs import SummaryLogger, configure_logging, percentile_ms
 
 
 def test_json_lines_filtered_by_level() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from linewatch.runtime.metrics import OTHER_CAMERAS, CameraLabels, Metrics, metric_names
+from linewatch.runtime.ops.metrics import OTHER_CAMERAS, CameraLabels, Metrics, metric_names
 
 REQUIRED = {
     "linewatch_frames_received_total",

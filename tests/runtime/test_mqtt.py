@@ -18,8 +18,8 @@ import pytest
 
 from linewatch import wire
 from linewatch.config import ConfigError, config_from_dict
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.mqtt import camera_topic_level
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.sinks.mqtt_client import camera_topic_level
 from tests.ports import refused_port
 from tests.runtime.mqtt_broker import WAIT_S, RecordingLog, Subscriber, connected, dropped, sink_for, verdict
 from tests.serving import Served, sim_images

@@ -17,8 +17,8 @@ import pytest
 
 from linewatch.config import ConfigError, MqttConfig, config_from_dict
 from linewatch.config_cli import check_config
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.mqtt import MqttSink
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.sinks.mqtt_client import MqttSink
 from tests.ports import reserved_port
 from tests.runtime.mqtt_broker import WAIT_S, Broker, RecordingLog, Subscriber, clear_retained, connected, sink_for, verdict
 

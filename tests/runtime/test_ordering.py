@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
-from linewatch.runtime.ordering import PerKeyOrder
+from linewatch.runtime.pipeline.ordering import PerKeyOrder
 
 
 def test_reverse_finish_releases_in_ticket_order():

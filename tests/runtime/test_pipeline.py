@@ -15,8 +15,8 @@ import numpy as np
 
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.pipeline import Pipeline
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.pipeline.runner import Pipeline
 from linewatch.wire import Verdict
 from tests.runtime.fakes import (Collector, FakeClock, FakeProcessor, GatedProcessor, expected_verdict, make_frame,
                                  make_pipeline)
@@ -318,7 +318,7 @@ def test_record_stream_reaches_every_tensor_of_a_detector_batch() -> None:
 
     from linewatch.detector.inspector import Batch, Encoded
     from linewatch.detector.match import MatchResult
-    from linewatch.runtime.pipeline import _record_stream
+    from linewatch.runtime.pipeline.runner import _record_stream
 
     class FakeTensor:
         def __init__(self, name: str, is_cuda: bool = True) -> None:

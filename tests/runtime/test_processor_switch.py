@@ -14,8 +14,8 @@ import weakref
 import numpy as np
 import pytest
 
-from linewatch.runtime.core import PipelineCore
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline.core import PipelineCore
+from linewatch.runtime.ops.metrics import Metrics
 from tests.runtime.fakes import (Collector, FakeClock, FakeProcessor, GatedProcessor, add, make_core, make_frame,
                                  make_pipeline, result)
 
@@ -173,7 +173,7 @@ def test_core_slots_let_go_of_their_processor_when_released() -> None:
 
 def test_core_last_frame_ids_are_bounded_like_the_camera_labels() -> None:
     from linewatch.config import BatchConfig, PipelineConfig
-    from linewatch.runtime.metrics import CameraLabels
+    from linewatch.runtime.ops.metrics import CameraLabels
 
     clock = FakeClock()
     core = PipelineCore(BatchConfig(), PipelineConfig(), 1, clock, Metrics(camera_labels=CameraLabels(limit=2)))

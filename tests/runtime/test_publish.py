@@ -12,8 +12,8 @@ import zmq
 
 from linewatch import wire
 from linewatch.config import PublishConfig
-from linewatch.runtime.publish import Publisher
-from linewatch.runtime.tap import SequenceGaps, format_verdict, tap
+from linewatch.runtime.transport.publish import Publisher
+from linewatch.runtime.transport.tap import SequenceGaps, format_verdict, tap
 from linewatch.wire import Verdict
 
 ANY_PORT = "tcp://127.0.0.1:*"

@@ -10,8 +10,8 @@ import pytest
 
 from linewatch.config import EndpointConfig, IngestConfig
 from linewatch.images import write_image
-from linewatch.runtime.ingest import Ingest
-from linewatch.runtime.replay import replay
+from linewatch.runtime.transport.ingest import Ingest
+from linewatch.runtime.transport.replay import replay
 from linewatch.wire import Frame
 
 

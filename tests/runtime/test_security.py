@@ -16,11 +16,11 @@ from prometheus_client import CollectorRegistry
 from linewatch import wire
 from linewatch.config import (ConfigError, EndpointConfig, IngestConfig, MetricsConfig, PublishConfig, SecurityConfig,
                               config_from_dict)
-from linewatch.runtime.health import HealthServer
-from linewatch.runtime.ingest import Ingest
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.publish import Publisher
-from linewatch.runtime.security import ClientKeys, SecurityError, generate_keys, load_secret_key
+from linewatch.runtime.ops.health import HealthServer
+from linewatch.runtime.transport.ingest import Ingest
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.transport.publish import Publisher
+from linewatch.runtime.transport.security import ClientKeys, SecurityError, generate_keys, load_secret_key
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FrameCollector as Collector
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.system  # every test here starts a program
 SCRIPT = textwrap.dedent('''
     import sys, threading, torch
     from linewatch.commands import exit_now_if_a_stage_still_runs
-    from linewatch.runtime.logs import configure_logging
+    from linewatch.runtime.ops.logs import configure_logging
     from linewatch.config import LoggingConfig
     from tests.runtime.fakes import Collector, make_frame, make_pipeline
 

@@ -13,11 +13,11 @@ import threading
 import numpy as np
 import pytest
 
-import linewatch.runtime.outcome as outcome_module
+import linewatch.runtime.sinks.outcome as outcome_module
 from linewatch.config import ArchiveConfig, MqttConfig
 from linewatch.runtime.daemon import Daemon
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.outcome import Outcome
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.sinks.outcome import Outcome
 from linewatch.runtime.sinks import SINKS, Sink, SinkContext, build_sinks, register
 from linewatch.wire import Verdict
 from tests.runtime.fakes import FakeClock, FakeProcessor, quiet_log

@@ -9,7 +9,7 @@ one module (a factory returning a `VerdictSink`, or None when its section leaves
 Order matters, and is the order of the lines below: each verdict goes to the sinks one after the
 other on the pipeline's output thread. The archive comes first because its row is written (to
 its journal) before the verdict leaves on ZeroMQ: a verdict an actuator acted on is never
-missing from the archive after a crash (see linewatch/runtime/archive.py). The others only
+missing from the archive after a crash (see linewatch/runtime/sinks/archive/). The others only
 queue.
 
 A sink that raises loses its copy of the verdict (counted in
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from linewatch.config import RuntimeConfig
-from linewatch.runtime.clock import Clock
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.outcome import Outcome
+from linewatch.runtime.pipeline.clock import Clock
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.sinks.outcome import Outcome
 from linewatch.wire import Verdict
 
 Route = Callable[[str, str], tuple[int, str, bytes]]  # (path, query) -> (status, content type, body)
@@ -204,9 +204,10 @@ class SinkList:
 
 
 # The sinks, in the order each verdict reaches them (see the module docstring).
-from linewatch.runtime.sinks import archive, live, mqtt, publish  # noqa: E402 - they use the names above
+from linewatch.runtime.sinks import live, mqtt, publish  # noqa: E402 - they use the names above
+from linewatch.runtime.sinks.archive import sink as archive_sink  # noqa: E402
 
-register("archive", archive.build)
+register("archive", archive_sink.build)
 register("live", live.build)
 register("publish", publish.build)
 register("mqtt", mqtt.build)

@@ -1,8 +1,8 @@
-"""MQTT out as a sink (`runtime.mqtt`): linewatch.runtime.mqtt.MqttSink."""
+"""MQTT out as a sink (`runtime.mqtt`): linewatch.runtime.sinks.mqtt_client.MqttSink."""
 
 from __future__ import annotations
 
-from linewatch.runtime.outcome import Outcome
+from linewatch.runtime.sinks.outcome import Outcome
 from linewatch.runtime.sinks import Adapter, SinkContext
 
 
@@ -16,6 +16,6 @@ class MqttAdapter(Adapter):
 def build(context: SinkContext) -> MqttAdapter | None:
     if not context.config.mqtt.enabled:
         return None
-    from linewatch.runtime.mqtt import MqttSink  # paho: only when MQTT is on
+    from linewatch.runtime.sinks.mqtt_client import MqttSink  # paho: only when MQTT is on
 
     return MqttAdapter(MqttSink(context.config.mqtt, log=context.log, metrics=context.metrics))

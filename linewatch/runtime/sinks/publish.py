@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from linewatch.runtime.outcome import Outcome
+from linewatch.runtime.sinks.outcome import Outcome
 from linewatch.runtime.sinks import Adapter, SinkContext
 from linewatch.runtime.transport import verdict_publisher
 

@@ -27,8 +27,8 @@ import zmq
 
 from linewatch import wire
 from linewatch.config import PublishConfig, SecurityConfig
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.security import CurveServer, SecurityError
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.transport.security import CurveServer, SecurityError
 from linewatch.wire import Verdict
 
 

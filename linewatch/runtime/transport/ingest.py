@@ -7,7 +7,7 @@ id, apply the allow-list and the size limit. Image decoding happens in a small p
 in exactly one `on_frame(frame)` or `on_error(error, received_mono)` call, except the
 rate-limited cases below, which are counted in `stats()` and in
 linewatch_messages_dropped_total{reason}. With runtime.security, every endpoint is a
-CurveZMQ server (linewatch.runtime.security).
+CurveZMQ server (linewatch.runtime.transport.security).
 
 Protocols (EndpointConfig.protocol), one FrameProtocol class each (FRAME_PROTOCOLS):
   linewatch         SUB socket, subscribed to everything; linewatch.wire frame messages.
@@ -52,11 +52,11 @@ import zmq
 
 from linewatch import wire
 from linewatch.config import EndpointConfig, IngestConfig, SecurityConfig
-from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
-from linewatch.runtime.logs import RateLimiter
-from linewatch.runtime.metrics import Metrics
-from linewatch.runtime.ordering import PerKeyOrder
-from linewatch.runtime.security import CurveServer, SecurityError
+from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
+from linewatch.runtime.ops.logs import RateLimiter
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.pipeline.ordering import PerKeyOrder
+from linewatch.runtime.transport.security import CurveServer, SecurityError
 from linewatch.wire import Frame
 from linewatch.wire import WireError
 
@@ -159,7 +159,7 @@ class Ingest:
         security: SecurityConfig | None = None,
     ) -> None:
         """`security`, when enabled, makes every endpoint a CurveZMQ server that admits only the
-        senders whose public keys are in `security.frame_senders` (linewatch.runtime.security)."""
+        senders whose public keys are in `security.frame_senders` (linewatch.runtime.transport.security)."""
         self._config = config
         self._security = security if security is not None and security.enabled else None
         self._curve: CurveServer | None = None

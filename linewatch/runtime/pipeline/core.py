@@ -2,7 +2,7 @@
 
 `PipelineCore` decides, for every frame, which verdict it gets and when that verdict may
 leave. It holds no thread, lock or socket and reads time only from the `Clock` it is given,
-so a test drives it step by step on a fake clock. `linewatch.runtime.pipeline.Pipeline` runs
+so a test drives it step by step on a fake clock. `linewatch.runtime.pipeline.runner.Pipeline` runs
 it: one lock around every call, threads that wait for what the core says is due.
 
 What it keeps:
@@ -56,8 +56,8 @@ from typing import Any
 import numpy as np
 
 from linewatch.config import BatchConfig, PipelineConfig
-from linewatch.runtime.clock import Clock
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline.clock import Clock
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import VERDICT_VALUES, Verdict
 
 SHUTDOWN_REASON = "shutdown"  # timeout: unanswered when the daemon stopped (drain ran out of time)

@@ -9,9 +9,9 @@ import sqlite3
 import threading
 from typing import Any
 
-from linewatch.runtime.clock import Clock
-from linewatch.runtime.logs import RateLimiter
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline.clock import Clock
+from linewatch.runtime.ops.logs import RateLimiter
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 
 LOG_INTERVAL_S = 10.0  # at most one log line per failure reason per interval

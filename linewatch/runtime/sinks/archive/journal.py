@@ -41,7 +41,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from linewatch.runtime.archive.errors import RowRefused
+from linewatch.runtime.sinks.archive.errors import RowRefused
 
 JOURNAL_PREFIX, JOURNAL_SUFFIX = "journal-", ".jsonl"  # segments journal-<n>.jsonl, n counting up
 JOURNAL_INTERVAL_S = 0.05  # how often the background thread looks for new lines: the lag before a row is queryable

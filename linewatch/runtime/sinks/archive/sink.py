@@ -1,8 +1,8 @@
-"""The verdict archive as a sink (`runtime.archive`): linewatch.runtime.archive.Archive."""
+"""The verdict archive as a sink (`runtime.archive`): linewatch.runtime.sinks.archive.Archive."""
 
 from __future__ import annotations
 
-from linewatch.runtime.outcome import Outcome, with_image
+from linewatch.runtime.sinks.outcome import Outcome, with_image
 from linewatch.runtime.sinks import Adapter, SinkContext
 
 
@@ -24,6 +24,6 @@ class ArchiveSink(Adapter):
 def build(context: SinkContext) -> ArchiveSink | None:
     if not context.config.archive.enabled:
         return None
-    from linewatch.runtime.archive import Archive  # sqlite3, cv2: only when the archive is on
+    from linewatch.runtime.sinks.archive import Archive  # sqlite3, cv2: only when the archive is on
 
     return ArchiveSink(Archive(context.config.archive, metrics=context.metrics, log=context.log, clock=context.clock))

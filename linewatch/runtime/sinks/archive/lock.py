@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from linewatch.runtime.archive.errors import ArchiveError
+from linewatch.runtime.sinks.archive.errors import ArchiveError
 
 
 class FolderLock:

@@ -29,8 +29,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from linewatch.config import SecurityConfig
-from linewatch.runtime.logs import RateLimiter
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.ops.logs import RateLimiter
+from linewatch.runtime.ops.metrics import Metrics
 
 _REFUSED = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "not_allowed",

@@ -2,10 +2,10 @@
 
 The daemon is typed against these two protocols, never against a socket library:
 
-* `FrameSource` (linewatch.runtime.ingest.Ingest): receives frames on the configured
+* `FrameSource` (linewatch.runtime.transport.ingest.Ingest): receives frames on the configured
   endpoints; each endpoint speaks one frame protocol (a class per protocol, chosen by
-  `runtime.ingest.endpoints[].protocol` through `linewatch.runtime.ingest.FRAME_PROTOCOLS`).
-* `VerdictPublisher` (linewatch.runtime.publish.Publisher): sends every verdict on; chosen by
+  `runtime.ingest.endpoints[].protocol` through `linewatch.runtime.transport.ingest.FRAME_PROTOCOLS`).
+* `VerdictPublisher` (linewatch.runtime.transport.publish.Publisher): sends every verdict on; chosen by
   `runtime.publish.protocol` through `VERDICT_PUBLISHERS` below. The daemon feeds it as one
   of its verdict sinks (linewatch.runtime.sinks.publish), like the archive, the live page and
   MQTT.
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from linewatch.config import PublishConfig, SecurityConfig
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 
 
@@ -63,7 +63,7 @@ def verdict_publisher(config: PublishConfig, log: Any, metrics: Metrics, securit
 
 
 def _zmq_pub(config: PublishConfig, log: Any, metrics: Metrics, security: SecurityConfig) -> VerdictPublisher:
-    from linewatch.runtime.publish import Publisher
+    from linewatch.runtime.transport.publish import Publisher
 
     return Publisher(config, log=log, metrics=metrics, security=security)
 

@@ -14,8 +14,8 @@ import sqlite3
 from pathlib import Path
 from typing import Callable
 
-from linewatch.runtime.archive.errors import ArchiveError
-from linewatch.runtime.archive.rows import COLUMNS, row_from_line
+from linewatch.runtime.sinks.archive.errors import ArchiveError
+from linewatch.runtime.sinks.archive.rows import COLUMNS, row_from_line
 
 DATABASE = "verdicts.sqlite"
 SCHEMA_VERSION = 1

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from linewatch.runtime.archive.pictures import PictureFiles
-from linewatch.runtime.archive.store import Store
+from linewatch.runtime.sinks.archive.pictures import PictureFiles
+from linewatch.runtime.sinks.archive.store import Store
 
 RETENTION_BATCH = 100  # rows per delete statement: a short transaction
 

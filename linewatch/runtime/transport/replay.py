@@ -29,7 +29,7 @@ import zmq
 
 from linewatch import wire
 from linewatch.images import list_images, read_image
-from linewatch.runtime.security import ClientKeys
+from linewatch.runtime.transport.security import ClientKeys
 
 PROTOCOLS = ("linewatch", "imagezmq-pubsub", "imagezmq-reqrep")
 _IMAGEZMQ_MODE = {"imagezmq-pubsub": "bind", "imagezmq-reqrep": "connect"}

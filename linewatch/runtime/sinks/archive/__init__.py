@@ -36,24 +36,24 @@ import numpy as np
 import structlog
 
 from linewatch.config import ArchiveConfig
-from linewatch.runtime.archive.encoder import FRAME_SUFFIXES, PNG_PARAMS, PictureEncoder, _npz_bytes, encode_pictures
-from linewatch.runtime.archive.errors import LOG_INTERVAL_S, ArchiveError, Losses, failure_reason
-from linewatch.runtime.archive.journal import (
+from linewatch.runtime.sinks.archive.encoder import FRAME_SUFFIXES, PNG_PARAMS, PictureEncoder, _npz_bytes, encode_pictures
+from linewatch.runtime.sinks.archive.errors import LOG_INTERVAL_S, ArchiveError, Losses, failure_reason
+from linewatch.runtime.sinks.archive.journal import (
     JOURNAL_BATCH_LINES, JOURNAL_INTERVAL_S, JOURNAL_LIMIT_BYTES, JOURNAL_PREFIX, JOURNAL_ROTATE_BYTES, JOURNAL_SUFFIX,
     Journal,
 )
-from linewatch.runtime.archive.lock import FolderLock
-from linewatch.runtime.archive.pictures import (
+from linewatch.runtime.sinks.archive.lock import FolderLock
+from linewatch.runtime.sinks.archive.pictures import (
     HEATMAP_SUFFIX, IMAGES, OVERLAY_SUFFIX, PICTURE_SUFFIXES, PICTURE_TIMEOUT_S, PictureFiles, picture_sampled,
 )
-from linewatch.runtime.archive.retention import RETENTION_BATCH, Retention
-from linewatch.runtime.archive.rows import COLUMNS, JSON_COLUMNS, journal_line
-from linewatch.runtime.archive.store import (
+from linewatch.runtime.sinks.archive.retention import RETENTION_BATCH, Retention
+from linewatch.runtime.sinks.archive.rows import COLUMNS, JSON_COLUMNS, journal_line
+from linewatch.runtime.sinks.archive.store import (
     BUSY_TIMEOUT_MS, DATABASE, SCHEMA, SCHEMA_VERSION, UNIQUE_ID_INDEX, VACUUM_PAGES, WAL_LIMIT_BYTES, Store,
     open_read_only, read_schema_version,
 )
-from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 
 # The names other modules and tests import from here (archive.py's, before it became this
@@ -242,7 +242,7 @@ class Archive:
             return
         if stem is not None:
             # after the row: a failed row queues no pictures. The verdict is the archive
-            # sink's own copy (runtime/sinks/archive.py), so its image stays with it.
+            # sink's own copy (runtime/sinks/archive/sink.py), so its image stays with it.
             with self._idle:
                 try:
                     self._images.put_nowait((stem, verdict.image, verdict))

@@ -9,7 +9,7 @@
                               [output thread] -> on_verdict(verdict)
 
 Every decision (which verdict, when it may leave, which frame is shed, when a batch is due,
-deadlines from capture time) is made by `linewatch.runtime.core.PipelineCore`, whose
+deadlines from capture time) is made by `linewatch.runtime.pipeline.core.PipelineCore`, whose
 docstring states the rules; this module only runs it: one lock around every core call, and
 one thread each for intake (batches into stage 0), every stage, the deadline watcher and the
 output. Detector stages, overlay rendering and `on_verdict` run outside the lock, so a slow
@@ -41,10 +41,10 @@ import structlog
 
 from linewatch.config import BatchConfig, PipelineConfig
 from linewatch.detector.result import InspectionResult
-from linewatch.runtime.clock import SYSTEM_CLOCK, Clock
-from linewatch.runtime.core import SHUTDOWN_REASON, Cut, PipelineCore, Slot
-from linewatch.runtime.logs import RateLimiter
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
+from linewatch.runtime.pipeline.core import SHUTDOWN_REASON, Cut, PipelineCore, Slot
+from linewatch.runtime.ops.logs import RateLimiter
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Frame, Verdict
 
 if TYPE_CHECKING:  # scipy, which calibration imports, is not needed to run a pipeline

@@ -47,8 +47,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from linewatch import wire
 from linewatch.config import ConfigError, MqttConfig
-from linewatch.runtime.logs import RateLimiter
-from linewatch.runtime.metrics import Metrics
+from linewatch.runtime.ops.logs import RateLimiter
+from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 
 RECONNECT_DELAY_S = (1, 10)  # paho's wait before a connection attempt: the first, then doubling up to the last

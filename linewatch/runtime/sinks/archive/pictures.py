@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from linewatch.runtime.archive.encoder import FRAME_SUFFIXES, PictureEncoder
+from linewatch.runtime.sinks.archive.encoder import FRAME_SUFFIXES, PictureEncoder
 from linewatch.wire import Verdict
 
 IMAGES = "images"

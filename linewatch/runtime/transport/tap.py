@@ -23,7 +23,7 @@ import structlog
 import zmq
 
 from linewatch import wire
-from linewatch.runtime.security import ClientKeys
+from linewatch.runtime.transport.security import ClientKeys
 from linewatch.wire import Verdict
 from linewatch.wire import WireError
 

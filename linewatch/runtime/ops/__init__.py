@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, /healthz and /readyz, structured logs, the control socket."""
