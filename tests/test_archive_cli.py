@@ -170,9 +170,17 @@ def test_a_missing_or_foreign_archive_is_one_line_of_error(tmp_path, capsys):
 
 @pytest.mark.system
 def test_the_command_runs_as_a_process_and_reads_without_writing(archive_dir):
+    database = archive_dir / "verdicts.sqlite"
     before = sorted(p.name for p in archive_dir.iterdir())
+    content, mtime = database.read_bytes(), database.stat().st_mtime_ns
     res = subprocess.run([sys.executable, "-m", "linewatch.cli", "archive", "query", "--archive", str(archive_dir),
                           "--camera", "cam2"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "run1-6" in res.stdout and "timeout" in res.stdout and "deadline" in res.stdout
-    assert sorted(p.name for p in archive_dir.iterdir()) == before
+    assert database.read_bytes() == content and database.stat().st_mtime_ns == mtime
+    # SQLite's reader of a WAL database makes the -wal and -shm files when no writer left them; the
+    # -wal stays empty: nothing was written
+    new = sorted(set(p.name for p in archive_dir.iterdir()) - set(before))
+    assert set(new) <= {"verdicts.sqlite-wal", "verdicts.sqlite-shm"}, new
+    wal = archive_dir / "verdicts.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
