@@ -117,7 +117,7 @@ def bench_encoding(repeats: int) -> None:
     import cv2
 
     from linewatch.overlay import overlay_jpeg
-    from linewatch.runtime.sinks.archive import PNG_PARAMS, _npz_bytes, encode_pictures
+    from linewatch.runtime.sinks.archive.encoder import PNG_PARAMS, _npz_bytes, encode_pictures
     from linewatch.sim.generator import render
 
     def npz_level6(heat: np.ndarray) -> bytes:

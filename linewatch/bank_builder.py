@@ -26,7 +26,8 @@ from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankManifest, TemplateBank
 from linewatch.detector.calibration import Calibration, calibrate
 from linewatch.detector.fusion import branch_normalisation, fuse_scores
-from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector, pad_masks
+from linewatch.detector.describe import pad_masks
+from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector
 from linewatch.detector.models import Models, build_models, select_device
 from linewatch.images import ImageError, list_images, read_image
 

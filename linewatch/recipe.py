@@ -37,7 +37,7 @@ from linewatch.detector.inspector import InputError, Inspector
 from linewatch.detector.models import Models, build_models, select_device
 from linewatch.detector.segment import SegmenterError
 from linewatch.detector.weights import WeightsError
-from linewatch.runtime.daemon import LoadedBank, SwitchRefused
+from linewatch.runtime.changeover import LoadedBank, SwitchRefused
 
 # Errors that say what is wrong with a file or setting, in words for the operator.
 _REFUSALS = (ConfigError, BankError, InputError, SegmenterError, WeightsError, OSError)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from linewatch.config import Config, config_from_dict
-from linewatch.config_cli import config_schema, reference_config_text
+from linewatch.config_cli import config_schema
 from tests.serving import DETECTOR
 
 pytestmark = pytest.mark.system  # every test here starts a program

@@ -12,7 +12,7 @@ import yaml
 
 from linewatch.config import config_from_dict, load_config
 from linewatch.recipe import RecipeLoader, model_settings, runtime_differences
-from linewatch.runtime.daemon import SwitchRefused
+from linewatch.runtime.changeover import SwitchRefused
 from tests.runtime.fakes import quiet_log
 from tests.serving import DETECTOR
 

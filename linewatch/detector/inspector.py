@@ -56,11 +56,6 @@ from linewatch.detector.result import InspectionResult
 from linewatch.detector.segment import interior_points
 from linewatch.detector.shape import shape_descriptors
 
-# Names that moved to the stage modules, importable from here as before (tests, benchmarks).
-from linewatch.detector.align import box_of_support, mask_boxes, mask_moments, reference_grids, warp  # noqa: E402,F401
-from linewatch.detector.measure import soft_overlaps  # noqa: E402,F401
-from linewatch.detector.report import distinct_parts as _distinct_parts, gaussian_blur, to_host  # noqa: E402,F401
-
 
 ENCODE_STAGES = ("preprocess", "backbone", "upsample", "segment", "describe")  # one image alone
 JUDGE_STAGES = ("match", "measure")  # the image against its references in the bank

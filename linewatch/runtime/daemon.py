@@ -21,14 +21,14 @@ from typing import Any
 
 import linewatch
 from linewatch.config import RuntimeConfig
-from linewatch.runtime.changeover import BankLoader, BankSwitch, Changeover, LoadedBank, SwitchRefused  # noqa: F401
+from linewatch.runtime.changeover import BankLoader, BankSwitch, Changeover
 from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.ops.health import HealthServer
 from linewatch.runtime.ops.logs import SummaryLogger, configure_logging
 from linewatch.runtime.ops.metrics import CameraLabels, Metrics
 from linewatch.runtime.pipeline.runner import Pipeline, Processor
 from linewatch.runtime.sinks import SinkContext, SinkList, build_sinks
-from linewatch.runtime.systemd import Watchdog, sd_notify, watchdog_interval_s  # noqa: F401
+from linewatch.runtime.systemd import Watchdog, sd_notify
 from linewatch.runtime.transport import FrameSource
 from linewatch.wire import Frame, Verdict, WireError
 

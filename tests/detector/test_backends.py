@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from linewatch.bank_builder import build_bank, working_size
-from linewatch.config import BackendSection, CalibrationConfig, Config, ConfigError, DetectorConfig, config_from_dict
+from linewatch.config import BackendSection, CalibrationConfig, Config, DetectorConfig, config_from_dict
 from linewatch.detector.backbone import ClassicFeatures
 from linewatch.detector.backends import (BACKEND_LABELS, BACKENDS, Backend, Models, area_filter, build_dcga,
                                          get_backend, register)

@@ -13,7 +13,8 @@ from torch.overrides import TorchFunctionMode
 from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.bank import BankError
-from linewatch.detector.inspector import Batch, Inspector, InputError, mask_moments, reference_grids, warp
+from linewatch.detector.align import mask_moments, reference_grids, warp
+from linewatch.detector.inspector import Batch, Inspector, InputError
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES, InspectionResult
 from linewatch.sim import generate_dataset, render
@@ -459,7 +460,7 @@ def test_bank_with_bad_segmenter_state_is_refused(bank, config):
 
 
 def test_mask_boxes_exact():
-    from linewatch.detector.inspector import mask_boxes
+    from linewatch.detector.align import mask_boxes
 
     masks = torch.zeros(3, 20, 30, dtype=torch.bool)
     masks[0, 2:5, 7:19] = True  # x 7..18, y 2..4
@@ -469,7 +470,7 @@ def test_mask_boxes_exact():
 
 
 def test_pad_masks():
-    from linewatch.detector.inspector import pad_masks
+    from linewatch.detector.describe import pad_masks
 
     a = torch.zeros(2, 16, 16, dtype=torch.bool)
     a[0, :8, :8] = True
@@ -489,7 +490,7 @@ def test_pad_masks():
 
 
 def test_gaussian_blur():
-    from linewatch.detector.inspector import gaussian_blur
+    from linewatch.detector.report import gaussian_blur
 
     maps = torch.rand(2, 20, 24)
     assert torch.equal(gaussian_blur(maps, 0.0), maps)
@@ -523,7 +524,7 @@ def test_to_images01():
 
 
 def test_mask_boxes_batched_with_empty_masks():
-    from linewatch.detector.inspector import mask_boxes
+    from linewatch.detector.align import mask_boxes
 
     masks = torch.zeros(2, 3, 6, 8, dtype=torch.bool)
     masks[0, 0, 1:4, 2:5] = True  # x 2..4, y 1..3
@@ -539,7 +540,7 @@ def test_mask_boxes_batched_with_empty_masks():
 
 
 def test_mask_boxes_equal_a_loop_over_random_masks():
-    from linewatch.detector.inspector import mask_boxes
+    from linewatch.detector.align import mask_boxes
 
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(40, 9, 13, generator=g) > torch.rand(40, 1, 1, generator=g) ** 0.05  # some empty
@@ -551,7 +552,7 @@ def test_mask_boxes_equal_a_loop_over_random_masks():
 
 
 def test_box_of_support():
-    from linewatch.detector.inspector import box_of_support
+    from linewatch.detector.align import box_of_support
 
     support = torch.zeros(2, 5, 6, dtype=torch.bool)
     support[0, 1, 4] = True
@@ -564,7 +565,7 @@ def test_box_of_support():
 
 
 def test_true_indices_equal_nonzero_per_row():
-    from linewatch.detector.inspector import true_indices
+    from linewatch.detector.measure import true_indices
 
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(4, 30, generator=g) > 0.6
@@ -582,7 +583,7 @@ def test_true_indices_equal_nonzero_per_row():
 
 
 def test_soft_overlaps_equal_min_over_max():
-    from linewatch.detector.inspector import soft_overlaps
+    from linewatch.detector.measure import soft_overlaps
 
     g = torch.Generator().manual_seed(2)
     masks = torch.rand(5, 40, generator=g) * (torch.rand(5, 40, generator=g) > 0.5)
@@ -597,7 +598,7 @@ def test_soft_overlaps_equal_min_over_max():
 
 
 def test_distinct_parts_are_chosen_greedily_in_candidate_order():
-    from linewatch.detector.inspector import _distinct_parts
+    from linewatch.detector.report import distinct_parts as _distinct_parts
 
     # 0 overlaps 1, 1 overlaps 2, 0 does not overlap 2: 1 goes (it repeats 0), 2 stays (it repeats
     # only 1, which was not reported); 3 is not missing; 4 repeats 2.
@@ -610,7 +611,7 @@ def test_distinct_parts_are_chosen_greedily_in_candidate_order():
 
 
 def test_to_host_round_trip():
-    from linewatch.detector.inspector import to_host
+    from linewatch.detector.report import to_host
 
     tensors = {"maps": torch.rand(2, 3, 4), "flags": torch.tensor([[True, False], [False, True]]),
                "index": torch.tensor([0, 7, 3]), "empty": torch.zeros(0, 4)}

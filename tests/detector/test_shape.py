@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from linewatch.detector.inspector import mask_boxes
+from linewatch.detector.align import mask_boxes
 from linewatch.detector.shape import SHAPE_DIM, part_crops, shape_descriptors, shape_distances
 
 S = 128

@@ -20,7 +20,8 @@ import pytest
 from linewatch.config import ControlConfig
 from linewatch.runtime.ops import control
 from linewatch.runtime.ops.control import ControlError, request
-from linewatch.runtime.daemon import Daemon, LoadedBank, SwitchRefused
+from linewatch.runtime.changeover import LoadedBank, SwitchRefused
+from linewatch.runtime.daemon import Daemon
 from tests.runtime.fakes import FakeProcessor, quiet_log
 from tests.runtime.line import Line, http, runtime_config
 

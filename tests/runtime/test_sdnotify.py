@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from linewatch.runtime.daemon import sd_notify, watchdog_interval_s
+from linewatch.runtime.systemd import sd_notify, watchdog_interval_s
 
 
 @pytest.fixture

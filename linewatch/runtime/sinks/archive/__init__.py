@@ -36,7 +36,7 @@ import numpy as np
 import structlog
 
 from linewatch.config import ArchiveConfig
-from linewatch.runtime.sinks.archive.encoder import FRAME_SUFFIXES, PNG_PARAMS, PictureEncoder, _npz_bytes, encode_pictures
+from linewatch.runtime.sinks.archive.encoder import FRAME_SUFFIXES, PNG_PARAMS, PictureEncoder, encode_pictures
 from linewatch.runtime.sinks.archive.errors import LOG_INTERVAL_S, ArchiveError, Losses, failure_reason
 from linewatch.runtime.sinks.archive.journal import (
     JOURNAL_BATCH_LINES, JOURNAL_INTERVAL_S, JOURNAL_LIMIT_BYTES, JOURNAL_PREFIX, JOURNAL_ROTATE_BYTES, JOURNAL_SUFFIX,
@@ -59,7 +59,7 @@ from linewatch.wire import Verdict
 # The names other modules and tests import from here (archive.py's, before it became this
 # package). Setting one of them here (a test's monkeypatch) changes what the Archive reads:
 # BUSY_TIMEOUT_MS and JOURNAL_INTERVAL_S, and the constants defined below; the others are read
-# in their own module, to be set there. (_npz_bytes too: benchmarks/archive_bench.py uses it.)
+# in their own module, to be set there.
 __all__ = [
     "Archive", "ArchiveError", "BACKGROUND_NICE", "BUSY_TIMEOUT_MS", "CHECKPOINT_INTERVAL_S", "COLUMNS", "DATABASE",
     "FRAME_SUFFIXES", "HEATMAP_SUFFIX", "IMAGES", "JOURNAL_BATCH_LINES", "JOURNAL_INTERVAL_S", "JOURNAL_LIMIT_BYTES",
