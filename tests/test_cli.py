@@ -333,3 +333,14 @@ def test_unique_output_names(tmp_path):
     assert names[0] == "000" and names[1] == "logical_000" and names[2] == "other_logical_000"
     assert names[4] == "001"
     assert len(set(names)) == len(names)  # the same file twice still gets two names
+
+
+def test_commands_that_need_no_model_start_without_importing_torch():
+    """`linewatch bank switch`, `archive query`, `tap`, ... start in a fraction of a second: torch
+    (4 s to import on a small CPU) comes in only with a detector. The verdict sinks' package, which
+    `linewatch archive` imports, once pulled it in through the live page's backend labels."""
+    code = ("import sys, linewatch.cli, linewatch.archive_cli, linewatch.commands, linewatch.runtime.sinks; "
+            "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from linewatch.config import LiveConfig
-from linewatch.detector.backends import BACKEND_LABELS
 from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.sinks.outcome import Outcome
 from linewatch.wire import VERDICT_VALUES
@@ -122,6 +121,9 @@ class LiveView:
         span = min(WINDOW_S, now - self._started)
         latencies = [lat for _, lat, _ in window if lat is not None]
         judged = sum(1 for _, _, j in window if j)
+        # here, not at the top: `linewatch archive ...` imports this package, and the backends import torch
+        from linewatch.detector.backends import BACKEND_LABELS
+
         status = self._status()
         backend = status.get("backend")
         return {
