@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): makes the venv, installs linewatch with its
-# dev extras at the versions of the lock (deploy/constraints.txt), installs the Debian tools the ops tests use where it can, runs the whole suite
-# on every core.
+# dev extras at the versions of the lock (deploy/constraints.txt), installs the Debian tools the
+# ops tests use where it can, runs the whole suite on every core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
