@@ -22,6 +22,22 @@ def started():
         p.stop(timeout_s=2.0)
 
 
+@pytest.fixture
+def overlay_renderings(monkeypatch) -> list[int]:
+    """The frame ids of every overlay rendered from now on (Outcome's renderer, counted)."""
+    import linewatch.runtime.sinks.outcome as outcome_module
+
+    rendered: list[int] = []
+    real = outcome_module.overlay_jpeg
+
+    def counting(image, verdict):
+        rendered.append(verdict.frame_id)
+        return real(image, verdict)
+
+    monkeypatch.setattr(outcome_module, "overlay_jpeg", counting)
+    return rendered
+
+
 # ---------------------------------------------------------------- Mosquitto (tests/runtime/mqtt_broker.py)
 
 
@@ -40,12 +56,7 @@ def session_broker(tmp_path_factory):
 def broker(session_broker):
     """The session's broker, running, with no retained message left by an earlier test. A test
     that stops the broker takes `own_broker` instead."""
-    from tests.runtime.mqtt_broker import clear_retained
-
-    if session_broker.proc is None or session_broker.proc.poll() is not None:
-        session_broker.start()  # a test stopped it after all: bring it back
-    clear_retained(session_broker.port)
-    return session_broker
+    return session_broker.running_and_clean()
 
 
 @pytest.fixture

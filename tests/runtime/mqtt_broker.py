@@ -64,6 +64,13 @@ class Broker:
         )
         self.proc: subprocess.Popen | None = None
 
+    def running_and_clean(self) -> "Broker":
+        """This broker, started again if a test stopped it, with no retained message left."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        clear_retained(self.port)
+        return self
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else "(no log)"
 

@@ -14,7 +14,6 @@ import cv2
 import numpy as np
 import pytest
 
-import linewatch.runtime.sinks.outcome as outcome_module
 from linewatch.config import LiveConfig, MetricsConfig
 from linewatch.runtime.daemon import Daemon
 from linewatch.runtime.ops.health import HealthServer
@@ -110,15 +109,8 @@ def test_status_is_read_at_each_request_and_unknown_backends_keep_their_name() -
     assert (d["bank_id"], d["backend"], d["backend_label"], d["ready"]) == ("bank-b", "fake", "fake", False)
 
 
-def test_failure_ring_keeps_the_newest_and_renders_each_overlay_once_on_request(monkeypatch) -> None:
-    rendered: list[int] = []
-    real = outcome_module.overlay_jpeg
-
-    def counting_overlay(image, v):
-        rendered.append(v.frame_id)
-        return real(image, v)
-
-    monkeypatch.setattr(outcome_module, "overlay_jpeg", counting_overlay)
+def test_failure_ring_keeps_the_newest_and_renders_each_overlay_once_on_request(overlay_renderings) -> None:
+    rendered = overlay_renderings
     live = view(FakeClock(), recent_failures=3)
     objects = [{"bbox": [1, 2, 10, 8], "status": "missing", "score": 0.8},
                {"bbox": [20, 2, 10, 8], "status": "matched", "score": 0.1},

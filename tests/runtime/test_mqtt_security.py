@@ -20,7 +20,7 @@ from linewatch.config_cli import check_config
 from linewatch.runtime.ops.metrics import Metrics
 from linewatch.runtime.sinks.mqtt_client import MqttSink
 from tests.ports import reserved_port
-from tests.runtime.mqtt_broker import WAIT_S, Broker, RecordingLog, Subscriber, clear_retained, connected, sink_for, verdict
+from tests.runtime.mqtt_broker import WAIT_S, Broker, RecordingLog, Subscriber, connected, sink_for, verdict
 
 USER, PASSWORD = "line-3", "s3cret pass"
 
@@ -94,10 +94,7 @@ def secured_broker(tmp_path_factory):
 @pytest.fixture
 def secured(secured_broker):
     """The module's secured broker, running, with no retained message from an earlier test."""
-    if secured_broker.proc is None or secured_broker.proc.poll() is not None:
-        secured_broker.start()
-    clear_retained(secured_broker.port)
-    return secured_broker
+    return secured_broker.running_and_clean()
 
 
 def password_file(tmp_path: Path, text: str) -> str:

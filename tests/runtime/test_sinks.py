@@ -180,15 +180,8 @@ def test_a_sink_that_raises_loses_its_copy_and_nothing_else(registered) -> None:
         daemon.stop()
 
 
-def test_the_overlay_is_rendered_once_for_every_sink_that_wants_it(registered, monkeypatch) -> None:
-    rendered: list[int] = []
-    real = outcome_module.overlay_jpeg
-
-    def counting(image, verdict):
-        rendered.append(verdict.frame_id)
-        return real(image, verdict)
-
-    monkeypatch.setattr(outcome_module, "overlay_jpeg", counting)
+def test_the_overlay_is_rendered_once_for_every_sink_that_wants_it(registered, overlay_renderings) -> None:
+    rendered = overlay_renderings
     events: list[tuple] = []
     pictures: dict[str, list] = {"a": [], "b": []}
 
