@@ -250,7 +250,8 @@ class IngestConfig(_Section):
     receive_hwm: int = Field(64, ge=1, description="ZMQ receive high-water mark, messages per socket")
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger image payloads are refused")
     max_image_pixels: int = Field(50_000_000, ge=1, description="images declaring more pixels (H x W) are refused before decoding")
-    decode_workers: int = Field(2, ge=1, le=32)
+    max_decoded_bytes: int = Field(200_000_000, ge=1024, description="images whose header declares more decoded bytes are refused before decoding")
+    decode_workers: int = Field(2, ge=1, le=32, description="threads decoding admitted frames (the pipeline's first stage)")
     cameras: list[str] = Field(default_factory=list, description="accepted camera ids; empty accepts any")
 
 

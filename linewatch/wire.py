@@ -80,17 +80,46 @@ VERDICT_VALUES = ("pass", "fail", "error", "timeout", "shed")
 
 @dataclass
 class Frame:
-    """One camera frame after decoding. `image` is RGB uint8 (H, W, 3)."""
+    """One camera frame. `image` is RGB uint8 (H, W, 3); ingest leaves it None and the bytes
+    in `encoded` (read, not decoded), so a frame that will not be judged is never decoded:
+    the pipeline decodes the frames it admits (`decoded()`)."""
 
     camera: str
     frame_id: int
     capture_ts: float  # seconds since the epoch, from the sender (or receive time if absent)
-    image: np.ndarray
+    image: np.ndarray | None
     received_ts: float  # time.time() when ingest took it off the socket
     received_mono: float  # time.monotonic() at the same moment; deadlines use this clock
     part_id: str | None = None
     encoder_position: int | None = None
     reply: Any = None  # opaque handle for senders that wait for an answer (imagezmq REQ/REP)
+    encoded: EncodedImage | None = field(default=None, repr=False)
+
+    def decoded(self) -> np.ndarray:
+        """The RGB image: `image`, or `encoded` decoded now (raises WireError)."""
+        if self.image is not None:
+            return self.image
+        if self.encoded is None:
+            raise WireError("decode_failed", self.camera, self.frame_id, "frame has neither an image nor its bytes")
+        return self.encoded.decode(self.camera, self.frame_id)
+
+    @property
+    def height_width(self) -> tuple[int, int] | None:
+        """(height, width) of the image, decoded or as declared; None when unknown."""
+        if self.image is not None:
+            return int(self.image.shape[0]), int(self.image.shape[1])
+        if self.encoded is not None:
+            return self.encoded.height, self.encoded.width
+        return None
+
+    def describe(self) -> str:
+        """What arrived, for log lines and error details: "640x480 png, 3 channels of 8 bits"."""
+        if self.encoded is not None:
+            return self.encoded.describe()
+        if self.image is not None:
+            shape = self.image.shape
+            return f"{shape[1]}x{shape[0]} decoded, {shape[2] if len(shape) > 2 else 1} channels of {self.image.dtype}"
+        return "nothing"
 
 
 @dataclass
@@ -172,6 +201,50 @@ class WireError(Exception):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as it arrived: what its header declares, and its bytes, not decoded yet.
+
+    Reading one costs a header parse; `decode()` is the pixel work (and the memory:
+    `decoded_bytes`, before the conversion to RGB uint8).
+    """
+
+    payload: Buffer
+    encoding: str  # "raw", "jpeg" or "png"
+    height: int
+    width: int
+    channels: int  # what the decoder produces before conversion to RGB (PNG: an upper bound)
+    sample_bytes: int  # bytes per channel: 1, or 2 for a 16-bit PNG
+    pixel_format: str = "bgr"  # channel order (raw frames say theirs; OpenCV decodes files to BGR)
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.height * self.width * self.channels * self.sample_bytes
+
+    def describe(self) -> str:
+        """"7000x7000 png, 4 channels of 16 bits (392.0 MB decoded)"."""
+        return (f"{self.width}x{self.height} {self.encoding}, {self.channels} channels of {8 * self.sample_bytes} bits "
+                f"({self.decoded_bytes / 1e6:.1f} MB decoded)")
+
+    def decode(self, camera: str | None, frame_id: int | None) -> np.ndarray:
+        """RGB uint8 (H, W, 3); raises WireError (decode_failed, bad_dtype, grey_image)."""
+        if self.encoding == "raw":
+            shape = (self.height, self.width, self.channels)
+            return _to_rgb(np.frombuffer(self.payload, dtype=np.uint8).reshape(shape), self.pixel_format, camera, frame_id)
+        image = cv2.imdecode(np.frombuffer(self.payload, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise WireError("decode_failed", camera, frame_id,
+                            f"{len(self.payload)} bytes are not a readable {self.encoding.upper()} image")
+        if image.shape[:2] != (self.height, self.width):  # the decoder read another size than the header said
+            raise WireError("decode_failed", camera, frame_id,
+                            f"decoded {image.shape[1]}x{image.shape[0]}, header said {self.width}x{self.height}")
+        if image.dtype == np.uint16:
+            image = (image // 257).astype(np.uint8)
+        elif image.dtype != np.uint8:
+            raise WireError("bad_dtype", camera, frame_id, f"decoded pixel type {image.dtype}; 8 or 16 bit only")
+        return _to_rgb(image, "bgr", camera, frame_id)  # OpenCV decodes to BGR(A)
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -207,14 +280,14 @@ def _to_rgb(image: np.ndarray, pixel_format: str, camera: str | None, frame_id: 
     return np.ascontiguousarray(image)
 
 
-def _check_pixels(height: int, width: int, max_pixels: int, camera: str | None, frame_id: int | None) -> None:
-    if height * width > max_pixels:
-        raise WireError("too_large", camera, frame_id,
-                        f"image declares {width}x{height} = {height * width} pixels, over max_image_pixels {max_pixels}")
+# PNG colour type -> channels OpenCV decodes it to (IMREAD_UNCHANGED): grey, -, RGB, palette
+# (RGB, or RGBA with transparency: counted as 4), grey+alpha (decoded as BGRA), RGBA
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
 
 
-def _declared_size(payload: Buffer, camera: str | None, frame_id: int | None) -> tuple[int, int]:
-    """(height, width) a JPEG/PNG file declares in its header, read without decoding pixels.
+def _read_file(payload: Buffer, limits: ImageLimits, camera: str | None, frame_id: int | None) -> EncodedImage:
+    """A JPEG/PNG file's declared size and pixel type, read without decoding pixels, checked
+    against `limits`; grey files are refused here already.
 
     A few hundred bytes can declare 20000 x 20000 pixels (a decompression bomb): the size must
     be known before the decoder allocates it. Pillow's JPEG and PNG readers parse the header
@@ -223,44 +296,37 @@ def _declared_size(payload: Buffer, camera: str | None, frame_id: int | None) ->
     max_image_pixels. Any other file is refused before OpenCV, which would decode BMP, TIFF,
     WebP and more, sees it.
     """
+    if not len(payload):
+        raise WireError("decode_failed", camera, frame_id, "empty image part")
     head = bytes(payload[:8])
+    is_png = head == b"\x89PNG\r\n\x1a\n"
     reader = (JpegImagePlugin.JpegImageFile if head.startswith(b"\xff\xd8\xff")
-              else PngImagePlugin.PngImageFile if head == b"\x89PNG\r\n\x1a\n" else None)
+              else PngImagePlugin.PngImageFile if is_png else None)
     if reader is None:
         raise WireError("decode_failed", camera, frame_id,
                         f"{len(payload)} bytes are not a JPEG or PNG file (they start {head[:4]!r})")
     try:
         with reader(io.BytesIO(payload)) as probe:
             width, height = probe.size
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+            if is_png:  # IHDR, the first chunk (Pillow checked it): bit depth, colour type
+                bit_depth, colour_type = payload[24], payload[25]
+                channels, sample_bytes = _PNG_CHANNELS.get(colour_type, 4), 2 if bit_depth == 16 else 1
+            else:
+                channels = 1 if probe.mode == "L" else 3
+                sample_bytes = 2 if getattr(probe, "bits", 8) > 8 else 1
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError) as e:
         raise WireError("decode_failed", camera, frame_id,
                         f"{len(payload)} bytes are not a readable JPEG or PNG image ({type(e).__name__}: {e})") from None
-    return height, width
+    encoded = EncodedImage(payload, "png" if is_png else "jpeg", height, width, channels, sample_bytes)
+    limits.check(encoded, camera, frame_id)
+    if channels == 1:
+        raise WireError("grey_image", camera, frame_id, f"grey image {width}x{height}; linewatch needs colour")
+    return encoded
 
 
-def _decode_file_bytes(payload: Buffer, max_pixels: int, camera: str | None, frame_id: int | None) -> np.ndarray:
-    """JPEG/PNG bytes -> RGB uint8 (H, W, 3); the declared size is checked before decoding."""
-    if not len(payload):
-        raise WireError("decode_failed", camera, frame_id, "empty image part")
-    height, width = _declared_size(payload, camera, frame_id)
-    _check_pixels(height, width, max_pixels, camera, frame_id)
-    data = np.frombuffer(payload, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise WireError("decode_failed", camera, frame_id, f"{len(payload)} bytes are not a readable JPEG or PNG image")
-    if image.shape[0] * image.shape[1] > height * width:  # the decoder read another size than the header said
-        raise WireError("decode_failed", camera, frame_id, f"decoded {image.shape[1]}x{image.shape[0]}, header said {width}x{height}")
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise WireError("bad_dtype", camera, frame_id, f"decoded pixel type {image.dtype}; 8 or 16 bit only")
-    return _to_rgb(image, "bgr", camera, frame_id)  # OpenCV decodes to BGR(A)
-
-
-def _raw_image(
-    payload: Buffer, shape: Any, dtype: Any, pixel_format: str, max_pixels: int, camera: str | None, frame_id: int | None
-) -> np.ndarray:
-    """Raw HWC bytes + declared shape/dtype -> RGB uint8 (H, W, 3)."""
+def _read_raw(payload: Buffer, shape: Any, dtype: Any, pixel_format: str, limits: ImageLimits, camera: str | None,
+              frame_id: int | None) -> EncodedImage:
+    """Raw HWC bytes + declared shape/dtype, checked (sizes, channels) without touching pixels."""
     if dtype != "uint8":
         raise WireError("bad_dtype", camera, frame_id, f"dtype must be 'uint8', got {dtype!r}")
     if (
@@ -270,16 +336,43 @@ def _raw_image(
         or (len(shape) == 3 and shape[2] not in (1, 3, 4))
     ):
         raise WireError("bad_shape", camera, frame_id, f"shape must be [H, W] or [H, W, C] with C in 1, 3, got {shape!r}")
-    _check_pixels(shape[0], shape[1], max_pixels, camera, frame_id)
+    channels = shape[2] if len(shape) == 3 else 1
+    encoded = EncodedImage(payload, "raw", shape[0], shape[1], channels, 1, pixel_format)
+    limits.check(encoded, camera, frame_id)
     expected = math.prod(shape)
     if expected != len(payload):
         raise WireError("bad_shape", camera, frame_id, f"shape {shape} needs {expected} bytes, got {len(payload)}")
-    if len(shape) == 3 and shape[2] == 4:
+    if channels == 4:
         raise WireError("bad_shape", camera, frame_id, f"4-channel raw images are not accepted, shape {shape}")
-    image = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
-    if image.ndim == 3 and image.shape[2] == 3 and pixel_format == "gray":
+    if channels == 3 and pixel_format == "gray":
         raise WireError("bad_shape", camera, frame_id, "pixel_format 'gray' with 3 channels")
-    return _to_rgb(image, pixel_format, camera, frame_id)
+    if channels == 1 or pixel_format == "gray":
+        raise WireError("grey_image", camera, frame_id, f"grey image {shape[1]}x{shape[0]}; linewatch needs colour")
+    return encoded
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a frame may declare before anything is decoded (runtime.ingest's limits)."""
+
+    max_payload_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_decoded_bytes: int | None = None  # None: no limit beyond max_pixels
+
+    def check_payload(self, payload: Buffer, camera: str | None, frame_id: int | None) -> None:
+        if len(payload) > self.max_payload_bytes:
+            raise WireError("too_large", camera, frame_id,
+                            f"payload {len(payload)} bytes exceeds max_payload_bytes {self.max_payload_bytes}")
+
+    def check(self, image: EncodedImage, camera: str | None, frame_id: int | None) -> None:
+        """Refuse (too_large) an image declaring more pixels or decoded bytes than allowed."""
+        if image.height * image.width > self.max_pixels:
+            raise WireError("too_large", camera, frame_id,
+                            f"arrived {image.describe()}: {image.height * image.width} pixels, "
+                            f"over max_image_pixels {self.max_pixels}")
+        if self.max_decoded_bytes is not None and image.decoded_bytes > self.max_decoded_bytes:
+            raise WireError("too_large", camera, frame_id,
+                            f"arrived {image.describe()}, over max_decoded_bytes {self.max_decoded_bytes}")
 
 
 # ---------------------------------------------------------------- frames (linewatch format)
@@ -362,19 +455,18 @@ def peek_camera(parts: Sequence[Buffer]) -> str:
     return check_camera_id(_topic(parts))
 
 
-def decode_frame(
+def read_frame(
     parts: Sequence[Buffer],
-    max_payload_bytes: int,
+    limits: ImageLimits,
     received_ts: float,
     received_mono: float,
     cameras: Collection[str] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Frame:
-    """Validate and decode a v1 frame message into a Frame (image RGB uint8 (H, W, 3)).
+    """Validate a v1 frame message into a Frame whose image is not decoded yet (`encoded`).
 
-    `cameras`, when non-empty, is the allow-list. The payload size, and the pixel count the
-    image declares (raw: its shape; JPEG/PNG: their file header), are checked before any
-    image decoding, so an oversized frame costs only a header parse. Raises WireError.
+    `cameras`, when non-empty, is the allow-list. The payload size, and the size the image
+    declares (raw: its shape; JPEG/PNG: their file header), are checked against `limits`
+    here, so a refused frame costs only a header parse. Raises WireError.
     """
     camera = peek_camera(parts)
     if len(parts) < 3:
@@ -418,25 +510,41 @@ def decode_frame(
         raise WireError("bad_header", camera, frame_id, f"encoding must be one of {ENCODINGS}, got {encoding!r}")
 
     payload = parts[2]
-    if len(payload) > max_payload_bytes:
-        raise WireError("too_large", camera, frame_id, f"payload {len(payload)} bytes exceeds max_payload_bytes {max_payload_bytes}")
+    limits.check_payload(payload, camera, frame_id)
     if encoding == "raw":
         pixel_format = header.get("pixel_format")
         if pixel_format not in PIXEL_FORMATS:
             raise WireError("bad_header", camera, frame_id, f"pixel_format must be one of {PIXEL_FORMATS}, got {pixel_format!r}")
-        image = _raw_image(payload, header.get("shape"), header.get("dtype"), pixel_format, max_pixels, camera, frame_id)
+        encoded = _read_raw(payload, header.get("shape"), header.get("dtype"), pixel_format, limits, camera, frame_id)
     else:
-        image = _decode_file_bytes(payload, max_pixels, camera, frame_id)
+        encoded = _read_file(payload, limits, camera, frame_id)
+        if encoded.encoding != encoding:
+            raise WireError("bad_header", camera, frame_id, f"header says {encoding}, the bytes are {encoded.encoding}")
     return Frame(
         camera=camera,
         frame_id=frame_id,
         capture_ts=float(capture_ts),
-        image=image,
+        image=None,
+        encoded=encoded,
         received_ts=received_ts,
         received_mono=received_mono,
         part_id=part_id,
         encoder_position=encoder_position,
     )
+
+
+def decode_frame(
+    parts: Sequence[Buffer],
+    max_payload_bytes: int,
+    received_ts: float,
+    received_mono: float,
+    cameras: Collection[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Frame:
+    """`read_frame`, then the image decoded (RGB uint8 (H, W, 3)). Raises WireError."""
+    frame = read_frame(parts, ImageLimits(max_payload_bytes, max_pixels), received_ts, received_mono, cameras)
+    frame.image, frame.encoded = frame.decoded(), None
+    return frame
 
 
 # ---------------------------------------------------------------- frames (imagezmq)
@@ -453,16 +561,16 @@ def imagezmq_camera(parts: Sequence[Buffer]) -> str:
     return check_camera_id(msg.split("|", 1)[0].strip())
 
 
-def decode_imagezmq(
+def read_imagezmq(
     parts: Sequence[Buffer],
-    max_payload_bytes: int,
+    limits: ImageLimits,
     received_ts: float,
     received_mono: float,
     frame_id: int,
     cameras: Collection[str] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Frame:
-    """Decode an imagezmq message (send_image: BGR array; send_jpg: JPEG) into a Frame.
+    """Read an imagezmq message (send_image: BGR array; send_jpg: JPEG) into a Frame whose
+    image is not decoded yet (`encoded`), checked against `limits`.
 
     imagezmq carries no frame id or capture time: `frame_id` is given by the receiver (a
     per-camera counter) and capture_ts is `received_ts`. Raises WireError.
@@ -475,20 +583,35 @@ def decode_imagezmq(
         raise WireError("unknown_camera", camera, frame_id, f"camera {camera!r} is not in the accepted list")
     metadata = _parse_json_object(parts[0], "imagezmq metadata", camera)
     payload = parts[1]
-    if len(payload) > max_payload_bytes:
-        raise WireError("too_large", camera, frame_id, f"payload {len(payload)} bytes exceeds max_payload_bytes {max_payload_bytes}")
+    limits.check_payload(payload, camera, frame_id)
     if "shape" in metadata or "dtype" in metadata:  # send_image: a numpy array, BGR like OpenCV
-        image = _raw_image(payload, metadata.get("shape"), metadata.get("dtype"), "bgr", max_pixels, camera, frame_id)
+        encoded = _read_raw(payload, metadata.get("shape"), metadata.get("dtype"), "bgr", limits, camera, frame_id)
     else:  # send_jpg
-        image = _decode_file_bytes(payload, max_pixels, camera, frame_id)
+        encoded = _read_file(payload, limits, camera, frame_id)
     return Frame(
         camera=camera,
         frame_id=frame_id,
         capture_ts=received_ts,
-        image=image,
+        image=None,
+        encoded=encoded,
         received_ts=received_ts,
         received_mono=received_mono,
     )
+
+
+def decode_imagezmq(
+    parts: Sequence[Buffer],
+    max_payload_bytes: int,
+    received_ts: float,
+    received_mono: float,
+    frame_id: int,
+    cameras: Collection[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Frame:
+    """`read_imagezmq`, then the image decoded (RGB uint8 (H, W, 3)). Raises WireError."""
+    frame = read_imagezmq(parts, ImageLimits(max_payload_bytes, max_pixels), received_ts, received_mono, frame_id, cameras)
+    frame.image, frame.encoded = frame.decoded(), None
+    return frame
 
 
 # ---------------------------------------------------------------- verdicts

@@ -142,8 +142,9 @@ def test_the_processor_has_all_the_runtime_needs(small_bank):
     inspector, recipe = load_processor(config, small_bank)
     bank = TemplateBank.load(small_bank)
     declared = set(Processor.__annotations__) | {"check_image"}
-    assert declared == {"backend", "bank_id", "bank_images", "calibration", "stages", "check_image"}
+    assert declared == {"backend", "bank_id", "bank_images", "frame_size", "calibration", "stages", "check_image"}
     assert all(hasattr(inspector, name) for name in declared)
+    assert inspector.frame_size == tuple(bank.manifest.source_shape[:2])
     assert inspector.bank_images == bank.size and inspector.calibration == bank.calibration
     assert recipe.config is config and inspector.device == recipe.device
     with pytest.raises(ValueError, match="good images are"):

@@ -264,6 +264,13 @@ class Inspector:
         return self.bank.size if self.bank is not None else 0
 
     @property
+    def frame_size(self) -> tuple[int, int] | None:
+        """(height, width) of the frames it judges: the bank's good images' (None without a bank).
+        The runtime refuses a frame declaring another size before decoding it."""
+        shape = self.bank.manifest.source_shape if self.bank is not None else None
+        return (int(shape[0]), int(shape[1])) if shape else None
+
+    @property
     def calibration(self) -> Calibration | None:
         """The bank's threshold and the good scores it came from (None without a bank)."""
         return self.bank.calibration if self.bank is not None else None

@@ -62,7 +62,8 @@ class Daemon:
         if self.sinks.wants_overlay:  # on the wire: rendered on the stage thread, before the release
             from linewatch.overlay import overlay_jpeg as overlay
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
-                                 overlay=overlay, clock=clock, keep_images=self.sinks.wants_image)
+                                 overlay=overlay, clock=clock, keep_images=self.sinks.wants_image,
+                                 decode_workers=config.ingest.decode_workers)
         self.changeover = Changeover(self.pipeline, bank_loader, self.metrics, self.log, self._show_bank,
                                      stopping=lambda: self._stopping)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)

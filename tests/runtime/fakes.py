@@ -109,6 +109,8 @@ class FakeProcessor:
     def check_image(self, image: np.ndarray, name: str) -> None:
         """Judges any image."""
 
+    frame_size = None  # any size
+
 
 class GatedProcessor:
     """One stage ("only") that holds each batch until the test opens `gate`; `entered` is set
@@ -131,6 +133,8 @@ class GatedProcessor:
 
     def check_image(self, image: np.ndarray, name: str) -> None:
         """Judges any image."""
+
+    frame_size = None  # any size
 
 
 class Collector:

@@ -243,7 +243,7 @@ def test_under_overload_every_frame_gets_one_verdict_and_capacity_is_used() -> N
         for i in (2, 1, 0):  # finish stages, pass batches on
             if stages[i] is not None and now >= stages[i][1]:
                 batch = stages[i][0]
-                core.stage_finished(i, costs[i])
+                core.stage_finished(i, costs[i], len(batch))
                 stages[i] = None
                 if i == 2:
                     for s in batch:
@@ -302,7 +302,7 @@ def test_metrics_tell_the_same_story_as_the_verdicts() -> None:
     get = metrics.registry.get_sample_value
     assert get("linewatch_frames_received_total", {"camera": "cam0"}) == 5
     assert get("linewatch_verdicts_total", {"camera": "cam0", "verdict": "pass"}) == 2
-    assert get("linewatch_frames_shed_total", {"reason": "pending_full"}) == 2
+    assert get("linewatch_frames_shed_total", {"camera": "cam0", "reason": "pending_full"}) == 2
     assert get("linewatch_frame_errors_total", {"reason": "too_large"}) == 1
     assert len(verdicts) == 5 and core.stats()["verdicts"] == {"pass": 2, "fail": 0, "error": 1, "timeout": 0, "shed": 2}
 

@@ -87,43 +87,38 @@ def test_linewatch_frames_arrive_with_their_ids(started, context) -> None:
     got = [f for f in sink.frames if f.frame_id < 10_000]
     assert sorted(f.frame_id for f in got) == list(range(5))
     for frame in got:
-        np.testing.assert_array_equal(frame.image, images[frame.frame_id])
+        np.testing.assert_array_equal(frame.decoded(), images[frame.frame_id])
         assert (frame.camera, frame.part_id, frame.capture_ts) == ("cam0", f"P{frame.frame_id}", 50.0 + frame.frame_id)
         assert frame.received_ts > 1e9 and frame.received_mono <= time.monotonic()
 
 
-def test_one_cameras_frames_and_errors_leave_in_arrival_order_whatever_decodes_first(
-        started, context, monkeypatch) -> None:
-    """Two decode workers; frame 0's decode is held until frame 1's has finished, and a bad
-    message (2) follows: the pipeline still gets frame 0, frame 1, then the error for 2."""
-    from linewatch.runtime.transport.ingest import LinewatchFrames
-
-    real = LinewatchFrames.decode
-    one_decoded = threading.Event()
+def test_frames_are_handed_on_read_not_decoded_in_arrival_order(started, context, monkeypatch) -> None:
+    """Ingest decodes no pixel (the pipeline decodes only the frames it admits): frames leave
+    with their bytes and declared size, and frames and errors leave in arrival order."""
+    decodes: list[int] = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: (decodes.append(1), real_imdecode(*a, **k))[1])
     events: list[tuple] = []
-
-    def decode(self, parts, config, cameras, received_ts, received_mono, frame_id):
-        frame = real(self, parts, config, cameras, received_ts, received_mono, frame_id)
-        if frame.camera == "cam0" and frame.frame_id == 0:
-            assert one_decoded.wait(10), "frame 1 was never decoded beside frame 0"
-        if frame.camera == "cam0" and frame.frame_id == 1:
-            one_decoded.set()
-        return frame
-
-    monkeypatch.setattr(LinewatchFrames, "decode", decode)
-    ingest, sink = started([EndpointConfig(url=ANY_PORT)], decode_workers=2)
+    ingest, sink = started([EndpointConfig(url=ANY_PORT)])
     sink.on_frame = lambda f, on=sink.on_frame: (events.append(("frame", f.camera, f.frame_id)), on(f))
     sink.on_error = lambda e, mono, on=sink.on_error: (events.append(("error", e.camera, e.frame_id)), on(e, mono))
     ingest._on_frame, ingest._on_error = sink.on_frame, sink.on_error
     pub = _pub(context, ingest.bound_urls[0])
     _join_pubsub(lambda i: pub.send_multipart(wire.encode_frame("probe", i, _image(0))), lambda: bool(sink.frames), sink)
 
-    pub.send_multipart(wire.encode_frame("cam0", 0, _image(1)))
-    pub.send_multipart(wire.encode_frame("cam0", 1, _image(2)))
+    pub.send_multipart(wire.encode_frame("cam0", 0, _image(1), encoding="png"))
+    pub.send_multipart(wire.encode_frame("cam0", 1, _image(2, h=20, w=40), encoding="jpeg"))
     pub.send_multipart(wire.encode_frame("cam0", 2, _image(3))[:2])  # truncated
-    assert sink.wait(lambda: len([e for e in events if e[1] == "cam0"]) == 3)
-    assert [e for e in events if e[1] == "cam0"] == [("frame", "cam0", 0), ("frame", "cam0", 1), ("error", "cam0", 2)]
-    assert ingest._order.outstanding() == 0
+    pub.send_multipart(wire.encode_frame("cam0", 3, _image(4)))
+    assert sink.wait(lambda: len([e for e in events if e[1] == "cam0"]) == 4)
+    assert [e for e in events if e[1] == "cam0"] == [
+        ("frame", "cam0", 0), ("frame", "cam0", 1), ("error", "cam0", 2), ("frame", "cam0", 3)]
+    assert decodes == []
+    frames = {f.frame_id: f for f in sink.frames if f.camera == "cam0"}
+    assert all(f.image is None for f in frames.values())
+    assert [(f.encoded.encoding, f.height_width) for f in frames.values()] == [
+        ("png", (24, 32)), ("jpeg", (20, 40)), ("raw", (24, 32))]
+    np.testing.assert_array_equal(frames[0].decoded(), _image(1))
 
 
 def test_bad_messages_become_addressed_errors(started, context) -> None:
@@ -191,11 +186,14 @@ def test_unknown_camera_flood_does_not_starve_a_good_camera(started, context) ->
 
 
 def test_imagezmq_reqrep_sender_gets_ok_at_once(context) -> None:
+    """The reply goes out before the frame is handed on: on_frame waits until the sender has
+    its OK (were the reply sent after on_frame, both would wait until the 5 s timeouts)."""
     release = threading.Event()
     sink = Collector()
+    answered: list[bool] = []
 
-    def slow_on_frame(frame: Frame) -> None:  # inspection that takes a while
-        release.wait(5.0)
+    def slow_on_frame(frame: Frame) -> None:
+        answered.append(release.wait(5.0))
         sink.on_frame(frame)
 
     config = IngestConfig(endpoints=[EndpointConfig(url=ANY_PORT, protocol="imagezmq-reqrep")], decode_workers=1)
@@ -207,16 +205,17 @@ def test_imagezmq_reqrep_sender_gets_ok_at_once(context) -> None:
         rgb = [_image(1), _image(2)]
         before_us = int(time.time() * 1e6)
         assert sender.send_image("line1-cam", cv2.cvtColor(rgb[0], cv2.COLOR_RGB2BGR)) == b"OK"
+        assert not sink.frames  # answered OK (RCVTIMEO 5 s) while on_frame was still blocked
+        release.set()
         jpg = cv2.imencode(".png", cv2.cvtColor(rgb[1], cv2.COLOR_RGB2BGR))[1].tobytes()  # lossless bytes via send_jpg
         assert sender.send_jpg("line1-cam|exposure=800", jpg) == b"OK"
-        assert not sink.frames  # both answered OK (RCVTIMEO 5 s) while on_frame was still blocked
-        release.set()
         assert sink.wait(lambda: len(sink.frames) == 2)
+        assert answered == [True, True]
         frames = sorted(sink.frames, key=lambda f: f.frame_id)
         assert {f.camera for f in frames} == {"line1-cam"}
         assert before_us <= frames[0].frame_id < frames[1].frame_id  # receive time in microseconds
         for frame, sent in zip(frames, rgb):
-            np.testing.assert_array_equal(frame.image, sent)  # BGR on the wire, RGB out
+            np.testing.assert_array_equal(frame.decoded(), sent)  # BGR on the wire, RGB out
     finally:
         release.set()
         sender.close()
@@ -237,8 +236,8 @@ def test_imagezmq_pubsub_array_and_jpeg(started) -> None:
         sender.send_jpg("cam-a|x", cv2.imencode(".jpg", flat)[1].tobytes())
         assert sink.wait(lambda: sum(f.camera == "cam-a" for f in sink.frames) == 2)
         got = sorted((f for f in sink.frames if f.camera == "cam-a"), key=lambda f: f.frame_id)
-        np.testing.assert_array_equal(got[0].image, rgb)
-        assert np.abs(got[1].image[0, 0].astype(int) - (200, 100, 10)).max() <= 3
+        np.testing.assert_array_equal(got[0].decoded(), rgb)
+        assert np.abs(got[1].decoded()[0, 0].astype(int) - (200, 100, 10)).max() <= 3
     finally:
         sender.close()
 

@@ -64,7 +64,8 @@ def test_overload_gives_exactly_one_verdict_per_frame_in_order(started) -> None:
                   for c in ("cam0", "cam1"))
         assert got == k, (value, got, k)
     assert counter_value(metrics, "linewatch_frames_received_total", {"camera": "cam0"}) == n_per_cam
-    assert counter_value(metrics, "linewatch_frames_shed_total", {"reason": "pending_full"}) == counts["shed"]
+    assert sum(counter_value(metrics, "linewatch_frames_shed_total", {"camera": c, "reason": "pending_full"})
+               for c in ("cam0", "cam1")) == counts["shed"]
     assert p.inflight() == 0
     assert p.stats()["received"] == n
 
@@ -309,6 +310,44 @@ def test_frame_the_detector_cannot_judge_errors_alone(started) -> None:
     assert [by_id[i].verdict for i in range(4)] == ["pass", "error", "fail", "pass"]
     assert by_id[1].reason == "bad_image"
     assert [v.frame_id for v in out.verdicts] == [0, 1, 2, 3]  # still in order
+
+
+def test_frames_are_decoded_in_the_first_stage_and_a_wrong_size_is_refused_before_decoding(started, monkeypatch) -> None:
+    """Frames arrive read, not decoded (as ingest hands them on). One declaring another size
+    than the bank's is answered bad_image without a decode; one whose bytes fail to decode is
+    answered decode_failed alone; the others are judged, in order."""
+    import cv2
+
+    from linewatch import wire
+
+    decoded: list[int] = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: (decoded.append(1), real_imdecode(*a, **k))[1])
+
+    def read(frame_id: int, image: np.ndarray, encoding: str, corrupt: bool = False) -> wire.Frame:
+        parts = wire.encode_frame("cam", frame_id, image, encoding=encoding)
+        if corrupt:  # the header reads; the compressed pixels do not
+            data = bytearray(parts[2])
+            data[60:-20] = bytes(len(data) - 80)
+            parts[2] = bytes(data)
+        return wire.read_frame(parts, wire.ImageLimits(), time.time(), time.monotonic())
+
+    proc = FakeProcessor([("only", 0.0)])
+    proc.frame_size = (16, 16)
+    out = Collector()
+    metrics = Metrics()
+    pipe = started(make_pipeline(proc, out, max_batch=4, max_delay_ms=20.0, metrics=metrics))
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    frames = [read(0, np.full((16, 16, 3), 50, np.uint8), "png"), read(1, np.full((16, 32, 3), 50, np.uint8), "png"),
+              read(2, noise, "png", corrupt=True), read(3, np.full((16, 16, 3), 200, np.uint8), "raw")]
+    for frame in frames:
+        assert frame.image is None
+        pipe.submit(frame)
+    assert out.wait_for(4, timeout_s=5.0)
+    assert [(v.frame_id, v.verdict, v.reason) for v in out.verdicts] == [
+        (0, "pass", None), (1, "error", "bad_image"), (2, "error", "decode_failed"), (3, "fail", None)]
+    assert len(decoded) == 2  # frames 0 and 2: the wrong size was never decoded, raw needs no decoder
+    assert metrics.registry.get_sample_value("linewatch_stage_seconds_count", {"stage": "decode"}) >= 1
 
 
 def test_record_stream_reaches_every_tensor_of_a_detector_batch() -> None:

@@ -53,7 +53,7 @@ def test_replay_reqrep_delivers_every_frame_raw(tmp_path: Path, folder) -> None:
     frames = sorted(frames, key=lambda f: f.frame_id)  # imagezmq ids: receive time, increasing
     assert len(frames) == 7 and len({f.frame_id for f in frames}) == 7
     for i, frame in enumerate(frames):
-        np.testing.assert_array_equal(frame.image, folder[i % 3])
+        np.testing.assert_array_equal(frame.decoded(), folder[i % 3])
 
 
 def test_replay_linewatch_png(tmp_path: Path, folder) -> None:
@@ -62,7 +62,7 @@ def test_replay_linewatch_png(tmp_path: Path, folder) -> None:
     assert frames, "nothing arrived"  # PUB/SUB: after the warm-up all should, but never hang on it
     for frame in frames:
         assert frame.part_id == f"part{frame.frame_id}"
-        np.testing.assert_array_equal(frame.image, folder[frame.frame_id])
+        np.testing.assert_array_equal(frame.decoded(), folder[frame.frame_id])
 
 
 def test_replay_refuses_impossible_settings(tmp_path: Path, folder) -> None:
@@ -106,4 +106,4 @@ def test_replay_sends_frames_made_as_it_goes_after_the_connection_is_made(tmp_pa
     assert sent == 3 and taken == [0, 1, 2]
     assert [(f.camera, f.frame_id, f.part_id) for f in frames] == [("cam7", i, f"P{i:04d}") for i in range(3)]
     for frame in frames:
-        np.testing.assert_array_equal(frame.image, folder[frame.frame_id])
+        np.testing.assert_array_equal(frame.decoded(), folder[frame.frame_id])

@@ -97,7 +97,8 @@ class Metrics:
             "linewatch_frame_errors", "Frames answered `error`, by reason.", ["reason"], registry=r
         )
         self.frames_shed = Counter(
-            "linewatch_frames_shed", "Frames answered `shed` because of overload or shutdown.", ["reason"], registry=r
+            "linewatch_frames_shed", "Frames answered `shed` (overload: over_share, pending_full, deadline_unreachable; "
+            "shutting_down), per camera.", ["camera", "reason"], registry=r
         )
         self.frames_timed_out = Counter(
             "linewatch_frames_timed_out", "Frames answered `timeout` at their deadline.", ["camera"], registry=r
@@ -110,6 +111,11 @@ class Metrics:
             "linewatch_connections_refused", "CurveZMQ handshakes refused, by socket (frames/verdicts) and reason "
             "(not_allowed: key not in the allow-list; handshake_failed: no or wrong keys).", ["socket", "reason"],
             registry=r,
+        )
+        self.capacity = Gauge(
+            "linewatch_capacity_frames_per_second",
+            "Frames per second the pipeline can judge, as measured: one over the slowest stage's time per "
+            "frame (decode included); what admission shares among the cameras. 0 until measured.", registry=r,
         )
         self.late_results = Counter(
             "linewatch_late_results", "Detector results discarded because the frame was already answered.", registry=r

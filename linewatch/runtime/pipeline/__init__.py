@@ -1,2 +1,2 @@
-"""The pipeline core: bookkeeping on an injected clock (core, ordering, clock) and the threads
+"""The pipeline core: bookkeeping on an injected clock (core, clock) and the threads
 around it (runner): frames in, exactly one verdict out per frame, in per-camera order."""

@@ -24,17 +24,32 @@ What it keeps:
   sender's clock is wrong, and no deadline can be trusted. A capture time in the future
   within the tolerance counts as age 0. `deadline_from: receive` ignores capture times (for
   lines whose camera PCs have no synchronised clock): the budget then starts at receive.
-* **Waiting frames, fairly.** Frames wait per camera for a batch. A batch takes frames round-
-  robin across the cameras that have some waiting (oldest first), so a camera sending six
-  times as fast as another cannot take the other's place. When more than
-  `max_pending_frames` wait, the camera with the most waiting loses one (its oldest, or its
-  newest with `shed_policy: newest`), answered `shed` (`pending_full`).
+* **Waiting frames, fairly, before any work.** Frames wait per camera for a batch, not yet
+  decoded (the pipeline's first stage decodes the frames a batch admits). A batch takes frames
+  round-robin across the cameras that have some waiting (oldest first), so a camera sending
+  six times as fast as another cannot take the other's place: each camera gets its max-min
+  fair share of the capacity.
+* **Admission on arrival, sized from the measured capacity.** The capacity is measured, not
+  configured: frames per second through the slowest stage (its time per frame, a moving
+  average of the stage's wall time over its batch size; decode is a stage, so decoding and
+  the CPU it takes from the detector are in it). A frame arriving for camera c, which then has
+  n >= 2 frames waiting, would enter the stage graph after about sum over cameras of
+  min(waiting, n) - 1 frames (round robin); when that many frames at the capacity, plus the
+  time through the stage graph, end after its deadline, camera c waits for more than its
+  share can judge in time: one of its
+  own frames (its oldest, or the arriving one with `shed_policy: newest`) is answered `shed`
+  (`over_share`) at once, before decode. A flooding camera pays for its own excess; the others
+  keep their share. When more than `max_pending_frames` wait (a memory bound), the camera with
+  the most waiting loses one the same way (`pending_full`).
 * **Batches inside the stage graph.** At most one batch per stage plus one (enough to keep
   every stage busy, no deeper, so a batch's latency stays near the sum of the stage times).
   A batch is due when it is full, when its oldest frame has waited `max_delay_ms`, or at once
   while draining. When a batch enters, frames past their deadline get `timeout` and frames
-  that cannot have a result before it (by the moving average of each stage's time) are
-  answered `shed` (`deadline_unreachable`) before any work is spent on them.
+  that cannot have a result before it are answered `shed` (`deadline_unreachable`) before any
+  work (decode included) is spent on them. The time a batch takes is measured, from entering
+  the graph to its results, per number of batches it entered behind (its moving average
+  plus twice its moving mean deviation, so a result rarely comes back late); until that is
+  measured, it is modelled from the stage times.
 * **The processor in service.** Each frame is judged by the processor (detector) in service
   when it was registered; `switch_processor` puts another in service (a recipe changeover)
   and says where the cut fell. Ingest registers each camera's frames in the order they came
@@ -65,6 +80,7 @@ DEADLINE_REASON = "deadline_exceeded"  # timeout: no result before the deadline
 EXPIRED_ON_ARRIVAL = "expired_on_arrival"  # timeout: past its deadline when it arrived
 FUTURE_CAPTURE = "capture_in_future"  # error: capture time beyond the clock-skew tolerance
 UNREACHABLE_REASON = "deadline_unreachable"  # shed before work: the result could not come in time
+OVER_SHARE = "over_share"  # shed on arrival: its camera waits for more than its share can judge in time
 PENDING_FULL = "pending_full"  # shed: too many frames waiting for a batch
 SHUTTING_DOWN = "shutting_down"  # shed: arrived while the daemon was stopping
 
@@ -80,8 +96,11 @@ class Slot:
     received_mono: float
     deadline: float
     part_id: str | None = None
-    image: np.ndarray | None = None  # held while the frame waits or an overlay needs it
+    frame: Any = None  # what the first stage takes (a Frame, not decoded yet), held while it waits
+    image: np.ndarray | None = None  # the decoded image, held when an overlay or a sink needs it
     enqueued: float = 0.0  # monotonic time it started waiting for a batch
+    entered: float = 0.0  # monotonic time its batch entered the stage graph
+    ahead: int = 0  # batches inside the stage graph when its batch entered
     answered: bool = False  # set once, by the first answer
     verdict: Verdict | None = None  # held only until released (the deadline heap outlives it)
     processor: Any = None  # what judges it: the one in service at register; held only until released
@@ -124,6 +143,11 @@ class PipelineCore:
         self.skew_tolerance_s = pipeline.clock_skew_tolerance_ms / 1000.0
         self.max_batches_inside = n_stages + 1
         self.stage_time_s = [0.0] * n_stages  # moving average per batch
+        self.stage_deviation_s = [0.0] * n_stages  # moving mean absolute deviation from it
+        self.stage_frame_s = [0.0] * n_stages  # moving average per frame (time / batch size)
+        # measured time from entering the stage graph to the result, per number of batches
+        # that were inside when a batch entered: [moving average, moving mean deviation]
+        self.graph_latency_s: dict[int, list[float]] = {}
 
         self._seq = itertools.count()
         self._cameras: dict[str, deque[Slot]] = {}  # reorder buffers: unreleased slots, receive order
@@ -198,25 +222,48 @@ class PipelineCore:
         self.processor = processor
         return cut
 
-    def enqueue(self, slot: Slot, image: np.ndarray) -> None:
-        """Let a registered, unanswered frame wait for a batch (or shed one, when too many wait)."""
+    def enqueue(self, slot: Slot, frame: Any) -> None:
+        """Let a registered, unanswered frame wait for a batch; `frame` is what the first stage
+        takes (held until then). Sheds a frame of this camera when it waits for more than its
+        share can judge in time, or of the camera with the most waiting when too many wait."""
         if slot.answered:
             return
         if not self.accepting:
             self.answer_simple(slot, "shed", SHUTTING_DOWN)
             return
-        slot.image = image
+        slot.frame = frame
         slot.enqueued = self.clock.monotonic()
-        self._pending.setdefault(slot.camera, deque()).append(slot)
+        queue = self._pending.setdefault(slot.camera, deque())
+        queue.append(slot)
         self._pending_count += 1
+        while queue and self._over_share(queue):
+            self._shed_one(slot.camera, OVER_SHARE)
         if self._pending_count > self.max_pending:
             # the camera with the most frames waiting gives one up (ties: the longest waiting)
             camera = max(self._pending, key=lambda c: (len(self._pending[c]), -self._pending[c][0].enqueued))
-            queue = self._pending[camera]
-            victim = queue.pop() if self.shed_policy == "newest" else queue.popleft()
-            self._forget_pending(camera)
-            self._pending_count -= 1
-            self.answer_simple(victim, "shed", PENDING_FULL)
+            self._shed_one(camera, PENDING_FULL)
+
+    def _over_share(self, queue: deque[Slot]) -> bool:
+        """Whether the newest frame of this camera's `queue` cannot be judged before its deadline
+        when served in round robin with the other cameras' waiting frames at the measured
+        capacity (take_batch's rule, looked ahead by the frames served before it). False
+        while no capacity has been measured, and for a camera with one frame waiting."""
+        capacity = self.capacity_fps()
+        n = len(queue)
+        if capacity is None or n < 2:  # a camera with one frame waiting is within any share
+            return False
+        before = sum(min(len(q), n) for q in self._pending.values()) - 1  # served before it (round robin)
+        done = self.clock.monotonic() + before / capacity + self.expected_latency_s()
+        return done > queue[-1].deadline
+
+    def _shed_one(self, camera: str, reason: str) -> None:
+        """Answer one of `camera`'s waiting frames `shed`: its oldest, or its newest with
+        shed_policy newest."""
+        queue = self._pending[camera]
+        victim = queue.pop() if self.shed_policy == "newest" else queue.popleft()
+        self._forget_pending(camera)
+        self._pending_count -= 1
+        self.answer_simple(victim, "shed", reason)
 
     @property
     def pending(self) -> int:
@@ -235,8 +282,7 @@ class PipelineCore:
         return min(q[0].enqueued for q in self._pending.values()) + self.max_delay_s
 
     def take_batch(self) -> list[Slot] | None:
-        """The next batch, if one is due now: the frames to hand to stage 0 (their images in
-        `slot.image`). Frames past their deadline or unable to make it are answered here and
+        """The next batch, if one is due now: the frames to hand to stage 0 (in `slot.frame`). Frames past their deadline or unable to make it are answered here and
         left out, and their places filled from the frames still waiting; the list is empty when
         none was left (nothing entered the stage graph). None: no batch is due."""
         due = self.batch_due_at()
@@ -259,6 +305,8 @@ class PipelineCore:
                 else:
                     live.append(slot)
         if live:
+            for slot in live:
+                slot.entered, slot.ahead = now, self.batches_inside
             self.batches_inside += 1
             self.metrics.batch_size.observe(len(live))
         return live
@@ -295,19 +343,53 @@ class PipelineCore:
         if not self._pending[camera]:
             del self._pending[camera]
 
+    def _stage_bounds(self) -> list[float]:
+        """Each stage's time per batch, counted high: moving average + 2 mean deviations."""
+        return [t + 2.0 * d for t, d in zip(self.stage_time_s, self.stage_deviation_s)]
+
     def expected_latency_s(self) -> float:
-        """Time a batch entering stage 0 now would take to its result: the batches already
-        inside wait for the slowest stage, then it passes every stage."""
-        return self.batches_inside * max(self.stage_time_s) + sum(self.stage_time_s)
+        """Time a batch entering stage 0 now would take to its result, counted high (average
+        + 2 mean deviations): as measured for batches that entered behind as many batches as
+        are inside now; before that was measured, modelled from the stage times (the batches
+        already inside wait for the slowest stage, then it passes every stage)."""
+        measured = self.graph_latency_s.get(self.batches_inside)
+        if measured is not None:
+            return measured[0] + 2.0 * measured[1]
+        bounds = self._stage_bounds()
+        return self.batches_inside * max(bounds) + sum(bounds)
 
-    def stage_finished(self, stage: int, seconds: float) -> None:
-        """Record one stage's time for one batch (feeds `expected_latency_s`)."""
+    def capacity_fps(self) -> float | None:
+        """Frames per second the stage graph judges at most: one over the slowest stage's time
+        per frame (measured under the load it runs at, CPU contention included). None before
+        every stage has been measured."""
+        slowest = max(self.stage_frame_s)
+        return 1.0 / slowest if slowest > 0 and min(self.stage_frame_s) > 0 else None
+
+    def stage_finished(self, stage: int, seconds: float, frames: int = 1) -> None:
+        """Record one stage's time for one batch of `frames` frames (feeds `expected_latency_s`
+        and `capacity_fps`)."""
         old = self.stage_time_s[stage]
-        self.stage_time_s[stage] = seconds if old == 0.0 else 0.8 * old + 0.2 * seconds
+        per_frame = seconds / max(1, frames)
+        if old == 0.0:
+            self.stage_time_s[stage], self.stage_frame_s[stage] = seconds, per_frame
+            return
+        self.stage_deviation_s[stage] = 0.8 * self.stage_deviation_s[stage] + 0.2 * abs(seconds - old)
+        self.stage_time_s[stage] = 0.8 * old + 0.2 * seconds
+        self.stage_frame_s[stage] = 0.8 * self.stage_frame_s[stage] + 0.2 * per_frame
 
-    def batch_left(self) -> None:
-        """A batch that `take_batch` returned has left the stage graph (finished, failed or abandoned)."""
+    def batch_left(self, judged: list[Slot] | None = None) -> None:
+        """A batch that `take_batch` returned has left the stage graph (finished, failed or
+        abandoned). `judged`: its frames, when it left with their results (its time from
+        entering to now is measured for `expected_latency_s`)."""
         self.batches_inside -= 1
+        if judged:
+            seconds, ahead = self.clock.monotonic() - judged[0].entered, judged[0].ahead
+            old = self.graph_latency_s.get(ahead)
+            if old is None:
+                self.graph_latency_s[ahead] = [seconds, 0.0]
+            else:
+                old[1] = 0.8 * old[1] + 0.2 * abs(seconds - old[0])
+                old[0] = 0.8 * old[0] + 0.2 * seconds
 
     def deliver(self, slot: Slot, verdict: Verdict) -> None:
         """A detector result for `slot`; counted as late when the frame was already answered."""
@@ -328,7 +410,7 @@ class PipelineCore:
             return False
         slot.answered = True
         slot.verdict = verdict
-        slot.image = None
+        slot.frame = slot.image = None
         self._release(slot.camera)
         return True
 
@@ -363,7 +445,7 @@ class PipelineCore:
             elif v.verdict == "timeout":
                 m.frames_timed_out.labels(camera=label).inc()
             elif v.verdict == "shed":
-                m.frames_shed.labels(reason=v.reason or "").inc()
+                m.frames_shed.labels(camera=label, reason=v.reason or "").inc()
             elif v.verdict == "error":
                 m.frame_errors.labels(reason=v.reason or "").inc()
         if not buf:

@@ -1,8 +1,8 @@
 """The stage graph run as a pipeline: threads that wait for what `PipelineCore` says is due.
 
-    submit(frame) -> core (register, wait per camera) -> [intake] -> q0 -> [stage 0] -> q1 -> ...
-    submit_error(...) ------------------------------------------------+                     |
-    [deadline watcher] (timeout) -> core.answer <--------------------+----- results -------+
+    submit(frame) -> core (register, admit, wait per camera) -> [intake] -> q0 -> [decode] -> q1 -> [stage 0] -> ...
+    submit_error(...) ------------------------------------------------+                                        |
+    [deadline watcher] (timeout) -> core.answer <--------------------+----- results --------------------------+
                                           |
                      release in receive order per camera (core)
                                           |
@@ -15,6 +15,11 @@ one thread each for intake (batches into stage 0), every stage, the deadline wat
 output. Detector stages, overlay rendering and `on_verdict` run outside the lock, so a slow
 JPEG encode or a stuck stage never stalls another camera's bookkeeping.
 
+* Frames arrive read but not decoded (linewatch.runtime.transport.ingest): the first stage,
+  "decode", decodes a batch's frames on `decode_workers` threads, so only admitted frames are
+  decoded, and the decode time (with the CPU it takes from the detector) is measured like
+  every stage's and counted in the core's capacity and latency estimates. A frame that fails
+  to decode is answered `error` alone (its wire reason) and leaves the batch.
 * One thread per stage with queues between them; the core admits at most one batch per
   stage plus one into the graph, so the queues never hold more than that.
 * A stage may raise: its batch is answered `error` (stage_failed:<name>) and the pipeline
@@ -34,6 +39,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
@@ -45,12 +51,14 @@ from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.pipeline.core import SHUTDOWN_REASON, Cut, PipelineCore, Slot
 from linewatch.runtime.ops.logs import RateLimiter
 from linewatch.runtime.ops.metrics import Metrics
-from linewatch.wire import Frame, Verdict
+from linewatch.wire import Frame, Verdict, WireError
 
 if TYPE_CHECKING:  # scipy, which calibration imports, is not needed to run a pipeline
     from linewatch.detector.calibration import Calibration
 
 POLL_S = 0.2  # how quickly a waiting thread notices stop() when nothing else wakes it
+DECODE_STAGE = "decode"  # the runtime's own first stage: the admitted frames' images decoded
+REFUSED_LOG_INTERVAL_S = 10.0  # at most one "frame refused" line per reason per interval
 
 
 class Processor(Protocol):
@@ -60,6 +68,8 @@ class Processor(Protocol):
     value is the next stage's input; the last stage returns list[InspectionResult], one per
     input image, same order. A stage may raise: every frame of that batch is then answered
     `error` with reason "stage_failed:<name>" and the pipeline keeps going.
+    frame_size is the (height, width) of the frames it judges (its bank's good images; None:
+    any): a frame declaring another size is answered `error` (bad_image) before it is decoded.
     bank_id, backend and bank_images (good images in the bank) are shown in
     `linewatch_bank_info`, /readyz and the live page; the calibration's scores and threshold
     fill `linewatch_calibration_score_ratio`, the reference of the score drift alert (None: a
@@ -69,6 +79,7 @@ class Processor(Protocol):
     backend: str
     bank_id: str
     bank_images: int
+    frame_size: tuple[int, int] | None
     calibration: Calibration | None
     stages: list[tuple[str, Callable[[Any], Any]]]
 
@@ -111,6 +122,18 @@ def _record_stream(obj: Any, torch: Any, stream: Any) -> None:
             _record_stream(getattr(obj, f.name), torch, stream)
 
 
+def _decode_one(frame: Any) -> np.ndarray | WireError:
+    """One frame's RGB image (a Frame decoded, or an image as it is), or why it has none."""
+    if not isinstance(frame, Frame):
+        return frame  # already an image (a caller that submits decoded images to the core)
+    try:
+        return frame.decoded()
+    except WireError as e:
+        return e
+    except Exception as e:  # noqa: BLE001 - a decoder bug must not become a lost frame
+        return WireError("decode_failed", frame.camera, frame.frame_id, f"{type(e).__name__}: {e}")
+
+
 class _Stop(Exception):
     """The pipeline is stopping; the batch in hand is abandoned (its frames get answered)."""
 
@@ -123,7 +146,7 @@ class _Batch:
         self.data = data  # input of the next stage
         self.timings: dict[str, float] = {}  # seconds per finished stage
         self.processor = processor  # judges every frame of the batch (the one they were submitted under)
-        self.stage_fns = [fn for _, fn in processor.stages]
+        self.stage_fns = [None, *(fn for _, fn in processor.stages)]  # stage 0 (decode) is the pipeline's
 
 
 class Pipeline:
@@ -146,20 +169,27 @@ class Pipeline:
         overlay: Callable[[np.ndarray, InspectionResult], bytes] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         keep_images: bool = False,
+        decode_workers: int = 2,
     ) -> None:
         """`overlay`, when given, renders the JPEG attached to each pass/fail verdict from the
         frame's image and its result; the frame's image is then held until its result.
         `keep_images`: attach the frame's image to each pass/fail verdict (`Verdict.image`, never
-        encoded) for the sinks that keep pictures; the image is then held until its result too."""
+        encoded) for the sinks that keep pictures; the image is then held until its result too.
+        `decode_workers`: threads decoding a batch's frames (the first stage)."""
         if not processor.stages:
             raise ValueError("the processor has no stages")
+        if any(name == DECODE_STAGE for name, _ in processor.stages):
+            raise ValueError(f"a processor stage may not be called {DECODE_STAGE!r} (the pipeline's own first stage)")
         self.metrics = metrics if metrics is not None else Metrics()
         self.log = log if log is not None else structlog.get_logger("linewatch.pipeline")
         self.clock = clock
         self._on_verdict = on_verdict
         self._overlay = overlay
         self._keep_images = keep_images or overlay is not None
-        self._stage_names = [name for name, _ in processor.stages]  # every processor in service has these
+        self._processor_stages = [name for name, _ in processor.stages]  # every processor in service has these
+        self._stage_names = [DECODE_STAGE, *self._processor_stages]
+        self._decoders = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="lw-decode")
+        self._refused_log = RateLimiter(REFUSED_LOG_INTERVAL_S)  # one "frame refused" line per reason per 10 s
         self.core = PipelineCore(batch, pipeline, len(self._stage_names), clock, self.metrics, processor=processor)
         # A stage call or a publish taking this long means the pipeline is stuck (watchdog).
         self.stall_s = stall_s if stall_s is not None else max(10.0, 5 * pipeline.deadline_ms / 1000.0)
@@ -190,6 +220,7 @@ class Pipeline:
             m.track_queue(f"stage:{name}", q.qsize)
         m.track_queue("output", lambda: self.core.released_waiting)
         m.inflight_frames.set_function(lambda: self.core.inflight)
+        m.capacity.set_function(lambda: self.core.capacity_fps() or 0.0)
 
     # ================================================================== public API
 
@@ -202,33 +233,48 @@ class Pipeline:
             t.start()
 
     def submit(self, frame: Frame) -> None:
-        """Take one decoded frame; it will get exactly one verdict. Never blocks on the detector."""
+        """Take one frame (decoded, or read with its bytes in `frame.encoded`); it will get
+        exactly one verdict. Never blocks on the detector or on decoding."""
         with self._lock:
             slot = self.core.register(frame.camera, frame.frame_id, frame.capture_ts, frame.received_ts,
                                       frame.received_mono, frame.part_id)
-            # A frame its processor cannot judge (another camera size, say) is answered alone,
-            # instead of failing the batch it would have joined. Checked under the lock, by the
-            # processor register tied it to (a shape comparison: microseconds).
+            # A frame its processor cannot judge (another size than the bank's, say) is answered
+            # alone, before decoding, instead of failing the batch it would have joined. Checked
+            # under the lock, by the processor register tied it to (a size comparison).
             problem = self._unjudgeable(slot.processor, frame)
             if problem is not None and self.core.accepting:
                 self.core.answer_simple(slot, "error", "bad_image")
             else:
-                self.core.enqueue(slot, frame.image)  # no-op when register answered it already
+                self.core.enqueue(slot, frame)  # no-op when register answered it already
             self._changed()
         if problem is not None:
-            self.log.debug("bad_image", camera=frame.camera, frame_id=frame.frame_id, error=problem)
+            self._log_refused("bad_image", frame.camera, frame.frame_id, problem)
         self.metrics.last_frame_timestamp.set(frame.received_ts)
 
     @staticmethod
     def _unjudgeable(processor: Processor | None, frame: Frame) -> str | None:
-        """Why `processor` cannot judge the frame's image (its check_image), or None."""
+        """Why `processor` cannot judge the frame: its declared size is not the bank's, or (a
+        decoded frame) its check_image refuses the image. None when it can."""
         if processor is None:
+            return None
+        expected = getattr(processor, "frame_size", None)
+        arrived = frame.height_width
+        if expected is not None and arrived is not None and tuple(arrived) != tuple(expected[:2]):
+            return f"arrived {frame.describe()}; the bank judges {expected[1]}x{expected[0]} frames"
+        if frame.image is None:
             return None
         try:
             processor.check_image(frame.image, f"{frame.camera} #{frame.frame_id}")
         except ValueError as e:
             return str(e)
         return None
+
+    def _log_refused(self, reason: str, camera: str, frame_id: int, detail: str) -> None:
+        """A "frame refused" warning, at most one per reason per 10 s (with how many were not logged)."""
+        held_back = self._refused_log.allow(reason, self.clock.monotonic())
+        if held_back is not None:
+            self.log.warning("frame refused", reason=reason, camera=camera, frame_id=frame_id, detail=detail,
+                             not_logged_since_last=held_back)
 
     def switch_processor(self, processor: Processor) -> Cut:
         """Put `processor` in service (a recipe changeover) and return where the cut fell.
@@ -240,8 +286,8 @@ class Pipeline:
         the running pipeline's.
         """
         names = [name for name, _ in processor.stages]
-        if names != self._stage_names:
-            raise ValueError(f"the new processor's stages {names} are not the running pipeline's {self._stage_names}")
+        if names != self._processor_stages:
+            raise ValueError(f"the new processor's stages {names} are not the running pipeline's {self._processor_stages}")
         with self._lock:
             return self.core.switch_processor(processor)
 
@@ -295,6 +341,7 @@ class Pipeline:
         for t in self._threads:
             if t.is_alive():
                 t.join(max(0.0, end - time.monotonic()))
+        self._decoders.shutdown(wait=False, cancel_futures=True)
         self._stopped = True
 
     @property
@@ -391,17 +438,16 @@ class Pipeline:
                 self._changed()
                 if not slots:
                     continue
-                images = [s.image for s in slots]
+                frames = [s.frame for s in slots]
                 processor = slots[0].processor  # the core's batches never mix processors
-                if not self._keep_images:
-                    for s in slots:
-                        s.image = None
+                for s in slots:
+                    s.frame = None  # the batch holds it now
             try:
-                self._put(0, _Batch(slots, images, processor))
+                self._put(0, _Batch(slots, frames, processor))
             except _Stop:
                 self._abandon(slots)
                 return
-            slots = images = processor = None  # waiting for the next batch holds nothing of this one
+            slots = frames = processor = None  # waiting for the next batch holds nothing of this one
 
     def _put(self, i: int, batch: _Batch) -> None:
         while True:
@@ -439,6 +485,31 @@ class Pipeline:
                 continue
             t0 = self.clock.monotonic()
             self._busy_since[i] = t0
+            frames = len(batch.slots)
+            if i == 0:
+                try:
+                    batch.data = self._decode(batch)
+                except Exception as e:  # noqa: BLE001 - (the decode pool shut down, say)
+                    self._busy_since[i] = None
+                    self._stage_failed(name, batch, e)
+                    batch = None
+                    continue
+                dt = self.clock.monotonic() - t0
+                self._busy_since[i] = None
+                self._finished(i, dt, frames, batch)
+                if not batch.slots:  # none decoded: each is answered already
+                    with self._lock:
+                        self.core.batch_left()
+                        self._changed()
+                    batch = None
+                    continue
+                try:
+                    self._put(1, batch)
+                except _Stop:
+                    self._abandon(batch.slots)
+                    return
+                batch = None
+                continue
             try:
                 if stream is not None:
                     _record_stream(batch.data, torch, stream)
@@ -457,11 +528,8 @@ class Pipeline:
                 continue
             dt = self.clock.monotonic() - t0
             self._busy_since[i] = None
-            self.metrics.stage_seconds.labels(stage=name).observe(dt)
-            batch.timings[name] = dt
             batch.data = out
-            with self._lock:
-                self.core.stage_finished(i, dt)
+            self._finished(i, dt, frames, batch)
             if last:
                 self._deliver(batch)
             else:
@@ -471,6 +539,44 @@ class Pipeline:
                     self._abandon(batch.slots)
                     return
             batch = out = None  # do not keep the last batch's images/maps alive while idle
+
+    def _finished(self, i: int, seconds: float, frames: int, batch: _Batch) -> None:
+        """Record stage i's time for a batch of `frames` frames (metrics, the batch, the core)."""
+        name = self._stage_names[i]
+        self.metrics.stage_seconds.labels(stage=name).observe(seconds)
+        batch.timings[name] = seconds
+        with self._lock:
+            self.core.stage_finished(i, seconds, frames)
+
+    def _decode(self, batch: _Batch) -> list[np.ndarray]:
+        """Stage 0: the batch's frames decoded on the decode threads. A frame that fails (its
+        bytes, or the processor's check_image) is answered `error` and leaves the batch."""
+        outcomes = list(self._decoders.map(_decode_one, batch.data))
+        kept: list[Slot] = []
+        images: list[np.ndarray] = []
+        refused: list[tuple[Slot, WireError]] = []
+        for slot, outcome in zip(batch.slots, outcomes):
+            if isinstance(outcome, WireError):
+                refused.append((slot, outcome))
+                continue
+            problem = self._unjudgeable(batch.processor, Frame(slot.camera, slot.frame_id, slot.capture_ts, outcome,
+                                                               0.0, slot.received_mono))
+            if problem is not None:
+                refused.append((slot, WireError("bad_image", slot.camera, slot.frame_id, problem)))
+                continue
+            kept.append(slot)
+            images.append(outcome)
+            if self._keep_images:
+                slot.image = outcome
+        if refused:
+            with self._lock:
+                for slot, error in refused:
+                    self.core.answer_simple(slot, "error", error.reason)
+                self._changed()
+            for slot, error in refused:
+                self._log_refused(error.reason, slot.camera, slot.frame_id, error.detail)
+        batch.slots = kept
+        return images
 
     @staticmethod
     def _check_results(out: Any, n: int) -> None:
@@ -507,7 +613,7 @@ class Pipeline:
                 verdict.image = image
             verdicts.append(verdict)
         with self._lock:
-            self.core.batch_left()
+            self.core.batch_left(judged=batch.slots)
             for slot, verdict in zip(batch.slots, verdicts):
                 self.core.deliver(slot, verdict)
             self._changed()

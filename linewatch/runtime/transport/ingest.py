@@ -1,11 +1,15 @@
-"""Ingest: camera frames off ZeroMQ sockets, decoded into Frames, or errors that say why.
+"""Ingest: camera frames off ZeroMQ sockets, read into Frames (not decoded), or errors that say why.
 
 One receive thread per configured endpoint owns its socket (ZMQ sockets are not thread-safe)
 and does only cheap work: take the message, answer imagezmq REQ/REP senders, read the camera
-id, apply the allow-list and the size limit. Image decoding happens in a small pool of
-`decode_workers` threads fed through a bounded queue. Every message taken off a socket ends
-in exactly one `on_frame(frame)` or `on_error(error, received_mono)` call, except the
-rate-limited cases below, which are counted in `stats()` and in
+id, apply the allow-list, read the header and the size the image declares (raw: its shape;
+JPEG/PNG: the file header) and check them against the limits. No pixel is decoded here: the
+frame goes to `on_frame` with its bytes (`Frame.encoded`), and the pipeline decodes only the
+frames it admits, after it has decided, per camera and fairly, which frames can be judged in
+time (linewatch.runtime.pipeline.core). A flood costs a header parse per frame, not a decode.
+Every message taken off a socket ends in exactly one `on_frame(frame)` or
+`on_error(error, received_mono)` call, on its endpoint's receive thread and in the order
+received, except the rate-limited cases below, which are counted in `stats()` and in
 linewatch_messages_dropped_total{reason}. With runtime.security, every endpoint is a
 CurveZMQ server (linewatch.runtime.transport.security).
 
@@ -24,15 +28,15 @@ Memory and overload:
                 those frames never reach linewatch and get no verdict; line control must
                 treat a missing verdict as a reject. REQ senders simply wait for their reply.
   max_payload_bytes  larger image parts are refused with WireError("too_large") and an
-                `error` verdict, after reading only the JSON header. max_image_pixels does the
-                same for the pixel count an image declares (raw shape, JPEG/PNG header). ZMQ_MAXMSGSIZE (which
+                `error` verdict, after reading only the JSON header. max_image_pixels and
+                max_decoded_bytes do the same for the pixel count and the decoded bytes an
+                image declares (raw shape, JPEG/PNG header). ZMQ_MAXMSGSIZE (which
                 DISCONNECTS the peer, so nothing can be answered and a REQ sender hangs) is
                 set only as a hard ceiling far above it: max(4 x max_payload_bytes, 1 GiB)
                 per message part, against absurd or hostile sizes.
   cameras       allow-list. Frames from other cameras are dropped on the receive thread
                 without decoding (a dict lookup on the topic / imagezmq msg), so a flood
-                from an unknown camera costs little and cannot fill the decode queue ahead
-                of allowed cameras. Each unknown camera id gets at most one
+                from an unknown camera costs little. Each unknown camera id gets at most one
                 WireError("unknown_camera") per second (the detail says how many were
                 dropped since); the rest are counted (stats()["suppressed"], the metric).
                 Messages with no readable camera id at all are rate-limited the same way,
@@ -41,7 +45,6 @@ Memory and overload:
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -55,7 +58,6 @@ from linewatch.config import EndpointConfig, IngestConfig, SecurityConfig
 from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.ops.logs import RateLimiter
 from linewatch.runtime.ops.metrics import Metrics
-from linewatch.runtime.pipeline.ordering import PerKeyOrder
 from linewatch.runtime.transport.security import CurveServer, SecurityError
 from linewatch.wire import Frame
 from linewatch.wire import WireError
@@ -82,8 +84,9 @@ class FrameProtocol:
         """The frame id the receiver assigns, or None when the message carries its own."""
         return None
 
-    def decode(self, parts: list[memoryview], config: IngestConfig, cameras: frozenset[str], received_ts: float,
-               received_mono: float, frame_id: int | None) -> Frame:
+    def read(self, parts: list[memoryview], limits: wire.ImageLimits, cameras: frozenset[str], received_ts: float,
+             received_mono: float, frame_id: int | None) -> Frame:
+        """The frame, its image read but not decoded (raises WireError)."""
         raise NotImplementedError
 
 
@@ -93,9 +96,8 @@ class LinewatchFrames(FrameProtocol):
     def camera(self, parts: list[memoryview]) -> str:
         return wire.peek_camera(parts)
 
-    def decode(self, parts, config, cameras, received_ts, received_mono, frame_id) -> Frame:
-        return wire.decode_frame(parts, config.max_payload_bytes, received_ts, received_mono, cameras,
-                                 config.max_image_pixels)
+    def read(self, parts, limits, cameras, received_ts, received_mono, frame_id) -> Frame:
+        return wire.read_frame(parts, limits, received_ts, received_mono, cameras)
 
 
 class ImagezmqFrames(FrameProtocol):
@@ -119,9 +121,8 @@ class ImagezmqFrames(FrameProtocol):
             self._ids[camera] = frame_id
             return frame_id
 
-    def decode(self, parts, config, cameras, received_ts, received_mono, frame_id) -> Frame:
-        return wire.decode_imagezmq(parts, config.max_payload_bytes, received_ts, received_mono, frame_id, cameras,
-                                    config.max_image_pixels)
+    def read(self, parts, limits, cameras, received_ts, received_mono, frame_id) -> Frame:
+        return wire.read_imagezmq(parts, limits, received_ts, received_mono, frame_id, cameras)
 
 
 class ImagezmqRequests(ImagezmqFrames):
@@ -140,11 +141,11 @@ FRAME_PROTOCOLS: dict[str, type[FrameProtocol]] = {
 
 
 class Ingest:
-    """Receives frames on the configured endpoints and hands them on, decoded.
+    """Receives frames on the configured endpoints and hands them on, read but not decoded.
 
-    `on_frame(frame)` and `on_error(error, received_mono)` are called from the decode
-    threads (and, for too-large or rate-limited errors, the receive threads); they must be
-    quick and thread-safe (typically: submit to the pipeline / answer with an error verdict).
+    `on_frame(frame)` and `on_error(error, received_mono)` are called from the receive
+    threads, in each endpoint's order; they must be quick and thread-safe (typically: submit
+    to the pipeline / answer with an error verdict).
     `log` is a structlog-style logger (keyword arguments); default: structlog's.
     """
 
@@ -169,15 +170,12 @@ class Ingest:
         self._on_error = on_error
         self._log = log if log is not None else structlog.get_logger("linewatch.ingest")
         self._cameras = frozenset(config.cameras)
-        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=max(4, 2 * config.decode_workers))
-        # one camera's frames and errors leave decoding in arrival order
-        self._order = PerKeyOrder(on_failure=lambda: self._log.exception("releasing a decoded message failed"))
+        self._limits = wire.ImageLimits(config.max_payload_bytes, config.max_image_pixels, config.max_decoded_bytes)
         self._stopping = threading.Event()
         self._context: zmq.Context | None = None
         self._sockets: list[zmq.Socket] = []
         self._bound: list[str] = []
         self._receivers: list[threading.Thread] = []
-        self._workers: list[threading.Thread] = []
         self._started = False
         self._stopped = False
         self._limiter = RateLimiter(REPORT_INTERVAL_S, MAX_TRACKED_KEYS)
@@ -209,10 +207,6 @@ class Ingest:
         if self._curve is not None:
             self._curve.start()
         self._started = True
-        for i in range(self._config.decode_workers):
-            thread = threading.Thread(target=self._decode_loop, name=f"ingest-decode-{i}", daemon=True)
-            thread.start()
-            self._workers.append(thread)
         for i, (endpoint, sock) in enumerate(zip(self._config.endpoints, self._sockets)):
             protocol = FRAME_PROTOCOLS[endpoint.protocol]()
             thread = threading.Thread(target=self._receive_loop, args=(endpoint.url, protocol, sock),
@@ -222,7 +216,7 @@ class Ingest:
         self._log.info("ingest started", endpoints=self._bound, cameras=sorted(self._cameras) or "any")
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop receiving, decode what was already received, close the sockets. Idempotent.
+        """Stop receiving, close the sockets. Idempotent.
 
         Messages still inside ZMQ's buffers are not taken off the sockets (never received).
         """
@@ -238,14 +232,6 @@ class Ingest:
         if clean:  # a socket may only be closed once its thread has left it
             for sock in self._sockets:
                 sock.close(linger=0)
-        for _ in self._workers:  # one sentinel each, behind the frames already queued
-            try:
-                self._queue.put(None, timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Full:
-                break
-        for thread in self._workers:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            clean = clean and not thread.is_alive()
         if self._curve is not None:
             self._curve.stop()
         if clean and self._context is not None:
@@ -260,11 +246,11 @@ class Ingest:
         return list(self._bound)
 
     def threads(self) -> list[threading.Thread]:
-        """The receive and decode threads (for health checks: all alive while running)."""
-        return [*self._receivers, *self._workers]
+        """The receive threads (for health checks: all alive while running)."""
+        return list(self._receivers)
 
     def dead_threads(self) -> list[str]:
-        """Receive or decode threads that died while ingest runs."""
+        """Receive threads that died while ingest runs."""
         if not self._started or self._stopped:
             return []
         return [t.name for t in self.threads() if not t.is_alive()]
@@ -332,7 +318,7 @@ class Ingest:
 
     def _triage(self, protocol: FrameProtocol, parts: list[memoryview], received_ts: float,
                 received_mono: float) -> None:
-        """Cheap checks on the receive thread; decoding goes to the pool."""
+        """Cheap checks on the receive thread, then the frame (not decoded) or its error, handed on."""
         self._count("received")
         try:
             camera = protocol.camera(parts)
@@ -347,51 +333,16 @@ class Ingest:
             )
             return
         frame_id = protocol.frame_id(camera, received_ts)
-        job = (protocol, parts, received_ts, received_mono, frame_id, camera, self._order.ticket(camera))
-        if max(len(p) for p in parts) > self._config.max_payload_bytes:
-            self._decode(job)  # refused after reading the header only; don't queue the bytes
-            return
-        while True:  # back-pressure: wait for a decode worker (they run until stop() ends)
-            try:
-                self._queue.put(job, timeout=POLL_MS / 1000)
-                return
-            except queue.Full:
-                if not any(t.is_alive() for t in self._workers):
-                    error = WireError("decode_failed", camera, frame_id, "decode workers stopped")
-                    self._order.finish(camera, job[-1], lambda: self._error(error, received_mono))
-                    return
-
-    # ------------------------------------------------------------ decoding
-
-    def _decode_loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                self._decode(job)
-            except Exception:
-                self._metrics.messages_dropped.labels(reason="internal_error").inc()
-                self._log.exception("ingest decode worker failed on a message")
-
-    def _decode(self, job: tuple) -> None:
-        """Decode one message; its frame or error is released in the camera's arrival order."""
-        protocol, parts, received_ts, received_mono, frame_id, camera, ticket = job
         try:
-            frame = protocol.decode(parts, self._config, self._cameras, received_ts, received_mono, frame_id)
+            frame = protocol.read(parts, self._limits, self._cameras, received_ts, received_mono, frame_id)
         except WireError as e:
-            error = e  # `e` itself is unbound when the except block ends; the release may come later
-            self._order.finish(camera, ticket, lambda: self._error(error, received_mono))
+            self._error(e, received_mono)
             return
-        except Exception as e:  # a decoder bug must not become a lost frame
-            self._log.exception("unexpected decode failure")
-            error = WireError("decode_failed", camera, frame_id, f"{type(e).__name__}: {e}")
-            self._order.finish(camera, ticket, lambda: self._error(error, received_mono))
+        except Exception as e:  # a reader bug must not become a lost frame
+            self._log.exception("unexpected failure reading a frame")
+            self._error(WireError("decode_failed", camera, frame_id, f"{type(e).__name__}: {e}"), received_mono)
             return
         self._count("frames")
-        self._order.finish(camera, ticket, lambda: self._deliver(frame))
-
-    def _deliver(self, frame: Frame) -> None:
         try:
             self._on_frame(frame)
         except Exception:

@@ -1,0 +1,197 @@
+"""Admission on a fake clock: what the core decides before any work (decode included) is spent.
+
+Hand-computed cases for each rule (the measured capacity, the latency bound, the per-camera
+share on arrival), then a simulated line whose stages share one CPU (processor sharing: two
+busy stages each run at half speed, as decode and the detector do on a small machine), driven
+at 3x its capacity and with a flooding camera beside a slow one. Nothing here reads a real
+clock, so no result depends on the machine.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+
+from linewatch.runtime.ops.metrics import Metrics
+from linewatch.runtime.pipeline.core import PipelineCore, Slot
+from tests.runtime.fakes import FakeClock, add, make_core, result
+
+
+def reasons(core: PipelineCore) -> list[tuple[str, int, str, str | None]]:
+    return [(v.camera, v.frame_id, v.verdict, v.reason) for v in core.take_released()]
+
+
+# ---------------------------------------------------------------- the estimates, by hand
+
+
+def test_capacity_is_one_over_the_slowest_stage_time_per_frame() -> None:
+    core = make_core(FakeClock(), n_stages=2)
+    assert core.capacity_fps() is None  # nothing measured yet
+    core.stage_finished(0, 0.08, frames=8)  # decode: 10 ms a frame
+    assert core.capacity_fps() is None  # stage 1 not measured yet
+    core.stage_finished(1, 0.04, frames=4)  # detector: 10 ms a frame
+    assert core.capacity_fps() == pytest.approx(100.0)
+    core.stage_finished(1, 0.10, frames=4)  # 25 ms: moving average 0.8 * 10 + 0.2 * 25 = 13 ms
+    assert core.capacity_fps() == pytest.approx(1 / 0.013)
+
+
+def test_the_latency_bound_is_the_moving_average_plus_two_mean_deviations() -> None:
+    core = make_core(FakeClock(), n_stages=1)
+    core.stage_finished(0, 0.2)
+    assert core.expected_latency_s() == pytest.approx(0.2)
+    core.stage_finished(0, 0.4)  # average 0.24, mean deviation 0.2 * 0.2 = 0.04
+    assert core.expected_latency_s() == pytest.approx(0.24 + 2 * 0.04)
+
+
+# ---------------------------------------------------------------- shares on arrival
+
+
+def measured_core(policy: str = "oldest", metrics: Metrics | None = None) -> tuple[PipelineCore, FakeClock]:
+    """One stage of 0.4 s per batch of 4 (capacity 10 frames/s), deadline 1 s, a batch of 8
+    (none is due while frames arrive at one instant)."""
+    clock = FakeClock()
+    core = make_core(clock, n_stages=1, max_batch=8, max_delay_ms=1000.0, deadline_ms=1000.0, shed_policy=policy,
+                     metrics=metrics)
+    core.stage_finished(0, 0.4, frames=4)
+    return core, clock
+
+
+def test_a_camera_keeps_what_its_share_can_judge_in_time_and_sheds_its_own_oldest() -> None:
+    # The n-th waiting frame enters after n - 1 others at 10 frames/s, then takes 0.4 s:
+    # in time while (n - 1) / 10 + 0.4 <= 1.0, so n <= 7.
+    metrics = Metrics()
+    core, clock = measured_core(metrics=metrics)
+    slots = [add(core, clock, "a", i) for i in range(10)]
+    assert core.pending == 7
+    assert reasons(core) == [("a", i, "shed", "over_share") for i in range(3)]
+    assert [s.answered for s in slots] == [True] * 3 + [False] * 7
+    assert metrics.registry.get_sample_value("linewatch_frames_shed_total", {"camera": "a", "reason": "over_share"}) == 3
+
+
+def test_with_policy_newest_the_arriving_frame_is_the_one_shed() -> None:
+    core, clock = measured_core(policy="newest")
+    slots = [add(core, clock, "a", i) for i in range(10)]
+    assert core.pending == 7
+    assert [s.answered for s in slots] == [False] * 7 + [True] * 3
+    assert {(s.verdict.verdict, s.verdict.reason) for s in slots[7:]} == {("shed", "over_share")}
+    assert reasons(core) == []  # released only after frames 0..6, in receive order
+
+
+def test_another_cameras_waiting_frames_count_in_round_robin_and_a_lone_frame_is_never_over_share() -> None:
+    # Camera b has one frame waiting: it enters before a's n-th frame (round robin), so a's
+    # n-th enters after n others: in time while n / 10 + 0.4 <= 1.0, so n <= 6. b's lone
+    # frame is within any share.
+    core, clock = measured_core()
+    add(core, clock, "b", 0)
+    for i in range(10):
+        add(core, clock, "a", i)
+    assert reasons(core) == [("a", i, "shed", "over_share") for i in range(4)]
+    assert core.pending == 7  # six of a, one of b
+
+
+def test_before_the_capacity_is_measured_only_the_memory_bound_sheds() -> None:
+    clock = FakeClock()
+    core = make_core(clock, n_stages=1, max_batch=8, max_delay_ms=1000.0, max_pending=5)
+    for i in range(7):
+        add(core, clock, "a", i)
+    assert reasons(core) == [("a", 0, "shed", "pending_full"), ("a", 1, "shed", "pending_full")]
+
+
+# ---------------------------------------------------------------- a simulated line
+
+
+class SharedCpuLine:
+    """Stages run as threads would on one CPU core: every busy stage progresses at
+    1 / (number of busy stages) of real speed. Each stage's work for a batch of n frames is
+    `cost(stage, n)` CPU-seconds. The core decides; this only moves batches and the clock."""
+
+    def __init__(self, core: PipelineCore, clock: FakeClock, cost: Callable[[int, int], float], n_stages: int) -> None:
+        self.core, self.clock, self.cost = core, clock, cost
+        self.running: list[tuple[list[Slot], float, float] | None] = [None] * n_stages  # batch, work left, started
+        self.queues: list[list[list[Slot]]] = [[] for _ in range(n_stages)]
+        self.late = 0
+
+    def step(self, dt: float) -> None:
+        core, now = self.core, self.clock.monotonic()
+        core.expire()
+        last = len(self.running) - 1
+        for i in range(last, -1, -1):  # finish stages, pass batches on
+            job = self.running[i]
+            if job is not None and job[1] <= 1e-12:
+                batch = job[0]
+                core.stage_finished(i, now - job[2], len(batch))
+                self.running[i] = None
+                if i == last:
+                    core.batch_left(judged=batch)
+                    for slot in batch:
+                        if slot.answered:
+                            self.late += 1
+                        core.deliver(slot, result(slot))
+                else:
+                    self.queues[i + 1].append(batch)
+            if self.running[i] is None and self.queues[i]:
+                batch = self.queues[i].pop(0)
+                self.running[i] = (batch, self.cost(i, len(batch)), now)
+        batch = core.take_batch()
+        if batch:
+            self.queues[0].append(batch)
+            if self.running[0] is None:
+                self.running[0] = (self.queues[0].pop(0), self.cost(0, len(batch)), now)
+        busy = [i for i, job in enumerate(self.running) if job is not None]
+        for i in busy:
+            batch, left, started = self.running[i]
+            self.running[i] = (batch, left - dt / len(busy), started)
+        self.clock.advance(dt)
+
+
+def cost(stage: int, n: int) -> float:
+    """Decode 10 ms a frame; the detector 10 ms a batch + 5 ms a frame. A full batch of 8:
+    80 + 50 ms of one CPU, so the line judges at most 8 / 0.13 = 61.5 frames/s."""
+    return 0.010 * n if stage == 0 else 0.010 + 0.005 * n
+
+
+CAPACITY = 8 / 0.13
+
+
+def run_line(rates: dict[str, float], seconds: float, deadline_ms: float = 500.0) -> tuple[list, SharedCpuLine, dict]:
+    clock = FakeClock()
+    core = make_core(clock, n_stages=2, max_batch=8, max_delay_ms=5.0, max_pending=256, deadline_ms=deadline_ms)
+    line = SharedCpuLine(core, clock, cost, 2)
+    dt = 0.0005
+    sent: dict[str, int] = Counter()
+    next_at = {camera: 0.0 for camera in rates}
+    t = 0.0
+    while t < seconds + 2.0:  # then 2 s to finish
+        for camera, fps in rates.items():
+            while t < seconds and next_at[camera] <= t:
+                add(core, clock, camera, sent[camera])
+                sent[camera] += 1
+                next_at[camera] += 1.0 / fps
+        line.step(dt)
+        t += dt
+    core.answer_all_unanswered()
+    return core.take_released(), line, dict(sent)
+
+
+def test_at_three_times_capacity_the_line_judges_at_capacity_and_almost_nothing_late() -> None:
+    verdicts, line, sent = run_line({"cam": 3 * CAPACITY}, seconds=10.0)
+    assert sorted(v.frame_id for v in verdicts) == list(range(sent["cam"]))  # each exactly once
+    judged = sum(v.verdict == "pass" for v in verdicts)
+    assert judged >= 0.9 * CAPACITY * 10.0, judged
+    assert line.late <= 0.02 * (judged + line.late), (line.late, judged)
+    assert all(v.latency_s <= 0.5 + 1e-9 for v in verdicts if v.verdict == "pass")
+    shed = Counter(v.reason for v in verdicts if v.verdict == "shed")
+    assert shed["over_share"] > shed["deadline_unreachable"] + shed["pending_full"]  # shed on arrival, mostly
+
+
+def test_a_flooding_camera_is_cut_to_its_share_and_the_other_keeps_its_frames() -> None:
+    verdicts, line, sent = run_line({"slow": 10.0, "flood": 4 * CAPACITY}, seconds=10.0)
+    by = Counter((v.camera, v.verdict) for v in verdicts)
+    assert sum(by.values()) == sum(sent.values())
+    assert by[("slow", "pass")] >= 0.9 * sent["slow"], by  # its max-min share is all of its 10 frames/s
+    assert by[("flood", "pass")] >= 0.9 * (CAPACITY - 10.0) * 10.0, by  # the rest of the capacity
+    over_share = Counter(v.camera for v in verdicts if v.reason == "over_share")
+    assert over_share["flood"] >= 0.9 * (sent["flood"] - (CAPACITY - 10.0) * 10.0)  # it pays for its own excess
+    assert over_share["slow"] <= 0.05 * sent["slow"]
