@@ -13,7 +13,6 @@ import zlib
 import pytest
 
 from tests.serving import Served, by_label, of, scrape, sim_images
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.system
 
