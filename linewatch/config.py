@@ -396,6 +396,8 @@ class ControlConfig(_Section):
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
+    capture_native_stderr: bool = Field(True, description="turn what native libraries (libpng, libjpeg, OpenCV) "
+                                        "write to stderr into rate-limited log events; false: raw on stderr")
 
 
 class RuntimeConfig(_Section):

@@ -1,9 +1,10 @@
 """`linewatch config check | schema | example`: the config file without starting the daemon.
 
     linewatch config check FILE        what `serve` validates before it opens a socket: the YAML and
-                                       every key, the TLS and CurveZMQ key files, the bank (it loads,
+    linewatch config check -c FILE     every key, the TLS and CurveZMQ key files, the bank (it loads,
                                        fits the detector settings and the false-reject target) and the
-                                       models it needs (checkpoints found and loaded)
+                                       models it needs (checkpoints found and loaded); the file as
+                                       the positional argument or as -c/--config, like every command
     linewatch config schema            JSON schema of the config (for editors: YAML language servers)
     linewatch config example           the annotated reference config: every key, its default, its meaning
 
@@ -93,8 +94,23 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
     return done
 
 
+def config_check_file(file: str | None, config: str | None) -> str:
+    """The config file `config check` was given: the positional FILE or -c/--config FILE (one of
+    them; both only when they name the same file). Raises ValueError (the message) otherwise."""
+    if file is None and config is None:
+        raise ValueError("config check: no config file given (`linewatch config check FILE` or `-c FILE`)")
+    if file is not None and config is not None and Path(file).resolve() != Path(config).resolve():
+        raise ValueError(f"config check: two different config files given ({file} and -c {config}); give one")
+    return file if file is not None else config  # type: ignore[return-value]
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
-    for line in check_config(args.file, bank=args.bank, config_only=args.config_only):
+    try:
+        path = config_check_file(args.file, args.config)
+    except ValueError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in check_config(path, bank=args.bank, config_only=args.config_only):
         print(f"ok  {line}")
     return 0
 
@@ -114,7 +130,8 @@ def register(subparsers) -> None:
     config = subparsers.add_parser("config", help="check a config file, print its JSON schema or the reference config")
     actions = config.add_subparsers(dest="action", required=True)
     p = actions.add_parser("check", help="validate a config (and its bank and models) as `serve` would, without starting")
-    p.add_argument("file", help="YAML config file")
+    p.add_argument("file", nargs="?", help="YAML config file (or give it as -c/--config FILE)")
+    p.add_argument("--config", "-c", help="YAML config file (the same as the positional FILE)")
     p.add_argument("--bank", "-b", help="bank file (default: bank.path from the config)")
     p.add_argument("--config-only", action="store_true",
                    help="check the file and the key files it names, not the bank and models (no bank needed)")

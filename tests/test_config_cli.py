@@ -87,6 +87,28 @@ def test_check_names_what_is_wrong(small_bank, tmp_path):
     assert out.returncode == 2 and "cannot use the TLS certificate" in out.stderr, out.stderr
 
 
+def test_check_takes_the_file_as_dash_c_like_every_other_command(tmp_path):
+    config = tmp_path / "line.yaml"
+    config.write_text("runtime:\n  logging:\n    level: DEBUG\n")
+    for args in (["-c", str(config)], ["--config", str(config)], [str(config)], [str(config), "-c", str(config)]):
+        out = run_cli("config", "check", *args, "--config-only")
+        assert out.returncode == 0, (args, out.stderr)
+        assert f"ok  config: {config} is valid" in out.stdout, args
+
+    other = tmp_path / "other.yaml"
+    other.write_text("")
+    out = run_cli("config", "check", str(config), "-c", str(other), "--config-only")
+    assert out.returncode == 2 and "two different config files given" in out.stderr, out.stderr
+    assert out.stdout == ""
+    out = run_cli("config", "check", "--config-only")
+    assert out.returncode == 2 and "no config file given" in out.stderr, out.stderr
+    # -c reaches the check itself: a bad file named with -c is refused like a positional one
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("runtime:\n  loging: {}\n")
+    out = run_cli("config", "check", "-c", str(bad), "--config-only")
+    assert out.returncode == 2 and "runtime.loging: unknown key" in out.stderr, out.stderr
+
+
 def test_an_installed_wheel_ships_the_reference_config(tmp_path):
     """Build the wheel from the package sources, install it into a fresh virtual environment
     (dependencies from this one), and run its `linewatch config example` outside the repository."""

@@ -26,6 +26,7 @@ from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.ops.health import HealthServer
 from linewatch.runtime.ops.logs import SummaryLogger, configure_logging
 from linewatch.runtime.ops.metrics import CameraLabels, Metrics
+from linewatch.runtime.ops.native_stderr import NativeStderr
 from linewatch.runtime.pipeline.runner import Pipeline, Processor
 from linewatch.runtime.sinks import SinkContext, SinkList, build_sinks
 from linewatch.runtime.systemd import Watchdog, sd_notify
@@ -67,6 +68,8 @@ class Daemon:
         self.changeover = Changeover(self.pipeline, bank_loader, self.metrics, self.log, self._show_bank,
                                      stopping=lambda: self._stopping)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
+        # libpng's/libjpeg's/OpenCV's raw stderr lines as rate-limited log events while it runs
+        self.native_stderr = NativeStderr(self.log, self.metrics, enabled=config.logging.capture_native_stderr)
         self.health: HealthServer | None = None
         self.ingest: FrameSource | None = None
         self.control: Any = None  # linewatch.runtime.ops.control.ControlServer
@@ -100,6 +103,7 @@ class Daemon:
                 "(is another linewatch running? pick another port, or 0 for any)"
             ) from None
         self.health.start()
+        self.native_stderr.start()
         try:
             self.sinks.start()  # before the pipeline: no verdict may pass one by
             self.pipeline.start()
@@ -179,6 +183,7 @@ class Daemon:
             self.health.stop()
         if self._served:  # a start that failed says so in one line (its exception), nothing more
             self.log.info("stopped", drained=clean, inflight_at_stop=before, drain_s=round(time.monotonic() - t0, 3))
+        self.native_stderr.stop()  # last: native lines written while stopping are logged too
 
     # ------------------------------------------------------------------ checks
 

@@ -19,11 +19,27 @@ import structlog
 from linewatch.config import LoggingConfig
 
 
+class CurrentStderr:
+    """A file that writes to whatever `sys.stderr` is at the time of each write.
+
+    The log's default stream: while native_stderr captures file descriptor 2, `sys.stderr` is a
+    copy of the original stderr, and the log lines must go there, not into the capture (a
+    PrintLogger keeps the file object it was made with, so it cannot be sys.stderr itself).
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> Any:
     """Set up structlog for the process and return a logger bound to "linewatch".
 
     Level filtering happens before any formatting, so a filtered DEBUG call costs next to
-    nothing. `stream` defaults to stderr (tests pass a StringIO).
+    nothing. `stream` defaults to stderr, looked up at each line (CurrentStderr; tests pass a
+    StringIO).
     """
     renderer: Any
     if config.format == "json":
@@ -40,7 +56,7 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> An
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, config.level)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger("linewatch")
@@ -72,6 +88,13 @@ class RateLimiter:
                 return None
             self._last[key] = now
             return self._suppressed.pop(key, 0)
+
+    def take_held_back(self) -> dict[str, int]:
+        """The counts held back since each key's last report (and forgets them): what a
+        component logs once more when it stops, so no count is lost."""
+        with self._lock:
+            held, self._suppressed = self._suppressed, {}
+            return held
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:

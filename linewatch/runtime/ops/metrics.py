@@ -160,6 +160,10 @@ class Metrics:
         self.archive_bytes = Gauge("linewatch_archive_bytes", "Size of the verdict archive on disk.", registry=r)
         self.mqtt_connected = Gauge("linewatch_mqtt_connected", "1 while the MQTT sink is connected to its broker.",
                                     registry=r)
+        self.native_messages = Counter(
+            "linewatch_native_messages", "Lines native libraries wrote to stderr (libpng, libjpeg, opencv, unknown), "
+            "each turned into a log event (rate-limited: the counter has every one).", ["library"], registry=r,
+        )
         self.bank_switches = Counter(
             "linewatch_bank_switches", "Bank changeovers asked for while running, by result (switched/refused).",
             ["result"], registry=r,
