@@ -26,15 +26,29 @@ def reasons(core: PipelineCore) -> list[tuple[str, int, str, str | None]]:
 # ---------------------------------------------------------------- the estimates, by hand
 
 
-def test_capacity_is_one_over_the_slowest_stage_time_per_frame() -> None:
-    core = make_core(FakeClock(), n_stages=2)
+def test_capacity_is_a_full_batch_over_the_slowest_stages_time_for_a_full_batch() -> None:
+    core = make_core(FakeClock(), n_stages=2, max_batch=8)
     assert core.capacity_fps() is None  # nothing measured yet
     core.stage_finished(0, 0.08, frames=8)  # decode: 10 ms a frame
     assert core.capacity_fps() is None  # stage 1 not measured yet
-    core.stage_finished(1, 0.04, frames=4)  # detector: 10 ms a frame
+    core.stage_finished(1, 0.04, frames=4)  # detector, one size seen: 10 ms a frame, 80 ms for 8
     assert core.capacity_fps() == pytest.approx(100.0)
-    core.stage_finished(1, 0.10, frames=4)  # 25 ms: moving average 0.8 * 10 + 0.2 * 25 = 13 ms
-    assert core.capacity_fps() == pytest.approx(1 / 0.013)
+    core.stage_finished(1, 0.025, frames=1)  # sizes 4 and 1: 20 ms a batch + 5 ms a frame, 60 ms for 8
+    assert core.stage_cost[1].seconds(8) == pytest.approx(0.060, rel=1e-6)
+    assert core.capacity_fps() == pytest.approx(100.0)  # decode (80 ms for 8) is now the slowest
+    core.stage_finished(0, 0.2, frames=8)  # decode slows down (a busier CPU): the recent batch weighs more
+    expected = (0.9 * 0.08 + 0.2) / 1.9  # two batches of 8, weights 0.9 and 1
+    assert core.capacity_fps() == pytest.approx(8 / expected)
+
+
+def test_the_fit_reads_the_capacity_from_small_batches_where_a_time_per_frame_would_not() -> None:
+    # Light load: batches of 1 and 2 at 30 ms + 5 ms a frame. Per frame that is 35 ms
+    # (28 frames/s); a full batch of 8 takes 70 ms (114 frames/s).
+    cost = [(1, 0.035), (2, 0.040), (1, 0.035), (2, 0.040)]
+    core = make_core(FakeClock(), n_stages=1, max_batch=8)
+    for frames, seconds in cost:
+        core.stage_finished(0, seconds, frames)
+    assert core.capacity_fps() == pytest.approx(8 / 0.070)
 
 
 def test_the_latency_bound_is_the_moving_average_plus_two_mean_deviations() -> None:

@@ -30,9 +30,9 @@ What it keeps:
   six times as fast as another cannot take the other's place: each camera gets its max-min
   fair share of the capacity.
 * **Admission on arrival, sized from the measured capacity.** The capacity is measured, not
-  configured: frames per second through the slowest stage (its time per frame, a moving
-  average of the stage's wall time over its batch size; decode is a stage, so decoding and
-  the CPU it takes from the detector are in it). A frame arriving for camera c, which then has
+  configured: a full batch over the slowest stage's time for a full batch (each stage's wall
+  time fitted as a + b x batch size on its recent batches, `StageCost`; decode is a stage, so
+  decoding and the CPU it takes from the detector are in it). A frame arriving for camera c, which then has
   n >= 2 frames waiting, would enter the stage graph after about sum over cameras of
   min(waiting, n) - 1 frames (round robin); when that many frames at the capacity, plus the
   time through the stage graph, end after its deadline, camera c waits for more than its
@@ -106,6 +106,41 @@ class Slot:
     processor: Any = None  # what judges it: the one in service at register; held only until released
 
 
+class StageCost:
+    """One stage's time for a batch of n frames, a + b * n, fitted (least squares) on its recent
+    batches: each batch's weight decays by `decay` per later batch (about 1 / (1 - decay)
+    batches remembered). A per-frame time from small batches would count the per-batch
+    overhead once per frame and under-read the capacity (at light load every batch is small);
+    the fit separates the two. While every remembered batch had the same size, the time per
+    frame is proportional (the overhead is counted per frame, the cautious side)."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self._w = self._n = self._t = self._nn = self._nt = 0.0  # decayed sums: 1, n, t, n^2, n t
+
+    def add(self, frames: int, seconds: float) -> None:
+        d, n = self.decay, float(frames)
+        self._w, self._n, self._t = d * self._w + 1.0, d * self._n + n, d * self._t + seconds
+        self._nn, self._nt = d * self._nn + n * n, d * self._nt + n * seconds
+
+    @property
+    def measured(self) -> bool:
+        return self._w > 0
+
+    def seconds(self, frames: int) -> float:
+        """The expected time for a batch of `frames` frames (0.0 before any was measured)."""
+        if not self._w:
+            return 0.0
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        var_n = self._nn / self._w - mean_n * mean_n
+        if var_n > 1e-6 * mean_n * mean_n:
+            slope = (self._nt / self._w - mean_n * mean_t) / var_n
+            intercept = mean_t - slope * mean_n
+            if slope >= 0 and intercept >= 0:
+                return intercept + slope * frames
+        return mean_t / mean_n * frames
+
+
 @dataclass(frozen=True)
 class Cut:
     """Where a processor switch fell: the frames registered before it stay with the old one."""
@@ -144,7 +179,7 @@ class PipelineCore:
         self.max_batches_inside = n_stages + 1
         self.stage_time_s = [0.0] * n_stages  # moving average per batch
         self.stage_deviation_s = [0.0] * n_stages  # moving mean absolute deviation from it
-        self.stage_frame_s = [0.0] * n_stages  # moving average per frame (time / batch size)
+        self.stage_cost = [StageCost() for _ in range(n_stages)]  # time per batch as a + b * frames
         # measured time from entering the stage graph to the result, per number of batches
         # that were inside when a batch entered: [moving average, moving mean deviation]
         self.graph_latency_s: dict[int, list[float]] = {}
@@ -359,23 +394,24 @@ class PipelineCore:
         return self.batches_inside * max(bounds) + sum(bounds)
 
     def capacity_fps(self) -> float | None:
-        """Frames per second the stage graph judges at most: one over the slowest stage's time
-        per frame (measured under the load it runs at, CPU contention included). None before
-        every stage has been measured."""
-        slowest = max(self.stage_frame_s)
-        return 1.0 / slowest if slowest > 0 and min(self.stage_frame_s) > 0 else None
+        """Frames per second the stage graph judges at most: a full batch over the slowest
+        stage's time for a full batch (each stage's fitted cost, measured under the load it
+        runs at, CPU contention included). None before every stage has been measured."""
+        if not all(cost.measured for cost in self.stage_cost):
+            return None
+        slowest = max(cost.seconds(self.max_batch) for cost in self.stage_cost)
+        return self.max_batch / slowest if slowest > 0 else None
 
     def stage_finished(self, stage: int, seconds: float, frames: int = 1) -> None:
         """Record one stage's time for one batch of `frames` frames (feeds `expected_latency_s`
         and `capacity_fps`)."""
+        self.stage_cost[stage].add(max(1, frames), seconds)
         old = self.stage_time_s[stage]
-        per_frame = seconds / max(1, frames)
         if old == 0.0:
-            self.stage_time_s[stage], self.stage_frame_s[stage] = seconds, per_frame
+            self.stage_time_s[stage] = seconds
             return
         self.stage_deviation_s[stage] = 0.8 * self.stage_deviation_s[stage] + 0.2 * abs(seconds - old)
         self.stage_time_s[stage] = 0.8 * old + 0.2 * seconds
-        self.stage_frame_s[stage] = 0.8 * self.stage_frame_s[stage] + 0.2 * per_frame
 
     def batch_left(self, judged: list[Slot] | None = None) -> None:
         """A batch that `take_batch` returned has left the stage graph (finished, failed or
