@@ -24,141 +24,19 @@ import argparse
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 import zlib
 from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
 
 from linewatch import wire
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_bank(work: Path) -> tuple[Path, list[np.ndarray]]:
-    """A demo-config bank from synthetic good parts; returns it and some good frames to send."""
-    from linewatch.bank_builder import build_bank as build
-    from linewatch.config import load_config
-    from linewatch.images import read_image
-    from linewatch.sim import generate_dataset
-
-    data = generate_dataset(work / "sim", "screw_tray", seed=1, n_train=20, n_val=10, n_test_good=8,
-                            n_test_logical=0, n_test_structural=0, size=256)
-    bank = build(load_config(ROOT / "configs" / "demo.yaml"), data / "train" / "good", data / "validation" / "good",
-                 progress=False)
-    path = work / "bank.lwbank"
-    bank.save(path)
-    frames = [read_image(p) for p in sorted((data / "test" / "good").iterdir())]
-    return path, frames
-
-
-class Daemon:
-    def __init__(self, work: Path, bank: Path) -> None:
-        self.ports = {k: free_port() for k in ("ingest", "publish", "metrics")}
-        config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-        config["bank"] = {"path": str(bank)}
-        config["runtime"].update({
-            "ingest": {"endpoints": [{"url": f"tcp://127.0.0.1:{self.ports['ingest']}"}], "receive_hwm": 1000},
-            "publish": {"url": f"tcp://127.0.0.1:{self.ports['publish']}", "send_hwm": 100_000},
-            "metrics": {"host": "127.0.0.1", "port": self.ports["metrics"]},
-            "logging": {"level": "INFO", "format": "json"},
-        })
-        self.config = work / "fault.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        self.log = open(work / "serve.log", "ab")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> float:
-        """Start `linewatch serve`; returns seconds until /readyz answered 200."""
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "serve", "-c", str(self.config)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        while time.monotonic() - t0 < 120:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"serve exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise SystemExit("serve not ready within 120 s")
-
-    def metrics(self) -> dict[str, float]:
-        """Sample name{labels} -> value, summed over labels not given."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out: Counter = Counter()
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out[s.name] += s.value
-                for k, v in s.labels.items():
-                    out[f"{s.name}{{{k}={v}}}"] += s.value
-        return out
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-
-class Subscriber(threading.Thread):
-    """Counts verdicts per (camera, frame_id), values, error reasons and seq gaps."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        self.sock.connect(url)
-        self.per_frame: Counter = Counter()
-        self.values: Counter = Counter()
-        self.reasons: Counter = Counter()
-        self.lost = 0
-        self._next: dict[str, int] = {}
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            if not self.sock.poll(100):
-                continue
-            v = wire.decode_verdict(self.sock.recv_multipart())
-            with self.lock:
-                self.per_frame[(v.camera, v.frame_id)] += 1
-                self.values[v.verdict] += 1
-                if v.verdict == "error":
-                    self.reasons[(v.camera, v.reason)] += 1
-                nxt = self._next.get(v.run_id)
-                if nxt is not None and v.seq > nxt:
-                    self.lost += v.seq - nxt
-                self._next[v.run_id] = max(nxt or 0, v.seq + 1)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.join(5)
-        self.sock.close(linger=0)
-        self.ctx.term()
+from serve_harness import Daemon, Subscriber, build_bank, camera_socket, check, pace, wait_joined
 
 
 def jpeg_declaring(h: int, w: int) -> bytes:
@@ -197,18 +75,6 @@ def malformed(i: int, good: list[bytes], raw: list[bytes]) -> list[bytes]:
     return [b"", good[1], good[2]]  # empty camera id: unaddressable
 
 
-def pace(t0: float, k: int, rate: float) -> None:
-    delay = t0 + k / rate - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-
-
-def check(name: str, ok: bool, failures: list[str]) -> str:
-    if not ok:
-        failures.append(name)
-    return "ok" if ok else "BROKEN"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--soak-s", type=float, default=600.0)
@@ -222,31 +88,19 @@ def main() -> int:
     bank, images = build_bank(work)
     daemon = Daemon(work, bank)
     print(f"ready in {daemon.start():.2f} s (first start)", flush=True)
-    sub = Subscriber(f"tcp://127.0.0.1:{daemon.ports['publish']}")
+    sub = Subscriber(daemon.publish_url)
     sub.start()
     ctx = zmq.Context()
-    cam = ctx.socket(zmq.PUB)
-    cam.setsockopt(zmq.SNDHWM, 1_000_000)
-    cam.connect(f"tcp://127.0.0.1:{daemon.ports['ingest']}")
+    cam = camera_socket(ctx, daemon)
     encoded = [wire.encode_frame("warm", 0, im, encoding="jpeg") for im in images]
     raw_frame = wire.encode_frame("warm", 0, images[0][:32, :32].copy())
-    while not sub.per_frame:  # PUB/SUB joins asynchronously: probe until a verdict comes back
-        cam.send_multipart(wire.encode_frame("warm", 0, images[0], encoding="jpeg"))
-        time.sleep(0.2)
+    wait_joined(cam, sub, images[0])
     time.sleep(2.0)
 
     def frame(camera: str, fid: int) -> list[bytes]:
         parts = encoded[fid % len(encoded)]
         header = {**json.loads(parts[1]), "camera": camera, "frame_id": fid, "capture_ts": time.time()}
         return [camera.encode(), json.dumps(header).encode(), parts[2]]
-
-    def settle(sent: dict[str, int], timeout_s: float = 60.0) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            with sub.lock:
-                if all(sub.per_frame[(c, i)] >= 1 for c, n in sent.items() for i in range(n)):
-                    return
-            time.sleep(0.1)
 
     # ------------------------------------------------------------------ malformed
     before = daemon.metrics()
@@ -261,7 +115,7 @@ def main() -> int:
             cam.send_multipart(frame("cam0", n_valid))
             n_valid += 1
             pace(t0, n_valid, rate_valid)
-    settle({"cam0": n_valid})
+    sub.settle([("cam0", i) for i in range(n_valid)])
     time.sleep(2.0)
     after = daemon.metrics()
     with sub.lock:
@@ -299,7 +153,7 @@ def main() -> int:
             rss.append((time.monotonic() - t0, daemon.rss_mb()))
             next_sample += 10.0
         pace(t0, n_soak, rate)
-    settle({"soak": n_soak}, 120)
+    sub.settle([("soak", i) for i in range(n_soak)], 120)
     with sub.lock:
         counts = Counter(sub.per_frame[("soak", i)] for i in range(n_soak))
         values = Counter(sub.values)
