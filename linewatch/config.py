@@ -262,6 +262,8 @@ class BatchConfig(_Section):
 
 class PipelineConfig(_Section):
     stage_queue_size: int = Field(2, ge=1, le=64, description="batches waiting between two stages")
+    max_batches_inside: int | None = Field(
+        None, ge=1, le=64, description="batches inside the stage graph at once; null: on a GPU one per stage plus one (every stage busy), on a CPU 2")
     max_pending_frames: int = Field(64, ge=1, description="frames waiting for a batch; beyond it the policy sheds")
     shed_policy: Literal["oldest", "newest"] = Field("oldest", description="which waiting frame is answered `shed` when full")
     deadline_ms: float = Field(2000.0, gt=0, description="capture->verdict budget; a frame without a result gets `timeout` then")

@@ -203,11 +203,12 @@ IMAGE = np.zeros((2, 2, 3), np.uint8)
 
 def make_core(clock: FakeClock, n_stages: int = 1, max_batch: int = 4, max_delay_ms: float = 10.0,
               max_pending: int = 64, shed_policy: str = "oldest", deadline_ms: float = 1000.0,
-              deadline_from: str = "capture", skew_ms: float = 1000.0, metrics: Metrics | None = None) -> PipelineCore:
+              deadline_from: str = "capture", skew_ms: float = 1000.0, metrics: Metrics | None = None,
+              max_inside: int | None = None) -> PipelineCore:
     return PipelineCore(
         BatchConfig(max_batch=max_batch, max_delay_ms=max_delay_ms),
         PipelineConfig(max_pending_frames=max_pending, shed_policy=shed_policy, deadline_ms=deadline_ms,
-                       deadline_from=deadline_from, clock_skew_tolerance_ms=skew_ms),
+                       deadline_from=deadline_from, clock_skew_tolerance_ms=skew_ms, max_batches_inside=max_inside),
         n_stages, clock, metrics if metrics is not None else Metrics(),
     )
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from linewatch.runtime.ops.metrics import Metrics
-from linewatch.runtime.pipeline.core import PipelineCore, Slot
+from linewatch.runtime.pipeline.core import PipelineCore, Slot, StageCost
 from tests.runtime.fakes import FakeClock, add, make_core, result
 
 
@@ -26,32 +26,77 @@ def reasons(core: PipelineCore) -> list[tuple[str, int, str, str | None]]:
 # ---------------------------------------------------------------- the estimates, by hand
 
 
-def test_capacity_is_a_full_batch_over_the_slowest_stages_time_for_a_full_batch() -> None:
-    core = make_core(FakeClock(), n_stages=2, max_batch=8)
-    assert core.capacity_fps() is None  # nothing measured yet
-    core.stage_finished(0, 0.08, frames=8)  # decode: 10 ms a frame
-    assert core.capacity_fps() is None  # stage 1 not measured yet
-    core.stage_finished(1, 0.04, frames=4)  # detector, one size seen: 10 ms a frame, 80 ms for 8
-    assert core.capacity_fps() == pytest.approx(100.0)
-    core.stage_finished(1, 0.025, frames=1)  # sizes 4 and 1: 20 ms a batch + 5 ms a frame, 60 ms for 8
-    assert core.stage_cost[1].seconds(8) == pytest.approx(0.060, rel=1e-6)
-    assert core.capacity_fps() == pytest.approx(100.0)  # decode (80 ms for 8) is now the slowest
-    core.stage_finished(0, 0.2, frames=8)  # decode slows down (a busier CPU): the recent batch weighs more
-    expected = (0.9 * 0.08 + 0.2) / 1.9  # two batches of 8, weights 0.9 and 1
-    assert core.capacity_fps() == pytest.approx(8 / expected)
+def run_batch(core: PipelineCore, clock: FakeClock, frames: int, seconds: float, camera: str = "probe") -> None:
+    """One batch of `frames` frames through the stage graph in `seconds`, with results."""
+    for i in range(frames):
+        add(core, clock, camera, i)
+    clock.advance(core.max_delay_s)
+    batch = core.take_batch()
+    assert batch is not None and len(batch) == frames
+    clock.advance(seconds)
+    core.batch_left(judged=batch)
+    for slot in batch:
+        core.deliver(slot, result(slot))
+    core.take_released()
 
 
-def test_the_fit_reads_the_capacity_from_small_batches_where_a_time_per_frame_would_not() -> None:
+def test_the_service_time_is_fitted_as_a_cost_per_batch_plus_a_cost_per_frame() -> None:
     # Light load: batches of 1 and 2 at 30 ms + 5 ms a frame. Per frame that is 35 ms
     # (28 frames/s); a full batch of 8 takes 70 ms (114 frames/s).
-    cost = [(1, 0.035), (2, 0.040), (1, 0.035), (2, 0.040)]
-    core = make_core(FakeClock(), n_stages=1, max_batch=8)
-    for frames, seconds in cost:
-        core.stage_finished(0, seconds, frames)
-    assert core.capacity_fps() == pytest.approx(8 / 0.070)
+    one_size = StageCost()
+    assert not one_size.measured and one_size.seconds(8) == 0.0
+    one_size.add(4, 0.04)
+    one_size.add(4, 0.04)
+    assert one_size.seconds(8) == pytest.approx(0.08)  # one size seen: proportional, the cautious side
+    cost = StageCost()
+    for frames, seconds in [(1, 0.035), (2, 0.040), (1, 0.035), (2, 0.040)]:
+        cost.add(frames, seconds)
+    assert cost.seconds(8) == pytest.approx(0.070)
 
 
-def test_the_latency_bound_is_the_moving_average_plus_two_mean_deviations() -> None:
+def test_capacity_is_a_full_batch_over_the_measured_service_time_of_one() -> None:
+    clock = FakeClock()
+    core = make_core(clock, n_stages=2, max_batch=8)
+    assert core.capacity_fps() is None  # nothing measured yet
+    run_batch(core, clock, 8, 0.08)
+    assert core.capacity_fps() == pytest.approx(100.0)
+
+
+def test_service_time_counts_from_the_previous_batchs_results_when_it_waited_for_them() -> None:
+    # A enters at 0 and leaves at 0.1; B enters at 0.01 and leaves at 0.2: the graph served B
+    # from 0.1 to 0.2 (0.1 s), not 0.19 s.
+    clock = FakeClock()
+    core = make_core(clock, n_stages=1, max_batch=2, max_delay_ms=0.0)
+    a = [add(core, clock, "a", i) for i in range(2)]
+    assert core.take_batch() == a
+    clock.advance(0.01)
+    b = [add(core, clock, "b", i) for i in range(2)]
+    assert core.take_batch() == b
+    clock.advance(0.09)
+    core.batch_left(judged=a)
+    clock.advance(0.1)
+    core.batch_left(judged=b)
+    assert core.service.seconds(2) == pytest.approx((0.9 * 0.1 + 0.1) / 1.9)  # both 0.1 s
+
+
+def test_a_batch_is_expected_out_when_the_graph_is_free_plus_its_service_time_and_errors_carry_over() -> None:
+    clock = FakeClock()
+    core = make_core(clock, n_stages=1, max_batch=4, max_delay_ms=0.0, deadline_ms=10_000.0)
+    core.service.add(4, 0.4)  # measured before: 0.4 s a batch of 4
+    assert core.expected_latency_s(4) == pytest.approx(0.4)
+    first = [add(core, clock, "a", i) for i in range(4)]
+    assert core.take_batch() == first  # expected out at 0.4
+    assert core.expected_latency_s(4) == pytest.approx(0.8)  # behind it
+    second = [add(core, clock, "a", i) for i in range(4, 8)]
+    assert core.take_batch() == second  # expected out at 0.8
+    clock.advance(0.5)
+    core.batch_left(judged=first)  # 0.1 s later than expected: the second is expected at 0.9
+    assert core.prediction_error_s == pytest.approx(0.1)
+    service = core.service.seconds(4)  # now fitted from 0.4 and 0.5
+    assert core.expected_latency_s(4) == pytest.approx((0.9 - 0.5) + service + 2 * 0.1)
+
+
+def test_before_a_batch_was_measured_the_latency_is_modelled_from_the_stage_times() -> None:
     core = make_core(FakeClock(), n_stages=1)
     core.stage_finished(0, 0.2)
     assert core.expected_latency_s() == pytest.approx(0.2)
@@ -63,46 +108,46 @@ def test_the_latency_bound_is_the_moving_average_plus_two_mean_deviations() -> N
 
 
 def measured_core(policy: str = "oldest", metrics: Metrics | None = None) -> tuple[PipelineCore, FakeClock]:
-    """One stage of 0.4 s per batch of 4 (capacity 10 frames/s), deadline 1 s, a batch of 8
-    (none is due while frames arrive at one instant)."""
+    """Service time 0.4 s a batch of 4, deadline 1 s, max_delay 1 s (no batch is due while
+    frames arrive at one instant and nothing takes one)."""
     clock = FakeClock()
-    core = make_core(clock, n_stages=1, max_batch=8, max_delay_ms=1000.0, deadline_ms=1000.0, shed_policy=policy,
+    core = make_core(clock, n_stages=1, max_batch=4, max_delay_ms=1000.0, deadline_ms=1000.0, shed_policy=policy,
                      metrics=metrics)
-    core.stage_finished(0, 0.4, frames=4)
+    core.service.add(4, 0.4)
     return core, clock
 
 
 def test_a_camera_keeps_what_its_share_can_judge_in_time_and_sheds_its_own_oldest() -> None:
-    # The n-th waiting frame enters after n - 1 others at 10 frames/s, then takes 0.4 s:
-    # in time while (n - 1) / 10 + 0.4 <= 1.0, so n <= 7.
+    # The n-th waiting frame is judged in batch (n - 1) // 4 + 1, at 0.4 s a batch: in time
+    # while that is at most 2 batches, so n <= 8.
     metrics = Metrics()
     core, clock = measured_core(metrics=metrics)
     slots = [add(core, clock, "a", i) for i in range(10)]
-    assert core.pending == 7
-    assert reasons(core) == [("a", i, "shed", "over_share") for i in range(3)]
-    assert [s.answered for s in slots] == [True] * 3 + [False] * 7
-    assert metrics.registry.get_sample_value("linewatch_frames_shed_total", {"camera": "a", "reason": "over_share"}) == 3
+    assert core.pending == 8
+    assert reasons(core) == [("a", 0, "shed", "over_share"), ("a", 1, "shed", "over_share")]
+    assert [s.answered for s in slots] == [True] * 2 + [False] * 8
+    assert metrics.registry.get_sample_value("linewatch_frames_shed_total", {"camera": "a", "reason": "over_share"}) == 2
 
 
 def test_with_policy_newest_the_arriving_frame_is_the_one_shed() -> None:
     core, clock = measured_core(policy="newest")
     slots = [add(core, clock, "a", i) for i in range(10)]
-    assert core.pending == 7
-    assert [s.answered for s in slots] == [False] * 7 + [True] * 3
-    assert {(s.verdict.verdict, s.verdict.reason) for s in slots[7:]} == {("shed", "over_share")}
-    assert reasons(core) == []  # released only after frames 0..6, in receive order
+    assert core.pending == 8
+    assert [s.answered for s in slots] == [False] * 8 + [True] * 2
+    assert {(s.verdict.verdict, s.verdict.reason) for s in slots[8:]} == {("shed", "over_share")}
+    assert reasons(core) == []  # released only after frames 0..7, in receive order
 
 
 def test_another_cameras_waiting_frames_count_in_round_robin_and_a_lone_frame_is_never_over_share() -> None:
-    # Camera b has one frame waiting: it enters before a's n-th frame (round robin), so a's
-    # n-th enters after n others: in time while n / 10 + 0.4 <= 1.0, so n <= 6. b's lone
-    # frame is within any share.
+    # Camera b has one frame waiting: it is served before a's n-th frame (round robin), so
+    # a's n-th frame is judged in batch n // 4 + 1: in time while n <= 7. b's lone frame is
+    # within any share.
     core, clock = measured_core()
     add(core, clock, "b", 0)
     for i in range(10):
         add(core, clock, "a", i)
-    assert reasons(core) == [("a", i, "shed", "over_share") for i in range(4)]
-    assert core.pending == 7  # six of a, one of b
+    assert reasons(core) == [("a", i, "shed", "over_share") for i in range(3)]
+    assert core.pending == 8  # seven of a, one of b
 
 
 def test_before_the_capacity_is_measured_only_the_memory_bound_sheds() -> None:
@@ -171,7 +216,8 @@ CAPACITY = 8 / 0.13
 
 def run_line(rates: dict[str, float], seconds: float, deadline_ms: float = 500.0) -> tuple[list, SharedCpuLine, dict]:
     clock = FakeClock()
-    core = make_core(clock, n_stages=2, max_batch=8, max_delay_ms=5.0, max_pending=256, deadline_ms=deadline_ms)
+    core = make_core(clock, n_stages=2, max_batch=8, max_delay_ms=5.0, max_pending=256, deadline_ms=deadline_ms,
+                     max_inside=2)  # the pipeline's depth on a CPU
     line = SharedCpuLine(core, clock, cost, 2)
     dt = 0.0005
     sent: dict[str, int] = Counter()

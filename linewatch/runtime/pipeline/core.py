@@ -29,27 +29,31 @@ What it keeps:
   round-robin across the cameras that have some waiting (oldest first), so a camera sending
   six times as fast as another cannot take the other's place: each camera gets its max-min
   fair share of the capacity.
-* **Admission on arrival, sized from the measured capacity.** The capacity is measured, not
-  configured: a full batch over the slowest stage's time for a full batch (each stage's wall
-  time fitted as a + b x batch size on its recent batches, `StageCost`; decode is a stage, so
-  decoding and the CPU it takes from the detector are in it). A frame arriving for camera c, which then has
-  n >= 2 frames waiting, would enter the stage graph after about sum over cameras of
-  min(waiting, n) - 1 frames (round robin); when that many frames at the capacity, plus the
-  time through the stage graph, end after its deadline, camera c waits for more than its
-  share can judge in time: one of its
+* **The stage graph as one server, measured.** Its service time per batch is measured for
+  every batch that leaves with results: from entering the graph (or from the previous batch's
+  results, if later) to its results, fitted as a + b x batch size on the recent batches
+  (`StageCost`). Decode is a stage, so decoding and the CPU it takes from the detector are in
+  it; on a GPU, where the stages overlap, the time between results is the slowest stage's.
+  The capacity is a full batch over its service time. Each batch entering the graph is
+  expected out when the graph is free (the batch ahead out, as expected) plus its service
+  time; the moving mean error of those expectations is the margin (counted twice).
+* **Admission on arrival, sized from the measured capacity.** A frame arriving for camera c,
+  which then has n >= 2 frames waiting, would be judged after about sum over cameras of
+  min(waiting, n) frames (round robin), in full batches; when those batches, starting when
+  the graph is free, end after its deadline, camera c waits for more than its share can
+  judge in time: one of its
   own frames (its oldest, or the arriving one with `shed_policy: newest`) is answered `shed`
   (`over_share`) at once, before decode. A flooding camera pays for its own excess; the others
   keep their share. When more than `max_pending_frames` wait (a memory bound), the camera with
   the most waiting loses one the same way (`pending_full`).
-* **Batches inside the stage graph.** At most one batch per stage plus one (enough to keep
-  every stage busy, no deeper, so a batch's latency stays near the sum of the stage times).
+* **Batches inside the stage graph.** At most `max_batches_inside` (the pipeline sets it: one
+  per stage plus one where the stages overlap, on a GPU; 2 on a CPU, whose stages share the
+  cores: one batch decoding beside one in the detector, and deeper only adds latency).
   A batch is due when it is full, when its oldest frame has waited `max_delay_ms`, or at once
   while draining. When a batch enters, frames past their deadline get `timeout` and frames
-  that cannot have a result before it are answered `shed` (`deadline_unreachable`) before any
-  work (decode included) is spent on them. The time a batch takes is measured, from entering
-  the graph to its results, per number of batches it entered behind (its moving average
-  plus twice its moving mean deviation, so a result rarely comes back late); until that is
-  measured, it is modelled from the stage times.
+  that cannot have a result before it is expected out are answered `shed`
+  (`deadline_unreachable`) before any work (decode included) is spent on them; until a
+  batch's service time has been measured, that expectation is modelled from the stage times.
 * **The processor in service.** Each frame is judged by the processor (detector) in service
   when it was registered; `switch_processor` puts another in service (a recipe changeover)
   and says where the cut fell. Ingest registers each camera's frames in the order they came
@@ -100,7 +104,6 @@ class Slot:
     image: np.ndarray | None = None  # the decoded image, held when an overlay or a sink needs it
     enqueued: float = 0.0  # monotonic time it started waiting for a batch
     entered: float = 0.0  # monotonic time its batch entered the stage graph
-    ahead: int = 0  # batches inside the stage graph when its batch entered
     answered: bool = False  # set once, by the first answer
     verdict: Verdict | None = None  # held only until released (the deadline heap outlives it)
     processor: Any = None  # what judges it: the one in service at register; held only until released
@@ -158,8 +161,11 @@ class PipelineCore:
     """
 
     def __init__(self, batch: BatchConfig, pipeline: PipelineConfig, n_stages: int, clock: Clock,
-                 metrics: Metrics | None = None, run_id: str | None = None, processor: Any = None) -> None:
-        """`processor`: the processor in service (opaque here; each slot carries the one that judges it)."""
+                 metrics: Metrics | None = None, run_id: str | None = None, processor: Any = None,
+                 max_batches_inside: int | None = None) -> None:
+        """`processor`: the processor in service (opaque here; each slot carries the one that
+        judges it). `max_batches_inside`: batches inside the stage graph at once (default:
+        pipeline.max_batches_inside, else one per stage plus one)."""
         if n_stages < 1:
             raise ValueError("the pipeline needs at least one stage")
         self.clock = clock
@@ -176,13 +182,17 @@ class PipelineCore:
         self.deadline_s = pipeline.deadline_ms / 1000.0
         self.deadline_from = pipeline.deadline_from
         self.skew_tolerance_s = pipeline.clock_skew_tolerance_ms / 1000.0
-        self.max_batches_inside = n_stages + 1
+        self.max_batches_inside = max_batches_inside or pipeline.max_batches_inside or n_stages + 1
         self.stage_time_s = [0.0] * n_stages  # moving average per batch
         self.stage_deviation_s = [0.0] * n_stages  # moving mean absolute deviation from it
-        self.stage_cost = [StageCost() for _ in range(n_stages)]  # time per batch as a + b * frames
-        # measured time from entering the stage graph to the result, per number of batches
-        # that were inside when a batch entered: [moving average, moving mean deviation]
-        self.graph_latency_s: dict[int, list[float]] = {}
+        # The stage graph seen as one server: its service time per batch (from entering the
+        # graph, or the previous batch's results if later, to this batch's results), fitted as
+        # a + b * frames; when the latest batch inside is expected out; how far off that was.
+        self.service = StageCost()
+        self._expected_out: deque[float] = deque()  # per batch inside, oldest first: when expected out
+        self._last_done = float("-inf")  # when the last batch left with results
+        self.prediction_error_s = 0.0  # moving mean of |actual - predicted| leaving time
+        self.batches_judged = 0
 
         self._seq = itertools.count()
         self._cameras: dict[str, deque[Slot]] = {}  # reorder buffers: unreleased slots, receive order
@@ -280,15 +290,15 @@ class PipelineCore:
 
     def _over_share(self, queue: deque[Slot]) -> bool:
         """Whether the newest frame of this camera's `queue` cannot be judged before its deadline
-        when served in round robin with the other cameras' waiting frames at the measured
-        capacity (take_batch's rule, looked ahead by the frames served before it). False
-        while no capacity has been measured, and for a camera with one frame waiting."""
-        capacity = self.capacity_fps()
+        when served in round robin with the other cameras' waiting frames, in full batches at
+        the measured service time. False before a batch has been measured, and for a camera
+        with one frame waiting."""
         n = len(queue)
-        if capacity is None or n < 2:  # a camera with one frame waiting is within any share
+        if not self.service.measured or n < 2:  # a camera with one frame waiting is within any share
             return False
         before = sum(min(len(q), n) for q in self._pending.values()) - 1  # served before it (round robin)
-        done = self.clock.monotonic() + before / capacity + self.expected_latency_s()
+        batches = before // self.max_batch + 1  # its own batch included
+        done = self._graph_free_at() + batches * self.service.seconds(self.max_batch) + 2.0 * self.prediction_error_s
         return done > queue[-1].deadline
 
     def _shed_one(self, camera: str, reason: str) -> None:
@@ -323,7 +333,8 @@ class PipelineCore:
         due = self.batch_due_at()
         if due is None or due > self.clock.monotonic():
             return None
-        now, expected = self.clock.monotonic(), self.expected_latency_s()
+        now = self.clock.monotonic()
+        expected = self.expected_latency_s(min(self.max_batch, self._pending_count))
         processor = self._longest_waiting_processor()
         live: list[Slot] = []
         while len(live) < self.max_batch and self._pending_count:
@@ -340,8 +351,11 @@ class PipelineCore:
                 else:
                     live.append(slot)
         if live:
+            done = (self._graph_free_at() + self.service.seconds(len(live)) if self.service.measured
+                    else now + self.expected_latency_s(len(live)))
             for slot in live:
-                slot.entered, slot.ahead = now, self.batches_inside
+                slot.entered = now
+            self._expected_out.append(done)
             self.batches_inside += 1
             self.metrics.batch_size.observe(len(live))
         return live
@@ -378,34 +392,39 @@ class PipelineCore:
         if not self._pending[camera]:
             del self._pending[camera]
 
+    def _graph_free_at(self) -> float:
+        """When the stage graph can start on another batch: now, or when the latest batch
+        inside is expected out (the graph seen as one server)."""
+        now = self.clock.monotonic()
+        return max(now, self._expected_out[-1]) if self._expected_out else now
+
     def _stage_bounds(self) -> list[float]:
         """Each stage's time per batch, counted high: moving average + 2 mean deviations."""
         return [t + 2.0 * d for t, d in zip(self.stage_time_s, self.stage_deviation_s)]
 
-    def expected_latency_s(self) -> float:
-        """Time a batch entering stage 0 now would take to its result, counted high (average
-        + 2 mean deviations): as measured for batches that entered behind as many batches as
-        are inside now; before that was measured, modelled from the stage times (the batches
-        already inside wait for the slowest stage, then it passes every stage)."""
-        measured = self.graph_latency_s.get(self.batches_inside)
-        if measured is not None:
-            return measured[0] + 2.0 * measured[1]
+    def expected_latency_s(self, frames: int | None = None) -> float:
+        """Time from now until a batch of `frames` frames (default: a full one) entering the
+        stage graph now would have its results, counted high: it starts when the graph is
+        free (the batches inside out, as expected), then takes the measured service time,
+        plus twice the moving mean error of those expectations. Before any batch was
+        measured, modelled from the stage times: the batches inside wait for the slowest
+        stage, then it passes every stage."""
+        now = self.clock.monotonic()
+        if self.service.measured:
+            n = self.max_batch if frames is None else max(1, frames)
+            return self._graph_free_at() - now + self.service.seconds(n) + 2.0 * self.prediction_error_s
         bounds = self._stage_bounds()
         return self.batches_inside * max(bounds) + sum(bounds)
 
     def capacity_fps(self) -> float | None:
-        """Frames per second the stage graph judges at most: a full batch over the slowest
-        stage's time for a full batch (each stage's fitted cost, measured under the load it
-        runs at, CPU contention included). None before every stage has been measured."""
-        if not all(cost.measured for cost in self.stage_cost):
-            return None
-        slowest = max(cost.seconds(self.max_batch) for cost in self.stage_cost)
-        return self.max_batch / slowest if slowest > 0 else None
+        """Frames per second the stage graph judges at most: a full batch over its measured
+        service time for a full batch. None before a batch has been measured."""
+        seconds = self.service.seconds(self.max_batch)
+        return self.max_batch / seconds if seconds > 0 else None
 
     def stage_finished(self, stage: int, seconds: float, frames: int = 1) -> None:
-        """Record one stage's time for one batch of `frames` frames (feeds `expected_latency_s`
-        and `capacity_fps`)."""
-        self.stage_cost[stage].add(max(1, frames), seconds)
+        """Record one stage's time for one batch (the model of `expected_latency_s` until a
+        batch's service time has been measured; stage metrics)."""
         old = self.stage_time_s[stage]
         if old == 0.0:
             self.stage_time_s[stage] = seconds
@@ -415,17 +434,23 @@ class PipelineCore:
 
     def batch_left(self, judged: list[Slot] | None = None) -> None:
         """A batch that `take_batch` returned has left the stage graph (finished, failed or
-        abandoned). `judged`: its frames, when it left with their results (its time from
-        entering to now is measured for `expected_latency_s`)."""
+        abandoned; batches leave in the order they entered). `judged`: its frames, when it left
+        with their results: its service time (from entering, or from the previous batch's
+        results if later, to now) is measured, and how far its expected leaving time was off;
+        the batches still inside are expected that much later (or earlier) too."""
         self.batches_inside -= 1
-        if judged:
-            seconds, ahead = self.clock.monotonic() - judged[0].entered, judged[0].ahead
-            old = self.graph_latency_s.get(ahead)
-            if old is None:
-                self.graph_latency_s[ahead] = [seconds, 0.0]
-            else:
-                old[1] = 0.8 * old[1] + 0.2 * abs(seconds - old[0])
-                old[0] = 0.8 * old[0] + 0.2 * seconds
+        expected = self._expected_out.popleft() if self._expected_out else None
+        if not judged or expected is None:
+            return
+        now = self.clock.monotonic()
+        self.service.add(len(judged), now - max(judged[0].entered, self._last_done))
+        self._last_done = now
+        error = now - expected
+        self.prediction_error_s = (abs(error) if self.batches_judged == 0
+                                   else 0.8 * self.prediction_error_s + 0.2 * abs(error))
+        self.batches_judged += 1
+        for i in range(len(self._expected_out)):
+            self._expected_out[i] += error
 
     def deliver(self, slot: Slot, verdict: Verdict) -> None:
         """A detector result for `slot`; counted as late when the frame was already answered."""

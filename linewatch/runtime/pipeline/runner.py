@@ -100,6 +100,14 @@ def _cuda_torch() -> Any | None:
     return None
 
 
+def _default_depth(processor: Processor, n_stages: int) -> int:
+    """Batches inside the stage graph at once, unless configured: one per stage plus one where
+    the stages run on a GPU (each busy with its own batch), 2 on a CPU (the stages share its
+    cores: one batch decoding beside one in the detector; deeper only makes every batch wait)."""
+    device = str(getattr(processor, "device", "cpu"))
+    return n_stages + 1 if device.startswith("cuda") else 2
+
+
 def _record_stream(obj: Any, torch: Any, stream: Any) -> None:
     """Tell the CUDA caching allocator that tensors in `obj` are used on `stream`.
 
@@ -190,7 +198,8 @@ class Pipeline:
         self._stage_names = [DECODE_STAGE, *self._processor_stages]
         self._decoders = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="lw-decode")
         self._refused_log = RateLimiter(REFUSED_LOG_INTERVAL_S)  # one "frame refused" line per reason per 10 s
-        self.core = PipelineCore(batch, pipeline, len(self._stage_names), clock, self.metrics, processor=processor)
+        self.core = PipelineCore(batch, pipeline, len(self._stage_names), clock, self.metrics, processor=processor,
+                                 max_batches_inside=pipeline.max_batches_inside or _default_depth(processor, len(self._stage_names)))
         # A stage call or a publish taking this long means the pipeline is stuck (watchdog).
         self.stall_s = stall_s if stall_s is not None else max(10.0, 5 * pipeline.deadline_ms / 1000.0)
 
