@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from linewatch.runtime.ops.metrics import Metrics
-from linewatch.runtime.pipeline.core import PipelineCore, Slot, StageCost
+from linewatch.runtime.pipeline.core import LATE_QUANTILE, LATENESS_STEP, PipelineCore, RunningQuantile, Slot, StageCost
 from tests.runtime.fakes import FakeClock, add, make_core, result
 
 
@@ -91,9 +92,19 @@ def test_a_batch_is_expected_out_when_the_graph_is_free_plus_its_service_time_an
     assert core.take_batch() == second  # expected out at 0.8
     clock.advance(0.5)
     core.batch_left(judged=first)  # 0.1 s later than expected: the second is expected at 0.9
-    assert core.prediction_error_s == pytest.approx(0.1)
     service = core.service.seconds(4)  # now fitted from 0.4 and 0.5
-    assert core.expected_latency_s(4) == pytest.approx((0.9 - 0.5) + service + 2 * 0.1)
+    margin = LATENESS_STEP * service * LATE_QUANTILE  # 0.1 > the margin (0): it moved up one step
+    assert core.margin_s == pytest.approx(margin)
+    assert core.expected_latency_s(4) == pytest.approx((0.9 - 0.5) + service + margin)
+
+
+def test_the_margin_settles_where_two_percent_of_batches_leave_later() -> None:
+    rng = np.random.default_rng(3)
+    late = RunningQuantile(LATE_QUANTILE)
+    errors = rng.gamma(2.0, 0.05, 20_000) - 0.05  # skewed: mostly a little early or late, sometimes much later
+    for x in errors:
+        late.add(x, 0.005)
+    assert np.mean(errors[-5000:] > late.value) == pytest.approx(0.02, abs=0.01)
 
 
 def test_before_a_batch_was_measured_the_latency_is_modelled_from_the_stage_times() -> None:

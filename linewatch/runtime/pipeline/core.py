@@ -36,7 +36,8 @@ What it keeps:
   it; on a GPU, where the stages overlap, the time between results is the slowest stage's.
   The capacity is a full batch over its service time. Each batch entering the graph is
   expected out when the graph is free (the batch ahead out, as expected) plus its service
-  time; the moving mean error of those expectations is the margin (counted twice).
+  time, plus a margin: the running 98th percentile of how late batches left against that
+  expectation. A batch leaving late (or early) moves the expectations of those behind it.
 * **Admission on arrival, sized from the measured capacity.** A frame arriving for camera c,
   which then has n >= 2 frames waiting, would be judged after about sum over cameras of
   min(waiting, n) frames (round robin), in full batches; when those batches, starting when
@@ -85,6 +86,8 @@ EXPIRED_ON_ARRIVAL = "expired_on_arrival"  # timeout: past its deadline when it 
 FUTURE_CAPTURE = "capture_in_future"  # error: capture time beyond the clock-skew tolerance
 UNREACHABLE_REASON = "deadline_unreachable"  # shed before work: the result could not come in time
 OVER_SHARE = "over_share"  # shed on arrival: its camera waits for more than its share can judge in time
+LATE_QUANTILE = 0.98  # expected leaving times are counted high by this quantile of how late batches left
+LATENESS_STEP = 0.05  # its estimate moves by at most this share of a full batch's service time per batch
 PENDING_FULL = "pending_full"  # shed: too many frames waiting for a batch
 SHUTTING_DOWN = "shutting_down"  # shed: arrived while the daemon was stopping
 
@@ -144,6 +147,20 @@ class StageCost:
         return mean_t / mean_n * frames
 
 
+class RunningQuantile:
+    """A running estimate of the q-quantile of a stream (stochastic approximation): each value
+    above the estimate moves it up by step x q, each other value down by step x (1 - q), so it
+    settles where a share 1 - q of the values lie above it. `step` is given per update (the
+    scale of the values may change)."""
+
+    def __init__(self, q: float) -> None:
+        self.q = q
+        self.value = 0.0
+
+    def add(self, x: float, step: float) -> None:
+        self.value += step * (self.q if x > self.value else self.q - 1.0)
+
+
 @dataclass(frozen=True)
 class Cut:
     """Where a processor switch fell: the frames registered before it stay with the old one."""
@@ -191,8 +208,8 @@ class PipelineCore:
         self.service = StageCost()
         self._expected_out: deque[float] = deque()  # per batch inside, oldest first: when expected out
         self._last_done = float("-inf")  # when the last batch left with results
-        self.prediction_error_s = 0.0  # moving mean of |actual - predicted| leaving time
-        self.batches_judged = 0
+        # how late batches leave against what was expected: its 98th percentile is the margin
+        self.lateness = RunningQuantile(LATE_QUANTILE)
 
         self._seq = itertools.count()
         self._cameras: dict[str, deque[Slot]] = {}  # reorder buffers: unreleased slots, receive order
@@ -298,7 +315,7 @@ class PipelineCore:
             return False
         before = sum(min(len(q), n) for q in self._pending.values()) - 1  # served before it (round robin)
         batches = before // self.max_batch + 1  # its own batch included
-        done = self._graph_free_at() + batches * self.service.seconds(self.max_batch) + 2.0 * self.prediction_error_s
+        done = self._graph_free_at() + batches * self.service.seconds(self.max_batch) + self.margin_s
         return done > queue[-1].deadline
 
     def _shed_one(self, camera: str, reason: str) -> None:
@@ -392,6 +409,12 @@ class PipelineCore:
         if not self._pending[camera]:
             del self._pending[camera]
 
+    @property
+    def margin_s(self) -> float:
+        """How much later than expected a batch may leave: the running 98th percentile of how
+        late batches left (>= 0), so about 2 % of batches leave after their margin."""
+        return max(0.0, self.lateness.value)
+
     def _graph_free_at(self) -> float:
         """When the stage graph can start on another batch: now, or when the latest batch
         inside is expected out (the graph seen as one server)."""
@@ -412,7 +435,7 @@ class PipelineCore:
         now = self.clock.monotonic()
         if self.service.measured:
             n = self.max_batch if frames is None else max(1, frames)
-            return self._graph_free_at() - now + self.service.seconds(n) + 2.0 * self.prediction_error_s
+            return self._graph_free_at() - now + self.service.seconds(n) + self.margin_s
         bounds = self._stage_bounds()
         return self.batches_inside * max(bounds) + sum(bounds)
 
@@ -446,9 +469,7 @@ class PipelineCore:
         self.service.add(len(judged), now - max(judged[0].entered, self._last_done))
         self._last_done = now
         error = now - expected
-        self.prediction_error_s = (abs(error) if self.batches_judged == 0
-                                   else 0.8 * self.prediction_error_s + 0.2 * abs(error))
-        self.batches_judged += 1
+        self.lateness.add(error, LATENESS_STEP * self.service.seconds(self.max_batch))
         for i in range(len(self._expected_out)):
             self._expected_out[i] += error
 
