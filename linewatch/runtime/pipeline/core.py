@@ -344,9 +344,10 @@ class PipelineCore:
         return min(q[0].enqueued for q in self._pending.values()) + self.max_delay_s
 
     def take_batch(self) -> list[Slot] | None:
-        """The next batch, if one is due now: the frames to hand to stage 0 (in `slot.frame`). Frames past their deadline or unable to make it are answered here and
-        left out, and their places filled from the frames still waiting; the list is empty when
-        none was left (nothing entered the stage graph). None: no batch is due."""
+        """The next batch, if one is due now: the frames to hand to stage 0 (in `slot.frame`).
+        Frames past their deadline or unable to make it are answered here and left out, and
+        their places filled from the frames still waiting; the list is empty when none was
+        left (nothing entered the stage graph). None: no batch is due."""
         due = self.batch_due_at()
         if due is None or due > self.clock.monotonic():
             return None
