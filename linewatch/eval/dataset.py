@@ -11,9 +11,14 @@
                                                      saturation threshold (sPRO); absent -> PRO
 
 defects_config.json is a list of {"defect_name", "pixel_value", "saturation_threshold",
-"relative_saturation"}; "pixel_type" is accepted for "pixel_value". When several entries share
-a pixel value (linewatch's simulator marks every defect 255), a `manifest.json` entry
-`images["test/<type>/<id>.png"]["defect_name"]` picks the entry for that image.
+"relative_saturation"}; "pixel_type" is accepted for "pixel_value". A ground-truth PNG's pixel
+value picks its entry, as in the official MVTec LOCO AD evaluation script: when several entries
+share a pixel value, the last of them applies to every region with that value (the official
+script keeps one entry per value, the last one listed), and `Category.warnings` says so when
+their saturation settings differ. (Until 2026-12, `linewatch sim` marked every defect 255 with
+a logical saturation of 0.5 and a structural one of 1.0: the official script then saturated
+logical regions at 1.0, and linewatch, which picked the entry named in manifest.json, reported
+a higher logical sPRO than it.)
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -39,6 +43,8 @@ __all__ = [
     "list_categories",
     "read_defects_config",
     "saturation_area",
+    "defect_for_value",
+    "shared_value_warnings",
 ]
 
 ANOMALY_TYPES = {"logical_anomalies": "logical", "structural_anomalies": "structural"}
@@ -93,7 +99,8 @@ class TestImage:
 
 @dataclass
 class Category:
-    """A loaded category. defects is None when there is no defects_config.json (PRO)."""
+    """A loaded category. defects is None when there is no defects_config.json (PRO).
+    warnings: what the evaluation should say about the data (see `defect_for_value`)."""
 
     name: str
     root: Path
@@ -101,6 +108,7 @@ class Category:
     validation_dir: Path | None
     test_images: list[TestImage]
     defects: list[DefectType] | None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def metric_name(self) -> str:
@@ -112,7 +120,8 @@ class Category:
 
 def saturation_area(region_area: int, defect: DefectType | None) -> float:
     """s_r of the official evaluator: the area itself without a config; floor(threshold * area)
-    for relative saturation (at least 1 pixel); min(threshold, area) for absolute."""
+    for relative saturation; min(threshold, area) for absolute. One difference: a relative s_r is
+    at least 1 pixel here, where the official script divides by 0 (a region of one pixel at 0.5)."""
     if defect is None:
         return float(region_area)
     if defect.relative_saturation:
@@ -185,25 +194,32 @@ def _read_mask(path: Path) -> np.ndarray:
     return array
 
 
-def _pick_defect(candidates: list[DefectType], defect_name: str | None, where: str) -> DefectType:
-    if len(candidates) == 1:
-        return candidates[0]
-    if defect_name is not None:
-        named = [d for d in candidates if d.defect_name == defect_name]
-        if named:
-            return named[0]
-    settings = {(d.saturation_threshold, d.relative_saturation) for d in candidates}
-    if len(settings) == 1:
-        return candidates[0]
-    names = ", ".join(d.defect_name for d in candidates)
-    raise DatasetError(
-        f"{where}: pixel value {candidates[0].pixel_value} is used by several defect types ({names}) with "
-        "different saturation thresholds, and manifest.json does not name this image's defect_name"
-    )
+def defect_for_value(defects: list[DefectType], pixel_value: int) -> DefectType | None:
+    """The entry that applies to regions of `pixel_value`: the last one listed with that value,
+    as the official evaluator's `DefectsConfig` (a dict from pixel value to entry) keeps it.
+    None when no entry has the value."""
+    matching = [d for d in defects if d.pixel_value == pixel_value]
+    return matching[-1] if matching else None
 
 
-def _read_regions(gt_dir: Path, image_shape: tuple[int, int], defects: list[DefectType] | None,
-                  defect_name: str | None) -> list[GroundTruthRegion]:
+def shared_value_warnings(defects: list[DefectType], where: Path) -> list[str]:
+    """A warning per pixel value that several entries share with different saturation settings:
+    the official evaluator (and linewatch, to agree with it) applies the last one to all."""
+    out = []
+    for value in sorted({d.pixel_value for d in defects}):
+        matching = [d for d in defects if d.pixel_value == value]
+        if len({(d.saturation_threshold, d.relative_saturation) for d in matching}) > 1:
+            last = matching[-1]
+            out.append(f"{where}: pixel value {value} is shared by {', '.join(d.defect_name for d in matching)} "
+                       f"with different saturation thresholds; every region of that value is saturated as "
+                       f"{last.defect_name} ({last.saturation_threshold:g}"
+                       f"{' of its area' if last.relative_saturation else ' pixels'}), as the official MVTec "
+                       f"LOCO AD evaluator does (it keeps the last entry per pixel value): give each defect "
+                       f"type its own pixel value")
+    return out
+
+
+def _read_regions(gt_dir: Path, image_shape: tuple[int, int], defects: list[DefectType] | None) -> list[GroundTruthRegion]:
     """Regions of one defect image: one per PNG with a config (LOCO), else one per connected
     component (plain PRO)."""
     if not gt_dir.is_dir():
@@ -230,11 +246,10 @@ def _read_regions(gt_dir: Path, image_shape: tuple[int, int], defects: list[Defe
                 part = labels == c
                 regions.append(GroundTruthRegion(part, value, None, float(part.sum()), png))
             continue
-        candidates = [d for d in defects if d.pixel_value == value]
-        if not candidates:
+        defect = defect_for_value(defects, value)
+        if defect is None:
             raise DatasetError(f"{png}: pixel value {value} is not in defects_config.json "
                                f"(known: {sorted({d.pixel_value for d in defects})})")
-        defect = _pick_defect(candidates, defect_name, str(png))
         regions.append(GroundTruthRegion(mask, value, defect, saturation_area(int(mask.sum()), defect), png))
     if not regions:
         raise DatasetError(f"{gt_dir}: every ground-truth PNG is empty (all zero)")
@@ -272,13 +287,6 @@ def load_category(root: str | Path, with_ground_truth: bool = True) -> Category:
 
     config_path = root / "defects_config.json"
     defects = read_defects_config(config_path) if config_path.exists() else None
-    manifest: dict[str, Any] = {}
-    manifest_path = root / "manifest.json"
-    if manifest_path.exists():
-        try:
-            manifest = json.loads(manifest_path.read_text()).get("images", {}) or {}
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise DatasetError(f"{manifest_path}: not a valid manifest: {e}") from None
 
     images: list[TestImage] = []
     for subdir, label in TEST_SUBDIRS.items():
@@ -288,11 +296,10 @@ def load_category(root: str | Path, with_ground_truth: bool = True) -> Category:
         for path in _image_files(folder):
             item = TestImage(path=path, label=label, subdir=subdir, image_id=path.stem)
             if label != "good" and with_ground_truth:
-                entry = manifest.get(f"test/{subdir}/{path.name}") or {}
-                item.regions = _read_regions(root / "ground_truth" / subdir / path.stem, _image_shape(path),
-                                             defects, entry.get("defect_name"))
+                item.regions = _read_regions(root / "ground_truth" / subdir / path.stem, _image_shape(path), defects)
             images.append(item)
     if not any(t.is_anomalous for t in images):
         raise DatasetError(f"{test}: no anomalous test images (logical_anomalies/ or structural_anomalies/)")
     return Category(name=root.name, root=root, train_dir=train, validation_dir=validation,
-                    test_images=images, defects=defects)
+                    test_images=images, defects=defects,
+                    warnings=shared_value_warnings(defects, config_path) if defects else [])

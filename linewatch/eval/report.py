@@ -7,8 +7,11 @@ Layout of the output folder:
     roc_<category>.png          image-level ROC curves (logical, structural; each method)
     examples_<category>.png     a grid of example images with ground truth and heatmaps
     anomaly_maps/<method>/<category>/test/<type>/<id>.tiff
-                                float32 maps at original size; pass anomaly_maps/<method> as
-                                the official evaluator's --anomaly_maps_dir
+                                float32 maps at original size, each map's maximum the image
+                                score, equal values ordered (linewatch.eval.maps); the maps
+                                linewatch's metrics are computed on. The official evaluator
+                                accepts them (link <category> under a LOCO name; `python -m
+                                linewatch.eval.official` does, and compares its numbers)
 
 Figures are drawn with OpenCV (no plotting library needed).
 """

@@ -4,7 +4,8 @@ Per category and method: fit on train/good (the object pipeline builds its templ
 PatchCore its patch memory), calibrate the verdict threshold on validation/good, score every
 test image, then compute
 
-- image AUROC of good vs logical, good vs structural, and their mean;
+- image AUROC of good vs logical, good vs structural, and their mean (the image score is the
+  method's score, which is also the maximum of the map written for the image: `maps.official_maps`);
 - AU-sPRO up to FPR `max_fpr` (AU-PRO without defects_config.json) for each anomaly type,
   each on that type's images plus the good test images, and their mean;
 - the false-reject rate (good test images failed) and escape rates (anomalous images passed)
@@ -37,6 +38,7 @@ from linewatch.detector.calibration import MIN_SCORES, Calibration, calibrate
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import BACKEND_LABELS, Models, build_models, select_device
 from linewatch.eval.dataset import ANOMALY_TYPES, Category, DatasetError, list_categories, load_category
+from linewatch.eval.maps import official_maps
 from linewatch.eval.metrics import au_spro, image_auroc, rates_at_threshold
 from linewatch.eval.patchcore import PatchCore
 from linewatch.eval.results import MethodRun
@@ -171,6 +173,14 @@ def run_patchcore(config: Config, category: Category, models: Models, device: to
         seconds={"fit": round(fit_seconds, 3), "calibrate": round(calibrate_seconds, 3), "test": round(test_seconds, 3)},
         info={"memory_bank_patches": model.bank_size},
     )
+
+
+def for_official_evaluator(run: MethodRun) -> MethodRun:
+    """The run with the maps `linewatch eval` scores and writes (`linewatch.eval.maps.official_maps`):
+    each map's maximum is the image score, and no mass of exactly equal values, so that the
+    official MVTec LOCO AD script accepts the maps and computes the same image AUROC from them."""
+    maps, scores = official_maps(run.maps, run.scores)
+    return replace(run, maps=maps, scores=scores)
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
@@ -325,6 +335,8 @@ def evaluate(
     for category in loaded:
         log(f"{category.name}: {len(category.test_images)} test images, {category.metric_name} "
             f"({'defects_config.json' if category.defects else 'no defects_config.json'})")
+        for warning in category.warnings:
+            log(f"{category.name}: WARNING: {warning}")
         runs: dict[str, MethodRun] = {}
         detector_methods = [m for m in methods if m in DETECTOR_METHODS]
         if detector_methods:
@@ -332,6 +344,7 @@ def evaluate(
         if "patchcore" in methods:
             runs["patchcore"] = run_patchcore(config, category, models, device, batch_size=batch_size, progress=progress)
         for name in methods:
+            runs[name] = for_official_evaluator(runs[name])
             metrics = category_metrics(category, runs[name], max_fpr)
             report["categories"].setdefault(category.name, {})[name] = metrics
             log(false_reject_line(category.name, name, metrics))

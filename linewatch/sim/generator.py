@@ -800,16 +800,22 @@ def render(
 _SPLIT_IDS = {"train": 0, "validation": 1, "test_good": 2, "test_logical": 3, "test_structural": 4}
 
 
+def defect_pixel_value(product: str, anomaly: str) -> int:
+    """The ground-truth PNG value of `anomaly`: 255, 254, ... in the product's anomaly order
+    (logical first), one value per defect type as in MVTec LOCO AD."""
+    return 255 - PRODUCT_SPECS[product].anomalies.index(anomaly)
+
+
 def defects_config(product: str) -> list[dict[str, Any]]:
-    """LOCO-style defect list. Every ground-truth PNG here uses pixel value 255, so
-    `pixel_value` does not tell defects apart; manifest.json names each test image's defect
-    (`defect_name` = "<anomaly>"), which an evaluator uses to pick the entry.
-    Saturation: logical defects saturate at half the marked region, structural at all of it."""
+    """LOCO-style defect list: each defect type with its own pixel value (`defect_pixel_value`),
+    the value its ground-truth PNGs hold, so the official evaluator, which finds a region's
+    entry by its pixel value, saturates each defect type as listed here. Saturation: logical
+    defects saturate at half the marked region, structural at all of it."""
     spec = PRODUCT_SPECS[product]
     out = []
     for a in spec.anomalies:
         logical = a in spec.logical
-        out.append({"defect_name": a, "pixel_value": 255,
+        out.append({"defect_name": a, "pixel_value": defect_pixel_value(product, a),
                     "saturation_threshold": 0.5 if logical else 1.0, "relative_saturation": True})
     return out
 
@@ -838,7 +844,8 @@ def generate_dataset(
 
       train/good/000.png, validation/good/000.png, test/good/000.png,
       test/logical_anomalies/000.png, test/structural_anomalies/000.png,
-      ground_truth/{logical,structural}_anomalies/000/000.png (uint8, 0 or 255),
+      ground_truth/{logical,structural}_anomalies/000/000.png (uint8, 0 or the defect type's
+      pixel value, `defect_pixel_value`),
       defects_config.json, manifest.json.
 
     Anomaly kinds cycle through the product's logical / structural anomalies
@@ -877,7 +884,8 @@ def generate_dataset(
         _write_png(out / rel, image)
         if anomaly is not None:
             category = info["category"]
-            _write_png(out / "ground_truth" / category / f"{i:03d}" / "000.png", gt.astype(np.uint8) * 255)
+            _write_png(out / "ground_truth" / category / f"{i:03d}" / "000.png",
+                       gt.astype(np.uint8) * np.uint8(defect_pixel_value(product, anomaly)))
         if split.startswith("test"):
             manifest[rel] = {"anomaly": anomaly, "defect_name": anomaly, "part": info["part"],
                              "n_parts": info["n_parts"]}

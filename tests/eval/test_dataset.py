@@ -83,7 +83,9 @@ def test_without_config_regions_are_connected_components(tmp_path):
     assert all(r.defect is None for r in regions)
 
 
-def test_pixel_type_alias_and_manifest_disambiguation(tmp_path):
+def test_a_shared_pixel_value_takes_the_last_entry_as_the_official_evaluator(tmp_path):
+    # the official script's DefectsConfig maps pixel value -> entry, so the last entry of a value
+    # applies to every region of it; a manifest naming each image's defect changes nothing
     config = [
         {"defect_name": "missing", "pixel_type": 255, "saturation_threshold": 0.5, "relative_saturation": True},
         {"defect_name": "scratch", "pixel_type": 255, "saturation_threshold": 1.0, "relative_saturation": True},
@@ -92,14 +94,23 @@ def test_pixel_type_alias_and_manifest_disambiguation(tmp_path):
     for rel in ("logical_anomalies/000/000.png", "logical_anomalies/000/001.png", "structural_anomalies/000/000.png"):
         m = cv2.imread(str(root / "ground_truth" / rel), cv2.IMREAD_UNCHANGED)
         cv2.imwrite(str(root / "ground_truth" / rel), (m > 0).astype(np.uint8) * 255)
-    with pytest.raises(DatasetError, match="several defect types"):
-        load_category(root)
     manifest = {"images": {"test/logical_anomalies/000.png": {"defect_name": "missing"},
                            "test/structural_anomalies/000.png": {"defect_name": "scratch"}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     cat = load_category(root)
-    assert [r.saturation for r in cat.images("logical")[0].regions] == [2.0, 3.0]  # 0.5 * 4, 0.5 * 6
+    assert [r.saturation for r in cat.images("logical")[0].regions] == [4.0, 6.0]  # 1.0 * 4, 1.0 * 6
+    assert [r.defect.defect_name for r in cat.images("logical")[0].regions] == ["scratch", "scratch"]
     assert cat.images("structural")[0].regions[0].saturation == 5.0
+    [warning] = cat.warnings
+    assert "pixel value 255 is shared by missing, scratch" in warning and "saturated as scratch (1 of its area)" in warning
+    # the same settings under one value: nothing to warn about
+    config[0]["saturation_threshold"] = 1.0
+    (root / "defects_config.json").write_text(json.dumps(config))
+    assert load_category(root).warnings == []
+
+
+def test_distinct_pixel_values_warn_about_nothing(tmp_path):
+    assert load_category(make_category(tmp_path, CONFIG)).warnings == []
 
 
 def test_saturation_area_rules():

@@ -10,6 +10,7 @@ import pytest
 from linewatch.config import config_from_dict
 from linewatch.detector.models import BACKEND_LABELS
 from linewatch.eval.cli import register
+from linewatch.eval.metrics import image_auroc
 from linewatch.eval.report import score_caption
 from linewatch.eval.runner import evaluate, resolve_methods
 from linewatch.sim import generate_dataset
@@ -93,6 +94,12 @@ def test_evaluate_both_methods_writes_a_well_formed_report(sim_root, tmp_path):
         assert {t.parent.name for t in tiffs} == {"good", "logical_anomalies", "structural_anomalies"}
         amap = cv2.imread(str(tiffs[0]), cv2.IMREAD_UNCHANGED)
         assert amap.dtype == np.float32 and amap.shape == (SOURCE, SOURCE)
+        # the maps' maxima are the image scores: they give the reported AUROC (as the official script takes them)
+        peaks = {t: float(cv2.imread(str(t), cv2.IMREAD_UNCHANGED).max()) for t in tiffs}
+        for kind in ("logical", "structural"):
+            chosen = [t for t in tiffs if t.parent.name in ("good", f"{kind}_anomalies")]
+            auroc = image_auroc([t.parent.name != "good" for t in chosen], [peaks[t] for t in chosen])
+            assert round(auroc, 4) == saved["categories"]["screw_tray"][method]["image_auroc"][kind]
 
 
 def test_cli_eval_patchcore_and_dataset_error(sim_root, tmp_path, capsys):

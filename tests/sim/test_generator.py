@@ -23,7 +23,7 @@ from linewatch.sim import (
     product_anomalies,
     render,
 )
-from linewatch.sim.generator import DRAWERS, PRODUCT_SPECS, Part
+from linewatch.sim.generator import DRAWERS, PRODUCT_SPECS, Part, defect_pixel_value
 
 COUNTS = dict(n_train=3, n_val=2, n_test_good=2, n_test_logical=4, n_test_structural=3)
 # every (product, anomaly) pair the generator knows, each product with its own list
@@ -76,7 +76,10 @@ def test_ground_truth_masks(dataset: Path) -> None:
         for d in (dataset / "ground_truth" / category).iterdir():
             gt = cv2.imread(str(d / "000.png"), cv2.IMREAD_UNCHANGED)
             assert gt.shape == (96, 96) and gt.dtype == np.uint8
-            assert set(np.unique(gt)) == {0, 255}  # non-empty and binary
+            anomaly = json.loads((dataset / "manifest.json").read_text())["images"][
+                f"test/{category}/{d.name}.png"]["anomaly"]
+            # non-empty and binary, marked with the defect type's own value
+            assert set(np.unique(gt)) == {0, defect_pixel_value("screw_tray", anomaly)}
 
 
 def test_deterministic_bytes(dataset: Path, tmp_path: Path) -> None:
@@ -168,6 +171,8 @@ def test_shape_product_dataset(product: str, tmp_path: Path) -> None:
     assert [c["defect_name"] for c in config] == list(logical + structural)
     assert {c["defect_name"]: c["saturation_threshold"] for c in config} == {
         **{a: 0.5 for a in logical}, **{a: 1.0 for a in structural}}
+    # one pixel value per defect type (the official evaluator finds a region's entry by it)
+    assert [c["pixel_value"] for c in config] == [255 - i for i in range(len(config))]
     images = json.loads((out / "manifest.json").read_text())["images"]
     assert [images[f"test/logical_anomalies/{i:03d}.png"]["anomaly"] for i in range(len(logical) + 1)] == [
         *logical, logical[0]]
@@ -176,7 +181,8 @@ def test_shape_product_dataset(product: str, tmp_path: Path) -> None:
     for category, n in (("logical_anomalies", len(logical) + 1), ("structural_anomalies", len(structural))):
         for i in range(n):
             gt = cv2.imread(str(out / "ground_truth" / category / f"{i:03d}" / "000.png"), cv2.IMREAD_UNCHANGED)
-            assert gt.shape == (96, 96) and set(np.unique(gt)) == {0, 255}
+            anomaly = images[f"test/{category}/{i:03d}.png"]["anomaly"]
+            assert gt.shape == (96, 96) and set(np.unique(gt)) == {0, defect_pixel_value(product, anomaly)}
     generate_dataset(tmp_path / "b", product, seed=3, size=96, **counts)
     assert _files(tmp_path / "b" / product) == _files(out)
 
