@@ -54,6 +54,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "${ARGS[0]}"
 OUT="$(cd "${ARGS[0]}" && pwd)"
 WHEELS="${ARGS[1]:-$REPO/.whl}"
+[[ -d "$WHEELS" ]] && WHEELS="$(cd "$WHEELS" && pwd)"  # a relative WHEEL_DIR names the caller's folder
 PY="${PYTHON:-python3}"
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
 if (( DRY_RUN )); then BUDGET_S="${GPU_CHECK_BUDGET_S:-1500}"; else BUDGET_S="${GPU_CHECK_BUDGET_S:-345}"; fi
