@@ -58,7 +58,8 @@ WHEELS="${ARGS[1]:-$REPO/.whl}"
 PY="${PYTHON:-python3}"
 SITE="${GPU_CHECK_SITE:-/tmp/site}"
 if (( DRY_RUN )); then BUDGET_S="${GPU_CHECK_BUDGET_S:-1500}"; else BUDGET_S="${GPU_CHECK_BUDGET_S:-345}"; fi
-LOGS="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")"
+LOGS="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")"  # packed into OUT_DIR/logs.tgz after every step
+trap 'rm -rf "$LOGS"' EXIT
 T_START="$(date +%s.%N)"
 STEPS=()
 cd "$REPO"
@@ -182,6 +183,5 @@ step bench_grid "$CAP_BENCH" "$PY" benchmarks/detector_bench.py "${BENCH[@]}" "$
     --precisions bf16 --generators batched --prompts full_grid --out "$OUT/bench_grid.json"
 
 write_summary
-rm -rf "$LOGS"
 echo "summary: $(tr -d '\n' < "$OUT/summary.json")"
 grep -q '"ok": false' "$OUT/summary.json" && exit 1 || exit 0
