@@ -1,44 +1,93 @@
 #!/usr/bin/env bash
-# Download, on a machine that reaches the package registry, the wheels that the GPU machine
-# lacks (CPython 3.12, manylinux x86-64), into .whl/ at the repository root (git-ignored).
+# Download, on a machine that reaches the package registry, the wheels that the GPU machine lacks
+# (manylinux x86-64, CPython 3.12 unless --python-version says otherwise), into DEST (default
+# <repo>/.whl, git-ignored). benchmarks/gpu_check.sh installs them there with
+# `pip install --no-index --no-deps --target` and PYTHONPATH, as the device tool's README says.
 #
-#     bash benchmarks/fetch_gpu_wheels.sh [DEST]      # DEST defaults to <repo>/.whl
+#     bash benchmarks/fetch_gpu_wheels.sh [--python-version X.Y] [DEST]
 #
-# The GPU machine has torch (CUDA), torchvision, timm, numpy, opencv-python-headless, pytest,
-# scikit-learn, safetensors, pyyaml and prometheus-client, but no network. Everything else that
-# pyproject.toml needs at run time or for the tests (dev extras) travels as a wheel, with the
-# needs of those wheels that are not on that list either. Versions are those installed in the
-# development venv (/work/main/.venv, `pip list`), so the GPU run uses what the tests here use.
-# benchmarks/gpu_check.sh installs them with `pip install --no-index --no-deps --target`.
+# The GPU machine's image ('cuda'; the device tool's KINDS.md lists its packages) has torch,
+# torchvision, timm, numpy, scipy, opencv-python-headless, pillow, prometheus-client, pyyaml,
+# safetensors, tqdm, filelock, attrs, packaging, typing-extensions and pytest with pytest-timeout
+# and pytest-xdist, but no network. What else gpu_check.sh imports -- linewatch's own
+# dependencies, those of the test modules it collects (`pytest -m cuda` imports every test
+# module), and what those need -- is WHEELS below, one version each (two wheels of one package
+# stop the whole install): the version deploy/constraints.txt pins for that Python.
+# typing-extensions is in the image too, but pydantic needs a recent one: it travels as well.
+# benchmarks/simulated_gpu_image.sh proves the list: a venv holding only the image's packages
+# plus these wheels runs `gpu_check.sh --dry-run` to the end.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-DEST="${1:-$REPO/.whl}"
 PYTHON="${PYTHON:-python3}"
+PY_VERSION=3.12
+DEST=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --python-version) PY_VERSION="$2"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "fetch_gpu_wheels.sh: unknown option $1" >&2; exit 2 ;;
+        *) DEST="$1"; shift ;;
+    esac
+done
+DEST="${DEST:-$REPO/.whl}"
 
 WHEELS=(
-    # runtime dependencies of pyproject.toml
-    segment-anything==1.0
-    pyzmq==27.3.0
-    structlog==26.1.0
-    pydantic==2.14.4
-    tqdm==4.70.1
-    pillow==13.0.0            # listed as uncertain on the GPU machine; a wheel costs little
+    # linewatch's dependencies (pyproject.toml) that the image lacks
+    segment-anything pyzmq structlog pydantic paho-mqtt
     # what pydantic needs
-    pydantic-core==2.50.5
-    annotated-types==0.8.0
-    typing-inspection==0.4.5
-    typing-extensions==4.16.0
-    # dev extras of pyproject.toml
-    pytest-timeout==2.4.0
-    imagezmq==1.2.0
+    pydantic-core annotated-types typing-inspection typing-extensions
+    # the tests' (pyproject.toml's dev extras; imported at the top of test modules)
+    imagezmq jsonschema
+    # what jsonschema needs (attrs is in the image)
+    jsonschema-specifications referencing rpds-py
 )
+
+# name==version as deploy/constraints.txt pins it for this Python on Linux x86-64
+SPECS="$("$PYTHON" - "$REPO/deploy/constraints.txt" "$PY_VERSION" "${WHEELS[@]}" <<'EOF'
+import re
+import sys
+
+try:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+except ImportError:  # pip always carries its own copy
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name
+
+path, version, *names = sys.argv[1:]
+env = {"python_version": version, "python_full_version": version + ".0", "sys_platform": "linux",
+       "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+       "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+pins = {}
+for line in open(path):
+    line = line.split("#", 1)[0].strip()
+    if not line or line.startswith("-"):
+        continue
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate(env):
+        continue
+    exact = [s.version for s in req.specifier if s.operator == "=="]
+    if exact:
+        pins[canonicalize_name(req.name)] = exact[0]
+missing = [n for n in names if canonicalize_name(n) not in pins]
+if missing:
+    sys.exit(f"fetch_gpu_wheels.sh: deploy/constraints.txt pins no version of {', '.join(missing)} for Python {version}")
+print("\n".join(f"{n}=={pins[canonicalize_name(n)]}" for n in names))
+EOF
+)"
+
+PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+for n in $(seq 17 35); do PLATFORMS+=(--platform "manylinux_2_${n}_x86_64"); done
 
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl  # one version of each: two wheels of one package stop the whole install
-for spec in "${WHEELS[@]}"; do
-    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$DEST" "$spec"
-done
+# shellcheck disable=SC2086
+"$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+    "${PLATFORMS[@]}" -d "$DEST" $SPECS
+count="$(ls "$DEST"/*.whl | wc -l)"
+if (( count != ${#WHEELS[@]} )); then
+    echo "fetch_gpu_wheels.sh: expected ${#WHEELS[@]} wheels in $DEST, found $count" >&2
+    exit 1
+fi
 ls -l "$DEST"
-echo "$(ls "$DEST"/*.whl | wc -l) wheels, $(du -sh "$DEST" | cut -f1) in $DEST"
+echo "$count wheels for CPython $PY_VERSION, $(du -sh "$DEST" | cut -f1) in $DEST"

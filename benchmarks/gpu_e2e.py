@@ -1,7 +1,10 @@
 """End-to-end daemon run with the SAM-LAD models at full size: prints and writes what it measured.
 
-    python benchmarks/gpu_e2e.py --out e2e.json [--duration 60] [--rates 30 100]
+    python benchmarks/gpu_e2e.py --out e2e.json [--duration 60] [--rates 30 100] [--set KEY=VALUE ...]
+        [--serve-set KEY=VALUE ...] [--restart]
     python benchmarks/gpu_e2e.py --device cpu --size 256 --duration 5 --rates 2 --out /tmp/e2e.json   (CPU try)
+    python benchmarks/gpu_e2e.py --device cpu --tiny --size 128 --duration 3 --rates 2 --out /tmp/e2e.json
+        (tiny random models through benchmarks/tiny_cli.py: the plumbing in a minute on a CPU)
 
 Steps, each through the project's own commands (`python -m linewatch.cli`, as the installed `linewatch`):
   1. benchmarks/random_checkpoints.py writes DINOv2 ViT-S/14, FeatUp's JBU stack and SAM vit_b with RANDOM
@@ -12,6 +15,11 @@ Steps, each through the project's own commands (`python -m linewatch.cli`, as th
   4. A few warm-up frames, then per rate: `linewatch replay --fps RATE --encoding jpeg --loop --count
      RATE*duration` with one camera id per rate, while a ZeroMQ subscriber here collects the verdicts.
   5. SIGTERM to serve, which must exit 0.
+  6. With --restart: `linewatch serve` started again on the same bank (torch.compile's caches warm from the
+     first start), the seconds until /readyz answers 200 (restart_ready_s), and SIGTERM again.
+--set applies to the config of every command, --serve-set (e.g. detector.compile=true) to serve's alone: the bank
+is built without paying for compilation (detector.compile is not part of the bank's fingerprint).
+The JSON is written after each step, so a run stopped by a timeout leaves what it had measured.
 
 Per rate: frames sent; verdicts received, by value and by reason; judged frames/s = (pass + fail verdicts - 1) over
 the time from the first to the last of them; capture->verdict latency p50/p99 = verdict receive time minus the
@@ -67,8 +75,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TINY = {"flag": False}  # --tiny: every command through benchmarks/tiny_cli.py
+
+
 def cli(*args: str) -> list[str]:
-    """The `linewatch` command of this checkout (pyproject's [project.scripts]: linewatch.cli:main)."""
+    """The `linewatch` command of this checkout (pyproject's [project.scripts]: linewatch.cli:main); with
+    --tiny, the same through benchmarks/tiny_cli.py (tiny random samlad models)."""
+    if TINY["flag"]:
+        return [sys.executable, str(ROOT / "benchmarks" / "tiny_cli.py"), *args]
     return [sys.executable, "-m", "linewatch.cli", *args]
 
 
@@ -103,17 +117,25 @@ def set_key(config: dict, dotted: str, value: Any) -> None:
     config[last] = value
 
 
-def make_config(args, work: Path, checkpoints: dict[str, Path], ports: dict[str, int]) -> Path:
-    """The daemon's YAML: samlad on args.device, checkpoints by path, loopback ports, --set overrides."""
-    sam = {"checkpoint": str(checkpoints["sam"]), "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+def make_config(args, work: Path, checkpoints: dict[str, Path], ports: dict[str, int],
+                extra: list[str] = (), name: str = "e2e.yaml") -> Path:
+    """The daemon's YAML: samlad on args.device, checkpoints by path (--tiny: none, tiny models' settings),
+    loopback ports, --set overrides, then `extra` ones (serve's --serve-set)."""
+    sam: dict[str, Any] = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    samlad: dict[str, Any] = {"weights_dir": str(work / "models"), "sam": sam}
+    if checkpoints:
+        sam["checkpoint"] = str(checkpoints["sam"])
+        samlad.update(backbone_checkpoint=str(checkpoints["backbone"]), upsampler_checkpoint=str(checkpoints["upsampler"]))
     if args.sam_points_per_side is not None:
         sam["points_per_side"] = args.sam_points_per_side
+    detector: dict[str, Any] = {"backend": "samlad", "device": args.device, "image_size": args.image_size,
+                                "samlad": samlad}
+    if args.tiny:  # as tests/detector/samlad_models.py: 1-block models at 112 px, a 2 x 2 grid, two JBU stages
+        samlad.update(upsample_stages=2, allow_untrained_upsampler_setup=True)
+        sam["coarse_points_per_side"] = 1
+        detector["objects"] = {"min_area": 0.0005, "max_area": 0.9, "max_objects": 6}
     config: dict[str, Any] = {
-        "detector": {
-            "backend": "samlad", "device": args.device, "image_size": args.image_size,
-            "samlad": {"weights_dir": str(work / "models"), "backbone_checkpoint": str(checkpoints["backbone"]),
-                       "upsampler_checkpoint": str(checkpoints["upsampler"]), "sam": sam},
-        },
+        "detector": detector,
         "bank": {"path": str(work / "bank.lwbank")},
         "runtime": {
             "ingest": {"endpoints": [{"url": f"tcp://127.0.0.1:{ports['ingest']}"}], "receive_hwm": 1000,
@@ -123,12 +145,14 @@ def make_config(args, work: Path, checkpoints: dict[str, Path], ports: dict[str,
             "logging": {"level": "INFO", "format": "json"},
         },
     }
-    for item in args.set:
+    if args.tiny:
+        config["calibration"] = {"min_validation_images": min(5, args.validation)}
+    for item in [*args.set, *extra]:
         key, sep, value = item.partition("=")
         if not sep:
             raise E2EError(f"--set {item!r}: expected KEY=VALUE")
         set_key(config, key, yaml.safe_load(value))
-    path = work / "e2e.yaml"
+    path = work / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -377,13 +401,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-workers", type=int, default=4, help="runtime.ingest.decode_workers")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any config key, e.g. runtime.pipeline.deadline_ms=60000 (repeatable; VALUE read as YAML)")
+    ap.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config key for `serve` alone, after --set: detector.compile=true compiles in serve's "
+                         "warm-up, not in the bank build (repeatable)")
+    ap.add_argument("--restart", action="store_true",
+                    help="after the rates, start serve again on the same bank and time it to ready")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny random samlad models (benchmarks/tiny_cli.py), no checkpoints: the plumbing on a CPU")
     ap.add_argument("--warmup-frames", type=int, default=3, help="frames sent and answered before the first rate")
     ap.add_argument("--ready-timeout", type=float, default=180.0, help="seconds for serve to answer /readyz 200")
     ap.add_argument("--work", help="work folder, kept (default: a temporary folder, removed)")
     ap.add_argument("--logs", help="copy the step log and the daemon's log (steps.log, serve.log) into this folder")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
-    if args.sam_points_per_side is None and cpu:
+    if args.tiny and args.image_size == 224:
+        args.image_size = 112
+    if args.sam_points_per_side is None and (cpu or args.tiny):
         args.sam_points_per_side = 2
     if args.good is None:
         args.good = 3 if cpu else 10
@@ -394,6 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    TINY["flag"] = args.tiny
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` still runs the cleanup below
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lw-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -403,31 +437,43 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work", "logs")},
-        "weights": "RANDOM (official layouts, real loaders): compute of the real models, verdicts meaningless",
+        "weights": ("TINY random models (benchmarks/tiny_cli.py): the plumbing only" if args.tiny else
+                    "RANDOM (official layouts, real loaders): compute of the real models, verdicts meaningless"),
         "judged_fps_definition": "(pass + fail verdicts of the rate - 1) / time from the first to the last of them",
         "latency_definition": "verdict receive time minus the frame's capture_ts (replay's send time), same host",
-        "steps_s": {}, "rates": [], "ok": False,
+        "steps_s": {}, "rates": [], "ok": False, "complete": False,
     }
+
+    def save() -> None:  # after every step: a run stopped by its timeout keeps what it measured
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
     serve: Serve | None = None
     sub: Subscriber | None = None
     code = 1
     try:
         t0 = time.monotonic()
-        from random_checkpoints import write_random_checkpoints  # benchmarks/ is sys.path[0] for this script
+        checkpoints: dict[str, Path] = {}
+        if not args.tiny:
+            from random_checkpoints import write_random_checkpoints  # benchmarks/ is sys.path[0] for this script
 
-        checkpoints = write_random_checkpoints(work / "models")
-        results["steps_s"]["random_checkpoints"] = round(time.monotonic() - t0, 1)
+            checkpoints = write_random_checkpoints(work / "models")
+            results["steps_s"]["random_checkpoints"] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         good, validation, replay_dir = make_frames(args, work, log)
         results["steps_s"]["sim_generate"] = round(time.monotonic() - t0, 1)
         ports = {k: free_port() for k in ("ingest", "publish", "metrics")}
         config = make_config(args, work, checkpoints, ports)
+        serve_config = make_config(args, work, checkpoints, ports, args.serve_set, "e2e-serve.yaml")
         results["config"] = yaml.safe_load(config.read_text())
+        results["serve_config_changes"] = list(args.serve_set)
+        save()
         results["steps_s"]["bank_build"] = round(run_step(
             "bank build", cli("bank", "build", "-c", str(config), "--good", str(good), "--validation",
                               str(validation), "--quiet"), log, 1800), 1)
-        serve = Serve(config, ports["metrics"], work / "serve.log")
+        save()
+        serve = Serve(serve_config, ports["metrics"], work / "serve.log")
         results["steps_s"]["serve_ready"] = round(serve.wait_ready(args.ready_timeout), 1)
+        save()
         sub = Subscriber(f"tcp://127.0.0.1:{ports['publish']}")
         sub.start()
         time.sleep(1.0)  # PUB/SUB joins asynchronously
@@ -439,34 +485,46 @@ def main(argv: list[str] | None = None) -> int:
             wait_for(lambda: sub.count("warmup") >= args.warmup_frames, drain_s)
         results["steps_s"]["warmup"] = round(time.monotonic() - t0, 1)
         results["warmup_verdicts"] = dict(Counter(v for v, _, _, _ in sub.verdicts("warmup")))
+        save()
         for rate in args.rates:
             wait_for(lambda: serve.metrics().get("linewatch_inflight_frames", 0) == 0, drain_s, 0.5)
             results["rates"].append(run_rate(args, rate, serve, sub, replay_dir, ports["ingest"], log, drain_s))
             print(json.dumps(results["rates"][-1]), flush=True)
+            save()
         wait_for(lambda: serve.metrics().get("linewatch_inflight_frames", 0) == 0, drain_s, 0.5)
         rc = serve.stop()
         if rc != 0:
             results["serve_log_tail"] = tail(serve.log_path, 15)
         results["serve_exit_status"] = rc
         results["ok"] = rc == 0 and all(r["all_answered"] for r in results["rates"])
+        save()
+        if args.restart:
+            serve = Serve(serve_config, ports["metrics"], work / "serve.log")
+            results["restart_ready_s"] = round(serve.wait_ready(args.ready_timeout), 1)
+            rc = serve.stop()
+            results["restart_exit_status"] = rc
+            results["ok"] = results["ok"] and rc == 0
+        results["complete"] = True
         code = 0 if results["ok"] else 1
     except (E2EError, OSError, subprocess.SubprocessError) as e:
         results["error"] = str(e)
         print(f"gpu_e2e: error: {e}", file=sys.stderr)
     finally:
+        save()
         if sub is not None:
             sub.close()
         if serve is not None and serve.proc.poll() is None:
-            results.setdefault("serve_exit_status", serve.stop())
+            results.setdefault("serve_exit_status", serve.stop(15))
         if args.logs:
             Path(args.logs).mkdir(parents=True, exist_ok=True)
             for name in ("steps.log", "serve.log"):
                 if (work / name).is_file():
                     shutil.copyfile(work / name, Path(args.logs) / name)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        save()
         if results["rates"]:
             print(format_table(results))
-        print(f"serve exit status {results.get('serve_exit_status')}; ok={results['ok']}; wrote {out}")
+        print(f"serve exit status {results.get('serve_exit_status')}; ok={results['ok']}; "
+              f"restart to ready {results.get('restart_ready_s')} s; wrote {out}")
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     return code

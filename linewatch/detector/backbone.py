@@ -19,18 +19,31 @@ from torch import nn
 
 from linewatch.detector.weights import WeightsError, read_state_dict, state_fingerprint
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DinoV2Backbone", "ClassicFeatures", "oriented_gradients",
-           "resample_pos_embed_like_dinov2"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DinoV2Backbone", "ClassicFeatures", "imagenet_constants",
+           "imagenet_normalize", "oriented_gradients", "resample_pos_embed_like_dinov2"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def imagenet_normalize(images01: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> ImageNet-normalised (B, 3, H, W)."""
-    mean = images01.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images01.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images01 - mean) / std
+def imagenet_constants() -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (1, 3, 1, 1) float32 tensors on the CPU: a module registers them
+    as non-persistent buffers (in no state dict, so no checkpoint or fingerprint changes), and
+    `.to(device)` moves them with its weights, once, at model build -- not per batch."""
+    return torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def imagenet_normalize(images01: torch.Tensor, mean: torch.Tensor | None = None,
+                       std: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> ImageNet-normalised (B, 3, H, W).
+
+    mean, std: `imagenet_constants()` already on the images' device (a module's buffers). Without
+    them they are made here from Python numbers: a host-to-device copy, which waits for the
+    device, when the images are on a GPU."""
+    if mean is None or std is None:
+        mean, std = imagenet_constants()
+        mean, std = mean.to(images01.device), std.to(images01.device)
+    return (images01 - mean.to(images01.dtype)) / std.to(images01.dtype)
 
 
 def resample_pos_embed_like_dinov2(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -99,6 +112,9 @@ class DinoV2Backbone(nn.Module):
                  model_kwargs: dict | None = None) -> None:
         super().__init__()
         build = dict(pretrained=False, img_size=image_size, num_classes=0, **(model_kwargs or {}))
+        mean, std = imagenet_constants()  # moved to the device with the weights (no copy per batch)
+        self.register_buffer("imagenet_mean", mean, persistent=False)
+        self.register_buffer("imagenet_std", std, persistent=False)
         if checkpoint is None:
             self.model = timm.create_model(model_name, **build)
         else:
@@ -168,7 +184,8 @@ class DinoV2Backbone(nn.Module):
         b, _, h, w = images01.shape
         if (h, w) != (self.image_size, self.image_size):
             raise ValueError(f"DinoV2Backbone expects {self.image_size}x{self.image_size} inputs, got {h}x{w}")
-        tokens = self.model.forward_features(imagenet_normalize(images01))  # (B, prefix + h*w, C)
+        normalized = imagenet_normalize(images01, self.imagenet_mean, self.imagenet_std)
+        tokens = self.model.forward_features(normalized)  # (B, prefix + h*w, C)
         patches = tokens[:, self.num_prefix_tokens:]
         gh, gw = h // self.patch_size, w // self.patch_size
         return patches.reshape(b, gh, gw, self.out_channels).permute(0, 3, 1, 2).contiguous()
@@ -257,7 +274,8 @@ class ClassicFeatures(nn.Module):
         opponent = torch.cat([lum, (r - g) / 2.0, (r + g - 2.0 * bl) / 4.0], dim=1)
         mean = pool(opponent)
         std = (pool(opponent * opponent) - mean * mean).clamp_min(0.0).add(1e-8).sqrt()
-        centred = (mean - mean.new_tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1)) * 4.0
+        # luminance less 0.5; no constant tensor (one from Python numbers is a host-to-device copy on a GPU)
+        centred = torch.cat([mean[:, :1] - 0.5, mean[:, 1:]], dim=1) * 4.0
         # signed colour split into its positive and negative parts: the object descriptors max-pool
         # (SAM-LAD's GMP), which would keep only one sign of a signed channel
         feats = [centred.clamp_min(0), (-centred).clamp_min(0), std * 4.0]

@@ -54,7 +54,8 @@ def log_optimal_transport(
     ms = qv.sum(1).to(dt)  # (B,) valid counts
     ns = rv.sum(1).to(dt)
 
-    z = torch.as_tensor(dustbin, dtype=dt, device=dev)
+    # a Python number is filled in on the device (torch.as_tensor of it would be a host-to-device copy)
+    z = dustbin.to(dev, dt) if isinstance(dustbin, torch.Tensor) else scores.new_full((), float(dustbin))
     z = z.reshape(-1, 1, 1).expand(b, 1, 1) if z.numel() in (1, b) else z
     if z.shape != (b, 1, 1):
         raise ValueError(f"dustbin must be a scalar or have B={b} elements, got shape {tuple(z.shape)}")
@@ -66,14 +67,14 @@ def log_optimal_transport(
     row_on = torch.cat([qv, (ns > 0)[:, None]], 1)  # (B, M+1)
     col_on = torch.cat([rv, (ms > 0)[:, None]], 1)  # (B, N+1)
     on = row_on[:, :, None] & col_on[:, None, :]
-    neg_inf = torch.tensor(-math.inf, dtype=dt, device=dev)
-    couplings = torch.where(on, couplings, neg_inf)
+    # -inf where inactive: masked_fill with a Python number (no tensor made from host data)
+    couplings = couplings.masked_fill(~on, -math.inf)
 
     norm = -torch.log((ms + ns).clamp_min(1.0))  # (B,)
     log_mu = torch.cat([norm[:, None].expand(b, m), (torch.log(ns) + norm)[:, None]], 1)
     log_nu = torch.cat([norm[:, None].expand(b, n), (torch.log(ms) + norm)[:, None]], 1)
-    log_mu = torch.where(row_on, log_mu, neg_inf)
-    log_nu = torch.where(col_on, log_nu, neg_inf)
+    log_mu = log_mu.masked_fill(~row_on, -math.inf)
+    log_nu = log_nu.masked_fill(~col_on, -math.inf)
 
     # Inactive rows/columns keep potential 0: their couplings are -inf anyway, and this avoids
     # -inf - (-inf) = NaN.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linewatch.detector.backbone import imagenet_normalize
+from linewatch.detector.backbone import imagenet_constants, imagenet_normalize
 from linewatch.detector.weights import WeightsError, read_state_dict, state_fingerprint
 
 __all__ = ["JBUStage", "JBUStack", "load_featup_jbu", "ClassicJointBilateralUpsampler"]
@@ -117,6 +117,9 @@ class JBUStack(nn.Module):
         self.norm = nn.LayerNorm(channels) if use_norm else None
         self.stages = nn.ModuleList(JBUStage() for _ in range(4))
         self.fixup_proj = nn.Sequential(nn.Identity(), nn.Conv2d(channels, channels, 1))
+        mean, std = imagenet_constants()  # moved to the device with the weights (no copy per batch)
+        self.register_buffer("imagenet_mean", mean, persistent=False)
+        self.register_buffer("imagenet_std", std, persistent=False)
 
     @property
     def identity(self) -> str:
@@ -129,7 +132,7 @@ class JBUStack(nn.Module):
         x = features
         if self.norm is not None:
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        guidance = imagenet_normalize(images01)
+        guidance = imagenet_normalize(images01, self.imagenet_mean, self.imagenet_std)
         for stage in self.stages[:self.num_stages]:
             h, w = x.shape[-2:]
             x = stage(x, F.adaptive_avg_pool2d(guidance, (2 * h, 2 * w)))

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BATCH_SIZES = (1, 4, 8)
 
@@ -52,8 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=["classic"], choices=["classic", "samlad-random", "samlad-tiny"],
                         help="samlad-random: full-size DINOv2 ViT-S/14 + JBU + SAM vit_b with RANDOM weights "
                              "(timing only: real weights are not available here; mask counts differ); "
-                             "samlad-tiny: 1-block random models (the plumbing only, for tests)")
+                             "samlad-tiny: 1-block random models, at most 6 parts a frame (the plumbing only, for "
+                             "tests and benchmarks/gpu_check.sh --dry-run)")
     parser.add_argument("--sam-points", type=int, default=8, help="SAM points per side for samlad-random")
+    parser.add_argument("--coarse-points", type=int, default=8,
+                        help="SAM coarse grid points per side (coarse_grid prompts, and after the seeds of reference_seeded)")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
                         help="detector.precision values to compare")
     parser.add_argument("--generators", nargs="+", default=["batched"], choices=["batched", "segment_anything"],
@@ -120,11 +123,14 @@ def _setup(backend: str, device: str, args, data_root: Path, variant: dict[str, 
         # thresholds at 0: random-weight SAM keeps masks, so the area filter keeps max_objects
         # per frame and the later stages do a real part's work
         sam = {"points_per_side": args.sam_points, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-               "generator": variant["generator"], "prompts": variant["prompts"], "points_per_batch": 256}
-        config = config_from_dict({"detector": {
-            "backend": "samlad", "device": device, "image_size": args.image_size // 14 * 14, "k_references": args.k,
-            "precision": variant["precision"],
-            "samlad": {"sam": sam, "allow_untrained_upsampler_setup": True}}})
+               "generator": variant["generator"], "prompts": variant["prompts"], "points_per_batch": 256,
+               "coarse_points_per_side": args.coarse_points}
+        detector = {"backend": "samlad", "device": device, "image_size": args.image_size // 14 * 14,
+                    "k_references": args.k, "precision": variant["precision"],
+                    "samlad": {"sam": sam, "allow_untrained_upsampler_setup": True}}
+        if backend == "samlad-tiny":  # as tests/detector/samlad_models.py: few parts, so few seeded prompts
+            detector["objects"] = {"max_objects": 6}
+        config = config_from_dict({"detector": detector})
         models = _random_samlad_models(config, dev, tiny=backend == "samlad-tiny")
     else:
         config = config_from_dict({"detector": {"backend": backend, "device": device, "image_size": args.image_size,
@@ -212,8 +218,9 @@ def _measure(runners: dict, images: list, batch_size: int, repeats: int, device)
     return out
 
 
-def run(args) -> dict[str, Any]:
-    """All settings; returns the JSON-ready results."""
+def run(args, save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """All settings; returns the JSON-ready results. `save`, when given, receives the results so far
+    (marked "complete": false) after every setting measured: a run stopped midway keeps them."""
     import torch
 
     from linewatch.detector.models import BACKEND_LABELS
@@ -223,6 +230,22 @@ def run(args) -> dict[str, Any]:
     backends = args.backends
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
+
+    def results(complete: bool) -> dict[str, Any]:
+        return {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "complete": complete,
+            "host": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                     "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                     "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "settings": {"repeats": args.repeats, "good_images_in_bank": args.good, "source_size": args.source_size,
+                         "product": args.product},
+            "latency_definition": "wall time of one batch from images in memory to results (no batching wait)",
+            "results": rows,
+            "naive_over_cached": ratios,
+            "generator_ratios": generator_ratios(rows),
+        }
+
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
         data_root = Path(tmp)
         generate_dataset(data_root, args.product, seed=0, n_train=args.good, n_val=5, n_test_good=8,
@@ -246,18 +269,9 @@ def run(args) -> dict[str, Any]:
                     if "naive" in measured:
                         ratios.append({**common, "naive_over_cached_latency": round(
                             measured["naive"]["batch_latency_ms_median"] / measured["cached"]["batch_latency_ms_median"], 2)})
-    return {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                 "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                 "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "settings": {"repeats": args.repeats, "good_images_in_bank": args.good, "source_size": args.source_size,
-                     "product": args.product},
-        "latency_definition": "wall time of one batch from images in memory to results (no batching wait)",
-        "results": rows,
-        "naive_over_cached": ratios,
-        "generator_ratios": generator_ratios(rows),
-    }
+                    if save is not None:
+                        save(results(complete=False))
+    return results(complete=True)
 
 
 def _variant_text(row: dict) -> str:
@@ -325,11 +339,15 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         add_arguments(parser)
         args = parser.parse_args(argv)
-    results = run(args)
-    print(format_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+
+    def save(partial: dict[str, Any]) -> None:
+        out.write_text(json.dumps(partial, indent=2) + "\n")
+
+    results = run(args, save)
+    print(format_table(results))
+    save(results)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
@@ -76,3 +77,48 @@ def test_featup_checkpoint_outside_its_training_setup_is_refused_unless_allowed(
     # an upsampler given as a file path: linewatch cannot know what it was trained on
     assert config_from_dict(detector(upsampler_checkpoint="/models/my_jbu.ckpt")).detector.image_size == 448
     assert config_from_dict({"detector": {"backend": "samlad"}}).detector.image_size == 224
+
+
+class _HostData(TorchFunctionMode):
+    """Counts the calls that make a tensor from host data (`torch.tensor`, `torch.as_tensor` and
+    `Tensor.new_tensor` of Python numbers or lists: on a GPU each is a host-to-device copy that waits
+    for the device) and those that read tensor data back to the host (`.item()`, `.tolist()`,
+    `bool(t)`, `nonzero`, ... : each waits for the device)."""
+
+    MAKE = {"tensor", "as_tensor", "new_tensor"}
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere", "cpu",
+             "masked_select", "unique", "unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        data = args[1] if name == "new_tensor" else (args[0] if args else None)
+        if (name in self.MAKE and not isinstance(data, torch.Tensor)) or name in self.READS:
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prompts", ["full_grid", "reference_seeded"])
+def test_hot_stages_make_no_tensor_from_host_data_and_read_nothing_back(tmp_path: Path, prompts: str) -> None:
+    """The CPU half of tests/detector/test_cuda.py::test_hot_stages_do_not_synchronise: backbone,
+    upsample, describe and match neither copy constants from the host (they are the models' buffers,
+    moved to the device with the weights at build) nor read the device back."""
+    config = samlad_config(tmp_path, prompts)
+    write_images(tmp_path / "good", 4, seed=1)
+    write_images(tmp_path / "val", 2, seed=2)
+    models = tiny_samlad_models(config)
+    bank = build_bank(config, tmp_path / "good", tmp_path / "val", models=models, batch_size=2, progress=False)
+    inspector = Inspector(config.detector, models, bank, torch.device("cpu"))
+    images = [render("screw_tray", np.random.default_rng(s), anomaly=a, size=112)[0] for s, a in ((1, None), (2, "missing"))]
+    batch = inspector.run(Batch(images=images), ("preprocess",))
+    seen = {}
+    for name in ("backbone", "upsample", "segment", "describe", "match", "measure"):
+        with _HostData() as host:
+            batch = inspector.run(batch, (name,))
+        seen[name] = host.calls
+    assert {name: seen[name] for name in ("backbone", "upsample", "describe", "match")} == {
+        "backbone": {}, "upsample": {}, "describe": {}, "match": {}}
+    assert len(batch.results) == 2
