@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from linewatch.runtime.ops.metrics import Metrics
-from linewatch.runtime.pipeline.core import LATE_QUANTILE, LATENESS_STEP, PipelineCore, RunningQuantile, Slot, StageCost
+from linewatch.runtime.pipeline.core import (LATE_QUANTILE, LATENESS_STEP, FairShares, PipelineCore, RunningQuantile, Slot,
+                                             StageCost, fair_level)
 from tests.runtime.fakes import FakeClock, add, make_core, result
 
 
@@ -116,6 +117,34 @@ def test_before_a_batch_was_measured_the_latency_is_modelled_from_the_stage_time
 
 
 # ---------------------------------------------------------------- shares on arrival
+
+
+@pytest.mark.parametrize(("rates", "capacity", "level"), [
+    ([10.0, 60.0], 16.0, 8.0),  # both above half: each gets half
+    ([2.0, 60.0], 16.0, 14.0),  # the slow one's 2 are met, the flood gets the other 14
+    ([2.0, 3.0], 16.0, float("inf")),  # everything fits
+    ([], 16.0, float("inf")),
+    ([1.0, 5.0, 5.0, 30.0], 12.0, 11.0 / 3),  # 1 is met; the other three share 11
+])
+def test_the_fair_level_is_max_min(rates, capacity, level) -> None:
+    got = fair_level(rates, capacity)
+    assert got == pytest.approx(level) if level != float("inf") else got == level
+    if got != float("inf"):
+        assert sum(min(r, got) for r in rates) == pytest.approx(capacity)
+
+
+def test_a_camera_above_the_fair_level_gets_the_level_and_one_below_it_everything() -> None:
+    # Capacity 16 frames/s: a camera at 60 and one at 10 each get 8 a second; a camera at 4
+    # beside one at 60 gets all 4 and the flood the other 12.
+    for slow_fps, expected_slow, expected_flood in [(10.0, 8.0, 8.0), (4.0, 4.0, 12.0)]:
+        shares, admitted = FairShares(window_s=2.0, burst=8), Counter()
+        arrivals = sorted([(k / 60.0, "flood") for k in range(60 * 30)] + [(k / slow_fps, "slow") for k in range(int(slow_fps * 30))])
+        for t, camera in arrivals:
+            if shares.admit(camera, t, 16.0) and t >= 10.0:  # after the rates have settled
+                admitted[camera] += 1
+        assert admitted["slow"] / 20.0 == pytest.approx(expected_slow, rel=0.05)
+        assert admitted["flood"] / 20.0 == pytest.approx(expected_flood, rel=0.05)
+
 
 
 def measured_core(policy: str = "oldest", metrics: Metrics | None = None) -> tuple[PipelineCore, FakeClock]:

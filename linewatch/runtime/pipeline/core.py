@@ -38,7 +38,13 @@ What it keeps:
   expected out when the graph is free (the batch ahead out, as expected) plus its service
   time, plus a margin: the running 98th percentile of how late batches left against that
   expectation. A batch leaving late (or early) moves the expectations of those behind it.
-* **Admission on arrival, sized from the measured capacity.** A frame arriving for camera c,
+* **Fair shares on arrival, sized from the measured capacity.** Each camera's arrival rate is
+  counted (over about RATE_WINDOW_S), and the capacity is shared max-min among the cameras'
+  rates (`fair_level`: a camera sending less than the level gets all it sends, the others
+  the level each). A token bucket per camera fills at that level (`FairShares`); a frame
+  arriving without a token is answered `shed` (`over_share`) at once, before decode. The
+  frames a flooding camera keeps are spread evenly over time, like the other cameras'.
+* **Queue time on arrival.** A frame arriving for camera c,
   which then has n >= 2 frames waiting, would be judged after about sum over cameras of
   min(waiting, n) frames (round robin), in full batches; when those batches, starting when
   the graph is free, end after its deadline, camera c waits for more than its share can
@@ -68,6 +74,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import secrets
 from collections import deque
 from dataclasses import dataclass
@@ -88,6 +95,8 @@ UNREACHABLE_REASON = "deadline_unreachable"  # shed before work: the result coul
 OVER_SHARE = "over_share"  # shed on arrival: its camera waits for more than its share can judge in time
 LATE_QUANTILE = 0.98  # expected leaving times are counted high by this quantile of how late batches left
 LATENESS_STEP = 0.05  # its estimate moves by at most this share of a full batch's service time per batch
+RATE_WINDOW_S = 2.0  # cameras' arrival rates are counted over about this long
+MAX_TRACKED_CAMERAS = 1024  # cameras whose rates are kept (beyond, the quiet ones are forgotten)
 PENDING_FULL = "pending_full"  # shed: too many frames waiting for a batch
 SHUTTING_DOWN = "shutting_down"  # shed: arrived while the daemon was stopping
 
@@ -161,6 +170,52 @@ class RunningQuantile:
         self.value += step * (self.q if x > self.value else self.q - 1.0)
 
 
+def fair_level(rates: list[float], capacity: float) -> float:
+    """The max-min fair level of `capacity` among demands `rates`: the L with
+    sum(min(rate, L)) == capacity (each demand below L is met, the others get L each);
+    infinity when every demand fits."""
+    remaining, ordered = capacity, sorted(rates)
+    for i, rate in enumerate(ordered):
+        level = remaining / (len(ordered) - i)
+        if rate > level:
+            return level
+        remaining -= rate
+    return math.inf
+
+
+class FairShares:
+    """Each camera's arrival rate (a count decayed over `window_s`, over `window_s`) and a token
+    bucket that fills at the max-min fair level of the capacity among the cameras' rates, up to
+    `burst` tokens. A camera sending below the level always finds a token; one sending above
+    it gets a token for the level's rate of its frames, spread evenly over time."""
+
+    def __init__(self, window_s: float, burst: float) -> None:
+        self.window_s = window_s
+        self.burst = burst
+        self._cameras: dict[str, list[float]] = {}  # camera -> [decayed count, tokens, last arrival]
+
+    def rate(self, camera: str, now: float) -> float:
+        state = self._cameras.get(camera)
+        return 0.0 if state is None else state[0] * math.exp(-(now - state[2]) / self.window_s) / self.window_s
+
+    def admit(self, camera: str, now: float, capacity: float) -> bool:
+        """Count a frame of `camera` arriving at `now`; whether it is within the camera's share."""
+        state = self._cameras.get(camera)
+        if state is None:
+            if len(self._cameras) >= MAX_TRACKED_CAMERAS:  # many ids (no allow-list): forget the quiet ones
+                self._cameras = {c: s for c, s in self._cameras.items() if self.rate(c, now) * self.window_s > 0.5}
+            state = self._cameras[camera] = [0.0, self.burst, now]
+        level = fair_level([self.rate(c, now) for c in self._cameras], capacity)
+        elapsed = now - state[2]
+        state[0] = state[0] * math.exp(-elapsed / self.window_s) + 1.0
+        state[1] = min(self.burst, state[1] + level * elapsed)
+        state[2] = now
+        if state[1] >= 1.0:
+            state[1] -= 1.0
+            return True
+        return False
+
+
 @dataclass(frozen=True)
 class Cut:
     """Where a processor switch fell: the frames registered before it stay with the old one."""
@@ -208,6 +263,7 @@ class PipelineCore:
         self.service = StageCost()
         self._expected_out: deque[float] = deque()  # per batch inside, oldest first: when expected out
         self._last_done = float("-inf")  # when the last batch left with results
+        self._shares = FairShares(RATE_WINDOW_S, burst=self.max_batch)  # per camera rate and token bucket
         # how late batches leave against what was expected: its 98th percentile is the margin
         self.lateness = RunningQuantile(LATE_QUANTILE)
 
@@ -293,8 +349,12 @@ class PipelineCore:
         if not self.accepting:
             self.answer_simple(slot, "shed", SHUTTING_DOWN)
             return
+        slot.enqueued = now = self.clock.monotonic()
+        capacity = self.capacity_fps()
+        if not self._shares.admit(slot.camera, now, capacity if capacity is not None else math.inf):
+            self.answer_simple(slot, "shed", OVER_SHARE)
+            return
         slot.frame = frame
-        slot.enqueued = self.clock.monotonic()
         queue = self._pending.setdefault(slot.camera, deque())
         queue.append(slot)
         self._pending_count += 1
