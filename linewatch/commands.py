@@ -1,5 +1,5 @@
-"""The runtime commands of `linewatch`: serve, replay, tap, demo (and `bank switch`, which
-talks to a running serve).
+"""The runtime commands of `linewatch`: serve, replay, tap, demo, actuate (and `bank switch`,
+which talks to a running serve).
 
 `register(subparsers)` adds them to the parser built in linewatch/cli.py. Errors a user can
 fix raise the exceptions cli.main maps to exit status 2 (ConfigError, BankError, ...), or
@@ -163,6 +163,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+# ---------------------------------------------------------------------------- actuate
+
+
+def cmd_actuate(args: argparse.Namespace) -> int:
+    """The reject component: verdicts in, the reject gate driven (docs/line.md). Runs until
+    SIGTERM/SIGINT. Errors a user can fix (the config, an address the PLC refuses, a missing
+    library) print one line and exit 2."""
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from linewatch.actuate.outputs import AddressRefused, OutputError, build_output
+    from linewatch.actuate.service import Actuator
+    from linewatch.config import ConfigError, load_config
+    from linewatch.runtime.ops.logs import configure_logging
+
+    def fail(message: str) -> int:
+        print(f"linewatch: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        config = load_config(args.config)
+        curve = _curve_keys(args)
+    except ConfigError as e:  # one line: "FILE: invalid configuration (top level): Value error, actuate..."
+        return fail(" ".join(line.strip() for line in str(e).splitlines()))
+    except ValueError as e:
+        return fail(str(e))
+    settings = config.actuate
+    if args.output:
+        settings.output = args.output
+    if not settings.cameras:
+        return fail(f"{args.config}: actuate.cameras is empty: name each camera whose parts this gate rejects, "
+                    "with its travel_ms (docs/line.md)")
+    log = configure_logging(config.runtime.logging)
+    output = build_output(settings, log)
+    actuator = Actuator(settings, output, log, curve=curve)
+    try:
+        actuator.check_output()
+    except AddressRefused as e:
+        return fail(str(e))
+    except OutputError as e:  # a library missing, a password file unreadable
+        return fail(str(e))
+    try:
+        server, _ = start_http_server(settings.metrics.port, addr=settings.metrics.host, registry=actuator.metrics.registry)
+    except OSError as e:
+        actuator.worker.output.close()
+        return fail(f"actuate.metrics: cannot listen on {settings.metrics.host}:{settings.metrics.port}: {e.strerror or e}")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            actuator.start()
+        except RuntimeError as e:
+            return fail(str(e))
+        log.info("actuating", verdicts=settings.verdicts, output=settings.output, cameras=sorted(settings.cameras),
+                 plc_connected=actuator.worker.connected,
+                 metrics=f"http://{settings.metrics.host}:{server.server_port}/metrics")
+        stop.wait()
+        log.info("stopping", verdicts_received=actuator.received, **actuator.gate.counts)
+    finally:
+        actuator.stop()
+        server.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
 # ---------------------------------------------------------------------------- keys
 
 
@@ -226,6 +294,12 @@ def register(subparsers) -> None:
     p.add_argument("--camera", action="append", help="only this camera (repeatable)")
     _curve_arguments(p)
     p.set_defaults(func=cmd_tap)
+
+    p = subparsers.add_parser("actuate", help="the reject component: verdicts in, the reject gate (PLC) driven on time")
+    p.add_argument("--config", "-c", required=True, help="YAML config with an actuate section (docs/line.md)")
+    p.add_argument("--output", choices=("log", "modbus", "opcua"), help="override actuate.output (log: a dry run)")
+    _curve_arguments(p)
+    p.set_defaults(func=cmd_actuate)
 
     p = subparsers.add_parser("keys", help="CurveZMQ keys for runtime.security")
     keys = p.add_subparsers(dest="keys_command", required=True)

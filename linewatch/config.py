@@ -416,11 +416,116 @@ class RuntimeConfig(_Section):
     control: ControlConfig = ControlConfig()
 
 
+# ---------------------------------------------------------------- actuate
+
+
+class ActuateCameraConfig(_Section):
+    """Where one camera's parts meet the ejector, in time (`linewatch actuate`)."""
+
+    travel_ms: float = Field(..., gt=0, description="time a part takes from the camera (its capture_ts) to the ejector; "
+                             "a reject fires at capture_ts + travel_ms")
+    window_ms: float = Field(50.0, gt=0, description="how long the part is within the ejector's reach after that; a "
+                             "verdict that arrives after the window is late")
+    budget_ms: float | None = Field(None, gt=0, description="a part seen (a frame id skipped in the verdicts) without a "
+                                    "verdict this long after its capture is rejected (the budget watchdog); null: travel_ms")
+    consecutive_frame_ids: bool = Field(True, description="the camera numbers its frames 1, 2, 3, ...: a frame id "
+                                        "skipped in its verdicts is a part without a verdict (false for imagezmq senders, "
+                                        "whose frame ids are receive times)")
+
+    @model_validator(mode="after")
+    def _budget_within_travel(self) -> "ActuateCameraConfig":
+        if self.budget_ms is not None and self.budget_ms > self.travel_ms:
+            raise ValueError(f"budget_ms ({self.budget_ms:g}) is longer than travel_ms ({self.travel_ms:g}): the part "
+                             "would pass the ejector before the watchdog rejects it")
+        return self
+
+    @property
+    def budget(self) -> float:
+        return self.travel_ms if self.budget_ms is None else self.budget_ms
+
+
+class ModbusOutputConfig(_Section):
+    """The reject gate on a Modbus/TCP PLC: one coil, pulsed for each reject."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="the PLC's host name or address")
+    port: int = Field(502, ge=1, le=65535)
+    device_id: int = Field(1, ge=0, le=255, description="Modbus unit (device) id")
+    reject_coil: int = Field(0, ge=0, le=65535, description="coil address set for pulse_ms at each reject")
+    alarm_coil: int | None = Field(None, ge=0, le=65535, description="coil set (and left set) on an alarm; null: none")
+    timeout_ms: float = Field(500.0, gt=0, description="a request without an answer by then has failed")
+
+
+class OpcUaOutputConfig(_Section):
+    """The reject gate on an OPC UA server (the PLC's): a boolean node pulsed for each reject."""
+
+    url: str = Field("opc.tcp://127.0.0.1:4840", min_length=1, description="the server's endpoint URL")
+    reject_node: str = Field("ns=2;s=Linewatch.Reject", min_length=1, description="boolean node set for pulse_ms at each reject")
+    alarm_node: str | None = Field(None, min_length=1, description="boolean node set (and left set) on an alarm; null: none")
+    verdict_id_node: str | None = Field(None, min_length=1, description="string node written with the verdict id of each reject; null: none")
+    reason_node: str | None = Field(None, min_length=1, description="string node written with the reason of each reject; null: none")
+    username: str | None = Field(None, min_length=1, description="user name the server checks; with password_file")
+    password_file: str | None = Field(None, description="file holding the password (its first line)")
+    security_policy: Literal["None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"] = Field(
+        "None", description="OPC UA security policy; other than None needs certificate_file and private_key_file")
+    security_mode: Literal["Sign", "SignAndEncrypt"] = Field("SignAndEncrypt", description="with a security policy: sign, or sign and encrypt")
+    certificate_file: str | None = Field(None, description="this client's certificate (DER or PEM), for a security policy")
+    private_key_file: str | None = Field(None, description="its private key (PEM)")
+    server_certificate_file: str | None = Field(None, description="the server's certificate, to trust it; null: taken from the endpoint")
+    timeout_ms: float = Field(2000.0, gt=0, description="a request without an answer by then has failed")
+
+    @model_validator(mode="after")
+    def _security(self) -> "OpcUaOutputConfig":
+        if self.password_file and not self.username:
+            raise ValueError("password_file is set without a username: set username too")
+        if self.security_policy != "None" and not (self.certificate_file and self.private_key_file):
+            raise ValueError(f"security_policy {self.security_policy} needs certificate_file and private_key_file")
+        if bool(self.certificate_file) != bool(self.private_key_file):
+            raise ValueError("certificate_file and private_key_file go together")
+        return self
+
+
+class ActuateMetricsConfig(_Section):
+    host: str = Field("127.0.0.1", description="address of the actuator's /metrics server")
+    port: int = Field(9111, ge=0, le=65535, description="0 picks a free port; the actuator logs the one it got")
+
+
+class ActuateConfig(_Section):
+    """`linewatch actuate`: the reject component. It subscribes to the verdicts and drives the gate."""
+
+    verdicts: str = Field("tcp://127.0.0.1:5556", min_length=1, description="the daemon's verdict endpoint (runtime.publish.url as seen from here)")
+    cameras: dict[str, ActuateCameraConfig] = Field(default_factory=dict, description="camera id -> its timing; verdicts of other cameras are counted and ignored")
+    let_through: list[Literal["error", "timeout", "shed"]] = Field(
+        default_factory=list, description="verdict values that let a part through besides pass (default none: a part "
+        "not inspected is rejected)")
+    late: Literal["reject_next", "alarm"] = Field(
+        "reject_next", description="a rejecting verdict after its window: reject at once (the next possible slot), or raise the alarm")
+    pulse_ms: float = Field(100.0, gt=0, description="how long the reject output stays set")
+    output: Literal["log", "modbus", "opcua"] = Field("log", description="log: a dry run, each reject a log line")
+    retry_max_ms: float = Field(2000.0, gt=0, description="longest wait between two tries to reach an unreachable PLC")
+    modbus: ModbusOutputConfig = ModbusOutputConfig()
+    opcua: OpcUaOutputConfig = OpcUaOutputConfig()
+    metrics: ActuateMetricsConfig = ActuateMetricsConfig()
+
+
 class Config(_Section):
     detector: DetectorConfig = DetectorConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     bank: BankConfig = BankConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    actuate: ActuateConfig = ActuateConfig()
+
+    @model_validator(mode="after")
+    def _actuator_after_deadline(self) -> "Config":
+        """The daemon answers `timeout` at deadline_ms; a gate that must decide earlier never gets that answer."""
+        deadline = self.runtime.pipeline.deadline_ms
+        for camera, timing in self.actuate.cameras.items():
+            if timing.budget <= deadline:
+                what = "travel_ms" if timing.budget_ms is None else "budget_ms"
+                raise ValueError(
+                    f"actuate.cameras.{camera}.{what} ({timing.budget:g}) is not longer than runtime.pipeline.deadline_ms "
+                    f"({deadline:g}): the part reaches the ejector before the daemon's timeout verdict; lower deadline_ms "
+                    "or check the travel time")
+        return self
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -90,6 +90,7 @@ LAYERS = [
     ("transports", ["linewatch.runtime.transport"]),
     ("sinks", ["linewatch.runtime.sinks"]),
     ("daemon", ["linewatch.runtime.daemon", "linewatch.runtime.changeover", "linewatch.runtime.systemd"]),
+    ("actuator", ["linewatch.actuate"]),
     ("commands", ["linewatch.cli", "linewatch.commands", "linewatch.demo", "linewatch.recipe", "linewatch.bank_builder",
                   "linewatch.config_cli", "linewatch.archive_cli", "linewatch.eval", "linewatch.sim"]),
 ]
