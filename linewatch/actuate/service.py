@@ -113,16 +113,15 @@ class OutputWorker:
                 except queue.Empty:
                     item = None
             self._apply()
+        if self._is_on and self.connected:  # stopping: leave the reject output off
+            self._guard(lambda: self.output.set_reject(False, None))
 
     def _take(self, item: tuple[str, Any]) -> None:
         kind, value = item
         if kind == "fire":
             self._on_until = max(self._on_until or 0.0, time.monotonic() + self.pulse_s)
             if not self.connected:
-                self._missed.append(value)
-                self.metrics.missed.inc()
-                self.log.error("reject_missed_plc_unreachable", camera=value.camera, part=value.part,
-                               verdict_id=value.verdict_id, reason=value.reason)
+                self._miss(value)
             else:
                 self._write_on(value)
         elif kind == "alarm":
@@ -134,8 +133,15 @@ class OutputWorker:
             self.metrics.rejects.inc()
             self.metrics.fire_lag.observe(max(0.0, self.clock() - fire.at))
         else:
-            self._missed.append(fire)
-            self.metrics.missed.inc()
+            self._miss(fire)
+
+    def _miss(self, fire: Fire) -> None:
+        """A reject that could not be put on the PLC: its part passes. Counted, logged with its
+        verdict id, and the alarm output is raised once the PLC answers again."""
+        self._missed.append(fire)
+        self.metrics.missed.inc()
+        self.log.error("reject_missed_plc_unreachable", camera=fire.camera, part=fire.part,
+                       verdict_id=fire.verdict_id, reason=fire.reason)
 
     def _apply(self) -> None:
         now = time.monotonic()

@@ -1,0 +1,149 @@
+"""PLC stand-ins on loopback for the actuator tests: a pymodbus Modbus/TCP server and an asyncua
+OPC UA server, each in a thread of this process, recording every write the actuator makes.
+
+Both listen on a `reserved_port()` (tests/ports.py): neither reports a port it picked itself, and
+the Modbus server must come back on the same port when a test restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from tests.ports import LOOPBACK, reserved_port
+
+
+class ModbusPlc:
+    """A Modbus/TCP server with `coils` coils (addresses 0..coils-1) of unit 1; `writes` lists
+    every (address, value) written, in order. stop() and start() again keep the port."""
+
+    def __init__(self, coils: int = 32, port: int | None = None) -> None:
+        from pymodbus.datastore import ModbusSequentialDataBlock
+
+        self.port = port or reserved_port()
+        self.writes: list[tuple[int, bool]] = []
+        self.values = [False] * coils
+        plc = self
+
+        class Recording(ModbusSequentialDataBlock):
+            def setValues(self, address, values):  # noqa: N802 - pymodbus's name
+                super().setValues(address, values)
+                for i, value in enumerate(values if isinstance(values, list) else [values]):
+                    plc.writes.append((address + i - plc._offset, bool(value)))
+
+        self._block_class = Recording
+        self._offset = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def _context(self):
+        from pymodbus.datastore import ModbusServerContext
+
+        try:
+            from pymodbus.datastore import ModbusDeviceContext as Device
+        except ImportError:  # pymodbus < 3.9
+            from pymodbus.datastore import ModbusSlaveContext as Device
+        block = self._block_class(0, list(self.values))
+        try:
+            device = Device(co=block, zero_mode=True)
+        except TypeError:  # zero_mode gone: the block is addressed from 1
+            device = Device(co=block)
+            self._offset = 1
+        try:
+            return ModbusServerContext(devices=device, single=True)
+        except TypeError:
+            return ModbusServerContext(slaves=device, single=True)
+
+    def start(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+
+            async def serve() -> None:
+                self._server = ModbusTcpServer(self._context(), address=(LOOPBACK, self.port))
+                task = asyncio.ensure_future(self._server.serve_forever())
+                await asyncio.sleep(0)
+                ready.set()
+                await task
+
+            try:
+                self._loop.run_until_complete(serve())
+            finally:
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name="modbus-plc", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def listening(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
+        self._thread.join(10)
+        self._loop.close()
+        self._loop = None
+
+    def coil_writes(self, address: int) -> list[bool]:
+        return [value for a, value in list(self.writes) if a == address]
+
+
+class OpcUaPlc:
+    """An OPC UA server with writable nodes ns=2;s=Linewatch.Reject (bool), .Alarm (bool),
+    .VerdictId and .Reason (strings); `changes` lists every (node name, value) it saw written."""
+
+    NAMES = {"Reject": False, "Alarm": False, "VerdictId": "", "Reason": ""}
+
+    def __init__(self) -> None:
+        from asyncua import ua
+        from asyncua.sync import Server
+
+        self.port = reserved_port()
+        self.url = f"opc.tcp://{LOOPBACK}:{self.port}/linewatch/"
+        self.changes: list[tuple[str, Any]] = []
+        self.server = Server()
+        self.server.set_endpoint(self.url)
+        idx = self.server.register_namespace("urn:linewatch:test-plc")
+        assert idx == 2, idx
+        folder = self.server.nodes.objects.add_object(ua.NodeId("Linewatch", idx), "Linewatch")
+        self.nodes = {}
+        for name, initial in self.NAMES.items():
+            kind = ua.VariantType.Boolean if isinstance(initial, bool) else ua.VariantType.String
+            node = folder.add_variable(ua.NodeId(f"Linewatch.{name}", idx), name, ua.Variant(initial, kind))
+            node.set_writable()
+            self.nodes[name] = node
+        self._by_id = {node.nodeid: name for name, node in self.nodes.items()}
+
+    def node_id(self, name: str) -> str:
+        return f"ns=2;s=Linewatch.{name}"
+
+    def start(self) -> None:
+        self.server.start()
+        plc = self
+
+        class Handler:
+            def datachange_notification(self, node, value, data):  # asyncua's callback name
+                plc.changes.append((plc._by_id.get(node.nodeid, str(node)), value))
+
+        self._subscription = self.server.create_subscription(5, Handler())
+        self._subscription.subscribe_data_change(list(self.nodes.values()))
+
+    def value(self, name: str) -> Any:
+        return self.nodes[name].read_value()
+
+    def stop(self) -> None:
+        self.server.stop()
