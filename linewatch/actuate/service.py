@@ -314,7 +314,7 @@ class Actuator:
     def _record(self, d: Decision) -> None:
         """Log the decision with its verdict id, count it, and raise the alarm output for alarms."""
         self.metrics.decisions.labels(d.action).inc()
-        if d.late:
+        if d.late and "no_verdict" not in d.reason:  # a late verdict (not a watchdog reject decided too late)
             self.metrics.late.inc()
         fields = dict(camera=d.camera, part=d.part, verdict_id=d.verdict_id, reason=d.reason)
         if d.detail:

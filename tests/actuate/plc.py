@@ -15,85 +15,65 @@ from tests.ports import LOOPBACK, reserved_port
 
 
 class ModbusPlc:
-    """A Modbus/TCP server with `coils` coils (addresses 0..coils-1) of unit 1; `writes` lists
-    every (address, value) written, in order. stop() and start() again keep the port."""
+    """A Modbus/TCP server with `coils` coils (addresses 0..coils-1); `writes` lists every
+    (address, value) of a write-coil request it received, in order (pymodbus's trace_pdu hook).
+    stop() and start() again keep the port."""
 
-    def __init__(self, coils: int = 32, port: int | None = None) -> None:
-        from pymodbus.datastore import ModbusSequentialDataBlock
-
-        self.port = port or reserved_port()
+    def __init__(self, coils: int = 32) -> None:
+        self.port = reserved_port()
+        self.coils = coils
         self.writes: list[tuple[int, bool]] = []
-        self.values = [False] * coils
-        plc = self
-
-        class Recording(ModbusSequentialDataBlock):
-            def setValues(self, address, values):  # noqa: N802 - pymodbus's name
-                super().setValues(address, values)
-                for i, value in enumerate(values if isinstance(values, list) else [values]):
-                    plc.writes.append((address + i - plc._offset, bool(value)))
-
-        self._block_class = Recording
-        self._offset = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
     def _context(self):
-        from pymodbus.datastore import ModbusServerContext
+        from pymodbus.datastore import ModbusSequentialDataBlock, ModbusServerContext
 
         try:
             from pymodbus.datastore import ModbusDeviceContext as Device
         except ImportError:  # pymodbus < 3.9
             from pymodbus.datastore import ModbusSlaveContext as Device
-        block = self._block_class(0, list(self.values))
-        try:
-            device = Device(co=block, zero_mode=True)
-        except TypeError:  # zero_mode gone: the block is addressed from 1
-            device = Device(co=block)
-            self._offset = 1
-        try:
-            return ModbusServerContext(devices=device, single=True)
-        except TypeError:
-            return ModbusServerContext(slaves=device, single=True)
+        # a block starting at 1 holds wire addresses 0.. (pymodbus's device context adds 1)
+        return ModbusServerContext(devices=Device(co=ModbusSequentialDataBlock(1, [False] * self.coils)), single=True)
+
+    def _trace(self, sending: bool, pdu: Any) -> Any:
+        from pymodbus.pdu.bit_message import WriteSingleCoilRequest
+
+        if not sending and isinstance(pdu, WriteSingleCoilRequest):
+            self.writes.append((pdu.address, bool(pdu.bits[0])))
+        return pdu
 
     def start(self) -> None:
         from pymodbus.server import ModbusTcpServer
 
-        ready = threading.Event()
         self._loop = asyncio.new_event_loop()
+        self._server = ModbusTcpServer(self._context(), address=(LOOPBACK, self.port), trace_pdu=self._trace)
+        ready = threading.Event()
+        failed: list[BaseException] = []
 
         def run() -> None:
             asyncio.set_event_loop(self._loop)
-
-            async def serve() -> None:
-                self._server = ModbusTcpServer(self._context(), address=(LOOPBACK, self.port))
-                task = asyncio.ensure_future(self._server.serve_forever())
-                await asyncio.sleep(0)
-                ready.set()
-                await task
-
             try:
-                self._loop.run_until_complete(serve())
-            finally:
+                self._loop.run_until_complete(self._server.serve_forever(background=True))
+            except BaseException as e:  # noqa: BLE001 - reported by start()
+                failed.append(e)
                 ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
 
         self._thread = threading.Thread(target=run, name="modbus-plc", daemon=True)
         self._thread.start()
-        ready.wait(10)
-
-    def listening(self) -> bool:
-        import socket
-
-        try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        assert ready.wait(10), "the Modbus server did not start"
+        if failed:
+            raise failed[0]
 
     def stop(self) -> None:
         if self._loop is None:
             return
         asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
         self._loop = None
