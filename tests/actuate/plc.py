@@ -48,14 +48,17 @@ class ModbusPlc:
         from pymodbus.server import ModbusTcpServer
 
         self._loop = asyncio.new_event_loop()
-        self._server = ModbusTcpServer(self._context(), address=(LOOPBACK, self.port), trace_pdu=self._trace)
         ready = threading.Event()
         failed: list[BaseException] = []
+
+        async def serve() -> None:  # pymodbus makes its server inside the running loop
+            self._server = ModbusTcpServer(self._context(), address=(LOOPBACK, self.port), trace_pdu=self._trace)
+            await self._server.serve_forever(background=True)
 
         def run() -> None:
             asyncio.set_event_loop(self._loop)
             try:
-                self._loop.run_until_complete(self._server.serve_forever(background=True))
+                self._loop.run_until_complete(serve())
             except BaseException as e:  # noqa: BLE001 - reported by start()
                 failed.append(e)
                 ready.set()
