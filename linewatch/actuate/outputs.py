@@ -169,6 +169,26 @@ def read_password(path: str) -> str:
     return password
 
 
+def certificate_uri(path: str) -> str | None:
+    """The application URI (first URI subject alternative name) of a DER or PEM certificate."""
+    from cryptography import x509
+
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read the certificate: {e.strerror or e}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(data) if data.startswith(b"-----") else x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise OutputError(f"{path}: not a DER or PEM certificate: {e}") from None
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
 class OpcUaOutput(Output):
     """The reject gate on boolean nodes of an OPC UA server (the PLC's), asyncua's synchronous client.
 
@@ -192,6 +212,10 @@ class OpcUaOutput(Output):
             client.set_user(c.username)
             if c.password_file:
                 client.set_password(read_password(c.password_file))
+        if c.certificate_file:  # the session's application URI must be the one the certificate names
+            uri = certificate_uri(c.certificate_file)
+            if uri:
+                client.application_uri = uri
         if c.security_policy != "None":
             parts = [c.security_policy, c.security_mode, c.certificate_file, c.private_key_file]
             if c.server_certificate_file:
@@ -202,6 +226,10 @@ class OpcUaOutput(Output):
         except ua.UaStatusCodeError as e:  # the server refused the session: bad user, bad certificate
             self._close(client)
             raise AddressRefused(f"OPC UA server {c.url} refuses the session: {e}") from None
+        except ua.UaError as e:  # no endpoint with this security policy and mode, and the like
+            self._close(client)
+            raise AddressRefused(f"OPC UA server {c.url} refuses the session (security_policy {c.security_policy}, "
+                                 f"security_mode {c.security_mode}): {e}") from None
         except (OSError, TimeoutError, ConnectionError) as e:
             self._close(client)
             raise Unreachable(f"OPC UA server {c.url}: cannot connect: {e or type(e).__name__}") from None

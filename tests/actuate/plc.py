@@ -91,7 +91,10 @@ class OpcUaPlc:
 
     NAMES = {"Reject": False, "Alarm": False, "VerdictId": "", "Reason": ""}
 
-    def __init__(self) -> None:
+    def __init__(self, certificate: str | None = None, private_key: str | None = None,
+                 users: dict[str, str] | None = None) -> None:
+        """certificate/private_key: the server's own, and only Basic256Sha256 SignAndEncrypt
+        offered; users: user name -> password, and anonymous sessions refused."""
         from asyncua import ua
         from asyncua.sync import Server
 
@@ -100,6 +103,21 @@ class OpcUaPlc:
         self.changes: list[tuple[str, Any]] = []
         self.server = Server()
         self.server.set_endpoint(self.url)
+        if certificate is not None:
+            self.server.load_certificate(certificate)
+            self.server.load_private_key(private_key)
+            self.server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+        if users is not None:
+            from asyncua.crypto.permission_rules import User, UserRole
+
+            class Passwords:
+                def get_user(self, iserver, username=None, password=None, certificate=None):
+                    if username is not None and users.get(username) == password:
+                        return User(role=UserRole.User)
+                    return None  # anonymous, or a wrong password: no session
+
+            self.server.aio_obj.iserver.user_manager = Passwords()
+            self.server.set_identity_tokens([ua.UserNameIdentityToken])
         idx = self.server.register_namespace("urn:linewatch:test-plc")
         assert idx == 2, idx
         folder = self.server.nodes.objects.add_object(ua.NodeId("Linewatch", idx), "Linewatch")
@@ -130,3 +148,21 @@ class OpcUaPlc:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def self_signed(folder, name: str, uri: str) -> tuple[str, str]:
+    """A self-signed OPC UA application certificate (DER) and its key (PEM) for `uri`."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from asyncua.crypto import cert_gen
+
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, name, {}, [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH])
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert_path, key_path = folder / f"{name}.der", folder / f"{name}.pem"
+    cert_path.write_bytes(cert.public_bytes(Encoding.DER))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return str(cert_path), str(key_path)
