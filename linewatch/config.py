@@ -493,6 +493,7 @@ class ActuateConfig(_Section):
     """`linewatch actuate`: the reject component. It subscribes to the verdicts and drives the gate."""
 
     verdicts: str = Field("tcp://127.0.0.1:5556", min_length=1, description="the daemon's verdict endpoint (runtime.publish.url as seen from here)")
+    mode: Literal["connect", "bind"] = Field("connect", description="connect to the daemon's verdict socket (its runtime.publish.mode: bind), or bind for a daemon that connects")
     cameras: dict[str, ActuateCameraConfig] = Field(default_factory=dict, description="camera id -> its timing; verdicts of other cameras are counted and ignored")
     let_through: list[Literal["error", "timeout", "shed"]] = Field(
         default_factory=list, description="verdict values that let a part through besides pass (default none: a part "

@@ -77,6 +77,7 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
             if rt.mqtt.tls_cert_file:
                 loaded.append(f"client certificate {rt.mqtt.tls_cert_file} and its key")
             done.append(f"MQTT TLS: {', '.join(loaded)} load")
+    done += _check_actuate(config)
     if config_only:
         return done
     from linewatch.detector.bank import BankError
@@ -91,6 +92,31 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
     done.append(f"models: {config.detector.backend} backend built on {inspector.device}")
     done.append(f"bank: {bank_path} ({inspector.bank_id}, {inspector.bank.size} good images) fits the detector "
                 f"settings and the false-reject target {config.calibration.target_false_reject_rate}")
+    return done
+
+
+def _check_actuate(config) -> list[str]:
+    """The `actuate:` section (`linewatch actuate`): its timing was checked when the file loaded;
+    here the files an OPC UA output reads. The PLC itself is checked by `linewatch actuate` at start."""
+    from linewatch.config import ConfigError
+
+    settings = config.actuate
+    if not settings.cameras:
+        return []
+    done = [f"actuate: {len(settings.cameras)} camera(s), each travel time longer than runtime.pipeline.deadline_ms "
+            f"({config.runtime.pipeline.deadline_ms:g} ms); output {settings.output}"]
+    if settings.output == "opcua" and (settings.opcua.password_file or settings.opcua.certificate_file):
+        from linewatch.actuate.outputs import OutputError, certificate_uri, read_password
+
+        try:
+            if settings.opcua.password_file:
+                read_password(settings.opcua.password_file)
+                done.append(f"actuate OPC UA: the password file {settings.opcua.password_file} holds a password")
+            if settings.opcua.certificate_file:
+                uri = certificate_uri(settings.opcua.certificate_file)
+                done.append(f"actuate OPC UA: certificate {settings.opcua.certificate_file} loads (application URI {uri})")
+        except OutputError as e:
+            raise ConfigError(f"actuate.opcua: {e}") from None
     return done
 
 

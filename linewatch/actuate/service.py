@@ -243,8 +243,9 @@ class Actuator:
         self.worker.start()
         for t in self._threads:
             t.start()
-        if not self._connected.wait(5.0) and self._socket_error is not None:
-            raise RuntimeError(f"cannot subscribe to {self.config.verdicts}: {self._socket_error}")
+        self._connected.wait(5.0)
+        if self._socket_error is not None:
+            raise RuntimeError(f"actuate.verdicts: cannot {self.config.mode} {self.config.verdicts}: {self._socket_error}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -264,12 +265,15 @@ class Actuator:
             if self.curve is not None:
                 self.curve.apply(sock)
             sock.setsockopt(zmq.SUBSCRIBE, b"")  # every camera: the seq gap count needs every verdict
-            sock.connect(self.config.verdicts)
+            if self.config.mode == "bind":
+                sock.bind(self.config.verdicts)
+            else:
+                sock.connect(self.config.verdicts)
         except zmq.ZMQError as e:
             self._socket_error = e
-            self.log.error("verdict_socket_failed", endpoint=self.config.verdicts, error=str(e))
             sock.close(0)
             context.term()
+            self._connected.set()
             return
         self._connected.set()
         try:

@@ -110,3 +110,31 @@ def test_dry_run_serves_metrics_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_verdict_address_that_cannot_be_bound_is_one_line_exit_2(tmp_path, capsys):
+    import zmq
+
+    context = zmq.Context()
+    taken = context.socket(zmq.PUB)
+    taken.bind("tcp://127.0.0.1:0")
+    try:
+        path = write_config(tmp_path, {"verdicts": taken.getsockopt(zmq.LAST_ENDPOINT).decode(), "mode": "bind",
+                                       "cameras": {"cam0": {"travel_ms": 500}}, "metrics": {"port": 0}})
+        assert main(["actuate", "-c", path]) == 2
+    finally:
+        taken.close(0)
+        context.term()
+    lines = [line for line in error_lines(capsys) if line.startswith("linewatch: error")]
+    assert len(lines) == 1 and "actuate.verdicts: cannot bind" in lines[0], lines
+
+
+def test_config_check_reports_the_actuate_section_and_its_files(tmp_path, capsys):
+    path = write_config(tmp_path, {"cameras": {"cam0": {"travel_ms": 500}}})
+    assert main(["config", "check", "--config-only", path]) == 0
+    assert "ok  actuate: 1 camera(s)" in capsys.readouterr().out
+    path = write_config(tmp_path, {"cameras": {"cam0": {"travel_ms": 500}}, "output": "opcua",
+                                   "opcua": {"username": "gate", "password_file": str(tmp_path / "missing")}})
+    assert main(["config", "check", "--config-only", path]) == 2
+    [line] = error_lines(capsys)
+    assert "actuate.opcua:" in line and "missing" in line
