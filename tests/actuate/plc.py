@@ -92,13 +92,13 @@ class OpcUaPlc:
     NAMES = {"Reject": False, "Alarm": False, "VerdictId": "", "Reason": ""}
 
     def __init__(self, certificate: str | None = None, private_key: str | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, port: int | None = None) -> None:
         """certificate/private_key: the server's own, and only Basic256Sha256 SignAndEncrypt
         offered; users: user name -> password, and anonymous sessions refused."""
         from asyncua import ua
         from asyncua.sync import Server
 
-        self.port = reserved_port()
+        self.port = port or reserved_port()
         self.url = f"opc.tcp://{LOOPBACK}:{self.port}/linewatch/"
         self.changes: list[tuple[str, Any]] = []
         self.server = Server()

@@ -207,3 +207,28 @@ def test_plc_stopped_and_restarted_counts_and_recovers(publisher, running):
         assert wait_until(lambda: True in plc.coil_writes(3), WAIT_S), plc.writes
     finally:
         plc.stop()
+
+
+def test_opcua_server_stopped_and_restarted_counts_and_recovers(publisher, running):
+    plc = OpcUaPlc()
+    plc.start()
+    log = ListLog()
+    config = settings(verdicts=endpoint(publisher), output="opcua",
+                      opcua={"url": plc.url, "reject_node": plc.node_id("Reject"), "alarm_node": plc.node_id("Alarm"),
+                             "verdict_id_node": plc.node_id("VerdictId"), "timeout_ms": 1000})
+    actuator = running(config, OpcUaOutput(config.opcua), log)
+    subscribed(publisher, actuator)
+    plc.stop()
+    missed_id = send(publisher, 0, "fail")
+    assert wait_until(lambda: sample(actuator, "linewatch_actuate_missed_rejects_total") >= 1, WAIT_S), log.events
+    assert sample(actuator, "linewatch_actuate_plc_connected") == 0
+    assert [f["verdict_id"] for f in log.named("reject_missed_plc_unreachable")] == [missed_id]
+    plc = OpcUaPlc(port=plc.port)  # a fresh server on the same address
+    plc.start()
+    try:
+        assert wait_until(lambda: sample(actuator, "linewatch_actuate_plc_connected") == 1, WAIT_S), log.events
+        assert wait_until(lambda: plc.value("Alarm") is True, WAIT_S)  # the missed reject raised the alarm
+        vid = send(publisher, 1, "fail")
+        assert wait_until(lambda: plc.value("VerdictId") == vid and ("Reject", True) in plc.changes, WAIT_S), plc.changes
+    finally:
+        plc.stop()
