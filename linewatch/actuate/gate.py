@@ -10,7 +10,10 @@ Per camera, a part reaches the ejector `travel_s` after its capture and stays wi
   `late="reject_next"`) or an alarm (`late="alarm"`);
 - a part seen without a verdict (`part_seen`, or a frame id skipped in a camera's verdicts)
   is rejected when its budget runs out (the budget watchdog, docs/actuators.md);
-- a verdict whose id was seen already, or for a part already decided, changes nothing;
+- a verdict whose id was seen already changes nothing, nor does a verdict for a part the
+  watchdog rejected already (it is late). Parts are not deduplicated by part_id or frame id:
+  those repeat (a sender's part ids that wrap, a replay loop, a camera restarted at frame 0), and
+  ignoring a `fail` because an earlier part had its id would let a bad part through;
 - a gap in the verdicts' `seq` (verdicts lost on the way) raises an alarm.
 
 Every decision carries the verdict id it came from (None for the watchdog's). The clock is
@@ -89,6 +92,7 @@ class _Seen:
     camera: str
     capture_ts: float
     deadline: float  # capture_ts + budget
+    remember: bool = True
 
 
 class Gate:
@@ -113,8 +117,8 @@ class Gate:
         self._schedule: list[tuple[float, int, Fire]] = []
         self._order = itertools.count()
         self._seen: dict[str, _Seen] = {}  # part key -> seen without a verdict yet
+        self._watchdogged: OrderedDict[str, None] = OrderedDict()  # part_seen keys the watchdog rejected
         self._ids: OrderedDict[str, None] = OrderedDict()  # verdict ids handled
-        self._decided: OrderedDict[str, str] = OrderedDict()  # part key -> action
         self._last_frame: dict[str, tuple[int, float]] = {}  # camera -> (frame_id, capture_ts) of its last verdict
         self._run: str | None = None
         self._next_seq = 0
@@ -124,12 +128,14 @@ class Gate:
 
     # ------------------------------------------------------------ input
 
-    def part_seen(self, camera: str, key: str, capture_ts: float) -> None:
-        """The trigger saw a part: its verdict is due within the camera's budget."""
+    def part_seen(self, camera: str, key: str, capture_ts: float, remember: bool = True) -> None:
+        """The trigger saw a part: its verdict (part_id == key, or camera/frame_id == key) is due
+        within the camera's budget. `remember`: if the watchdog rejects it, its verdict is
+        ignored when it comes (keys must then be unique: a PLC's part tracking)."""
         timing = self.cameras.get(camera)
-        if timing is None or key in self._decided or key in self._seen:
+        if timing is None or key in self._seen or key in self._watchdogged:
             return
-        self._seen[key] = _Seen(camera, capture_ts, capture_ts + timing.budget)
+        self._seen[key] = _Seen(camera, capture_ts, capture_ts + timing.budget, remember)
 
     def on_verdict(self, verdict: Verdict) -> list[Decision]:
         """Decide the verdict's part; returns the decisions made (alarms first)."""
@@ -150,22 +156,22 @@ class Gate:
             return out + [Decision("ignored", "unknown_camera", verdict.camera, key, vid, now)]
         if timing.consecutive_frame_ids:
             self._skipped_frames(verdict)
-        if key in self._decided:  # the watchdog rejected it already, or a second verdict for one part
-            late = self._decided[key] == "watchdog"
-            if late:
-                self.counts["late"] += 1
-            else:
-                self.counts["duplicates"] += 1
-            return out + [Decision("ignored", "already_decided", verdict.camera, key, vid, now, late=late,
-                                   detail=f"part {key} was decided before ({self._decided[key]})")]
-        self._seen.pop(key, None)
+        keys = {key, f"{verdict.camera}/{verdict.frame_id}"}
+        rejected = keys & self._watchdogged.keys()
+        if rejected:  # the watchdog rejected this part already: the verdict is late and changes nothing
+            for k in rejected:
+                del self._watchdogged[k]
+            self.counts["late"] += 1
+            return out + [Decision("ignored", "already_decided", verdict.camera, key, vid, now, late=True,
+                                   detail=f"part {key} was rejected by the watchdog before its verdict came")]
+        for k in keys:
+            self._seen.pop(k, None)
         fire_at = verdict.capture_ts + timing.travel_s
         window_end = fire_at + timing.window_s
         late = now > window_end
         if late:
             self.counts["late"] += 1
         if verdict.verdict in self.let_through:
-            self._decide(key, "pass")
             self.counts["passes"] += 1
             return out + [Decision("pass", verdict.verdict, verdict.camera, key, vid, now, late=late)]
         reason = verdict.verdict if not verdict.reason else f"{verdict.verdict}:{verdict.reason}"
@@ -184,8 +190,10 @@ class Gate:
                 timing = self.cameras[seen.camera]
                 fire_at = seen.capture_ts + timing.travel_s
                 self.counts["watchdog_rejects"] += 1
+                if seen.remember:
+                    self._remember(self._watchdogged, key, None)
                 decisions.append(self._reject(seen.camera, key, None, "no_verdict", fire_at,
-                                              fire_at + timing.window_s, now, watchdog=True))
+                                              fire_at + timing.window_s, now))
         fires = []
         while self._schedule and self._schedule[0][0] <= now:
             fires.append(heapq.heappop(self._schedule)[2])
@@ -204,8 +212,7 @@ class Gate:
     # ------------------------------------------------------------ inside
 
     def _reject(self, camera: str, key: str, vid: str | None, reason: str, fire_at: float, window_end: float,
-                now: float, watchdog: bool = False) -> Decision:
-        self._decide(key, "watchdog" if watchdog else "reject")
+                now: float) -> Decision:
         if now <= window_end:  # on time: at fire_at, or at once when that is now within the window
             at = max(fire_at, now)
             self._push(Fire(at, camera, key, vid, reason))
@@ -221,9 +228,6 @@ class Gate:
 
     def _push(self, fire: Fire) -> None:
         heapq.heappush(self._schedule, (fire.at, next(self._order), fire))
-
-    def _decide(self, key: str, action: str) -> None:
-        self._remember(self._decided, key, action)
 
     @staticmethod
     def _remember(store: OrderedDict, key: str, value) -> None:
@@ -247,7 +251,8 @@ class Gate:
             return
         step = (verdict.capture_ts - last_ts) / (skipped + 1)
         for i in range(1, min(skipped, 10_000) + 1):
-            self.part_seen(verdict.camera, f"{verdict.camera}/{last_id + i}", last_ts + i * step)
+            # not remembered: in-order release means its verdict never comes, and frame ids repeat
+            self.part_seen(verdict.camera, f"{verdict.camera}/{last_id + i}", last_ts + i * step, remember=False)
 
     def _count_lost(self, verdict: Verdict, now: float) -> list[Decision]:
         """Verdicts are numbered per daemon run (run_id, seq): a gap means verdicts were lost."""

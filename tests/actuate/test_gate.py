@@ -134,11 +134,19 @@ def test_duplicates_are_ignored():
     g.on_verdict(verdict(0, "fail"))
     [d] = g.on_verdict(verdict(0, "fail"))  # the same verdict id again
     assert (d.action, d.reason, d.verdict_id) == ("ignored", "duplicate", "r1-0")
-    [d] = g.on_verdict(verdict(0, "pass", run="r2", seq=5))  # another verdict for a decided part
-    assert (d.action, d.reason, d.late) == ("ignored", "already_decided", False)
     clock.now = 1000.5
     assert len(g.tick()[1]) == 1
-    assert g.counts["duplicates"] == 2 and g.counts["rejects"] == 1
+    assert g.counts["duplicates"] == 1 and g.counts["rejects"] == 1
+
+
+def test_a_repeated_part_id_or_frame_id_is_decided_again():
+    """Part ids wrap and frame ids restart (a replay loop, a camera restarted): a fail for a part
+    whose id an earlier part had must still reject."""
+    clock = Clock(1000.1)
+    g = gate(clock)
+    assert [d.action for d in g.on_verdict(verdict(0, "pass", part_id="000", seq=0))] == ["pass"]
+    assert [d.action for d in g.on_verdict(verdict(1, "fail", part_id="000", seq=1))] == ["reject"]
+    assert [d.action for d in g.on_verdict(verdict(0, "fail", run="r2", seq=0))] == ["reject"]  # frame 0 again
 
 
 def test_a_seq_gap_raises_an_alarm_with_the_verdict_id():
