@@ -280,8 +280,7 @@ class OpcUaOutput(Output):
 
     def set_reject(self, on: bool, fire: Fire | None = None) -> None:
         if on and fire is not None:  # the tags first, so the PLC reads them with the bit
-            if fire.verdict_id is not None or "verdict_id_node" in self.nodes:
-                self._write("verdict_id_node", fire.verdict_id or "")
+            self._write("verdict_id_node", fire.verdict_id or "")  # "" for the watchdog's rejects
             self._write("reason_node", fire.reason)
         self._write("reject_node", on)
 

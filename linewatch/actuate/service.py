@@ -69,7 +69,6 @@ class OutputWorker:
         self.clock = clock
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.connected = False
-        self.written = threading.Event()  # set after each successful write (tests wait on it)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="actuate-output", daemon=True)
         self._on_until: float | None = None  # the reject output should be on until then (monotonic)
@@ -185,7 +184,6 @@ class OutputWorker:
             self._failed(e)
             return False
         self.metrics.write_seconds.observe(time.perf_counter() - start)
-        self.written.set()
         return True
 
     def _failed(self, error: Exception) -> None:
