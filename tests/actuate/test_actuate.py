@@ -191,7 +191,9 @@ def test_plc_stopped_and_restarted_counts_and_recovers(publisher, running):
         actuator = running(config, ModbusOutput(config.modbus), log)
         subscribed(publisher, actuator)
         send(publisher, 0, "fail")
-        assert wait_until(lambda: True in plc.coil_writes(3), WAIT_S), plc.writes
+        # the pulse done: its set and its clear answered (the PLC received them and the actuator got the replies)
+        assert wait_until(lambda: sample(actuator, "linewatch_actuate_plc_write_seconds_count") >= 2, WAIT_S), plc.writes
+        assert plc.coil_writes(3) == [False, True, False]  # the safe state written at start, then the pulse
         plc.stop()
         missed_id = send(publisher, 1, "fail")
         assert wait_until(lambda: sample(actuator, "linewatch_actuate_missed_rejects_total") >= 1
