@@ -27,6 +27,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from linewatch.runtime.daemon import Daemon
     from linewatch.runtime.ops.logs import configure_logging
 
+    from linewatch.runtime.ops.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the detector's and the runtime's threads start
     config = load_config(args.config)
     log = configure_logging(config.runtime.logging)
     bank_path = Path(args.bank or config.bank.path)
