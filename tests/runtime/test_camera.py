@@ -540,3 +540,95 @@ def test_camera_command_serves_metrics_and_exits_cleanly_on_sigterm(tmp_path: Pa
     reader.join(WAIT_S)
     assert any('"camera_stopped"' in ln for ln in lines), lines
     assert not any("Traceback" in ln for ln in lines), lines
+
+
+def test_into_the_daemons_own_ingest_with_curvezmq_allow_list(tmp_path: Path) -> None:
+    """The real Ingest, CurveZMQ on, this camera's key allowed: grey frames replicated, the
+    frames arrive with their ids; then the same with a key the daemon does not know: none do."""
+    from linewatch.config import EndpointConfig, IngestConfig, SecurityConfig
+    from linewatch.runtime.transport.ingest import Ingest
+    from linewatch.runtime.transport.security import generate_keys
+    from tests.runtime.fakes import FrameCollector
+
+    keys = {}
+    for name in ("server", "camera-1", "stranger"):
+        keys[name] = generate_keys(tmp_path / "keys" / name, name)  # (public, secret)
+    allowed = tmp_path / "senders"
+    allowed.mkdir()
+    (allowed / "camera-1.key").write_bytes(keys["camera-1"][0].read_bytes())
+    (tmp_path / "subscribers").mkdir()
+    (tmp_path / "subscribers" / "camera-1.key").write_bytes(keys["camera-1"][0].read_bytes())
+    security = SecurityConfig(server_secret_key=str(keys["server"][1]), frame_senders=str(allowed),
+                              verdict_subscribers=str(tmp_path / "subscribers"))
+    sink = FrameCollector()
+    ingest = Ingest(IngestConfig(endpoints=[EndpointConfig(url="tcp://127.0.0.1:*")]), sink.on_frame, sink.on_error,
+                    security=security)
+    ingest.start()
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    try:
+        for i in range(3):
+            cv2.imwrite(str(hot / f"{i}.png"), np.full((10, 10), 40 * i, np.uint8))  # Mono8
+        cfg = config(source=f"folder://{hot}", endpoint=ingest.bound_urls[0], camera="press-1", mono_to_rgb=True,
+                     security={"server_key": str(keys["server"][0]), "client_key": str(keys["camera-1"][1])},
+                     folder={"poll_interval_s": 0.02})
+        source = open_source(cfg.source, cfg)
+        log = Log()
+        curve = ClientKeys.load(cfg.security.server_key, cfg.security.client_key)
+        bridge = CameraBridge(cfg, source, DaemonSink(cfg, curve, log), CameraMetrics(cfg.camera), log)
+        assert bridge.run(threading.Event(), count=3) == 3
+        assert sink.wait(lambda: len(sink.frames) >= 3, WAIT_S)
+        assert sorted(f.frame_id for f in sink.frames) == [0, 1, 2] and not sink.errors
+        assert {f.camera for f in sink.frames} == {"press-1"}
+        assert all(f.decoded().shape == (10, 10, 3) for f in sink.frames)
+
+        (hot / "3.png").write_bytes(png_bytes(np.zeros((10, 10, 3), np.uint8)))
+        stranger = ClientKeys.load(cfg.security.server_key, keys["stranger"][1])
+        cfg = cfg.model_copy(update={"connect_timeout_s": 0.5})
+        metrics = CameraMetrics("press-1")
+        bridge = CameraBridge(cfg, open_source(cfg.source, cfg), DaemonSink(cfg, stranger, log), metrics, log)
+        stop = threading.Event()
+        thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
+        thread.start()
+        try:  # the daemon refuses the handshake: it never subscribes, the frame is counted, not sent
+            assert wait_until(lambda: metrics.registry.get_sample_value(
+                "linewatch_camera_frames_dropped_total", {"camera": "press-1", "reason": "no_daemon"}), WAIT_S)
+        finally:
+            stop.set()
+            thread.join(WAIT_S)
+        assert log.named("camera_no_daemon") and log.named("camera_frame_dropped")
+    finally:
+        ingest.stop()
+    assert len(sink.frames) == 3
+
+
+def test_a_daemon_restart_is_counted_no_daemon_and_the_frames_resume(tmp_path: Path) -> None:
+    video = tmp_path / "loop.avi"
+    write_video(video, 4, fps=100.0)
+    first = Subscriber()
+    endpoint = first.endpoint
+    run = Running(config(source=f"file://{video}", endpoint=endpoint))
+    try:
+        assert len(first.receive(3)) == 3
+        first.close()  # the daemon goes away
+        assert wait_until(lambda: run.value("linewatch_camera_frames_dropped_total", reason="no_daemon") >= 2, WAIT_S)
+        again = Subscriber.__new__(Subscriber)
+        again.context = zmq.Context()
+        again.sock = again.context.socket(zmq.SUB)
+        again.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            again.sock.bind(endpoint)  # the daemon back on its port
+        except zmq.ZMQError as e:
+            again.close()
+            pytest.skip(f"the port was taken meanwhile: {e}")
+        again.endpoint, again.frames = endpoint, []
+        try:
+            frames = again.receive(3)
+            assert len(frames) == 3
+            dropped = run.value("linewatch_camera_frames_dropped_total", reason="no_daemon")
+            assert frames[0].frame_id >= 3 + dropped - 1  # no stale frames queued for the absent daemon
+            assert run.value("linewatch_camera_frames_dropped_total", reason="send_hwm") == 0
+        finally:
+            again.close()
+    finally:
+        run.close()

@@ -181,6 +181,9 @@ class FramePublisher:
                 sock.sndhwm = send_hwm
             if watch_subscribers:
                 sock.setsockopt(zmq.XPUB_NODROP, 1)
+                # no queue for a daemon that is not connected: its pipe ends with the connection (so
+                # the subscription goes, and frames are "no_daemon"), and a new one comes with the next
+                sock.immediate = 1
             if curve is not None:
                 curve.apply(sock)
             if mode == "bind":
