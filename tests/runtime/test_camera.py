@@ -69,13 +69,18 @@ class Subscriber:
         self.sock.bind("tcp://127.0.0.1:0")
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.frames: list[wire.Frame] = []
+        self.errors: list[wire.WireError] = []  # refused as the daemon would (grey_image, ...)
 
     def receive(self, n: int, timeout_s: float = WAIT_S) -> list[wire.Frame]:
         end = time.monotonic() + timeout_s
         while len(self.frames) < n and time.monotonic() < end:
             if self.sock.poll(100):
                 parts = self.sock.recv_multipart()
-                self.frames.append(wire.decode_frame(parts, 64 << 20, time.time(), time.monotonic()))
+                try:
+                    self.frames.append(wire.decode_frame(parts, 64 << 20, time.time(), time.monotonic()))
+                except wire.WireError as e:
+                    self.errors.append(e)
+                    end = min(end, time.monotonic() + 0.5)  # a test waiting for frames sees errors soon
         return self.frames
 
     def pumping(self, condition):
@@ -632,3 +637,39 @@ def test_a_daemon_restart_is_counted_no_daemon_and_the_frames_resume(tmp_path: P
             again.close()
     finally:
         run.close()
+
+
+def test_grey_frames_are_sent_grey_unless_mono_to_rgb_and_16_bit_is_scaled(tmp_path: Path, sub: Subscriber) -> None:
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    cv2.imwrite(str(hot / "a-grey.png"), np.full((6, 6), 90, np.uint8))
+    cfg = config(source=f"folder://{hot}", endpoint=sub.endpoint, folder={"poll_interval_s": 0.02})
+    run = Running(cfg, count=1)
+    try:
+        assert wait_until(sub.pumping(lambda: sub.errors), WAIT_S)
+    finally:
+        run.close()
+    assert [e.reason for e in sub.errors] == ["grey_image"]  # what today's daemon answers: an error verdict
+    assert run.value("linewatch_camera_grey_frames_total") == 1
+    assert len(run.log.named("camera_grey_frames")) == 1
+
+    cv2.imwrite(str(hot / "b-16bit.png"), np.full((6, 6, 3), 257 * 100, np.uint16))
+    run = Running(cfg, count=1)
+    try:
+        frames = sub.receive(1)
+    finally:
+        run.close()
+    assert len(frames) == 1 and frames[0].frame_id == 1 and (frames[0].image == 100).all()
+
+
+def test_max_fps_sends_at_most_that_rate_and_counts_the_rest_skipped(tmp_path: Path, sub: Subscriber) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 5, fps=200.0)
+    run = Running(config(source=f"file://{video}", endpoint=sub.endpoint, max_fps=0.001))  # one per 1000 s
+    try:
+        assert wait_until(sub.pumping(lambda: run.value("linewatch_camera_frames_captured_total") >= 5), WAIT_S)
+    finally:
+        run.close()
+    captured = run.value("linewatch_camera_frames_captured_total")
+    assert run.value("linewatch_camera_frames_sent_total") == 1
+    assert run.value("linewatch_camera_frames_skipped_total") == captured - 1

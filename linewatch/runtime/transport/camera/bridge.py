@@ -259,7 +259,11 @@ class CameraBridge:
                 if now < self._next_send:
                     self.metrics.skipped.inc()
                     return
-                self._next_send = max(self._next_send + 1.0 / self.config.max_fps, now)
+                interval = 1.0 / self.config.max_fps
+                if self._next_send == 0.0 or now - self._next_send > interval:  # the first frame, or long behind
+                    self._next_send = now + interval
+                else:  # on the schedule: a late frame does not push the next one later
+                    self._next_send += interval
             image, pixel_format = captured.image, captured.pixel_format
             if pixel_format == "gray":
                 if self.config.mono_to_rgb:
