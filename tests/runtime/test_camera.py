@@ -211,6 +211,9 @@ class _NullSink:
     def start(self, stop) -> None:
         pass
 
+    def ready(self) -> bool:
+        return True
+
     def deliver(self, captured, image, pixel_format) -> str:
         return "sent"
 
@@ -223,6 +226,7 @@ class _FailingSource:
 
     uri = "opencv:99"
     live = True
+    can_wait = False
 
     def __init__(self) -> None:
         self.lost_frames = 0
@@ -549,7 +553,8 @@ def test_camera_command_serves_metrics_and_exits_cleanly_on_sigterm(tmp_path: Pa
 
 def test_into_the_daemons_own_ingest_with_curvezmq_allow_list(tmp_path: Path) -> None:
     """The real Ingest, CurveZMQ on, this camera's key allowed: grey frames replicated, the
-    frames arrive with their ids; then the same with a key the daemon does not know: none do."""
+    frames arrive with their ids; then with a key the daemon does not know: nothing gets in, the
+    file waits."""
     from linewatch.config import EndpointConfig, IngestConfig, SecurityConfig
     from linewatch.runtime.transport.ingest import Ingest
     from linewatch.runtime.transport.security import generate_keys
@@ -595,13 +600,12 @@ def test_into_the_daemons_own_ingest_with_curvezmq_allow_list(tmp_path: Path) ->
         stop = threading.Event()
         thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
         thread.start()
-        try:  # the daemon refuses the handshake: it never subscribes, the frame is counted, not sent
-            assert wait_until(lambda: metrics.registry.get_sample_value(
-                "linewatch_camera_frames_dropped_total", {"camera": "press-1", "reason": "no_daemon"}), WAIT_S)
+        try:  # the daemon refuses the handshake: it never subscribes, the file waits in the folder
+            assert wait_until(lambda: log.named("camera_waiting_for_daemon"), WAIT_S)
         finally:
             stop.set()
             thread.join(WAIT_S)
-        assert log.named("camera_no_daemon") and log.named("camera_frame_dropped")
+        assert log.named("camera_no_daemon") and (hot / "3.png").exists()
     finally:
         ingest.stop()
     assert len(sink.frames) == 3
@@ -673,3 +677,47 @@ def test_max_fps_sends_at_most_that_rate_and_counts_the_rest_skipped(tmp_path: P
     captured = run.value("linewatch_camera_frames_captured_total")
     assert run.value("linewatch_camera_frames_sent_total") == 1
     assert run.value("linewatch_camera_frames_skipped_total") == captured - 1
+
+
+def test_a_folder_holds_its_files_while_no_daemon_is_there(tmp_path: Path, sub: Subscriber) -> None:
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    (hot / "p.png").write_bytes(png_bytes(np.full((8, 8, 3), 5, np.uint8)))
+    # the daemon's socket is not pumped yet, so it has not subscribed: "no daemon"
+    run = Running(config(source=f"folder://{hot}", endpoint=sub.endpoint, connect_timeout_s=0.05,
+                         folder={"poll_interval_s": 0.02}))
+    try:
+        assert wait_until(lambda: run.log.named("camera_waiting_for_daemon"), WAIT_S)
+        assert (hot / "p.png").exists() and run.value("linewatch_camera_frames_captured_total") == 0
+        frames = sub.receive(1)  # the daemon is there (its socket works): the file goes
+        assert len(frames) == 1 and frames[0].frame_id == 0
+        assert wait_until(lambda: (hot / "done" / "p.png").exists(), WAIT_S)
+    finally:
+        run.close()
+    assert run.value("linewatch_camera_frames_dropped_total", reason="no_daemon") == 0
+    assert run.log.named("camera_daemon_back")
+
+
+def test_a_file_given_back_is_sent_again_after_a_restart(tmp_path: Path) -> None:
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    (hot / "p.png").write_bytes(png_bytes(np.full((8, 8, 3), 5, np.uint8)))
+    cfg = config(source=f"folder://{hot}", folder={"poll_interval_s": 0.01})
+    stop = threading.Event()
+
+    def first_frame(source):
+        source.open()
+        end = time.monotonic() + WAIT_S
+        while time.monotonic() < end:
+            captured = source.read(stop)
+            if captured is not None:
+                return captured
+        raise AssertionError("no frame")
+
+    captured = first_frame(open_source(cfg.source, cfg))
+    assert captured.frame_id == 0
+    captured.undo()  # stopped while waiting for the daemon
+    again = first_frame(open_source(cfg.source, cfg))  # a new process
+    assert again.frame_id == 1 and (hot / "p.png").exists()
+    again.done()
+    assert (hot / "done" / "p.png").exists()

@@ -30,6 +30,7 @@ class Captured:
     capture_ts: float  # seconds since the epoch, host clock
     part_id: str | None = None
     done: Callable[[], None] | None = None  # called once the frame was handed on (the folder moves its file)
+    undo: Callable[[], None] | None = None  # called instead when it was not (a source that can wait takes it back)
 
 
 class Source:
@@ -37,6 +38,7 @@ class Source:
 
     uri: str = ""
     live: bool = True  # False for a video file: its end is expected, and it is paced at its frame rate
+    can_wait: bool = False  # frames keep (files): paced and held back instead of skipped or dropped
 
     def __init__(self) -> None:
         self.lost_frames = 0

@@ -9,7 +9,9 @@ The loop, in one thread (`CameraBridge.run`):
     and SIGTERM ends any wait at once. `camera_source_reopened` says how long it was away.
   - each frame: counted (captured), grey frames replicated to 3 channels with mono_to_rgb (or
     sent grey and counted), then handed to the sink, which says what became of it: sent, or
-    dropped with a reason (counted).
+    dropped with a reason (counted). A source whose frames keep (the hot folder, `can_wait`)
+    reads nothing while the sink is not ready, waits out a full queue instead of dropping, is
+    paced by max_fps instead of skipped, and gets a frame back (`undo`) when stopped meanwhile.
 A live source's first open may fail (a camera switched on after the PC): the bridge keeps
 trying. A video file's, and any source's in `grab` (`first_open_fatal`), raises SourceError.
 """
@@ -94,6 +96,9 @@ class Sink(Protocol):
     def start(self, stop: threading.Event) -> None:
         """Called by the loop before the first open (may wait, on `stop`)."""
 
+    def ready(self) -> bool:
+        """Whether a frame handed on now would be taken (a source that can wait asks before reading)."""
+
     def deliver(self, captured: Captured, image: np.ndarray, pixel_format: str) -> str:
         """Hand one frame on: "sent", or a reason from DROP_REASONS."""
 
@@ -117,6 +122,9 @@ class DaemonSink:
                              detail=f"no daemon subscribed within {self.config.connect_timeout_s:g} s; frames are "
                              "dropped and counted (no_daemon) until one does")
 
+    def ready(self) -> bool:
+        return self.publisher.subscribed
+
     def deliver(self, captured: Captured, image: np.ndarray, pixel_format: str) -> str:
         return self.publisher.send(captured.frame_id, image, capture_ts=captured.capture_ts, part_id=captured.part_id,
                                    pixel_format=pixel_format)
@@ -135,6 +143,9 @@ class FileSink:
 
     def start(self, stop: threading.Event) -> None:
         pass
+
+    def ready(self) -> bool:
+        return True
 
     def deliver(self, captured: Captured, image: np.ndarray, pixel_format: str) -> str:
         name = f"frame-{len(self.records):05d}.png"
@@ -177,6 +188,7 @@ class CameraBridge:
         self._warned_grey = False
         self._logged_drop: dict[str, float] = {}
         self._unreadable_seen = 0
+        self._waiting = False  # a source that can wait is waiting for the daemon
 
     def run(self, stop: threading.Event, count: int | None = None) -> int:
         """Capture until `stop` is set or `count` frames were delivered; returns frames delivered.
@@ -208,6 +220,17 @@ class CameraBridge:
                     else:
                         self.log.info("camera_source_opened", camera=self.config.camera, source=self.source.describe())
                     lost_at, tries = None, 0
+                if self.source.can_wait and not self.sink.ready():  # files keep: read none while no daemon takes them
+                    if not self._waiting:
+                        self._waiting = True
+                        self.log.warning("camera_waiting_for_daemon", camera=self.config.camera,
+                                         endpoint=self.config.endpoint, detail="no daemon subscribed; files stay in "
+                                         "the folder until one does")
+                    stop.wait(0.1)
+                    continue
+                if self._waiting:
+                    self._waiting = False
+                    self.log.info("camera_daemon_back", camera=self.config.camera, endpoint=self.config.endpoint)
                 lost_before = self.source.lost_frames
                 try:
                     captured = self.source.read(stop)
@@ -223,7 +246,7 @@ class CameraBridge:
                 self._count_lost(lost_before)
                 if captured is not None:
                     self._backoff.reset()
-                    self._deliver(captured)
+                    self._deliver(captured, stop)
         finally:
             self.source.close()
             self.up = False
@@ -251,35 +274,29 @@ class CameraBridge:
                 self.dropped += new
             self._unreadable_seen = unreadable
 
-    def _deliver(self, captured: Captured) -> None:
+    def _deliver(self, captured: Captured, stop: threading.Event) -> None:
+        """Hand one frame to the sink. A source whose frames can wait (a hot folder: the file stays)
+        is paced by max_fps and waits out a full queue or an absent daemon instead of dropping;
+        stopped meanwhile, the frame is given back (`undo`: the file is sent after the restart)."""
         self.metrics.frame(captured.capture_ts)
+        waits = self.source.can_wait
+        handed_on = False
         try:
-            if self.config.max_fps > 0:
-                now = time.monotonic()
-                if now < self._next_send:
-                    self.metrics.skipped.inc()
-                    return
-                interval = 1.0 / self.config.max_fps
-                if self._next_send == 0.0 or now - self._next_send > interval:  # the first frame, or long behind
-                    self._next_send = now + interval
-                else:  # on the schedule: a late frame does not push the next one later
-                    self._next_send += interval
-            image, pixel_format = captured.image, captured.pixel_format
-            if pixel_format == "gray":
-                if self.config.mono_to_rgb:
-                    image, pixel_format = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), "bgr"
-                else:
-                    self.metrics.grey.inc()
-                    if not self._warned_grey:
-                        self._warned_grey = True
-                        self.log.warning("camera_grey_frames", camera=self.config.camera, source=self.source.describe(),
-                                         detail="the source delivers grey frames; they are sent grey and the daemon "
-                                         "answers them `error` (grey_image) unless its bank is mono; set mono_to_rgb "
-                                         "(--mono-to-rgb) to send them as 3 equal channels")
+            if self.config.max_fps > 0 and not self._on_schedule(stop, waits):
+                return
+            image, pixel_format = self._colour(captured)
             outcome = self.sink.deliver(captured, image, pixel_format)
+            delay = 0.01
+            while waits and outcome != "sent" and not stop.wait(delay):
+                delay = min(delay * 2, 0.5)
+                outcome = self.sink.deliver(captured, image, pixel_format)
+            if waits and outcome != "sent":
+                return  # stopped while waiting: given back, neither sent nor lost
+            handed_on = True
         finally:
-            if captured.done is not None:
-                captured.done()
+            finish = captured.done if handed_on or not waits else captured.undo
+            if finish is not None:
+                finish()
         if outcome == "sent":
             self.delivered += 1
             self.metrics.sent.inc()
@@ -291,3 +308,36 @@ class CameraBridge:
             self._logged_drop[outcome] = now
             self.log.warning("camera_frame_dropped", camera=self.config.camera, frame_id=captured.frame_id,
                              reason=outcome, dropped_total=self.dropped)
+
+    def _on_schedule(self, stop: threading.Event, waits: bool) -> bool:
+        """max_fps: whether this frame goes now (after waiting for its turn, for a source that can
+        wait; a live source's early frame is skipped and counted)."""
+        interval = 1.0 / self.config.max_fps
+        now = time.monotonic()
+        if now < self._next_send:
+            if not waits:
+                self.metrics.skipped.inc()
+                return False
+            if stop.wait(self._next_send - now):
+                return False
+            now = time.monotonic()
+        if self._next_send == 0.0 or now - self._next_send > interval:  # the first frame, or long behind
+            self._next_send = now + interval
+        else:  # on the schedule: a late frame does not push the next one later
+            self._next_send += interval
+        return True
+
+    def _colour(self, captured: Captured) -> tuple[np.ndarray, str]:
+        image, pixel_format = captured.image, captured.pixel_format
+        if pixel_format != "gray":
+            return image, pixel_format
+        if self.config.mono_to_rgb:
+            return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), "bgr"
+        self.metrics.grey.inc()
+        if not self._warned_grey:
+            self._warned_grey = True
+            self.log.warning("camera_grey_frames", camera=self.config.camera, source=self.source.describe(),
+                             detail="the source delivers grey frames; they are sent grey and the daemon answers them "
+                             "`error` (grey_image) unless its bank is mono; set mono_to_rgb (--mono-to-rgb) to send "
+                             "them as 3 equal channels")
+        return image, pixel_format

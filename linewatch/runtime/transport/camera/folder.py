@@ -95,6 +95,7 @@ class FolderSource(Source):
         super().__init__()
         self.uri = uri
         self.live = True
+        self.can_wait = True  # a file waits in the folder: nothing is skipped or dropped on send
         self.path = path
         self.config = config
         self.readonly = readonly
@@ -124,6 +125,9 @@ class FolderSource(Source):
             try:
                 if fields[0] == "#next" and len(fields) == 2:
                     next_id = max(next_id, int(fields[1]))
+                    continue
+                if fields[0] == "u" and len(fields) == 4:  # given back: not sent after all
+                    self._sent.discard((fields[3], int(fields[1]), int(fields[2])))
                     continue
                 if len(fields) != 4:
                     continue
@@ -262,7 +266,7 @@ class FolderSource(Source):
         self._next_id += 1
         capture_ts = time.time() if self.config.capture_ts == "read" else key[2] / 1e9
         return Captured(image, pixel_format, frame_id, capture_ts, self._part_id(path.stem),
-                        done=lambda: self._finish(name, key, frame_id))
+                        done=lambda: self._finish(name, key, frame_id), undo=lambda: self._give_back(key))
 
     def _part_id(self, stem: str) -> str | None:
         if self._regex is None:
@@ -278,6 +282,18 @@ class FolderSource(Source):
         if self.config.after == "move" and not self.readonly:
             if self._move(name, self.config.done_dir, frame_id):
                 self._sent.discard(key)
+
+    def _give_back(self, key: Key) -> None:
+        """The file was not sent after all (stopped while waiting for the daemon): send it again."""
+        self._sent.discard(key)
+        if not self.readonly:
+            name, size, mtime_ns = key
+            try:
+                with open(self._journal_path, "a", encoding="utf-8") as f:
+                    f.write(f"u\t{size}\t{mtime_ns}\t{name}\n")
+            except OSError as e:
+                if self._log is not None:
+                    self._log.warning("camera_journal_not_written", file=str(self._journal_path), error=str(e))
 
     def _set_aside(self, name: str, key: Key, why: str) -> None:
         self.unreadable_files += 1

@@ -12,7 +12,9 @@
 A source has `open()` (SourceLost when it cannot be opened now: the bridge tries again after its
 backoff), `read(stop)` (a Captured frame; None when there is nothing yet; SourceLost when the
 source went away) and `close()`. `lost_frames` counts the frames the source failed to deliver
-(OpenCV: failed reads), `polls` how often it looked for a frame (tests wait on it).
+(OpenCV: failed reads), `polls` how often it looked for a frame (tests wait on it). A source
+whose frames keep (`can_wait`: the hot folder) is paced and held back by the bridge instead of
+skipped or dropped, and gives a frame back with `Captured.undo`.
 
 Frame ids: OpenCV sources count frames from 0, across reopens, per process (a restarted bridge
 starts at 0 again: a verdict's `id` is the unique key, not the frame id). Capture time: the host
