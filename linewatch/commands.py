@@ -261,6 +261,7 @@ def _run_bridge(bridge, count: int | None, timeout_s: float | None, log) -> tupl
 def cmd_camera(args: argparse.Namespace) -> int:
     from linewatch.runtime.ops.health import HealthServer
     from linewatch.runtime.ops.logs import configure_logging
+    from linewatch.runtime.ops.native_stderr import NativeStderr
     from linewatch.runtime.systemd import Watchdog, sd_notify
     from linewatch.runtime.transport.camera import CameraBridge, CameraMetrics, DaemonSink, SourceError, open_source
     from linewatch.runtime.transport.security import ClientKeys
@@ -291,6 +292,10 @@ def cmd_camera(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     health.start()
+    # OpenCV and FFmpeg write their complaints (a stream that stalls, a corrupt JPEG) to descriptor 2:
+    # as rate-limited log events, as in the daemon
+    native = NativeStderr(log, metrics, enabled=config.logging.capture_native_stderr)
+    native.start()
     log.info("camera_started", camera=config.camera, source=source.describe(), endpoint=config.endpoint,
              encoding=config.encoding, curve=curve is not None,
              metrics=f"{health.scheme}://{health.host}:{health.port}/metrics")
@@ -309,6 +314,7 @@ def cmd_camera(args: argparse.Namespace) -> int:
         watchdog.stop()
         sd_notify("STOPPING=1")
         health.stop()
+        native.stop()
     log.info("camera_stopped", camera=config.camera, frames_sent=bridge.delivered, frames_dropped=bridge.dropped)
     if code:
         sys.stdout.flush()

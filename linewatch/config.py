@@ -518,6 +518,23 @@ class ReconnectConfig(_Section):
         return self
 
 
+class OpenCVSourceConfig(_Section):
+    """Settings of an OpenCV source. Device settings (size, rate, pixel format, exposure, gain) go to a
+    USB/V4L2 camera (opencv:) after each open; the driver may refuse or round them, and the
+    values it reports back are logged (camera_settings). null: leave the camera's own."""
+
+    width: int | None = Field(None, ge=1, le=65535, description="frame width in pixels")
+    height: int | None = Field(None, ge=1, le=65535, description="frame height in pixels")
+    fps: float | None = Field(None, gt=0, le=10_000, description="frame rate the camera is asked for")
+    fourcc: str | None = Field(None, min_length=4, max_length=4, description="pixel format, e.g. MJPG (USB cameras: "
+                               "full resolution at full rate) or YUYV")
+    exposure: float | None = Field(None, description="exposure, in the driver's units (V4L2: 100 us steps)")
+    gain: float | None = Field(None, description="gain, in the driver's units")
+    open_timeout_s: float = Field(10.0, gt=0, le=600, description="rtsp/http: give up opening the stream after this long")
+    read_timeout_s: float = Field(10.0, gt=0, le=600, description="rtsp/http: a frame that does not come within this "
+                                  "long is a failed read")
+
+
 class CameraSecurityConfig(_Section):
     """CurveZMQ to a daemon with runtime.security: its public key and this camera's key pair."""
 
@@ -552,6 +569,7 @@ class CameraConfig(_Section):
     max_fps: float = Field(0.0, ge=0, description="send at most this many frames a second (the others are read and "
                            "skipped); 0: every frame")
     reconnect: ReconnectConfig = ReconnectConfig()
+    opencv: OpenCVSourceConfig = OpenCVSourceConfig()
     folder: FolderSourceConfig = FolderSourceConfig()
     security: CameraSecurityConfig = CameraSecurityConfig()
     metrics: MetricsConfig = MetricsConfig(port=9120)

@@ -721,3 +721,45 @@ def test_a_file_given_back_is_sent_again_after_a_restart(tmp_path: Path) -> None
     assert again.frame_id == 1 and (hot / "p.png").exists()
     again.done()
     assert (hot / "done" / "p.png").exists()
+
+
+class _FakeDevice:
+    """A capture whose driver takes some settings, rounds one and refuses another."""
+
+    def __init__(self) -> None:
+        self.values = {cv2.CAP_PROP_FOURCC: float(cv2.VideoWriter_fourcc(*"YUYV")), cv2.CAP_PROP_FRAME_WIDTH: 640.0,
+                       cv2.CAP_PROP_FRAME_HEIGHT: 480.0, cv2.CAP_PROP_FPS: 30.0, cv2.CAP_PROP_GAIN: 0.0}
+
+    def set(self, prop, value) -> bool:
+        if prop == cv2.CAP_PROP_GAIN:
+            return False  # refused
+        self.values[prop] = 1280.0 if prop == cv2.CAP_PROP_FRAME_WIDTH else float(value)  # width rounded
+        return True
+
+    def get(self, prop) -> float:
+        return self.values.get(prop, 0.0)
+
+
+def test_device_settings_are_applied_and_what_the_driver_refused_is_reported() -> None:
+    from linewatch.config import OpenCVSourceConfig
+    from linewatch.runtime.transport.camera.sources import apply_device_settings
+
+    settings = OpenCVSourceConfig(fourcc="MJPG", width=1300, height=720, fps=15, gain=4)
+    reported, refused = apply_device_settings(_FakeDevice(), settings)
+    assert reported == {"fourcc": "MJPG", "width": 1280.0, "height": 720.0, "fps": 15.0, "gain": 0.0}
+    assert refused == {"width": {"asked": 1300, "reported": 1280.0}, "gain": {"asked": 4, "reported": 0.0}}
+    assert apply_device_settings(_FakeDevice(), OpenCVSourceConfig()) == ({}, {})
+    with pytest.raises(ValueError):
+        OpenCVSourceConfig(fourcc="MJPEG")
+
+
+def test_grab_from_a_stream_that_is_not_there_is_one_error_line(tmp_path: Path, capsys) -> None:
+    from tests.ports import refused_port
+
+    with refused_port() as port:
+        code = cli.main(["camera", "grab", "--source", f"rtsp://127.0.0.1:{port}/stream", "--frames", "1",
+                         "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("linewatch: error:")] == [
+        f"linewatch: error: cannot open rtsp://127.0.0.1:{port}/stream: OpenCV cannot open rtsp://127.0.0.1:{port}/stream"]

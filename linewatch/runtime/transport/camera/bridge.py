@@ -81,6 +81,9 @@ class CameraMetrics:
         self.last_capture = Gauge("linewatch_camera_last_frame_capture_timestamp_seconds",
                                   "Capture time of the last frame (seconds since the epoch)", ["camera"],
                                   registry=r).labels(camera)
+        self.native_messages = Counter("linewatch_native_messages", "Lines native libraries (OpenCV, FFmpeg, libjpeg, "
+                                       "libpng) wrote to stderr, logged as native_library_message", ["library"],
+                                       registry=r)
         self._last_frame_mono = time.monotonic()  # before the first frame: since start
         Gauge("linewatch_camera_seconds_since_last_frame", "Seconds since the last frame was read (since the "
               "bridge started, before the first)", ["camera"], registry=r).labels(camera).set_function(

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlparse
 import cv2
 import numpy as np
 
-from linewatch.config import CameraConfig
+from linewatch.config import CameraConfig, OpenCVSourceConfig
 from linewatch.runtime.transport.camera.aravis import aravis_source
 from linewatch.runtime.transport.camera.base import Captured, Source, SourceError, SourceLost, grey_or_colour
 from linewatch.runtime.transport.camera.folder import FolderSource
@@ -45,11 +45,49 @@ EXAMPLES = "opencv:0, rtsp://HOST/stream, http://HOST/video.mjpg, file:///path/v
 MAX_FILE_FPS = 1000.0  # a video file claiming more is played as fast as it can be read
 
 
+# (setting name, OpenCV property)
+DEVICE_SETTINGS = (("fourcc", cv2.CAP_PROP_FOURCC), ("width", cv2.CAP_PROP_FRAME_WIDTH),
+                   ("height", cv2.CAP_PROP_FRAME_HEIGHT), ("fps", cv2.CAP_PROP_FPS),
+                   ("exposure", cv2.CAP_PROP_EXPOSURE), ("gain", cv2.CAP_PROP_GAIN))
+
+
+def _fourcc_text(code: float) -> str:
+    value = int(code)
+    return "".join(chr((value >> (8 * i)) & 0xFF) for i in range(4)) if value > 0 else ""
+
+
+def apply_device_settings(capture: Any, settings: OpenCVSourceConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Set the configured device settings on an open capture: ({setting: value the driver reports
+    now}, {setting: (asked, reported) for those it refused or changed})."""
+    reported: dict[str, Any] = {}
+    refused: dict[str, Any] = {}
+    for name, prop in DEVICE_SETTINGS:
+        wanted = getattr(settings, name)
+        if wanted is None:
+            continue
+        value = cv2.VideoWriter_fourcc(*wanted) if name == "fourcc" else float(wanted)
+        accepted = bool(capture.set(prop, value))
+        now = capture.get(prop)
+        if name == "fourcc":
+            now_shown: Any = _fourcc_text(now)
+            same = now_shown == wanted
+        else:
+            now_shown = round(float(now), 4)
+            same = abs(float(now) - float(wanted)) <= max(1e-6, 0.01 * abs(float(wanted)))
+        reported[name] = now_shown
+        if not (accepted and same):
+            refused[name] = {"asked": wanted, "reported": now_shown}
+    return reported, refused
+
+
 class OpenCVSource(Source):
     """cv2.VideoCapture on a device index, a URL or a video file."""
 
-    def __init__(self, uri: str, target: int | str, live: bool, read_failures: int) -> None:
+    def __init__(self, uri: str, target: int | str, live: bool, read_failures: int,
+                 settings: OpenCVSourceConfig | None = None, log: Any = None) -> None:
         super().__init__()
+        self._settings = settings if settings is not None else OpenCVSourceConfig()
+        self._log = log
         self.uri = uri
         self.live = live
         self._target = target
@@ -62,16 +100,36 @@ class OpenCVSource(Source):
         self._frames_since_open = 0
 
     def open(self) -> None:
-        capture = cv2.VideoCapture(self._target)
+        if self.is_stream:  # FFmpeg: bounded waits for a stream that is not there or stalls
+            capture = cv2.VideoCapture(self._target, cv2.CAP_FFMPEG, [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self._settings.open_timeout_s * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self._settings.read_timeout_s * 1000)])
+        else:
+            capture = cv2.VideoCapture(self._target)
         if not capture.isOpened():
             capture.release()
             raise SourceLost(f"OpenCV cannot open {self.uri}")
+        if self.is_device:
+            reported, refused = apply_device_settings(capture, self._settings)
+            if self._log is not None and reported:
+                self._log.info("camera_settings", source=self.uri, reported=reported)
+            if self._log is not None and refused:
+                self._log.warning("camera_settings_not_applied", source=self.uri, settings=refused,
+                                  detail="the driver refused or changed these; the frames have what it reports")
         self._capture = capture
         self._failures = 0
         self._frames_since_open = 0
         self._opened_mono = time.monotonic()
         fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0) if not self.live else 0.0
         self._fps = fps if 0 < fps <= MAX_FILE_FPS else 0.0
+
+    @property
+    def is_stream(self) -> bool:
+        return isinstance(self._target, str) and self._target.startswith(("rtsp://", "rtsps://", "http://", "https://"))
+
+    @property
+    def is_device(self) -> bool:
+        return self.live and not self.is_stream
 
     def read(self, stop: threading.Event) -> Captured | None:
         if self._capture is None:
@@ -130,15 +188,18 @@ def open_source(uri: str | None, config: CameraConfig, log: Any = None, readonly
     if uri.startswith("opencv:"):
         rest = uri[len("opencv:"):]
         if rest.isdigit():
-            return OpenCVSource(uri, int(rest), live=True, read_failures=config.reconnect.read_failures)
+            return OpenCVSource(uri, int(rest), live=True, read_failures=config.reconnect.read_failures,
+                                settings=config.opencv, log=log)
         if rest.startswith("/dev/"):
-            return OpenCVSource(uri, rest, live=True, read_failures=config.reconnect.read_failures)
+            return OpenCVSource(uri, rest, live=True, read_failures=config.reconnect.read_failures,
+                                settings=config.opencv, log=log)
         raise SourceError(f"{uri}: opencv: takes a device index (opencv:0) or a device path (opencv:/dev/video0); "
                           "streams are rtsp://... or http://..., video files file:///path")
     if uri.startswith(("rtsp://", "rtsps://", "http://", "https://")):
         if not urlparse(uri).netloc:
             raise SourceError(f"{uri}: no host in this URL")
-        return OpenCVSource(uri, uri, live=True, read_failures=config.reconnect.read_failures)
+        return OpenCVSource(uri, uri, live=True, read_failures=config.reconnect.read_failures,
+                                settings=config.opencv, log=log)
     if uri.startswith("file:"):
         if not uri.startswith("file://"):
             raise SourceError(f"{uri}: write file:///absolute/path/video.mp4")
