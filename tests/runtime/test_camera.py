@@ -763,3 +763,20 @@ def test_grab_from_a_stream_that_is_not_there_is_one_error_line(tmp_path: Path, 
     err = capsys.readouterr().err
     assert [ln for ln in err.splitlines() if ln.startswith("linewatch: error:")] == [
         f"linewatch: error: cannot open rtsp://127.0.0.1:{port}/stream: OpenCV cannot open rtsp://127.0.0.1:{port}/stream"]
+
+
+def test_max_fps_paces_a_folder_instead_of_skipping_its_files(tmp_path: Path, sub: Subscriber) -> None:
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    for name in ("a.png", "b.png"):
+        (hot / name).write_bytes(png_bytes(np.full((8, 8, 3), 5, np.uint8)))
+    run = Running(config(source=f"folder://{hot}", endpoint=sub.endpoint, max_fps=0.001,
+                         folder={"poll_interval_s": 0.02}))
+    try:  # the second file is read and waits for its turn (1000 s away)
+        assert wait_until(sub.pumping(lambda: run.value("linewatch_camera_frames_captured_total") == 2), WAIT_S)
+    finally:
+        run.close()  # stopped while it waits: given back
+    assert len(sub.receive(1)) == 1
+    assert run.value("linewatch_camera_frames_skipped_total") == 0
+    assert len(list((hot / "done").iterdir())) == 1 and len(list(hot.glob("*.png"))) == 1
+    assert "\nu\t" in (hot / ".linewatch-camera-sent").read_text()

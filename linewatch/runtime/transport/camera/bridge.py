@@ -291,6 +291,7 @@ class CameraBridge:
             outcome = self.sink.deliver(captured, image, pixel_format)
             delay = 0.01
             while waits and outcome != "sent" and not stop.wait(delay):
+                self.heartbeat = time.monotonic()  # waiting is no hang: the watchdog must not kill it
                 delay = min(delay * 2, 0.5)
                 outcome = self.sink.deliver(captured, image, pixel_format)
             if waits and outcome != "sent":
@@ -321,9 +322,10 @@ class CameraBridge:
             if not waits:
                 self.metrics.skipped.inc()
                 return False
-            if stop.wait(self._next_send - now):
-                return False
-            now = time.monotonic()
+            while now < self._next_send:  # in steps, so the watchdog sees the loop alive
+                if stop.wait(min(self._next_send - now, 1.0)):
+                    return False
+                self.heartbeat = now = time.monotonic()
         if self._next_send == 0.0 or now - self._next_send > interval:  # the first frame, or long behind
             self._next_send = now + interval
         else:  # on the schedule: a late frame does not push the next one later
