@@ -356,11 +356,14 @@ def cmd_camera_grab(args: argparse.Namespace) -> int:
 def _camera_arguments(p: argparse.ArgumentParser, grab: bool) -> None:
     from linewatch.runtime.transport.camera.sources import EXAMPLES
 
-    p.add_argument("--config", "-c", help="camera config YAML (docs/line.md, Cameras); options below override it")
-    p.add_argument("--source", required=grab, help=f"camera source URI: {EXAMPLES}")
-    p.add_argument("--camera", help="camera id (the frames' topic; default cam0)")
-    p.add_argument("--mono-to-rgb", action="store_true", help="send grey frames as 3 equal channels")
-    p.add_argument("--log-format", choices=("json", "console"), help="log line format (default json)")
+    # grab's copies of the shared options leave what was given before `grab` alone when absent
+    keep = {"default": argparse.SUPPRESS} if grab else {}
+    p.add_argument("--config", "-c", help="camera config YAML (docs/line.md, Cameras); options below override it",
+                   **keep)
+    p.add_argument("--source", help=f"camera source URI: {EXAMPLES} (or `source:` in the config)", **keep)
+    p.add_argument("--camera", help="camera id (the frames' topic; default cam0)", **keep)
+    p.add_argument("--mono-to-rgb", action="store_true", help="send grey frames as 3 equal channels", **keep)
+    p.add_argument("--log-format", choices=("json", "console"), help="log line format (default json)", **keep)
     if grab:
         return
     p.add_argument("--endpoint", help="the daemon's frame ingest (default tcp://127.0.0.1:5555)")

@@ -780,3 +780,15 @@ def test_max_fps_paces_a_folder_instead_of_skipping_its_files(tmp_path: Path, su
     assert run.value("linewatch_camera_frames_skipped_total") == 0
     assert len(list((hot / "done").iterdir())) == 1 and len(list(hot.glob("*.png"))) == 1
     assert "\nu\t" in (hot / ".linewatch-camera-sent").read_text()
+
+
+def test_grab_takes_its_source_from_the_config_or_before_grab(tmp_path: Path, capsys) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 2, size=(16, 16))
+    config_file = tmp_path / "cam.yaml"
+    config_file.write_text(f"camera: press-9\nsource: file://{video}\n")
+    assert cli.main(["camera", "grab", "-c", str(config_file), "--frames", "1", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "grab.json").read_text())["camera"] == "press-9"
+    assert cli.main(["camera", "--source", f"file://{video}", "grab", "--frames", "1", "--out", str(tmp_path / "b")]) == 0
+    assert cli.main(["camera", "grab", "--frames", "1", "--out", str(tmp_path / "c")]) == 2
+    assert "linewatch: error: no camera source" in capsys.readouterr().err
