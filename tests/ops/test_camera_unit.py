@@ -42,15 +42,31 @@ def test_camera_unit_settings() -> None:
     assert args.func.__name__ == "cmd_camera" and args.config == "/etc/linewatch/camera-%i.yaml"
 
 
-@pytest.mark.system
-def test_camera_unit_verifies(tmp_path: Path) -> None:
-    tool = require_tool("systemd-analyze")
+def _staged(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this checkout's entry point (verify checks it exists)."""
     executable = Path(sys.executable).parent / "linewatch"
     staged = tmp_path / "linewatch-camera@press-1.service"
     staged.write_text(UNIT.read_text().replace(INSTALLED_BIN, str(executable if executable.exists() else sys.executable)))
+    return staged
+
+
+@pytest.mark.system
+def test_camera_unit_verifies(tmp_path: Path) -> None:
+    tool = require_tool("systemd-analyze")
+    staged = _staged(tmp_path)
     res = run([tool, "verify", str(staged)], timeout=60)
     text = res.stdout + res.stderr
     if res.returncode != 0 and re.search(r"Failed to (initialize|allocate) manager|Operation not permitted", text):
         pytest.skip(f"systemd-analyze verify cannot run here: {text.strip()[:300]}")
     problems = [ln for ln in text.splitlines() if staged.name in ln or str(tmp_path) in ln]
     assert res.returncode == 0 and not problems, text
+
+
+@pytest.mark.system
+def test_camera_unit_security_exposure_is_low(tmp_path: Path) -> None:
+    """`systemd-analyze security --offline` rates the hardening; 3.0 or lower is 'OK' (2.0 when written)."""
+    tool = require_tool("systemd-analyze")
+    res = run([tool, "security", "--offline=true", "--threshold=30", str(_staged(tmp_path))], timeout=60)
+    if "--offline" in res.stderr and ("unrecognized" in res.stderr or "Unknown option" in res.stderr):
+        pytest.skip("this systemd-analyze has no --offline security review (systemd < 250)")
+    assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-500:]
