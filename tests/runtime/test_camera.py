@@ -96,6 +96,15 @@ class Subscriber:
         self.context.term()
 
 
+@pytest.fixture(autouse=True)
+def _own_logging():
+    """cli.main configures structlog for the process; put its defaults back after each test."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def sub():
     s = Subscriber()
