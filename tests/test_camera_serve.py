@@ -25,10 +25,10 @@ def test_hot_folder_through_the_daemon_gives_one_verdict_per_file(tmp_path: Path
     hot.mkdir()
     served = Served(tmp_path, small_bank)
     camera = None
+    camera_log = (tmp_path / "camera.log").open("wb")
     try:
         served.wait_ready()
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        camera_log = (tmp_path / "camera.log").open("wb")
         config = tmp_path / "camera.yaml"
         config.write_text("folder:\n  part_id_regex: 'part-(\\d+)'\n  poll_interval_s: 0.05\n")
         camera = subprocess.Popen(
@@ -46,8 +46,9 @@ def test_hot_folder_through_the_daemon_gives_one_verdict_per_file(tmp_path: Path
         assert sorted(v.part_id for v in mine) == ["0", "1", "2", "3"]  # from the file names
         assert wait_until(lambda: len(list((hot / "done").glob("*.png"))) == 4, 30.0)
         camera.send_signal(signal.SIGTERM)
-        assert camera.wait(30) == 0
+        assert camera.wait(30) == 0, (tmp_path / "camera.log").read_text()[-3000:]
     finally:
+        camera_log.close()
         if camera is not None and camera.poll() is None:
             camera.kill()
             camera.wait(10)
