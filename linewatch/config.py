@@ -530,6 +530,8 @@ class OpenCVSourceConfig(_Section):
                                "full resolution at full rate) or YUYV")
     exposure: float | None = Field(None, description="exposure, in the driver's units (V4L2: 100 us steps)")
     gain: float | None = Field(None, description="gain, in the driver's units")
+    buffer_size: int | None = Field(None, ge=1, le=64, description="frames the driver keeps queued; 1: always the "
+                                    "newest frame (least latency), where the driver supports it")
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="rtsp/http: give up opening the stream after this long")
     read_timeout_s: float = Field(10.0, gt=0, le=600, description="rtsp/http: a frame that does not come within this "
                                   "long is a failed read")

@@ -48,7 +48,8 @@ MAX_FILE_FPS = 1000.0  # a video file claiming more is played as fast as it can 
 # (setting name, OpenCV property)
 DEVICE_SETTINGS = (("fourcc", cv2.CAP_PROP_FOURCC), ("width", cv2.CAP_PROP_FRAME_WIDTH),
                    ("height", cv2.CAP_PROP_FRAME_HEIGHT), ("fps", cv2.CAP_PROP_FPS),
-                   ("exposure", cv2.CAP_PROP_EXPOSURE), ("gain", cv2.CAP_PROP_GAIN))
+                   ("exposure", cv2.CAP_PROP_EXPOSURE), ("gain", cv2.CAP_PROP_GAIN),
+                   ("buffer_size", cv2.CAP_PROP_BUFFERSIZE))
 
 
 def _fourcc_text(code: float) -> str:
