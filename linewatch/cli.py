@@ -9,6 +9,7 @@
     linewatch sim generate ...             synthetic products in the MVTec LOCO layout
     linewatch models list|download         the official checkpoints
     linewatch replay / tap                 camera simulator / verdict printer
+    linewatch camera [grab] --source URI   one camera to the daemon (or N frames to files)
     linewatch actuate -c CONFIG            the reject component: verdicts -> PLC (Modbus/TCP, OPC UA)
     linewatch eval ...                     accuracy on MVTec LOCO-layout folders
     linewatch config check|schema|example  a config file without starting the daemon

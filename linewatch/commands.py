@@ -1,5 +1,5 @@
-"""The runtime commands of `linewatch`: serve, replay, tap, demo, actuate (and `bank switch`,
-which talks to a running serve).
+"""The runtime commands of `linewatch`: serve, replay, tap, demo, camera, actuate (and `bank
+switch`, which talks to a running serve).
 
 `register(subparsers)` adds them to the parser built in linewatch/cli.py. Errors a user can
 fix raise the exceptions cli.main maps to exit status 2 (ConfigError, BankError, ...), or
@@ -27,6 +27,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from linewatch.runtime.daemon import Daemon
     from linewatch.runtime.ops.logs import configure_logging
 
+    from linewatch.runtime.ops.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the detector's and the runtime's threads start
     config = load_config(args.config)
     log = configure_logging(config.runtime.logging)
     bank_path = Path(args.bank or config.bank.path)
@@ -260,6 +263,204 @@ def _curve_keys(args: argparse.Namespace):
     return ClientKeys.load(args.server_key, args.client_key)
 
 
+# ---------------------------------------------------------------------------- camera
+
+
+def _camera_config(args: argparse.Namespace):
+    """The camera config file (or the defaults) with the command-line options on top."""
+    from linewatch.config import load_camera_config
+
+    overrides = {key: value for key, value in {
+        "source": args.source, "camera": args.camera, "endpoint": getattr(args, "endpoint", None),
+        "encoding": getattr(args, "encoding", None), "metrics.port": getattr(args, "metrics_port", None),
+        "metrics.host": getattr(args, "metrics_host", None), "folder.after": getattr(args, "after", None),
+        "security.server_key": getattr(args, "server_key", None), "security.client_key": getattr(args, "client_key", None),
+        "logging.format": getattr(args, "log_format", None),
+    }.items() if value is not None}
+    if args.mono_to_rgb:
+        overrides["mono_to_rgb"] = True
+    return load_camera_config(args.config, overrides)
+
+
+def _run_bridge(bridge, count: int | None, timeout_s: float | None, log) -> tuple[int, bool]:
+    """Run the bridge's loop in a thread until it ends, SIGTERM/SIGINT or `timeout_s`: (status,
+    timed_out). The main thread only waits, so a signal is handled at once even while the loop
+    is inside a blocking camera read; a loop still stuck 5 s after the stop is left behind."""
+    import signal
+    import threading
+    import time
+
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            bridge.run(stop, count)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            failure.append(e)
+
+    def on_signal(signum, frame) -> None:
+        log.info("camera_stopping", camera=bridge.config.camera, signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=loop, name="lw-camera", daemon=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    timed_out = False
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+            if deadline is not None and time.monotonic() >= deadline and not stop.is_set():
+                timed_out = True
+                stop.set()
+            if stop.is_set():
+                thread.join(5.0)
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+    if thread.is_alive():
+        log.warning("camera_capture_stuck", camera=bridge.config.camera,
+                    detail="the capture thread did not end within 5 s of the stop (a blocking camera read)")
+        return 1, timed_out
+    return 0, timed_out
+
+
+def cmd_camera(args: argparse.Namespace) -> int:
+    from linewatch.runtime.ops.health import HealthServer
+    from linewatch.runtime.ops.logs import configure_logging
+    from linewatch.runtime.ops.native_stderr import NativeStderr
+    from linewatch.runtime.systemd import Watchdog, sd_notify
+    from linewatch.runtime.transport.camera import CameraBridge, CameraMetrics, DaemonSink, SourceError, open_source
+    from linewatch.runtime.transport.security import ClientKeys
+
+    config = _camera_config(args)
+    log = configure_logging(config.logging)
+    try:
+        source = open_source(config.source, config, log)
+    except SourceError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    curve = None
+    if config.security.server_key is not None:
+        curve = ClientKeys.load(config.security.server_key, config.security.client_key)
+    metrics = CameraMetrics(config.camera)
+    try:
+        sink = DaemonSink(config, curve, log)
+    except ValueError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    bridge = CameraBridge(config, source, sink, metrics, log)
+    try:
+        health = HealthServer(config.metrics, metrics.registry,
+                              readiness=lambda: (bridge.up, "source open" if bridge.up else f"source lost: {bridge.lost_reason}"))
+    except OSError as e:
+        sink.close()
+        print(f"linewatch: error: camera metrics on {config.metrics.host}:{config.metrics.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    health.start()
+    # OpenCV and FFmpeg write their complaints (a stream that stalls, a corrupt JPEG) to descriptor 2:
+    # as rate-limited log events, as in the daemon
+    native = NativeStderr(log, metrics, enabled=config.logging.capture_native_stderr)
+    native.start()
+    log.info("camera_started", camera=config.camera, source=source.describe(), endpoint=config.endpoint,
+             encoding=config.encoding, curve=curve is not None,
+             metrics=f"{health.scheme}://{health.host}:{health.port}/metrics")
+    import time
+
+    stale_s = config.reconnect.max_s + 60.0  # the longest wait plus a blocking read's own timeout
+    watchdog = Watchdog(lambda: time.monotonic() - bridge.heartbeat < stale_s and sd_notify("WATCHDOG=1"))
+    sd_notify("READY=1")
+    watchdog.start()
+    try:
+        code, _ = _run_bridge(bridge, args.count, None, log)
+    except SourceError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        watchdog.stop()
+        sd_notify("STOPPING=1")
+        health.stop()
+        native.stop()
+    log.info("camera_stopped", camera=config.camera, frames_sent=bridge.delivered, frames_dropped=bridge.dropped)
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # the capture thread is stuck in native code: do not let interpreter shutdown meet it
+    return 0
+
+
+def cmd_camera_grab(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    from linewatch.runtime.ops.logs import configure_logging
+    from linewatch.runtime.transport.camera import CameraBridge, CameraMetrics, FileSink, SourceError, open_source
+
+    if args.frames < 1:
+        print("linewatch: error: --frames must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    config = _camera_config(args)
+    log = configure_logging(config.logging)
+    out = Path(args.out)
+    try:
+        source = open_source(config.source, config, log, readonly=True)
+        sink = FileSink(out)
+        bridge = CameraBridge(config, source, sink, CameraMetrics(config.camera), log, first_open_fatal=True)
+        _, timed_out = _run_bridge(bridge, args.frames, args.timeout, log)
+    except (SourceError, OSError) as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    (out / "grab.json").write_text(json_module.dumps(
+        {"source": config.source, "camera": config.camera, "frames": sink.records, "dropped": bridge.dropped}, indent=2))
+    print(f"wrote {len(sink.records)} frame(s) and grab.json to {out}", file=sys.stderr)
+    if len(sink.records) < args.frames:
+        why = f"within {args.timeout:g} s" if timed_out else "before the stop"
+        print(f"linewatch: got {len(sink.records)} of {args.frames} frames {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _camera_arguments(p: argparse.ArgumentParser, grab: bool) -> None:
+    from linewatch.runtime.transport.camera.sources import EXAMPLES
+
+    # grab's copies of the shared options leave what was given before `grab` alone when absent
+    keep = {"default": argparse.SUPPRESS} if grab else {}
+    p.add_argument("--config", "-c", help="camera config YAML (docs/line.md, Cameras); options below override it",
+                   **keep)
+    p.add_argument("--source", help=f"camera source URI: {EXAMPLES} (or `source:` in the config)", **keep)
+    p.add_argument("--camera", help="camera id (the frames' topic; default cam0)", **keep)
+    p.add_argument("--mono-to-rgb", action="store_true", help="send grey frames as 3 equal channels", **keep)
+    p.add_argument("--log-format", choices=("json", "console"), help="log line format (default json)", **keep)
+    if grab:
+        return
+    p.add_argument("--endpoint", help="the daemon's frame ingest (default tcp://127.0.0.1:5555)")
+    from linewatch.wire import ENCODINGS
+
+    p.add_argument("--encoding", choices=ENCODINGS, help="raw (default), jpeg or png")
+    p.add_argument("--metrics-port", type=int, help="port of this camera's /metrics (default 9120; 0: any free port)")
+    p.add_argument("--metrics-host", help="address of /metrics (default 127.0.0.1)")
+    p.add_argument("--after", choices=("move", "leave"), help="hot folder: move sent files to done/ (default) or leave them")
+    p.add_argument("--count", type=int, help="stop after this many frames sent")
+    _curve_arguments(p)
+
+
+def _register_camera(subparsers) -> None:
+    p = subparsers.add_parser("camera", help="capture process for one camera: frames from a source to the daemon's ingest")
+    _camera_arguments(p, grab=False)
+    p.set_defaults(func=cmd_camera)
+    actions = p.add_subparsers(dest="camera_command", metavar="{grab}")
+    g = actions.add_parser("grab", help="write N frames as PNG files and grab.json (ids, capture times)")
+    _camera_arguments(g, grab=True)
+    g.add_argument("--frames", type=int, required=True, help="frames to write")
+    g.add_argument("--out", "-o", required=True, help="output folder")
+    g.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+    g.set_defaults(func=cmd_camera_grab)
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -321,3 +522,5 @@ def register(subparsers) -> None:
     p.add_argument("--workdir", help="where the synthetic images and the bank go (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    _register_camera(subparsers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -566,3 +567,161 @@ def load_config(path: str | Path | None) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return config_from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------- camera bridge (`linewatch camera`)
+#
+# A file of its own, one per camera (e.g. /etc/linewatch/camera-LINE.yaml for
+# linewatch-camera@LINE.service), loaded by `load_camera_config`; the daemon's Config does not
+# include it. Command-line options of `linewatch camera` override its keys.
+
+
+class FolderSourceConfig(_Section):
+    """The hot-folder source (`folder:///path`): new image files, each sent once."""
+
+    after: Literal["move", "leave"] = Field(
+        "move", description="what happens to a sent file: moved into done_dir, or left where it is (remembered in state_file)")
+    done_dir: str = Field("done", min_length=1, description="where sent files go (after: move); relative to the watched folder")
+    failed_dir: str = Field("failed", min_length=1, description="where unreadable files go (after: move); relative to the watched folder")
+    state_file: str = Field(".linewatch-camera-sent", min_length=1,
+                            description="journal of the files sent (frame id, size, mtime, name): frame ids go on "
+                            "from it after a restart and no file is sent twice; relative to the watched folder")
+    poll_interval_s: float = Field(0.2, gt=0, le=60, description="seconds between two looks at the folder")
+    settle_polls: int = Field(2, ge=1, le=100, description="a file is read once its size and mtime were the same "
+                              "in this many looks in a row (and, for PNG/JPEG/BMP, its end is there)")
+    unreadable_after_s: float = Field(30.0, gt=0, description="a file whose size stays put this long without "
+                                      "becoming a readable image is set aside (failed_dir) and counted")
+    part_id_regex: str | None = Field(None, description="part id from the file name (stem): the group named "
+                                      "`part`, else group 1, else the whole match; null: no part id")
+    capture_ts: Literal["read", "mtime"] = Field(
+        "read", description="capture time of a file: when it is read, or its mtime (only where the writer's clock is "
+        "this host's and files never wait: a file older than the daemon's deadline is answered `timeout`)")
+
+    @model_validator(mode="after")
+    def _regex(self) -> "FolderSourceConfig":
+        if self.part_id_regex is not None:
+            try:
+                re.compile(self.part_id_regex)
+            except re.error as e:
+                raise ValueError(f"part_id_regex {self.part_id_regex!r} is not a regular expression: {e}") from None
+        if self.done_dir == self.failed_dir:
+            raise ValueError(f"done_dir and failed_dir are both {self.done_dir!r}; unreadable files need their own folder")
+        return self
+
+
+class ReconnectConfig(_Section):
+    """When the source is lost: wait, then open it again, each wait twice the last, up to max_s."""
+
+    initial_s: float = Field(0.5, gt=0, le=600, description="first wait before opening a lost source again")
+    max_s: float = Field(30.0, gt=0, le=3600, description="the longest wait between two tries")
+    read_failures: int = Field(5, ge=1, le=10_000, description="failed reads in a row (each a lost frame) that "
+                               "count as the source lost")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ReconnectConfig":
+        if self.initial_s > self.max_s:
+            raise ValueError(f"initial_s ({self.initial_s}) must not exceed max_s ({self.max_s})")
+        return self
+
+
+class OpenCVSourceConfig(_Section):
+    """Settings of an OpenCV source. Device settings (size, rate, pixel format, exposure, gain) go to a
+    USB/V4L2 camera (opencv:) after each open; the driver may refuse or round them, and the
+    values it reports back are logged (camera_settings). null: leave the camera's own."""
+
+    width: int | None = Field(None, ge=1, le=65535, description="frame width in pixels")
+    height: int | None = Field(None, ge=1, le=65535, description="frame height in pixels")
+    fps: float | None = Field(None, gt=0, le=10_000, description="frame rate the camera is asked for")
+    fourcc: str | None = Field(None, min_length=4, max_length=4, description="pixel format, e.g. MJPG (USB cameras: "
+                               "full resolution at full rate) or YUYV")
+    exposure: float | None = Field(None, description="exposure, in the driver's units (V4L2: 100 us steps)")
+    gain: float | None = Field(None, description="gain, in the driver's units")
+    buffer_size: int | None = Field(None, ge=1, le=64, description="frames the driver keeps queued; 1: always the "
+                                    "newest frame (least latency), where the driver supports it")
+    open_timeout_s: float = Field(10.0, gt=0, le=600, description="rtsp/http: give up opening the stream after this long")
+    read_timeout_s: float = Field(10.0, gt=0, le=600, description="rtsp/http: a frame that does not come within this "
+                                  "long is a failed read")
+
+
+class CameraSecurityConfig(_Section):
+    """CurveZMQ to a daemon with runtime.security: its public key and this camera's key pair."""
+
+    server_key: str | None = Field(None, description="the daemon's public key file (linewatch keys generate)")
+    client_key: str | None = Field(None, description="this camera's secret key file; its public key is in the "
+                                   "daemon's frame_senders folder")
+
+    @model_validator(mode="after")
+    def _both(self) -> "CameraSecurityConfig":
+        if (self.server_key is None) != (self.client_key is None):
+            raise ValueError("server_key and client_key go together (CurveZMQ needs both)")
+        return self
+
+
+class CameraConfig(_Section):
+    """One capture process (`linewatch camera`): a source, the daemon's ingest, metrics."""
+
+    camera: str = Field("cam0", min_length=1, max_length=64, description="camera id: the frames' topic, a metrics label")
+    source: str | None = Field(None, description="opencv:INDEX, rtsp://..., http(s)://..., file:///video, "
+                               "folder:///path, aravis:[DEVICE]; --source overrides it")
+    endpoint: str = Field("tcp://127.0.0.1:5555", description="the daemon's frame ingest (it binds, the camera connects)")
+    encoding: Literal["raw", "jpeg", "png"] = Field(
+        "raw", description="raw: lossless, no CPU, H*W*3 bytes a frame (same host or a fast link); jpeg: small, lossy; "
+        "png: lossless, CPU-heavy")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    send_hwm: int = Field(8, ge=1, le=100_000, description="frames queued for the daemon; beyond it new frames are "
+                          "dropped (counted), never queued without bound")
+    connect_timeout_s: float = Field(10.0, ge=0, le=600, description="at start, wait this long for the daemon to "
+                                     "subscribe before the first frame (frames before that would be lost)")
+    mono_to_rgb: bool = Field(False, description="replicate grey (Mono8) frames to 3 channels; false: send them grey, "
+                              "which the daemon answers `error` (grey_image) unless its bank is mono")
+    max_fps: float = Field(0.0, ge=0, description="send at most this many frames a second (the others are read and "
+                           "skipped); 0: every frame")
+    reconnect: ReconnectConfig = ReconnectConfig()
+    opencv: OpenCVSourceConfig = OpenCVSourceConfig()
+    folder: FolderSourceConfig = FolderSourceConfig()
+    security: CameraSecurityConfig = CameraSecurityConfig()
+    metrics: MetricsConfig = MetricsConfig(port=9120)
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _printable_camera(self) -> "CameraConfig":
+        if not self.camera.isprintable():
+            raise ValueError(f"camera id {self.camera!r} must be printable characters (it is a topic, a log field, a metrics label)")
+        return self
+
+
+def _validated(model: type[BaseModel], data: object, source: str) -> BaseModel:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def load_camera_config(path: str | Path | None, overrides: dict | None = None) -> CameraConfig:
+    """A camera bridge's YAML file (None: the defaults), then `overrides` (command-line options,
+    dotted keys such as "folder.after") on top, validated together."""
+    data: dict = {}
+    source = "<defaults>" if path is None else str(path)
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read camera config file: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return _validated(CameraConfig, data, source)  # type: ignore[return-value]

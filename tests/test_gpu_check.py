@@ -22,8 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # this repository's own: the packages, and the benchmark scripts' modules (benchmarks/ is their sys.path[0])
 LOCAL = {"linewatch", "tests", "__future__", *(p.stem for p in (ROOT / "benchmarks").glob("*.py"))}
-# imported only inside a test that needs a program the GPU check does not run (the live page's browser)
-NOT_ON_GPU = {"selenium"}
+# imported only where the GPU check never goes: inside a test that needs a program it does not run
+# (the live page's browser), or by `linewatch camera`'s GenICam source, on the camera's host (Aravis)
+NOT_ON_GPU = {"selenium", "gi"}
 
 
 def _preflight():

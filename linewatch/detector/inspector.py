@@ -460,9 +460,8 @@ class Inspector:
             self.noise_floor if cfg.normalize_objects else None, self._chunk_floats)
         branch_maps = {"objects": image_maps + cfg.missing_part_weight * missing_maps}  # (B, H', W') each
         if self.config.score.source != "objects":  # the patch branch (linewatch.detector.patch_knn): (B, h, w)
-            branch_maps["patch"] = nearest_patch_distances(local_patch_features(enc.features),
-                                                           self.patch_memory[batch.patch_references],
-                                                           self.config.score.patch_window)
+            branch_maps["patch"] = nearest_patch_distances(local_patch_features(enc.features), self.patch_memory,
+                                                           self.config.score.patch_window, batch.patch_references)
             if self.uses_shapes:
                 branch_maps.update(part_maps(enc.shapes, enc.textures, enc.valid, enc.soft_masks, bank, batch.exclude))
         threshold = self.bank.threshold  # inf while the bank builder calibrates

@@ -112,7 +112,9 @@ def test_dry_run_decides_every_part_once_with_its_verdict_id(publisher, running)
     subscribed(publisher, actuator)
     values = ["pass", "fail", "pass", "timeout", "pass", "fail"]
     ids = [send(publisher, i, v) for i, v in enumerate(values)]
-    assert wait_until(lambda: len(log.named("dry_run_reject")) == 3, WAIT_S), log.events
+    # (the output logs a reject, then counts it: wait for both)
+    assert wait_until(lambda: len(log.named("dry_run_reject")) == 3
+                      and sample(actuator, "linewatch_actuate_rejects_total") == 3, WAIT_S), log.events
     rejected = [f["verdict_id"] for f in log.named("dry_run_reject")]
     assert rejected == [ids[1], ids[3], ids[5]]
     assert [f["verdict_id"] for f in log.named("reject_decided")] == rejected
@@ -152,9 +154,11 @@ def test_modbus_coil_pulsed_for_each_reject(publisher, running):
         send(publisher, 1, "pass")
         send(publisher, 2, "shed")
         # each reject sets the coil; the pulse ends with it cleared
-        assert wait_until(lambda: plc.coil_writes(3).count(True) == 2 and plc.coil_writes(3)[-1] is False, WAIT_S), plc.writes
+        # (the PLC sees a write before the actuator has its reply and times it: wait for both)
+        assert wait_until(lambda: plc.coil_writes(3).count(True) == 2 and plc.coil_writes(3)[-1] is False
+                          and sample(actuator, "linewatch_actuate_plc_write_seconds_count") >= 3, WAIT_S), plc.writes
         assert plc.coil_writes(4) == []  # no alarm
-        assert sample(actuator, "linewatch_actuate_plc_write_seconds_count") >= 3
+        assert sample(actuator, "linewatch_actuate_rejects_total") == 2
     finally:
         plc.stop()
 

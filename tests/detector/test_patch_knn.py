@@ -52,3 +52,19 @@ def test_local_patch_features_average_the_neighbourhood():
     out = local_patch_features(x)
     assert out[0, 0, 1, 1] == 4.0  # the mean of 0..8
     assert out[0, 0, 0, 0] == (0 + 1 + 3 + 4) / 4  # corner: the 4 cells that exist
+
+
+def test_a_bank_and_references_give_what_the_gathered_memory_gives_whatever_the_chunk(monkeypatch):
+    """The memory as the bank's (Z, C, h, w) with each query's references (B, R) gathered a
+    chunk at a time: bitwise the distances of the memory gathered whole, for any chunk size."""
+    import linewatch.detector.patch_knn as patch_knn
+
+    g = torch.Generator().manual_seed(2)
+    bank = torch.randn(7, 4, 5, 6, generator=g)
+    query = torch.randn(3, 4, 5, 6, generator=g)
+    references = torch.tensor([[0, 3, 5, 6], [1, 1, 2, 4], [6, 5, 4, 3]])
+    whole = nearest_patch_distances(query, bank[references], 1)
+    for chunk_bytes in (1, 3 * 4 * 7 * 8 * 4 * 2, 1 << 30):  # one image, two images, all at a time
+        monkeypatch.setattr(patch_knn, "CHUNK_BYTES", chunk_bytes)
+        assert torch.equal(nearest_patch_distances(query, bank, 1, references), whole)
+        assert torch.equal(nearest_patch_distances(query, bank[references], 1), whole)

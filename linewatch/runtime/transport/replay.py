@@ -146,33 +146,117 @@ def replay(
     return sent
 
 
+class FramePublisher:
+    """A socket sending linewatch.wire frame messages: the sender of `replay` and of
+    `linewatch camera` (linewatch.runtime.transport.camera).
+
+    By default a PUB socket, as replay always had: frames sent before the daemon has
+    subscribed, or beyond the high-water mark, are dropped by ZeroMQ without a word.
+
+    With `watch_subscribers` it is an XPUB socket (the daemon's SUB cannot tell the difference)
+    that reads the subscriptions coming back: `wait_subscribed` waits until the daemon has
+    subscribed (no first frames lost to a slow joiner), and `send` says what became of each
+    frame: "sent", "no_daemon" (nobody subscribed: the daemon is down or restarting) or
+    "send_hwm" (XPUB_NODROP: `send_hwm` frames already wait for the daemon). A subscriber that
+    goes away unsubscribes (libzmq sends the unsubscription when its connection ends).
+    """
+
+    def __init__(self, endpoint: str, camera: str, encoding: str = "jpeg", mode: str = "connect",
+                 curve: ClientKeys | None = None, handshake_s: float = 0.0, send_hwm: int | None = None,
+                 watch_subscribers: bool = False, jpeg_quality: int = 90) -> None:
+        if encoding not in wire.ENCODINGS:
+            raise ValueError(f"encoding must be one of {wire.ENCODINGS}, got {encoding!r}")
+        self.camera = camera
+        self.endpoint = endpoint
+        self._topic = camera.encode("utf-8")
+        self._encoding = encoding
+        self._jpeg_quality = jpeg_quality
+        self._watch = watch_subscribers
+        self._subscriptions: set[bytes] = set()
+        self._context = zmq.Context()
+        sock = self._context.socket(zmq.XPUB if watch_subscribers else zmq.PUB)
+        self._sock = sock
+        try:
+            if send_hwm is not None:
+                sock.sndhwm = send_hwm
+            if watch_subscribers:
+                sock.setsockopt(zmq.XPUB_NODROP, 1)
+                # no queue for a daemon that is not connected: its pipe ends with the connection (so
+                # the subscription goes, and frames are "no_daemon"), and a new one comes with the next
+                sock.immediate = 1
+            if curve is not None:
+                curve.apply(sock)
+            if mode == "bind":
+                sock.bind(endpoint)
+            elif handshake_s > 0 and not watch_subscribers:
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                sock.connect(endpoint)
+                monitor.poll(int(handshake_s * 1000))  # the connection is made (or the wait is over)
+                sock.disable_monitor()
+                monitor.close()
+            else:
+                sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self.close(linger_ms=0)
+            raise ValueError(f"cannot {mode} a frame socket to {endpoint!r}: {e}") from None
+
+    def _read_subscriptions(self, timeout_ms: int = 0) -> None:
+        while self._sock.poll(timeout_ms, zmq.POLLIN):
+            message = self._sock.recv(zmq.NOBLOCK)
+            if message[:1] == b"\x01":
+                self._subscriptions.add(message[1:])
+            elif message[:1] == b"\x00":
+                self._subscriptions.discard(message[1:])
+            timeout_ms = 0
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether someone (the daemon) subscribed to this camera's frames (watch_subscribers only)."""
+        self._read_subscriptions()
+        return any(self._topic.startswith(prefix) for prefix in self._subscriptions)
+
+    def wait_subscribed(self, timeout_s: float, stop: threading.Event | None = None) -> bool:
+        """Wait up to `timeout_s` (or until `stop` is set) for a subscriber; True once there is one."""
+        end = time.monotonic() + timeout_s
+        while not self.subscribed:
+            left = end - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                return False
+            self._read_subscriptions(int(min(left, 0.1) * 1000) + 1)
+        return True
+
+    def send(self, frame_id: int, image: np.ndarray, capture_ts: float | None = None, part_id: str | None = None,
+             pixel_format: str = "rgb") -> str:
+        """Encode and send one frame: "sent", or why not ("no_daemon", "send_hwm"; watch_subscribers only)."""
+        if self._watch and not self.subscribed:
+            return "no_daemon"
+        parts = wire.encode_frame(self.camera, frame_id, image, capture_ts=capture_ts, encoding=self._encoding,
+                                  pixel_format=pixel_format, part_id=part_id, jpeg_quality=self._jpeg_quality)
+        if not self._watch:
+            self._sock.send_multipart(parts, copy=False)
+            return "sent"
+        try:
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return "send_hwm"
+        return "sent"
+
+    def close(self, linger_ms: int = 2000) -> None:
+        """Close the socket, letting queued frames out for up to `linger_ms`."""
+        self._sock.close(linger=linger_ms)
+        self._context.term()
+
+
 def _open_sender(protocol: str, endpoint: str, mode: str, encoding: str, camera: str, reply_timeout_s: float,
                  curve: ClientKeys | None = None, handshake_s: float = 0.0):
     """(send(frame_id, rgb, part_id), close()) for the protocol."""
     if protocol == "linewatch":
-        context = zmq.Context()
-        sock = context.socket(zmq.PUB)
-        if curve is not None:
-            curve.apply(sock)
-        if mode == "bind":
-            sock.bind(endpoint)
-        elif handshake_s > 0:
-            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            sock.connect(endpoint)
-            monitor.poll(int(handshake_s * 1000))  # the connection is made (or the wait is over)
-            sock.disable_monitor()
-            monitor.close()
-        else:
-            sock.connect(endpoint)
+        publisher = FramePublisher(endpoint, camera, encoding, mode, curve, handshake_s)
 
         def send(frame_id: int, rgb: np.ndarray, part_id: str | None) -> None:
-            sock.send_multipart(wire.encode_frame(camera, frame_id, rgb, encoding=encoding, part_id=part_id), copy=False)
+            publisher.send(frame_id, rgb, part_id=part_id)
 
-        def close() -> None:
-            sock.close(linger=2000)  # let queued frames out
-            context.term()
-
-        return send, close
+        return send, publisher.close
 
     import imagezmq  # only needed for the imagezmq protocols
 
