@@ -16,6 +16,8 @@ uncounted and one batch of --batch frames under a TorchDispatchMode, one stage a
   masked_select aten.masked_select
   unique        aten._unique / _unique2 / unique_dim / unique_consecutive ...
   bool_index    aten.index / index_put(_) with a boolean index (result shape depends on the data)
+  host_index    t[i] / t[i] = v with a Python list or numpy array in the index (Tensor.__getitem__ /
+                __setitem__ patched): on CUDA the index is made on the host and copied over
   host_tensor   torch.tensor(data), torch.as_tensor(non-tensor data), torch.from_numpy (seen with a
                 TorchFunctionMode): host data, so on CUDA a copy from the host (with device= or by a
                 later .to(device)); e.g. torch.tensor([W, H], device=...) or torch.tensor(-inf)
@@ -60,7 +62,8 @@ if str(ROOT) not in sys.path:  # this checkout's linewatch (and tests' tiny mode
 
 aten = torch.ops.aten
 
-SYNC_KINDS = ("item", "tolist", "cpu", "nonzero", "masked_select", "unique", "bool_index", "host_tensor")
+SYNC_KINDS = ("item", "tolist", "cpu", "nonzero", "masked_select", "unique", "bool_index", "host_index",
+              "host_tensor")
 INFO_KINDS = ("numpy", "host_factory", "lift_fresh")
 UNIQUE = {"_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
 INDEX = {"index", "index_put", "index_put_", "_index_put_impl", "_index_put_impl_", "_unsafe_index_put"}
@@ -80,6 +83,7 @@ class SyncCounter(TorchDispatchMode):
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self._quiet = 0  # inside a patched Tensor method: its own dispatches are not counted as syncs
         self._host = set()  # ids of tensors returned by a counted .cpu()
+        self._indexing = 0  # inside a patched __getitem__ / __setitem__
 
     def add(self, kind: str, n: int = 1) -> None:
         self.counts[self.stage][kind] += n
@@ -122,7 +126,7 @@ class SyncCounter(TorchDispatchMode):
             original = originals[name]
 
             def method(tensor, *args, **kwargs):
-                kind = None if counter._quiet else kind_of(tensor)  # not again through __torch_function__
+                kind = None if counter._quiet else kind_of(tensor, *args)  # not again through __torch_function__
                 if kind:
                     counter.add(kind)
                 counter._quiet += 1
@@ -143,9 +147,26 @@ class SyncCounter(TorchDispatchMode):
             return from_numpy(array)
 
         torch.from_numpy = counted_from_numpy
+        def patched_index(name):
+            original = originals[name] = getattr(torch.Tensor, name)
+
+            def method(tensor, index, *value):
+                # not _quiet: the ops inside are counted (x[x > 0] is a bool_index); _indexing stops the
+                # second call through __torch_function__ from counting again
+                if not counter._quiet and not counter._indexing and host_index(index):
+                    counter.add("host_index")
+                counter._indexing += 1
+                try:
+                    return original(tensor, index, *value)
+                finally:
+                    counter._indexing -= 1
+            return method
+
+        for name in ("__getitem__", "__setitem__"):
+            setattr(torch.Tensor, name, patched_index(name))
         torch.Tensor.tolist = patched("tolist", lambda t: "tolist")
-        torch.Tensor.numpy = patched("numpy", lambda t: None if id(t) in counter._host else "numpy")
-        torch.Tensor.cpu = patched("cpu", lambda t: "cpu")
+        torch.Tensor.numpy = patched("numpy", lambda t, *a: None if id(t) in counter._host else "numpy")
+        torch.Tensor.cpu = patched("cpu", lambda t, *a: "cpu")
         try:
             with FactoryCounter(self), self:
                 yield self
@@ -163,6 +184,14 @@ class SyncCounter(TorchDispatchMode):
             row["syncs"] = sum(row[k] for k in SYNC_KINDS)
             out[stage] = row
         return out
+
+
+def host_index(index) -> bool:
+    """Whether an index holds a Python list (of numbers) or a numpy array: advanced indexing from host data."""
+    import numpy as np
+
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, (list, np.ndarray)) for p in parts)
 
 
 class FactoryCounter(TorchFunctionMode):

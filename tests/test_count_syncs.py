@@ -25,6 +25,7 @@ x = torch.tensor([[-1.0, 2.0], [3.0, -4.0]])
     (lambda: int(x[0, 1]) + float(x[1, 0]), {"item": 2}),
     (lambda: x.nonzero(), {"nonzero": 1}),
     (lambda: x[x > 0], {"bool_index": 1}),
+    (lambda: x[torch.arange(2, device="cpu") > 0], {"bool_index": 1}),
     (lambda: x.clone().__setitem__(x > 0, 0.0), {"bool_index": 1}),  # index_put_ with a mask
     (lambda: torch.masked_select(x, x > 0), {"masked_select": 1}),
     (lambda: torch.unique(x), {"unique": 1}),
@@ -58,3 +59,10 @@ def test_factory_without_device_is_reported_beside_the_syncs() -> None:
     counts = count_function(lambda: (torch.arange(4), torch.zeros(2, device="cpu")))
     only(counts)
     assert counts["host_factory"] == 1
+
+
+def test_indexing_with_host_data_is_counted_once() -> None:
+    only(count_function(lambda: x[[1, 0]]), host_index=1)
+    only(count_function(lambda: x[:, np.array([0])]), host_index=1)
+    only(count_function(lambda: x.clone().__setitem__(([0], [1]), 5.0)), host_index=1)
+    only(count_function(lambda: x[0, 1:]))  # basic indexing: no index tensor at all
