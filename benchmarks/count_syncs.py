@@ -18,6 +18,7 @@ uncounted and one batch of --batch frames under a TorchDispatchMode, one stage a
   bool_index    aten.index / index_put(_) with a boolean index (result shape depends on the data)
   host_index    t[i] / t[i] = v with a Python list or numpy array in the index (Tensor.__getitem__ /
                 __setitem__ patched): on CUDA the index is made on the host and copied over
+  nms           torchvision.nms: its CUDA kernel copies the overlap mask to the host
   host_tensor   torch.tensor(data), torch.as_tensor(non-tensor data), torch.from_numpy (seen with a
                 TorchFunctionMode): host data, so on CUDA a copy from the host (with device= or by a
                 later .to(device)); e.g. torch.tensor([W, H], device=...) or torch.tensor(-inf)
@@ -63,7 +64,7 @@ if str(ROOT) not in sys.path:  # this checkout's linewatch (and tests' tiny mode
 aten = torch.ops.aten
 
 SYNC_KINDS = ("item", "tolist", "cpu", "nonzero", "masked_select", "unique", "bool_index", "host_index",
-              "host_tensor")
+              "host_tensor", "nms")
 INFO_KINDS = ("numpy", "host_factory", "lift_fresh")
 UNIQUE = {"_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
 INDEX = {"index", "index_put", "index_put_", "_index_put_impl", "_index_put_impl_", "_unsafe_index_put"}
@@ -95,13 +96,15 @@ class SyncCounter(TorchDispatchMode):
         if not (func.is_view or name in NO_KERNEL):
             self.add("launches")
         if not self._quiet:
-            kind = self.sync_kind(name, args)
+            kind = self.sync_kind(name, args, func.namespace)
             if kind:
                 self.add(kind)
         return func(*args, **kwargs)
 
     @staticmethod
-    def sync_kind(name: str, args) -> str | None:
+    def sync_kind(name: str, args, namespace: str = "aten") -> str | None:
+        if namespace == "torchvision":
+            return "nms" if name == "nms" else None
         if name == "_local_scalar_dense":
             return "item"
         if name == "nonzero":

@@ -66,3 +66,10 @@ def test_indexing_with_host_data_is_counted_once() -> None:
     only(count_function(lambda: x[:, np.array([0])]), host_index=1)
     only(count_function(lambda: x.clone().__setitem__(([0], [1]), 5.0)), host_index=1)
     only(count_function(lambda: x[0, 1:]))  # basic indexing: no index tensor at all
+
+
+def test_torchvision_nms_is_a_sync() -> None:
+    from torchvision.ops import nms
+
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 1.9]])
+    only(count_function(nms, boxes, torch.tensor([0.9, 0.8]), 0.5), nms=1)
