@@ -284,7 +284,7 @@ def measure_mode(prompts: str, args, work: Path) -> dict:
             "stages": table, "total": total}
 
 
-def print_mode(result: dict) -> None:
+def print_mode(result: dict, flush: bool = False) -> None:
     b = result["batch"]
     print(f"\n{result['prompts']}: batch {b}, k={result['k_references']}, {result['image_size']} px, "
           f"grid {result['points_per_side']}^2 (coarse {result['coarse_points_per_side']}^2), "
@@ -294,7 +294,8 @@ def print_mode(result: dict) -> None:
     print(header)
     for stage, row in [*result["stages"].items(), ("TOTAL", result["total"])]:
         print(f"{stage:<11}" + "".join(f"{row[k]:>14}" for k in kinds)
-              + f"{row['syncs']:>13}{row['launches']:>16}{row['launches'] / b:>16.1f}{row['ops'] / b:>11.1f}")
+              + f"{row['syncs']:>13}{row['launches']:>16}{row['launches'] / b:>16.1f}{row['ops'] / b:>11.1f}",
+              flush=flush)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         with tempfile.TemporaryDirectory() as tmp:
             results.append(measure_mode(mode, args, Path(tmp)))
-        print_mode(results[-1])
-    if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "device": "cpu", "modes": results}, indent=1))
+        print_mode(results[-1], flush=True)
+        if args.json:  # after each mode: a run stopped in the next one keeps this one's counts
+            args.json.write_text(json.dumps({"torch": torch.__version__, "device": "cpu", "modes": results}, indent=1))
     return 0
 
 
