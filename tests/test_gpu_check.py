@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # this repository's own: the packages, and the benchmark scripts' modules (benchmarks/ is their sys.path[0])
-LOCAL = {"linewatch", "tests", "__future__", *(p.stem for p in (ROOT / "benchmarks").glob("*.py"))}
+LOCAL = {"linewatch", "tests", "benchmarks", "__future__", *(p.stem for p in (ROOT / "benchmarks").glob("*.py"))}
 # imported only where the GPU check never goes: inside a test that needs a program it does not run
 # (the live page's browser), or by `linewatch camera`'s GenICam source, on the camera's host (Aravis), or
 # by `linewatch actuate`'s PLC outputs, on the line (pymodbus, asyncua and its cryptography; their tests
