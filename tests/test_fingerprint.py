@@ -92,5 +92,6 @@ def test_calibration_settings_are_each_checked_or_build_only() -> None:
 
 
 def test_only_the_detector_and_calibration_sections_can_change_a_score() -> None:
-    # runtime.* and bank.* decide when and where frames are judged, never the score.
-    assert set(Config.model_fields) == {"detector", "calibration", "bank", "runtime"}
+    # runtime.* and bank.* decide when and where frames are judged, actuate.* what the reject
+    # gate does with a verdict: never the score.
+    assert set(Config.model_fields) == {"detector", "calibration", "bank", "runtime", "actuate"}
