@@ -208,7 +208,7 @@ class FairShares:
         level = fair_level([self.rate(c, now) for c in self._cameras], capacity)
         elapsed = now - state[2]
         state[0] = state[0] * math.exp(-elapsed / self.window_s) + 1.0
-        state[1] = min(self.burst, state[1] + level * elapsed)
+        state[1] = self.burst if math.isinf(level) else min(self.burst, state[1] + level * elapsed)
         state[2] = now
         if state[1] >= 1.0:
             state[1] -= 1.0
