@@ -9,24 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops._tools import SYSTEMD, require_tool, run
+from tests.ops._tools import SYSTEMD, last_unit_settings, require_tool, run
 
 UNIT = SYSTEMD / "linewatch-actuate@.service"
 INSTALLED_BIN = "/opt/linewatch/venv/bin/linewatch"
 
 
-def settings() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in UNIT.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
-    return out
-
-
 def test_unit_settings():
-    s = settings()
+    s = last_unit_settings(UNIT)
     assert s["ExecStart"] == f"{INSTALLED_BIN} actuate -c /etc/linewatch/%i.yaml"
     assert s["Restart"] == "always" and s["User"] == "linewatch" and s["KillSignal"] == "SIGTERM"
     assert "linewatch@%i.service" in s["After"]

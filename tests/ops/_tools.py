@@ -44,3 +44,19 @@ def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProces
     """Run a command with a time bound, capturing text output."""
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """A systemd unit file's settings: key -> every value given (in order), sections ignored."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def last_unit_settings(path: Path) -> dict[str, str]:
+    """`unit_settings` with the last value of each key (the one systemd keeps for single-valued keys)."""
+    return {key: values[-1] for key, values in unit_settings(path).items()}

@@ -12,24 +12,14 @@ import pytest
 
 from linewatch.cli import build_parser
 
-from ._tools import SYSTEMD, require_tool, run
+from ._tools import SYSTEMD, last_unit_settings, require_tool, run
 
 UNIT = SYSTEMD / "linewatch-camera@.service"
 INSTALLED_BIN = "/opt/linewatch/venv/bin/linewatch"
 
 
-def _settings() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in UNIT.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
-    return out
-
-
 def test_camera_unit_settings() -> None:
-    s = _settings()
+    s = last_unit_settings(UNIT)
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main" and int(s["WatchdogSec"]) > 0
     assert s["Restart"] == "on-failure" and s["KillSignal"] == "SIGTERM" and s["User"] == "linewatch"
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",

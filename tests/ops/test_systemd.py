@@ -16,7 +16,7 @@ import pytest
 
 from linewatch.config import Config
 
-from ._tools import SYSTEMD, require_tool, run
+from ._tools import SYSTEMD, require_tool, run, unit_settings
 
 INSTALLED_BIN = "/opt/linewatch/venv/bin/linewatch"
 UNITS = {"linewatch.service": "linewatch.service", "linewatch@.service": "linewatch@line-1.service"}
@@ -25,17 +25,6 @@ UNITS = {"linewatch.service": "linewatch.service", "linewatch@.service": "linewa
 def _executable() -> str:
     candidate = Path(sys.executable).parent / "linewatch"
     return str(candidate) if candidate.exists() else sys.executable
-
-
-def _settings(path: Path) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";", "[")):
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(key.strip(), []).append(value.strip())
-    return out
 
 
 def _staged(tmp_path: Path) -> Path:
@@ -91,7 +80,7 @@ def test_security_exposure_is_low(tmp_path: Path, name: str):
 
 @pytest.mark.parametrize("name", list(UNITS))
 def test_unit_settings(name: str):
-    s = _settings(SYSTEMD / name)
+    s = unit_settings(SYSTEMD / name)
     one = {k: v[-1] for k, v in s.items()}
     assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     assert int(one["WatchdogSec"]) > 0
