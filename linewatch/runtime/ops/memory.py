@@ -3,8 +3,8 @@
 glibc gives each thread that allocates under contention an arena of its own (up to 8 per core)
 and keeps freed memory in it. The daemon's threads (receive, decode, one per stage, sinks)
 each decode or judge frames of hundreds of kB, so on a 2-core host its resident size grew by
-a few hundred MB over what it uses (measured: 1214 MB while serving 256x256 PNG frames, with
-frames of 392 MB each refused, not decoded). Two arenas are enough for threads that mostly
+a few hundred MB over what it uses (`benchmarks/overload.py`, its big-PNG phase: 1214 MB
+without the cap, 1017 MB with it). Two arenas are enough for threads that mostly
 wait; the variable MALLOC_ARENA_MAX set in the environment (systemd unit, container) wins.
 """
 
