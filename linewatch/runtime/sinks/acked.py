@@ -253,12 +253,17 @@ class AckedChannel:
             self._send_verdicts(welcome.sends)
 
     def _send_verdicts(self, sends: list[Send]) -> None:
+        failed: set[bytes] = set()  # after one send to a peer fails, none of the rest go to it (order)
         for send in sends:
+            if send.peer in failed:
+                continue
             header = {"run": self.ledger.run, "seq": send.seq, "subscriber": send.subscriber}
             if self._send(send.peer, wire.encode_acked("verdict", header, send.payload)):
                 self._metrics.acked_sent.labels(subscriber=send.subscriber).inc()
                 if send.resend:
                     self._metrics.acked_resent.labels(subscriber=send.subscriber).inc()
+            else:
+                failed.add(send.peer)
 
     def _send(self, peer: bytes, parts: list[bytes]) -> bool:
         """One message to `peer`, never blocking; False when it was not sent (it stays in the
@@ -267,7 +272,10 @@ class AckedChannel:
             self._socket.send_multipart([peer, *parts], flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:  # the subscriber's queue is full (send_hwm)
+            # nothing more goes to it until its next hello (its next ping is answered hello_needed),
+            # so what it gets stays in order and the last seq of that hello means what it says
             self._log_limited("full", "acked_subscriber_queue_full", send_hwm=self._config.send_hwm)
+            self.ledger.unreachable(peer)
             return False
         except zmq.ZMQError as e:
             if e.errno != errno.EHOSTUNREACH:
