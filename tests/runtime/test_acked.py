@@ -10,10 +10,14 @@ import pytest
 import zmq
 
 from linewatch import wire
-from linewatch.config import AckedConfig, config_from_dict, ConfigError
+from linewatch.config import AckedConfig, ConfigError, SecurityConfig, config_from_dict
+from linewatch.runtime.daemon import Daemon
 from linewatch.runtime.ops.metrics import Metrics
 from linewatch.runtime.sinks.acked import AckedChannel
+from linewatch.runtime.transport.security import ClientKeys, generate_keys
 from linewatch.wire import Verdict
+from tests.runtime.fakes import FakeProcessor, quiet_log
+from tests.runtime.line import Line, runtime_config
 
 WAIT_S = 20.0
 
@@ -42,10 +46,12 @@ class Clock:
 class Subscriber:
     """A DEALER speaking the acknowledged channel by hand."""
 
-    def __init__(self, context: zmq.Context, url: str) -> None:
+    def __init__(self, context: zmq.Context, url: str, keys: ClientKeys | None = None) -> None:
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, int(WAIT_S * 1000))
+        if keys is not None:
+            keys.apply(self.sock)
         self.sock.connect(url)
 
     def send(self, kind: str, **header: Any) -> None:
@@ -208,3 +214,77 @@ def test_an_address_that_cannot_be_bound_is_one_error():
     finally:
         taken.close(0)
         context.term()
+
+
+def test_the_daemon_feeds_the_channel_from_its_sink_list():
+    """runtime.acked on: a real Daemon judges frames from a camera; the subscriber gets each
+    verdict under its own seq with the daemon's verdict id, and the daemon's /metrics says so."""
+    config = runtime_config()
+    config.acked = AckedConfig(enabled=True, url="tcp://127.0.0.1:0", subscribers=["gate1"], budget_ms=60_000)
+    daemon = Daemon(config, FakeProcessor([("net", 0.0)]), log=quiet_log())
+    assert [s.name for s in daemon.sinks] == ["live", "publish", "acked"]
+    daemon.start()
+    line = Line(daemon)
+    context = zmq.Context()
+    gate1 = Subscriber(context, daemon.sinks.target("acked").bound_url)
+    try:
+        assert gate1.hello("gate1").kind == "welcome"
+        line.warm_up()
+        for i in range(4):
+            line.send("cam0", i, 200 if i % 2 else 50)
+        published = [line.recv(10.0) for _ in range(4)]
+        assert None not in published
+        got: list[tuple[int, Verdict]] = []
+        while len([v for _, v in got if v.camera == "cam0"]) < 4:
+            got.append(gate1.verdict())
+        assert [seq for seq, _ in got] == list(range(len(got)))  # its own numbering, from 0, no gap
+        cam0 = [v for _, v in got if v.camera == "cam0"]
+        assert [(v.frame_id, v.verdict, v.id) for v in cam0] == [(v.frame_id, v.verdict, v.id) for v in published]
+        for seq, _ in got:
+            gate1.send("ack", run=daemon.sinks.target("acked").ledger.run, seq=seq)
+        channel = daemon.sinks.target("acked")
+        assert channel.wait(lambda: channel.ledger.unacked("gate1") == 0, WAIT_S)
+        registry = daemon.metrics.registry
+        assert registry.get_sample_value("linewatch_acked_verdicts_acked_total", {"subscriber": "gate1"}) == len(got)
+        assert registry.get_sample_value("linewatch_acked_subscriber_connected", {"subscriber": "gate1"}) == 1
+        assert b'linewatch_acked_verdicts_sent_total{subscriber="gate1"}' in daemon.metrics.exposition()
+    finally:
+        gate1.close()
+        context.term()
+        line.close()
+        daemon.stop()
+
+
+def test_with_curvezmq_only_allowed_subscribers_get_in(tmp_path):
+    keys = {}
+    for name, folder in (("server", "server"), ("gate-key", "subscribers"), ("stranger", "other")):
+        public, secret = generate_keys(tmp_path / "secret" / name, name)
+        (tmp_path / folder).mkdir(exist_ok=True)
+        if folder == "subscribers":
+            (tmp_path / folder / public.name).write_bytes(public.read_bytes())
+        keys[name], keys[name + ".pub"] = secret, public
+    (tmp_path / "senders").mkdir()
+    (tmp_path / "senders" / "server.key").write_bytes(keys["server.pub"].read_bytes())
+    security = SecurityConfig(server_secret_key=str(keys["server"]), frame_senders=str(tmp_path / "senders"),
+                              verdict_subscribers=str(tmp_path / "subscribers"))
+    metrics, log = Metrics(), ListLog()
+    channel = AckedChannel(AckedConfig(enabled=True, url="tcp://127.0.0.1:0", subscribers=["gate1"]), log,
+                           metrics, security=security, clock=Clock(1000.0), run="r1")
+    channel.start()
+    context = zmq.Context()
+    allowed = Subscriber(context, channel.bound_url, ClientKeys.load(keys["server.pub"], keys["gate-key"]))
+    stranger = Subscriber(context, channel.bound_url, ClientKeys.load(keys["server.pub"], keys["stranger"]))
+    try:
+        assert allowed.hello("gate1").kind == "welcome"
+        stranger.send("hello", subscriber="gate1", run=None, last_seq=None)
+        assert channel.wait(lambda: (metrics.registry.get_sample_value(
+            "linewatch_connections_refused_total", {"socket": "acked", "reason": "not_allowed"}) or 0) >= 1, WAIT_S)
+        channel.publish(verdict(0, "fail"))
+        assert allowed.verdict()[1].id == "daemon-run-0"
+        # the stranger's hello never reached the channel: gate1 is still the allowed connection
+        assert [f["subscriber"] for f in log.named("acked_subscriber_hello")] == ["gate1"]
+    finally:
+        allowed.close()
+        stranger.close()
+        context.term()
+        channel.stop()

@@ -148,8 +148,9 @@ class AckedChannel:
         left = self._queue.qsize()
         if left:
             self._log.error("acked_verdicts_not_sent_before_close", count=left)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        if not self._thread.is_alive():  # (a thread that hung keeps its pipe)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     # ------------------------------------------------------------ the thread
 
