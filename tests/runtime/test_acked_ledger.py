@@ -183,3 +183,17 @@ def test_one_peer_is_one_subscriber():
 def test_repeated_names_are_a_configuration_error():
     with pytest.raises(ValueError, match="repeat"):
         AckLedger(["a", "a"], 1.0, 10, 3.0, RUN, Clock())
+
+
+def test_the_expiry_heap_stays_bounded_while_every_verdict_is_acked():
+    clock = Clock()
+    book = ledger(clock, subscribers=("gate1",), max_unacked=4, budget_s=3600.0)
+    book.hello(b"P1", "gate1", None, None)
+    for i in range(1000):
+        book.add(1000.0, f"v{i}")
+        assert book.ack(b"P1", RUN, i) == "gate1"
+    assert book.waiting("gate1") == []
+    assert len(book._subs["gate1"].expiry) <= 2 * 4 + 1  # not 1000 stale entries
+    book.add(1000.0, "last")
+    clock.now = 4600.0
+    assert book.expire() == [Missed("gate1", 1000, "expired")]

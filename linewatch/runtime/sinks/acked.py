@@ -39,6 +39,7 @@ from linewatch.runtime.transport.security import CurveServer, SecurityError
 from linewatch.wire import Verdict, WireError
 
 POLL_S = 0.05  # the thread looks at the clock (budgets) at least this often
+MAX_READS = 1000  # subscribers' messages read per round, between two looks at the verdict queue
 
 
 class AckedChannel:
@@ -210,7 +211,7 @@ class AckedChannel:
             self._send_verdicts(sends)
 
     def _read_messages(self) -> None:
-        while True:
+        for _ in range(MAX_READS):  # a flood of messages never starves the verdicts
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

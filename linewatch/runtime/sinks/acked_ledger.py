@@ -15,7 +15,8 @@ its buffer. Duplicate acks, acks of unknown seqs, of another run or from an unkn
 nothing.
 
 Every call returns what the caller must do (`Send`s) and what happened (`Missed`, acked names);
-the ledger keeps no metrics and does no I/O.
+the ledger keeps no metrics and does no I/O. Its memory is bounded: at most `max_unacked`
+verdicts per subscriber, and an expiry heap of at most twice that.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class AckLedger:
                 continue
             sub.unacked[seq] = _Entry(seq, expires_at, payload)
             heapq.heappush(sub.expiry, (expires_at, seq))
+            if len(sub.expiry) > 2 * self.max_unacked:  # acked ones linger in the heap: keep it bounded
+                sub.expiry = [(e.expires_at, e.seq) for e in sub.unacked.values()]
+                heapq.heapify(sub.expiry)
             if len(sub.unacked) > self.max_unacked:
                 oldest, _ = sub.unacked.popitem(last=False)
                 missed.append(Missed(sub.name, oldest, "overflow"))
