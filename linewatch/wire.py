@@ -48,6 +48,9 @@ Verdict message (linewatch -> actuators, taps)::
                  little-endian float16, row-major
              {"kind": "overlay", "encoding": "jpeg"}
 
+Acknowledged verdicts (optional, ZeroMQ ROUTER <-> one DEALER per named subscriber): messages
+[kind, header {"v": 1, ...}, more...], at the end of this module (encode_acked, decode_acked).
+
 Decoding errors raise WireError whose `reason` is a short stable label (a metrics label):
 truncated, bad_header, unknown_version, bad_shape, bad_dtype, grey_image, decode_failed,
 too_large, unknown_camera, bad_camera. `camera` and `frame_id` are filled whenever they

@@ -31,6 +31,7 @@ from linewatch.config import ActuateConfig
 from linewatch.wire import WireError
 
 POLL_MS = 50
+ACK_LINGER_MS = 500  # at stop, how long queued acks of the acked channel may take to leave
 IDLE_S = 0.05  # the decision thread looks at the clock at least this often
 
 
@@ -302,7 +303,9 @@ class Actuator:
                 if channel is not None:
                     channel.handed(delivery.run, delivery.seq)  # with the decision thread now: ack it
         finally:
-            sock.close(0)
+            # the acks already queued go out (bounded): a verdict whose ack is lost comes again
+            # after a restart and is decided again (harmless while it is within its part's window)
+            sock.close(ACK_LINGER_MS if channel is not None else 0)
             context.term()
 
     def _decide(self) -> None:
