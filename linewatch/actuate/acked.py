@@ -21,6 +21,8 @@ import zmq
 from linewatch import wire
 from linewatch.wire import Verdict, WireError
 
+RETRY_S = 0.05  # a hello or ping that found no connection is tried again this soon
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -52,18 +54,19 @@ class AckedSubscriber:
         sock.setsockopt(zmq.IMMEDIATE, 1)
 
     def beat(self) -> None:
-        """Once a second: a ping, or a hello while not welcomed."""
+        """Once a second: a ping, or a hello while not welcomed (sooner while there is no
+        connection to send it on: a hello goes out as soon as the daemon is there)."""
         if self.clock() < self._next_beat:
             return
         if self.welcomed:
-            self._send("ping", {})
-            self._next_beat = self.clock() + wire.ACKED_HEARTBEAT_S
+            sent = self._send("ping", {})
+            self._next_beat = self.clock() + (wire.ACKED_HEARTBEAT_S if sent else RETRY_S)
         else:
             self.hello()
 
     def hello(self) -> None:
-        self._send("hello", {"subscriber": self.name, "run": self.run, "last_seq": self.last_seq})
-        self._next_beat = self.clock() + wire.ACKED_HEARTBEAT_S
+        sent = self._send("hello", {"subscriber": self.name, "run": self.run, "last_seq": self.last_seq})
+        self._next_beat = self.clock() + (wire.ACKED_HEARTBEAT_S if sent else RETRY_S)
 
     def receive(self, parts: list[bytes]) -> Delivery | None:
         """One message from the daemon: the verdict it carries, or None (a control message).
@@ -103,8 +106,9 @@ class AckedSubscriber:
         if run is not None and run == self.run and (self.last_seq is None or seq > self.last_seq):
             self.last_seq = seq
 
-    def _send(self, kind: str, header: dict[str, Any]) -> None:
+    def _send(self, kind: str, header: dict[str, Any]) -> bool:
         try:
             self.sock.send_multipart(wire.encode_acked(kind, header), flags=zmq.NOBLOCK)
+            return True
         except zmq.Again:  # no connection now: the next beat tries again
-            pass
+            return False

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter as Tally
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,32 @@ def test_the_actuator_acks_what_it_decides_and_after_a_restart_gets_what_it_miss
         second.stop()
     assert [(f["verdict_id"], f["reason"]) for f in log.named("reject_decided")] == [("run1-1", "fail")]
     assert metrics.registry.get_sample_value("linewatch_acked_verdicts_resent_total", {"subscriber": "gate1"}) == 2
+
+
+def test_a_verdict_that_comes_twice_is_decided_once(channel):
+    """The same verdict (same id) twice on the channel, under two seqs: the gate ignores the
+    second, and both are acked."""
+    ch, metrics = channel
+    log = ListLog()
+    actuator = Actuator(actuate_settings(ch.bound_url), LogOutput(log), log)
+    actuator.start()
+    try:
+        assert ch.wait(lambda: ch.ledger.connected("gate1"), WAIT_S)
+        again = verdict(0, "fail")
+        ch.publish(again)
+        ch.publish(again)
+        assert ch.wait(lambda: metrics.registry.get_sample_value("linewatch_acked_verdicts_acked_total",
+                                                                 {"subscriber": "gate1"}) == 2, WAIT_S)
+        decided = Tally()
+        assert wait_until(lambda: actuator.metrics.registry.get_sample_value(
+            "linewatch_actuate_decisions_total", {"action": "ignored"}) == 1, WAIT_S)
+        for action in ("reject", "ignored"):
+            decided[action] = actuator.metrics.registry.get_sample_value("linewatch_actuate_decisions_total",
+                                                                         {"action": action})
+        assert decided == {"reject": 1, "ignored": 1}
+        assert actuator.gate.counts["duplicates"] == 1
+    finally:
+        actuator.stop()
 
 
 def test_an_actuator_with_an_unknown_name_logs_the_refusal_once(channel):
