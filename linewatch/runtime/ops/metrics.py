@@ -108,7 +108,7 @@ class Metrics:
             "(rate-limited refusals nobody can be answered for, receive or internal failures).", ["reason"], registry=r,
         )
         self.connections_refused = Counter(
-            "linewatch_connections_refused", "CurveZMQ handshakes refused, by socket (frames/verdicts) and reason "
+            "linewatch_connections_refused", "CurveZMQ handshakes refused, by socket (frames/verdicts/acked) and reason "
             "(not_allowed: key not in the allow-list; handshake_failed: no or wrong keys).", ["socket", "reason"],
             registry=r,
         )
