@@ -288,3 +288,18 @@ def test_with_curvezmq_only_allowed_subscribers_get_in(tmp_path):
         stranger.close()
         context.term()
         channel.stop()
+
+
+def test_a_full_queue_drops_and_counts_and_never_blocks_the_feeding_thread():
+    metrics, log = Metrics(), ListLog()
+    # not started: nothing takes verdicts off the queue, as if the channel's thread were stuck
+    channel = AckedChannel(AckedConfig(enabled=True, subscribers=["gate1"], queue_size=2), log, metrics)
+    for i in range(5):
+        channel.publish(verdict(i))
+    assert channel.pending == 2
+    assert sample(metrics, "linewatch_sink_dropped_total", sink="acked", reason="queue_full") == 3
+    assert len(log.named("acked_queue_full")) == 1  # one line per 10 s, with the count held back
+    channel.stop()
+    assert log.named("acked_verdicts_not_sent_before_close") == [{"count": 2}]
+    with pytest.raises(RuntimeError, match="after close"):
+        channel.publish(verdict(5))
