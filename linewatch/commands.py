@@ -221,7 +221,8 @@ def cmd_actuate(args: argparse.Namespace) -> int:
             actuator.start()
         except RuntimeError as e:
             return fail(str(e))
-        log.info("actuating", verdicts=settings.verdicts, output=settings.output, cameras=sorted(settings.cameras),
+        log.info("actuating", verdicts=settings.verdicts, channel=settings.channel, subscriber=settings.subscriber,
+                 output=settings.output, cameras=sorted(settings.cameras),
                  plc_connected=actuator.worker.connected,
                  metrics=f"http://{settings.metrics.host}:{server.server_port}/metrics")
         stop.wait()

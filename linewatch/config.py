@@ -368,6 +368,38 @@ class MqttConfig(_Section):
         return self
 
 
+class AckedConfig(_Section):
+    """An optional verdict channel with an acknowledgement per subscriber (ZeroMQ ROUTER; each
+    subscriber a DEALER that says hello with its name and acks every verdict; docs/wire-format.md,
+    "Acknowledged verdicts"). The daemon counts, per subscriber, the verdicts it never acked, and
+    sends a subscriber that comes back what it missed while still within `budget_ms`."""
+
+    enabled: bool = Field(False, description="open the acknowledged verdict channel (linewatch actuate with actuate.channel: acked)")
+    url: str = Field("tcp://127.0.0.1:5557", min_length=1, description="ZeroMQ endpoint the daemon binds; subscribers connect")
+    subscribers: list[str] = Field(default_factory=list, description="the subscribers' names (actuate.subscriber); "
+                                   "a hello with any other name is refused")
+    budget_ms: float = Field(5000.0, gt=0, le=3_600_000, description="a verdict is of use until capture_ts + budget_ms: "
+                             "kept for a subscriber until acked, sent again after a reconnect, counted missed after")
+    max_unacked: int = Field(10_000, ge=1, le=1_000_000, description="verdicts kept per subscriber; beyond it the "
+                             "oldest is counted missed (overflow)")
+    absent_after_ms: float = Field(3000.0, ge=1500, description="a subscriber not heard from for this long counts as "
+                                   "absent (subscribers ping once a second)")
+    queue_size: int = Field(10_000, ge=1, le=1_000_000, description="verdicts waiting for the channel's thread; beyond "
+                            "it they are dropped and counted")
+    send_hwm: int = Field(10_000, ge=1, description="ZeroMQ send high-water mark per subscriber, messages")
+
+    @model_validator(mode="after")
+    def _names(self) -> "AckedConfig":
+        if self.enabled and not self.subscribers:
+            raise ValueError("acked is enabled without subscribers: name each one (its actuate.subscriber)")
+        if len(set(self.subscribers)) != len(self.subscribers):
+            raise ValueError(f"acked.subscribers repeat a name: {self.subscribers}")
+        for name in self.subscribers:
+            if not (0 < len(name) <= 64 and name.isprintable()):
+                raise ValueError(f"acked.subscribers: {name!r} is not 1..64 printable characters")
+        return self
+
+
 class MetricsConfig(_Section):
     host: str = Field("127.0.0.1", description="address of the /metrics, /healthz, /readyz server")
     port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
@@ -414,6 +446,7 @@ class RuntimeConfig(_Section):
     live: LiveConfig = LiveConfig()
     archive: ArchiveConfig = ArchiveConfig()
     mqtt: MqttConfig = MqttConfig()
+    acked: AckedConfig = AckedConfig()
     control: ControlConfig = ControlConfig()
 
 
@@ -493,8 +526,12 @@ class ActuateMetricsConfig(_Section):
 class ActuateConfig(_Section):
     """`linewatch actuate`: the reject component. It subscribes to the verdicts and drives the gate."""
 
-    verdicts: str = Field("tcp://127.0.0.1:5556", min_length=1, description="the daemon's verdict endpoint (runtime.publish.url as seen from here)")
+    verdicts: str = Field("tcp://127.0.0.1:5556", min_length=1, description="the daemon's verdict endpoint (runtime.publish.url as seen from here; with channel: acked, runtime.acked.url)")
     mode: Literal["connect", "bind"] = Field("connect", description="connect to the daemon's verdict socket (its runtime.publish.mode: bind), or bind for a daemon that connects")
+    channel: Literal["publish", "acked"] = Field("publish", description="publish: subscribe to the daemon's PUB socket; acked: "
+                                                 "the acknowledged channel (runtime.acked), as `subscriber`")
+    subscriber: str | None = Field(None, min_length=1, max_length=64, description="this actuator's name on the acked "
+                                   "channel (one of the daemon's runtime.acked.subscribers)")
     cameras: dict[str, ActuateCameraConfig] = Field(default_factory=dict, description="camera id -> its timing; verdicts of other cameras are counted and ignored")
     let_through: list[Literal["error", "timeout", "shed"]] = Field(
         default_factory=list, description="verdict values that let a part through besides pass (default none: a part "
@@ -508,6 +545,15 @@ class ActuateConfig(_Section):
     opcua: OpcUaOutputConfig = OpcUaOutputConfig()
     metrics: ActuateMetricsConfig = ActuateMetricsConfig()
 
+    @model_validator(mode="after")
+    def _acked_channel(self) -> "ActuateConfig":
+        if self.channel == "acked":
+            if not self.subscriber:
+                raise ValueError("channel acked needs subscriber: this actuator's name in the daemon's runtime.acked.subscribers")
+            if self.mode != "connect":
+                raise ValueError("channel acked needs mode connect: the daemon binds runtime.acked.url")
+        return self
+
 
 class Config(_Section):
     detector: DetectorConfig = DetectorConfig()
@@ -520,6 +566,10 @@ class Config(_Section):
     def _actuator_after_deadline(self) -> "Config":
         """The daemon answers `timeout` at deadline_ms; a gate that must decide earlier never gets that answer."""
         deadline = self.runtime.pipeline.deadline_ms
+        acked = self.runtime.acked
+        if acked.enabled and acked.budget_ms <= deadline:
+            raise ValueError(f"runtime.acked.budget_ms ({acked.budget_ms:g}) is not longer than runtime.pipeline.deadline_ms "
+                             f"({deadline:g}): a verdict released at its deadline would be of no use already")
         for camera, timing in self.actuate.cameras.items():
             if timing.budget <= deadline:
                 what = "travel_ms" if timing.budget_ms is None else "budget_ms"

@@ -48,6 +48,9 @@ Verdict message (linewatch -> actuators, taps)::
                  little-endian float16, row-major
              {"kind": "overlay", "encoding": "jpeg"}
 
+Acknowledged verdicts (optional, ZeroMQ ROUTER <-> one DEALER per named subscriber): messages
+[kind, header {"v": 1, ...}, more...], at the end of this module (encode_acked, decode_acked).
+
 Decoding errors raise WireError whose `reason` is a short stable label (a metrics label):
 truncated, bad_header, unknown_version, bad_shape, bad_dtype, grey_image, decode_failed,
 too_large, unknown_camera, bad_camera. `camera` and `frame_id` are filled whenever they
@@ -758,3 +761,52 @@ def decode_verdict(parts: Sequence[Buffer]) -> Verdict:
         run_id=header.get("run_id") if isinstance(header.get("run_id"), str) else None,
         seq=header.get("seq") if _is_int(header.get("seq")) else None,
     )
+
+
+# ---------------------------------------------------------------- the acknowledged channel
+
+# ZeroMQ ROUTER (the daemon, `runtime.acked`) <-> DEALER (one per subscriber, e.g. `linewatch
+# actuate`). Every message: [kind, JSON header {"v": 1, ...}, more parts...] (docs/wire-format.md,
+# "Acknowledged verdicts"). Subscriber -> daemon: hello, ack, ping. Daemon -> subscriber:
+# welcome, verdict (the header, then a whole verdict message as above), refused, hello_needed.
+ACKED_TO_DAEMON = ("hello", "ack", "ping")
+ACKED_TO_SUBSCRIBER = ("welcome", "verdict", "refused", "hello_needed")
+ACKED_HEARTBEAT_S = 1.0  # a subscriber sends a ping (or, before its welcome, a hello) this often
+
+
+@dataclass(frozen=True)
+class AckedMessage:
+    """One message of the acknowledged channel: its kind, its header, the parts after them."""
+
+    kind: str
+    header: dict[str, Any]
+    rest: tuple[Buffer, ...] = ()
+
+    def int_or_none(self, key: str) -> int | None:
+        value = self.header.get(key)
+        return value if _is_int(value) else None
+
+    def str_or_none(self, key: str) -> str | None:
+        value = self.header.get(key)
+        return value if isinstance(value, str) else None
+
+
+def encode_acked(kind: str, header: dict[str, Any] | None = None, rest: Sequence[Buffer] = ()) -> list[bytes]:
+    """[kind, {"v": 1, **header}, *rest] for the acknowledged channel."""
+    if kind not in ACKED_TO_DAEMON + ACKED_TO_SUBSCRIBER:
+        raise ValueError(f"unknown acked message kind {kind!r}")
+    blob = json.dumps(_jsonable({"v": WIRE_VERSION, **(header or {})}), allow_nan=False).encode("utf-8")
+    return [kind.encode("ascii"), blob, *(bytes(p) for p in rest)]
+
+
+def decode_acked(parts: Sequence[Buffer], kinds: Collection[str]) -> AckedMessage:
+    """Parse one acknowledged-channel message whose kind must be one of `kinds`. Raises WireError."""
+    if len(parts) < 2:
+        raise WireError("truncated", None, None, f"acked messages have at least 2 parts, got {len(parts)}")
+    kind = bytes(parts[0]).decode("ascii", errors="replace")
+    if kind not in kinds:
+        raise WireError("bad_header", None, None, f"acked message kind {kind[:32]!r}; expected one of {sorted(kinds)}")
+    header = _parse_json_object(parts[1], f"acked {kind} header", None)
+    if header.get("v") != WIRE_VERSION:
+        raise WireError("unknown_version", None, None, f"wire version {header.get('v')!r}")
+    return AckedMessage(kind, header, tuple(parts[2:]))

@@ -3,11 +3,13 @@
     verdict socket thread --inbox--> decision thread (gate.Gate) --outbox--> output thread (the PLC)
 
 The socket thread only receives and decodes (a slow PLC never makes it fall behind, so ZeroMQ
-never drops verdicts for it); the decision thread runs the timing rule and hands each reject to
-the output at its time; the output thread pulses the reject output (pulse_ms, stretched when
-rejects follow each other) and, when the PLC is unreachable, counts the failure, retries with
-backoff and recovers by itself: rejects that fell due meanwhile are counted as missed, logged with
-their verdict ids, and raise the alarm output once the PLC is back.
+never drops verdicts for it; on the acknowledged channel, `actuate.channel: acked`, it also says
+hello, pings and acks each verdict as it hands it on: linewatch.actuate.acked); the decision
+thread runs the timing rule and hands each reject to the output at its time; the output thread
+pulses the reject output (pulse_ms, stretched when rejects follow each other) and, when the PLC
+is unreachable, counts the failure, retries with backoff and recovers by itself: rejects that
+fell due meanwhile are counted as missed, logged with their verdict ids, and raise the alarm
+output once the PLC is back.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import zmq
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from linewatch import wire
+from linewatch.actuate.acked import AckedSubscriber, Delivery
 from linewatch.actuate.gate import Decision, Fire, Gate, Timing
 from linewatch.actuate.outputs import AddressRefused, Output, OutputError, Unreachable
 from linewatch.config import ActuateConfig
 from linewatch.wire import WireError
 
 POLL_MS = 50
+ACK_LINGER_MS = 500  # at stop, how long queued acks of the acked channel may take to leave
 IDLE_S = 0.05  # the decision thread looks at the clock at least this often
 
 
@@ -256,13 +260,18 @@ class Actuator:
 
     def _receive(self) -> None:
         context = zmq.Context()
-        sock = context.socket(zmq.SUB)
+        acked = self.config.channel == "acked"
+        sock = context.socket(zmq.DEALER if acked else zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        channel = AckedSubscriber(sock, self.config.subscriber or "", self.log) if acked else None
         try:
             if self.curve is not None:
                 self.curve.apply(sock)
-            sock.setsockopt(zmq.SUBSCRIBE, b"")  # every camera: the seq gap count needs every verdict
+            if channel is not None:
+                channel.prepare(sock)
+            else:
+                sock.setsockopt(zmq.SUBSCRIBE, b"")  # every camera: the seq gap count needs every verdict
             if self.config.mode == "bind":
                 sock.bind(self.config.verdicts)
             else:
@@ -276,19 +285,27 @@ class Actuator:
         self._connected.set()
         try:
             while not self._stop.is_set():
+                if channel is not None:
+                    channel.beat()
                 if not sock.poll(POLL_MS):
                     continue
                 parts = sock.recv_multipart(copy=True)
                 try:
-                    verdict = wire.decode_verdict(parts)
+                    delivery = channel.receive(parts) if channel is not None else Delivery(wire.decode_verdict(parts), None, None)
                 except WireError as e:
                     self.metrics.undecodable.inc()
                     self.log.warning("undecodable_verdict", reason=e.reason, detail=e.detail)
                     continue
+                if delivery is None:  # a control message of the acked channel
+                    continue
                 self.received += 1
-                self.inbox.put(verdict)
+                self.inbox.put(delivery.verdict)
+                if channel is not None:
+                    channel.handed(delivery.run, delivery.seq)  # with the decision thread now: ack it
         finally:
-            sock.close(0)
+            # the acks already queued go out (bounded): a verdict whose ack is lost comes again
+            # after a restart and is decided again (harmless while it is within its part's window)
+            sock.close(ACK_LINGER_MS if channel is not None else 0)
             context.term()
 
     def _decide(self) -> None:

@@ -56,6 +56,9 @@ def test_alerts_cover_the_issue():
     # the operator sinks: lost verdict copies and an MQTT broker out of reach
     assert "linewatch_sink_dropped_total" in rules["LinewatchSinkDropped"]
     assert "linewatch_mqtt_connected == 0" in rules["LinewatchMqttDisconnected"]
+    # the acknowledged channel: verdicts a subscriber missed, a configured subscriber absent
+    assert "linewatch_acked_verdicts_missed_total" in rules["LinewatchAckedVerdictsMissed"]
+    assert "linewatch_acked_subscriber_connected == 0" in rules["LinewatchAckedSubscriberAbsent"]
 
 
 def test_health_endpoints(live_daemon):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import linewatch.runtime.sinks.outcome as outcome_module
-from linewatch.config import ArchiveConfig, MqttConfig
+from linewatch.config import AckedConfig, ArchiveConfig, MqttConfig
 from linewatch.runtime.daemon import Daemon
 from linewatch.runtime.ops.metrics import Metrics
 from linewatch.runtime.sinks.outcome import Outcome
@@ -263,18 +263,20 @@ def test_threads_asking_at_once_share_one_rendering(monkeypatch) -> None:
 
 
 def test_the_registry_keeps_its_order_and_refuses_a_second_registration(registered, tmp_path) -> None:
-    assert list(SINKS) == ["archive", "live", "publish", "mqtt"]  # the archive's row before ZeroMQ
+    assert list(SINKS) == ["archive", "live", "publish", "acked", "mqtt"]  # the archive's row before ZeroMQ
     with pytest.raises(ValueError, match="already registered"):
         register("live", lambda context: None)
     registered("dummy_off", lambda context: None)  # a factory whose section leaves its sink off
     registered("dummy_front", lambda context: DummySink("front", []), before="archive")
-    assert list(SINKS) == ["dummy_front", "archive", "live", "publish", "mqtt", "dummy_off"]
+    assert list(SINKS) == ["dummy_front", "archive", "live", "publish", "acked", "mqtt", "dummy_off"]
     config = runtime_config()
     config.archive = ArchiveConfig(enabled=True, path=str(tmp_path / "archive"))
     config.mqtt = MqttConfig(enabled=True, host="127.0.0.1")
+    config.acked = AckedConfig(enabled=True, subscribers=["gate1"])
     context = SinkContext(config, Metrics(), quiet_log(), FakeClock(), status=dict)
-    assert [s.name for s in build_sinks(context)] == ["front", "archive_row", "live", "publish", "mqtt"]
+    assert [s.name for s in build_sinks(context)] == ["front", "archive_row", "live", "publish", "acked", "mqtt"]
     config.live.enabled = False
     config.archive.enabled = False
     config.mqtt.enabled = False
+    config.acked.enabled = False
     assert [s.name for s in build_sinks(context)] == ["front", "publish"]

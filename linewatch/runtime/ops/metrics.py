@@ -108,7 +108,7 @@ class Metrics:
             "(rate-limited refusals nobody can be answered for, receive or internal failures).", ["reason"], registry=r,
         )
         self.connections_refused = Counter(
-            "linewatch_connections_refused", "CurveZMQ handshakes refused, by socket (frames/verdicts) and reason "
+            "linewatch_connections_refused", "CurveZMQ handshakes refused, by socket (frames/verdicts/acked) and reason "
             "(not_allowed: key not in the allow-list; handshake_failed: no or wrong keys).", ["socket", "reason"],
             registry=r,
         )
@@ -160,6 +160,34 @@ class Metrics:
         self.archive_bytes = Gauge("linewatch_archive_bytes", "Size of the verdict archive on disk.", registry=r)
         self.mqtt_connected = Gauge("linewatch_mqtt_connected", "1 while the MQTT sink is connected to its broker.",
                                     registry=r)
+        # the acknowledged verdict channel (runtime.acked), per configured subscriber
+        self.acked_sent = Counter(
+            "linewatch_acked_verdicts_sent", "Verdicts sent on the acknowledged channel, per subscriber (resent ones "
+            "included).", ["subscriber"], registry=r,
+        )
+        self.acked_resent = Counter(
+            "linewatch_acked_verdicts_resent", "Verdicts sent again to a subscriber that said hello (reconnected or "
+            "restarted).", ["subscriber"], registry=r,
+        )
+        self.acked_acked = Counter(
+            "linewatch_acked_verdicts_acked", "Verdicts a subscriber acknowledged (or confirmed by the last seq of "
+            "its hello).", ["subscriber"], registry=r,
+        )
+        self.acked_missed = Counter(
+            "linewatch_acked_verdicts_missed", "Verdicts a subscriber never acknowledged: expired (capture_ts + "
+            "budget_ms passed) or overflow (its buffer was full).", ["subscriber", "reason"], registry=r,
+        )
+        self.acked_connected = Gauge(
+            "linewatch_acked_subscriber_connected", "1 while a configured subscriber of the acknowledged channel is "
+            "connected and heard from within absent_after_ms.", ["subscriber"], registry=r,
+        )
+        self.acked_unacked = Gauge(
+            "linewatch_acked_unacked", "Verdicts waiting for a subscriber's acknowledgement.", ["subscriber"], registry=r,
+        )
+        self.acked_refused = Counter(
+            "linewatch_acked_hellos_refused", "Hellos on the acknowledged channel from names that are not configured.",
+            registry=r,
+        )
         self.native_messages = Counter(
             "linewatch_native_messages", "Lines native libraries wrote to stderr (libpng, libjpeg, opencv, unknown), "
             "each turned into a log event (rate-limited: the counter has every one).", ["library"], registry=r,

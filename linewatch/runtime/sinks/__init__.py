@@ -204,10 +204,11 @@ class SinkList:
 
 
 # The sinks, in the order each verdict reaches them (see the module docstring).
-from linewatch.runtime.sinks import live, mqtt, publish  # noqa: E402 - they use the names above
+from linewatch.runtime.sinks import acked, live, mqtt, publish  # noqa: E402 - they use the names above
 from linewatch.runtime.sinks.archive import sink as archive_sink  # noqa: E402
 
 register("archive", archive_sink.build)
 register("live", live.build)
 register("publish", publish.build)
+register("acked", acked.build)
 register("mqtt", mqtt.build)

@@ -7,7 +7,7 @@ key *and* its own public key is in the allowed folder (`frame_senders` for frame
 (zmq.auth.thread.ThreadAuthenticator) checks the client keys, one per ZMQ context.
 
 Refused handshakes are counted from socket monitor events, per socket and reason:
-`linewatch_connections_refused_total{socket="frames"|"verdicts", reason=...}` with reason
+`linewatch_connections_refused_total{socket="frames"|"verdicts"|"acked", reason=...}` with reason
 `not_allowed` (CURVE spoken, key not in the folder) or `handshake_failed` (no CURVE, the wrong
 server key, garbage). A refused peer never gets a message in or out.
 
@@ -131,9 +131,10 @@ class CurveServer:
     @classmethod
     def from_config(cls, context: zmq.Context, security: SecurityConfig, label: str, metrics: Metrics,
                     log: Any = None) -> "CurveServer":
-        """The server for the frame sockets (label "frames": security.frame_senders) or the
-        verdict socket ("verdicts": security.verdict_subscribers). SecurityError names a bad file."""
-        key = {"frames": "frame_senders", "verdicts": "verdict_subscribers"}[label]
+        """The server for the frame sockets (label "frames": security.frame_senders), the
+        verdict socket ("verdicts": security.verdict_subscribers) or the acknowledged verdict
+        channel ("acked": the same subscribers). SecurityError names a bad file."""
+        key = {"frames": "frame_senders", "verdicts": "verdict_subscribers", "acked": "verdict_subscribers"}[label]
         allowed = allowed_keys_folder(getattr(security, key), f"runtime.security.{key}")
         return cls(context, load_secret_key(security.server_secret_key), allowed, label, metrics, log)
 
