@@ -199,3 +199,94 @@ def test_private_camera_verdicts_are_numbered_apart() -> None:
     assert [(v.camera, v.id) for v in released] == [
         ("cam", "r1-0"), ("_selfcheck", "r1._selfcheck-0"), ("cam", "r1-1"), ("_selfcheck", "r1._selfcheck-1"),
         ("cam", "r1-2"), ("_selfcheck", "r1._selfcheck-2")]
+
+
+# ---------------------------------------------------------------- in a daemon (real sockets, this process)
+
+
+def _daemon(references, unready_on_failure: bool = False):
+    from linewatch.config import SelfCheckConfig
+    from linewatch.runtime.daemon import Daemon
+    from tests.runtime.fakes import FakeProcessor
+    from tests.runtime.line import runtime_config
+
+    config = runtime_config()
+    config.selfcheck = SelfCheckConfig(enabled=True, interval_s=3600.0, unready_on_failure=unready_on_failure)
+    return Daemon(config, FakeProcessor([("only", 0.0)]), log=quiet_log(), selfcheck_references=references)
+
+
+def test_daemon_routes_selfcheck_verdicts_to_the_selfcheck_alone() -> None:
+    """The fake processor passes pixel value 50 (score 0.2 of threshold 0.5) and fails 200.
+    The round at start passes; a second round (asked for once the subscriber is connected)
+    reaches no subscriber, whose verdicts stay numbered without a gap; a real sender using the
+    reserved id is dropped and counted."""
+    import json
+
+    from tests.runtime.line import Line, http
+    from tests.waiting import wait_until
+
+    loaded = []
+
+    def references(processor):
+        loaded.append(processor.bank_id)
+        return [GOOD, BAD]
+
+    daemon = _daemon(references)
+    daemon.start()
+    line = Line(daemon)
+    m = daemon.metrics.registry.get_sample_value
+    try:
+        assert loaded == ["bank-test"]
+        assert wait_until(lambda: m("linewatch_selfcheck_rounds_total", {"result": "pass"}) == 1.0, 10.0)
+        line.warm_up()
+        daemon.selfcheck.set_references(references(daemon.processor))  # what a bank switch does: a round at once
+        assert wait_until(lambda: m("linewatch_selfcheck_rounds_total", {"result": "pass"}) == 2.0, 10.0)
+        line.send("_selfcheck", 0, 200)  # an impostor: dropped unread
+        for i in range(3):
+            line.send("cam0", i, 50)
+        got = [line.recv(5.0) for _ in range(3)]
+        assert [(v.camera, v.frame_id, v.verdict) for v in got] == [("cam0", i, "pass") for i in range(3)]
+        assert line.recv(0.3) is None  # nothing else: no self-check verdict, no answer to the impostor
+        assert [v.seq for v in got] == list(range(got[0].seq, got[0].seq + 3))
+        assert m("linewatch_messages_dropped_total", {"reason": "reserved_camera"}) == 1.0
+        assert m("linewatch_selfcheck_failing") == 0.0
+        assert daemon.publisher.wait_idle(5.0)
+        # the publisher sent the probes and cam0's frames, none of the 4 self-check frames
+        stats = daemon.pipeline.stats()
+        assert daemon.publisher.published == stats["received"] - 4
+        # the live page shows the last round
+        status, body = http(daemon.health.port, "/live/state.json")
+        shown = json.loads(body)["daemon"]["selfcheck"]
+        assert status == 200 and shown["last"]["ok"] is True and shown["camera"] == "_selfcheck"
+        assert [c["reference"] for c in shown["last"]["checks"]] == ["good/a.png", "bad/b.png"]
+        assert http(daemon.health.port, "/readyz")[0] == 200
+    finally:
+        line.close()
+        daemon.stop()
+
+
+def test_daemon_with_a_failing_reference_is_unready_when_asked_to_be() -> None:
+    from tests.runtime.line import http
+    from tests.waiting import wait_until
+
+    mislabelled = Reference("good/actually-bad.png", "pass", BAD.image)
+    daemon = _daemon(lambda processor: [GOOD, mislabelled], unready_on_failure=True)
+    daemon.start()
+    m = daemon.metrics.registry.get_sample_value
+    try:
+        assert wait_until(lambda: m("linewatch_selfcheck_rounds_total", {"result": "fail"}) == 1.0, 10.0)
+        assert m("linewatch_selfcheck_failures_total", {"kind": "wrong_verdict"}) == 1.0
+        status, body = http(daemon.health.port, "/readyz")
+        assert status == 503 and "self-check failed (good/actually-bad.png)" in body
+    finally:
+        daemon.stop()
+
+
+def test_daemon_refuses_to_start_without_its_references() -> None:
+    def references(processor):
+        raise ValueError("selfcheck: /nowhere/000.png: no such file")
+
+    daemon = _daemon(references)
+    with pytest.raises(RuntimeError, match="no such file"):
+        daemon.start()
+    assert daemon.health is not None and daemon.dead_threads() == []
