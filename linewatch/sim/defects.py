@@ -10,8 +10,8 @@ kind `render` draws, larger: a master part with an obvious flaw, which a working
   contamination  an irregular blob (12 corners), radius BLOB_RADIUS of the image side
   scratch        a straight line, SCRATCH_LENGTH of the side long, SCRATCH_WIDTH wide
 
-Its colour is the one of FOREIGN_COLOURS farthest from the pixels around it. The same image,
-kind and generator state give the same pixels.
+Its colour is the one of FOREIGN_COLOURS farthest from the mean colour of the pixels it
+covers. The same image, kind and generator state give the same pixels.
 """
 
 from __future__ import annotations
