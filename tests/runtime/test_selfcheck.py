@@ -290,3 +290,29 @@ def test_daemon_refuses_to_start_without_its_references() -> None:
     with pytest.raises(RuntimeError, match="no such file"):
         daemon.start()
     assert daemon.health is not None and daemon.dead_threads() == []
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("runtime, message", [
+    ({"selfcheck": {"enabled": True}, "ingest": {"cameras": ["cam0", "_selfcheck"]}},
+     "ingest.cameras lists '_selfcheck', the camera id selfcheck.camera reserves"),
+    ({"selfcheck": {"enabled": True, "good_count": 0, "bad_count": 0}}, "selfcheck is enabled without references"),
+    ({"selfcheck": {"enabled": True, "good_count": 0, "bad_count": 2}}, "bad_count (2) references are made from good"),
+    ({"selfcheck": {"enabled": True, "drift_fraction": 0}}, "drift_fraction"),
+    ({"selfcheck": {"enabled": True, "interval_s": 0.5}}, "interval_s"),
+    ({"selfcheck": {"enabled": True, "camera": "bad\nid"}}, "must be printable"),
+])
+def test_config_refuses(runtime, message) -> None:
+    from linewatch.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict({"runtime": runtime})
+
+
+def test_config_leaves_a_camera_named_like_it_alone_while_off() -> None:
+    from linewatch.config import config_from_dict
+
+    config = config_from_dict({"runtime": {"ingest": {"cameras": ["_selfcheck"]}, "selfcheck": {"bad": ["x.png"]}}})
+    assert not config.runtime.selfcheck.enabled
