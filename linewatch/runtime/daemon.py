@@ -67,7 +67,11 @@ class Daemon:
         self.clock = clock
         # Without a logger from the caller, the daemon sets up logging from its own config.
         self.log = log if log is not None else configure_logging(config.logging)
-        self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels, config.ingest.cameras))
+        check = config.selfcheck
+        self._private_cameras = frozenset({check.camera}) if check.enabled else frozenset()
+        # the self-check's camera has a label of its own, like the allow-list's
+        self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels,
+                                                          [*config.ingest.cameras, *self._private_cameras]))
         self._show_calibration(processor)
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else config.pipeline.deadline_ms / 1000 + 2.0
         # Every verdict consumer, in the order each verdict reaches them (linewatch.runtime.sinks).
@@ -76,8 +80,6 @@ class Daemon:
         overlay = None
         if self.sinks.wants_overlay:  # on the wire: rendered on the stage thread, before the release
             from linewatch.overlay import overlay_jpeg as overlay
-        check = config.selfcheck
-        self._private_cameras = frozenset({check.camera}) if check.enabled else frozenset()
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
                                  overlay=overlay, clock=clock, keep_images=self.sinks.wants_image,
                                  decode_workers=config.ingest.decode_workers, private_cameras=self._private_cameras)

@@ -254,7 +254,10 @@ def test_daemon_routes_selfcheck_verdicts_to_the_selfcheck_alone() -> None:
         # the publisher sent the probes and cam0's frames, none of the 4 self-check frames
         stats = daemon.pipeline.stats()
         assert daemon.publisher.published == stats["received"] - 4
-        # the live page shows the last round
+        # the live page shows the last round (its first state.json imports the backends, torch:
+        # done here, so that a loaded machine's import time is not the request's)
+        import linewatch.detector.backends  # noqa: F401
+
         status, body = http(daemon.health.port, "/live/state.json")
         shown = json.loads(body)["daemon"]["selfcheck"]
         assert status == 200 and shown["last"]["ok"] is True and shown["camera"] == "_selfcheck"
