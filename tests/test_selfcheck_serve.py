@@ -1,7 +1,8 @@
 """The self-check in a real `linewatch serve` (classic bank from sim images): its rounds run at
 start and every interval, their verdicts reach no verdict subscriber (whose sequence has no
 gap), and a mislabelled reference -- a defective part listed as good -- fails it: the failure
-counter in the real Prometheus text, the live page, the log."""
+counter in the real Prometheus text, the live page (its state and, in Chromium, what it
+shows), the log."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def rounds(port: int) -> dict[str, float]:
     return {dict(labels)["result"]: value for labels, value in samples.items()}
 
 
-def test_selfcheck_in_serve(small_bank, tmp_path):
+def test_selfcheck_in_serve(small_bank, tmp_path, browser):
     good = bank_good_files(small_bank)
     # a defective part listed as good: the bank's 4th good image with a blob painted on it
     mislabelled = tmp_path / "mislabelled.png"
@@ -80,6 +81,19 @@ def test_selfcheck_in_serve(small_bank, tmp_path):
         assert all(checks[name]["verdict"] == "fail" and checks[name]["failure"] is None
                    for name in checks if name.startswith("bad/"))
         assert http_get(port, "/readyz")[0] == 200  # unready_on_failure is off
+
+        # the live page, in a browser: the last self-check failed, on which reference, and why
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        browser.get(f"http://127.0.0.1:{port}/live")
+        WebDriverWait(browser, 60).until(
+            lambda b: b.find_element(By.ID, "selfcheck-pill").text == "SELF-CHECK FAILED")
+        detail = browser.find_element(By.ID, "selfcheck-detail").text
+        assert "4 references" in detail and "good/mislabelled.png: wrong_verdict (fail, expected pass" in detail, detail
+        assert browser.find_element(By.ID, "selfcheck").is_displayed()
+        # its fails are not the line's: the page counts cam0's alone
+        assert browser.find_element(By.ID, "count-fail").text == str(sum(v.verdict == "fail" for v in served.verdicts))
     finally:
         code = served.stop()
     assert code == 0
