@@ -72,3 +72,22 @@ def test_what_stops_serve_from_starting(tmp_path: Path) -> None:
     write_image(small, np.zeros((20, 30, 3), np.uint8))
     with pytest.raises(ValueError, match="reference good/small.png is 30x20, the bank judges 60x40 frames"):
         load_references(SelfCheckConfig(enabled=True, good=[str(small)]), processor)
+
+
+def test_config_check_loads_them(small_bank, tmp_path: Path) -> None:
+    """`linewatch config check` loads the references as serve would, and names what is missing."""
+    import yaml
+
+    from linewatch.config import ConfigError
+    from linewatch.config_cli import check_config
+    from tests.serving import DETECTOR
+
+    def check(selfcheck: dict) -> list[str]:
+        path = tmp_path / "check.yaml"
+        path.write_text(yaml.safe_dump({"detector": DETECTOR, "bank": {"path": str(small_bank)},
+                                        "runtime": {"selfcheck": selfcheck}}))
+        return check_config(str(path))
+
+    assert check({"enabled": True})[-1] == "selfcheck: 2 good and 2 bad reference(s) load, each of the bank's frame size"
+    with pytest.raises(ConfigError, match="selfcheck: /nowhere/good.png: no such file"):
+        check({"enabled": True, "good": ["/nowhere/good.png"]})
