@@ -105,11 +105,16 @@ def judge(reference: Reference, verdict: Verdict, drift_fraction: float) -> Chec
 
     if v not in ("pass", "fail"):
         return check("not_judged", f"{v}" + (f" ({verdict.reason})" if verdict.reason else ""))
+    scored = f"score {_shown(score)}, threshold {_shown(threshold)}"
     if v != reference.expected:
-        return check("wrong_verdict", f"{v}, expected {reference.expected}: score {score:.4g}, threshold {threshold:.4g}")
+        return check("wrong_verdict", f"{v}, expected {reference.expected}: {scored}")
     if v == "pass" and score is not None and threshold is not None and score > drift_fraction * threshold:
-        return check("drift", f"score {score:.4g} above {drift_fraction:g} x threshold {threshold:.4g}")
-    return check(None, f"{v}: score {score:.4g}, threshold {threshold:.4g}")
+        return check("drift", f"score {_shown(score)} above {drift_fraction:g} x threshold {_shown(threshold)}")
+    return check(None, f"{v}: {scored}")
+
+
+def _shown(x: float | None) -> str:
+    return "none" if x is None else f"{x:.4g}"
 
 
 @dataclass

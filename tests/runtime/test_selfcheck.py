@@ -66,6 +66,9 @@ def test_judge_by_hand() -> None:
     assert judge(BAD, verdict("timeout", reason="deadline_exceeded"), 0.9).failure == "not_judged"
     # an uncalibrated bank (threshold inf): nothing can drift
     assert judge(GOOD, verdict("pass", 3.0, threshold=math.inf), 0.9).ok
+    # a judged verdict without a score (a processor's bug) is still judged by its value
+    c = judge(BAD, Verdict(camera="_selfcheck", frame_id=0, verdict="pass", capture_ts=0.0), 0.9)
+    assert c.failure == "wrong_verdict" and c.detail == "pass, expected fail: score none, threshold none"
 
 
 # ---------------------------------------------------------------- a round, step by step
