@@ -7,6 +7,7 @@ shows), the log."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.system
 
 
-def bank_good_files(bank) -> list:
+def bank_good_files(bank: Path) -> list[Path]:
+    """The good images `bank` was built from (its manifest names them)."""
     from linewatch.detector.bank import TemplateBank
-    from pathlib import Path
 
     manifest = TemplateBank.load(bank).manifest
     return [Path(manifest.source) / name for name in manifest.source_files]
