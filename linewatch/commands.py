@@ -43,7 +43,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # loads the banks of later changeovers (`linewatch bank switch`, SIGHUP)
     recipes = RecipeLoader(args.config, args.bank, config.runtime, log)
     inspector = recipes.load(config, str(bank_path))
-    daemon = Daemon(config.runtime, inspector, log=log, bank_loader=recipes)
+    references = None
+    if config.runtime.selfcheck.enabled:  # the reference frames of each bank put in service
+        from linewatch.selfcheck_references import load_references
+
+        def references(processor):
+            return load_references(config.runtime.selfcheck, processor)
+    daemon = Daemon(config.runtime, inspector, log=log, bank_loader=recipes, selfcheck_references=references)
     try:
         daemon.start()
     except RuntimeError as e:  # a port in use, an endpoint that cannot be opened

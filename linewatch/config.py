@@ -435,6 +435,45 @@ class LoggingConfig(_Section):
                                         "write to stderr into rate-limited log events; false: raw on stderr")
 
 
+class SelfCheckConfig(_Section):
+    """The line's self-check, the master-part routine done by the daemon itself: known-good and
+    known-bad reference frames go through the live pipeline on a reserved camera id, at start and
+    every `interval_s` (linewatch.runtime.selfcheck). Their verdicts go to the self-check only:
+    never to the verdict publisher, MQTT or the archive."""
+
+    enabled: bool = Field(False, description="run the self-check")
+    camera: str = Field("_selfcheck", min_length=1, max_length=64, description="the reserved camera id its frames "
+                        "carry; frames arriving from a real camera with this id are dropped and counted")
+    interval_s: float = Field(3600.0, ge=1.0, description="seconds between two self-checks (the first runs at start "
+                              "and after each bank switch)")
+    drift_fraction: float = Field(0.9, gt=0, le=1, description="a good reference that passes with a score above this "
+                                  "fraction of the threshold fails the self-check as drift")
+    good: list[str] = Field(default_factory=list, description="image files of known-good parts; empty: good_count of "
+                            "the bank's own good images (from the folder it was built from)")
+    good_count: int = Field(2, ge=0, le=64, description="good images taken from the bank when `good` is empty "
+                            "(spread evenly over its files)")
+    bad: list[str] = Field(default_factory=list, description="image files of known-bad parts (master parts with the "
+                           "defect the line must catch)")
+    bad_count: int = Field(2, ge=0, le=64, description="known-bad references made from the good references by the "
+                           "synthetic defect code (a painted defect: contamination, scratch, in turn), besides `bad`")
+    seed: int = Field(0, ge=0, description="seed of the made defects: the same references at every start")
+    unready_on_failure: bool = Field(False, description="/readyz answers 503 while the last self-check failed (a "
+                                     "load balancer or orchestrator then stops sending frames); false: /readyz does not "
+                                     "look at it")
+
+    @model_validator(mode="after")
+    def _has_references(self) -> "SelfCheckConfig":
+        goods = len(self.good) if self.good else self.good_count
+        if self.enabled and goods + len(self.bad) + self.bad_count == 0:
+            raise ValueError("selfcheck is enabled without references: set good/good_count or bad/bad_count")
+        if self.enabled and self.bad_count and not goods:
+            raise ValueError(f"bad_count ({self.bad_count}) references are made from good ones, and there are none: "
+                             "set good or good_count")
+        if not self.camera.isprintable():
+            raise ValueError(f"camera {self.camera!r} must be printable characters")
+        return self
+
+
 class RuntimeConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     batch: BatchConfig = BatchConfig()
@@ -448,6 +487,15 @@ class RuntimeConfig(_Section):
     mqtt: MqttConfig = MqttConfig()
     acked: AckedConfig = AckedConfig()
     control: ControlConfig = ControlConfig()
+    selfcheck: SelfCheckConfig = SelfCheckConfig()
+
+    @model_validator(mode="after")
+    def _selfcheck_camera_reserved(self) -> "RuntimeConfig":
+        """A real camera must not carry the self-check's camera id: its verdicts would go to the self-check."""
+        if self.selfcheck.enabled and self.selfcheck.camera in self.ingest.cameras:
+            raise ValueError(f"ingest.cameras lists {self.selfcheck.camera!r}, the camera id selfcheck.camera reserves "
+                             "for the self-check's frames; rename the camera or set selfcheck.camera")
+        return self
 
 
 # ---------------------------------------------------------------- actuate

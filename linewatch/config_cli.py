@@ -92,6 +92,16 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
     done.append(f"models: {config.detector.backend} backend built on {inspector.device}")
     done.append(f"bank: {bank_path} ({inspector.bank_id}, {inspector.bank.size} good images) fits the detector "
                 f"settings and the false-reject target {config.calibration.target_false_reject_rate}")
+    if rt.selfcheck.enabled:
+        from linewatch.selfcheck_references import load_references
+
+        try:
+            references = load_references(rt.selfcheck, inspector)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        good = sum(r.expected == "pass" for r in references)
+        done.append(f"selfcheck: {good} good and {len(references) - good} bad reference(s) load, each of the bank's "
+                    "frame size")
     return done
 
 

@@ -219,3 +219,21 @@ def second_bank(sim_bank) -> Path:
 def other_settings_bank(sim_bank) -> Path:
     """A bank built under other detector settings (image_size): it does not fit serve's config."""
     return sim_bank({**DETECTOR, "image_size": 56}, seed=9, n_train=3, n_val=5)
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium driven by Debian's chromedriver (nothing downloaded), 1280x900: the live
+    page's tests (tests/runtime/test_live_page.py, tests/test_selfcheck_serve.py)."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    from tests.ops._tools import require_tool
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = require_tool("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(require_tool("chromedriver")), options=options)
+    yield driver
+    driver.quit()

@@ -89,10 +89,11 @@ LAYERS = [
     ("pipeline core", ["linewatch.runtime.pipeline"]),
     ("transports", ["linewatch.runtime.transport"]),
     ("sinks", ["linewatch.runtime.sinks"]),
-    ("daemon", ["linewatch.runtime.daemon", "linewatch.runtime.changeover", "linewatch.runtime.systemd"]),
+    ("daemon", ["linewatch.runtime.daemon", "linewatch.runtime.changeover", "linewatch.runtime.systemd",
+                "linewatch.runtime.selfcheck"]),
     ("actuator", ["linewatch.actuate"]),
     ("commands", ["linewatch.cli", "linewatch.commands", "linewatch.demo", "linewatch.recipe", "linewatch.bank_builder",
-                  "linewatch.config_cli", "linewatch.archive_cli", "linewatch.eval", "linewatch.sim"]),
+                  "linewatch.selfcheck_references", "linewatch.config_cli", "linewatch.archive_cli", "linewatch.eval", "linewatch.sim"]),
 ]
 
 

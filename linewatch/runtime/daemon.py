@@ -10,6 +10,13 @@ close, exit 0.
 Recipe changeover: `switch_bank` puts another bank (and product config) in service while
 frames flow (linewatch.runtime.changeover); the control socket (`linewatch bank switch`) and
 SIGHUP ask for it. See docs/operations.md, Recipe changeover.
+
+Self-check (`runtime.selfcheck`, linewatch.runtime.selfcheck): reference frames on a reserved
+camera id go through the pipeline like any frame; their verdicts come back here and go to the
+self-check alone, never to a sink (publisher, MQTT, archive, live page's counts). Ingest drops
+frames of real senders that use the reserved id. It starts after the pipeline (its first
+round at once) and stops before ingest; each bank switch loads the new bank's references and
+checks it at once.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import linewatch
@@ -28,10 +36,13 @@ from linewatch.runtime.ops.logs import SummaryLogger, configure_logging
 from linewatch.runtime.ops.metrics import CameraLabels, Metrics
 from linewatch.runtime.ops.native_stderr import NativeStderr
 from linewatch.runtime.pipeline.runner import Pipeline, Processor
+from linewatch.runtime.selfcheck import Reference, SelfCheck
 from linewatch.runtime.sinks import SinkContext, SinkList, build_sinks
 from linewatch.runtime.systemd import Watchdog, sd_notify
 from linewatch.runtime.transport import FrameSource
-from linewatch.wire import Frame, Verdict, WireError
+from linewatch.wire import Frame, ImageLimits, Verdict, WireError
+
+ReferenceLoader = Callable[[Processor], "list[Reference]"]  # the self-check's references for a processor (its bank)
 
 class Daemon:
     """Composes Ingest, Pipeline, the verdict sinks, Metrics and the health server.
@@ -42,18 +53,25 @@ class Daemon:
     summary_interval_s: period of the INFO summary line. drain_timeout_s: how long shutdown
     waits for in-flight frames (default: the frame deadline plus 2 s, after which every
     frame has an answer anyway). bank_loader: what `switch_bank` loads a new bank with
-    (None: switches are refused).
+    (None: switches are refused). selfcheck_references: the self-check's references for a
+    processor (linewatch.selfcheck_references.load_references; needed when
+    `config.selfcheck.enabled`), raising ValueError or OSError with what to fix.
     """
 
     def __init__(self, config: RuntimeConfig, processor: Processor, log: Any = None,
                  summary_interval_s: float = 60.0, drain_timeout_s: float | None = None,
-                 clock: Clock = SYSTEM_CLOCK, bank_loader: BankLoader | None = None) -> None:
+                 clock: Clock = SYSTEM_CLOCK, bank_loader: BankLoader | None = None,
+                 selfcheck_references: ReferenceLoader | None = None) -> None:
         self.config = config
         self._reload_requested = False  # set by SIGHUP, acted on by run_until_signal's loop
         self.clock = clock
         # Without a logger from the caller, the daemon sets up logging from its own config.
         self.log = log if log is not None else configure_logging(config.logging)
-        self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels, config.ingest.cameras))
+        check = config.selfcheck
+        self._private_cameras = frozenset({check.camera}) if check.enabled else frozenset()
+        # the self-check's camera has a label of its own, like the allow-list's
+        self.metrics = Metrics(camera_labels=CameraLabels(config.metrics.max_camera_labels,
+                                                          [*config.ingest.cameras, *self._private_cameras]))
         self._show_calibration(processor)
         self.drain_timeout_s = drain_timeout_s if drain_timeout_s is not None else config.pipeline.deadline_ms / 1000 + 2.0
         # Every verdict consumer, in the order each verdict reaches them (linewatch.runtime.sinks).
@@ -64,7 +82,13 @@ class Daemon:
             from linewatch.overlay import overlay_jpeg as overlay
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
                                  overlay=overlay, clock=clock, keep_images=self.sinks.wants_image,
-                                 decode_workers=config.ingest.decode_workers)
+                                 decode_workers=config.ingest.decode_workers, private_cameras=self._private_cameras)
+        self._selfcheck_references = selfcheck_references
+        self.selfcheck: SelfCheck | None = None
+        if check.enabled:
+            ic = config.ingest
+            self.selfcheck = SelfCheck(check, self.pipeline.submit, self.metrics, self.log, clock,
+                                       ImageLimits(ic.max_payload_bytes, ic.max_image_pixels, ic.max_decoded_bytes))
         self.changeover = Changeover(self.pipeline, bank_loader, self.metrics, self.log, self._show_bank,
                                      stopping=lambda: self._stopping)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
@@ -107,8 +131,11 @@ class Daemon:
         try:
             self.sinks.start()  # before the pipeline: no verdict may pass one by
             self.pipeline.start()
+            if self.selfcheck is not None:
+                self.selfcheck.set_references(self._references_for(p))  # a start without them fails here
+                self.selfcheck.start()
             self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m,
-                                 clock=self.clock, security=self.config.security)
+                                 clock=self.clock, security=self.config.security, reserved_cameras=self._private_cameras)
             self.ingest.start()
             if self.config.control.socket:
                 from linewatch.runtime.ops.control import ControlServer
@@ -167,6 +194,8 @@ class Daemon:
         self.metrics.ready.set(0)
         t0 = time.monotonic()
         before = self.pipeline.inflight()
+        if self.selfcheck is not None:
+            self._close(self.selfcheck, "selfcheck")
         if self.ingest is not None:
             self._close(self.ingest, "ingest")
         self._listening = False
@@ -194,7 +223,7 @@ class Daemon:
         dead = self.pipeline.dead_threads()
         if self.summary.thread.ident is not None and not self.summary.thread.is_alive():
             dead.append(self.summary.thread.name)
-        for part in (self.ingest, self.sinks, self.control):
+        for part in (self.ingest, self.sinks, self.control, self.selfcheck):
             if part is not None:
                 dead.extend(part.dead_threads())
         return dead
@@ -207,6 +236,10 @@ class Daemon:
             return False, "ingest not listening yet"
         if not self.pipeline.accepting:
             return False, "pipeline not accepting frames"
+        check = self.selfcheck
+        if check is not None and self.config.selfcheck.unready_on_failure and check.failing:
+            failed = ", ".join(check.last.to_dict()["failed"]) if check.last is not None else ""
+            return False, f"self-check failed ({failed}); selfcheck.unready_on_failure is set"
         return True, f"ready: bank {self.processor.bank_id} ({self.processor.backend}) loaded, ingest listening"
 
     # ------------------------------------------------------------------ callbacks
@@ -229,7 +262,11 @@ class Daemon:
 
     def _publish(self, verdict: Verdict) -> None:
         """The pipeline's on_verdict (its output thread): the verdict, as an Outcome, to every sink
-        in order; a sink that raises loses its copy, never the verdict (linewatch.runtime.sinks)."""
+        in order; a sink that raises loses its copy, never the verdict (linewatch.runtime.sinks).
+        The self-check's verdicts go to the self-check alone."""
+        if verdict.camera in self._private_cameras and self.selfcheck is not None:
+            self.selfcheck.on_verdict(verdict)
+            return
         self.sinks.publish(verdict)
 
     @property
@@ -241,7 +278,8 @@ class Daemon:
         """What the live page shows about the daemon itself: the bank and backend in service."""
         p = self.processor
         return {"bank_id": p.bank_id, "backend": p.backend, "bank_images": p.bank_images,
-                "ready": self.readiness()[0], "version": linewatch.__version__}
+                "ready": self.readiness()[0], "version": linewatch.__version__,
+                "selfcheck": self.selfcheck.state() if self.selfcheck is not None else None}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signal.set()
@@ -272,6 +310,21 @@ class Daemon:
             m.build_info.remove(linewatch.__version__, old.backend)
             m.set_build_info(linewatch.__version__, new.backend)
         self._show_calibration(new)
+        if self.selfcheck is not None:  # the new bank's references, checked at once
+            try:
+                self.selfcheck.set_references(self._references_for(new))
+            except RuntimeError as e:
+                self.log.error("selfcheck_references_failed", bank_id=new.bank_id, error=str(e))
+                self.selfcheck.set_references(None, error=str(e))
+
+    def _references_for(self, processor: Processor) -> list[Reference]:
+        """The self-check's references for `processor`; RuntimeError saying what to fix."""
+        if self._selfcheck_references is None:
+            raise RuntimeError("selfcheck.enabled, but this daemon was given no way to load references")
+        try:
+            return self._selfcheck_references(processor)
+        except (ValueError, OSError) as e:
+            raise RuntimeError(str(e)) from None
 
     def _show_calibration(self, processor: Processor) -> None:
         """The scores the processor's bank was calibrated on: the score drift alert's reference."""

@@ -13,7 +13,6 @@ from PIL import Image
 
 from linewatch import wire
 from linewatch.sim import render
-from tests.ops._tools import require_tool
 from tests.serving import PRODUCT, SIZE, Served, of
 
 pytestmark = pytest.mark.system  # every test here starts a program
@@ -21,21 +20,6 @@ pytestmark = pytest.mark.system  # every test here starts a program
 
 WAIT_S = 120.0  # generous: the classic backend on a loaded CI machine is slow, never wrong
 VERDICTS = ("pass", "fail", "timeout", "shed", "error")
-
-
-@pytest.fixture
-def browser():
-    """Headless Chromium driven by Debian's chromedriver (nothing downloaded), 1280x900."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = require_tool("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(require_tool("chromedriver")), options=options)
-    yield driver
-    driver.quit()
 
 
 def frames(n: int, seed: int) -> list[np.ndarray]:

@@ -192,6 +192,34 @@ class Metrics:
             "linewatch_native_messages", "Lines native libraries wrote to stderr (libpng, libjpeg, opencv, unknown), "
             "each turned into a log event (rate-limited: the counter has every one).", ["library"], registry=r,
         )
+        self.selfcheck_failures = Counter(
+            "linewatch_selfcheck_failures", "Self-check references that failed, by kind: wrong_verdict (a good one "
+            "failed or a bad one passed), drift (a good one passed above selfcheck.drift_fraction of the threshold), "
+            "not_judged (no pass/fail: shed, timeout, error), no_references (none could be loaded).", ["kind"],
+            registry=r,
+        )
+        self.selfcheck_rounds = Counter(
+            "linewatch_selfcheck_rounds", "Self-check rounds finished, by result (pass/fail).", ["result"], registry=r
+        )
+        self.selfcheck_failing = Gauge(
+            "linewatch_selfcheck_failing", "1 while the last finished self-check failed, else 0.", registry=r
+        )
+        self.selfcheck_last_ok_timestamp = Gauge(
+            "linewatch_selfcheck_last_ok_timestamp_seconds", "Epoch time of the last self-check that passed (0: none "
+            "yet).", registry=r
+        )
+        self.selfcheck_last_timestamp = Gauge(
+            "linewatch_selfcheck_last_timestamp_seconds", "Epoch time of the last finished self-check (0: none yet).",
+            registry=r
+        )
+        self.selfcheck_interval = Gauge(
+            "linewatch_selfcheck_interval_seconds", "selfcheck.interval_s of this daemon; 0 when the self-check is off.",
+            registry=r
+        )
+        self.selfcheck_score_ratio = Gauge(
+            "linewatch_selfcheck_score_ratio", "Score / threshold of each self-check reference in its last round.",
+            ["reference"], registry=r
+        )
         self.bank_switches = Counter(
             "linewatch_bank_switches", "Bank changeovers asked for while running, by result (switched/refused).",
             ["result"], registry=r,

@@ -14,7 +14,9 @@ What it keeps:
   a verdict waits until every earlier frame of its camera is answered), numbered 0, 1, 2, ...
   in release order with a random id of this run (`run_id`, `seq`): the verdict id
   "<run_id>-<seq>" is unique across restarts, and a subscriber that sees a gap in `seq` knows
-  it lost that many verdicts.
+  it lost that many verdicts. The daemon's own frames (`private_cameras`: the self-check's
+  reserved camera) are numbered apart, "<run_id>.<camera>-<seq>": they are never published, and
+  the published sequence has no gap where they went.
 * **Deadlines, from capture.** `deadline_ms` is the capture->verdict budget, the time until the
   part reaches the reject gate. A frame's deadline on this host's monotonic clock is
   `received_mono + deadline - age`, with `age = received_ts - capture_ts` (how old it was when
@@ -234,10 +236,11 @@ class PipelineCore:
 
     def __init__(self, batch: BatchConfig, pipeline: PipelineConfig, n_stages: int, clock: Clock,
                  metrics: Metrics | None = None, run_id: str | None = None, processor: Any = None,
-                 max_batches_inside: int | None = None) -> None:
+                 max_batches_inside: int | None = None, private_cameras: frozenset[str] = frozenset()) -> None:
         """`processor`: the processor in service (opaque here; each slot carries the one that
         judges it). `max_batches_inside`: batches inside the stage graph at once (default:
-        pipeline.max_batches_inside, else one per stage plus one)."""
+        pipeline.max_batches_inside, else one per stage plus one). `private_cameras`: cameras
+        whose verdicts are the daemon's own (never published): numbered apart."""
         if n_stages < 1:
             raise ValueError("the pipeline needs at least one stage")
         self.clock = clock
@@ -246,6 +249,7 @@ class PipelineCore:
         # whose frame ids may start again at 0.
         self.run_id = run_id if run_id is not None else secrets.token_hex(6)
         self._verdict_seq = itertools.count()
+        self._private_seqs = {camera: itertools.count() for camera in private_cameras}
         self.metrics = metrics if metrics is not None else Metrics()
         self.max_batch = batch.max_batch
         self.max_delay_s = batch.max_delay_ms / 1000.0
@@ -576,7 +580,11 @@ class PipelineCore:
             slot.verdict = None  # a heatmap must not live on in the deadline heap
             slot.processor = None  # nor an old processor (a bank on the GPU) after a switch
             v.latency_s = now_wall - slot.capture_ts
-            v.run_id, v.seq = self.run_id, next(self._verdict_seq)
+            private = self._private_seqs.get(camera)
+            if private is None:
+                v.run_id, v.seq = self.run_id, next(self._verdict_seq)
+            else:
+                v.run_id, v.seq = f"{self.run_id}.{camera}", next(private)
             self._out.append(v)
             self.inflight -= 1
             self.counts[v.verdict] += 1

@@ -178,12 +178,16 @@ class Pipeline:
         clock: Clock = SYSTEM_CLOCK,
         keep_images: bool = False,
         decode_workers: int = 2,
+        private_cameras: frozenset[str] = frozenset(),
     ) -> None:
         """`overlay`, when given, renders the JPEG attached to each pass/fail verdict from the
         frame's image and its result; the frame's image is then held until its result.
         `keep_images`: attach the frame's image to each pass/fail verdict (`Verdict.image`, never
         encoded) for the sinks that keep pictures; the image is then held until its result too.
-        `decode_workers`: threads decoding a batch's frames (the first stage)."""
+        `decode_workers`: threads decoding a batch's frames (the first stage).
+        `private_cameras`: the daemon's own cameras (the self-check's): judged like any other,
+        their verdicts numbered apart (PipelineCore) and their frames not counted as the line's
+        last frame (linewatch_last_frame_timestamp_seconds)."""
         if not processor.stages:
             raise ValueError("the processor has no stages")
         if any(name == DECODE_STAGE for name, _ in processor.stages):
@@ -199,7 +203,9 @@ class Pipeline:
         self._decoders = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="lw-decode")
         self._refused_log = RateLimiter(REFUSED_LOG_INTERVAL_S)  # one "frame refused" line per reason per 10 s
         self.core = PipelineCore(batch, pipeline, len(self._stage_names), clock, self.metrics, processor=processor,
-                                 max_batches_inside=pipeline.max_batches_inside or _default_depth(processor, len(self._stage_names)))
+                                 max_batches_inside=pipeline.max_batches_inside or _default_depth(processor, len(self._stage_names)),
+                                 private_cameras=private_cameras)
+        self._private_cameras = private_cameras
         # A stage call or a publish taking this long means the pipeline is stuck (watchdog).
         self.stall_s = stall_s if stall_s is not None else max(10.0, 5 * pipeline.deadline_ms / 1000.0)
 
@@ -258,7 +264,8 @@ class Pipeline:
             self._changed()
         if problem is not None:
             self._log_refused("bad_image", frame.camera, frame.frame_id, problem)
-        self.metrics.last_frame_timestamp.set(frame.received_ts)
+        if frame.camera not in self._private_cameras:
+            self.metrics.last_frame_timestamp.set(frame.received_ts)
 
     @staticmethod
     def _unjudgeable(processor: Processor | None, frame: Frame) -> str | None:

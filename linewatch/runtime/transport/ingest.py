@@ -41,6 +41,10 @@ Memory and overload:
                 dropped since); the rest are counted (stats()["suppressed"], the metric).
                 Messages with no readable camera id at all are rate-limited the same way,
                 per reason. "frame refused" log lines: at most one per reason per 10 s.
+  reserved      camera ids the daemon keeps for its own frames (`selfcheck.camera`). A message
+                from a sender using one is dropped unread and counted
+                (linewatch_messages_dropped_total{reason="reserved_camera"}, a warning at most
+                every 10 s): answering it would mix its verdicts with the self-check's.
 """
 
 from __future__ import annotations
@@ -158,6 +162,7 @@ class Ingest:
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
         security: SecurityConfig | None = None,
+        reserved_cameras: frozenset[str] = frozenset(),
     ) -> None:
         """`security`, when enabled, makes every endpoint a CurveZMQ server that admits only the
         senders whose public keys are in `security.frame_senders` (linewatch.runtime.transport.security)."""
@@ -170,6 +175,7 @@ class Ingest:
         self._on_error = on_error
         self._log = log if log is not None else structlog.get_logger("linewatch.ingest")
         self._cameras = frozenset(config.cameras)
+        self._reserved = reserved_cameras
         self._limits = wire.ImageLimits(config.max_payload_bytes, config.max_image_pixels, config.max_decoded_bytes)
         self._stopping = threading.Event()
         self._context: zmq.Context | None = None
@@ -324,6 +330,14 @@ class Ingest:
             camera = protocol.camera(parts)
         except WireError as e:  # nobody to address it to: rate-limit per reason
             self._report_limited(e.reason, e, received_mono)
+            return
+        if camera in self._reserved:
+            self._metrics.messages_dropped.labels(reason="reserved_camera").inc()
+            held_back = self._log_limiter.allow("reserved_camera", received_mono)
+            if held_back is not None:
+                self._log.warning("frame refused", reason="reserved_camera", camera=camera,
+                                  detail="a sender uses the camera id the self-check reserves (selfcheck.camera)",
+                                  not_logged_since_last=held_back)
             return
         if self._cameras and camera not in self._cameras:
             self._report_limited(

@@ -75,6 +75,26 @@ function drawFailures(failures) {
   $("no-failures").hidden = failures.length > 0;
 }
 
+// The last self-check (runtime.selfcheck): passed or failed, when, and which reference failed why.
+function drawSelfcheck(c) {
+  $("selfcheck").hidden = !c;
+  if (!c) return;
+  const pill = $("selfcheck-pill");
+  const last = c.last;
+  if (!last) {
+    pill.className = "pill waiting";
+    pill.textContent = "SELF-CHECK RUNNING";
+    text("selfcheck-detail", "the first self-check has not finished yet");
+    return;
+  }
+  pill.className = "pill " + (last.ok ? "ready" : "failed");
+  pill.textContent = last.ok ? "SELF-CHECK PASSED" : "SELF-CHECK FAILED";
+  const failed = last.checks.filter(x => x.failure).map(x => `${x.reference}: ${x.failure} (${x.detail})`);
+  const when = `at ${clock(last.finished)}, ${last.checks.length} references`;
+  const next = c.next_in_s === null ? "" : ` · next in ${Math.round(c.next_in_s / 60)} min`;
+  text("selfcheck-detail", (failed.length ? `${when} · ${failed.join("; ")}` : when) + next);
+}
+
 function draw(s) {
   const d = s.daemon;
   const link = $("link");
@@ -94,6 +114,7 @@ function draw(s) {
   for (const v of VERDICTS) text("count-" + v, String(s.counts[v] ?? 0));
   text("failures-note", s.failures.length ? `(${s.failures.length}, newest first)` : "");
   drawFailures(s.failures);
+  drawSelfcheck(d.selfcheck);
 }
 
 function lost() {
