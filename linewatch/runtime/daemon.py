@@ -24,7 +24,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import linewatch
@@ -36,13 +35,12 @@ from linewatch.runtime.ops.logs import SummaryLogger, configure_logging
 from linewatch.runtime.ops.metrics import CameraLabels, Metrics
 from linewatch.runtime.ops.native_stderr import NativeStderr
 from linewatch.runtime.pipeline.runner import Pipeline, Processor
-from linewatch.runtime.selfcheck import Reference, SelfCheck
+from linewatch.runtime.selfcheck import ReferenceLoader, SelfCheck
 from linewatch.runtime.sinks import SinkContext, SinkList, build_sinks
 from linewatch.runtime.systemd import Watchdog, sd_notify
 from linewatch.runtime.transport import FrameSource
 from linewatch.wire import Frame, ImageLimits, Verdict, WireError
 
-ReferenceLoader = Callable[[Processor], "list[Reference]"]  # the self-check's references for a processor (its bank)
 
 class Daemon:
     """Composes Ingest, Pipeline, the verdict sinks, Metrics and the health server.
@@ -83,12 +81,12 @@ class Daemon:
         self.pipeline = Pipeline(processor, config.batch, config.pipeline, self._publish, self.metrics, self.log,
                                  overlay=overlay, clock=clock, keep_images=self.sinks.wants_image,
                                  decode_workers=config.ingest.decode_workers, private_cameras=self._private_cameras)
-        self._selfcheck_references = selfcheck_references
         self.selfcheck: SelfCheck | None = None
         if check.enabled:
             ic = config.ingest
             self.selfcheck = SelfCheck(check, self.pipeline.submit, self.metrics, self.log, clock,
-                                       ImageLimits(ic.max_payload_bytes, ic.max_image_pixels, ic.max_decoded_bytes))
+                                       ImageLimits(ic.max_payload_bytes, ic.max_image_pixels, ic.max_decoded_bytes),
+                                       loader=selfcheck_references)
         self.changeover = Changeover(self.pipeline, bank_loader, self.metrics, self.log, self._show_bank,
                                      stopping=lambda: self._stopping)
         self.summary = SummaryLogger(self.log, self.pipeline.stats, self.pipeline.take_latencies, summary_interval_s)
@@ -132,7 +130,7 @@ class Daemon:
             self.sinks.start()  # before the pipeline: no verdict may pass one by
             self.pipeline.start()
             if self.selfcheck is not None:
-                self.selfcheck.set_references(self._references_for(p))  # a start without them fails here
+                self.selfcheck.use_bank(p, at_start=True)  # a start without references fails here
                 self.selfcheck.start()
             self.ingest = Ingest(self.config.ingest, self._on_frame, self._on_error, log=self.log, metrics=m,
                                  clock=self.clock, security=self.config.security, reserved_cameras=self._private_cameras)
@@ -311,20 +309,7 @@ class Daemon:
             m.set_build_info(linewatch.__version__, new.backend)
         self._show_calibration(new)
         if self.selfcheck is not None:  # the new bank's references, checked at once
-            try:
-                self.selfcheck.set_references(self._references_for(new))
-            except RuntimeError as e:
-                self.log.error("selfcheck_references_failed", bank_id=new.bank_id, error=str(e))
-                self.selfcheck.set_references(None, error=str(e))
-
-    def _references_for(self, processor: Processor) -> list[Reference]:
-        """The self-check's references for `processor`; RuntimeError saying what to fix."""
-        if self._selfcheck_references is None:
-            raise RuntimeError("selfcheck.enabled, but this daemon was given no way to load references")
-        try:
-            return self._selfcheck_references(processor)
-        except (ValueError, OSError) as e:
-            raise RuntimeError(str(e)) from None
+            self.selfcheck.use_bank(new, at_start=False)
 
     def _show_calibration(self, processor: Processor) -> None:
         """The scores the processor's bank was calibrated on: the score drift alert's reference."""

@@ -62,6 +62,11 @@ class Reference:
             raise ValueError(f"reference {self.name}: expected must be pass or fail, not {self.expected!r}")
 
 
+# a processor (its bank) -> the self-check's references for it; raises ValueError or OSError
+# saying what to fix (linewatch.selfcheck_references.load_references)
+ReferenceLoader = Callable[[Any], "list[Reference]"]
+
+
 @dataclass(frozen=True)
 class Check:
     """What one reference got in one round. `failure` is None when it got what it should."""
@@ -173,7 +178,9 @@ class SelfCheck:
     (`set_references`). `limits`: ingest's image limits (the frames are read as ingest reads)."""
 
     def __init__(self, config: SelfCheckConfig, submit: Callable[[Frame], None], metrics: Metrics, log: Any,
-                 clock: Clock = SYSTEM_CLOCK, limits: wire.ImageLimits | None = None) -> None:
+                 clock: Clock = SYSTEM_CLOCK, limits: wire.ImageLimits | None = None,
+                 loader: ReferenceLoader | None = None) -> None:
+        self._loader = loader
         self.config = config
         self.camera = config.camera
         self._submit = submit
@@ -203,6 +210,25 @@ class SelfCheck:
             m.selfcheck_rounds.labels(result=result)
 
     # ------------------------------------------------------------------ references
+
+    def use_bank(self, processor: Any, at_start: bool) -> None:
+        """Load the references for `processor`'s bank with the loader. At start a failure raises
+        RuntimeError saying what to fix (the daemon does not start); at a bank switch it is logged
+        and the rounds report `no_references` until a bank with references comes."""
+        try:
+            if self._loader is None:
+                raise RuntimeError("selfcheck.enabled, but this daemon was given no way to load references")
+            try:
+                references = self._loader(processor)
+            except (ValueError, OSError) as e:
+                raise RuntimeError(str(e)) from None
+        except RuntimeError as e:
+            if at_start:
+                raise
+            self._log.error("selfcheck_references_failed", bank_id=processor.bank_id, error=str(e))
+            self.set_references(None, error=str(e))
+            return
+        self.set_references(references)
 
     def set_references(self, references: list[Reference] | None, error: str | None = None) -> None:
         """The references of the bank in service (or why there are none); the next round uses
