@@ -31,18 +31,23 @@ from linewatch import __version__
 EXIT_USAGE = 2
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from linewatch.bank_builder import BankBuildError
-    from linewatch.config import ConfigError
-    from linewatch.detector.bank import BankError
-    from linewatch.detector.inspector import InputError
-    from linewatch.detector.segment import SegmenterError
-    from linewatch.detector.weights import WeightsError
-    from linewatch.images import ImageError
-    from linewatch.runtime.transport.security import SecurityError
+# The errors that mean bad input (one line, exit 2), by module. Only a module already imported can
+# have raised one, so `_user_errors` looks them up in sys.modules: importing them all to answer a
+# `keys generate` typo took the detector stack's import (7 s of CPU) before the line was printed.
+USER_ERRORS = {
+    "linewatch.bank_builder": "BankBuildError",
+    "linewatch.config": "ConfigError",
+    "linewatch.detector.bank": "BankError",
+    "linewatch.detector.inspector": "InputError",
+    "linewatch.detector.segment": "SegmenterError",
+    "linewatch.detector.weights": "WeightsError",
+    "linewatch.images": "ImageError",
+    "linewatch.runtime.transport.security": "SecurityError",
+}
 
-    return (ConfigError, BankError, BankBuildError, ImageError, InputError, WeightsError, SegmenterError,
-            SecurityError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 # ---------------------------------------------------------------------------- models

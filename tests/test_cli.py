@@ -344,3 +344,26 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_a_user_error_is_reported_without_importing_torch(tmp_path, capsys):
+    """A bad-input error is one line, exit 2, from a command that loaded no detector, without the
+    detector stack being imported just to recognise the error's class."""
+    code = ("import sys\nfrom linewatch.cli import main\n"
+            f"args = ['keys', 'generate', '--dir', {str(tmp_path)!r}, '--name', 'cam']\n"
+            "assert main(args) == 0\nstatus = main(args)\n"
+            "print(status, 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.splitlines()[-1] == "2 False", res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [f"linewatch: error: {tmp_path / 'cam.key'} exists; pick another name or remove it first"]
+
+
+def test_every_user_error_named_is_an_exception_class():
+    import importlib
+
+    from linewatch.cli import USER_ERRORS, _user_errors
+
+    for module, name in USER_ERRORS.items():
+        cls = getattr(importlib.import_module(module), name)
+        assert isinstance(cls, type) and issubclass(cls, Exception), (module, name)
+    assert len(_user_errors()) == len(USER_ERRORS)  # all imported now: all caught
