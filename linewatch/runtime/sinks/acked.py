@@ -100,6 +100,7 @@ class AckedChannel:
         if self._curve is not None:
             self._curve.start()
         self._thread.start()
+        self._log.info("acked_channel_listening", url=self.bound_url, subscribers=self.ledger.subscribers)
 
     def publish(self, verdict: Verdict) -> None:
         """Queue one verdict for every subscriber; never blocks (a full queue drops and counts it)."""
