@@ -17,6 +17,7 @@ from linewatch.actuate.outputs import LogOutput, ModbusOutput, OpcUaOutput
 from linewatch.actuate.service import Actuator
 from linewatch.config import ActuateConfig
 from linewatch.wire import Verdict
+from tests.logs import ListLog
 from tests.waiting import wait_until
 
 pytest.importorskip("pymodbus", reason="the `line` extra (pymodbus, asyncua): pip install -e '.[line]'")
@@ -26,21 +27,6 @@ from tests.actuate.plc import ModbusPlc, OpcUaPlc  # noqa: E402 - after the extr
 
 WAIT_S = 20.0
 RUN = "run1"
-
-
-class ListLog:
-    """A structlog-like logger that keeps (event, fields)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    info = warning = error = debug = _add
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [fields for e, fields in list(self.events) if e == event]
 
 
 @pytest.fixture

@@ -25,23 +25,11 @@ from linewatch.config import AckedConfig, ActuateConfig
 from linewatch.runtime.ops.metrics import Metrics
 from linewatch.runtime.sinks.acked import AckedChannel
 from linewatch.wire import Verdict
+from tests.logs import ListLog
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 20.0
-
-
-class ListLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    info = warning = error = debug = exception = _add
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [f for e, f in list(self.events) if e == event]
 
 
 def verdict(frame_id: int, value: str) -> Verdict:

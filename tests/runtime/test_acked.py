@@ -16,23 +16,11 @@ from linewatch.runtime.ops.metrics import Metrics
 from linewatch.runtime.sinks.acked import AckedChannel
 from linewatch.runtime.transport.security import ClientKeys, generate_keys
 from linewatch.wire import Verdict
+from tests.logs import ListLog
 from tests.runtime.fakes import FakeProcessor, quiet_log
 from tests.runtime.line import Line, runtime_config
 
 WAIT_S = 20.0
-
-
-class ListLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def _add(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
-
-    info = warning = error = debug = exception = _add
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [f for e, f in list(self.events) if e == event]
 
 
 class Clock:

@@ -30,29 +30,11 @@ from linewatch.runtime.transport.camera import (
 from linewatch.runtime.transport.camera.folder import FolderSource, looks_complete
 from linewatch.runtime.transport.replay import FramePublisher
 from linewatch.runtime.transport.security import ClientKeys, KeyPair
+from tests.logs import ListLog
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 20.0  # generous: a loaded machine is slow, never wrong
-
-
-class Log:
-    """A logger that keeps its events: (level, event, fields)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict]] = []
-
-    def _add(self, level: str, event: str, **fields) -> None:
-        self.events.append((level, event, fields))
-
-    def info(self, event: str, **fields) -> None:
-        self._add("info", event, **fields)
-
-    def warning(self, event: str, **fields) -> None:
-        self._add("warning", event, **fields)
-
-    def named(self, event: str) -> list[dict]:
-        return [fields for _, name, fields in list(self.events) if name == event]
 
 
 class Subscriber:
@@ -139,7 +121,7 @@ class Running:
     """A bridge running in a thread, always stopped at the end."""
 
     def __init__(self, cfg: CameraConfig, source=None, count: int | None = None) -> None:
-        self.log = Log()
+        self.log = ListLog()
         self.source = source or open_source(cfg.source, cfg, self.log)
         self.metrics = CameraMetrics(cfg.camera)
         self.bridge = CameraBridge(cfg, self.source, DaemonSink(cfg, None, self.log), self.metrics, self.log)
@@ -210,7 +192,7 @@ def test_a_file_that_is_no_video_is_a_start_up_error(tmp_path: Path) -> None:
     bad = tmp_path / "notes.avi"
     bad.write_text("not a video")
     cfg = config(source=f"file://{bad}")
-    log = Log()
+    log = ListLog()
     bridge = CameraBridge(cfg, open_source(cfg.source, cfg, log), _NullSink(), CameraMetrics("cam0"), log)
     with pytest.raises(SourceError, match="cannot open"):
         bridge.run(threading.Event())
@@ -262,7 +244,7 @@ class _FailingSource:
 def test_a_failing_live_source_counts_lost_frames_and_reconnects_with_backoff() -> None:
     cfg = config(reconnect={"initial_s": 0.01, "max_s": 0.04})
     source = _FailingSource()
-    log = Log()
+    log = ListLog()
     metrics = CameraMetrics("cam0")
     bridge = CameraBridge(cfg, source, _NullSink(), metrics, log)
     stop = threading.Event()
@@ -592,7 +574,7 @@ def test_into_the_daemons_own_ingest_with_curvezmq_allow_list(tmp_path: Path) ->
                      security={"server_key": str(keys["server"][0]), "client_key": str(keys["camera-1"][1])},
                      folder={"poll_interval_s": 0.02})
         source = open_source(cfg.source, cfg)
-        log = Log()
+        log = ListLog()
         curve = ClientKeys.load(cfg.security.server_key, cfg.security.client_key)
         bridge = CameraBridge(cfg, source, DaemonSink(cfg, curve, log), CameraMetrics(cfg.camera), log)
         assert bridge.run(threading.Event(), count=3) == 3
