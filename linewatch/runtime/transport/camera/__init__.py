@@ -3,7 +3,7 @@ daemon's ingest (an XPUB that connects, CurveZMQ when configured; the daemon bin
 
     sources.py  the source URIs (opencv:, rtsp://, http://, file://, folder://, aravis:) and OpenCV
     folder.py   the hot folder: new image files, each sent once
-    aravis.py   GenICam through Aravis: not implemented yet, says what it needs
+    aravis.py   GenICam (GigE Vision, USB3 Vision) through Aravis 0.8
     bridge.py   the capture loop: reconnects with backoff, metrics, the daemon and file sinks
 
 One process per camera, so a camera SDK that crashes takes one bridge down, not the daemon.

@@ -1,27 +1,64 @@
-"""GenICam cameras (GigE Vision, USB3 Vision) through Aravis: NOT IMPLEMENTED YET.
+"""GenICam cameras (GigE Vision, USB3 Vision) through Aravis 0.8: `aravis:[DEVICE-ID]`.
 
-`aravis:[DEVICE-ID]` is a reserved source URI. The source will use Aravis 0.8 through GObject
-introspection (`gi.require_version("Aravis", "0.8")`), which pip cannot install: on Debian or
-Ubuntu it is `apt-get install gir1.2-aravis-0.8 python3-gi` (and `aravis-tools` for
-`arv-tool-0.8` and the fake camera `arv-fake-gv-camera-0.8`), with linewatch's venv created with
-`--system-site-packages` so it sees the system's `gi`. The PyPI package `aravis-python` is a
-Windows-only build of the same bindings, not a way to get them on Linux.
+Aravis's Python bindings come through GObject introspection: the system's typelib (Debian/Ubuntu
+`gir1.2-aravis-0.8`) and PyGObject in linewatch's venv (`pip install -e '.[genicam]'`; pip builds
+it against `libgirepository1.0-dev` and `libcairo2-dev`), or a venv made with
+`--system-site-packages` beside `python3-gi`. `aravis-tools` has `arv-tool-0.8` (list cameras,
+read features) and the fake GigE Vision camera `arv-fake-gv-camera-0.8` the tests run.
 
-Until it exists, a GenICam camera whose vendor ships a V4L2/UVC driver works as opencv:/dev/videoN,
-one with an RTSP output as rtsp://..., and any camera software that writes image files as a hot
-folder (folder:///path).
+`aravis:` opens the first camera Aravis finds, `aravis:DEVICE-ID` (as `arv-tool-0.8` lists it,
+e.g. `aravis:Basler-21234567`) that one. What the source does with each buffer:
+
+- **frame id**: the camera's own block id. A gap in it is frames the camera sent and the host
+  never got (`lost_frames`, the bridge's `dropped{reason=read_failed}`), and the id sent on the
+  wire moves on by the gap too, so that the daemon and `linewatch actuate` see the missing parts.
+  GigE Vision 1.x ids are 16 bits and skip 0 when they wrap (65535 -> 1): `next_frame_id`.
+  A camera that restarts starts its ids again; the wire id then just moves on by one.
+- **capture_ts**: the camera's timestamp (its own clock, ns) mapped onto the host's: the offset
+  host - camera is the smallest `system_timestamp - timestamp` seen since the source opened (the
+  frame that reached the host fastest), so a late buffer does not move it. `clock_offset_s` says
+  what it is; a camera without timestamps (0) gets the host's receive time.
+- **pixels**: Mono8 and Mono10/12/16 (unpacked, little endian: 16-bit samples, the bridge scales
+  them) go grey, RGB8/BGR8 as they are, Bayer RG/GB/GR/BG 8 bit demosaiced by OpenCV (`to_image`);
+  anything else is a SourceError naming the format.
+- **settings** (`aravis:` section of the camera config): exposure (µs), gain (dB), frame rate, and
+  the trigger: `free_run`, or `line` (hardware trigger on `trigger_line`, rising edge).
 """
 
 from __future__ import annotations
 
-from linewatch.runtime.transport.camera.base import SourceError
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote
 
-INSTALL = ("Debian/Ubuntu: apt-get install gir1.2-aravis-0.8 python3-gi (and a venv made with "
-           "--system-site-packages); pip's aravis-python is a Windows-only build")
+import cv2
+import numpy as np
 
+from linewatch.runtime.transport.camera.base import Captured, Source, SourceError, SourceLost
 
-class AravisNotImplemented(SourceError):
-    """`aravis:` was asked for; the Aravis source is not implemented in this version."""
+INSTALL = ("Debian/Ubuntu: apt-get install gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev, then "
+           "pip install -e '.[genicam]' (PyGObject) in linewatch's venv")
+BUFFERS = 8  # buffers queued in the stream
+POP_TIMEOUT_US = 100_000  # read() looks for a frame this long, then lets the bridge check its stop flag
+LOST_AFTER_S = 5.0  # no frame and no error this long from a free-running camera: lost
+GEV_ID_WRAP = 1 << 16  # GigE Vision 1.x block ids: 1..65535
+WRAP_SLACK = 4096  # ids lost around a wrap that still count as a wrap, not a restart
+
+# PFNC pixel format codes (GenICam Pixel Format Naming Convention) -> (numpy dtype, how to convert)
+PIXEL_FORMATS: dict[int, tuple[str, np.dtype, int | None]] = {
+    0x01080001: ("Mono8", np.dtype(np.uint8), None),
+    0x01100003: ("Mono10", np.dtype("<u2"), None),
+    0x01100005: ("Mono12", np.dtype("<u2"), None),
+    0x01100007: ("Mono16", np.dtype("<u2"), None),
+    0x02180014: ("RGB8", np.dtype(np.uint8), None),
+    0x02180015: ("BGR8", np.dtype(np.uint8), None),
+    # OpenCV names Bayer patterns by the second row's first two pixels: PFNC BayerRG = OpenCV BayerBG
+    0x01080009: ("BayerRG8", np.dtype(np.uint8), cv2.COLOR_BayerBG2BGR),
+    0x0108000A: ("BayerGB8", np.dtype(np.uint8), cv2.COLOR_BayerGR2BGR),
+    0x01080008: ("BayerGR8", np.dtype(np.uint8), cv2.COLOR_BayerGB2BGR),
+    0x0108000B: ("BayerBG8", np.dtype(np.uint8), cv2.COLOR_BayerRG2BGR),
+}
 
 
 def aravis_bindings_problem() -> str | None:
@@ -36,11 +73,155 @@ def aravis_bindings_problem() -> str | None:
     return None
 
 
-def aravis_source(uri: str):
-    """Raise AravisNotImplemented, saying what the source will need and what works meanwhile."""
-    problem = aravis_bindings_problem()
-    needs = (f"this Python cannot import Aravis 0.8's GObject bindings ({problem}); {INSTALL}" if problem
-             else "Aravis 0.8's bindings are importable here")
-    raise AravisNotImplemented(
-        f"{uri}: the Aravis (GenICam) source is not implemented yet in linewatch camera; {needs}. Meanwhile use "
-        "opencv:/dev/videoN (a camera with a V4L2/UVC driver), rtsp://... or folder:///path")
+def next_frame_id(previous: int, current: int) -> int:
+    """How many ids `current` is past `previous` (1: the next frame, 3: two lost), GigE Vision's
+    16-bit ids wrapping from 65535 to 1 (a `previous` within WRAP_SLACK of the top); 1 for any
+    other id that went back (the camera restarted and counts from 1 again)."""
+    if current > previous:
+        return current - previous
+    if GEV_ID_WRAP - WRAP_SLACK <= previous < GEV_ID_WRAP and 1 <= current < WRAP_SLACK:  # ..., 65535, 1, ...
+        return (GEV_ID_WRAP - 1 - previous) + current
+    return 1
+
+
+def to_image(data: bytes, width: int, height: int, pixel_format: int) -> tuple[np.ndarray, str]:
+    """A buffer's pixels as (image, "gray" | "rgb" | "bgr"): uint8 or uint16 grey, uint8 colour."""
+    known = PIXEL_FORMATS.get(pixel_format)
+    if known is None:
+        raise SourceError(f"pixel format 0x{pixel_format:08x} is not one linewatch converts; set the camera's "
+                          f"PixelFormat to one of {', '.join(name for name, _, _ in PIXEL_FORMATS.values())}")
+    name, dtype, bayer = known
+    channels = 3 if name in ("RGB8", "BGR8") else 1
+    expected = width * height * channels * dtype.itemsize
+    if len(data) < expected:
+        raise SourceLost(f"a {name} buffer of {len(data)} bytes for {width}x{height} (needs {expected})")
+    pixels = np.frombuffer(data, dtype=dtype, count=width * height * channels)
+    if channels == 3:
+        return pixels.reshape(height, width, 3).copy(), "rgb" if name == "RGB8" else "bgr"
+    image = pixels.reshape(height, width)
+    if bayer is not None:
+        return cv2.cvtColor(image, bayer), "bgr"
+    return image.astype(np.uint16) if dtype.itemsize == 2 else image.copy(), "gray"
+
+
+class AravisSource(Source):
+    """One GenICam camera through Aravis (see the module docstring)."""
+
+    def __init__(self, uri: str, device_id: str | None, settings: Any, log: Any = None) -> None:
+        super().__init__()
+        problem = aravis_bindings_problem()
+        if problem is not None:
+            raise SourceError(f"{uri}: this Python cannot import Aravis 0.8's GObject bindings ({problem}); {INSTALL}")
+        import gi
+
+        gi.require_version("Aravis", "0.8")
+        from gi.repository import Aravis
+
+        self._aravis = Aravis
+        self.uri = uri
+        self.device_id = device_id
+        self._settings = settings
+        self._log = log
+        self._camera: Any = None
+        self._stream: Any = None
+        self._last_camera_id: int | None = None
+        self._next_id = 0  # the id the next frame is sent with (wire frame ids grow across reopens)
+        self._offset_ns: int | None = None
+        self._last_frame_mono = 0.0
+        self.clock_offset_s: float | None = None
+
+    def describe(self) -> str:
+        return self.uri
+
+    def open(self) -> None:
+        aravis = self._aravis
+        aravis.update_device_list()
+        seen = [aravis.get_device_id(i) for i in range(aravis.get_n_devices())]
+        if self.device_id is not None and self.device_id not in seen:
+            raise SourceLost(f"no GenICam camera {self.device_id!r} found; cameras seen: {seen or 'none'}")
+        if not seen:
+            raise SourceLost("no GenICam camera found (arv-tool-0.8 lists what Aravis sees)")
+        try:
+            camera = aravis.Camera.new(self.device_id)
+            self._apply(camera)
+            stream = camera.create_stream(None, None)
+            payload = camera.get_payload()
+            for _ in range(BUFFERS):
+                stream.push_buffer(aravis.Buffer.new_allocate(payload))
+            camera.set_acquisition_mode(aravis.AcquisitionMode.CONTINUOUS)
+            camera.start_acquisition()
+        except Exception as e:  # GLib.Error: the camera went away or refused a setting
+            raise SourceLost(f"cannot start the camera: {e}") from None
+        self._camera, self._stream = camera, stream
+        self._last_camera_id, self._offset_ns = None, None
+        self._last_frame_mono = time.monotonic()
+        if self._log is not None:
+            self._log.info("camera_genicam_opened", source=self.uri, model=camera.get_model_name(),
+                           vendor=camera.get_vendor_name(), pixel_format=camera.get_pixel_format_as_string(),
+                           region=list(camera.get_region()))
+
+    def _apply(self, camera: Any) -> None:
+        s = self._settings
+        if s.pixel_format is not None:
+            camera.set_pixel_format_from_string(s.pixel_format)
+        if s.exposure_us is not None:
+            camera.set_exposure_time(s.exposure_us)
+        if s.gain_db is not None:
+            camera.set_gain(s.gain_db)
+        if s.frame_rate is not None:
+            camera.set_frame_rate(s.frame_rate)
+        if s.trigger == "line":
+            camera.set_trigger(s.trigger_line)
+        else:
+            camera.clear_triggers()
+
+    def read(self, stop: threading.Event) -> Captured | None:
+        if self._stream is None:
+            raise SourceLost("not open")
+        self.polls += 1
+        buffer = self._stream.timeout_pop_buffer(POP_TIMEOUT_US)
+        if buffer is None:
+            if self._settings.trigger == "free_run" and time.monotonic() - self._last_frame_mono > LOST_AFTER_S:
+                raise SourceLost(f"no frame for {LOST_AFTER_S:g} s")
+            return None
+        try:
+            if buffer.get_status() != self._aravis.BufferStatus.SUCCESS:
+                self.lost_frames += 1  # a frame that came incomplete: the camera sent it, the host lost it
+                return None
+            self._last_frame_mono = time.monotonic()
+            camera_id = int(buffer.get_frame_id())
+            step = 1 if self._last_camera_id is None else next_frame_id(self._last_camera_id, camera_id)
+            self._last_camera_id = camera_id
+            self.lost_frames += step - 1
+            self._next_id += step
+            image, pixel_format = to_image(buffer.get_data(), buffer.get_image_width(), buffer.get_image_height(),
+                                           buffer.get_image_pixel_format())
+            return Captured(image, pixel_format, self._next_id - 1, self._capture_ts(buffer))
+        finally:
+            self._stream.push_buffer(buffer)
+
+    def _capture_ts(self, buffer: Any) -> float:
+        camera_ns, host_ns = int(buffer.get_timestamp()), int(buffer.get_system_timestamp())
+        if camera_ns <= 0:
+            return host_ns / 1e9 if host_ns > 0 else time.time()
+        offset = host_ns - camera_ns
+        if self._offset_ns is None or offset < self._offset_ns:
+            self._offset_ns = offset
+            self.clock_offset_s = offset / 1e9
+        return (camera_ns + self._offset_ns) / 1e9
+
+    def close(self) -> None:
+        if self._camera is not None:
+            try:
+                self._camera.stop_acquisition()
+            except Exception:  # noqa: BLE001 - a camera that is gone cannot be stopped
+                pass
+        self._camera, self._stream = None, None
+
+
+def aravis_source(uri: str, settings: Any, log: Any = None) -> AravisSource:
+    """The source `aravis:` or `aravis:DEVICE-ID` names (not opened yet)."""
+    rest = unquote(uri[len("aravis:"):]).strip()
+    if rest.startswith("//"):
+        raise SourceError(f"{uri}: write aravis:DEVICE-ID (as arv-tool-0.8 lists it) or aravis: for the first camera")
+    return AravisSource(uri, rest or None, settings, log)

@@ -6,8 +6,8 @@
     file:///path/video.mp4   a video file played as a camera, at the file's own frame rate; its end is
                              a lost source like any other: reopened after the backoff, so it loops
     folder:///path           a hot folder (folder.py): new image files, each sent once
-    aravis:[DEVICE-ID]       GenICam (GigE Vision / USB3 Vision) through Aravis: not implemented yet
-                             (aravis.py says what it needs)
+    aravis:[DEVICE-ID]       GenICam (GigE Vision / USB3 Vision) through Aravis 0.8 (aravis.py): the
+                             first camera found, or the one with that device id
 
 A source has `open()` (SourceLost when it cannot be opened now: the bridge tries again after its
 backoff), `read(stop)` (a Captured frame; None when there is nothing yet; SourceLost when the
@@ -221,5 +221,5 @@ def open_source(uri: str | None, config: CameraConfig, log: Any = None, readonly
                               f"{config.folder.done_dir}/); make it writable or set folder.after: leave")
         return FolderSource(uri, path, config.folder, log, readonly=readonly)
     if uri.startswith("aravis:"):
-        return aravis_source(uri)
+        return aravis_source(uri, config.aravis, log)
     raise SourceError(f"{uri!r}: unknown camera source; use one of {EXAMPLES}")

@@ -1,0 +1,182 @@
+"""The GenICam source (`aravis:`): its pure parts by hand, then against Aravis's fake GigE Vision
+camera on loopback (`arv-fake-gv-camera-0.8`, Debian's aravis-tools; tests/ops/install-tools.sh
+installs it with the bindings), including the camera killed and started again mid-stream.
+
+The fake camera answers on the fixed GigE Vision control port (3956): the tests that run it are
+all in this module, which pytest-xdist keeps on one worker (--dist loadfile)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from linewatch import wire
+from linewatch.runtime.transport.camera.aravis import (
+    aravis_bindings_problem, next_frame_id, to_image,
+)
+from linewatch.runtime.transport.camera.base import SourceError, SourceLost
+from tests.waiting import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE = shutil.which("arv-fake-gv-camera-0.8")
+FAKE_ID = "Aravis-Fake-GV01"
+WAIT_S = 60.0
+
+
+# ---------------------------------------------------------------- by hand
+
+
+def test_frame_id_steps_count_the_lost_frames_and_wrap_like_gige_vision() -> None:
+    assert next_frame_id(7, 8) == 1
+    assert next_frame_id(7, 10) == 3  # 8 and 9 lost
+    assert next_frame_id(65535, 1) == 1  # 16-bit ids skip 0 when they wrap
+    assert next_frame_id(65534, 2) == 3  # 65535 and 1 lost
+    assert next_frame_id(70000, 5) == 1  # a 64-bit id going back: the camera restarted
+    assert next_frame_id(40, 3) == 1  # far from the top: a restart, not 65497 frames lost
+
+
+def test_pixels_of_each_format() -> None:
+    mono = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    image, fmt = to_image(mono.tobytes(), 4, 3, 0x01080001)
+    assert fmt == "gray" and np.array_equal(image, mono)
+    deep = (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4)
+    image, fmt = to_image(deep.astype("<u2").tobytes(), 4, 3, 0x01100007)
+    assert fmt == "gray" and image.dtype == np.uint16 and np.array_equal(image, deep)
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    assert [(np.array_equal(i, rgb), f) for i, f in [to_image(rgb.tobytes(), 4, 3, 0x02180014)]] == [(True, "rgb")]
+    assert to_image(rgb.tobytes(), 4, 3, 0x02180015)[1] == "bgr"
+
+
+@pytest.mark.parametrize("code, pattern", [(0x01080009, "RGGB"), (0x0108000A, "GBRG"), (0x01080008, "GRBG"),
+                                           (0x0108000B, "BGGR")])
+def test_bayer_patterns_come_out_in_their_colour(code: int, pattern: str) -> None:
+    """A flat orange scene (R 200, G 100, B 20) seen through each PFNC Bayer pattern (the first
+    two rows' colours, left to right) demosaics to that orange."""
+    value = {"R": 200, "G": 100, "B": 20}
+    tile = np.array([[value[pattern[0]], value[pattern[1]]], [value[pattern[2]], value[pattern[3]]]], np.uint8)
+    mosaic = np.tile(tile, (8, 8))
+    image, fmt = to_image(mosaic.tobytes(), 16, 16, code)
+    assert fmt == "bgr"
+    assert tuple(int(c) for c in image[8, 8]) == (20, 100, 200)  # B, G, R inside the image
+
+
+def test_an_unknown_format_and_a_short_buffer() -> None:
+    with pytest.raises(SourceError, match="0x0110000c is not one linewatch converts"):
+        to_image(b"\0" * 32, 4, 4, 0x0110000C)
+    with pytest.raises(SourceLost, match="needs 16"):
+        to_image(b"\0" * 15, 4, 4, 0x01080001)
+
+
+# ---------------------------------------------------------------- the fake GigE Vision camera
+
+needs_bindings = pytest.mark.skipif(aravis_bindings_problem() is not None, reason=f"Aravis 0.8's bindings: "
+                                    f"{aravis_bindings_problem()} (tests/ops/install-tools.sh)")
+needs_fake = pytest.mark.skipif(FAKE is None, reason="no arv-fake-gv-camera-0.8 (Debian's aravis-tools; "
+                                "tests/ops/install-tools.sh)")
+
+
+class FakeCamera:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([FAKE, "-i", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)  # pulled out: no goodbye to the host
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def fake_camera():
+    camera = FakeCamera()
+    camera.start()
+    yield camera
+    camera.stop()
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "linewatch.cli", *args], env=env, cwd=REPO, **kwargs)
+
+
+@pytest.mark.system
+@needs_bindings
+@needs_fake
+@pytest.mark.usefixtures("fake_camera")
+def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
+    started = time.time()
+    proc = _cli("camera", "grab", "--source", f"aravis:{FAKE_ID}", "--frames", "5", "--out", str(tmp_path / "out"),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    record = json.loads((tmp_path / "out" / "grab.json").read_text())
+    frames = record["frames"] if isinstance(record, dict) else record
+    assert len(frames) == 5, record
+    ids = [f["frame_id"] for f in frames]
+    assert ids == sorted(ids) and len(set(ids)) == 5, ids
+    assert all(started - 5 < f["capture_ts"] < time.time() + 5 for f in frames), frames  # the camera's clock, mapped
+    image = cv2.imread(str(tmp_path / "out" / frames[0]["file"]), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.shape[:2] == (512, 512), None if image is None else image.shape
+
+
+def _frames(sub: zmq.Socket, n: int, timeout_s: float) -> list[wire.Frame]:
+    got, end = [], time.monotonic() + timeout_s
+    while len(got) < n and time.monotonic() < end:
+        if sub.poll(100):
+            parts = sub.recv_multipart()
+            got.append(wire.read_frame(parts, wire.ImageLimits(), time.time(), time.monotonic(), frozenset()))
+    return got
+
+
+@pytest.mark.system
+@needs_bindings
+@needs_fake
+def test_a_camera_killed_mid_stream_and_started_again_resumes_without_a_restart(tmp_path: Path, fake_camera) -> None:
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.bind("tcp://127.0.0.1:0")
+    log = tmp_path / "camera.log"
+    config = tmp_path / "camera.yaml"
+    config.write_text("reconnect:\n  initial_s: 0.2\n  max_s: 1.0\n")
+    with log.open("wb") as out:
+        bridge = _cli("camera", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--camera", "gige-1",
+                      "--endpoint", sub.getsockopt_string(zmq.LAST_ENDPOINT), "--metrics-port", "0", "--mono-to-rgb",
+                      stdout=out, stderr=subprocess.STDOUT)
+    try:
+        before = _frames(sub, 10, WAIT_S)
+        assert len(before) == 10, log.read_text()[-3000:]
+        fake_camera.stop()
+        assert wait_until(lambda: "camera_source_lost" in log.read_text(), WAIT_S), log.read_text()[-3000:]
+        while sub.poll(200):  # what was in flight
+            before.append(wire.read_frame(sub.recv_multipart(), wire.ImageLimits(), time.time(), time.monotonic(),
+                                          frozenset()))
+        fake_camera.start()
+        after = _frames(sub, 10, WAIT_S)
+        assert len(after) == 10, log.read_text()[-3000:]
+        assert "camera_source_reopened" in log.read_text()
+        ids = [f.frame_id for f in before + after]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids), ids  # the wire ids go on, never back
+        assert all(f.camera == "gige-1" and f.decoded().shape == (512, 512, 3) for f in before[:2] + after[:2])
+        bridge.send_signal(signal.SIGTERM)
+        assert bridge.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+            bridge.wait(10)
+        sub.close(0)
+        context.term()
