@@ -39,6 +39,7 @@ class Source:
     uri: str = ""
     live: bool = True  # False for a video file: its end is expected, and it is paced at its frame rate
     can_wait: bool = False  # frames keep (files): paced and held back instead of skipped or dropped
+    clock_offset_s: float | None = None  # host clock - the camera's, for a source that maps camera timestamps
 
     def __init__(self) -> None:
         self.lost_frames = 0

@@ -84,15 +84,21 @@ class CameraMetrics:
         self.native_messages = Counter("linewatch_native_messages", "Lines native libraries (OpenCV, FFmpeg, libjpeg, "
                                        "libpng) wrote to stderr, logged as native_library_message", ["library"],
                                        registry=r)
+        self.clock_offset = Gauge("linewatch_camera_clock_offset_seconds", "Host clock minus the camera's clock, "
+                                  "as the source maps camera timestamps (GenICam); absent for sources without one",
+                                  ["camera"], registry=r)
+        self._camera = camera
         self._last_frame_mono = time.monotonic()  # before the first frame: since start
         Gauge("linewatch_camera_seconds_since_last_frame", "Seconds since the last frame was read (since the "
               "bridge started, before the first)", ["camera"], registry=r).labels(camera).set_function(
             lambda: time.monotonic() - self._last_frame_mono)
 
-    def frame(self, capture_ts: float) -> None:
+    def frame(self, capture_ts: float, clock_offset_s: float | None = None) -> None:
         self._last_frame_mono = time.monotonic()
         self.captured.inc()
         self.last_capture.set(capture_ts)
+        if clock_offset_s is not None:
+            self.clock_offset.labels(self._camera).set(clock_offset_s)
 
 
 class Sink(Protocol):
@@ -281,7 +287,7 @@ class CameraBridge:
         """Hand one frame to the sink. A source whose frames can wait (a hot folder: the file stays)
         is paced by max_fps and waits out a full queue or an absent daemon instead of dropping;
         stopped meanwhile, the frame is given back (`undo`: the file is sent after the restart)."""
-        self.metrics.frame(captured.capture_ts)
+        self.metrics.frame(captured.capture_ts, self.source.clock_offset_s)
         waits = self.source.can_wait
         handed_on = False
         try:
