@@ -163,6 +163,10 @@ class DetectorConfig(_Section):
     backend: Literal["classic", "samlad"] = "classic"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(224, ge=28, le=2048, description="images are resized to this square working size")
+    sample_window: tuple[int, int] = Field(
+        (0, 65535), description="16-bit images and frames (16-bit PNG, uint16 raw: Mono12/Mono16 cameras) are "
+        "scaled to 8 bits through [low, high]: low and below -> 0, high and above -> 255, linear between; the bank "
+        "records it and frames are read through the same")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the models' arithmetic: bf16/fp16 run backbone, upsampler and SAM under autocast; "
         "fp32 on CUDA allows TF32 matrix products")
@@ -175,6 +179,13 @@ class DetectorConfig(_Section):
     matching: MatchingConfig = MatchingConfig()
     measure: MeasureConfig = MeasureConfig()
     score: ScoreConfig = ScoreConfig()
+
+    @model_validator(mode="after")
+    def _window(self) -> "DetectorConfig":
+        low, high = self.sample_window
+        if not 0 <= low < high <= 65535:
+            raise ValueError(f"sample_window needs 0 <= low < high <= 65535, got [{low}, {high}]")
+        return self
 
     @model_validator(mode="after")
     def _backend_settings(self) -> "DetectorConfig":
@@ -196,6 +207,9 @@ class DetectorConfig(_Section):
         "compile",  # how the same computation runs
         "samlad.weights_dir",  # where checkpoint files are looked up, not which ones
         "samlad.allow_untrained_upsampler_setup",  # a permission; image_size and backbone are in it themselves
+        # checked against the bank's manifest (BankManifest.sample_window) instead, where a bank
+        # built before the key has the default: such banks stay valid
+        "sample_window",
     })
 
     def fingerprint_settings(self) -> dict[str, object]:
