@@ -568,10 +568,12 @@ def decode_frame(
     received_mono: float,
     cameras: Collection[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: tuple[int, int] = DEFAULT_SAMPLE_WINDOW,
 ) -> Frame:
-    """`read_frame`, then the image decoded (RGB uint8 (H, W, 3)). Raises WireError."""
+    """`read_frame`, then the image decoded (RGB (H, W, 3) or grey (H, W) uint8; 16-bit samples
+    through `window`). Raises WireError."""
     frame = read_frame(parts, ImageLimits(max_payload_bytes, max_pixels), received_ts, received_mono, cameras)
-    frame.image, frame.encoded = frame.decoded(), None
+    frame.image, frame.encoded = frame.decoded(window), None
     return frame
 
 
@@ -636,7 +638,7 @@ def decode_imagezmq(
     cameras: Collection[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Frame:
-    """`read_imagezmq`, then the image decoded (RGB uint8 (H, W, 3)). Raises WireError."""
+    """`read_imagezmq`, then the image decoded (RGB (H, W, 3) or grey (H, W) uint8). Raises WireError."""
     frame = read_imagezmq(parts, ImageLimits(max_payload_bytes, max_pixels), received_ts, received_mono, frame_id, cameras)
     frame.image, frame.encoded = frame.decoded(), None
     return frame
