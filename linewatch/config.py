@@ -686,8 +686,9 @@ class CameraConfig(_Section):
                           "dropped (counted), never queued without bound")
     connect_timeout_s: float = Field(10.0, ge=0, le=600, description="at start, wait this long for the daemon to "
                                      "subscribe before the first frame (frames before that would be lost)")
-    mono_to_rgb: bool = Field(False, description="replicate grey (Mono8) frames to 3 channels; false: send them grey, "
-                              "which the daemon answers `error` (grey_image) unless its bank is mono")
+    mono_to_rgb: bool = Field(False, description="replicate grey (Mono8) frames to 3 channels, for a daemon whose bank "
+                              "is colour; false: send them grey, as a mono bank (built from grey good images) judges "
+                              "them; a colour bank answers grey frames `error` (grey_image)")
     max_fps: float = Field(0.0, ge=0, description="send at most this many frames a second (the others are read and "
                            "skipped); 0: every frame")
     reconnect: ReconnectConfig = ReconnectConfig()
