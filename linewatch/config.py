@@ -164,9 +164,10 @@ class DetectorConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(224, ge=28, le=2048, description="images are resized to this square working size")
     sample_window: list[int] = Field(
-        default_factory=lambda: [0, 65535], min_length=2, max_length=2, description="16-bit images and frames (16-bit PNG, uint16 raw: Mono12/Mono16 cameras) are "
-        "scaled to 8 bits through [low, high]: low and below -> 0, high and above -> 255, linear between; the bank "
-        "records it and frames are read through the same")
+        default_factory=lambda: [0, 65535], min_length=2, max_length=2,
+        description="16-bit images and frames (16-bit PNG, uint16 raw: Mono12/Mono16 cameras) are scaled to 8 bits "
+        "through [low, high]: low and below -> 0, high and above -> 255, linear between; the bank records it and "
+        "frames are read through the same")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the models' arithmetic: bf16/fp16 run backbone, upsampler and SAM under autocast; "
         "fp32 on CUDA allows TF32 matrix products")

@@ -53,8 +53,9 @@ Verdict message (linewatch -> actuators, taps)::
 
 Decoding errors raise WireError whose `reason` is a short stable label (a metrics label):
 truncated, bad_header, unknown_version, bad_shape, bad_dtype, decode_failed, too_large,
-unknown_camera, bad_camera (and, from the pipeline, grey_image and colour_image). `camera` and `frame_id` are filled whenever they
-could be read, so the frame can still be answered with an `error` verdict.
+unknown_camera, bad_camera (the pipeline adds grey_image and colour_image). `camera` and
+`frame_id` are filled whenever they could be read, so the frame can still be answered with an
+`error` verdict.
 
 Camera ids (the topic; imagezmq's msg up to "|") are 1..64 printable characters; anything
 else is refused as bad_camera, unaddressed (they are metric labels, log fields and topics).
@@ -371,7 +372,8 @@ def _read_raw(payload: Buffer, shape: Any, dtype: Any, pixel_format: str, limits
     limits.check(encoded, camera, frame_id)
     expected = math.prod(shape) * sample_bytes
     if expected != len(payload):
-        raise WireError("bad_shape", camera, frame_id, f"shape {shape} of {dtype} needs {expected} bytes, got {len(payload)}")
+        raise WireError("bad_shape", camera, frame_id,
+                        f"shape {shape} of {dtype} needs {expected} bytes, got {len(payload)}")
     if channels == 4:
         raise WireError("bad_shape", camera, frame_id, f"4-channel raw images are not accepted, shape {shape}")
     if channels == 3 and pixel_format == "gray":

@@ -347,8 +347,9 @@ class ClassicSegmenter:
 
     fit: collect the pixels of a border band (`border_frac` of the side) of every good image
     (parts sit inside the frame on trays, conveyors and backlit stages), fit one Gaussian to
-    their RGB colour (grey images: to their grey level, a Gaussian in one dimension), and refit `trim_iters` times on the pixels within the 97.5% chi-square
-    ellipsoid (interval, in one dimension) so that a part touching the border does not skew it. A floor `min_std` on the
+    their RGB colour (grey images: to their grey level, a Gaussian in one dimension), and refit
+    `trim_iters` times on the pixels within the 97.5% chi-square ellipsoid (an interval, in one
+    dimension) so that a part touching the border does not skew it. A floor `min_std` on the
     covariance keeps an almost noise-free background from making every shade a "part".
 
     call: Mahalanobis distance of each pixel's colour to the model; foreground above

@@ -179,7 +179,8 @@ def test_grey_frames_are_read_grey_and_declare_it_before_decoding(encoding: str)
     assert image.shape == (16, 16) and image.dtype == np.uint8 and read.image is None
     if encoding != "jpeg":
         np.testing.assert_array_equal(image, grey)
-    colour = wire.read_frame(wire.encode_frame("cam0", 7, _image(16, 16), encoding=encoding), wire.ImageLimits(), 1.0, 1.0)
+    colour = wire.read_frame(wire.encode_frame("cam0", 7, _image(16, 16), encoding=encoding), wire.ImageLimits(),
+                             1.0, 1.0)
     assert colour.is_grey is False and colour.decoded().shape == (16, 16, 3)
     # one channel is grey whatever pixel_format says
     assert _decode(wire.encode_frame("cam0", 7, grey[..., None], pixel_format="rgb")).image.shape == (16, 16)
