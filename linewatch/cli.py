@@ -88,7 +88,8 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     bank.save(out)
     cal = bank.calibration
     print(
-        f"bank {bank.bank_id}: {bank.size} good images, threshold {cal.threshold:.4g} "
+        f"bank {bank.bank_id}: {bank.size} {'grey (mono) ' if bank.manifest.colour_mode == 'mono' else ''}good images, "
+        f"threshold {cal.threshold:.4g} "
         f"({cal.method} of n={cal.n} good scores: {cal.source}); false-reject rate: "
         f"target {cal.target_false_reject_rate:.2%}, expected {cal.expected_false_reject_rate:.2%} "
         f"({cal.confidence:.0%} CI {cal.ci_low:.2%} to {cal.ci_high:.2%}; "
