@@ -44,8 +44,9 @@ class BankManifest:
 
     identity: Inspector.identity() of the models and config that built it. settings: the
     config's fingerprint_settings(), to name a difference. source / source_files /
-    source_shape: the good images (folder, file names, (H, W, 3)). calibration: the threshold
-    and what it promises (`Calibration`; threshold None until calibrated). score_normalisation:
+    source_shape: the good images (folder, file names, (H, W, 3), or (H, W) when grey).
+    calibration: the threshold and what it promises (`Calibration`; threshold None until
+    calibrated). score_normalisation:
     each branch's spread on good images, with the good scores it was measured on (fused score
     only). colour_mode: "colour" (RGB good images; the frames must be colour) or "mono" (grey
     good images, grey frames). sample_window: the [low, high] through which 16-bit images were
