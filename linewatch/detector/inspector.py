@@ -339,8 +339,8 @@ class Inspector:
 
     def inspect(self, images: list[np.ndarray], exclude: Tensor | None = None) -> list[InspectionResult]:
         """Run every stage on a batch of RGB uint8 (H, W, 3) images, or grey (H, W) ones for a mono
-        bank. `exclude` (B,): a bank
-        index each image must not be compared with (itself, in leave-one-out calibration)."""
+        bank. `exclude` (B,): a bank index each image must not be compared with (itself, in
+        leave-one-out calibration)."""
         return self.run(Batch(images=list(images), exclude=exclude)).results
 
     def bank_batch(self, indices: Tensor) -> Batch:
