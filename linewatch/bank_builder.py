@@ -29,19 +29,25 @@ from linewatch.detector.fusion import branch_normalisation, fuse_scores
 from linewatch.detector.describe import pad_masks
 from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector
 from linewatch.detector.models import Models, build_models, select_device
-from linewatch.images import ImageError, list_images, read_image
+from linewatch.images import DEFAULT_SAMPLE_WINDOW, ImageError, is_grey, list_images, read_image
 
 
 class BankBuildError(Exception):
     """The bank cannot be built from what was given; the message says why."""
 
 
-def read_folder(folder: str | Path) -> tuple[list[Path], list[np.ndarray]]:
-    """All images of a folder, all of one size; errors name the file."""
+def read_folder(folder: str | Path, window: tuple[int, int] = DEFAULT_SAMPLE_WINDOW
+                ) -> tuple[list[Path], list[np.ndarray]]:
+    """All images of a folder, all of one size and all grey or all colour; 16-bit ones scaled
+    through `window`; errors name the file."""
     paths = list_images(folder)
-    images = [read_image(p) for p in paths]
+    images = [read_image(p, window) for p in paths]
     first = images[0].shape
     for path, image in zip(paths, images):
+        if is_grey(image) != is_grey(images[0]):
+            kinds = ("grey", "colour") if is_grey(image) else ("colour", "grey")
+            raise ImageError(f"{path}: is {kinds[0]} but {paths[0].name} is {kinds[1]}; the good images of one bank "
+                             "are all grey (a mono bank) or all colour")
         if image.shape != first:
             raise ImageError(
                 f"{path}: is {image.shape[1]}x{image.shape[0]} but {paths[0].name} is {first[1]}x{first[0]}; "
@@ -56,11 +62,11 @@ def _batches(items: list, size: int):
 
 
 def working_size(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """RGB uint8 images -> (B, 3, size, size) float in [0, 1], area-resized one at a time (so
-    that only the small results are held together)."""
+    """RGB uint8 images -> (B, 3, size, size), grey ones -> (B, 1, size, size), float in [0, 1],
+    area-resized one at a time (so that only the small results are held together)."""
     return torch.cat([
-        torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0,
-                                        size=(size, size), mode="area")
+        torch.nn.functional.interpolate(torch.from_numpy(img.reshape(*img.shape[:2], -1)).permute(2, 0, 1)[None].float()
+                                        / 255.0, size=(size, size), mode="area")
         for img in images
     ])
 
@@ -161,8 +167,8 @@ def build_bank(
     """Encode the good images of `good_dir`, calibrate, and return the bank (not yet saved)."""
     det = config.detector
     device = select_device(det.device)
-    good_paths, good = read_folder(good_dir)
-    validation = read_folder(validation_dir)[1] if validation_dir is not None else None
+    good_paths, good = read_folder(good_dir, det.sample_window)
+    validation = read_folder(validation_dir, det.sample_window)[1] if validation_dir is not None else None
     k = det.k_references
     if validation is None and len(good) < k + 2:
         raise BankBuildError(
@@ -183,8 +189,10 @@ def build_bank(
             f"{config.calibration.min_validation_images} (calibration.min_validation_images)"
         )
     if validation is not None and validation[0].shape != good[0].shape:
-        raise ImageError(f"{validation_dir}: validation images are {validation[0].shape[1]}x{validation[0].shape[0]}, "
-                         f"good images are {good[0].shape[1]}x{good[0].shape[0]}")
+        def kind(image: np.ndarray) -> str:
+            return f"{image.shape[1]}x{image.shape[0]} {'grey' if is_grey(image) else 'colour'}"
+        raise ImageError(f"{validation_dir}: validation images are {kind(validation[0])}, "
+                         f"good images are {kind(good[0])}")
     backend = get_backend(det.backend)
     models = models or build_models(det, device)
     started = time.time()
@@ -206,7 +214,9 @@ def build_bank(
         images=len(good),
         source=str(Path(good_dir).resolve()),
         source_files=[p.name for p in good_paths],
-        source_shape=list(good[0].shape),
+        source_shape=list(good[0].shape),  # [H, W] for grey images
+        colour_mode="mono" if is_grey(good[0]) else "colour",
+        sample_window=list(det.sample_window),
         image_size=det.image_size,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         calibration=Calibration(threshold=None),  # judged with threshold inf until calibrated below

@@ -93,7 +93,8 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     bank.save(out)
     cal = bank.calibration
     print(
-        f"bank {bank.bank_id}: {bank.size} good images, threshold {cal.threshold:.4g} "
+        f"bank {bank.bank_id}: {bank.size} {'grey (mono) ' if bank.manifest.colour_mode == 'mono' else ''}good images, "
+        f"threshold {cal.threshold:.4g} "
         f"({cal.method} of n={cal.n} good scores: {cal.source}); false-reject rate: "
         f"target {cal.target_false_reject_rate:.2%}, expected {cal.expected_false_reject_rate:.2%} "
         f"({cal.confidence:.0%} CI {cal.ci_low:.2%} to {cal.ci_high:.2%}; "
@@ -190,7 +191,7 @@ def cmd_sim_generate(args: argparse.Namespace) -> int:
         path = generate_dataset(
             Path(args.out), product, seed=args.seed, n_train=args.train, n_val=args.validation,
             n_test_good=args.test_good, n_test_logical=args.test_logical, n_test_structural=args.test_structural,
-            size=args.size, progress=not args.quiet,
+            size=args.size, progress=not args.quiet, mono=args.mono,
         )
         print(f"{product}: {path}")
     return 0
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-good", type=int, default=20)
     p.add_argument("--test-logical", type=int, default=20)
     p.add_argument("--test-structural", type=int, default=15)
+    p.add_argument("--mono", action="store_true",
+                   help="grey images, as a mono camera sees the same scenes (luma of the colour rendering)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sim_generate)
 

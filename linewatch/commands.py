@@ -440,7 +440,8 @@ def _camera_arguments(p: argparse.ArgumentParser, grab: bool) -> None:
                    **keep)
     p.add_argument("--source", help=f"camera source URI: {EXAMPLES} (or `source:` in the config)", **keep)
     p.add_argument("--camera", help="camera id (the frames' topic; default cam0)", **keep)
-    p.add_argument("--mono-to-rgb", action="store_true", help="send grey frames as 3 equal channels", **keep)
+    p.add_argument("--mono-to-rgb", action="store_true", help="send grey frames as 3 equal channels, for a colour "
+                   "bank (a mono bank judges grey frames as they are)", **keep)
     p.add_argument("--log-format", choices=("json", "console"), help="log line format (default json)", **keep)
     if grab:
         return

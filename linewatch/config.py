@@ -163,6 +163,11 @@ class DetectorConfig(_Section):
     backend: Literal["classic", "samlad"] = "classic"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: int = Field(224, ge=28, le=2048, description="images are resized to this square working size")
+    sample_window: list[int] = Field(
+        default_factory=lambda: [0, 65535], min_length=2, max_length=2,
+        description="16-bit images and frames (16-bit PNG, uint16 raw: Mono12/Mono16 cameras) are scaled to 8 bits "
+        "through [low, high]: low and below -> 0, high and above -> 255, linear between; the bank records it and "
+        "frames are read through the same")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="the models' arithmetic: bf16/fp16 run backbone, upsampler and SAM under autocast; "
         "fp32 on CUDA allows TF32 matrix products")
@@ -175,6 +180,13 @@ class DetectorConfig(_Section):
     matching: MatchingConfig = MatchingConfig()
     measure: MeasureConfig = MeasureConfig()
     score: ScoreConfig = ScoreConfig()
+
+    @model_validator(mode="after")
+    def _window(self) -> "DetectorConfig":
+        low, high = self.sample_window
+        if not 0 <= low < high <= 65535:
+            raise ValueError(f"sample_window needs 0 <= low < high <= 65535, got [{low}, {high}]")
+        return self
 
     @model_validator(mode="after")
     def _backend_settings(self) -> "DetectorConfig":
@@ -196,6 +208,9 @@ class DetectorConfig(_Section):
         "compile",  # how the same computation runs
         "samlad.weights_dir",  # where checkpoint files are looked up, not which ones
         "samlad.allow_untrained_upsampler_setup",  # a permission; image_size and backbone are in it themselves
+        # checked against the bank's manifest (BankManifest.sample_window) instead, where a bank
+        # built before the key has the default: such banks stay valid
+        "sample_window",
     })
 
     def fingerprint_settings(self) -> dict[str, object]:
@@ -784,8 +799,9 @@ class CameraConfig(_Section):
                           "dropped (counted), never queued without bound")
     connect_timeout_s: float = Field(10.0, ge=0, le=600, description="at start, wait this long for the daemon to "
                                      "subscribe before the first frame (frames before that would be lost)")
-    mono_to_rgb: bool = Field(False, description="replicate grey (Mono8) frames to 3 channels; false: send them grey, "
-                              "which the daemon answers `error` (grey_image) unless its bank is mono")
+    mono_to_rgb: bool = Field(False, description="replicate grey (Mono8) frames to 3 channels, for a daemon whose bank "
+                              "is colour; false: send them grey, as a mono bank (built from grey good images) judges "
+                              "them; a colour bank answers grey frames `error` (grey_image)")
     max_fps: float = Field(0.0, ge=0, description="send at most this many frames a second (the others are read and "
                            "skipped); 0: every frame")
     reconnect: ReconnectConfig = ReconnectConfig()

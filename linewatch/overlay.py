@@ -18,10 +18,12 @@ STATUS_COLOURS = {
 
 
 def render_overlay(image: np.ndarray, result: InspectionResult | Verdict, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 (H, W, 3): the heatmap (scaled so the threshold sits mid-colourmap) blended
+    """RGB uint8 (H, W, 3) of an RGB or grey `image`: the heatmap (scaled so the threshold sits mid-colourmap) blended
     over `image`, object boxes coloured by status, a banner with verdict and score, and (fused
     score) a line with each branch's z-score. `result` is the detector's result or a judged
     (pass/fail) verdict carrying the same fields."""
+    if image.ndim == 2:  # a grey frame (mono bank), shown grey under the coloured heatmap
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     h, w = image.shape[:2]
     heat = np.nan_to_num(result.heatmap) if result.heatmap is not None else np.zeros((h, w), np.float32)
     if heat.shape != (h, w):

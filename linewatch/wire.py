@@ -13,16 +13,19 @@ Frame message (camera -> linewatch), three ZMQ message parts::
     header  UTF-8 JSON object, at most 64 KiB:
             {"v": 1, "camera": str, "frame_id": int >= 0, "capture_ts": float (epoch s),
              "encoding": "raw"|"jpeg"|"png",
-             "shape": [H, W, C] (raw only, C in {1, 3}), "dtype": "uint8" (raw only),
+             "shape": [H, W, C] (raw only, C in {1, 3}), "dtype": "uint8"|"uint16" (raw only;
+             uint16 little-endian),
              "pixel_format": "rgb"|"bgr"|"gray" (raw only; jpeg/png carry their own colour),
              "part_id": str|null, "encoder_position": int|null}
             `capture_ts`, `part_id` and `encoder_position` may be absent (receive time / null).
             Unknown keys are ignored, so v1 can grow optional keys without a version bump.
     image   raw: H*W*C bytes, row-major HWC; jpeg/png: the file bytes.
 
-Grey frames (C == 1, pixel_format "gray", or a grey JPEG/PNG) are refused with reason
-"grey_image", the same policy as linewatch.images.read_image: the template bank and the
-detector work on colour, and a grey frame from a colour line means a camera set to mono.
+Grey (mono) frames (C == 1, pixel_format "gray", or a grey JPEG/PNG) are read as grey, and
+16-bit samples (16-bit PNG, uint16 raw) are scaled to 8 bits through a window [low, high]
+(`linewatch.images.scale_window`). Whether the bank judges grey or colour frames is the
+pipeline's business: it refuses a grey frame on a colour bank (`grey_image`) and a colour frame
+on a mono bank (`colour_image`) before decoding, from what the header declares here.
 
 imagezmq messages (imagezmq 1.x `ImageSender`), two parts, no topic::
 
@@ -52,9 +55,10 @@ Acknowledged verdicts (optional, ZeroMQ ROUTER <-> one DEALER per named subscrib
 [kind, header {"v": 1, ...}, more...], at the end of this module (encode_acked, decode_acked).
 
 Decoding errors raise WireError whose `reason` is a short stable label (a metrics label):
-truncated, bad_header, unknown_version, bad_shape, bad_dtype, grey_image, decode_failed,
-too_large, unknown_camera, bad_camera. `camera` and `frame_id` are filled whenever they
-could be read, so the frame can still be answered with an `error` verdict.
+truncated, bad_header, unknown_version, bad_shape, bad_dtype, decode_failed, too_large,
+unknown_camera, bad_camera (the pipeline adds grey_image and colour_image). `camera` and
+`frame_id` are filled whenever they could be read, so the frame can still be answered with an
+`error` verdict.
 
 Camera ids (the topic; imagezmq's msg up to "|") are 1..64 printable characters; anything
 else is refused as bad_camera, unaddressed (they are metric labels, log fields and topics).
@@ -75,6 +79,8 @@ import cv2
 import numpy as np
 from PIL import JpegImagePlugin, PngImagePlugin
 
+from linewatch.images import DEFAULT_SAMPLE_WINDOW, scale_window
+
 
 # ---------------------------------------------------------------- the records
 
@@ -83,9 +89,9 @@ VERDICT_VALUES = ("pass", "fail", "error", "timeout", "shed")
 
 @dataclass
 class Frame:
-    """One camera frame. `image` is RGB uint8 (H, W, 3); ingest leaves it None and the bytes
-    in `encoded` (read, not decoded), so a frame that will not be judged is never decoded:
-    the pipeline decodes the frames it admits (`decoded()`)."""
+    """One camera frame. `image` is RGB uint8 (H, W, 3) or grey uint8 (H, W); ingest leaves it
+    None and the bytes in `encoded` (read, not decoded), so a frame that will not be judged is
+    never decoded: the pipeline decodes the frames it admits (`decoded()`)."""
 
     camera: str
     frame_id: int
@@ -98,13 +104,23 @@ class Frame:
     reply: Any = None  # opaque handle for senders that wait for an answer (imagezmq REQ/REP)
     encoded: EncodedImage | None = field(default=None, repr=False)
 
-    def decoded(self) -> np.ndarray:
-        """The RGB image: `image`, or `encoded` decoded now (raises WireError)."""
+    def decoded(self, window: tuple[int, int] = DEFAULT_SAMPLE_WINDOW) -> np.ndarray:
+        """The image, RGB (H, W, 3) or grey (H, W) uint8: `image`, or `encoded` decoded now, its
+        16-bit samples scaled through `window` (raises WireError)."""
         if self.image is not None:
             return self.image
         if self.encoded is None:
             raise WireError("decode_failed", self.camera, self.frame_id, "frame has neither an image nor its bytes")
-        return self.encoded.decode(self.camera, self.frame_id)
+        return self.encoded.decode(self.camera, self.frame_id, window)
+
+    @property
+    def is_grey(self) -> bool | None:
+        """Whether the frame is grey (mono), decoded or as declared; None when unknown."""
+        if self.image is not None:
+            return self.image.ndim == 2
+        if self.encoded is not None:
+            return self.encoded.grey
+        return None
 
     @property
     def height_width(self) -> tuple[int, int] | None:
@@ -172,6 +188,7 @@ DEFAULT_MAX_PIXELS = 50_000_000  # ingest.max_image_pixels: 8K x 6K, 150 MB deco
 MAX_CAMERA_ID_LENGTH = 64  # characters; ids are metric labels, log fields and topics
 ENCODINGS = ("raw", "jpeg", "png")
 PIXEL_FORMATS = ("rgb", "bgr", "gray")
+RAW_DTYPES = {"uint8": 1, "uint16": 2}  # raw sample types -> bytes per sample (uint16: little-endian)
 HEATMAP_ENCODINGS = ("none", "png", "float16")
 ERROR_REASONS = (
     "truncated",
@@ -179,7 +196,6 @@ ERROR_REASONS = (
     "unknown_version",
     "bad_shape",
     "bad_dtype",
-    "grey_image",
     "decode_failed",
     "too_large",
     "unknown_camera",
@@ -209,7 +225,8 @@ class EncodedImage:
     """An image as it arrived: what its header declares, and its bytes, not decoded yet.
 
     Reading one costs a header parse; `decode()` is the pixel work (and the memory:
-    `decoded_bytes`, before the conversion to RGB uint8).
+    `decoded_bytes`, before the conversion to 8 bits). `grey`: the image is grey (mono), read
+    from its header (a grey PNG with alpha decodes to 4 channels, but is grey).
     """
 
     payload: Buffer
@@ -217,8 +234,9 @@ class EncodedImage:
     height: int
     width: int
     channels: int  # what the decoder produces before conversion to RGB (PNG: an upper bound)
-    sample_bytes: int  # bytes per channel: 1, or 2 for a 16-bit PNG
+    sample_bytes: int  # bytes per channel: 1, or 2 for a 16-bit PNG or uint16 raw
     pixel_format: str = "bgr"  # channel order (raw frames say theirs; OpenCV decodes files to BGR)
+    grey: bool = False
 
     @property
     def decoded_bytes(self) -> int:
@@ -229,23 +247,35 @@ class EncodedImage:
         return (f"{self.width}x{self.height} {self.encoding}, {self.channels} channels of {8 * self.sample_bytes} bits "
                 f"({self.decoded_bytes / 1e6:.1f} MB decoded)")
 
-    def decode(self, camera: str | None, frame_id: int | None) -> np.ndarray:
-        """RGB uint8 (H, W, 3); raises WireError (decode_failed, bad_dtype, grey_image)."""
+    def decode(self, camera: str | None, frame_id: int | None,
+               window: tuple[int, int] = DEFAULT_SAMPLE_WINDOW) -> np.ndarray:
+        """RGB uint8 (H, W, 3), or grey uint8 (H, W) when `grey`; 16-bit samples are scaled
+        through `window` ([low, high] -> 0..255). Raises WireError (decode_failed, bad_dtype)."""
         if self.encoding == "raw":
-            shape = (self.height, self.width, self.channels)
-            return _to_rgb(np.frombuffer(self.payload, dtype=np.uint8).reshape(shape), self.pixel_format, camera, frame_id)
-        image = cv2.imdecode(np.frombuffer(self.payload, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise WireError("decode_failed", camera, frame_id,
-                            f"{len(self.payload)} bytes are not a readable {self.encoding.upper()} image")
-        if image.shape[:2] != (self.height, self.width):  # the decoder read another size than the header said
-            raise WireError("decode_failed", camera, frame_id,
-                            f"decoded {image.shape[1]}x{image.shape[0]}, header said {self.width}x{self.height}")
+            dtype = np.dtype("<u2") if self.sample_bytes == 2 else np.dtype(np.uint8)
+            image = np.frombuffer(self.payload, dtype=dtype).reshape((self.height, self.width, self.channels))
+            pixel_format = self.pixel_format
+        else:
+            image = cv2.imdecode(np.frombuffer(self.payload, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+            if image is None:
+                raise WireError("decode_failed", camera, frame_id,
+                                f"{len(self.payload)} bytes are not a readable {self.encoding.upper()} image")
+            if image.shape[:2] != (self.height, self.width):  # the decoder read another size than the header said
+                raise WireError("decode_failed", camera, frame_id,
+                                f"decoded {image.shape[1]}x{image.shape[0]}, header said {self.width}x{self.height}")
+            pixel_format = "bgr"  # OpenCV decodes to BGR(A)
         if image.dtype == np.uint16:
-            image = (image // 257).astype(np.uint8)
+            image = scale_window(image, window)
         elif image.dtype != np.uint8:
             raise WireError("bad_dtype", camera, frame_id, f"decoded pixel type {image.dtype}; 8 or 16 bit only")
-        return _to_rgb(image, "bgr", camera, frame_id)  # OpenCV decodes to BGR(A)
+        decoded_grey = image.ndim == 2 or image.shape[2] == 1
+        if self.grey:
+            # a grey PNG with alpha decodes to BGRA with B = G = R: its first plane is the grey
+            return np.ascontiguousarray(image if image.ndim == 2 else image[..., 0])
+        if decoded_grey:  # admission judged it colour from its header: it must not turn grey now
+            raise WireError("decode_failed", camera, frame_id,
+                            f"decoded a grey image, its header declared {self.channels} channels")
+        return _to_rgb(image, pixel_format)
 
 
 # ---------------------------------------------------------------- helpers
@@ -272,10 +302,8 @@ def _parse_json_object(part: Buffer, what: str, camera: str | None) -> dict[str,
     return value
 
 
-def _to_rgb(image: np.ndarray, pixel_format: str, camera: str | None, frame_id: int | None) -> np.ndarray:
-    """(H, W, C) uint8 in `pixel_format` -> contiguous RGB (H, W, 3); grey is refused."""
-    if image.ndim == 2 or image.shape[2] == 1 or pixel_format == "gray":
-        raise WireError("grey_image", camera, frame_id, f"grey image {image.shape[1]}x{image.shape[0]}; linewatch needs colour")
+def _to_rgb(image: np.ndarray, pixel_format: str) -> np.ndarray:
+    """(H, W, 3 or 4) uint8 in `pixel_format` -> contiguous RGB (H, W, 3)."""
     if image.shape[2] == 4:  # alpha from a PNG: drop it (same as linewatch.images.read_image)
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if pixel_format == "bgr" else cv2.COLOR_RGBA2RGB)
     if pixel_format == "bgr":
@@ -286,11 +314,12 @@ def _to_rgb(image: np.ndarray, pixel_format: str, camera: str | None, frame_id: 
 # PNG colour type -> channels OpenCV decodes it to (IMREAD_UNCHANGED): grey, -, RGB, palette
 # (RGB, or RGBA with transparency: counted as 4), grey+alpha (decoded as BGRA), RGBA
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+_PNG_GREY_TYPES = (0, 4)  # grey, grey+alpha (a palette of greys counts as colour: its palette is not read)
 
 
 def _read_file(payload: Buffer, limits: ImageLimits, camera: str | None, frame_id: int | None) -> EncodedImage:
-    """A JPEG/PNG file's declared size and pixel type, read without decoding pixels, checked
-    against `limits`; grey files are refused here already.
+    """A JPEG/PNG file's declared size, pixel type and whether it is grey, read without
+    decoding pixels, checked against `limits`.
 
     A few hundred bytes can declare 20000 x 20000 pixels (a decompression bomb): the size must
     be known before the decoder allocates it. Pillow's JPEG and PNG readers parse the header
@@ -314,24 +343,25 @@ def _read_file(payload: Buffer, limits: ImageLimits, camera: str | None, frame_i
             if is_png:  # IHDR, the first chunk (Pillow checked it): bit depth, colour type
                 bit_depth, colour_type = payload[24], payload[25]
                 channels, sample_bytes = _PNG_CHANNELS.get(colour_type, 4), 2 if bit_depth == 16 else 1
+                grey = colour_type in _PNG_GREY_TYPES
             else:
                 channels = 1 if probe.mode == "L" else 3
                 sample_bytes = 2 if getattr(probe, "bits", 8) > 8 else 1
+                grey = channels == 1
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError) as e:
         raise WireError("decode_failed", camera, frame_id,
                         f"{len(payload)} bytes are not a readable JPEG or PNG image ({type(e).__name__}: {e})") from None
-    encoded = EncodedImage(payload, "png" if is_png else "jpeg", height, width, channels, sample_bytes)
+    encoded = EncodedImage(payload, "png" if is_png else "jpeg", height, width, channels, sample_bytes, grey=grey)
     limits.check(encoded, camera, frame_id)
-    if channels == 1:
-        raise WireError("grey_image", camera, frame_id, f"grey image {width}x{height}; linewatch needs colour")
     return encoded
 
 
 def _read_raw(payload: Buffer, shape: Any, dtype: Any, pixel_format: str, limits: ImageLimits, camera: str | None,
               frame_id: int | None) -> EncodedImage:
-    """Raw HWC bytes + declared shape/dtype, checked (sizes, channels) without touching pixels."""
-    if dtype != "uint8":
-        raise WireError("bad_dtype", camera, frame_id, f"dtype must be 'uint8', got {dtype!r}")
+    """Raw HWC bytes + declared shape/dtype, checked (sizes, channels) without touching pixels.
+    One channel, or pixel_format "gray", is a grey image."""
+    if dtype not in RAW_DTYPES:
+        raise WireError("bad_dtype", camera, frame_id, f"dtype must be one of {sorted(RAW_DTYPES)}, got {dtype!r}")
     if (
         not isinstance(shape, list)
         or len(shape) not in (2, 3)
@@ -340,17 +370,17 @@ def _read_raw(payload: Buffer, shape: Any, dtype: Any, pixel_format: str, limits
     ):
         raise WireError("bad_shape", camera, frame_id, f"shape must be [H, W] or [H, W, C] with C in 1, 3, got {shape!r}")
     channels = shape[2] if len(shape) == 3 else 1
-    encoded = EncodedImage(payload, "raw", shape[0], shape[1], channels, 1, pixel_format)
+    sample_bytes = RAW_DTYPES[dtype]
+    encoded = EncodedImage(payload, "raw", shape[0], shape[1], channels, sample_bytes, pixel_format, grey=channels == 1)
     limits.check(encoded, camera, frame_id)
-    expected = math.prod(shape)
+    expected = math.prod(shape) * sample_bytes
     if expected != len(payload):
-        raise WireError("bad_shape", camera, frame_id, f"shape {shape} needs {expected} bytes, got {len(payload)}")
+        raise WireError("bad_shape", camera, frame_id,
+                        f"shape {shape} of {dtype} needs {expected} bytes, got {len(payload)}")
     if channels == 4:
         raise WireError("bad_shape", camera, frame_id, f"4-channel raw images are not accepted, shape {shape}")
     if channels == 3 and pixel_format == "gray":
         raise WireError("bad_shape", camera, frame_id, "pixel_format 'gray' with 3 channels")
-    if channels == 1 or pixel_format == "gray":
-        raise WireError("grey_image", camera, frame_id, f"grey image {shape[1]}x{shape[0]}; linewatch needs colour")
     return encoded
 
 
@@ -394,17 +424,17 @@ def encode_frame(
 ) -> list[bytes]:
     """Build a v1 frame message: [topic, header, image bytes].
 
-    `image` is uint8 (H, W, 3) in `pixel_format` ("rgb" or "bgr"), or (H, W)/(H, W, 1) with
-    pixel_format "gray" (which the receiver refuses; encodable so senders and tests can
-    exercise it). `capture_ts` defaults to now. For jpeg/png the image is re-encoded as a
-    standard (BGR-ordered) file, so the receiver needs no pixel_format.
+    `image` is uint8 or uint16 (H, W, 3) in `pixel_format` ("rgb" or "bgr"), or (H, W)/(H, W, 1)
+    with pixel_format "gray" (a mono camera; uint16 for Mono12/Mono16, sent little-endian raw or
+    as a 16-bit PNG; JPEG takes uint8 only). `capture_ts` defaults to now. For jpeg/png the image
+    is re-encoded as a standard (BGR-ordered) file, so the receiver needs no pixel_format.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     if pixel_format not in PIXEL_FORMATS:
         raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {pixel_format!r}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if image.dtype not in (np.uint8, np.uint16) or (image.dtype == np.uint16 and encoding == "jpeg"):
+        raise ValueError(f"image must be uint8 (or uint16, raw and png only), got {image.dtype} for {encoding}")
     header: dict[str, Any] = {
         "v": WIRE_VERSION,
         "camera": camera,
@@ -417,8 +447,8 @@ def encode_frame(
     if encoding == "raw":
         image = np.ascontiguousarray(image)
         shape = list(image.shape) if image.ndim == 3 else [*image.shape, 1]
-        header.update(shape=shape, dtype="uint8", pixel_format=pixel_format)
-        payload = image.tobytes()
+        header.update(shape=shape, dtype="uint16" if image.dtype == np.uint16 else "uint8", pixel_format=pixel_format)
+        payload = image.astype(image.dtype.newbyteorder("<"), copy=False).tobytes()
     else:
         if pixel_format == "rgb" and image.ndim == 3:
             image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -543,10 +573,12 @@ def decode_frame(
     received_mono: float,
     cameras: Collection[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: tuple[int, int] = DEFAULT_SAMPLE_WINDOW,
 ) -> Frame:
-    """`read_frame`, then the image decoded (RGB uint8 (H, W, 3)). Raises WireError."""
+    """`read_frame`, then the image decoded (RGB (H, W, 3) or grey (H, W) uint8; 16-bit samples
+    through `window`). Raises WireError."""
     frame = read_frame(parts, ImageLimits(max_payload_bytes, max_pixels), received_ts, received_mono, cameras)
-    frame.image, frame.encoded = frame.decoded(), None
+    frame.image, frame.encoded = frame.decoded(window), None
     return frame
 
 
@@ -611,7 +643,7 @@ def decode_imagezmq(
     cameras: Collection[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Frame:
-    """`read_imagezmq`, then the image decoded (RGB uint8 (H, W, 3)). Raises WireError."""
+    """`read_imagezmq`, then the image decoded (RGB (H, W, 3) or grey (H, W) uint8). Raises WireError."""
     frame = read_imagezmq(parts, ImageLimits(max_payload_bytes, max_pixels), received_ts, received_mono, frame_id, cameras)
     frame.image, frame.encoded = frame.decoded(), None
     return frame

@@ -194,9 +194,10 @@ def made_once(shared_dir: Path) -> Callable[..., Any]:
 def sim_bank(made_once) -> Callable[..., Path]:
     """`sim_bank(detector, seed=, n_train=, n_val=, product=, size=)`: the path of a bank built
     from sim images with those arguments (tests.serving.build_sim_bank), built once per run."""
-    def get(detector: dict, *, seed: int, n_train: int, n_val: int, product: str = PRODUCT, size: int = SIZE) -> Path:
+    def get(detector: dict, *, seed: int, n_train: int, n_val: int, product: str = PRODUCT, size: int = SIZE,
+            mono: bool = False) -> Path:
         spec = {"detector": detector, "product": product, "seed": seed, "n_train": n_train, "n_val": n_val,
-                "size": size}
+                "size": size, **({"mono": True} if mono else {})}
         return made_once("bank", spec, lambda folder: build_sim_bank(folder, detector, **{
             k: v for k, v in spec.items() if k != "detector"}))
 
@@ -207,6 +208,13 @@ def sim_bank(made_once) -> Callable[..., Path]:
 def small_bank(sim_bank) -> Path:
     """A classic-backend bank: 12 good sim images, calibrated on 6 held-out ones (128 px)."""
     return sim_bank(DETECTOR, seed=3, n_train=12, n_val=6)
+
+
+@pytest.fixture(scope="session")
+def mono_bank(sim_bank) -> Path:
+    """A classic-backend mono bank: 12 grey good sim images (`linewatch sim generate --mono`),
+    calibrated on 6 held-out grey ones (128 px)."""
+    return sim_bank(DETECTOR, seed=3, n_train=12, n_val=6, mono=True)
 
 
 @pytest.fixture(scope="session")

@@ -209,16 +209,16 @@ def of(verdicts: list, camera: str) -> list:
 
 
 def build_sim_bank(root: Path, detector: dict, *, product: str = PRODUCT, seed: int, n_train: int, n_val: int,
-                   size: int = SIZE) -> Path:
-    """A bank from `n_train` good sim images of `product` (seed `seed`), calibrated on `n_val`
-    held-out ones, saved under `root`. Tests get banks through the `sim_bank` fixture
+                   size: int = SIZE, mono: bool = False) -> Path:
+    """A bank from `n_train` good sim images of `product` (seed `seed`; grey when `mono`: a mono
+    bank), calibrated on `n_val` held-out ones, saved under `root`. Tests get banks through the `sim_bank` fixture
     (tests/conftest.py), which builds each distinct one once per session."""
     from linewatch.bank_builder import build_bank
     from linewatch.config import config_from_dict
     from linewatch.sim import generate_dataset
 
     data = generate_dataset(root / "sim", product, seed=seed, n_train=n_train, n_val=n_val, n_test_good=0,
-                            n_test_logical=0, n_test_structural=0, size=size)
+                            n_test_logical=0, n_test_structural=0, size=size, mono=mono)
     bank = build_bank(config_from_dict({"detector": detector}), data / "train" / "good", data / "validation" / "good",
                       progress=False)
     path = root / "bank.lwbank"

@@ -367,3 +367,37 @@ def test_every_user_error_named_is_an_exception_class():
         cls = getattr(importlib.import_module(module), name)
         assert isinstance(cls, type) and issubclass(cls, Exception), (module, name)
     assert len(_user_errors()) == len(USER_ERRORS)  # all imported now: all caught
+
+
+def test_a_mono_line_from_sim_generate_to_verdicts(work, bank):
+    """`sim generate --mono` -> `bank build` on the grey good images -> `inspect` grey frames;
+    a colour image on that bank and a grey one on a colour bank are each one clear line."""
+    root, config = work
+    colour_bank, _ = bank
+    proc = linewatch("sim", "generate", "--out", root / "mono", "--product", "screw_tray", "--seed", 4, "--size", 128,
+                     "--train", 6, "--validation", 5, "--test-good", 1, "--test-logical", 1, "--test-structural", 0,
+                     "--mono", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    data = root / "mono" / "screw_tray"
+    assert cv2.imread(str(data / "test" / "good" / "000.png"), cv2.IMREAD_UNCHANGED).ndim == 2
+    mono_bank = root / "banks" / "mono.lwbank"
+    proc = linewatch("bank", "build", "-c", config, "--good", data / "train" / "good",
+                     "--validation", data / "validation" / "good", "--out", mono_bank, "--quiet")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert "6 grey (mono) good images" in proc.stdout
+    info = json.loads(linewatch("bank", "info", mono_bank).stdout)
+    assert (info["colour_mode"], info["source_shape"]) == ("mono", [128, 128])
+
+    grey = [data / "test" / "good" / "000.png", data / "test" / "logical_anomalies" / "000.png"]
+    colour = root / "sim" / "screw_tray" / "test" / "good" / "000.png"
+    proc = linewatch("inspect", *grey, colour, "-c", config, "-b", mono_bank, "-o", root / "inspect-mono")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if str(colour) in line]
+    assert line == f"linewatch: error: {colour}: a colour image; the bank judges grey (mono) images (built from " \
+                   "grey good images)"
+    by_file = {r["file"]: r for r in json.loads((root / "inspect-mono" / "results.json").read_text())}
+    assert [by_file[str(path)]["verdict"] in ("pass", "fail") for path in grey] == [True, True]
+    assert by_file[str(colour)]["verdict"] == "error"
+
+    proc = linewatch("inspect", grey[0], "-c", config, "-b", colour_bank, "-o", root / "inspect-colour")
+    assert "a grey image; the bank judges colour images" in proc.stderr, proc.stderr

@@ -41,6 +41,8 @@ def other_values(field: Any, current: Any) -> list[Any]:
         return [current * 1.5 + 0.01, current * 0.5, current + 0.1]
     if annotation is str:
         return [current + "-other"]
+    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (int,):
+        return [[*current[:-1], current[-1] - 1], [*current[:-1], current[-1] + 1]]
     raise AssertionError(f"no test values for a field of type {annotation}; extend other_values()")
 
 

@@ -40,3 +40,23 @@ def test_overlay_banner_is_green_for_a_pass() -> None:
 def test_overlay_jpeg_decodes_to_the_image_size() -> None:
     data = overlay_jpeg(np.zeros((40, 60, 3), np.uint8), result(verdict="pass"))
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == (40, 60, 3)
+
+
+def test_a_grey_frame_is_drawn_as_the_same_overlay_as_its_three_channel_copy() -> None:
+    grey = np.tile(np.arange(120, dtype=np.uint8), (80, 1))
+    box = {"bbox": [10, 30, 20, 20], "area": 400, "status": "missing", "score": 3.0}
+    out = render_overlay(grey, result(objects=[box]))
+    assert out.shape == (80, 120, 3)
+    np.testing.assert_array_equal(out, render_overlay(np.dstack([grey] * 3), result(objects=[box])))
+
+
+def test_archive_pictures_of_a_grey_frame_keep_it_grey() -> None:
+    from linewatch.runtime.sinks.archive.encoder import encode_pictures
+    from linewatch.wire import Verdict
+
+    grey = np.tile(np.arange(120, dtype=np.uint8), (80, 1))
+    verdict = Verdict(camera="cam0", frame_id=1, verdict="fail", capture_ts=0.0, score=4.0, threshold=2.0,
+                      backend="classic", heatmap=result().heatmap)
+    frame, _, overlay = encode_pictures(grey, verdict)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_UNCHANGED), grey)
+    assert cv2.imdecode(np.frombuffer(overlay, np.uint8), cv2.IMREAD_COLOR).shape == (80, 120, 3)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.serving import DETECTOR, Served, by_label, http_get, of, scrape, sim_images
+from tests.serving import DETECTOR, SIZE, Served, by_label, http_get, of, scrape, sim_images
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.system
@@ -98,6 +98,39 @@ def test_serve_wire_and_imagezmq_frames_bad_frames_and_metrics(small_bank, tmp_p
         assert http_get(served.metrics_port, "/healthz")[0] == 200
     finally:
         sender.close()
+        rc = served.stop()
+    assert rc == 0, served.log()
+
+
+def test_serve_a_mono_bank_judges_mono8_and_16_bit_frames_and_refuses_colour_ones(mono_bank, tmp_path):
+    from linewatch import wire
+    from linewatch.sim import render
+
+    served = Served(tmp_path, mono_bank)
+    try:
+        served.wait_ready()
+        served.warm_up("warm", lambda: served.cam.send_multipart([b"warm", b"not json", b""]))
+        rng = np.random.default_rng(21)
+        grey = [render("screw_tray", rng, None if i % 2 == 0 else "missing", size=SIZE, mono=True)[0] for i in range(4)]
+        def send(frame_id: int, image: np.ndarray, encoding: str, pixel_format: str = "gray") -> None:
+            served.cam.send_multipart(wire.encode_frame("cam0", frame_id, image, encoding=encoding,
+                                                        pixel_format=pixel_format))
+
+        for i, image in enumerate(grey):  # Mono8 as a camera bridge sends it: raw, one channel
+            send(i, image, "raw")
+        send(4, grey[0], "png")
+        send(5, grey[0].astype(np.uint16) * 257, "png")  # Mono16: v * 257 through [0, 65535] is v again
+        send(6, render("screw_tray", rng, None, size=SIZE)[0], "png", "rgb")  # a colour camera on a mono line
+        cam0 = served.recv(lambda vs: len(of(vs, "cam0")) >= 7, 120)
+        cam0 = of(cam0, "cam0")
+        got = [(v.frame_id, v.verdict, v.reason) for v in cam0]
+        assert [v.frame_id for v in cam0] == list(range(7)), got
+        assert all(v.verdict in ("pass", "fail") and v.score is not None for v in cam0[:6]), got
+        assert cam0[0].score == cam0[4].score == cam0[5].score  # one image, three encodings: one score
+        assert (cam0[6].verdict, cam0[6].reason) == ("error", "colour_image")
+        assert max(cam0[i].score for i in (0, 2)) < min(cam0[i].score for i in (1, 3)), got  # missing parts
+        assert "a colour frame, the bank judges grey (mono) frames" in served.log()
+    finally:
         rc = served.stop()
     assert rc == 0, served.log()
 

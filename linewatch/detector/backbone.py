@@ -1,9 +1,12 @@
 """Feature extractors: DINOv2 patch features (timm) and a weights-free classical feature map.
 
-Both take images01 (B, 3, H, W), RGB in [0, 1], and return a dense map (B, C, h, w); both expose
-`out_channels`, `stride` (input pixels per output cell) and `identity` (changes whenever the
-model, its weights or its configuration change, so a template bank built with another extractor
-is refused).
+Both take images01 (B, 3, H, W), RGB in [0, 1], or (B, 1, H, W), grey (a mono bank), and return
+a dense map (B, C, h, w); both expose `out_channels` (for colour input), `channels_for(grey)`,
+`stride` (input pixels per output cell) and `identity` (changes whenever the model, its weights
+or its configuration change, so a template bank built with another extractor is refused).
+DINOv2 was trained on RGB: a grey image is given to it as three equal channels
+(`three_channels`). The classical features are defined on one channel for a grey image: no
+colour channels that would be constant zero.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ def imagenet_normalize(images01: torch.Tensor, mean: torch.Tensor | None = None,
         mean, std = imagenet_constants()
         mean, std = mean.to(images01.device), std.to(images01.device)
     return (images01 - mean.to(images01.dtype)) / std.to(images01.dtype)
+
+
+def three_channels(images01: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) grey -> (B, 3, H, W) with three equal channels (a view), for models trained on
+    RGB (DINOv2, FeatUp's JBU, SAM); (B, 3, H, W) is returned as it is."""
+    return images01.expand(-1, 3, -1, -1) if images01.shape[1] == 1 else images01
 
 
 def resample_pos_embed_like_dinov2(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -171,16 +180,22 @@ class DinoV2Backbone(nn.Module):
         if left:  # non-persistent buffers are not in checkpoints; none exist in timm's DINOv2 ViTs
             raise WeightsError(f"checkpoint {path}: model tensors not initialised by loading: {_list_keys(left)}")
 
+    def channels_for(self, grey: bool) -> int:
+        """Feature channels for grey or colour input: the same (a grey image is replicated)."""
+        return self.out_channels
+
     @property
     def num_prefix_tokens(self) -> int:
         """Class token plus register tokens preceding the patch tokens (1, or 5 with 4 registers)."""
         return int(self.model.num_prefix_tokens)
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        """images01 (B, 3, S, S) RGB in [0, 1], S = image_size -> patch features (B, C, S/14, S/14).
+        """images01 (B, 3, S, S) RGB or (B, 1, S, S) grey (given as three equal channels) in [0, 1],
+        S = image_size -> patch features (B, C, S/14, S/14).
 
         The features are the final-LayerNorm patch tokens (Meta's `x_norm_patchtokens`).
         """
+        images01 = three_channels(images01)
         b, _, h, w = images01.shape
         if (h, w) != (self.image_size, self.image_size):
             raise ValueError(f"DinoV2Backbone expects {self.image_size}x{self.image_size} inputs, got {h}x{w}")
@@ -194,9 +209,12 @@ class DinoV2Backbone(nn.Module):
 class ClassicFeatures(nn.Module):
     """Weights-free, deterministic feature map: colour, gradients and texture at 3 scales.
 
-    Channels (34 with num_scales=3), all average-pooled into stride x stride cells:
+    Channels (34 with num_scales=3 for colour input, 28 for grey), all average-pooled into
+    stride x stride cells:
       - colour: opponent colour (L-0.5, R-G, Y-B) mean split into positive and negative parts
-        (6) and local standard deviation (3);
+        (6) and local standard deviation (3); for a grey image (B, 1, H, W) the grey level alone,
+        L-0.5 split the same way (2) and its local standard deviation (1): a mono camera has no
+        R-G or Y-B to measure, so there are no channels for them;
       - per scale s (image pyramid level, 2**s downsampled): gradient magnitude (1), magnitude
         in 4 soft orientation bins on the doubled angle, sign-invariant (4), band-pass
         |difference of Gaussians| (1), local grey standard deviation (1).
@@ -219,8 +237,17 @@ class ClassicFeatures(nn.Module):
         self.stride = stride
         self.num_scales = num_scales
         self.position_gain = float(position_gain)
-        self.out_channels = 9 + 7 * num_scales + (4 if position_gain > 0 else 0)
+        self.out_channels = self.channels_for(grey=False)
         self.identity = f"classic:v3:stride{stride}:scales{num_scales}:pos{position_gain:g}:C{self.out_channels}"
+
+    def channels_for(self, grey: bool) -> int:
+        """Feature channels for grey (one-channel) or colour input."""
+        return self.colour_channels(grey) + 7 * self.num_scales + (4 if self.position_gain > 0 else 0)
+
+    @staticmethod
+    def colour_channels(grey: bool) -> int:
+        """The leading colour block: L, R-G, Y-B split by sign and their spreads (9); grey: L (3)."""
+        return 3 if grey else 9
 
     @staticmethod
     def blur_and_gradients(grey: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -251,17 +278,21 @@ class ClassicFeatures(nn.Module):
         direction, as along a long grain; near 0 for round grains), times 3 to be O(1) as
         the others. Averaged over a part they tell one granular texture from another of the
         same colour (rice from millet) where per-position comparisons cannot."""
+        grey = features.shape[1] == self.channels_for(grey=True)
         out = []
         for level in range(self.num_scales):
-            o = 9 + 7 * level
+            o = self.colour_channels(grey) + 7 * level
             mag, c2p, s2p, c2n, s2n, dog, g_std = features[:, o:o + 7].unbind(1)
             coherence = torch.sqrt((c2p - c2n) ** 2 + (s2p - s2n) ** 2) / (mag + 1e-3)
             out += [mag, dog, g_std, 3.0 * coherence]
         return torch.stack(out, dim=1)
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        """images01 (B, 3, H, W) RGB in [0, 1] -> (B, out_channels, H // stride, W // stride)."""
-        b, _, h, w = images01.shape
+        """images01 (B, 3, H, W) RGB or (B, 1, H, W) grey in [0, 1] -> (B, channels_for(grey),
+        H // stride, W // stride)."""
+        b, c, h, w = images01.shape
+        if c not in (1, 3):
+            raise ValueError(f"ClassicFeatures takes 3 (RGB) or 1 (grey) channels, got {c}")
 
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} is not a multiple of stride {self.stride}")
@@ -269,9 +300,12 @@ class ClassicFeatures(nn.Module):
         def pool(x: torch.Tensor) -> torch.Tensor:
             return F.avg_pool2d(x, self.stride)
 
-        r, g, bl = images01[:, 0:1], images01[:, 1:2], images01[:, 2:3]
-        lum = (r + g + bl) / 3.0
-        opponent = torch.cat([lum, (r - g) / 2.0, (r + g - 2.0 * bl) / 4.0], dim=1)
+        if c == 1:
+            lum = opponent = images01
+        else:
+            r, g, bl = images01[:, 0:1], images01[:, 1:2], images01[:, 2:3]
+            lum = (r + g + bl) / 3.0
+            opponent = torch.cat([lum, (r - g) / 2.0, (r + g - 2.0 * bl) / 4.0], dim=1)
         mean = pool(opponent)
         std = (pool(opponent * opponent) - mean * mean).clamp_min(0.0).add(1e-8).sqrt()
         # luminance less 0.5; no constant tensor (one from Python numbers is a host-to-device copy on a GPU)

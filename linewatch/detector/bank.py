@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from linewatch.detector.calibration import Calibration
 
 BANK_FORMAT_VERSION = 2  # 2: part outlines and grain statistics (shapes, textures)
+COLOUR_MODES = ("colour", "mono")  # BankManifest.colour_mode
 IDENTITY_KEYS = ("backend", "backbone", "upsampler", "segmenter", "config_hash")
 _TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes", "object_noise", "shapes",
                  "textures")
@@ -43,12 +44,17 @@ class BankManifest:
 
     identity: Inspector.identity() of the models and config that built it. settings: the
     config's fingerprint_settings(), to name a difference. source / source_files /
-    source_shape: the good images (folder, file names, (H, W, 3)). calibration: the threshold
-    and what it promises (`Calibration`; threshold None until calibrated). score_normalisation:
+    source_shape: the good images (folder, file names, (H, W, 3), or (H, W) when grey).
+    calibration: the threshold and what it promises (`Calibration`; threshold None until
+    calibrated). score_normalisation:
     each branch's spread on good images, with the good scores it was measured on (fused score
-    only). The fields that default to None are absent in banks built before them (and left out
-    of the file while None). `to_dict` / `from_dict` are the JSON form the bank file carries;
-    `from_dict` checks every key against these fields' types.
+    only). colour_mode: "colour" (RGB good images; the frames must be colour) or "mono" (grey
+    good images, grey frames). sample_window: the [low, high] through which 16-bit images were
+    scaled to 8 bits (detector.sample_window; frames are scaled through the same). The fields
+    with a default are absent in banks built before them: those banks are colour banks read
+    through the full 16-bit window, and a None is left out of the file. `to_dict` / `from_dict`
+    are the JSON form the bank file carries; `from_dict` checks every key against these
+    fields' types.
     """
 
     linewatch_version: str
@@ -64,6 +70,8 @@ class BankManifest:
     bank_id: str
     score_normalisation: dict[str, Any] | None = None
     build_seconds: float | None = None
+    colour_mode: str = "colour"
+    sample_window: list[int] = field(default_factory=lambda: [0, 65535])
     format_version: int = BANK_FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +95,13 @@ class BankManifest:
             raise BankError(f"{source}: bank has no calibration threshold; rebuild the bank")
         _check_keys(calibration, _CALIBRATION_KEYS, frozenset(_CALIBRATION_KEYS) - {"threshold"},
                     "the bank manifest's calibration", source)
+        if data.get("colour_mode", "colour") not in COLOUR_MODES:
+            raise BankError(f"{source}: the bank manifest's colour_mode is {data['colour_mode']!r}, expected one of "
+                            f"{COLOUR_MODES}; rebuild the bank")
+        window = data.get("sample_window", [0, 65535])
+        if len(window) != 2 or not 0 <= window[0] < window[1] <= 65535:
+            raise BankError(f"{source}: the bank manifest's sample_window is {window!r}, expected [low, high] with "
+                            "0 <= low < high <= 65535; rebuild the bank")
         return cls(**dict(data, calibration=Calibration.from_manifest(calibration)))
 
 
@@ -145,7 +160,8 @@ def _key_table(record: type) -> dict[str, tuple[tuple[type, ...], type | None]]:
 
 
 _MANIFEST_KEYS = _key_table(BankManifest)
-_OPTIONAL_KEYS = frozenset(f.name for f in fields(BankManifest) if f.default is None)
+_OPTIONAL_KEYS = frozenset(f.name for f in fields(BankManifest)
+                           if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
 _CALIBRATION_KEYS = _key_table(Calibration)
 
 

@@ -1,6 +1,7 @@
 """The Inspector composes the detector stages: a batch of images -> scores, maps, objects.
 
-    preprocess  list of RGB uint8 (H, W, 3) -> images01 (B, 3, S, S)
+    preprocess  list of RGB uint8 (H, W, 3) -> images01 (B, 3, S, S); a mono bank's grey
+                (H, W) -> (B, 1, S, S)
     backbone    -> features (B, C, h, w)                                  (paper 3.2)
     retrieve    -> indices of the k nearest good images (B, k)            (3.3)
     upsample    -> upsampled features (B, C, H', W')                      (3.4.1)
@@ -151,25 +152,28 @@ class StageTimer:
 
 
 def to_images01(images: list[np.ndarray], size: int, device: torch.device) -> Tensor:
-    """RGB uint8 (H, W, 3) images -> (B, 3, size, size) float in [0, 1] on `device`. The resize
-    (OpenCV's area filter) runs on the host; the uint8 result crosses to the device as in
-    `frames_to_device` (pinned, non-blocking on CUDA) and becomes float there."""
+    """RGB uint8 (H, W, 3) images -> (B, 3, size, size), grey uint8 (H, W) images -> (B, 1, size,
+    size), float in [0, 1] on `device` (one kind per batch). The resize (OpenCV's area filter)
+    runs on the host; the uint8 result crosses to the device as in `frames_to_device` (pinned,
+    non-blocking on CUDA) and becomes float there."""
     resized = [
         cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) if img.shape[:2] != (size, size) else img
         for img in images
     ]
-    return frames_to_device(resized, device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    channels = 1 if resized[0].ndim == 2 else 3
+    return frames_to_device(resized, device, channels).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
-def frames_to_device(images: list[np.ndarray], device: torch.device) -> Tensor:
-    """RGB uint8 (H, W, 3) images of one size -> uint8 (B, H, W, 3) on `device`. On CUDA through
+def frames_to_device(images: list[np.ndarray], device: torch.device, channels: int = 3) -> Tensor:
+    """uint8 images of one size, RGB (H, W, 3) or grey (H, W) -> uint8 (B, H, W, channels) on
+    `device`; a grey image into 3 channels is replicated (SAM takes RGB frames). On CUDA through
     a pinned host buffer and a non-blocking copy (PyTorch's pinned-memory cache keeps the
     buffer until the copy has completed, so it is neither reused early nor allocated anew)."""
     h, w = images[0].shape[:2]
-    host = torch.empty((len(images), h, w, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host = torch.empty((len(images), h, w, channels), dtype=torch.uint8, pin_memory=device.type == "cuda")
     array = host.numpy()
     for i, image in enumerate(images):
-        array[i] = image
+        array[i] = image[..., None] if image.ndim == 2 else image
     return host.to(device, non_blocking=True) if device.type == "cuda" else host
 
 
@@ -212,6 +216,11 @@ class Inspector:
         self.keep_component_maps = False  # evaluation: results carry each branch's map too
         if bank is not None:
             bank.check_identity(self.identity(), source=f"bank {bank.bank_id}", settings=config.fingerprint_settings())
+            if list(bank.manifest.sample_window) != list(config.sample_window):
+                raise BankError(
+                    f"bank {bank.bank_id}: its 16-bit images were scaled through detector.sample_window "
+                    f"{list(bank.manifest.sample_window)}, this config has {list(config.sample_window)}; frames must "
+                    "be read as the good images were: set it back or rebuild the bank")
             if bank.size < config.k_references:
                 raise BankError(
                     f"bank {bank.bank_id} holds {bank.size} good images, fewer than detector.k_references = "
@@ -242,7 +251,7 @@ class Inspector:
     def _backbone_maps(self, retrieval: Tensor) -> Tensor:
         """Flattened backbone features (n, C*h*w), as the bank keeps them -> (n, C, h, w)."""
         side = self.config.image_size // self.models.backbone.stride
-        c = self.models.backbone.out_channels
+        c = self.models.backbone.channels_for(grey=self.colour_mode == "mono")
         if retrieval.shape[1] != c * side * side:
             raise BankError(f"bank {self.bank_id}: its retrieval vectors have {retrieval.shape[1]} values, the backbone "
                             f"gives {c} x {side} x {side}; rebuild the bank")
@@ -269,6 +278,20 @@ class Inspector:
         The runtime refuses a frame declaring another size before decoding it."""
         shape = self.bank.manifest.source_shape if self.bank is not None else None
         return (int(shape[0]), int(shape[1])) if shape else None
+
+    @property
+    def colour_mode(self) -> str | None:
+        """"colour" or "mono": the frames its bank judges (None without a bank: either). The
+        runtime refuses a grey frame on a colour bank, and a colour one on a mono bank, before
+        decoding it."""
+        return self.bank.manifest.colour_mode if self.bank is not None else None
+
+    @property
+    def sample_window(self) -> tuple[int, int]:
+        """[low, high] through which 16-bit frames are scaled to 8 bits (detector.sample_window,
+        the bank's)."""
+        low, high = self.config.sample_window
+        return int(low), int(high)
 
     @property
     def calibration(self) -> Calibration | None:
@@ -309,13 +332,15 @@ class Inspector:
         """Judge blank frames of the bank's image size once per batch size, so that compiled
         models are compiled and CUDA kernels chosen before the first real frame (the daemon
         reports ready only after this)."""
-        blank = np.full((*self.bank.manifest.source_shape[:2], 3), 128, dtype=np.uint8)  # needs a bank, as inspect
+        shape = self.bank.manifest.source_shape[:2] + ([] if self.colour_mode == "mono" else [3])  # needs a bank
+        blank = np.full(shape, 128, dtype=np.uint8)
         for size in sorted(set(batch_sizes)):
             self.inspect([blank] * size)
 
     def inspect(self, images: list[np.ndarray], exclude: Tensor | None = None) -> list[InspectionResult]:
-        """Run every stage on a batch of RGB uint8 (H, W, 3) images. `exclude` (B,): a bank
-        index each image must not be compared with (itself, in leave-one-out calibration)."""
+        """Run every stage on a batch of RGB uint8 (H, W, 3) images, or grey (H, W) ones for a mono
+        bank. `exclude` (B,): a bank index each image must not be compared with (itself, in
+        leave-one-out calibration)."""
         return self.run(Batch(images=list(images), exclude=exclude)).results
 
     def bank_batch(self, indices: Tensor) -> Batch:
@@ -353,20 +378,30 @@ class Inspector:
     def preprocess(self, batch: Batch) -> Batch:
         for i, img in enumerate(batch.images):
             self.check_image(img, f"image {i}")
+        if len({img.ndim for img in batch.images}) > 1:
+            raise InputError("the images of one batch must be all grey or all colour")
         batch.sizes = [img.shape[:2] for img in batch.images]
         batch.images01 = to_images01(batch.images, self.config.image_size, self.device)
-        if self.models.segmenter.wants_frames:
+        if self.models.segmenter.wants_frames:  # RGB frames: a grey one as three equal channels
             if len(set(batch.sizes)) > 1:
                 raise InputError(f"the images of one batch must have one size, got {sorted(set(batch.sizes))}")
-            batch.frames = frames_to_device(batch.images, self.device)
+            batch.frames = frames_to_device(batch.images, self.device, channels=3)
         return batch
 
     def check_image(self, image: np.ndarray, name: str) -> None:
-        """Refuse images the bank cannot judge: not RGB uint8, or another size than the good images."""
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        """Refuse images the bank cannot judge: not RGB uint8 (H, W, 3) or grey uint8 (H, W), grey
+        on a colour bank or colour on a mono bank, or another size than the good images."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or not (
+                image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
             shape = getattr(image, "shape", None)
             dtype = getattr(image, "dtype", type(image).__name__)
-            raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3), got shape {shape} dtype {dtype}")
+            raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3) or a grey one (H, W), "
+                             f"got shape {shape} dtype {dtype}")
+        mode = self.colour_mode
+        if mode is not None and (image.ndim == 2) != (mode == "mono"):
+            kind = "grey" if image.ndim == 2 else "colour"
+            raise InputError(f"{name}: a {kind} image; the bank judges {'grey (mono)' if mode == 'mono' else 'colour'} "
+                             "images (built from " + ("grey" if mode == "mono" else "colour") + " good images)")
         if self.bank is not None:
             expected = self.bank.manifest.source_shape
             if expected and list(image.shape[:2]) != list(expected[:2]):

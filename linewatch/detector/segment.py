@@ -2,7 +2,8 @@
 then a per-product area filter keeps the key objects.
 
 Every segmenter is a `Segmenter` (the Protocol below): it is called as
-  segmenter(images01 (B, 3, S, S) float RGB in [0, 1], frames=None, seeds=None) -> list of B bool
+  segmenter(images01 (B, 3, S, S) float RGB, or (B, 1, S, S) grey, in [0, 1], frames=None,
+  seeds=None) -> list of B bool
   tensors (M_b, S, S) at the working size, sorted by area descending, after the AreaFilter,
 and declares what it needs and offers, which the Inspector and `build_models` read as they are:
   `wants_frames`: the segmenter reads the camera frames, uint8 (B, H, W, 3) on the device;
@@ -13,8 +14,9 @@ Their settings come from the config (`linewatch.config`), the only place their d
 
 - SamSegmenter: SAM automatic masks on the camera frame (the paper's choice), by our batched
   generator (linewatch.detector.sam_masks) or segment-anything's own.
-- ClassicSegmenter: weights-free; a colour model of the background fitted on good images,
-  foreground = colour far from it, then connected components. It suits plain trays and
+- ClassicSegmenter: weights-free; a colour model of the background fitted on good images
+  (of the grey level, for a mono bank), foreground = colour far from it, then connected
+  components. It suits plain trays and
   backlit stages (and the synthetic line in linewatch.sim); it cannot separate touching parts
   of one colour, which SAM can.
 """
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from linewatch.detector.backbone import three_channels
 from linewatch.detector.weights import WeightsError, read_state_dict
 
 if TYPE_CHECKING:
@@ -127,8 +130,8 @@ def interior_points(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor
 
 
 def _check_batch(images01: torch.Tensor) -> None:
-    if images01.ndim != 4 or images01.shape[1] != 3:
-        raise ValueError(f"images01 must be (B, 3, H, W), got {tuple(images01.shape)}")
+    if images01.ndim != 4 or images01.shape[1] not in (1, 3):
+        raise ValueError(f"images01 must be (B, 3, H, W) RGB or (B, 1, H, W) grey, got {tuple(images01.shape)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -225,8 +228,9 @@ class SamSegmenter:
         the area filter."""
         _check_batch(images01)
         _, _, S, S2 = images01.shape
-        if frames is None:
-            frames = (images01.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+        if frames is None:  # SAM was trained on RGB: a grey image as three equal channels
+            frames = (three_channels(images01).detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+            frames = frames.permute(0, 2, 3, 1)
         if self.generator_kind == "segment_anything":
             masks = [self._segment_anything(frame, (S, S2)) for frame in frames]
         else:
@@ -335,13 +339,17 @@ def build_tiny_sam(seed: int = 0) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------
 
 
+CHI2_975 = {1: 5.024, 3: 9.348}  # chi-square 97.5 % quantiles, 1 and 3 degrees of freedom
+
+
 class ClassicSegmenter:
     """Background colour model + connected components.
 
     fit: collect the pixels of a border band (`border_frac` of the side) of every good image
     (parts sit inside the frame on trays, conveyors and backlit stages), fit one Gaussian to
-    their RGB colour, and refit `trim_iters` times on the pixels within the 97.5% chi-square
-    ellipsoid so that a part touching the border does not skew it. A floor `min_std` on the
+    their RGB colour (grey images: to their grey level, a Gaussian in one dimension), and refit
+    `trim_iters` times on the pixels within the 97.5% chi-square ellipsoid (an interval, in one
+    dimension) so that a part touching the border does not skew it. A floor `min_std` on the
     covariance keeps an almost noise-free background from making every shade a "part".
 
     call: Mahalanobis distance of each pixel's colour to the model; foreground above
@@ -373,8 +381,8 @@ class ClassicSegmenter:
         self.close_px = int(close_px)
         self.trim_iters = int(trim_iters)
         self.max_fit_pixels = int(max_fit_pixels)
-        self.mean: torch.Tensor | None = None  # (3,) float64
-        self.cov: torch.Tensor | None = None  # (3, 3) float64, floor included
+        self.mean: torch.Tensor | None = None  # (C,) float64, C = 3 (RGB) or 1 (grey)
+        self.cov: torch.Tensor | None = None  # (C, C) float64, floor included
 
     @property
     def identity(self) -> str:
@@ -388,23 +396,24 @@ class ClassicSegmenter:
         return self.mean is not None
 
     def fit(self, good_images01: torch.Tensor) -> "ClassicSegmenter":
-        """good_images01: float (N, 3, H, W) RGB in [0, 1], known-good images. Returns self."""
+        """good_images01: float (N, 3, H, W) RGB or (N, 1, H, W) grey in [0, 1], known-good
+        images. Returns self."""
         _check_batch(good_images01)
-        N, _, H, W = good_images01.shape
+        N, C, H, W = good_images01.shape
         b = max(1, int(round(self.border_frac * min(H, W))))
         band = torch.ones((H, W), dtype=torch.bool)
         band[b:H - b, b:W - b] = False
-        px = good_images01.detach().double().cpu().permute(0, 2, 3, 1)[:, band].reshape(-1, 3).numpy()
+        px = good_images01.detach().double().cpu().permute(0, 2, 3, 1)[:, band].reshape(-1, C).numpy()
         if len(px) > self.max_fit_pixels:  # even stride: deterministic and covers all images
             px = px[np.linspace(0, len(px) - 1, self.max_fit_pixels).astype(np.int64)]
-        chi2_975_3dof = 9.348
+        chi2_975 = CHI2_975[C]
         keep = px
-        floor = self.min_std**2 * np.eye(3)
+        floor = self.min_std**2 * np.eye(C)
         for _ in range(self.trim_iters + 1):
             mean = keep.mean(0)
-            cov = np.cov(keep, rowvar=False) + floor
+            cov = np.cov(keep, rowvar=False).reshape(C, C) + floor
             d2 = self._mahalanobis2(px, mean, cov)
-            keep = px[d2 <= chi2_975_3dof]
+            keep = px[d2 <= chi2_975]
             if len(keep) < 10:
                 raise SegmenterError("ClassicSegmenter.fit: the border pixels have no dominant colour")
         self.mean = torch.from_numpy(mean)
@@ -413,16 +422,19 @@ class ClassicSegmenter:
 
     @staticmethod
     def _mahalanobis2(px: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-        """px (P, 3), mean (3,), cov (3, 3) -> squared Mahalanobis distances (P,)."""
+        """px (P, C), mean (C,), cov (C, C) -> squared Mahalanobis distances (P,)."""
         d = px - mean
         return np.einsum("pi,ij,pj->p", d, np.linalg.inv(cov), d)
 
     def foreground(self, image01: torch.Tensor) -> np.ndarray:
-        """image01: float (3, H, W) -> bool (H, W) foreground after the morphological cleanup."""
+        """image01: float (C, H, W) -> bool (H, W) foreground after the morphological cleanup;
+        C is the channels it was fitted on (3, or 1 for grey)."""
         if self.mean is None or self.cov is None:
             raise SegmenterError("ClassicSegmenter is not fitted: call fit(good_images) or load_state_dict")
-        _, H, W = image01.shape
-        x = image01.detach().float().cpu().permute(1, 2, 0).reshape(-1, 3).numpy()
+        C, H, W = image01.shape
+        if C != self.mean.shape[0]:
+            raise SegmenterError(f"ClassicSegmenter was fitted on {self.mean.shape[0]}-channel images, given {C}")
+        x = image01.detach().float().cpu().permute(1, 2, 0).reshape(-1, C).numpy()
         d = x - self.mean.numpy().astype(np.float32)
         inv = np.linalg.inv(self.cov.numpy()).astype(np.float32)
         d2 = np.einsum("pi,ij,pj->p", d, inv, d)
@@ -441,7 +453,7 @@ class ClassicSegmenter:
 
     def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
                  seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """images01: float (B, 3, H, W) RGB in [0, 1] -> B bool tensors (M_b, H, W), one mask per
+        """images01: float (B, C, H, W) in [0, 1], C as fitted -> B bool tensors (M_b, H, W), one mask per
         connected foreground component, sorted by area descending after the area filter.
         frames and seeds: unused (the contract of every segmenter)."""
         _check_batch(images01)
@@ -462,14 +474,16 @@ class ClassicSegmenter:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The fitted background model as tensors: mean (3,), cov (3, 3), float64."""
+        """The fitted background model as tensors: mean (C,), cov (C, C), float64 (C = 3, or 1 for grey)."""
         if self.mean is None or self.cov is None:
             raise SegmenterError("ClassicSegmenter is not fitted: nothing to save")
         return {"mean": self.mean.clone(), "cov": self.cov.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of state_dict; checks the keys and shapes."""
-        for key, shape in (("mean", (3,)), ("cov", (3, 3))):
+        """Inverse of state_dict; checks the keys and shapes (RGB or grey, mean and cov alike)."""
+        c = tuple(state["mean"].shape)[0] if "mean" in state and state["mean"].ndim == 1 else 3
+        c = c if c in (1, 3) else 3
+        for key, shape in (("mean", (c,)), ("cov", (c, c))):
             if key not in state:
                 raise SegmenterError(f"ClassicSegmenter state lacks {key!r} (has {sorted(state)})")
             if tuple(state[key].shape) != shape:

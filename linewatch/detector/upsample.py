@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linewatch.detector.backbone import imagenet_constants, imagenet_normalize
+from linewatch.detector.backbone import imagenet_constants, imagenet_normalize, three_channels
 from linewatch.detector.weights import WeightsError, read_state_dict, state_fingerprint
 
 __all__ = ["JBUStage", "JBUStack", "load_featup_jbu", "ClassicJointBilateralUpsampler"]
@@ -128,11 +128,12 @@ class JBUStack(nn.Module):
                 f"{self.source}:{state_fingerprint(self)}")
 
     def forward(self, features: torch.Tensor, images01: torch.Tensor) -> torch.Tensor:
-        """features (B, C, h, w), images01 (B, 3, H, W) RGB in [0, 1] -> (B, C, h*2**n, w*2**n)."""
+        """features (B, C, h, w), images01 (B, 3, H, W) RGB or (B, 1, H, W) grey (guiding as three
+        equal channels, as JBU was trained on RGB) in [0, 1] -> (B, C, h*2**n, w*2**n)."""
         x = features
         if self.norm is not None:
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        guidance = imagenet_normalize(images01, self.imagenet_mean, self.imagenet_std)
+        guidance = imagenet_normalize(three_channels(images01), self.imagenet_mean, self.imagenet_std)
         for stage in self.stages[:self.num_stages]:
             h, w = x.shape[-2:]
             x = stage(x, F.adaptive_avg_pool2d(guidance, (2 * h, 2 * w)))
@@ -261,7 +262,9 @@ class ClassicJointBilateralUpsampler(nn.Module):
         return (num / den).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, features: torch.Tensor, images01: torch.Tensor) -> torch.Tensor:
-        """features (B, C, h, w), images01 (B, 3, H, W) in [0, 1] -> (B, C, h*2**n, w*2**n)."""
+        """features (B, C, h, w), images01 (B, 3, H, W) RGB or (B, 1, H, W) grey in [0, 1] ->
+        (B, C, h*2**n, w*2**n). The range weight is on the squared distance of the guide's
+        channels: the colour distance, or for a grey image the grey difference."""
         x = features
         for _ in range(self.num_stages):
             h, w = x.shape[-2:]

@@ -247,6 +247,8 @@ def write_examples_png(path: str | Path, category: Category, runs: Mapping[str, 
     for r, i in enumerate(rows):
         item = category.test_images[i]
         image = read_image(item.path)
+        if image.ndim == 2:  # a mono dataset: shown grey under the coloured outlines and maps
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
         shown = image.copy()
         for region in item.regions:
             contours, _ = cv2.findContours(region.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -616,10 +616,18 @@ def _mask_to_output(m_ss: np.ndarray, size: int, min_cover: float = 0.5) -> np.n
     return _to_output(m_ss.astype(np.float32), size) >= min_cover
 
 
+def to_mono(image: np.ndarray) -> np.ndarray:
+    """An RGB frame as a mono camera would see the scene: uint8 (H, W), the luma
+    0.299 R + 0.587 G + 0.114 B (ITU-R BT.601, OpenCV's RGB2GRAY). A real mono sensor's
+    response differs by sensor; this is one honest choice, the same for every product."""
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
 def render(
-    product: str, rng: np.random.Generator, anomaly: str | None = None, size: int = 256
+    product: str, rng: np.random.Generator, anomaly: str | None = None, size: int = 256, mono: bool = False
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Render one frame of `product`.
+    """Render one frame of `product` (`mono`: as a mono camera sees it, `to_mono`; the same
+    random draws, so the same scene as in colour).
 
     The random draws for the good scene (jitter, lighting, textures, sensor noise) come first
     and do not depend on `anomaly`, so two Generators in the same state give the same scene
@@ -627,7 +635,7 @@ def render(
     edges), which the tests use.
 
     Returns:
-      image:   uint8 (size, size, 3) RGB.
+      image:   uint8 (size, size, 3) RGB, or (size, size) grey when `mono`.
       gt_mask: bool (size, size); all False for a good frame.
       info:    {"product", "anomaly" (None for good), "category" ("good" | "logical_anomalies" |
                "structural_anomalies"), "part" (affected kind, "<kind>+<kind>" for `swapped`, or
@@ -790,7 +798,7 @@ def render(
         "n_parts": len(parts),
         "parts": [{"kind": p.kind, "cx": p.cx, "cy": p.cy, "angle": p.angle, "mirrored": p.mirror} for p in parts],
     }
-    return image, gt, info
+    return (to_mono(image) if mono else image), gt, info
 
 
 # --------------------------------------------------------------------------------------
@@ -839,6 +847,7 @@ def generate_dataset(
     n_test_structural: int = 15,
     size: int = 256,
     progress: bool = False,
+    mono: bool = False,
 ) -> Path:
     """Write `<root>/<product>/` in the MVTec LOCO AD layout and return that directory:
 
@@ -850,7 +859,8 @@ def generate_dataset(
 
     Anomaly kinds cycle through the product's logical / structural anomalies
     (product_anomalies) in index order, so every kind appears once there are enough images;
-    defects_config.json lists the same names. manifest.json holds {"product", "seed", "size",
+    defects_config.json lists the same names. `mono`: grey images (`render`'s mono; the same
+    scenes and ground truth as in colour). manifest.json holds {"product", "seed", "size", "mono",
     "counts", "images": {"test/<category>/000.png": {"anomaly", "defect_name", "part",
     "n_parts"}}}. Image i of a split uses np.random.default_rng([seed, split, i]): output is
     bit-identical for a fixed seed and an image does not change when other counts change.
@@ -880,7 +890,7 @@ def generate_dataset(
     manifest: dict[str, Any] = {}
     for split, rel, i, anomaly in iterator:
         rng = np.random.default_rng([seed, _SPLIT_IDS[split], i])
-        image, gt, info = render(product, rng, anomaly, size=size)
+        image, gt, info = render(product, rng, anomaly, size=size, mono=mono)
         _write_png(out / rel, image)
         if anomaly is not None:
             category = info["category"]
@@ -894,6 +904,6 @@ def generate_dataset(
     counts = {"train": n_train, "validation": n_val, "test_good": n_test_good,
               "test_logical": n_test_logical, "test_structural": n_test_structural}
     (out / "manifest.json").write_text(json.dumps(
-        {"product": product, "seed": seed, "size": size, "counts": counts, "images": manifest},
+        {"product": product, "seed": seed, "size": size, "mono": mono, "counts": counts, "images": manifest},
         indent=2, sort_keys=True) + "\n")
     return out

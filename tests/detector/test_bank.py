@@ -350,7 +350,7 @@ def test_a_calibrated_manifest_keeps_its_keys_and_values_through_a_file(tmp_path
     written = json.loads(_file_manifest(tmp_path / "a.lwbank"))
     assert list(written) == ["linewatch_version", "identity", "settings", "images", "source", "source_files",
                              "source_shape", "image_size", "created", "calibration", "bank_id", "score_normalisation",
-                             "build_seconds", "format_version"]
+                             "build_seconds", "colour_mode", "sample_window", "format_version"]
     assert list(written["calibration"]) == [  # the keys banks have carried since the fitted-tail calibration
         "threshold", "method", "target_false_reject_rate", "expected_false_reject_rate", "ci_low", "ci_high",
         "confidence", "observed_false_reject_rate", "n", "n_required", "enough", "warning", "mean", "std", "max",

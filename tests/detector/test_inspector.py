@@ -190,7 +190,7 @@ def test_exclude_changes_references(inspector, bank, dataset):
 
 
 @pytest.mark.parametrize("bad, what", [
-    (np.zeros((SIM_SIZE, SIM_SIZE), np.uint8), "shape"),
+    (np.zeros((SIM_SIZE, SIM_SIZE), np.uint8), "a grey image; the bank judges colour"),
     (np.zeros((SIM_SIZE, SIM_SIZE, 1), np.uint8), "shape"),
     (np.zeros((SIM_SIZE, SIM_SIZE, 4), np.uint8), "shape"),
     (np.zeros((SIM_SIZE, SIM_SIZE, 3), np.float32), "float32"),

@@ -54,6 +54,30 @@ def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(tmp_path: Pa
         assert points[0, -1].tolist() == [56.0, 56.0]  # the coarse grid's one point, mid-frame
 
 
+@pytest.mark.slow
+def test_a_samlad_mono_bank_is_the_colour_bank_of_its_images_as_three_equal_channels(tmp_path: Path) -> None:
+    # DINOv2, JBU and SAM take a grey image as three equal channels: a bank of grey images holds
+    # what a bank of the same images written as RGB holds, and judges a grey frame alike.
+    from linewatch.images import write_image
+
+    config = samlad_config(tmp_path)
+    for folder, count, seed in (("good", 4, 1), ("val", 2, 2)):
+        for i in range(count):
+            grey = render("screw_tray", np.random.default_rng([seed, i]), size=112, mono=True)[0]
+            write_image(tmp_path / "grey" / folder / f"{i:03d}.png", grey)
+            write_image(tmp_path / "rgb" / folder / f"{i:03d}.png", np.dstack([grey] * 3))
+    models = tiny_samlad_models(config)
+    banks = {kind: build_bank(config, tmp_path / kind / "good", tmp_path / kind / "val", models=models, batch_size=2,
+                              progress=False) for kind in ("grey", "rgb")}
+    assert (banks["grey"].manifest.colour_mode, banks["rgb"].manifest.colour_mode) == ("mono", "colour")
+    for name in ("retrieval", "features", "masks", "descriptors"):
+        assert torch.equal(getattr(banks["grey"], name), getattr(banks["rgb"], name)), name
+    frame = render("screw_tray", np.random.default_rng(9), anomaly="missing", size=112, mono=True)[0]
+    (grey,) = Inspector(config.detector, models, banks["grey"], torch.device("cpu")).inspect([frame])
+    (rgb,) = Inspector(config.detector, models, banks["rgb"], torch.device("cpu")).inspect([np.dstack([frame] * 3)])
+    assert grey.score == rgb.score and np.array_equal(grey.heatmap, rgb.heatmap)
+
+
 def test_samlad_backend_without_checkpoints_says_how_to_get_them(tmp_path: Path) -> None:
     config = samlad_config(tmp_path)
     with pytest.raises(WeightsError) as info:

@@ -97,7 +97,7 @@ class FakeProcessor:
             if i < n - 1:
                 return {"images": images}
             results = [
-                InspectionResult(score=float(im[0, 0, 0]) / 255.0, verdict="fail" if im[0, 0, 0] > 127 else "pass",
+                InspectionResult(score=float(im.flat[0]) / 255.0, verdict="fail" if im.flat[0] > 127 else "pass",
                                  threshold=0.5, heatmap=np.zeros(im.shape[:2], np.float32), backend="fake",
                                  timings={"inner": 0.0})
                 for im in images

@@ -350,6 +350,65 @@ def test_frames_are_decoded_in_the_first_stage_and_a_wrong_size_is_refused_befor
     assert metrics.registry.get_sample_value("linewatch_stage_seconds_count", {"stage": "decode"}) >= 1
 
 
+def test_grey_and_colour_frames_are_refused_before_decoding_on_a_bank_of_the_other_kind(started, monkeypatch) -> None:
+    """A mono bank's processor: a colour frame is answered colour_image without a decode, grey
+    frames are judged, 16-bit ones through the processor's sample window. A colour bank's
+    processor answers a grey frame grey_image, again without a decode."""
+    import cv2
+
+    from linewatch import wire
+
+    decoded: list[int] = []
+    real_imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: (decoded.append(1), real_imdecode(*a, **k))[1])
+
+    def read(frame_id: int, image: np.ndarray, pixel_format: str = "gray") -> wire.Frame:
+        parts = wire.encode_frame("cam", frame_id, image, encoding="png", pixel_format=pixel_format)
+        return wire.read_frame(parts, wire.ImageLimits(), time.time(), time.monotonic())
+
+    def run(proc: FakeProcessor, frames: list[wire.Frame]) -> list[tuple[int, str, str | None]]:
+        out = Collector()
+        pipe = started(make_pipeline(proc, out, max_batch=4, max_delay_ms=20.0))
+        for frame in frames:
+            pipe.submit(frame)
+        assert out.wait_for(len(frames), timeout_s=5.0)
+        return [(v.frame_id, v.verdict, v.reason) for v in out.verdicts]
+
+    mono = FakeProcessor([("only", 0.0)])
+    mono.frame_size, mono.colour_mode, mono.sample_window = (16, 16), "mono", (1000, 2000)
+    # 16-bit grey 1200 -> round(200 * 255 / 1000) = 51 (pass); 1600 -> 153 (fail); 8-bit 200 (fail)
+    frames = [read(0, np.full((16, 16), 1200, np.uint16)), read(1, np.full((16, 16, 3), 50, np.uint8), "rgb"),
+              read(2, np.full((16, 16), 1600, np.uint16)), read(3, np.full((16, 16), 200, np.uint8))]
+    assert run(mono, frames) == [(0, "pass", None), (1, "error", "colour_image"), (2, "fail", None), (3, "fail", None)]
+    assert len(decoded) == 3  # the colour frame was never decoded
+
+    decoded.clear()
+    colour = FakeProcessor([("only", 0.0)])
+    colour.frame_size, colour.colour_mode = (16, 16), "colour"
+    frames = [read(0, np.full((16, 16, 3), 50, np.uint8), "rgb"), read(1, np.full((16, 16), 50, np.uint8))]
+    assert run(colour, frames) == [(0, "pass", None), (1, "error", "grey_image")]
+    assert len(decoded) == 1
+
+
+def test_refusal_reason_and_detail_say_what_arrived_and_what_the_bank_judges() -> None:
+    from linewatch import wire
+
+    proc = FakeProcessor([("only", 0.0)])
+    proc.frame_size, proc.colour_mode = (16, 16), "mono"
+    colour = wire.read_frame(wire.encode_frame("cam", 1, np.zeros((16, 16, 3), np.uint8), encoding="png"),
+                             wire.ImageLimits(), 1.0, 1.0)
+    reason, detail = Pipeline._unjudgeable(proc, colour)
+    assert reason == "colour_image"
+    assert detail == "arrived 16x16 png, 3 channels of 8 bits (0.0 MB decoded): a colour frame, the bank judges " \
+                     "grey (mono) frames"
+    proc.colour_mode = "colour"
+    grey = wire.read_frame(wire.encode_frame("cam", 1, np.zeros((16, 16), np.uint8), pixel_format="gray"),
+                           wire.ImageLimits(), 1.0, 1.0)
+    assert Pipeline._unjudgeable(proc, grey)[0] == "grey_image"
+    proc.colour_mode = None  # a processor that does not say: either is judged
+    assert Pipeline._unjudgeable(proc, grey) is None
+
+
 def test_record_stream_reaches_every_tensor_of_a_detector_batch() -> None:
     # The stage data is the detector's Batch dataclass; walking only lists and dicts protected
     # nothing (issue #8). A stand-in for torch records which "CUDA tensors" were marked.

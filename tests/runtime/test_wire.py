@@ -165,11 +165,87 @@ def test_too_large_is_checked_before_decoding() -> None:
     _refused([parts[0], _with_header(parts, encoding="jpeg")[1], b"\0" * 2000], "too_large", max_bytes=1000)
 
 
-def test_grey_images_are_refused() -> None:
-    grey = np.full((6, 8), 128, np.uint8)
-    _refused(wire.encode_frame("cam0", 7, grey, pixel_format="gray"), "grey_image")
-    _refused(wire.encode_frame("cam0", 7, grey[..., None], pixel_format="rgb"), "grey_image")
-    _refused(wire.encode_frame("cam0", 7, grey, encoding="png", pixel_format="gray"), "grey_image")
+def _grey(h: int = 6, w: int = 8) -> np.ndarray:
+    return np.arange(h * w, dtype=np.uint8).reshape(h, w) * 5
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png", "jpeg"])
+def test_grey_frames_are_read_grey_and_declare_it_before_decoding(encoding: str) -> None:
+    grey = _grey(16, 16)
+    parts = wire.encode_frame("cam0", 7, grey, encoding=encoding, pixel_format="gray")
+    read = wire.read_frame(parts, wire.ImageLimits(), 1.0, 1.0)
+    assert read.image is None and read.is_grey is True  # known from the header alone
+    image = read.decoded()
+    assert image.shape == (16, 16) and image.dtype == np.uint8 and read.image is None
+    if encoding != "jpeg":
+        np.testing.assert_array_equal(image, grey)
+    colour = wire.read_frame(wire.encode_frame("cam0", 7, _image(16, 16), encoding=encoding), wire.ImageLimits(),
+                             1.0, 1.0)
+    assert colour.is_grey is False and colour.decoded().shape == (16, 16, 3)
+    # one channel is grey whatever pixel_format says
+    assert _decode(wire.encode_frame("cam0", 7, grey[..., None], pixel_format="rgb")).image.shape == (16, 16)
+
+
+def test_grey_png_with_alpha_is_grey() -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([_grey(), np.full((6, 8), 255, np.uint8)]), "LA").save(buffer, "PNG")
+    png = buffer.getvalue()
+    assert png[25] == 4  # PNG colour type 4: grey + alpha
+    parts = wire.encode_frame("cam0", 7, _image(), encoding="png")
+    assert wire.read_frame([parts[0], parts[1], png], wire.ImageLimits(), 1.0, 1.0).is_grey
+    frame = _decode([parts[0], parts[1], png])
+    np.testing.assert_array_equal(frame.image, _grey())
+
+
+def test_16_bit_frames_are_scaled_through_the_window() -> None:
+    # Mono12 samples in 16-bit words; the window [1000, 2000] by hand: round((v - 1000) * 255 / 1000)
+    values = np.array([[0, 999, 1000, 1001, 1002, 1500, 1998, 2000, 4095]], np.uint16)
+    expected = np.array([[0, 0, 0, 0, 1, 128, 254, 255, 255]], np.uint8)  # 1500: 127.5 rounds up
+    raw = wire.encode_frame("cam0", 7, values, pixel_format="gray")
+    assert json.loads(raw[1])["dtype"] == "uint16" and len(raw[2]) == values.size * 2
+    assert raw[2][:4] == bytes([0, 0, 0xE7, 0x03])  # little-endian: 0, 999
+    png = wire.encode_frame("cam0", 7, values, encoding="png", pixel_format="gray")
+    for parts in (raw, png):
+        np.testing.assert_array_equal(_decode(parts, window=(1000, 2000)).image, expected)
+    # the default window is the whole 16-bit range: v / 257, rounded
+    np.testing.assert_array_equal(_decode(raw).image, [[0, 4, 4, 4, 4, 6, 8, 8, 16]])
+    # 16-bit colour PNG: the same window on every channel
+    rgb16 = np.zeros((2, 2, 3), np.uint16)
+    rgb16[..., 0], rgb16[..., 1], rgb16[..., 2] = 1500, 2000, 900
+    got = _decode(wire.encode_frame("cam0", 7, rgb16, encoding="png"), window=(1000, 2000)).image
+    assert got.shape == (2, 2, 3) and got[0, 0].tolist() == [128, 255, 0]
+    _refused(_with_header(raw, shape=[1, 9, 1], dtype="uint8"), "bad_shape")  # 18 bytes are not 9 uint8
+
+
+def test_16_bit_png_header_is_read_without_decoding(monkeypatch) -> None:
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the image was handed to the decoder")
+
+    grey16 = wire.encode_frame("cam0", 7, np.full((5, 7), 300, np.uint16), encoding="png", pixel_format="gray")
+    rgba16 = cv2.imencode(".png", np.zeros((5, 7, 4), np.uint16))[1].tobytes()
+    monkeypatch.setattr(wire.cv2, "imdecode", no_decoding)
+    frame = wire.read_frame(grey16, wire.ImageLimits(), 1.0, 1.0)
+    assert (frame.encoded.width, frame.encoded.height, frame.encoded.channels, frame.encoded.sample_bytes,
+            frame.encoded.grey) == (7, 5, 1, 2, True)
+    assert frame.encoded.decoded_bytes == 5 * 7 * 2 and "1 channels of 16 bits" in frame.describe()
+    colour = wire.read_frame([grey16[0], grey16[1], rgba16], wire.ImageLimits(), 1.0, 1.0)
+    assert (colour.encoded.channels, colour.encoded.sample_bytes, colour.is_grey) == (4, 2, False)
+    # the declared decoded bytes count the 16-bit samples: 5 x 7 x 4 x 2 = 280
+    with pytest.raises(WireError) as info:
+        wire.read_frame([grey16[0], grey16[1], rgba16], wire.ImageLimits(max_decoded_bytes=279), 1.0, 1.0)
+    assert info.value.reason == "too_large"
+
+
+def test_sample_window_is_checked() -> None:
+    from linewatch.images import scale_window
+
+    for bad in [(5, 5), (10, 2), (-1, 10), (0, 65536), (0.5, 10), (1, 2, 3)]:
+        with pytest.raises(ValueError):
+            scale_window(np.zeros(1, np.uint16), bad)
 
 
 def test_unknown_camera() -> None:
@@ -198,6 +274,16 @@ def test_imagezmq_array_and_jpeg_are_bgr_converted() -> None:
     assert frame.image[0, 0, 0] > 190  # red first after conversion
 
 
+def test_imagezmq_grey_and_16_bit_arrays() -> None:
+    grey = _grey()
+    frame = wire.decode_imagezmq(_imagezmq_array("host1", grey), MAX, 9.0, 1.0, frame_id=3)
+    np.testing.assert_array_equal(frame.image, grey)
+    bgr16 = np.zeros((2, 3, 3), np.uint16)
+    bgr16[..., 2] = 65535  # red, BGR order
+    frame = wire.decode_imagezmq(_imagezmq_array("host1", bgr16), MAX, 9.0, 1.0, frame_id=4)
+    assert frame.image[0, 0].tolist() == [255, 0, 0]
+
+
 def test_imagezmq_refusals() -> None:
     def refused(parts, reason, camera="host1", **kw):
         with pytest.raises(WireError) as info:
@@ -212,8 +298,7 @@ def test_imagezmq_refusals() -> None:
     refused([b"nope", good[1]], "bad_header", camera=None)
     refused([json.dumps({"msg": 3}).encode(), good[1]], "bad_header", camera=None)
     refused([good[0], good[1][:-3]], "bad_shape")
-    refused(_imagezmq_array("host1", bgr.astype(np.uint16)), "bad_dtype")
-    refused(_imagezmq_array("host1", bgr[..., 0].copy()), "grey_image")
+    refused(_imagezmq_array("host1", bgr.astype(np.float32)), "bad_dtype")
     refused(_imagezmq_array("host1", np.zeros((4, 4, 4), np.uint8)), "bad_shape")
     refused([json.dumps({"msg": "host1"}).encode(), b"garbage"], "decode_failed")
     refused(good, "too_large", max_bytes=10)

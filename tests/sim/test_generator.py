@@ -332,3 +332,22 @@ def test_shape_products_keep_parts_apart(product: str) -> None:
                 others = np.logical_or.reduce([f for j, f in enumerate(feet) if j != i])
                 distance = cv2.distanceTransform((~others).astype(np.uint8), cv2.DIST_L2, 5)
                 assert distance[foot].min() >= 0.045 * S, (anomaly, seed, info["parts"][i]["kind"])
+
+
+@pytest.mark.parametrize("product", ALL_PRODUCTS)
+def test_any_product_renders_mono_as_the_luma_of_its_colour_scene(product: str) -> None:
+    anomaly = product_anomalies(product)[0][0]
+    colour, gt, info = render(product, np.random.default_rng([5, 1]), anomaly, size=64)
+    mono, mono_gt, mono_info = render(product, np.random.default_rng([5, 1]), anomaly, size=64, mono=True)
+    assert mono.shape == (64, 64) and mono.dtype == np.uint8
+    weights = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, by hand
+    assert np.abs(colour.astype(np.float64) @ weights - mono).max() <= 1.0  # OpenCV's rounding
+    np.testing.assert_array_equal(gt, mono_gt)
+    assert info == mono_info
+
+
+def test_mono_dataset_files_are_grey(tmp_path: Path) -> None:
+    root = generate_dataset(tmp_path, "glyph_tray", seed=0, mono=True, size=64, **COUNTS)
+    image = cv2.imread(str(root / "train" / "good" / "000.png"), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (64, 64)
+    assert json.loads((root / "manifest.json").read_text())["mono"] is True

@@ -51,6 +51,7 @@ from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.pipeline.core import SHUTDOWN_REASON, Cut, PipelineCore, Slot
 from linewatch.runtime.ops.logs import RateLimiter
 from linewatch.runtime.ops.metrics import Metrics
+from linewatch.images import DEFAULT_SAMPLE_WINDOW
 from linewatch.wire import Frame, Verdict, WireError
 
 if TYPE_CHECKING:  # scipy, which calibration imports, is not needed to run a pipeline
@@ -64,12 +65,16 @@ REFUSED_LOG_INTERVAL_S = 10.0  # at most one "frame refused" line per reason per
 class Processor(Protocol):
     """What the runtime runs: a detector split into stages, judging against one bank.
 
-    stages[0] receives a list of RGB uint8 (H, W, 3) images (one batch); each stage's return
-    value is the next stage's input; the last stage returns list[InspectionResult], one per
+    stages[0] receives a list of uint8 images, RGB (H, W, 3) or grey (H, W) (one batch); each
+    stage's return value is the next stage's input; the last stage returns list[InspectionResult], one per
     input image, same order. A stage may raise: every frame of that batch is then answered
     `error` with reason "stage_failed:<name>" and the pipeline keeps going.
     frame_size is the (height, width) of the frames it judges (its bank's good images; None:
     any): a frame declaring another size is answered `error` (bad_image) before it is decoded.
+    colour_mode ("colour", "mono"; None or absent: either) is whether it judges colour or grey
+    frames: a grey frame on a colour bank is answered `error` (grey_image), a colour frame on a
+    mono bank `error` (colour_image), before decoding, from what the frame declares.
+    sample_window (absent: (0, 65535)) is the [low, high] 16-bit frames are scaled through.
     bank_id, backend and bank_images (good images in the bank) are shown in
     `linewatch_bank_info`, /readyz and the live page; the calibration's scores and threshold
     fill `linewatch_calibration_score_ratio`, the reference of the score drift alert (None: a
@@ -130,12 +135,13 @@ def _record_stream(obj: Any, torch: Any, stream: Any) -> None:
             _record_stream(getattr(obj, f.name), torch, stream)
 
 
-def _decode_one(frame: Any) -> np.ndarray | WireError:
-    """One frame's RGB image (a Frame decoded, or an image as it is), or why it has none."""
+def _decode_one(frame: Any, window: tuple[int, int] = DEFAULT_SAMPLE_WINDOW) -> np.ndarray | WireError:
+    """One frame's image, RGB or grey (a Frame decoded, 16-bit samples through `window`, or an
+    image as it is), or why it has none."""
     if not isinstance(frame, Frame):
         return frame  # already an image (a caller that submits decoded images to the core)
     try:
-        return frame.decoded()
+        return frame.decoded(window)
     except WireError as e:
         return e
     except Exception as e:  # noqa: BLE001 - a decoder bug must not become a lost frame
@@ -258,31 +264,40 @@ class Pipeline:
             # under the lock, by the processor register tied it to (a size comparison).
             problem = self._unjudgeable(slot.processor, frame)
             if problem is not None and self.core.accepting:
-                self.core.answer_simple(slot, "error", "bad_image")
+                self.core.answer_simple(slot, "error", problem[0])
             else:
                 self.core.enqueue(slot, frame)  # no-op when register answered it already
             self._changed()
         if problem is not None:
-            self._log_refused("bad_image", frame.camera, frame.frame_id, problem)
+            self._log_refused(problem[0], frame.camera, frame.frame_id, problem[1])
         if frame.camera not in self._private_cameras:
             self.metrics.last_frame_timestamp.set(frame.received_ts)
 
     @staticmethod
-    def _unjudgeable(processor: Processor | None, frame: Frame) -> str | None:
-        """Why `processor` cannot judge the frame: its declared size is not the bank's, or (a
-        decoded frame) its check_image refuses the image. None when it can."""
+    def _unjudgeable(processor: Processor | None, frame: Frame) -> tuple[str, str] | None:
+        """Why `processor` cannot judge the frame, as (reason, detail): grey on a colour bank
+        (grey_image), colour on a mono bank (colour_image), another size than the bank's
+        (bad_image), all from what the frame declares; or (a decoded frame) its check_image
+        refuses the image (bad_image). None when it can."""
         if processor is None:
             return None
+        mode = getattr(processor, "colour_mode", None)
+        grey = frame.is_grey
+        if mode is not None and grey is not None and grey != (mode == "mono"):
+            if grey:
+                return "grey_image", (f"arrived {frame.describe()}: a grey frame, the bank judges colour frames "
+                                      "(a camera set to a mono pixel format?)")
+            return "colour_image", f"arrived {frame.describe()}: a colour frame, the bank judges grey (mono) frames"
         expected = getattr(processor, "frame_size", None)
         arrived = frame.height_width
         if expected is not None and arrived is not None and tuple(arrived) != tuple(expected[:2]):
-            return f"arrived {frame.describe()}; the bank judges {expected[1]}x{expected[0]} frames"
+            return "bad_image", f"arrived {frame.describe()}; the bank judges {expected[1]}x{expected[0]} frames"
         if frame.image is None:
             return None
         try:
             processor.check_image(frame.image, f"{frame.camera} #{frame.frame_id}")
         except ValueError as e:
-            return str(e)
+            return "bad_image", str(e)
         return None
 
     def _log_refused(self, reason: str, camera: str, frame_id: int, detail: str) -> None:
@@ -567,7 +582,8 @@ class Pipeline:
     def _decode(self, batch: _Batch) -> list[np.ndarray]:
         """Stage 0: the batch's frames decoded on the decode threads. A frame that fails (its
         bytes, or the processor's check_image) is answered `error` and leaves the batch."""
-        outcomes = list(self._decoders.map(_decode_one, batch.data))
+        window = getattr(batch.processor, "sample_window", DEFAULT_SAMPLE_WINDOW)
+        outcomes = list(self._decoders.map(lambda frame: _decode_one(frame, window), batch.data))
         kept: list[Slot] = []
         images: list[np.ndarray] = []
         refused: list[tuple[Slot, WireError]] = []
@@ -578,7 +594,7 @@ class Pipeline:
             problem = self._unjudgeable(batch.processor, Frame(slot.camera, slot.frame_id, slot.capture_ts, outcome,
                                                                0.0, slot.received_mono))
             if problem is not None:
-                refused.append((slot, WireError("bad_image", slot.camera, slot.frame_id, problem)))
+                refused.append((slot, WireError(problem[0], slot.camera, slot.frame_id, problem[1])))
                 continue
             kept.append(slot)
             images.append(outcome)

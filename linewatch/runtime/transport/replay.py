@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from linewatch import wire
-from linewatch.images import list_images, read_image
+from linewatch.images import list_images, read_image, to_bgr
 from linewatch.runtime.transport.security import ClientKeys
 
 PROTOCOLS = ("linewatch", "imagezmq-pubsub", "imagezmq-reqrep")
@@ -36,7 +36,7 @@ _IMAGEZMQ_MODE = {"imagezmq-pubsub": "bind", "imagezmq-reqrep": "connect"}
 
 
 def _frames(source: Path, loop: bool) -> Iterator[tuple[np.ndarray, str | None]]:
-    """(RGB uint8 (H, W, 3), part_id) pairs: file stems for a folder, None for a video."""
+    """(RGB uint8 (H, W, 3) or grey (H, W), part_id) pairs: file stems for a folder, None for a video."""
     while True:
         if source.is_dir():
             for path in list_images(source):
@@ -62,7 +62,7 @@ def _frames(source: Path, loop: bool) -> Iterator[tuple[np.ndarray, str | None]]
 
 
 def _encode_file(rgb: np.ndarray, encoding: str) -> bytes:
-    ok, buf = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", to_bgr(rgb))
     if not ok:
         raise ValueError(f"could not encode a frame as {encoding}")
     return buf.tobytes()
@@ -254,7 +254,7 @@ def _open_sender(protocol: str, endpoint: str, mode: str, encoding: str, camera:
         publisher = FramePublisher(endpoint, camera, encoding, mode, curve, handshake_s)
 
         def send(frame_id: int, rgb: np.ndarray, part_id: str | None) -> None:
-            publisher.send(frame_id, rgb, part_id=part_id)
+            publisher.send(frame_id, rgb, part_id=part_id, pixel_format="gray" if rgb.ndim == 2 else "rgb")
 
         return send, publisher.close
 
@@ -269,7 +269,7 @@ def _open_sender(protocol: str, endpoint: str, mode: str, encoding: str, camera:
             if encoding == "jpeg":
                 sender.send_jpg(camera, _encode_file(rgb, "jpeg"))
             else:
-                sender.send_image(camera, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+                sender.send_image(camera, to_bgr(rgb))
         except zmq.Again:
             raise TimeoutError(f"no reply from the imagezmq hub at {endpoint} within {reply_timeout_s}s") from None
 

@@ -19,6 +19,7 @@ import zipfile
 import cv2
 import numpy as np
 
+from linewatch.images import to_bgr
 from linewatch.overlay import overlay_jpeg
 from linewatch.wire import Verdict
 
@@ -34,7 +35,7 @@ def encode_pictures(image: np.ndarray, verdict: Verdict, frame_format: str = "pn
     files are), the heatmap as float16 .npz (None without one) and the overlay as JPEG. Runs in
     the picture encoder process (see PictureEncoder)."""
     suffix = FRAME_SUFFIXES[frame_format]
-    ok, frame = cv2.imencode(suffix, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), PNG_PARAMS if suffix == ".png" else [])
+    ok, frame = cv2.imencode(suffix, to_bgr(image), PNG_PARAMS if suffix == ".png" else [])
     if not ok:
         raise ValueError(f"could not encode the frame as {frame_format.upper()}")
     npz = None

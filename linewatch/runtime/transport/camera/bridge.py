@@ -348,7 +348,7 @@ class CameraBridge:
         if not self._warned_grey:
             self._warned_grey = True
             self.log.warning("camera_grey_frames", camera=self.config.camera, source=self.source.describe(),
-                             detail="the source delivers grey frames; they are sent grey and the daemon answers them "
-                             "`error` (grey_image) unless its bank is mono; set mono_to_rgb (--mono-to-rgb) to send "
-                             "them as 3 equal channels")
+                             detail="the source delivers grey frames; they are sent grey, which a mono bank (built "
+                             "from grey good images) judges and a colour bank answers `error` (grey_image); for a "
+                             "colour bank set mono_to_rgb (--mono-to-rgb) to send them as 3 equal channels")
         return image, pixel_format
