@@ -270,7 +270,10 @@ def greedy_nms(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     One (B, K, K) overlap matrix, then K steps of two small ops each (greedy NMS is sequential)."""
     k = boxes.shape[1]
     later = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
-    spares = ~((box_overlaps(boxes.float()) > iou_threshold) & later)  # spares[b, i, j]: i does not suppress j
+    # float32 IoU against the float64 threshold, as torchvision's kernels compare (an IoU of exactly
+    # 3 / 10 is above a threshold of 0.3 there, and not above float32(0.3))
+    overlaps = box_overlaps(boxes.float()).double() > iou_threshold
+    spares = ~(overlaps & later)  # spares[b, i, j]: i does not suppress j
     keep = valid
     for i in range(k):
         keep = torch.where(keep[:, i : i + 1], keep & spares[:, i], keep)

@@ -417,3 +417,60 @@ def test_rejects_bad_inputs(sam) -> None:
         gen(frames, torch.zeros(2, 1, 2))
     with pytest.raises(ValueError, match="point_valid"):
         gen(frames, torch.zeros(1, 3, 2), torch.ones(1, 2, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- on-device pieces
+
+
+def test_embed_points_equals_the_prompt_encoder() -> None:
+    """The torch.where rewrite gives the prompt encoder's numbers exactly, for every label kind."""
+    sam = build_tiny_sam(0).eval()
+    torch.manual_seed(4)
+    points = torch.rand(5, 3, 2, dtype=torch.float64) * 1024
+    labels = torch.tensor([[1, 0, -1], [1, 1, 1], [0, 0, 1], [-1, 1, 0], [1, -1, -1]], dtype=torch.int)
+    with torch.inference_mode():
+        ref_sparse, ref_dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        assert torch.equal(sam_masks.embed_points(sam.prompt_encoder, points, labels), ref_sparse)
+        sparse, dense = BatchedMaskGenerator(sam).encode_points(points[:, 0])
+        ones = torch.ones(5, 1, dtype=torch.int)
+        assert torch.equal(sparse, sam.prompt_encoder(points=(points[:, :1], ones), boxes=None, masks=None)[0])
+        assert torch.equal(dense, ref_dense)
+
+
+def test_greedy_nms_by_hand() -> None:
+    """A chain: 0 overlaps 1, 1 overlaps 2, 0 and 2 overlap less. IoU(0, 1) = IoU(1, 2) = 80 / 120,
+    IoU(0, 2) = 60 / 140; box 3 overlaps none; box 4 (0's twin) is padding."""
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [2, 0, 12, 10], [4, 0, 14, 10], [20, 20, 30, 30], [0, 0, 10, 10]]])
+    valid = torch.tensor([[True, True, True, True, False]])
+    assert sam_masks.greedy_nms(boxes, valid, 0.7)[0].tolist() == [True, True, True, True, False]
+    # 1 goes (0.667 > 0.5); 2 stays: only the suppressed 1 overlapped it that much (greedy, not pairwise)
+    assert sam_masks.greedy_nms(boxes, valid, 0.5)[0].tolist() == [True, False, True, True, False]
+    assert sam_masks.greedy_nms(boxes, valid, 0.4)[0].tolist() == [True, False, False, True, False]
+    assert torch.allclose(sam_masks.box_overlaps(boxes[0, :3]), torch.tensor(
+        [[1.0, 2 / 3, 3 / 7], [2 / 3, 1.0, 2 / 3], [3 / 7, 2 / 3, 1.0]]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_nms_decides_as_torchvision_batched_nms(seed) -> None:
+    """Random integer boxes (SAM's are pixel indices) with many score ties, identical and empty
+    boxes, padding: the same survivors in the same order as batched_nms over the whole batch."""
+    g = torch.Generator().manual_seed(seed)
+    B, K = 4, 60
+    xy = torch.randint(0, 40, (B, K, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + torch.randint(0, 20, (B, K, 2), generator=g).float()], dim=-1)
+    boxes[:, 7] = boxes[:, 3]  # identical boxes, and (below) equal scores
+    scores = torch.randint(0, 6, (B, K), generator=g).float() / 5
+    scores[:, 7] = scores[:, 3]
+    valid = torch.rand(B, K, generator=g) > 0.15
+    rows = torch.arange(B)[:, None]
+    image = rows.expand(B, K)
+    for threshold in (0.0, 0.3, 0.5, 0.7, 0.9):
+        ref = batched_nms(boxes[valid], scores[valid], image[valid], threshold)
+        ref_index = torch.arange(B * K).view(B, K)[valid][ref]  # into the flattened (B, K)
+        order = torch.sort(torch.where(valid, scores, -torch.inf), dim=1, descending=True, stable=True).indices
+        keep = sam_masks.greedy_nms(boxes[rows, order], valid.gather(1, order), threshold)
+        mine = (rows * K + order)[keep]  # image-major, each image in its score order
+        for b in range(B):
+            theirs = ref_index[ref_index // K == b]
+            assert torch.equal(mine[mine // K == b], theirs), (threshold, b)
+        assert 0 < keep.sum() < valid.sum() or threshold == 0.9

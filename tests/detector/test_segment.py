@@ -370,3 +370,18 @@ def test_area_filter_from_config_is_detector_objects() -> None:
 
     objects = ObjectFilterConfig(min_area=0.01, max_area=0.4, max_objects=5)
     assert AreaFilter.from_config(objects) == AreaFilter(min_area=0.01, max_area=0.4, max_objects=5)
+
+
+def test_area_filter_select_padded_equals_select_row_by_row() -> None:
+    g = torch.Generator().manual_seed(0)
+    areas = torch.randint(0, 60, (5, 12), generator=g)
+    areas[:, 3] = areas[:, 4]  # ties keep input order
+    valid = torch.rand(5, 12, generator=g) > 0.2
+    f = AreaFilter(min_area=0.1, max_area=0.5, max_objects=4)
+    order, kept = f.select_padded(areas, valid, 100)
+    assert order.shape == kept.shape == (5, 4)
+    for b in range(5):
+        real = valid[b].nonzero().squeeze(1)
+        expected = [int(real[i]) for i in f.select(areas[b][real], 100)]
+        assert order[b][kept[b]].tolist() == expected
+        assert kept[b].tolist() == [True] * len(expected) + [False] * (4 - len(expected))
