@@ -359,7 +359,8 @@ def build_sam_segmenter(
 ) -> SamSegmenter:
     """Build SAM `settings.kind` ('vit_b' | 'vit_l' | 'vit_h') from the segment-anything registry,
     load `checkpoint` (the resolved file of `settings.checkpoint`) safely (None: random weights,
-    for tests only), move it to `device`, and wrap it with the rest of `settings`.
+    for tests only), give its image encoder linewatch.detector.sam_attention's SdpaAttention, move
+    it to `device`, and wrap it with the rest of `settings`.
 
     Raises:
         SegmenterError: unknown kind.  WeightsError: checkpoint absent, unreadable or unfit.
@@ -376,6 +377,9 @@ def build_sam_segmenter(
     if checkpoint is not None:
         load_sam_weights(model, Path(checkpoint))
         name = f"{kind}@{Path(checkpoint).name}"
+    from linewatch.detector.sam_attention import use_sdpa_attention
+
+    use_sdpa_attention(model.image_encoder)  # the same function, one fused attention call per block
     model.to(device).eval()
     return SamSegmenter(model, area_filter, settings, model_name=name)
 
