@@ -166,7 +166,8 @@ def ours(sam, images) -> dict[str, tuple[MaskProposals, torch.Tensor, torch.Tens
 @pytest.fixture(scope="module")
 def small_batch(sam, images) -> dict[str, MaskProposals]:
     """3x3 prompts: "pair" = square and square2 in one batch (encoded one frame at a time, decoded in
-    chunks of 6 prompts, one of which straddles the two images); "square" / "square2" = each alone."""
+    chunks of 3 prompts per frame, 6 per decoder call); "square" / "square2" = each alone (chunks of 6, the
+    last one padded)."""
     gen = BatchedMaskGenerator(sam, points_per_batch=6, **THRESHOLDS)
     pair_gen = BatchedMaskGenerator(sam, points_per_batch=6, encoder_batch=1, **THRESHOLDS)
     return {
