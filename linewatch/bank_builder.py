@@ -81,7 +81,7 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         enc = batch.encoded
         parts["retrieval"].append(enc.retrieval.cpu())
         parts["features"].append(enc.upsampled.half().cpu())
-        parts["masks"].extend(m.cpu() for m in enc.masks)
+        parts["masks"].extend(m.cpu() for m in enc.masks.per_image())
         parts["descriptors"].extend(enc.descriptors.cpu().unbind(0))
         if enc.shapes is not None:
             parts["shapes"].extend(enc.shapes.cpu().unbind(0))

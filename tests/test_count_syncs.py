@@ -73,3 +73,34 @@ def test_torchvision_nms_is_a_sync() -> None:
 
     boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 1.9]])
     only(count_function(nms, boxes, torch.tensor([0.9, 0.8]), 0.5), nms=1)
+
+
+# ------------------------------------------------------------------ the SAM segment stage
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenters():
+    from linewatch.config import SamConfig
+    from linewatch.detector.segment import AreaFilter, SamSegmenter, build_tiny_sam
+
+    sam = build_tiny_sam(seed=0).eval()
+    settings = dict(points_per_side=2, coarse_points_per_side=1, points_per_batch=4, pred_iou_thresh=0.0,
+                    stability_score_thresh=0.0)
+    return {prompts: SamSegmenter(sam, AreaFilter(0.0005, 0.9, 3), SamConfig(prompts=prompts, **settings))
+            for prompts in ("full_grid", "reference_seeded")}
+
+
+@pytest.mark.parametrize("prompts", ["full_grid", "reference_seeded"])
+def test_sam_segment_stage_reads_nothing_back(tiny_segmenters, prompts) -> None:
+    """SamSegmenter.segment (the Inspector's segment stage) on a batch of 2 with the batched generator:
+    no host sync of any kind, whatever the prompts; the per-image list form reads the counts once."""
+    seg = tiny_segmenters[prompts]
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    seeds = (torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(2)), torch.tensor([[True, True, False]] * 2))
+    kwargs = dict(frames=frames, seeds=seeds if seg.wants_seeds else None)
+    with torch.inference_mode():
+        counts = count_function(seg.segment, images, **kwargs)
+        only(counts)
+        assert counts["launches"] > 100  # it did run the model
+        only(count_function(seg, images, **kwargs), tolist=1)

@@ -60,6 +60,13 @@ def pad_masks(masks: list[Tensor], size: tuple[int, int], device: torch.device) 
     return soft, valid, mask_boxes(padded)
 
 
+def padded_soft_masks(masks: Tensor, valid: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Padded bool masks (B, M, S, S) with validity (B, M), padding masks empty -> soft masks
+    (B, M, H', W'), valid (B, M), boxes (B, M, 4): `pad_masks` of the same objects, in one resize and
+    nothing read back from the device."""
+    return resize_masks(masks, size), valid, mask_boxes(masks)
+
+
 def part_textures(channels: Tensor, soft_masks: Tensor) -> Tensor:
     """Mean grain statistics over the interior of each part's mask: channels (B, T, h, w)
     (`ClassicFeatures.texture_channels` of the backbone map), soft_masks (B, M, H', W') -> (B, M, T)."""

@@ -46,7 +46,7 @@ from linewatch.detector.align import AlignedPairs, aligned_pairs
 from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.calibration import Calibration
-from linewatch.detector.describe import masked_global_max_pool, pad_masks, part_textures
+from linewatch.detector.describe import masked_global_max_pool, padded_soft_masks, part_textures
 from linewatch.detector.match import match_objects, matching_vectors
 from linewatch.detector.measure import (missing_parts, object_maps, object_statuses, part_maps, read_counts,
                                         rows_per_chunk, true_indices, unmatched_reference_parts)
@@ -54,7 +54,7 @@ from linewatch.detector.models import Models
 from linewatch.detector.patch_knn import local_patch_features, nearest_patch_distances
 from linewatch.detector.report import build_results
 from linewatch.detector.result import InspectionResult
-from linewatch.detector.segment import interior_points
+from linewatch.detector.segment import ObjectMasks, interior_points
 from linewatch.detector.shape import shape_descriptors
 
 
@@ -76,7 +76,7 @@ class Encoded:
     """Model outputs for a batch of images (query or reference).
 
     features: (B, C, h, w) backbone; retrieval: (B, D) flattened backbone features;
-    upsampled: (B, C, H', W'); masks: list of (M_b, S, S) bool; soft_masks: (B, M, H', W');
+    upsampled: (B, C, H', W'); masks: the segmenter's ObjectMasks (B, M, S, S); soft_masks: (B, M, H', W');
     valid: (B, M) bool; boxes: (B, M, 4) x, y, w, h in working pixels; descriptors: (B, M, C);
     shapes: (B, M, D) outline descriptors, textures: (B, M, T) grain statistics (None when
     the backend does not use them).
@@ -84,7 +84,7 @@ class Encoded:
 
     features: Tensor | None = None
     upsampled: Tensor | None = None
-    masks: list[Tensor] | None = None
+    masks: ObjectMasks | None = None
     soft_masks: Tensor | None = None
     valid: Tensor | None = None
     boxes: Tensor | None = None
@@ -428,19 +428,19 @@ class Inspector:
         if self.models.segmenter.wants_seeds and self.seed_points is not None:
             refs = batch.references  # (B, k): one prompt inside each part of each reference
             seeds = (self.seed_points[refs].flatten(1, 2), self.bank.object_valid[refs].flatten(1, 2))
-        masks = self.models.segmenter(batch.images01, frames=batch.frames, seeds=seeds)
-        batch.encoded.masks = [m.to(self.device) for m in masks]
+        batch.encoded.masks = self.models.segmenter.segment(batch.images01, frames=batch.frames,
+                                                            seeds=seeds).to(self.device)
         return batch
 
     @torch.inference_mode()
     def describe(self, batch: Batch) -> Batch:
         enc = batch.encoded
         size = tuple(enc.upsampled.shape[-2:])
-        enc.soft_masks, enc.valid, enc.boxes = pad_masks(enc.masks, size, self.device)
+        enc.soft_masks, enc.valid, enc.boxes = padded_soft_masks(enc.masks.masks, enc.masks.valid, size)
         pooled = masked_global_max_pool(enc.upsampled, enc.soft_masks)
         enc.descriptors = self.models.dcga(pooled, enc.valid)
         if self.uses_shapes:
-            enc.shapes = shape_descriptors(enc.masks, enc.boxes)  # masks and boxes at the working size
+            enc.shapes = shape_descriptors(enc.masks.per_image(), enc.boxes)  # masks and boxes at the working size
             enc.textures = part_textures(self.models.backbone.texture_channels(enc.features.float()), enc.soft_masks)
         return batch
 

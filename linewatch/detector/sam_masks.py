@@ -10,23 +10,32 @@ Per batch of B frames of one size (H, W), with P prompt points each:
    resize, PIL's fixed-point arithmetic and torch's float one can differ by a grey level);
    normalise with pixel_mean / pixel_std; pad to a square. One image encoder call for the
    batch (or chunks of `encoder_batch` frames).
-2. Points go through ResizeLongestSide.apply_coords (in float64, as SAM's numpy path) and one
-   sam.prompt_encoder call for every (image, point) pair. `decode_masks` is
+2. Points go through ResizeLongestSide.apply_coords (in float64, as SAM's numpy path) and
+   sam.prompt_encoder's arithmetic for every (image, point) pair (`embed_points`: its modules,
+   with torch.where where it assigns through boolean masks). `decode_masks` is
    MaskDecoder.predict_masks + forward(multimask_output=True) with the decoder's own modules,
    except that each prompt names the image embedding it reads (MaskDecoder repeats one image's
-   embedding over all its prompts). Prompts are decoded in chunks of `points_per_batch`,
-   counted over the whole batch, so a chunk may span images.
+   embedding over all its prompts). Prompts are decoded in chunks of (B, p) prompts, p =
+   points_per_batch // B (at least 1): about `points_per_batch` per decoder call, counted over
+   the whole batch; P is padded with invalid prompts to a multiple of p, so every call has the
+   same shape. Invalid prompts (padding, `point_valid` False) are decoded too and never kept.
 3. Filters, as SamAutomaticMaskGenerator._process_batch / _process_crop: predicted IoU
    > pred_iou_thresh (when > 0); stability score count(logit > t + offset) /
    count(logit > t - offset) >= stability_score_thresh (when > 0; NaN when nothing is above
-   t - offset, which no threshold keeps), t = sam.mask_threshold; box of the mask above t;
-   box NMS per image on the device (torchvision batched_nms, idxs = image index, scores =
-   predicted IoU, iou_threshold = box_nms_thresh).
+   t - offset, which no threshold keeps), t = sam.mask_threshold; box of the mask above t.
+   The filters are masks over the chunk, not a compaction: the masks that pass go, in prompt
+   order, into `candidates_per_image` (K) slots per image (their logits too), by an index
+   computed on the device (a running count per image). More than K passing masks in one image
+   is an overflow (`PaddedProposals.overflow`): the masks past the K-th are dropped, so the
+   decisions equal SAM's while at most K masks per image pass the filters.
+   Box NMS per image on the device (`greedy_nms`: torchvision's greedy NMS on the K slots sorted
+   by predicted IoU, ties in prompt order as torchvision's stable sort, iou_threshold =
+   box_nms_thresh; one (B, K, K) overlap matrix and K small sequential steps).
    SAM also drops masks whose box is near a crop edge (`is_box_near_crop_edge`). With
    crop_n_layers=0 the only crop is [0, 0, W, H], which is also the image box, so
    `near_crop_edge & ~near_image_edge` is False for every box: it drops nothing, and this
    module has no such filter.
-4. Only the NMS survivors are upsampled, straight to `output_size` (`upsample_logits`: one
+4. The K slots, NMS survivors first, are upsampled, straight to `output_size` (`upsample_logits`: one
    bilinear step that puts every output pixel where SAM's postprocess_masks does; identical
    to postprocess_masks when the frame's longer side is already the encoder side and
    output_size is the frame size), and thresholded at t. Results stay on the device.
@@ -42,23 +51,22 @@ to about one cell. A mask whose stability lies near stability_score_thresh, or a
 IoU lies near box_nms_thresh, can therefore be decided differently from SAM; masks far from
 both thresholds are decided the same way, and their masks (upsampled from the same logits) are
 SAM's.
-`filter_at_full_res=True` is the cheap way to SAM's decisions: the masks that pass the IoU
-filter are upsampled to the frame (chunks of about 2**25 pixels) and stability and boxes are
-measured there exactly as SAM does (for frames whose longer side is the encoder side, where
-`upsample_logits` is postprocess_masks). It costs one frame-sized float map per IoU survivor
-(4 MiB at 1024 x 1024: an estimate of milliseconds per frame on a GPU, not measured here; on a
-CPU it is a large share of the time) and one more host sync per prompt chunk, and it is still
-far cheaper than SAM, which also upsamples and RLE-encodes on the host. It is off by default:
-the task asked for low-res filtering, and the decisions it changes are borderline ones.
+`filter_at_full_res=True` is the cheap way to SAM's decisions: every decoded mask is upsampled
+to the frame (chunks of about 2**25 pixels) and stability and boxes are measured there exactly
+as SAM does (for frames whose longer side is the encoder side, where `upsample_logits` is
+postprocess_masks). Without reading the IoU filter's result back, every mask of a chunk is
+upsampled, not only the IoU survivors: one frame-sized float map per decoded mask (4 MiB at
+1024 x 1024, 3 per prompt; not measured on a GPU here; on a CPU it dominates the time). It is
+off by default: the task asked for low-res filtering, and the decisions it changes are
+borderline ones.
 
 Order: each image's masks are sorted by predicted IoU, descending (batched_nms's order, which
 is also the order SamAutomaticMaskGenerator returns with one crop). Callers wanting area order
 sort again.
 
-Host syncs (everything else is queued on the device without waiting): `nonzero` for the valid
-prompts and the prompt encoder's boolean-mask assignments, both before the image encoder is
-queued; one `nonzero` per prompt chunk to compact the survivors (two with filter_at_full_res);
-torchvision's NMS; one `bincount(...).tolist()` for the per-image split.
+Host syncs: none in `BatchedMaskGenerator.padded`, whose results are padded to (B, K) with a
+validity mask; every shape follows from B, P, K and the frame size, and every index is computed
+on the device. `__call__` (per-image lists) reads the counts back once.
 """
 
 from __future__ import annotations
@@ -68,7 +76,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 # Masks x pixels of float logits upsampled at once: 2**25 floats = 128 MiB.
 _UPSAMPLE_BUDGET = 2**25
@@ -83,6 +90,28 @@ class MaskProposals:
     stability: list[Tensor]  # B float (M_b,)
     boxes: list[Tensor]  # B float (M_b, 4) xyxy, inclusive pixel indices of the input frame
     points: list[Tensor]  # B float (M_b, 2) the prompt point (x, y) in input pixels
+
+
+@dataclass
+class PaddedProposals:
+    """The same, padded to K per image (fixed by the batch's shapes, not by its data): row b holds
+    its valid entries first, sorted by predicted IoU descending, then padding (valid False, masks
+    empty, other fields meaningless). All on the model's device."""
+
+    masks: Tensor  # bool (B, K, out_h, out_w)
+    scores: Tensor  # float (B, K) predicted IoU
+    stability: Tensor  # float (B, K)
+    boxes: Tensor  # float (B, K, 4) xyxy, inclusive pixel indices of the input frame
+    points: Tensor  # float (B, K, 2) the prompt point (x, y) in input pixels
+    valid: Tensor  # bool (B, K)
+    overflow: Tensor  # bool (B,): more masks passed the filters than the K candidate slots hold (see the module)
+
+    def unpad(self) -> MaskProposals:
+        """Per-image lists of the valid entries (one host sync: the counts)."""
+        counts = self.valid.sum(1).tolist()
+        fields = {name: [getattr(self, name)[b, :n] for b, n in enumerate(counts)]
+                  for name in ("masks", "scores", "stability", "boxes", "points")}
+        return MaskProposals(**fields)
 
 
 def grid_points(n_per_side: int) -> Tensor:
@@ -207,6 +236,50 @@ def stability_scores(logits: Tensor, mask_threshold: float, offset: float) -> Te
     return inner / outer
 
 
+def embed_points(prompt_encoder: torch.nn.Module, points: Tensor, labels: Tensor) -> Tensor:
+    """PromptEncoder._embed_points(points, labels, pad=True) with torch.where instead of its
+    boolean-mask assignments (`emb[labels == -1] = 0.0` and the `+=`s), which wait for the device:
+    the same numbers, nothing read back. points (N, n, 2) in the resized frame, labels (N, n) int
+    (1 positive, 0 negative, -1 not a point) -> (N, n + 1, C), the padding point last."""
+    points = torch.cat([points + 0.5, points.new_zeros(points.shape[0], 1, 2)], dim=1)
+    labels = torch.cat([labels, torch.full_like(labels[:, :1], -1)], dim=1)[..., None]
+    embedding = prompt_encoder.pe_layer.forward_with_coords(points, prompt_encoder.input_image_size)
+    negative, positive = (e.weight for e in prompt_encoder.point_embeddings[:2])
+    embedding = embedding + torch.where(labels == 0, negative, 0.0) + torch.where(labels == 1, positive, 0.0)
+    return torch.where(labels == -1, prompt_encoder.not_a_point_embed.weight, embedding)
+
+
+def box_overlaps(boxes: Tensor) -> Tensor:
+    """Pairwise IoU of xyxy boxes (..., K, 4) -> (..., K, K), with the arithmetic of torchvision's
+    nms kernels (areas (x2 - x1) (y2 - y1), inter / (area_i + area_j - inter)), so that a pair sits
+    on the same side of a threshold as there. 0 / 0 (two empty boxes) is NaN: above no threshold."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[..., :, None], x2[..., None, :]) - torch.maximum(x1[..., :, None], x1[..., None, :])).clamp(min=0)
+    h = (torch.minimum(y2[..., :, None], y2[..., None, :]) - torch.maximum(y1[..., :, None], y1[..., None, :])).clamp(min=0)
+    inter = w * h
+    return inter / (area[..., :, None] + area[..., None, :] - inter)
+
+
+def greedy_nms(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's greedy NMS on each row, on the device and without a host sync.
+
+    boxes (B, K, 4) xyxy, each row already sorted by score, descending (ties in the order the
+    candidates came: torchvision's sort is stable); valid (B, K) marks real candidates.
+    -> keep (B, K): valid and not overlapping (IoU > iou_threshold) a kept candidate before it.
+    One (B, K, K) overlap matrix, then K steps of two small ops each (greedy NMS is sequential)."""
+    k = boxes.shape[1]
+    later = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
+    # float32 IoU against the float64 threshold, as torchvision's kernels compare (an IoU of exactly
+    # 3 / 10 is above a threshold of 0.3 there, and not above float32(0.3))
+    overlaps = box_overlaps(boxes.float()).double() > iou_threshold
+    spares = ~(overlaps & later)  # spares[b, i, j]: i does not suppress j
+    keep = valid
+    for i in range(k):
+        keep = torch.where(keep[:, i : i + 1], keep & spares[:, i], keep)
+    return keep
+
+
 class BatchedMaskGenerator:
     """SamAutomaticMaskGenerator (one crop layer, no small-region cleanup) over a batch of frames,
     without RLE and without leaving the device. The module docstring lists the differences."""
@@ -221,6 +294,7 @@ class BatchedMaskGenerator:
         points_per_batch: int = 256,
         encoder_batch: int | None = None,
         filter_at_full_res: bool = False,
+        candidates_per_image: int = 256,
     ) -> None:
         self.sam = sam
         self.pred_iou_thresh = pred_iou_thresh
@@ -230,6 +304,7 @@ class BatchedMaskGenerator:
         self.points_per_batch = points_per_batch
         self.encoder_batch = encoder_batch
         self.filter_at_full_res = filter_at_full_res
+        self.candidates_per_image = candidates_per_image
 
     # ------------------------------------------------------------------ model steps
 
@@ -253,14 +328,17 @@ class BatchedMaskGenerator:
 
     def encode_points(self, model_points: Tensor) -> tuple[Tensor, Tensor]:
         """model_points (N, 2) in the resized frame, one positive point per prompt -> sam.prompt_encoder's
-        sparse (N, 2, C) and dense (N, C, h, w) embeddings (the dense one an expanded view).
-        The prompt encoder's boolean-mask assignments wait for the device: call it before queuing work."""
-        labels = torch.ones(model_points.shape[0], 1, dtype=torch.int, device=model_points.device)
-        return self.sam.prompt_encoder(points=(model_points[:, None, :], labels), boxes=None, masks=None)
+        sparse (N, 2, C) and dense (N, C, h, w) embeddings (the dense one an expanded view), as
+        sam.prompt_encoder(points=..., boxes=None, masks=None) gives them, without a host sync."""
+        encoder = self.sam.prompt_encoder
+        n = model_points.shape[0]
+        labels = torch.ones(n, 1, dtype=torch.int, device=model_points.device)
+        sparse = embed_points(encoder, model_points[:, None, :], labels)
+        dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *encoder.image_embedding_size)
+        return sparse, dense
 
     # ------------------------------------------------------------------ generator
 
-    @torch.inference_mode()
     def __call__(
         self,
         frames: Tensor,
@@ -268,10 +346,21 @@ class BatchedMaskGenerator:
         point_valid: Tensor | None = None,
         output_size: tuple[int, int] | None = None,
     ) -> MaskProposals:
+        """`padded`, as per-image lists (one more host sync, for the counts)."""
+        return self.padded(frames, points, point_valid, output_size).unpad()
+
+    @torch.inference_mode()
+    def padded(
+        self,
+        frames: Tensor,
+        points: Tensor,
+        point_valid: Tensor | None = None,
+        output_size: tuple[int, int] | None = None,
+    ) -> PaddedProposals:
         """frames: uint8 (B, H, W, 3) RGB on the model's device (all the same size);
         points: float (B, P, 2) prompt points (x, y) in input pixels; point_valid: bool (B, P),
         False marks padding (None: all valid); both best on that device too (they are moved there);
-        output_size: (h, w) of the returned masks, default (H, W)."""
+        output_size: (h, w) of the returned masks, default (H, W). No host sync."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 (B, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
         B, H, W, _ = frames.shape
@@ -286,78 +375,83 @@ class BatchedMaskGenerator:
         new_h, new_w = resized_shape(H, W, side)
         t = float(self.sam.mask_threshold)
 
-        # What waits for the host (valid prompts, the prompt encoder) runs before the
-        # image encoder is queued. Prompts stay image-major, in the given order (SAM's order per image).
+        # Prompts (B, P) in chunks of (B, p) along P; P padded with invalid prompts to a multiple of p,
+        # so that every decoder call has the same shape.
         P = points.shape[1]
-        flat_points = points.to(device).reshape(B * P, 2)
-        flat_image = torch.arange(B, device=device).repeat_interleave(P)
-        if point_valid is not None:
-            valid = point_valid.to(device).reshape(B * P).nonzero().squeeze(1)  # host sync (nothing queued yet)
-            flat_points, flat_image = flat_points[valid], flat_image[valid]
+        p = max(1, min(P, self.points_per_batch // B))
+        chunks = -(-P // p)
+        points = points.to(device)
+        valid = torch.ones(B, P, dtype=torch.bool, device=device) if point_valid is None else point_valid.to(device)
+        if chunks * p > P:
+            points = torch.cat([points, points.new_zeros(B, chunks * p - P, 2)], dim=1)
+            valid = torch.cat([valid, valid.new_zeros(B, chunks * p - P)], dim=1)
         # ResizeLongestSide.apply_coords, in float64 like SAM's numpy path.
-        xy = flat_points.double()
-        model_points = torch.stack([xy[:, 0] * (new_w / W), xy[:, 1] * (new_h / H)], dim=1)
-        sparse, dense = self.encode_points(model_points)
+        xy = points.double()
+        model_points = torch.stack([xy[..., 0] * (new_w / W), xy[..., 1] * (new_h / H)], dim=-1)
+        sparse, dense = self.encode_points(model_points.reshape(-1, 2))
+        sparse = sparse.view(B, chunks * p, *sparse.shape[1:])
         image_pe = self.sam.prompt_encoder.get_dense_pe()
+        image_index = torch.arange(B, device=device).repeat_interleave(p)
         valid_cells = (-(-new_h * low_side // side), -(-new_w * low_side // side))  # ceil: last cell partly valid
         box_geometry = (side / low_side * W / new_w, side / low_side * H / new_h, (H, W))
 
         embeddings = self.encode(frames)
 
-        kept: dict[str, list[Tensor]] = {k: [] for k in ("logits", "scores", "stability", "boxes", "image", "point")}
-        for start in range(0, flat_points.shape[0], self.points_per_batch):
-            chunk = slice(start, start + self.points_per_batch)
-            logits, iou = decode_masks(
-                self.sam.mask_decoder, embeddings, image_pe, flat_image[chunk], sparse[chunk], dense[chunk]
-            )
-            logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)  # (3n, L, L), (3n,): prompt-major, as SAM
-            prompt = torch.arange(start, start + iou.shape[0] // 3, device=device).repeat_interleave(3)
-
-            keep = torch.ones_like(iou, dtype=torch.bool)
+        # The masks that pass the filters go, in prompt order, into K candidate slots per image
+        # (slot K: a sink for the rest); `filled` counts them, past K too.
+        K = max(1, min(self.candidates_per_image, 3 * P))
+        rows = torch.arange(B, device=device)[:, None]
+        slots: dict[str, Tensor] = {}
+        filled = torch.zeros(B, dtype=torch.long, device=device)
+        for c in range(chunks):
+            chunk = slice(c * p, (c + 1) * p)
+            logits, iou = decode_masks(self.sam.mask_decoder, embeddings, image_pe, image_index,
+                                       sparse[:, chunk].flatten(0, 1), dense[: B * p])
+            logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)  # (3Bp, L, L), (3Bp,): prompt-major, as SAM
+            keep = valid[:, chunk].repeat_interleave(3, dim=1)  # (B, 3p)
             if self.pred_iou_thresh > 0.0:
-                keep &= iou > self.pred_iou_thresh
+                keep = keep & (iou.view(B, -1) > self.pred_iou_thresh)
             if self.filter_at_full_res:
-                idx = keep.nonzero().squeeze(1)  # host sync
-                logits, iou, prompt, keep = logits[idx], iou[idx], prompt[idx], keep[idx]
                 stability, boxes = self._measure_full_res(logits, (new_h, new_w), (H, W), t)
             else:
                 low = logits[:, : valid_cells[0], : valid_cells[1]]
                 stability = stability_scores(low, t, self.stability_score_offset)
                 boxes = low_res_boxes(low > t, *box_geometry)
             if self.stability_score_thresh > 0.0:
-                keep &= stability >= self.stability_score_thresh
-            idx = keep.nonzero().squeeze(1)  # host sync
-            kept["logits"].append(logits[idx])
-            kept["scores"].append(iou[idx])
-            kept["stability"].append(stability[idx])
-            kept["boxes"].append(boxes[idx])
-            kept["image"].append(flat_image[prompt[idx]])
-            kept["point"].append(flat_points[prompt[idx]])
+                keep = keep & (stability.view(B, -1) >= self.stability_score_thresh)
+            slot = filled[:, None] + keep.cumsum(dim=1) - 1
+            slot = torch.where(keep & (slot < K), slot, K)
+            filled = filled + keep.sum(dim=1)
+            candidates = {"logits": logits, "scores": iou, "stability": stability, "boxes": boxes.float(),
+                          "points": points[:, chunk].repeat_interleave(3, dim=1)}
+            for name, value in candidates.items():
+                value = value.reshape(B, 3 * p, *value.shape[1 if name != "points" else 2 :])
+                if name not in slots:
+                    slots[name] = value.new_zeros(B, K + 1, *value.shape[2:])
+                slots[name][rows, slot] = value
+        if not slots:  # no prompt at all
+            slots = {"logits": torch.zeros(B, K + 1, low_side, low_side, device=device),
+                     "scores": torch.zeros(B, K + 1, device=device), "stability": torch.zeros(B, K + 1, device=device),
+                     "boxes": torch.zeros(B, K + 1, 4, device=device), "points": points.new_zeros(B, K + 1, 2)}
 
-        if not kept["scores"]:  # no valid prompt at all
-            empty = {
-                "logits": torch.zeros(0, low_side, low_side, device=device),
-                "scores": torch.zeros(0, device=device),
-                "stability": torch.zeros(0, device=device),
-                "boxes": torch.zeros(0, 4, device=device),
-                "image": torch.zeros(0, dtype=torch.long, device=device),
-                "point": points.new_zeros(0, 2),
-            }
-            kept = {k: [v] for k, v in empty.items()}
-        cat = {k: torch.cat(v) for k, v in kept.items()}
-        survivors = batched_nms(cat["boxes"].float(), cat["scores"], cat["image"], self.box_nms_thresh)
-        # batched_nms orders by score, descending; a stable sort by image keeps that order within each image.
-        survivors = survivors[torch.sort(cat["image"][survivors], stable=True).indices]
-        counts = torch.bincount(cat["image"][survivors], minlength=B).tolist()  # host sync
-
-        masks = self._upsample(cat["logits"][survivors], (new_h, new_w), out_size, t)
-        per_image = {k: list(torch.split(cat[k][survivors], counts)) for k in ("scores", "stability", "boxes", "point")}
-        return MaskProposals(
-            masks=list(torch.split(masks, counts)),
-            scores=per_image["scores"],
-            stability=per_image["stability"],
-            boxes=per_image["boxes"],
-            points=per_image["point"],
+        # Box NMS per image, in order of predicted IoU (stable: ties in prompt order, as torchvision);
+        # then the survivors first, still in that order.
+        candidate = torch.arange(K, device=device)[None] < filled[:, None]
+        scores = torch.where(candidate, slots["scores"][:, :K].float(), -torch.inf)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        kept = greedy_nms(slots["boxes"][rows, order], candidate.gather(1, order), self.box_nms_thresh)
+        order = order.gather(1, torch.sort(kept.to(torch.uint8), dim=1, descending=True, stable=True).indices)
+        kept = kept.sum(dim=1, keepdim=True) > torch.arange(K, device=device)[None]
+        logits = slots["logits"][rows, order].flatten(0, 1)
+        masks = self._upsample(logits, (new_h, new_w), out_size, t).view(B, K, *out_size) & kept[..., None, None]
+        return PaddedProposals(
+            masks=masks,
+            scores=slots["scores"][rows, order],
+            stability=slots["stability"][rows, order],
+            boxes=slots["boxes"][rows, order],
+            points=slots["points"][rows, order],
+            valid=kept,
+            overflow=filled > K,
         )
 
     def _measure_full_res(

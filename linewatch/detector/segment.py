@@ -1,10 +1,13 @@
 """Object masks (paper section 3.4.2): a segmenter turns images into per-image object masks,
 then a per-product area filter keeps the key objects.
 
-Every segmenter is a `Segmenter` (the Protocol below): it is called as
-  segmenter(images01 (B, 3, S, S) float RGB, or (B, 1, S, S) grey, in [0, 1], frames=None,
-  seeds=None) -> list of B bool
-  tensors (M_b, S, S) at the working size, sorted by area descending, after the AreaFilter,
+Every segmenter is a `Segmenter` (the Protocol below):
+  segmenter.segment(images01 (B, 3, S, S) float RGB, or (B, 1, S, S) grey, in [0, 1], frames=None,
+  seeds=None) -> ObjectMasks:
+  bool masks (B, M, S, S) at the working size and their validity (B, M), each image's objects
+  first, sorted by area descending, after the AreaFilter (the Inspector's form: M is fixed by
+  the settings, not by the data, so nothing is read back from the device);
+  segmenter(images01, frames=None, seeds=None) -> the same as a list of B bool tensors (M_b, S, S);
 and declares what it needs and offers, which the Inspector and `build_models` read as they are:
   `wants_frames`: the segmenter reads the camera frames, uint8 (B, H, W, 3) on the device;
   `wants_seeds`: it takes prompt points inside the reference parts, (B, Q, 2) in [0, 1] + validity;
@@ -40,6 +43,34 @@ if TYPE_CHECKING:
     from linewatch.config import ObjectFilterConfig, SamConfig
 
 
+@dataclass
+class ObjectMasks:
+    """Each image's object masks, padded to M: masks bool (B, M, S, S), valid bool (B, M); the valid
+    entries of a row come first, padding masks are empty."""
+
+    masks: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def from_list(cls, masks: list[torch.Tensor], size: tuple[int, int]) -> "ObjectMasks":
+        """Per-image bool masks (M_b, S, S) -> padded to M = max(M_b, 1), on the first one's device."""
+        device = masks[0].device if masks else torch.device("cpu")
+        m = max([int(x.shape[0]) for x in masks] + [1])
+        padded = torch.zeros(len(masks), m, *size, dtype=torch.bool, device=device)
+        valid = torch.zeros(len(masks), m, dtype=torch.bool, device=device)
+        for i, mask in enumerate(masks):
+            padded[i, : mask.shape[0]] = mask
+            valid[i, : mask.shape[0]] = True
+        return cls(padded, valid)
+
+    def per_image(self) -> list[torch.Tensor]:
+        """B bool tensors (M_b, S, S): the valid masks of each image (one host sync: the counts)."""
+        return [masks[:n] for masks, n in zip(self.masks, self.valid.sum(1).tolist())]
+
+    def to(self, device: torch.device) -> "ObjectMasks":
+        return ObjectMasks(self.masks.to(device), self.valid.to(device))
+
+
 class SegmenterError(Exception):
     """A segmenter could not be built (unknown kind, bad state) or used (not fitted).
     Checkpoint problems raise linewatch.detector.weights.WeightsError instead."""
@@ -57,6 +88,9 @@ class Segmenter(Protocol):
 
     def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
                  seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]: ...
+
+    def segment(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
+                seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> ObjectMasks: ...
 
     def compile_encoder(self) -> None: ...
 
@@ -85,6 +119,18 @@ class AreaFilter:
         keep = np.nonzero((a >= self.min_area) & (a <= self.max_area))[0]
         order = keep[np.argsort(-a[keep], kind="stable")]
         return [int(i) for i in order[: self.max_objects]]
+
+    def select_padded(self, areas: torch.Tensor, valid: torch.Tensor, image_area: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select` on every row at once, on the device, without a host sync.
+
+        areas: (B, K) pixel counts; valid: bool (B, K) the real objects. -> indices (B, N) into K
+        and their validity (B, N), N = min(K, max_objects): row b's kept objects first, largest first
+        (ties keep input order), as `select` orders them, then padding."""
+        fraction = areas.double() / float(image_area)
+        keep = valid & (fraction >= self.min_area) & (fraction <= self.max_area)
+        order = torch.sort(torch.where(keep, fraction, -1.0), dim=1, descending=True, stable=True).indices
+        order = order[:, : self.max_objects]
+        return order, keep.gather(1, order)
 
     def apply(self, masks: torch.Tensor) -> torch.Tensor:
         """masks: bool (M, H, W) -> bool (M', H, W), filtered and sorted by area descending."""
@@ -218,38 +264,52 @@ class SamSegmenter:
         """torch.compile SAM's image encoder (detector.compile); the first batches pay for it."""
         self.sam.image_encoder = torch.compile(self.sam.image_encoder)
 
-    @torch.inference_mode()
     def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
                  seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """`segment` as B bool tensors (M_b, S, S) on the frames' device (one host sync for the counts)."""
+        return self.segment(images01, frames, seeds).per_image()
+
+    @torch.inference_mode()
+    def segment(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
+                seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> ObjectMasks:
         """images01: float (B, 3, S, S) working images; frames: uint8 (B, H, W, 3) the camera
         frames (None: the working images are segmented instead); seeds: points (B, Q, 2) in
         [0, 1] and their validity (B, Q), for reference-seeded prompts.
-        -> B bool tensors (M_b, S, S) on the frames' device, sorted by area descending after
-        the area filter."""
+        -> masks (B, M, S, S) on the frames' device, sorted by area descending after the area
+        filter, M = min(max_objects, the generator's candidate slots). The batched generator reads
+        nothing back from the device; the segment_anything one works on the host."""
         _check_batch(images01)
         _, _, S, S2 = images01.shape
         if frames is None:  # SAM was trained on RGB: a grey image as three equal channels
             frames = (three_channels(images01).detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
             frames = frames.permute(0, 2, 3, 1)
         if self.generator_kind == "segment_anything":
-            masks = [self._segment_anything(frame, (S, S2)) for frame in frames]
-        else:
-            masks = self._batched(frames, (S, S2), seeds)
-        return [self._keep(m) for m in masks]
+            masks = [self._keep(self._segment_anything(frame, (S, S2))) for frame in frames]
+            return ObjectMasks.from_list(masks, (S, S2))
+        proposals = self._batched(frames, (S, S2), seeds)
+        rows = torch.arange(frames.shape[0], device=frames.device)[:, None]
+        order, valid = self.area_filter.select_padded(proposals.masks.flatten(2).sum(2), proposals.valid, S * S2)
+        return ObjectMasks(proposals.masks[rows, order] & valid[..., None, None], valid)
 
-    def _batched(self, frames: torch.Tensor, size: tuple[int, int], seeds) -> list[torch.Tensor]:
+    def _grids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prompt grid, the full grid) on `device`, copied there once."""
+        if self.grid.device != device:
+            self.grid, self.full_grid = self.grid.to(device), self.full_grid.to(device)
+        return self.grid, self.full_grid
+
+    def _batched(self, frames: torch.Tensor, size: tuple[int, int], seeds):
         B, H, W, _ = frames.shape
-        scale = torch.tensor([W, H], dtype=torch.float32, device=frames.device)
         seeded = self.wants_seeds and seeds is not None
-        grid = self.grid if seeded or not self.wants_seeds else self.full_grid  # no references yet: the full grid
-        points = grid.to(frames.device)[None].expand(B, -1, -1)
+        grid, full_grid = self._grids(frames.device)
+        grid = grid if seeded or not self.wants_seeds else full_grid  # no references yet: the full grid
+        points = grid[None].expand(B, -1, -1)
         valid = torch.ones(points.shape[:2], dtype=torch.bool, device=frames.device)
         if seeded:
             seed_points, seed_valid = seeds
             points = torch.cat([seed_points.to(frames.device).float(), points], dim=1)
             valid = torch.cat([seed_valid.to(frames.device), valid], dim=1)
-        proposals = self.generator(frames, points * scale, valid, output_size=size)
-        return proposals.masks
+        pixels = torch.stack([points[..., 0] * W, points[..., 1] * H], dim=-1)  # no host-made [W, H] tensor
+        return self.generator.padded(frames, pixels, valid, output_size=size)
 
     def _segment_anything(self, frame: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         with torch.autocast(device_type=frame.device.type, enabled=False):  # it hands its tensors to numpy: fp32 only
@@ -303,7 +363,8 @@ def build_sam_segmenter(
 ) -> SamSegmenter:
     """Build SAM `settings.kind` ('vit_b' | 'vit_l' | 'vit_h') from the segment-anything registry,
     load `checkpoint` (the resolved file of `settings.checkpoint`) safely (None: random weights,
-    for tests only), move it to `device`, and wrap it with the rest of `settings`.
+    for tests only), give its image encoder linewatch.detector.sam_attention's SdpaAttention, move
+    it to `device`, and wrap it with the rest of `settings`.
 
     Raises:
         SegmenterError: unknown kind.  WeightsError: checkpoint absent, unreadable or unfit.
@@ -320,6 +381,9 @@ def build_sam_segmenter(
     if checkpoint is not None:
         load_sam_weights(model, Path(checkpoint))
         name = f"{kind}@{Path(checkpoint).name}"
+    from linewatch.detector.sam_attention import use_sdpa_attention
+
+    use_sdpa_attention(model.image_encoder)  # the same function, one fused attention call per block
     model.to(device).eval()
     return SamSegmenter(model, area_filter, settings, model_name=name)
 
@@ -450,6 +514,11 @@ class ClassicSegmenter:
 
     def compile_encoder(self) -> None:
         """Nothing to compile: no neural network."""
+
+    def segment(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
+                seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> ObjectMasks:
+        """`__call__`'s masks padded to the most objects of an image (at least 1)."""
+        return ObjectMasks.from_list(self(images01, frames, seeds), tuple(images01.shape[-2:]))
 
     def __call__(self, images01: torch.Tensor, frames: torch.Tensor | None = None,
                  seeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:

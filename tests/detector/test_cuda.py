@@ -1,8 +1,9 @@
 """The detector on a CUDA device (skipped without one; benchmarks/gpu_check.sh runs these).
 
-Tiny random samlad models (DINOv2 + JBU + SAM with the batched generator): the stages other than
-segment queue their work without waiting for the device (torch.cuda.set_sync_debug_mode raises
-on any synchronisation), and the results on CUDA follow those on the CPU."""
+Tiny random samlad models (DINOv2 + JBU + SAM with the batched generator, its encoder with
+SdpaAttention as build_sam_segmenter gives it): the stages other than measure queue their work
+without waiting for the device (torch.cuda.set_sync_debug_mode raises on any synchronisation), and
+the results on CUDA follow those on the CPU."""
 
 from __future__ import annotations
 
@@ -13,20 +14,22 @@ import torch
 
 from linewatch.bank_builder import build_bank
 from linewatch.detector.inspector import Batch, Inspector, StageTimer
+from linewatch.detector.sam_attention import use_sdpa_attention
 from tests.detector.samlad_models import samlad_config, tiny_samlad_models, write_images
 
 pytestmark = pytest.mark.cuda
 
 CUDA = torch.device("cuda")
-# Segment's sizes depend on the data (how many masks survive): it reads a few counts per batch.
-# measure copies the results to the host once at its end. Every other stage must not wait.
-SYNC_FREE_STAGES = ("backbone", "upsample", "describe", "match")
+# Segment pads its results to fixed shapes (linewatch.detector.sam_masks); measure reads its counts
+# and copies the results to the host at its end. Every other stage must not wait.
+SYNC_FREE_STAGES = ("backbone", "upsample", "segment", "describe", "match")
 
 
 def to_device(models, device):
     models.backbone.to(device)
     models.upsampler.to(device)
     models.dcga.to(device)
+    use_sdpa_attention(models.segmenter.sam.image_encoder)  # segment-anything's get_rel_pos indexes with a CPU arange
     models.segmenter.sam.to(device)
     return models
 

@@ -1,7 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from linewatch.detector.describe import DCGA, masked_global_max_pool, object_feature_maps, resize_masks
+from linewatch.detector.describe import (DCGA, masked_global_max_pool, object_feature_maps, pad_masks, padded_soft_masks,
+                                         resize_masks)
+from linewatch.detector.segment import ObjectMasks
 
 
 def test_object_feature_maps_same_size_is_product():
@@ -132,3 +134,18 @@ def test_dcga_empty_and_float64():
     assert out.dtype == torch.float64
     out = d(torch.zeros(1, 2, 8))  # all-zero pooled vectors (empty masks) stay finite
     assert torch.isfinite(out).all()
+
+
+def test_padded_soft_masks_equal_pad_masks_of_the_same_objects() -> None:
+    g = torch.Generator().manual_seed(0)
+    lists = [torch.rand(n, 20, 20, generator=g) > 0.7 for n in (3, 0, 1)]
+    objects = ObjectMasks.from_list(lists, (20, 20))
+    wide = ObjectMasks(torch.cat([objects.masks, torch.zeros(3, 2, 20, 20, dtype=torch.bool)], dim=1),
+                       torch.cat([objects.valid, torch.zeros(3, 2, dtype=torch.bool)], dim=1))  # more padding
+    soft, valid, boxes = pad_masks(lists, (8, 8), torch.device("cpu"))
+    for padded in (objects, wide):
+        p_soft, p_valid, p_boxes = padded_soft_masks(padded.masks, padded.valid, (8, 8))
+        assert torch.equal(p_soft[:, :3], soft) and torch.equal(p_valid[:, :3], valid)
+        assert torch.equal(p_boxes[:, :3], boxes)
+        assert not p_valid[:, 3:].any() and not p_soft[:, 3:].any() and not p_boxes[:, 3:].any()
+    assert [m.shape[0] for m in objects.per_image()] == [3, 0, 1]

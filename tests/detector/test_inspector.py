@@ -17,6 +17,7 @@ from linewatch.detector.align import mask_moments, reference_grids, warp
 from linewatch.detector.inspector import Batch, Inspector, InputError
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES, InspectionResult
+from linewatch.detector.segment import ObjectMasks
 from linewatch.sim import generate_dataset, render
 
 SIM_SIZE = 128
@@ -705,7 +706,7 @@ def test_measure_reads_the_host_twice_whatever_the_number_of_objects(inspector, 
     batch = inspector.preprocess(Batch(images=[frame(0)[0], frame(1, "missing")[0], frame(4)[0]]))
     for step in (inspector.backbone, inspector.upsample, inspector.segment):
         batch = step(batch)
-    batch.encoded.masks = [_squares(objects), _squares(objects), _squares(objects - 1)]
+    batch.encoded.masks = ObjectMasks.from_list([_squares(objects), _squares(objects), _squares(objects - 1)], (112, 112))
     batch = inspector.describe(batch)
     assert batch.encoded.valid.sum(1).tolist() == [objects, objects, objects - 1]
     with _HostReads() as reads:

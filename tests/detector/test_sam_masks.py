@@ -17,11 +17,14 @@ resolution (this module's filters) and at full resolution (SAM's).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms, box_iou
@@ -163,7 +166,8 @@ def ours(sam, images) -> dict[str, tuple[MaskProposals, torch.Tensor, torch.Tens
 @pytest.fixture(scope="module")
 def small_batch(sam, images) -> dict[str, MaskProposals]:
     """3x3 prompts: "pair" = square and square2 in one batch (encoded one frame at a time, decoded in
-    chunks of 6 prompts, one of which straddles the two images); "square" / "square2" = each alone."""
+    chunks of 3 prompts per frame, 6 per decoder call); "square" / "square2" = each alone (chunks of 6, the
+    last one padded)."""
     gen = BatchedMaskGenerator(sam, points_per_batch=6, **THRESHOLDS)
     pair_gen = BatchedMaskGenerator(sam, points_per_batch=6, encoder_batch=1, **THRESHOLDS)
     return {
@@ -417,3 +421,158 @@ def test_rejects_bad_inputs(sam) -> None:
         gen(frames, torch.zeros(2, 1, 2))
     with pytest.raises(ValueError, match="point_valid"):
         gen(frames, torch.zeros(1, 3, 2), torch.ones(1, 2, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- on-device pieces
+
+
+def test_embed_points_equals_the_prompt_encoder() -> None:
+    """The torch.where rewrite gives the prompt encoder's numbers exactly, for every label kind."""
+    sam = build_tiny_sam(0).eval()
+    torch.manual_seed(4)
+    points = torch.rand(5, 3, 2, dtype=torch.float64) * 1024
+    labels = torch.tensor([[1, 0, -1], [1, 1, 1], [0, 0, 1], [-1, 1, 0], [1, -1, -1]], dtype=torch.int)
+    with torch.inference_mode():
+        ref_sparse, ref_dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        assert torch.equal(sam_masks.embed_points(sam.prompt_encoder, points, labels), ref_sparse)
+        sparse, dense = BatchedMaskGenerator(sam).encode_points(points[:, 0])
+        ones = torch.ones(5, 1, dtype=torch.int)
+        assert torch.equal(sparse, sam.prompt_encoder(points=(points[:, :1], ones), boxes=None, masks=None)[0])
+        assert torch.equal(dense, ref_dense)
+
+
+def test_greedy_nms_by_hand() -> None:
+    """A chain: 0 overlaps 1, 1 overlaps 2, 0 and 2 overlap less. IoU(0, 1) = IoU(1, 2) = 80 / 120,
+    IoU(0, 2) = 60 / 140; box 3 overlaps none; box 4 (0's twin) is padding."""
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [2, 0, 12, 10], [4, 0, 14, 10], [20, 20, 30, 30], [0, 0, 10, 10]]])
+    valid = torch.tensor([[True, True, True, True, False]])
+    assert sam_masks.greedy_nms(boxes, valid, 0.7)[0].tolist() == [True, True, True, True, False]
+    # 1 goes (0.667 > 0.5); 2 stays: only the suppressed 1 overlapped it that much (greedy, not pairwise)
+    assert sam_masks.greedy_nms(boxes, valid, 0.5)[0].tolist() == [True, False, True, True, False]
+    assert sam_masks.greedy_nms(boxes, valid, 0.4)[0].tolist() == [True, False, False, True, False]
+    assert torch.allclose(sam_masks.box_overlaps(boxes[0, :3]), torch.tensor(
+        [[1.0, 2 / 3, 3 / 7], [2 / 3, 1.0, 2 / 3], [3 / 7, 2 / 3, 1.0]]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_nms_decides_as_torchvision_batched_nms(seed) -> None:
+    """Random integer boxes (SAM's are pixel indices) with many score ties, identical and empty
+    boxes, padding: the same survivors in the same order as batched_nms over the whole batch."""
+    g = torch.Generator().manual_seed(seed)
+    B, K = 4, 60
+    xy = torch.randint(0, 40, (B, K, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + torch.randint(0, 20, (B, K, 2), generator=g).float()], dim=-1)
+    boxes[:, 7] = boxes[:, 3]  # identical boxes, and (below) equal scores
+    scores = torch.randint(0, 6, (B, K), generator=g).float() / 5
+    scores[:, 7] = scores[:, 3]
+    valid = torch.rand(B, K, generator=g) > 0.15
+    rows = torch.arange(B)[:, None]
+    image = rows.expand(B, K)
+    for threshold in (0.0, 0.3, 0.5, 0.7, 0.9):
+        ref = batched_nms(boxes[valid], scores[valid], image[valid], threshold)
+        ref_index = torch.arange(B * K).view(B, K)[valid][ref]  # into the flattened (B, K)
+        order = torch.sort(torch.where(valid, scores, -torch.inf), dim=1, descending=True, stable=True).indices
+        keep = sam_masks.greedy_nms(boxes[rows, order], valid.gather(1, order), threshold)
+        mine = (rows * K + order)[keep]  # image-major, each image in its score order
+        for b in range(B):
+            theirs = ref_index[ref_index // K == b]
+            assert torch.equal(mine[mine // K == b], theirs), (threshold, b)
+        assert 0 < keep.sum() < valid.sum() or threshold == 0.9
+
+
+# ----------------------------------------------------------------------------- a larger comparison
+
+
+def _small_side_sam(seed: int, depth: int = 3, side: int = 128, dim: int = 64) -> torch.nn.Module:
+    """A random SAM whose encoder takes side x side (8 x 8 tokens at 128; windowed blocks then a global
+    one), 64-channel prompt and decoder, the decoder's upscaling kernels averaged as in _smooth_tiny_sam
+    and its hypernetwork outputs scaled up 30x, so that logits span about +-1.2 and masks, boxes and
+    stability scores vary over the grid."""
+    torch.manual_seed(seed)
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=depth, embed_dim=32, img_size=side, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=2, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[depth - 1],
+            window_size=4, out_chans=dim),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(side // 16, side // 16),
+                                     input_image_size=(side, side), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=64,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=128, num_heads=4)),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+    for layer in sam.mask_decoder.output_upscaling:
+        if isinstance(layer, torch.nn.ConvTranspose2d):
+            layer.weight.data[:] = layer.weight.data.mean(dim=(2, 3), keepdim=True)
+    for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+        mlp.layers[-1].weight.data *= 30
+    return sam
+
+
+def _random_scene(side: int, seed: int) -> np.ndarray:
+    """uint8 (side, side, 3): five rectangles and discs of random colours on a random background."""
+    rng = np.random.default_rng(seed)
+    image = np.full((side, side, 3), rng.integers(0, 256, 3), np.uint8)
+    yy, xx = np.mgrid[:side, :side]
+    for _ in range(5):
+        colour = rng.integers(0, 256, 3)
+        if rng.random() < 0.5:
+            y0, x0 = rng.integers(0, side - 20, 2)
+            image[y0 : y0 + rng.integers(10, 60), x0 : x0 + rng.integers(10, 60)] = colour
+        else:
+            cy, cx, r = rng.integers(0, side), rng.integers(0, side), rng.integers(8, 30)
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = colour
+    return image
+
+
+@pytest.mark.slow
+def test_decisions_equal_sam_on_a_16x16_grid_over_a_batch_of_4() -> None:
+    """A 3-block encoder (two windowed, one global), 16 x 16 prompts on each of 4 random scenes decoded
+    as one batch (chunks of 16 prompts per image), filter_at_full_res; thresholds in the thick of the
+    scores: at least 1 % of the 3072 candidates lie within 0.02 of the IoU threshold, and of the stability one.
+    fp32 decisions: at least 99 % of the masks on either side are the same mask (same prompt, same
+    predicted IoU, mask IoU >= 0.99), and the order within each image is SAM's."""
+    side, grid = 128, 16
+    thresholds = dict(pred_iou_thresh=0.1, stability_score_thresh=0.6, stability_score_offset=0.05,
+                      box_nms_thresh=0.9)
+    sam = _small_side_sam(SEED)
+    images = [_random_scene(side, seed) for seed in range(4)]
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original_decode = sam_masks.decode_masks
+
+    def recording_decode(*args):
+        logits, iou = original_decode(*args)
+        recorded.append((logits.flatten(0, 1), iou.flatten(0, 1)))
+        return logits, iou
+
+    gen = BatchedMaskGenerator(sam, points_per_batch=64, filter_at_full_res=True, **thresholds)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sam_masks, "decode_masks", recording_decode)
+        ours = _run(gen, images, grid)
+
+    logits, iou = torch.cat([r[0] for r in recorded]), torch.cat([r[1] for r in recorded])
+    stability = stability_scores(upsample_logits(logits, (side, side), (side, side), side), 0.0,
+                                 thresholds["stability_score_offset"])
+    near_iou = ((iou - thresholds["pred_iou_thresh"]).abs() < 0.02).float().mean()
+    near_stability = ((stability - thresholds["stability_score_thresh"]).abs() < 0.02).float().mean()
+    assert near_iou >= 0.01 and near_stability >= 0.01, (near_iou, near_stability)
+
+    amg = SamAutomaticMaskGenerator(sam, points_per_side=grid, points_per_batch=64, crop_n_layers=0,
+                                    output_mode="binary_mask", **thresholds)
+    matched = total = 0
+    for b, image in enumerate(images):
+        records = amg.generate(image)
+        theirs = torch.from_numpy(np.stack([r["segmentation"] for r in records])) if records else \
+            torch.zeros(0, side, side, dtype=torch.bool)
+        pairs = []
+        for i in range(len(ours.masks[b])):
+            for j, record in enumerate(records):
+                same_prompt = ours.points[b][i].tolist() == pytest.approx(record["point_coords"][0])
+                if same_prompt and abs(ours.scores[b][i].item() - record["predicted_iou"]) < 1e-5:
+                    if _mask_iou(ours.masks[b][i : i + 1], theirs[j : j + 1]).item() >= 0.99:
+                        pairs.append((i, j))
+                        break
+        matched += len(pairs)
+        total += max(len(records), len(ours.masks[b]))
+        assert [j for _, j in pairs] == sorted(j for _, j in pairs)  # SAM's order
+    assert total >= 10, (matched, total)
+    assert matched >= 0.99 * total, (matched, total)

@@ -37,8 +37,13 @@ def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(tmp_path: Pa
     if prompts == "reference_seeded":  # one prompt inside each bank part, then the 1-point coarse grid
         calls = []
         generator = models.segmenter.generator
-        models.segmenter.generator = lambda frames, points, valid, output_size: (
-            calls.append((points, valid)) or generator(frames, points, valid, output_size=output_size))
+
+        class Recording:
+            def padded(self, frames, points, valid, output_size):
+                calls.append((points, valid))
+                return generator.padded(frames, points, valid, output_size=output_size)
+
+        models.segmenter.generator = Recording()
     image, _, _ = render("screw_tray", np.random.default_rng(9), anomaly="missing", size=112)
     (result,) = inspector.inspect([image])
     assert result.backend == "samlad"
@@ -128,8 +133,8 @@ class _HostData(TorchFunctionMode):
 @pytest.mark.parametrize("prompts", ["full_grid", "reference_seeded"])
 def test_hot_stages_make_no_tensor_from_host_data_and_read_nothing_back(tmp_path: Path, prompts: str) -> None:
     """The CPU half of tests/detector/test_cuda.py::test_hot_stages_do_not_synchronise: backbone,
-    upsample, describe and match neither copy constants from the host (they are the models' buffers,
-    moved to the device with the weights at build) nor read the device back."""
+    upsample, segment, describe and match neither copy constants from the host (they are the models'
+    buffers, moved to the device with the weights at build) nor read the device back."""
     config = samlad_config(tmp_path, prompts)
     write_images(tmp_path / "good", 4, seed=1)
     write_images(tmp_path / "val", 2, seed=2)
@@ -143,6 +148,6 @@ def test_hot_stages_make_no_tensor_from_host_data_and_read_nothing_back(tmp_path
         with _HostData() as host:
             batch = inspector.run(batch, (name,))
         seen[name] = host.calls
-    assert {name: seen[name] for name in ("backbone", "upsample", "describe", "match")} == {
-        "backbone": {}, "upsample": {}, "describe": {}, "match": {}}
+    assert {name: seen[name] for name in ("backbone", "upsample", "segment", "describe", "match")} == {
+        "backbone": {}, "upsample": {}, "segment": {}, "describe": {}, "match": {}}
     assert len(batch.results) == 2

@@ -216,11 +216,12 @@ def test_sam_segmenter_segments_the_frame_and_returns_working_size_masks(tiny_sa
     seen = {}
 
     class Recorder:
-        def __call__(self, frames, points, valid, output_size):
+        def padded(self, frames, points, valid, output_size):
             seen.update(frames=frames, points=points, valid=valid, output_size=output_size)
-            masks = torch.zeros(3, *output_size, dtype=torch.bool)
-            masks[0, :10], masks[1, :40], masks[2, :20] = True, True, True
-            return type("P", (), {"masks": [masks] * frames.shape[0]})()
+            masks = torch.zeros(1, 4, *output_size, dtype=torch.bool)
+            masks[0, 0, :10], masks[0, 1, :40], masks[0, 2, :20] = True, True, True
+            valid = torch.tensor([[True, True, True, False]])  # the fourth: padding
+            return type("P", (), {"masks": masks, "valid": valid})()
 
     seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2), SamConfig(points_per_side=2))
     seg.generator = Recorder()
@@ -236,9 +237,11 @@ def test_reference_seeded_prompts_are_the_seeds_then_the_coarse_grid(tiny_sam: t
     seen = {}
 
     class Recorder:
-        def __call__(self, frames, points, valid, output_size):
+        def padded(self, frames, points, valid, output_size):
             seen.update(points=points, valid=valid)
-            return type("P", (), {"masks": [torch.zeros(0, *output_size, dtype=torch.bool)] * frames.shape[0]})()
+            b = frames.shape[0]
+            return type("P", (), {"masks": torch.zeros(b, 1, *output_size, dtype=torch.bool),
+                                  "valid": torch.zeros(b, 1, dtype=torch.bool)})()
 
     seg = SamSegmenter(tiny_sam, AreaFilter(0.0, 1.0, 2),
                        SamConfig(prompts="reference_seeded", coarse_points_per_side=1, points_per_side=2))
@@ -367,3 +370,18 @@ def test_area_filter_from_config_is_detector_objects() -> None:
 
     objects = ObjectFilterConfig(min_area=0.01, max_area=0.4, max_objects=5)
     assert AreaFilter.from_config(objects) == AreaFilter(min_area=0.01, max_area=0.4, max_objects=5)
+
+
+def test_area_filter_select_padded_equals_select_row_by_row() -> None:
+    g = torch.Generator().manual_seed(0)
+    areas = torch.randint(0, 60, (5, 12), generator=g)
+    areas[:, 3] = areas[:, 4]  # ties keep input order
+    valid = torch.rand(5, 12, generator=g) > 0.2
+    f = AreaFilter(min_area=0.1, max_area=0.5, max_objects=4)
+    order, kept = f.select_padded(areas, valid, 100)
+    assert order.shape == kept.shape == (5, 4)
+    for b in range(5):
+        real = valid[b].nonzero().squeeze(1)
+        expected = [int(real[i]) for i in f.select(areas[b][real], 100)]
+        assert order[b][kept[b]].tolist() == expected
+        assert kept[b].tolist() == [True] * len(expected) + [False] * (4 - len(expected))

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class Models:
     backbone: nn.Module  # images01 (B, 3, S, S) -> (B, C, h, w); .identity
     upsampler: nn.Module  # (features, images01) -> (B, C, H', W'); .identity
-    segmenter: Segmenter  # images01 (B, 3, S, S) -> list of (M_b, S, S) bool; declares what it needs
+    segmenter: Segmenter  # .segment(images01 (B, 3, S, S)) -> ObjectMasks (B, M, S, S); declares what it needs
     dcga: DCGA
     shape_weight: float = 0.0  # weight of the parts' outline descriptors (linewatch.detector.shape); 0: unused
 
