@@ -533,9 +533,13 @@ def _written_strokes(name: str, hand: Handwriting) -> list[np.ndarray]:
     out, k = [], 0
     for stroke in strokes:
         s = np.asarray(stroke, np.float64)
-        if hand.writer in (1, 3):
+        if hand.writer in (1, 3):  # a rounder hand: corners cut, every stroke bowed a little
             s = _rounded(s)
         s = _resampled(s, 0.05)
+        if hand.writer in (1, 3):
+            chord = s[-1] - s[0]
+            normal = np.array([-chord[1], chord[0]]) / max(float(np.hypot(*chord)), 1e-9)
+            s = s + 0.04 * np.sin(np.linspace(0.0, math.pi, len(s)))[:, None] * normal
         y = s[:, 1] + hand.waist * (1.0 - 4.0 * s[:, 1] ** 2)  # ends stay, the middle moves
         x = s[:, 0] * hand.stretch - hand.slant * y
         # a smooth wobble: the part's normal draws, averaged over 3 neighbours, 0.012 of the height

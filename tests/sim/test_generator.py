@@ -332,3 +332,46 @@ def test_shape_products_keep_parts_apart(product: str) -> None:
                 others = np.logical_or.reduce([f for j, f in enumerate(feet) if j != i])
                 distance = cv2.distanceTransform((~others).astype(np.uint8), cv2.DIST_L2, 5)
                 assert distance[foot].min() >= 0.045 * S, (anomaly, seed, info["parts"][i]["kind"])
+
+
+# ----------------------------------------------------------------------------- handwritten characters
+
+
+def test_characters_vary_between_good_parts_but_not_within_a_seed() -> None:
+    """char_tray: two good parts of one slot (other seeds) are drawn differently (writer, slant,
+    width, stroke width, wobble), far more than glyph_tray's glyphs, which differ only by the
+    placement jitter; the same seed draws the same part, and a wrong character in the slot is
+    drawn by the same hand (same seed): about the same amount of ink."""
+    S = 512
+
+    def foot(kind: str, seed: int, angle: float = 0.0) -> np.ndarray:
+        return DRAWERS[kind](np.zeros((S, S, 3), np.float32), Part(kind, 0.5, 0.5, angle, 1.0, seed), S,
+                             np.random.default_rng(seed))
+
+    for kind in ("char_F", "char_R", "char_4", "char_K"):
+        feet = [foot(kind, seed) for seed in range(8)]
+        assert np.array_equal(feet[0], foot(kind, 0))
+        overlaps = [_centred_iou(feet[i], feet[j]) for i in range(8) for j in range(i + 1, 8)]
+        assert np.mean(overlaps) < 0.75, (kind, np.mean(overlaps))
+        glyph = kind.replace("char_", "glyph_")
+        assert _centred_iou(foot(glyph, 0), foot(glyph, 1, angle=4.0)) > 0.8, kind
+        areas = np.array([f.sum() for f in feet])
+        assert areas.std() / areas.mean() > 0.05, kind  # stroke width and size vary
+    for a, b in PRODUCT_SPECS["char_tray"].wrong_part.items():
+        for seed in range(4):
+            assert abs(foot(b, seed).sum() / foot(a, seed).sum() - 1) < 0.15, (a, b, seed)
+
+
+def test_every_writer_builds_each_character_differently() -> None:
+    from linewatch.sim.generator import CHAR_ALTERNATES, CHAR_WRITERS, GLYPHS, _written_strokes, Handwriting
+
+    plain = dict(slant=0.0, stretch=1.0, waist=0.0, stroke=1.0, size=1.0, turn=0.0, wobble=np.zeros((64, 2)))
+    for name in CHAR_ALTERNATES:
+        assert name in GLYPHS
+        drawn = [np.concatenate(_written_strokes(name, Handwriting(writer=w, **plain))) for w in range(CHAR_WRITERS)]
+        for i in range(CHAR_WRITERS):
+            for j in range(i + 1, CHAR_WRITERS):
+                assert drawn[i].shape != drawn[j].shape or not np.allclose(drawn[i], drawn[j]), (name, i, j)
+    # with every variation off, the printed writer draws GLYPHS' strokes (resampled: same ends)
+    strokes = _written_strokes("L", Handwriting(writer=0, **plain))
+    assert np.allclose(strokes[0][[0, -1]], np.asarray(GLYPHS["L"][0])[[0, -1]])
