@@ -145,7 +145,7 @@ class MeasureConfig(_Section):
     surplus_weight: float = Field(1.0, ge=0, description="weight of the map of query parts beyond the reference count")
     identity_weight: float = Field(1.0, ge=0, description="weights-free backend: weight in the object map of each "
                                    "part's outline distance to the nearest good part of its place in the bank, beyond "
-                                   "how near that place's good parts are to each other (0: off)")
+                                   "twice how near that place's good parts are to each other (0: off)")
 
 
 class ScoreConfig(_Section):

@@ -16,7 +16,8 @@ distance to the nearest one, in units of how near the slot's good parts are to e
     identity z_q             min over the slot of |d_q - d_j|  /  mean over the slot of s_j
 
 A good part is about as near to its slot's good parts as they are to each other (z about 1);
-another character, a mirrored or a turned one is far from all of them. A part with no slot
+another character, a mirrored or a turned one is far from all of them. The object map adds
+what lies beyond a margin (`linewatch.detector.measure.identity_map`). A part with no slot
 (moved to a free place, a part too many) gets 0: the other branches judge it. Pure torch, no
 host synchronisation.
 """

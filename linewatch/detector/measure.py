@@ -333,11 +333,14 @@ def part_maps(shapes: Tensor, textures: Tensor, valid: Tensor, soft_masks: Tenso
     return maps
 
 
+IDENTITY_MARGIN = 2.0  # identity z a part may reach before it counts: twice its slot's spread
+
+
 def identity_map(identity: Tensor, soft_masks: Tensor) -> Tensor:
-    """Each part's identity z (`linewatch.detector.identity.identity_distances`, (B, M)) beyond 1,
-    the level of a good part, spread over its mask: (B, H', W'). A good part adds little; a part
-    that is not what its place holds adds how far it is beyond its place's good parts."""
-    excess = (identity - 1.0).clamp_min(0.0)
+    """Each part's identity z (`linewatch.detector.identity.identity_distances`, (B, M)) beyond
+    IDENTITY_MARGIN, spread over its mask: (B, H', W'). A good part (z about 1) adds nothing; a
+    part that is not what its place holds adds how far it is beyond its place's good parts."""
+    excess = (identity - IDENTITY_MARGIN).clamp_min(0.0)
     if soft_masks.shape[1] == 0:
         return soft_masks.new_zeros(soft_masks.shape[0], *soft_masks.shape[-2:])
     return (soft_masks * excess[..., None, None]).amax(1)

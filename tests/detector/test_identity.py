@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from linewatch.detector.identity import identity_distances, slot_members, slot_spreads
-from linewatch.detector.measure import identity_map
+from linewatch.detector.measure import IDENTITY_MARGIN, identity_map
 from linewatch.detector.shape import outline_descriptors, part_crops
 from linewatch.sim.generator import DRAWERS, Part
 
@@ -73,12 +73,13 @@ def test_identity_is_the_nearest_good_distance_over_the_slots_mean_spread():
     assert torch.allclose(z_floor, torch.tensor([[math.sqrt(2.0) / 0.5]]), atol=1e-5)
 
 
-def test_identity_map_spreads_the_excess_over_one_on_each_part():
+def test_identity_map_spreads_the_excess_over_the_margin_on_each_part():
+    assert IDENTITY_MARGIN == 2.0
     masks = torch.zeros(1, 3, 2, 3)
     masks[0, 0, 0, 0] = 1.0
     masks[0, 1, 1, 1:] = torch.tensor([0.5, 1.0])
     masks[0, 2, 0, 2] = 1.0
-    z = torch.tensor([[0.5, 3.0, 1.5]])  # a good part below 1 adds nothing
+    z = torch.tensor([[1.5, 4.0, 2.5]])  # a good part below the margin adds nothing
     assert identity_map(z, masks).tolist() == [[[0.0, 0.0, 0.5], [0.0, 1.0, 2.0]]]
     assert identity_map(torch.zeros(2, 0), torch.zeros(2, 0, 2, 3)).shape == (2, 2, 3)
 
