@@ -344,3 +344,15 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_main_sim_generate_writes_a_product_named_outside_the_default_set(capsys, tmp_path):
+    from linewatch.sim import ALL_PRODUCTS, IDENTITY_PRODUCTS
+
+    assert "char_tray" in IDENTITY_PRODUCTS and "char_tray" not in ALL_PRODUCTS
+    rc, out, _ = run_main(capsys, "sim", "generate", "--out", tmp_path, "--product", "char_tray", "--size", 96,
+                          "--train", 1, "--validation", 0, "--test-good", 1, "--test-logical", 1,
+                          "--test-structural", 1, "--quiet")
+    assert rc == 0 and f"char_tray: {tmp_path / 'char_tray'}" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["char_tray"]
+    assert len(list((tmp_path / "char_tray" / "train" / "good").glob("*.png"))) == 1
