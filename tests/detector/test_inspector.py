@@ -186,6 +186,28 @@ def test_exclude_changes_references(inspector, bank, dataset):
     assert own.score < 0.5 * bank.threshold
 
 
+def test_part_identity_adds_to_the_object_score_of_a_part_foreign_to_its_place(inspector, bank):
+    """measure.identity_weight (on by default): every bank part has its place's others in the
+    other good images; a good frame's object score is what it is without identity (no good part
+    is twice its place's spread from the nearest good one); a part of another kind in place (wrong_part) adds."""
+    assert inspector.slot_spreads.shape == bank.object_valid.shape
+    assert (inspector.slot_spreads[bank.object_valid] > 0).all()
+
+    def objects_score(image: np.ndarray, identity: bool) -> float:
+        spreads = inspector.slot_spreads
+        inspector.slot_spreads = spreads if identity else None
+        try:
+            return inspector.inspect([image])[0].components["objects"]
+        finally:
+            inspector.slot_spreads = spreads
+
+    for seed in range(3):
+        good = frame(seed)[0]
+        assert objects_score(good, True) == pytest.approx(objects_score(good, False), rel=1e-6)
+    wrong = [frame(seed, "wrong_part")[0] for seed in range(3)]
+    assert sum(objects_score(w, True) > objects_score(w, False) + 1.0 for w in wrong) >= 2
+
+
 # ---------------------------------------------------------------------------- input errors
 
 
