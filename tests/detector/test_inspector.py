@@ -189,7 +189,8 @@ def test_exclude_changes_references(inspector, bank, dataset):
 def test_part_identity_adds_to_the_object_score_of_a_part_foreign_to_its_place(inspector, bank):
     """measure.identity_weight (on by default): every bank part has its place's others in the
     other good images; a good frame's object score is what it is without identity (no good part
-    is twice its place's spread from the nearest good one); a part of another kind in place (wrong_part) adds."""
+    is twice its place's spread from the nearest good one); a part of another kind in its place
+    (wrong_part) adds to it."""
     assert inspector.slot_spreads.shape == bank.object_valid.shape
     assert (inspector.slot_spreads[bank.object_valid] > 0).all()
 
