@@ -28,6 +28,12 @@ import torch
 from torch import Tensor
 
 SLOT_REACH = 0.5  # a slot: box centres closer than this times the query part's longer box side
+# The least spread a slot is given, in outline-descriptor distance (unit vectors): half of what a
+# good part's own jitter may move it (a 4-degree turn, a shift, a 10 % size change, a noisy
+# segmentation stay under 0.25: tests/detector/test_shape.py), so that on rigid parts, whose good
+# parts are near-identical, that jitter stays below twice the spread (`measure.IDENTITY_MARGIN`),
+# while another shape (above 0.5 there) is far beyond it.
+MIN_SPREAD = 0.125
 
 
 def box_centres(boxes: Tensor) -> Tensor:
@@ -65,7 +71,8 @@ def identity_distances(shapes: Tensor, boxes: Tensor, valid: Tensor, bank_shapes
     """Identity z of every query part (see the module docstring): shapes (B, M, D), boxes (B, M, 4),
     valid (B, M) of the query parts; the bank's shapes (Z, N, D), boxes (Z, N, 4), valid (Z, N)
     and `slot_spreads` (Z, N); floor: the least spread a slot is given (a slot whose good parts
-    happen to be near-identical must not turn a tiny difference into a large z); exclude (B,):
+    happen to be near-identical must not turn a tiny difference into a large z; the Inspector
+    gives at least MIN_SPREAD); exclude (B,):
     the bank image each query is (leave-one-out), or None. -> (B, M), 0 for padding and for a
     part with no slot."""
     z, n = bank_valid.shape

@@ -46,7 +46,7 @@ from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.calibration import Calibration
 from linewatch.detector.describe import masked_global_max_pool, pad_masks, part_textures
-from linewatch.detector.identity import identity_distances, slot_spreads
+from linewatch.detector.identity import MIN_SPREAD, identity_distances, slot_spreads
 from linewatch.detector.match import match_objects, matching_vectors
 from linewatch.detector.measure import (identity_map, missing_parts, object_maps, object_statuses, part_maps,
                                         read_counts, rows_per_chunk, true_indices, unmatched_reference_parts)
@@ -236,7 +236,7 @@ class Inspector:
                 if config.measure.identity_weight > 0:  # linewatch.detector.identity
                     self.slot_spreads = slot_spreads(self.bank.shapes, self.bank.boxes, self.bank.object_valid)
                     spread = self.slot_spreads[self.bank.object_valid & (self.slot_spreads > 0)]
-                    self.slot_floor = float(spread.median()) * 0.25 if spread.numel() else 1.0
+                    self.slot_floor = max(float(spread.median()) * 0.25 if spread.numel() else 1.0, MIN_SPREAD)
             if config.score.source != "objects":
                 self.patch_memory = local_patch_features(self._backbone_maps(self.bank.retrieval))
             self.normalisation = self.bank.manifest.score_normalisation
