@@ -181,12 +181,12 @@ def _unique_name(path: Path, used: set[str]) -> str:
 
 
 def cmd_sim_generate(args: argparse.Namespace) -> int:
-    from linewatch.sim import ALL_PRODUCTS, generate_dataset
+    from linewatch.sim import ALL_PRODUCTS, KNOWN_PRODUCTS, generate_dataset
 
     products = args.product or list(ALL_PRODUCTS)
     for product in products:
-        if product not in ALL_PRODUCTS:
-            print(f"linewatch: error: unknown product {product!r}; known: {', '.join(ALL_PRODUCTS)}", file=sys.stderr)
+        if product not in KNOWN_PRODUCTS:
+            print(f"linewatch: error: unknown product {product!r}; known: {', '.join(KNOWN_PRODUCTS)}", file=sys.stderr)
             return EXIT_USAGE
         path = generate_dataset(
             Path(args.out), product, seed=args.seed, n_train=args.train, n_val=args.validation,
@@ -247,12 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="synthetic production line").add_subparsers(dest="action", required=True)
     p = sim.add_parser("generate", help="write synthetic products in the MVTec LOCO layout")
     p.add_argument("--out", "-o", required=True)
-    from linewatch.sim import PRODUCTS, SHAPE_PRODUCTS  # the runtime commands import it for the demo anyway
+    from linewatch.sim import IDENTITY_PRODUCTS, PRODUCTS, SHAPE_PRODUCTS  # the runtime commands import it anyway
 
     p.add_argument("--product", action="append",
                    help=f"product name, repeatable; default: all of {', '.join(PRODUCTS)} (missing, extra, "
                         f"misplaced, wrong parts) and {', '.join(SHAPE_PRODUCTS)} (shape-only logical anomalies: "
-                        "wrong shape, mirrored, swapped, rotated, wrong grain texture)")
+                        "wrong shape, mirrored, swapped, rotated, wrong grain texture); only by name: "
+                        f"{', '.join(IDENTITY_PRODUCTS)} (handwritten characters that vary between good parts; "
+                        "a wrong, mirrored, swapped or turned character)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--train", type=int, default=60)

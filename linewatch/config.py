@@ -143,6 +143,9 @@ class MeasureConfig(_Section):
     normalize_objects: bool = Field(True, description="divide each part's map by the level that part reaches on good images (learned at bank build)")
     missing_part_weight: float = Field(1.0, ge=0, description="weight of the map of reference parts absent from the query")
     surplus_weight: float = Field(1.0, ge=0, description="weight of the map of query parts beyond the reference count")
+    identity_weight: float = Field(4.0, ge=0, description="weights-free backend: weight in the object map of each "
+                                   "part's outline distance to the nearest good part of its place in the bank, beyond "
+                                   "twice how near that place's good parts are to each other (0: off)")
 
 
 class ScoreConfig(_Section):

@@ -401,3 +401,15 @@ def test_a_mono_line_from_sim_generate_to_verdicts(work, bank):
 
     proc = linewatch("inspect", grey[0], "-c", config, "-b", colour_bank, "-o", root / "inspect-colour")
     assert "a grey image; the bank judges colour images" in proc.stderr, proc.stderr
+
+
+def test_main_sim_generate_writes_a_product_named_outside_the_default_set(capsys, tmp_path):
+    from linewatch.sim import ALL_PRODUCTS, IDENTITY_PRODUCTS
+
+    assert "char_tray" in IDENTITY_PRODUCTS and "char_tray" not in ALL_PRODUCTS
+    rc, out, _ = run_main(capsys, "sim", "generate", "--out", tmp_path, "--product", "char_tray", "--size", 96,
+                          "--train", 1, "--validation", 0, "--test-good", 1, "--test-logical", 1,
+                          "--test-structural", 1, "--quiet")
+    assert rc == 0 and f"char_tray: {tmp_path / 'char_tray'}" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["char_tray"]
+    assert len(list((tmp_path / "char_tray" / "train" / "good").glob("*.png"))) == 1

@@ -17,6 +17,7 @@ part) tensors, with no host synchronisation but `read_counts`:
     unmatched_reference_parts  reference parts no query object matches (B, k, N) and their cells
     missing_parts              those missing in most references -> maps (B, H', W') and a report
     part_maps                  the weights-free part branches: outline and grain distances (B, H', W')
+    identity_map               each part against the good parts of its place (linewatch.detector.identity)
 
 Chunked work takes `chunk_floats`, about how many floats one chunk may hold.
 """
@@ -330,6 +331,19 @@ def part_maps(shapes: Tensor, textures: Tensor, valid: Tensor, soft_masks: Tenso
         nearest = torch.where(valid & torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
         maps[name] = (soft_masks * nearest[..., None, None]).amax(1)
     return maps
+
+
+IDENTITY_MARGIN = 2.0  # identity z a part may reach before it counts: twice its slot's spread
+
+
+def identity_map(identity: Tensor, soft_masks: Tensor) -> Tensor:
+    """Each part's identity z (`linewatch.detector.identity.identity_distances`, (B, M)) beyond
+    IDENTITY_MARGIN, spread over its mask: (B, H', W'). A good part (z about 1) adds nothing; a
+    part that is not what its place holds adds how far it is beyond its place's good parts."""
+    excess = (identity - IDENTITY_MARGIN).clamp_min(0.0)
+    if soft_masks.shape[1] == 0:
+        return soft_masks.new_zeros(soft_masks.shape[0], *soft_masks.shape[-2:])
+    return (soft_masks * excess[..., None, None]).amax(1)
 
 
 def read_counts(counts: Tensor) -> list[int]:

@@ -1,4 +1,4 @@
-"""A synthetic production line: top-down images of four products with logical and structural
+"""A synthetic production line: top-down images of five products with logical and structural
 anomalies and pixel ground truth, written in the MVTec LOCO AD layout.
 
 Honest note: these images are drawn shapes (rings, hexagons, rounded rectangles, letter-like
@@ -9,7 +9,8 @@ them say that the pipeline is wired correctly and how it behaves on these drawn 
 NOT a benchmark of real-world accuracy.
 
 Products and their good content. PRODUCTS (the names older code iterates) are the first two;
-SHAPE_PRODUCTS the other two; ALL_PRODUCTS all four, what `linewatch sim generate` writes.
+SHAPE_PRODUCTS the next two; ALL_PRODUCTS those four, what `linewatch sim generate` writes by
+default; IDENTITY_PRODUCTS (char_tray) only by name (`--product char_tray`); KNOWN_PRODUCTS all five.
   screw_tray:    2 washers, 2 nuts, 1 long screw, 1 short screw (6 parts) on a dark tray.
   breakfast_box: 2 oranges, 1 peach, 1 cereal patch, 1 nut mix (5 parts) in a white box.
   glyph_tray:    9 letter-like parts F R J / L P 4 / 7 2 K in a 3 x 3 grid, thick strokes all of
@@ -17,6 +18,12 @@ SHAPE_PRODUCTS the other two; ALL_PRODUCTS all four, what `linewatch sim generat
   bracket_kit:   flat plates on a green board: an L-bracket, a T-piece and a step plate (steel),
                  an arrow and a right trapezoid (brass), all of one area, and a heap of rice
                  (long light grains on a darker base).
+  char_tray:     9 handwritten characters F R J / L P 4 / 7 2 K in a 3 x 3 grid, dark blue ink
+                 on a cream tray. Unlike glyph_tray, no two good parts are drawn alike: each is
+                 written by one of four "writers" (the printed strokes or another construction of
+                 the character, with sharp or rounded corners) with its own slant, width, stroke
+                 width, size, height of the middle bars, a small turn and a wobble along the
+                 strokes. The part's identity (which character sits in the slot) is what is good.
 
 Anomalies, each with a ground-truth mask of the affected pixels. Each product has its own list
 (ProductSpec.logical / .structural, product_anomalies(product)):
@@ -26,11 +33,12 @@ Anomalies, each with a ground-truth mask of the affected pixels. Each product ha
               wrong_place a part moved to a free spot; mask = old and new location.
               wrong_part  a part replaced by another kind (washer -> nut, orange -> lime, ...);
                           mask = union of the old and the new part's footprint.
-  glyph_tray, bracket_kit: shape-only logical anomalies (SHAPE_ANOMALIES). The changed part keeps
+  glyph_tray, bracket_kit, char_tray: shape-only logical anomalies (SHAPE_ANOMALIES). The changed part keeps
   its place, colour and amount of material (area within a few per cent); only its outline, or
   for the heap its grain, differs. Mask = union of the old and the new footprints.
               wrong_shape   a part replaced by another shape of its colour and area (glyph F -> h,
-                            L -> Z, ...; L-bracket -> U-channel, arrow -> chevron, ...).
+                            L -> Z, ...; L-bracket -> U-channel, arrow -> chevron, ...; on
+                            char_tray another character written with the same hand: F -> E, ...).
               mirrored      a part flipped left-right in place (kinds that are not symmetric).
               swapped       two different parts of one colour exchange places; mask = both places.
               rotated       a part turned by 90 degrees in place (kinds where orientation shows).
@@ -447,6 +455,129 @@ def _draw_millet(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) 
     return _granular_heap(canvas, p, S, rng, 0.0048, 0.0048)
 
 
+# ---- handwritten characters (char_tray): one character per slot, natural variation ----------
+# Every part is drawn by one of CHAR_WRITERS ways of building its character (the printed
+# strokes of GLYPHS, an alternative construction from CHAR_ALTERNATES, each with sharp or
+# rounded corners), then varied as a hand or a worn printer varies it: slant, width, where the
+# middle bars sit, stroke width, size, a small turn and a wobble along every stroke. All of it
+# comes from the part's own seed, so a wrong character in a slot (same seed, another name) is
+# drawn with the same variation, the same ink and about the same amount of material (the size
+# is set so that, at the nominal stroke width, the footprint covers CHAR_AREA).
+
+CHAR_ALTERNATES: dict[str, list[Stroke]] = {
+    "F": [[(-0.3, 0.5), (-0.3, -0.5), (0.35, -0.5)], [(-0.3, 0.06), (0.12, 0.06)], [(-0.45, 0.5), (-0.12, 0.5)]],
+    "R": [[(-0.3, 0.5), (-0.3, -0.5)], [(-0.3, -0.5), (0.02, -0.5)] + _arc(0.02, -0.25, 0.28, 0.25, -90, 90)
+          + [(-0.3, 0.0)], [(0.05, 0.0), (0.38, 0.5)]],
+    "J": [[(0.25, -0.5)] + _arc(-0.05, 0.2, 0.3, 0.3, 0, 180)],
+    "L": [[(-0.3, -0.5), (-0.3, 0.5), (0.38, 0.5)]],
+    "P": [[(-0.3, 0.5), (-0.3, -0.5)], [(-0.3, -0.5), (0.0, -0.5)] + _arc(0.0, -0.25, 0.3, 0.25, -90, 90) + [(-0.3, 0.0)]],
+    "4": [[(-0.15, -0.5), (-0.35, 0.15), (0.35, 0.15)], [(0.15, -0.2), (0.15, 0.5)]],
+    "7": [[(-0.35, -0.5), (0.35, -0.5), (0.1, -0.05), (-0.05, 0.5)]],
+    "2": [[(-0.3, -0.3), (-0.1, -0.5), (0.2, -0.5), (0.32, -0.3), (0.25, -0.1), (-0.35, 0.5), (0.35, 0.5)]],
+    "K": [[(-0.3, -0.5), (-0.3, 0.5)], [(0.33, -0.5), (-0.3, 0.05), (0.35, 0.5)]],
+    "E": [[(0.35, -0.5), (-0.3, -0.5), (-0.3, 0.5), (0.35, 0.5)], [(-0.3, -0.04), (0.1, -0.04)]],
+    "S": [[(0.3, -0.4), (0.1, -0.5), (-0.2, -0.5), (-0.32, -0.3), (-0.2, -0.08), (0.2, 0.08), (0.32, 0.3), (0.2, 0.5),
+           (-0.1, 0.5), (-0.32, 0.4)]],
+    "Z": [[(-0.35, -0.5), (0.35, -0.5), (-0.35, 0.5), (0.35, 0.5)], [(-0.2, 0.0), (0.2, 0.0)]],
+    "C": [[(0.35, -0.4), (0.2, -0.5), (-0.2, -0.5), (-0.35, -0.3), (-0.35, 0.3), (-0.2, 0.5), (0.2, 0.5), (0.35, 0.4)]],
+    "3": [[(-0.3, -0.5), (0.3, -0.5), (0.0, -0.08)] + _arc(0.0, 0.22, 0.3, 0.28, -90, 160)],
+    "h": [[(-0.3, -0.5), (-0.3, 0.5)], [(-0.3, 0.0), (0.0, -0.1), (0.3, 0.0), (0.3, 0.5)]],
+}
+CHAR_WRITERS = 4  # printed / printed, rounded / alternative / alternative, rounded
+CHAR_COLOUR: Colour = (0.12, 0.14, 0.30)  # dark blue ink
+CHAR_AREA = 0.011  # footprint at the nominal stroke width, fraction of the image area (slots stay apart)
+
+
+def _rounded(stroke: np.ndarray, passes: int = 3) -> np.ndarray:
+    """Chaikin corner cutting of an open polyline (K, 2): the end points stay, corners become curves."""
+    for _ in range(passes):
+        if len(stroke) < 3:
+            return stroke
+        a, b = stroke[:-1], stroke[1:]
+        cut = np.stack([0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b], 1).reshape(-1, 2)
+        stroke = np.concatenate([stroke[:1], cut[1:-1], stroke[-1:]])
+    return stroke
+
+
+def _resampled(stroke: np.ndarray, step: float) -> np.ndarray:
+    """The polyline (K, 2) with points every `step` (at least its two ends) along its length."""
+    seg = np.hypot(*np.diff(stroke, axis=0).T)
+    at = np.concatenate([[0.0], np.cumsum(seg)])
+    t = np.linspace(0.0, at[-1], max(2, int(math.ceil(at[-1] / step)) + 1))
+    return np.stack([np.interp(t, at, stroke[:, 0]), np.interp(t, at, stroke[:, 1])], 1)
+
+
+@dataclass(frozen=True)
+class Handwriting:
+    """How one part's character is written (drawn from the part's seed, `_handwriting`)."""
+
+    writer: int  # 0..CHAR_WRITERS-1
+    slant: float  # x += slant * (-y): leaning right for > 0
+    stretch: float  # width factor
+    waist: float  # middle bars move by this (fraction of the height) up (< 0) or down
+    stroke: float  # stroke width factor
+    size: float  # size factor
+    turn: float  # degrees, on top of the part's angle
+    wobble: np.ndarray  # (64, 2) normal draws for the wobble along the strokes
+
+
+def _handwriting(rng: np.random.Generator) -> Handwriting:
+    return Handwriting(writer=int(rng.integers(CHAR_WRITERS)), slant=float(rng.uniform(-0.22, 0.22)),
+                       stretch=float(rng.uniform(0.85, 1.15)), waist=float(rng.uniform(-0.08, 0.08)),
+                       stroke=float(rng.uniform(0.8, 1.25)), size=float(rng.uniform(0.92, 1.08)),
+                       turn=float(rng.uniform(-5.0, 5.0)), wobble=rng.normal(0.0, 1.0, (64, 2)))
+
+
+def _written_strokes(name: str, hand: Handwriting) -> list[np.ndarray]:
+    """The strokes of character `name` as `hand` writes it, in the unit box (height 1, y down)."""
+    strokes = GLYPHS[name] if hand.writer in (0, 1) else CHAR_ALTERNATES[name]
+    out, k = [], 0
+    for stroke in strokes:
+        s = np.asarray(stroke, np.float64)
+        if hand.writer in (1, 3):  # a rounder hand: corners cut, every stroke bowed a little
+            s = _rounded(s)
+        s = _resampled(s, 0.05)
+        if hand.writer in (1, 3):
+            chord = s[-1] - s[0]
+            normal = np.array([-chord[1], chord[0]]) / max(float(np.hypot(*chord)), 1e-9)
+            s = s + 0.04 * np.sin(np.linspace(0.0, math.pi, len(s)))[:, None] * normal
+        y = s[:, 1] + hand.waist * (1.0 - 4.0 * s[:, 1] ** 2)  # ends stay, the middle moves
+        x = s[:, 0] * hand.stretch - hand.slant * y
+        # a smooth wobble: the part's normal draws, averaged over 3 neighbours, 0.012 of the height
+        w = np.take(hand.wobble, np.arange(k, k + len(s)) % len(hand.wobble), axis=0)
+        w = np.convolve(np.pad(w[:, 0], 1, mode="edge"), np.ones(3) / 3, "valid"), \
+            np.convolve(np.pad(w[:, 1], 1, mode="edge"), np.ones(3) / 3, "valid")
+        k += len(s)
+        out.append(np.stack([x + 0.012 * w[0], y + 0.012 * w[1]], 1))
+    return out
+
+
+def _char_mask(strokes: list[np.ndarray], S: int, cx: float, cy: float, height: float, angle: float,
+               mirror: bool, width: int) -> np.ndarray:
+    m = np.zeros((S, S), np.uint8)
+    lines = [_fixed(_place(s * height, cx, cy, angle, mirror)) for s in strokes]
+    cv2.polylines(m, lines, False, 1, width, cv2.LINE_8, _SUBPIXEL)
+    return m.astype(bool)
+
+
+def _char_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
+    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        hand = _handwriting(rng)
+        strokes = _written_strokes(name, hand)
+        nominal = max(1, int(round(GLYPH_STROKE * S)))
+        height = GLYPH_HEIGHT * S
+        for _ in range(3):  # the size whose footprint, at the nominal stroke width, covers CHAR_AREA
+            area = _char_mask(strokes, S, S / 2, S / 2, height, 0.0, False, nominal).sum() / S**2
+            height *= CHAR_AREA / area
+        cx, cy = p.cx * S, p.cy * S
+        m = _char_mask(strokes, S, cx, cy, height * hand.size, p.angle + hand.turn, p.mirror,
+                       max(1, int(round(GLYPH_STROKE * hand.stroke * S))))
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in CHAR_COLOUR), cx, cy, 0.1 * S, 0.15)
+        return m
+
+    return draw
+
+
 DRAWERS: dict[str, Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]] = {
     "washer": _draw_washer,
     "nut": _draw_nut,
@@ -461,6 +592,7 @@ DRAWERS: dict[str, Callable[[np.ndarray, Part, int, np.random.Generator], np.nda
     "millet": _draw_millet,
     **{f"glyph_{g}": _glyph_drawer(g) for g in GLYPHS},
     **{name: _polygon_drawer(name) for name in POLYGONS},
+    **{f"char_{c}": _char_drawer(c) for c in CHAR_ALTERNATES},
 }
 
 
@@ -492,6 +624,7 @@ class ProductSpec:
 
 
 _TRAY_GLYPHS = ("glyph_F", "glyph_R", "glyph_J", "glyph_L", "glyph_P", "glyph_4", "glyph_7", "glyph_2", "glyph_K")
+_TRAY_CHARS = ("char_F", "char_R", "char_J", "char_L", "char_P", "char_4", "char_7", "char_2", "char_K")
 
 
 PRODUCT_SPECS: dict[str, ProductSpec] = {
@@ -549,6 +682,20 @@ PRODUCT_SPECS: dict[str, ProductSpec] = {
         swap_groups=(("l_bracket", "t_piece", "step_plate"), ("arrow", "trapezoid")),
         granular=("rice", "millet"),
     ),
+    "char_tray": ProductSpec(
+        background=(0.88, 0.86, 0.80),
+        parts=tuple((c, 0.20 + 0.30 * (k % 3), 0.20 + 0.30 * (k // 3), 0.0) for k, c in enumerate(_TRAY_CHARS)),
+        movable=(),
+        wrong_part={"char_F": "char_E", "char_R": "char_h", "char_J": "char_S", "char_L": "char_C",
+                    "char_P": "char_3", "char_4": "char_h", "char_7": "char_Z", "char_2": "char_3",
+                    "char_K": "char_S"},
+        scratch_colour=(0.97, 0.97, 0.95),
+        dirt_colour=(0.55, 0.36, 0.12),
+        logical=("wrong_shape", "mirrored", "swapped", "rotated"),
+        mirrorable=_TRAY_CHARS,
+        rotatable=_TRAY_CHARS,
+        swap_groups=(_TRAY_CHARS,),
+    ),
 }
 
 # PRODUCTS keeps its meaning for every importer: the products with the counting anomalies
@@ -556,13 +703,18 @@ PRODUCT_SPECS: dict[str, ProductSpec] = {
 # anomalies; ALL_PRODUCTS is both, and what `linewatch sim generate` writes by default.
 PRODUCTS: tuple[str, ...] = ("screw_tray", "breakfast_box")
 SHAPE_PRODUCTS: tuple[str, ...] = ("glyph_tray", "bracket_kit")
-ALL_PRODUCTS: tuple[str, ...] = tuple(PRODUCT_SPECS)
+ALL_PRODUCTS: tuple[str, ...] = PRODUCTS + SHAPE_PRODUCTS
+# Products written only when asked for by name (`linewatch sim generate --product char_tray`):
+# char_tray's good parts vary naturally; its structural defects on thin strokes are below what
+# the accuracy tests ask of every product of ALL_PRODUCTS (README, "Part identity").
+IDENTITY_PRODUCTS: tuple[str, ...] = ("char_tray",)
+KNOWN_PRODUCTS: tuple[str, ...] = ALL_PRODUCTS + IDENTITY_PRODUCTS
 
 
 def product_anomalies(product: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(logical, structural) anomaly names of `product`."""
     if product not in PRODUCT_SPECS:
-        raise ValueError(f"unknown product {product!r}; known: {ALL_PRODUCTS}")
+        raise ValueError(f"unknown product {product!r}; known: {KNOWN_PRODUCTS}")
     spec = PRODUCT_SPECS[product]
     return spec.logical, spec.structural
 
@@ -644,7 +796,7 @@ def render(
     `anomaly` must be one of the product's own (product_anomalies).
     """
     if product not in PRODUCT_SPECS:
-        raise ValueError(f"unknown product {product!r}; known: {ALL_PRODUCTS}")
+        raise ValueError(f"unknown product {product!r}; known: {KNOWN_PRODUCTS}")
     spec = PRODUCT_SPECS[product]
     if anomaly is not None and anomaly not in spec.anomalies:
         raise ValueError(f"unknown anomaly {anomaly!r} for {product}; known: {spec.anomalies}")

@@ -14,6 +14,7 @@ from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.bank import BankError
 from linewatch.detector.align import mask_moments, reference_grids, warp
+from linewatch.detector.identity import MIN_SPREAD
 from linewatch.detector.inspector import Batch, Inspector, InputError
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES, InspectionResult
@@ -185,6 +186,34 @@ def test_exclude_changes_references(inspector, bank, dataset):
     loo = inspector.inspect([img], exclude=torch.tensor([0]))[0]
     assert own.score < loo.score
     assert own.score < 0.5 * bank.threshold
+
+
+def test_part_identity_adds_to_the_object_score_of_a_part_foreign_to_its_place(inspector, bank):
+    """measure.identity_weight (on by default): every bank part has its place's others in the
+    other good images; a good frame's object score is what it is without identity (no good part
+    is twice its place's spread from the nearest good one). A part of another kind in its place
+    (wrong_part: washer and nut, long and short screw) adds to it once the slots' spread is
+    given no floor; with the default floor (identity.MIN_SPREAD) these outlines, cropped at
+    their own box, are too alike to count, and AMM judges them."""
+    assert inspector.slot_spreads.shape == bank.object_valid.shape
+    assert (inspector.slot_spreads[bank.object_valid] > 0).all()
+    assert inspector.slot_floor >= MIN_SPREAD
+
+    def objects_score(image: np.ndarray, identity: bool, floor: float | None = None) -> float:
+        spreads, default_floor = inspector.slot_spreads, inspector.slot_floor
+        inspector.slot_spreads = spreads if identity else None
+        inspector.slot_floor = default_floor if floor is None else floor
+        try:
+            return inspector.inspect([image])[0].components["objects"]
+        finally:
+            inspector.slot_spreads, inspector.slot_floor = spreads, default_floor
+
+    for seed in range(3):
+        good = frame(seed)[0]
+        assert objects_score(good, True) == pytest.approx(objects_score(good, False), rel=1e-6)
+    wrong = [frame(seed, "wrong_part")[0] for seed in range(3)]
+    assert all(objects_score(w, True) >= objects_score(w, False) - 1e-6 for w in wrong)
+    assert sum(objects_score(w, True, floor=1e-3) > objects_score(w, False) + 1.0 for w in wrong) >= 2
 
 
 # ---------------------------------------------------------------------------- input errors

@@ -14,6 +14,8 @@ from linewatch.sim import (
     ALL_ANOMALIES,
     ALL_PRODUCTS,
     ANOMALIES,
+    IDENTITY_PRODUCTS,
+    KNOWN_PRODUCTS,
     LOGICAL_ANOMALIES,
     PRODUCTS,
     SHAPE_ANOMALIES,
@@ -27,7 +29,9 @@ from linewatch.sim.generator import DRAWERS, PRODUCT_SPECS, Part, defect_pixel_v
 
 COUNTS = dict(n_train=3, n_val=2, n_test_good=2, n_test_logical=4, n_test_structural=3)
 # every (product, anomaly) pair the generator knows, each product with its own list
-PRODUCT_ANOMALIES = [(p, a) for p in ALL_PRODUCTS for a in product_anomalies(p)[0] + product_anomalies(p)[1]]
+PRODUCT_ANOMALIES = [(p, a) for p in KNOWN_PRODUCTS for a in product_anomalies(p)[0] + product_anomalies(p)[1]]
+# the products whose logical anomalies change a part's shape only (char_tray's too)
+IN_PLACE_PRODUCTS = SHAPE_PRODUCTS + IDENTITY_PRODUCTS
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -91,7 +95,7 @@ def test_deterministic_bytes(dataset: Path, tmp_path: Path) -> None:
     assert (other / "screw_tray/train/good/000.png").read_bytes() != (dataset / "train/good/000.png").read_bytes()
 
 
-@pytest.mark.parametrize("product", ALL_PRODUCTS)
+@pytest.mark.parametrize("product", KNOWN_PRODUCTS)
 def test_good_frames_vary_but_have_no_ground_truth(product: str) -> None:
     a, gt_a, info = render(product, np.random.default_rng(1))
     b, gt_b, _ = render(product, np.random.default_rng(2))
@@ -148,10 +152,12 @@ def test_product_and_anomaly_names() -> None:
     assert LOGICAL_ANOMALIES == ("missing", "extra", "wrong_place", "wrong_part")
     assert ALL_PRODUCTS == PRODUCTS + SHAPE_PRODUCTS
     assert set(SHAPE_PRODUCTS) >= {"glyph_tray", "bracket_kit"}
+    assert KNOWN_PRODUCTS == ALL_PRODUCTS + IDENTITY_PRODUCTS == tuple(PRODUCT_SPECS)
+    assert "char_tray" in IDENTITY_PRODUCTS and "char_tray" not in ALL_PRODUCTS
     assert ALL_ANOMALIES == ANOMALIES + SHAPE_ANOMALIES
     for product in PRODUCTS:
         assert product_anomalies(product) == (LOGICAL_ANOMALIES, STRUCTURAL_ANOMALIES)
-    for product in SHAPE_PRODUCTS:
+    for product in IN_PLACE_PRODUCTS:
         logical, structural = product_anomalies(product)
         assert set(logical) <= set(SHAPE_ANOMALIES)
         assert {"wrong_shape", "mirrored", "swapped", "rotated"} <= set(logical)
@@ -161,7 +167,7 @@ def test_product_and_anomaly_names() -> None:
         product_anomalies("teapot")
 
 
-@pytest.mark.parametrize("product", SHAPE_PRODUCTS)
+@pytest.mark.parametrize("product", IN_PLACE_PRODUCTS)
 def test_shape_product_dataset(product: str, tmp_path: Path) -> None:
     logical, structural = product_anomalies(product)
     counts = dict(n_train=1, n_val=1, n_test_good=1, n_test_logical=len(logical) + 1,
@@ -187,7 +193,7 @@ def test_shape_product_dataset(product: str, tmp_path: Path) -> None:
     assert _files(tmp_path / "b" / product) == _files(out)
 
 
-@pytest.mark.parametrize("product", ALL_PRODUCTS)
+@pytest.mark.parametrize("product", KNOWN_PRODUCTS)
 def test_every_anomaly_renders_for_many_seeds(product: str) -> None:
     logical, structural = product_anomalies(product)
     for seed in range(16):
@@ -239,7 +245,7 @@ def _mean_abs_laplacian(image: np.ndarray, where: np.ndarray) -> float:
     return float(np.abs(cv2.Laplacian(grey, cv2.CV_32F))[where].mean())
 
 
-SHAPE_CASES = [(p, a) for p in SHAPE_PRODUCTS for a in product_anomalies(p)[0]]
+SHAPE_CASES = [(p, a) for p in IN_PLACE_PRODUCTS for a in product_anomalies(p)[0]]
 
 
 @pytest.mark.parametrize("product, anomaly", SHAPE_CASES)
@@ -287,7 +293,7 @@ def _part_render(kind: str, S: int = 512, **change) -> tuple[np.ndarray, np.ndar
     return canvas[_erode(m)].mean(0), m
 
 
-@pytest.mark.parametrize("product", SHAPE_PRODUCTS)
+@pytest.mark.parametrize("product", IN_PLACE_PRODUCTS)
 def test_every_shape_kind_is_asymmetric_and_matched(product: str) -> None:
     """Every kind, not only the ones seeds happen to pick: mirroring and a quarter turn change
     each part they apply to, and each replacement or swap partner has the part's colour and
@@ -314,7 +320,7 @@ def test_every_shape_kind_is_asymmetric_and_matched(product: str) -> None:
     assert spec.mirrorable and spec.rotatable and spec.swap_groups
 
 
-@pytest.mark.parametrize("product", SHAPE_PRODUCTS)
+@pytest.mark.parametrize("product", IN_PLACE_PRODUCTS)
 def test_shape_products_keep_parts_apart(product: str) -> None:
     """Like the free-spot clearance of the original products: whatever the in-place anomaly
     does (a quarter turn, a swap, another shape), parts stay >= 4.5 % of the side apart and
@@ -351,3 +357,46 @@ def test_mono_dataset_files_are_grey(tmp_path: Path) -> None:
     image = cv2.imread(str(root / "train" / "good" / "000.png"), cv2.IMREAD_UNCHANGED)
     assert image.shape == (64, 64)
     assert json.loads((root / "manifest.json").read_text())["mono"] is True
+
+
+# ----------------------------------------------------------------------------- handwritten characters
+
+
+def test_characters_vary_between_good_parts_but_not_within_a_seed() -> None:
+    """char_tray: two good parts of one slot (other seeds) are drawn differently (writer, slant,
+    width, stroke width, wobble), far more than glyph_tray's glyphs, which differ only by the
+    placement jitter; the same seed draws the same part, and a wrong character in the slot is
+    drawn by the same hand (same seed): about the same amount of ink."""
+    S = 512
+
+    def foot(kind: str, seed: int, angle: float = 0.0) -> np.ndarray:
+        return DRAWERS[kind](np.zeros((S, S, 3), np.float32), Part(kind, 0.5, 0.5, angle, 1.0, seed), S,
+                             np.random.default_rng(seed))
+
+    for kind in ("char_F", "char_R", "char_4", "char_K"):
+        feet = [foot(kind, seed) for seed in range(8)]
+        assert np.array_equal(feet[0], foot(kind, 0))
+        overlaps = [_centred_iou(feet[i], feet[j]) for i in range(8) for j in range(i + 1, 8)]
+        assert np.mean(overlaps) < 0.75, (kind, np.mean(overlaps))
+        glyph = kind.replace("char_", "glyph_")
+        assert _centred_iou(foot(glyph, 0), foot(glyph, 1, angle=4.0)) > 0.8, kind
+        areas = np.array([f.sum() for f in feet])
+        assert areas.std() / areas.mean() > 0.05, kind  # stroke width and size vary
+    for a, b in PRODUCT_SPECS["char_tray"].wrong_part.items():
+        for seed in range(4):
+            assert abs(foot(b, seed).sum() / foot(a, seed).sum() - 1) < 0.15, (a, b, seed)
+
+
+def test_every_writer_builds_each_character_differently() -> None:
+    from linewatch.sim.generator import CHAR_ALTERNATES, CHAR_WRITERS, GLYPHS, _written_strokes, Handwriting
+
+    plain = dict(slant=0.0, stretch=1.0, waist=0.0, stroke=1.0, size=1.0, turn=0.0, wobble=np.zeros((64, 2)))
+    for name in CHAR_ALTERNATES:
+        assert name in GLYPHS
+        drawn = [np.concatenate(_written_strokes(name, Handwriting(writer=w, **plain))) for w in range(CHAR_WRITERS)]
+        for i in range(CHAR_WRITERS):
+            for j in range(i + 1, CHAR_WRITERS):
+                assert drawn[i].shape != drawn[j].shape or not np.allclose(drawn[i], drawn[j]), (name, i, j)
+    # with every variation off, the printed writer draws GLYPHS' strokes (resampled: same ends)
+    strokes = _written_strokes("L", Handwriting(writer=0, **plain))
+    assert np.allclose(strokes[0][[0, -1]], np.asarray(GLYPHS["L"][0])[[0, -1]])

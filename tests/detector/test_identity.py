@@ -1,0 +1,120 @@
+"""Part identity by slot: exact small cases, and the property it exists for (another writer's
+character is near its slot's good parts, another character is far)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.detector.identity import identity_distances, slot_members, slot_spreads
+from linewatch.detector.measure import IDENTITY_MARGIN, identity_map
+from linewatch.detector.shape import outline_descriptors, part_crops
+from linewatch.sim.generator import DRAWERS, Part
+
+
+def test_slot_members_by_box_centre_within_half_the_longer_side():
+    query = torch.tensor([[[10.0, 10.0, 20.0, 8.0]]])  # centre (20, 14), reach 0.5 * 20 = 10
+    bank = torch.tensor([[[12.0, 5.0, 20.0, 8.0],  # centre (22, 9): 5.4 away, in
+                          [30.0, 10.0, 20.0, 8.0]],  # centre (40, 14): 20 away, out
+                         [[1.0, 1.0, 30.0, 30.0],  # centre (16, 16): 4.5 away, in
+                          [11.0, 11.0, 18.0, 6.0]]])  # centre (20, 14), but padding
+    valid = torch.tensor([[True, True], [True, False]])
+    assert slot_members(query, bank, valid).tolist() == [[[True, False, True, False]]]
+
+
+def _unit(*angles_deg: float) -> torch.Tensor:
+    return torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles_deg])
+
+
+def test_slot_spreads_nearest_part_of_the_slot_in_another_image():
+    # three good images, each with a part in slot A (boxes centred at (10, 10)) and one image with
+    # a part in slot B (far away): B has no other member, its spread is 0
+    shapes = torch.zeros(3, 2, 2)
+    shapes[:, 0] = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    shapes[0, 1] = torch.tensor([1.0, 0.0])
+    boxes = torch.tensor([[5.0, 5.0, 10.0, 10.0]]).repeat(3, 2, 1)
+    boxes[:, 1] = torch.tensor([100.0, 100.0, 10.0, 10.0])
+    valid = torch.tensor([[True, True], [True, False], [True, False]])
+    spreads = slot_spreads(shapes, boxes, valid)
+    d01, d02, d12 = math.sqrt(0.4**2 + 0.8**2), math.sqrt(2.0), math.sqrt(0.6**2 + 0.2**2)
+    expected = [[min(d01, d02), 0.0], [min(d01, d12), 0.0], [min(d02, d12), 0.0]]
+    assert torch.allclose(spreads, torch.tensor(expected), atol=1e-6)
+
+
+def _bank():
+    shapes = torch.zeros(3, 1, 2)
+    shapes[:, 0] = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    boxes = torch.tensor([[[5.0, 5.0, 10.0, 10.0]]]).repeat(3, 1, 1)
+    valid = torch.ones(3, 1, dtype=torch.bool)
+    return shapes, boxes, valid, slot_spreads(shapes, boxes, valid)
+
+
+def test_identity_is_the_nearest_good_distance_over_the_slots_mean_spread():
+    shapes, boxes, valid, spreads = _bank()
+    mean_spread = float(spreads.mean())
+    query = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0], [5.0, 5.0]]])
+    qboxes = torch.tensor([[[5.0, 5.0, 10.0, 10.0], [6.0, 4.0, 10.0, 10.0], [200.0, 200.0, 10.0, 10.0],
+                            [5.0, 5.0, 10.0, 10.0]]])
+    qvalid = torch.tensor([[True, True, True, False]])
+    z = identity_distances(query, qboxes, qvalid, shapes, boxes, valid, spreads, floor=0.01)
+    # a good part itself: 0; (-1, 0): nearest is (0, 1) at sqrt(2); no slot: 0; padding: 0
+    assert torch.allclose(z, torch.tensor([[0.0, math.sqrt(2.0) / mean_spread, 0.0, 0.0]]), atol=1e-5)
+    # leave-one-out: the query is bank image 0, its own part does not count
+    z_loo = identity_distances(query[:, :1], qboxes[:, :1], qvalid[:, :1], shapes, boxes, valid, spreads, 0.01,
+                               exclude=torch.tensor([0]))
+    mean_others = float(spreads[1:].mean())
+    assert torch.allclose(z_loo, torch.tensor([[math.sqrt(0.4**2 + 0.8**2) / mean_others]]), atol=1e-5)
+    # a slot whose good parts are nearly identical gets the floor as its spread
+    z_floor = identity_distances(query[:, 1:2], qboxes[:, 1:2], qvalid[:, 1:2], shapes, boxes, valid,
+                                 torch.full_like(spreads, 1e-6), floor=0.5)
+    assert torch.allclose(z_floor, torch.tensor([[math.sqrt(2.0) / 0.5]]), atol=1e-5)
+
+
+def test_identity_map_spreads_the_excess_over_the_margin_on_each_part():
+    assert IDENTITY_MARGIN == 2.0
+    masks = torch.zeros(1, 3, 2, 3)
+    masks[0, 0, 0, 0] = 1.0
+    masks[0, 1, 1, 1:] = torch.tensor([0.5, 1.0])
+    masks[0, 2, 0, 2] = 1.0
+    z = torch.tensor([[1.5, 4.0, 2.5]])  # a good part below the margin adds nothing
+    assert identity_map(z, masks).tolist() == [[[0.0, 0.0, 0.5], [0.0, 1.0, 2.0]]]
+    assert identity_map(torch.zeros(2, 0), torch.zeros(2, 0, 2, 3)).shape == (2, 2, 3)
+
+
+def _character(kind: str, seed: int, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
+    """One handwritten character of the synthetic line at the image centre: mask (1, S, S), box (1, 4)."""
+    S = size
+    part = Part(kind, 0.5, 0.5, 0.0, 1.0, seed)
+    m = torch.from_numpy(DRAWERS[kind](np.zeros((S, S, 3), np.float32), part, S, np.random.default_rng(seed)))
+    ys, xs = torch.nonzero(m, as_tuple=True)
+    box = torch.tensor([[xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]]).float()
+    return m[None], box
+
+
+@pytest.mark.parametrize("good, wrong", [("char_F", "char_E"), ("char_7", "char_Z"), ("char_P", "char_3")])
+def test_another_writer_is_near_the_slot_another_character_is_far(good, wrong):
+    """The outline descriptor with 16 good parts of one slot (each its own writer, slant, stroke
+    width...): good parts of other seeds score about 1, the wrong character written by those
+    very hands scores well above every one of them."""
+    bank = [_character(good, seed) for seed in range(16)]
+    masks = [m for m, _ in bank]
+    boxes = torch.stack([b for _, b in bank])  # (16, 1, 4)
+    shapes = outline_descriptors(part_crops(masks, boxes))[:, None]  # (16, 1, D)
+    valid = torch.ones(16, 1, dtype=torch.bool)
+    spreads = slot_spreads(shapes, boxes, valid)
+    floor = float(spreads.median()) * 0.25
+
+    def z(kind: str, seed: int) -> float:
+        m, b = _character(kind, seed)
+        d = outline_descriptors(part_crops([m], b[None]))[None]
+        return float(identity_distances(d, b[None], torch.ones(1, 1, dtype=torch.bool), shapes, boxes, valid,
+                                        spreads, floor)[0, 0])
+
+    goods = [z(good, seed) for seed in range(100, 112)]
+    wrongs = [z(wrong, seed) for seed in range(100, 112)]
+    assert np.median(goods) < 1.6, goods
+    assert min(wrongs) > np.median(goods), (goods, wrongs)
+    assert np.median(wrongs) > 1.5 * np.median(goods), (goods, wrongs)
