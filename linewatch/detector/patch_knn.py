@@ -13,6 +13,13 @@ on the backbone's own features, already in the bank as its retrieval vectors:
     (products sit in fixed places; this keeps the search to R * (2 window + 1)^2 candidates per
     patch instead of every patch of every image)
 
+`PatchIndex` holds the bank's side, built once when the bank is loaded: the patches, and the
+same patches on their first `dims` principal axes. The search runs on those axes (its cost is
+proportional to the dimension), and the distance reported for each query patch is the exact
+one, in every channel, to the patch that search found: never below the exact nearest distance,
+and equal to it whenever the search finds the same patch (always when `dims` covers the
+channels, or when the patches' spread lies in the `dims` axes).
+
 The map is upsampled and smoothed like the object map by the Inspector.
 """
 
@@ -32,9 +39,12 @@ def local_patch_features(features: Tensor) -> Tensor:
 CHUNK_BYTES = 2 << 20  # memory images compared at a time: their padded features fit in a core's cache
 
 
-def nearest_patch_distances(query: Tensor, memory: Tensor, window: int = 1, references: Tensor | None = None) -> Tensor:
-    """Distance (B, h, w) from each query patch to its nearest memory patch within `window`
-    cells (Chebyshev) of the same place.
+def nearest_patches(query: Tensor, memory: Tensor, window: int = 1,
+                    references: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The nearest memory patch of each query patch within `window` cells (Chebyshev) of the
+    same place: (squared distance (B, h, w), which of the R images (B, h, w) long, offset (B, h, w)
+    long: row-major in the (2 window + 1)^2 square, (dy + window) * (2 window + 1) + dx + window).
+    On ties within a chunk of images the first offset, then the first image wins; an earlier chunk wins over a later one.
 
     query (B, C, h, w) and memory (B, R, C, h, w), the patch features (`local_patch_features`)
     of the R good images each query is compared with (its nearest ones, SPADE's choice: the
@@ -51,16 +61,73 @@ def nearest_patch_distances(query: Tensor, memory: Tensor, window: int = 1, refe
     b, c, h, w = query.shape
     q = query[:, None].float()
     best = torch.full((b, h, w), float("inf"), device=query.device)
+    found = torch.zeros((b, h, w), dtype=torch.long, device=query.device)  # offset * R + image
     per_image = b * c * (h + 2 * window) * (w + 2 * window) * 4
     chunk = max(1, CHUNK_BYTES // per_image)
     n_references = memory.shape[1] if references is None else references.shape[1]
+    side = 2 * window + 1
     for start in range(0, n_references, chunk):
         part = memory[:, start:start + chunk] if references is None else memory[references[:, start:start + chunk]]
+        n = part.shape[1]
         # outside the image: never nearest
         padded = F.pad(part.float(), (window, window, window, window), value=float("inf"))
-        for dy in range(2 * window + 1):
-            for dx in range(2 * window + 1):
+        squared = torch.empty((b, side * side, n, h, w), device=query.device)  # every offset of the chunk
+        for dy in range(side):
+            for dx in range(side):
                 shifted = padded[..., dy:dy + h, dx:dx + w]  # memory cell (y + dy - window, x + dx - window)
-                squared = (shifted - q).square_().sum(2)  # (B, chunk, h, w)
-                best = torch.minimum(best, squared.amin(1))
-    return best.sqrt()
+                torch.sum((shifted - q).square_(), 2, out=squared[:, dy * side + dx])  # (B, chunk, h, w)
+        nearest, which = squared.view(b, -1, h, w).min(1)  # which = offset * n + image in the chunk
+        closer = nearest < best  # strictly: an earlier chunk keeps its ties
+        best = torch.where(closer, nearest, best)
+        found = torch.where(closer, (which // n) * n_references + which % n + start, found)
+    return best, found % n_references, found // n_references
+    return best, image, offset
+
+
+def nearest_patch_distances(query: Tensor, memory: Tensor, window: int = 1, references: Tensor | None = None) -> Tensor:
+    """Distance (B, h, w) from each query patch to its nearest memory patch within `window`
+    cells of the same place: `nearest_patches` (same arguments), exact in every channel."""
+    return nearest_patches(query, memory, window, references)[0].sqrt()
+
+
+class PatchIndex:
+    """The bank's patch features for the patch branch, prepared once when the bank is loaded.
+
+    patches (Z, C, h, w): `local_patch_features` of every good image. The search runs on their
+    first `dims` principal axes (of all Z * h * w patches, centred; all C when dims >= C or 0),
+    so it costs dims / C of a search in every channel; each query patch then gets its exact
+    distance to the patch found. On the classic backend's 34 channels the first few axes hold
+    nearly all the good patches' spread; a defect's patch, which may lie off them, is still
+    measured in full once its nearest good patch is found."""
+
+    def __init__(self, patches: Tensor, dims: int = 0):
+        z, c, h, w = patches.shape
+        self.patches = patches.float()
+        self.dims = c if dims <= 0 or dims >= c else dims
+        flat = self.patches.permute(0, 2, 3, 1).reshape(-1, c).double()
+        self.mean = flat.mean(0)
+        centred = flat - self.mean
+        _, axes = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+        self.axes = axes[:, -self.dims:].flip(1)  # (C, dims) float64, largest spread first
+        self.mean = self.mean.float()
+        self.axes = self.axes.float().contiguous()
+        self.projected = self.project(self.patches)  # (Z, dims, h, w)
+
+    def project(self, patches: Tensor) -> Tensor:
+        """(n, C, h, w) -> (n, dims, h, w): the patches on the principal axes (centred)."""
+        centred = patches.float() - self.mean[:, None, None]
+        return torch.einsum("nchw,cd->ndhw", centred, self.axes).contiguous()
+
+    def distances(self, query: Tensor, window: int, references: Tensor) -> Tensor:
+        """query (B, C, h, w) patch features, references (B, R) bank indices -> (B, h, w): the
+        exact distance of each query patch to the good patch nearest on the principal axes, among
+        the references' patches within `window` cells of its place."""
+        query = query.float()
+        _, slot, offset = nearest_patches(self.project(query), self.projected, window, references)
+        b, c, h, w = query.shape
+        side = 2 * window + 1
+        image = references.gather(1, slot.flatten(1)).view(b, h, w)
+        y = torch.arange(h, device=query.device)[None, :, None] + offset // side - window
+        x = torch.arange(w, device=query.device)[None, None, :] + offset % side - window
+        found = self.patches.permute(0, 2, 3, 1)[image, y, x]  # (B, h, w, C)
+        return (query.permute(0, 2, 3, 1) - found).square().sum(-1).sqrt()
