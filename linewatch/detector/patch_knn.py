@@ -14,11 +14,11 @@ on the backbone's own features, already in the bank as its retrieval vectors:
     patch instead of every patch of every image)
 
 `PatchIndex` holds the bank's side, built once when the bank is loaded: the patches, and the
-same patches on their first `dims` principal axes. The search runs on those axes (its cost is
-proportional to the dimension), and the distance reported for each query patch is the exact
-one, in every channel, to the patch that search found: never below the exact nearest distance,
-and equal to it whenever the search finds the same patch (always when `dims` covers the
-channels, or when the patches' spread lies in the `dims` axes).
+same patches on the first `dims` principal axes of their variation at each place. The search
+runs on those axes (its cost is about proportional to the dimension), and the distance reported
+for each query patch is the exact one, in every channel, to the patch that search found: never
+below the exact nearest distance, and equal to it whenever the search finds the same patch
+(always when `dims` covers the channels, or when the good patches vary only along the axes).
 
 The map is upsampled and smoothed like the object map by the Inspector.
 """
@@ -93,35 +93,35 @@ def nearest_patch_distances(query: Tensor, memory: Tensor, window: int = 1, refe
 class PatchIndex:
     """The bank's patch features for the patch branch, prepared once when the bank is loaded.
 
-    patches (Z, C, h, w): `local_patch_features` of every good image. The search runs on their
-    first `dims` principal axes (of all Z * h * w patches, centred; all C when dims >= C or 0),
-    so it costs dims / C of a search in every channel; each query patch then gets its exact
-    distance to the patch found. On the classic backend's 34 channels the first few axes hold
-    nearly all the good patches' spread; a defect's patch, which may lie off them, is still
-    measured in full once its nearest good patch is found."""
+    patches (Z, C, h, w): `local_patch_features` of every good image. The search compares a
+    query patch only with good patches at (about) its own place, so what tells them apart is
+    how the good patches vary AT a place, not from one place to another (which the coordinate
+    channels and the product's layout make large): the axes are the principal axes of every
+    good patch minus the mean good patch at its place (the within-place covariance, over all
+    Z * h * w patches), the first `dims` of them (all C when dims >= C or 0). The search on
+    them costs about dims / C of one in every channel; each query patch then gets its exact
+    distance, in every channel, to the patch found. A defect's patch, which may lie off the
+    axes, is thus still measured in full once its nearest good patch is found."""
 
     def __init__(self, patches: Tensor, dims: int = 0):
-        z, c, h, w = patches.shape
+        c = patches.shape[1]
         self.patches = patches.float()
+        self.channels_last = self.patches.permute(0, 2, 3, 1).contiguous()  # (Z, h, w, C): one patch per row
         self.dims = c if dims <= 0 or dims >= c else dims
-        flat = self.patches.permute(0, 2, 3, 1).reshape(-1, c).double()
-        self.mean = flat.mean(0)
-        centred = flat - self.mean
-        _, axes = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-        self.axes = axes[:, -self.dims:].flip(1)  # (C, dims) float64, largest spread first
-        self.mean = self.mean.float()
-        self.axes = self.axes.float().contiguous()
+        variation = (self.patches - self.patches.mean(0, keepdim=True)).permute(0, 2, 3, 1).reshape(-1, c).double()
+        _, axes = torch.linalg.eigh(variation.T @ variation)  # ascending eigenvalues
+        self.axes = axes[:, -self.dims:].flip(1).float().contiguous()  # (C, dims), largest spread first
         self.projected = self.project(self.patches)  # (Z, dims, h, w)
 
     def project(self, patches: Tensor) -> Tensor:
-        """(n, C, h, w) -> (n, dims, h, w): the patches on the principal axes (centred)."""
-        centred = patches.float() - self.mean[:, None, None]
-        return torch.einsum("nchw,cd->ndhw", centred, self.axes).contiguous()
+        """(n, C, h, w) -> (n, dims, h, w): the patches' coordinates on the axes (distances
+        between projected patches are those of the patches along the axes)."""
+        return torch.einsum("nchw,cd->ndhw", patches.float(), self.axes).contiguous()
 
     def distances(self, query: Tensor, window: int, references: Tensor) -> Tensor:
         """query (B, C, h, w) patch features, references (B, R) bank indices -> (B, h, w): the
-        exact distance of each query patch to the good patch nearest on the principal axes, among
-        the references' patches within `window` cells of its place."""
+        exact distance of each query patch to the good patch nearest along the axes, among the
+        references' patches within `window` cells of its place."""
         query = query.float()
         _, slot, offset = nearest_patches(self.project(query), self.projected, window, references)
         b, c, h, w = query.shape
@@ -129,5 +129,5 @@ class PatchIndex:
         image = references.gather(1, slot.flatten(1)).view(b, h, w)
         y = torch.arange(h, device=query.device)[None, :, None] + offset // side - window
         x = torch.arange(w, device=query.device)[None, None, :] + offset % side - window
-        found = self.patches.permute(0, 2, 3, 1)[image, y, x]  # (B, h, w, C)
-        return (query.permute(0, 2, 3, 1) - found).square().sum(-1).sqrt()
+        found = self.channels_last[image, y, x]  # (B, h, w, C)
+        return (query.permute(0, 2, 3, 1) - found).square_().sum(-1).sqrt_()
