@@ -32,8 +32,18 @@ from torch import Tensor
 
 def local_patch_features(features: Tensor) -> Tensor:
     """(B, C, h, w) -> (B, C, h, w): the mean over each cell's 3x3 neighbourhood (borders: over
-    the cells that exist), PatchCore's local aggregation."""
-    return F.avg_pool2d(features.float(), kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    the cells that exist), PatchCore's local aggregation. Written as sums of shifted slices
+    (rows, then columns) divided by the number of cells that exist: what
+    avg_pool2d(3, stride 1, padding 1, count_include_pad=False) gives, to float32 rounding, in
+    about a sixth of its time on a CPU."""
+    def box_sums(x: Tensor) -> Tensor:
+        padded = F.pad(x, (1, 1, 1, 1))
+        rows = padded[..., :, :-2] + padded[..., :, 1:-1] + padded[..., :, 2:]
+        return rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
+
+    features = features.float()
+    counts = box_sums(torch.ones((1, 1, *features.shape[-2:]), device=features.device))
+    return box_sums(features).div_(counts)
 
 
 CHUNK_BYTES = 2 << 20  # memory images compared at a time: their padded features fit in a core's cache

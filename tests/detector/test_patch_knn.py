@@ -54,6 +54,14 @@ def test_local_patch_features_average_the_neighbourhood():
     assert out[0, 0, 0, 0] == (0 + 1 + 3 + 4) / 4  # corner: the 4 cells that exist
 
 
+def test_local_patch_features_are_the_3x3_average_pool_without_padding():
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(6))
+    want = torch.nn.functional.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    torch.testing.assert_close(local_patch_features(x), want, atol=1e-6, rtol=0)
+    one_row = torch.tensor([[[[1.0, 2.0, 6.0]]]])  # 1 x 3: the cells that exist are in the row only
+    assert local_patch_features(one_row).tolist() == [[[[1.5, 3.0, 4.0]]]]
+
+
 def test_a_bank_and_references_give_what_the_gathered_memory_gives_whatever_the_chunk(monkeypatch):
     """The memory as the bank's (Z, C, h, w) with each query's references (B, R) gathered a
     chunk at a time: bitwise the distances of the memory gathered whole, for any chunk size."""
