@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from linewatch.detector.patch_knn import PatchIndex, local_patch_features, nearest_patch_distances, nearest_patches
+from linewatch.detector.patch_knn import PatchIndex, local_patch_features, nearest_patch_distances, nearest_patch_indices
 
 
 def brute_force(query, memory, window):
@@ -78,15 +78,39 @@ def test_a_bank_and_references_give_what_the_gathered_memory_gives_whatever_the_
         assert torch.equal(nearest_patch_distances(query, bank[references], 1), whole)
 
 
-def test_nearest_patches_names_the_image_and_offset_of_the_nearest():
-    # memory image 0 is [0, 10, 20], image 1 is [5, 5, 5]; query [1, 19, 13], window 1
-    memory = torch.tensor([[[[0.0, 10.0, 20.0]]], [[[5.0, 5.0, 5.0]]]])[None]
+def test_nearest_patch_indices_name_the_image_and_offset_of_the_nearest():
+    # bank image 0 is [0, 10, 20], image 1 is [5, 5, 5], image 2 is [100, 100, 100]; query [1, 19, 13], window 1
+    bank = torch.tensor([[[[0.0, 10.0, 20.0]]], [[[5.0, 5.0, 5.0]]], [[[100.0, 100.0, 100.0]]]])
+    padded = torch.nn.functional.pad(bank, (1, 1, 1, 1), value=float("inf"))
     query = torch.tensor([[[[1.0, 19.0, 13.0]]]])
-    squared, image, offset = nearest_patches(query, memory, window=1)
-    assert squared.tolist() == [[[1.0, 1.0, 9.0]]]
+    slot, offset = nearest_patch_indices(query, padded, 1, torch.tensor([[2, 1, 0]]))
     # cell 0: image 0 at its own cell (dx 0); cell 1: image 0's cell 2 (dx +1); cell 2: image 0's cell 1 (dx -1)
-    assert image.tolist() == [[[0, 0, 0]]]
+    assert slot.tolist() == [[[2, 2, 2]]]  # image 0 is the third reference
     assert offset.tolist() == [[[4, 5, 3]]]  # (dy + 1) * 3 + dx + 1 with dy = 0
+    # a tie (13 is 3 from 10 and from 16): the lowest candidate number, offset * R + reference, wins
+    bank[1] = 16.0
+    padded = torch.nn.functional.pad(bank, (1, 1, 1, 1), value=float("inf"))
+    slot, offset = nearest_patch_indices(query[..., 2:], padded[..., 2:], 1, torch.tensor([[0, 1]]))
+    assert (slot.item(), offset.item()) == (0, 3)  # image 0 at dx -1 (3 * 2 + 0) before image 1 at dx 0 (4 * 2 + 1)
+
+
+def test_nearest_patch_indices_find_the_nearest_whatever_the_chunk(monkeypatch):
+    import linewatch.detector.patch_knn as patch_knn
+
+    g = torch.Generator().manual_seed(7)
+    bank = torch.randn(9, 3, 5, 6, generator=g)
+    query = torch.randn(2, 3, 5, 6, generator=g)
+    references = torch.tensor([[0, 3, 5, 6, 8], [1, 2, 4, 7, 0]])
+    padded = torch.nn.functional.pad(bank, (1, 1, 1, 1), value=float("inf"))
+    exact = nearest_patch_distances(query, bank, 1, references)
+    for chunk_bytes in (1, 2 * 3 * 7 * 8 * 4 * 2, 1 << 30):
+        monkeypatch.setattr(patch_knn, "CHUNK_BYTES", chunk_bytes)
+        slot, offset = nearest_patch_indices(query, padded, 1, references)
+        image = references.gather(1, slot.flatten(1)).view(2, 5, 6)
+        y = torch.arange(5)[None, :, None] + offset // 3 - 1
+        x = torch.arange(6)[None, None, :] + offset % 3 - 1
+        found = (query.permute(0, 2, 3, 1) - bank.permute(0, 2, 3, 1)[image, y, x]).norm(dim=-1)
+        torch.testing.assert_close(found, exact, atol=1e-5, rtol=1e-3)  # the nearest, up to float32 ties
 
 
 def brute_force_nearest(query, bank, references, window):
@@ -106,10 +130,11 @@ def test_an_index_on_every_channel_is_the_exact_search():
     bank = torch.randn(6, 5, 4, 5, generator=g)
     query = torch.randn(2, 5, 4, 5, generator=g)
     references = torch.tensor([[0, 2, 5], [4, 1, 3]])
-    for dims in (0, 5, 9):  # 0 and anything above C: every channel
+    for dims in (0, 5, 9):  # 0 and anything above C: every channel, the exact search itself
         index = PatchIndex(bank, dims)
         assert index.dims == 5
         for window in (0, 1):
+            assert torch.equal(index.distances(query, window, references), nearest_patch_distances(query, bank, window, references))
             assert torch.allclose(index.distances(query, window, references),
                                   brute_force_nearest(query, bank, references, window), atol=1e-5)
 
