@@ -145,13 +145,19 @@ class PatchIndex:
         variation = (self.patches - self.patches.mean(0, keepdim=True)).permute(0, 2, 3, 1).reshape(-1, c).double()
         _, axes = torch.linalg.eigh(variation.T @ variation)  # ascending eigenvalues
         self.axes = axes[:, -self.dims:].flip(1).float().contiguous()  # (C, dims), largest spread first
-        self.projected = self.project(self.patches)  # (Z, dims, h, w)
+        self.projected = self.project(self.patches)  # (Z, dims + 1, h, w)
         self.padded: dict[int, Tensor] = {}  # window -> projected patches padded with +inf (nearest_patch_indices)
 
     def project(self, patches: Tensor) -> Tensor:
-        """(n, C, h, w) -> (n, dims, h, w): the patches' coordinates on the axes (distances
-        between projected patches are those of the patches along the axes)."""
-        return torch.einsum("nchw,cd->ndhw", patches.float(), self.axes).contiguous()
+        """(n, C, h, w) -> (n, dims + 1, h, w): the patches' coordinates on the axes, and the
+        length of what lies off them (the residual) as one more coordinate. The squared distance
+        of two projected patches is that along the axes plus the squared difference of the
+        residuals' lengths: never above the exact squared distance (|a - b| >= ||a| - |b||), and
+        it tells apart good patches that differ mostly off the axes."""
+        patches = patches.float()
+        along = torch.einsum("nchw,cd->ndhw", patches, self.axes)
+        off = patches - torch.einsum("ndhw,cd->nchw", along, self.axes)
+        return torch.cat([along, off.square().sum(1, keepdim=True).sqrt()], 1).contiguous()
 
     def distances(self, query: Tensor, window: int, references: Tensor) -> Tensor:
         """query (B, C, h, w) patch features, references (B, R) bank indices -> (B, h, w): the
