@@ -14,11 +14,12 @@ on the backbone's own features, already in the bank as its retrieval vectors:
     patch instead of every patch of every image)
 
 `PatchIndex` holds the bank's side, built once when the bank is loaded: the patches, and the
-same patches on the first `dims` principal axes of their variation at each place. The search
-runs on those axes (its cost is about proportional to the dimension), and the distance reported
-for each query patch is the exact one, in every channel, to the patch that search found: never
-below the exact nearest distance, and equal to it whenever the search finds the same patch
-(always when `dims` covers the channels, or when the good patches vary only along the axes).
+same patches on the first `dims` principal axes of their variation at each place, plus the
+length of what lies off those axes. The search runs on these dims + 1 coordinates (its cost is
+about proportional to their number), and the distance reported for each query patch is the
+exact one, in every channel, to the patch that search found: never below the exact nearest
+distance, and equal to it whenever the search finds the same patch (always when `dims` covers
+the channels, or when the good patches vary only along the axes).
 
 The map is upsampled and smoothed like the object map by the Inspector.
 """
@@ -132,8 +133,9 @@ class PatchIndex:
     how the good patches vary AT a place, not from one place to another (which the coordinate
     channels and the product's layout make large): the axes are the principal axes of every
     good patch minus the mean good patch at its place (the within-place covariance, over all
-    Z * h * w patches), the first `dims` of them (all C when dims >= C or 0). The search on
-    them costs about dims / C of one in every channel; each query patch then gets its exact
+    Z * h * w patches), the first `dims` of them (all C when dims >= C or 0: then the exact
+    search, `nearest_patch_distances`). The search on them and on the length of what lies off
+    them costs about (dims + 1) / C of one in every channel; each query patch then gets its exact
     distance, in every channel, to the patch found. A defect's patch, which may lie off the
     axes, is thus still measured in full once its nearest good patch is found."""
 
