@@ -142,12 +142,14 @@ class PatchIndex:
     def __init__(self, patches: Tensor, dims: int = 0):
         c = patches.shape[1]
         self.patches = patches.float()
-        self.channels_last = self.patches.permute(0, 2, 3, 1).contiguous()  # (Z, h, w, C): one patch per row
         self.dims = c if dims <= 0 or dims >= c else dims
-        variation = (self.patches - self.patches.mean(0, keepdim=True)).permute(0, 2, 3, 1).reshape(-1, c).double()
-        _, axes = torch.linalg.eigh(variation.T @ variation)  # ascending eigenvalues
-        self.axes = axes[:, -self.dims:].flip(1).float().contiguous()  # (C, dims), largest spread first
-        self.projected = self.project(self.patches)  # (Z, dims + 1, h, w)
+        self.channels_last = self.axes = self.projected = None  # every channel: the exact search needs none
+        if self.dims < c:
+            self.channels_last = self.patches.permute(0, 2, 3, 1).contiguous()  # (Z, h, w, C): one patch per row
+            variation = (self.patches - self.patches.mean(0, keepdim=True)).permute(0, 2, 3, 1).reshape(-1, c).double()
+            _, axes = torch.linalg.eigh(variation.T @ variation)  # ascending eigenvalues
+            self.axes = axes[:, -self.dims:].flip(1).float().contiguous()  # (C, dims), largest spread first
+            self.projected = self.project(self.patches)  # (Z, dims + 1, h, w)
         self.padded: dict[int, Tensor] = {}  # window -> projected patches padded with +inf (nearest_patch_indices)
 
     def project(self, patches: Tensor) -> Tensor:
