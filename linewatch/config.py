@@ -159,6 +159,9 @@ class ScoreConfig(_Section):
                               "this many feature cells away")
     patch_images: int = Field(32, ge=1, le=64, description="the patch branch compares a frame with this many good images, "
                               "the nearest ones by the backbone features (all of them when the bank holds fewer)")
+    patch_dims: int = Field(12, ge=0, le=4096, description="the patch branch searches the nearest good patch on this many "
+                            "principal axes of the good patches' variation at each place (0: every channel), then measures the exact "
+                            "distance to the patch found")
 
 
 class DetectorConfig(_Section):

@@ -52,7 +52,7 @@ from linewatch.detector.match import match_objects, matching_vectors
 from linewatch.detector.measure import (identity_map, missing_parts, object_maps, object_statuses, part_maps,
                                         read_counts, rows_per_chunk, true_indices, unmatched_reference_parts)
 from linewatch.detector.models import Models
-from linewatch.detector.patch_knn import local_patch_features, nearest_patch_distances
+from linewatch.detector.patch_knn import PatchIndex, local_patch_features
 from linewatch.detector.report import build_results
 from linewatch.detector.result import InspectionResult
 from linewatch.detector.segment import ObjectMasks, interior_points
@@ -212,7 +212,7 @@ class Inspector:
         self.descriptor_mean: Tensor | None = None
         self.seed_points: Tensor | None = None  # (N, M, 2) a point inside each bank part, for seeded prompts
         self.shape_mean: Tensor | None = None  # mean outline descriptor of the bank's parts, when outlines are used
-        self.patch_memory: Tensor | None = None  # (Z, C, h, w) the bank's patch features, for the patch branch
+        self.patch_index: PatchIndex | None = None  # the bank's patch features, for the patch branch
         self.slot_spreads: Tensor | None = None  # (Z, N) how near each bank part is to its slot's others (identity)
         self.slot_floor = 1.0  # the least spread a slot is given (identity)
         self.normalisation: dict | None = None  # each branch's spread on good images (fusion.branch_normalisation)
@@ -247,7 +247,8 @@ class Inspector:
                     spread = self.slot_spreads[self.bank.object_valid & (self.slot_spreads > 0)]
                     self.slot_floor = max(float(spread.median()) * 0.25 if spread.numel() else 1.0, MIN_SPREAD)
             if config.score.source != "objects":
-                self.patch_memory = local_patch_features(self._backbone_maps(self.bank.retrieval))
+                self.patch_index = PatchIndex(local_patch_features(self._backbone_maps(self.bank.retrieval)),
+                                              config.score.patch_dims)
             self.normalisation = self.bank.manifest.score_normalisation
 
     @property
@@ -374,7 +375,7 @@ class Inspector:
         search (the first k of the R nearest are the k nearest)."""
         k = self.config.k_references
         r = 0
-        if self.patch_memory is not None:
+        if self.patch_index is not None:
             r = min(self.config.score.patch_images, self.bank.size - (0 if batch.exclude is None else 1))
         nearest = self.bank.retrieve(retrieval, max(k, r), batch.exclude)
         batch.references = nearest[:, :k]
@@ -506,8 +507,8 @@ class Inspector:
             self.noise_floor if cfg.normalize_objects else None, self._chunk_floats)
         branch_maps = {"objects": image_maps + cfg.missing_part_weight * missing_maps}  # (B, H', W') each
         if self.config.score.source != "objects":  # the patch branch (linewatch.detector.patch_knn): (B, h, w)
-            branch_maps["patch"] = nearest_patch_distances(local_patch_features(enc.features), self.patch_memory,
-                                                           self.config.score.patch_window, batch.patch_references)
+            branch_maps["patch"] = self.patch_index.distances(local_patch_features(enc.features),
+                                                              self.config.score.patch_window, batch.patch_references)
             if self.uses_shapes:
                 branch_maps.update(part_maps(enc.shapes, enc.textures, enc.valid, enc.soft_masks, bank, batch.exclude))
         threshold = self.bank.threshold  # inf while the bank builder calibrates

@@ -39,12 +39,7 @@ def build_results(raw_maps: dict[str, Tensor], object_maps: Tensor, is_matched: 
     verdict "fail" when the score is above `threshold`. keep_component_maps: results carry each
     branch's map too (evaluation)."""
     size = image_size
-
-    def smoothed(raw: Tensor) -> Tensor:
-        up = F.interpolate(raw[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        return gaussian_blur(up, smoothing_sigma)
-
-    branch_maps = {name: smoothed(raw) for name, raw in raw_maps.items()}
+    branch_maps = {name: smoothed(raw, size, smoothing_sigma) for name, raw in raw_maps.items()}
     components = {name: m.flatten(1).amax(1) for name, m in branch_maps.items()}
     maps = fuse_maps(branch_maps, normalisation, source)
     scores = fuse_maps(components, normalisation, source)  # the same rule on the peaks
@@ -98,18 +93,56 @@ def build_results(raw_maps: dict[str, Tensor], object_maps: Tensor, is_matched: 
     return results
 
 
+def smoothed(raw: Tensor, size: int, sigma: float) -> Tensor:
+    """Maps (B, h, w) -> (B, size, size): bilinearly resized (align_corners=False) to the
+    working size, then `gaussian_blur`red. Both steps are linear and act on rows and columns
+    separately, so they are applied as two small matrix products, A_h @ raw @ A_w^T
+    (`smoothing_matrix`): the same operator as interpolate + blur (equal to float32 rounding),
+    in a fraction of the time of a single-channel convolution on a CPU."""
+    h, w = raw.shape[-2:]
+    rows = smoothing_matrix(h, size, sigma, raw.device)
+    columns = rows if w == h else smoothing_matrix(w, size, sigma, raw.device)
+    return rows @ raw.float() @ columns.T
+
+
+_SMOOTHING_MATRICES: dict[tuple[int, int, float, str], Tensor] = {}
+
+
+def smoothing_matrix(n_in: int, n_out: int, sigma: float, device: torch.device) -> Tensor:
+    """(n_out, n_in) float32 on `device`: one axis of `smoothed`, the 1-D bilinear resize from
+    n_in to n_out samples followed by `gaussian_blur`'s kernel (reflect padding), computed in
+    float64 by applying those two steps to each unit impulse; kept per (n_in, n_out, sigma, device)."""
+    key = (n_in, n_out, float(sigma), str(device))
+    if key not in _SMOOTHING_MATRICES:
+        impulses = torch.eye(n_in, dtype=torch.float64)[:, None, :]  # (n_in, 1, n_in)
+        resized = F.interpolate(impulses, size=n_out, mode="linear", align_corners=False)  # (n_in, 1, n_out)
+        if sigma > 0:  # gaussian_blur's pass along one axis
+            kernel = gaussian_kernel(sigma, resized.dtype, resized.device)
+            radius = kernel.numel() // 2
+            resized = F.conv1d(F.pad(resized, (radius, radius), mode="reflect"), kernel.view(1, 1, -1))
+        blurred = resized[:, 0]
+        _SMOOTHING_MATRICES[key] = blurred.T.float().contiguous().to(device)
+    return _SMOOTHING_MATRICES[key]
+
+
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     """Blur (B, H, W) maps with a Gaussian of `sigma` pixels (separable, reflect padding)."""
     if sigma <= 0:
         return maps
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
+    kernel = gaussian_kernel(sigma, maps.dtype, maps.device)
+    radius = kernel.numel() // 2
     out = maps[:, None]
     out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
     out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
     return out[:, 0]
+
+
+def gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The normalised 1-D Gaussian of `gaussian_blur`: 2 ceil(3 sigma) + 1 taps (at least 3)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
 
 
 def to_host(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:

@@ -537,6 +537,29 @@ def test_gaussian_blur():
     assert float(out.max()) < 1.0 and float(out.max()) <= float(gaussian_blur(spike, 1.0).max())
 
 
+@pytest.mark.parametrize("h, w, size, sigma", [(56, 56, 224, 2.0), (112, 112, 224, 2.0), (224, 224, 224, 2.0),
+                                                (7, 9, 20, 1.0), (6, 6, 24, 0.0), (30, 30, 12, 1.0)])
+def test_smoothing_as_matrix_products_is_resize_then_blur(h, w, size, sigma):
+    """report.smoothed (two matrix products) is the operator of the bilinear resize followed by
+    gaussian_blur: the same maps to float32 rounding, rows and columns, up and down."""
+    from linewatch.detector.report import gaussian_blur, smoothed
+
+    raw = torch.rand(3, h, w, generator=torch.Generator().manual_seed(h * w))
+    resized = torch.nn.functional.interpolate(raw[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(smoothed(raw, size, sigma), gaussian_blur(resized[:, 0], sigma), atol=2e-6, rtol=0)
+
+
+def test_smoothing_keeps_a_constant_map_and_centres_a_spike():
+    from linewatch.detector.report import smoothed
+
+    torch.testing.assert_close(smoothed(torch.full((1, 8, 8), 2.5), 32, 2.0), torch.full((1, 32, 32), 2.5))
+    spike = torch.zeros(1, 9, 9)
+    spike[0, 4, 4] = 1.0
+    out = smoothed(spike, 9, 1.0)[0]
+    assert int(out.argmax()) == 4 * 9 + 4
+    torch.testing.assert_close(out, out.T)
+
+
 def test_to_images01():
     from linewatch.detector.inspector import to_images01
 
