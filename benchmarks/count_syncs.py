@@ -70,6 +70,7 @@ UNIQUE = {"_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim
 INDEX = {"index", "index_put", "index_put_", "_index_put_impl", "_index_put_impl_", "_unsafe_index_put"}
 NO_KERNEL = {"detach", "alias", "lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "empty", "empty_strided",
              "_unsafe_view", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "scalar_tensor"}
+INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
 FACTORIES = ("arange", "zeros", "ones", "full", "empty", "linspace", "rand", "randn", "randint", "eye", "as_tensor",
              "tensor")
 
@@ -84,7 +85,6 @@ class SyncCounter(TorchDispatchMode):
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self._quiet = 0  # inside a patched Tensor method: its own dispatches are not counted as syncs
         self._host = set()  # ids of tensors returned by a counted .cpu()
-        self._indexing = 0  # inside a patched __getitem__ / __setitem__
 
     def add(self, kind: str, n: int = 1) -> None:
         self.counts[self.stage][kind] += n
@@ -123,6 +123,10 @@ class SyncCounter(TorchDispatchMode):
     @contextmanager
     def active(self):
         counter = self
+        # indexing is counted by FactoryCounter, not by patching torch.Tensor.__getitem__: a Python
+        # __getitem__ set on the class, even once and set back, leaves CPython's sequence slot on it,
+        # and torch.tensor() then takes every tensor for a sequence (len() of a 0-d tensor) in
+        # whatever runs next in the process
         originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
 
         def patched(name, kind_of):
@@ -150,23 +154,6 @@ class SyncCounter(TorchDispatchMode):
             return from_numpy(array)
 
         torch.from_numpy = counted_from_numpy
-        def patched_index(name):
-            original = originals[name] = getattr(torch.Tensor, name)
-
-            def method(tensor, index, *value):
-                # not _quiet: the ops inside are counted (x[x > 0] is a bool_index); _indexing stops the
-                # second call through __torch_function__ from counting again
-                if not counter._quiet and not counter._indexing and host_index(index):
-                    counter.add("host_index")
-                counter._indexing += 1
-                try:
-                    return original(tensor, index, *value)
-                finally:
-                    counter._indexing -= 1
-            return method
-
-        for name in ("__getitem__", "__setitem__"):
-            setattr(torch.Tensor, name, patched_index(name))
         torch.Tensor.tolist = patched("tolist", lambda t: "tolist")
         torch.Tensor.numpy = patched("numpy", lambda t, *a: None if id(t) in counter._host else "numpy")
         torch.Tensor.cpu = patched("cpu", lambda t, *a: "cpu")
@@ -221,6 +208,8 @@ class FactoryCounter(TorchFunctionMode):
                 counter._quiet -= 1
         if func in self.factories and kwargs.get("device") is None:
             counter.add("host_factory")
+        if func in INDEXING and len(args) > 1 and host_index(args[1]):
+            counter.add("host_index")  # the ops inside are counted too (x[x > 0] is a bool_index)
         return func(*args, **kwargs)
 
 

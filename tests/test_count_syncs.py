@@ -104,3 +104,11 @@ def test_sam_segment_stage_reads_nothing_back(tiny_segmenters, prompts) -> None:
         only(counts)
         assert counts["launches"] > 100  # it did run the model
         only(count_function(seg, images, **kwargs), tolist=1)
+
+
+def test_counting_leaves_torch_as_it_was() -> None:
+    """Patching torch.Tensor.__getitem__ (even set back after) left tensors looking like sequences
+    to CPython, and torch.tensor() of 0-d tensors failed in whatever test ran next in the process."""
+    count_function(lambda: torch.ones(3)[torch.tensor([0])])
+    x = torch.arange(5)
+    assert torch.tensor([[x.min(), x.max()]]).tolist() == [[0, 4]]
