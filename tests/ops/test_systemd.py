@@ -16,7 +16,7 @@ import pytest
 
 from linewatch.config import Config
 
-from ._tools import SYSTEMD, require_tool, run, unit_settings
+from ._tools import SYSTEMD, require_tool, run, unit_settings, verify_unit
 
 INSTALLED_BIN = "/opt/linewatch/venv/bin/linewatch"
 UNITS = {"linewatch.service": "linewatch.service", "linewatch@.service": "linewatch@line-1.service"}
@@ -35,25 +35,11 @@ def _staged(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _verify(unit: Path) -> list[str]:
-    """Problems `systemd-analyze verify` reports about `unit` (empty: clean)."""
-    tool = require_tool("systemd-analyze")
-    res = run([tool, "verify", str(unit)], timeout=60)
-    text = res.stdout + res.stderr
-    if res.returncode != 0 and re.search(r"Failed to (initialize|allocate) manager|Operation not permitted", text):
-        pytest.skip(f"systemd-analyze verify cannot run here: {text.strip()[:300]}")
-    # Unknown keys and unparsable values are only warnings (exit 0): any line naming our unit counts.
-    problems = [ln for ln in text.splitlines() if unit.name in ln or str(unit.parent) in ln]
-    if res.returncode != 0:
-        problems.append(f"exit {res.returncode}: {text.strip()}")
-    return problems
-
-
 @pytest.mark.system
 @pytest.mark.parametrize("name", list(UNITS))
 def test_unit_verifies(tmp_path: Path, name: str):
     staged = _staged(tmp_path)
-    problems = _verify(staged / UNITS[name])
+    problems = verify_unit(staged / UNITS[name])
     assert not problems, "\n".join(problems)
 
 
@@ -63,7 +49,7 @@ def test_verify_harness_catches_mistakes(tmp_path: Path):
     staged = _staged(tmp_path)
     unit = staged / "linewatch.service"
     unit.write_text(unit.read_text().replace("WatchdogSec=", "WatchdogSecs=", 1))
-    assert _verify(unit), "systemd-analyze verify did not report an unknown key"
+    assert verify_unit(unit), "systemd-analyze verify did not report an unknown key"
 
 
 @pytest.mark.system
