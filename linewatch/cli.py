@@ -33,7 +33,7 @@ EXIT_USAGE = 2
 
 # The errors that mean bad input (one line, exit 2), by module. Only a module already imported can
 # have raised one, so `_user_errors` looks them up in sys.modules: importing them all to answer a
-# `keys generate` typo took the detector stack's import (7 s of CPU) before the line was printed.
+# `keys generate` typo imported the whole detector stack (torch, timm) before the line was printed.
 USER_ERRORS = {
     "linewatch.bank_builder": "BankBuildError",
     "linewatch.config": "ConfigError",

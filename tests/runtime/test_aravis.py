@@ -132,12 +132,15 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
     assert image is not None and image.shape[:2] == (512, 512), None if image is None else image.shape
 
 
+def _read(sub: zmq.Socket) -> wire.Frame:
+    return wire.read_frame(sub.recv_multipart(), wire.ImageLimits(), time.time(), time.monotonic(), frozenset())
+
+
 def _frames(sub: zmq.Socket, n: int, timeout_s: float) -> list[wire.Frame]:
     got, end = [], time.monotonic() + timeout_s
     while len(got) < n and time.monotonic() < end:
         if sub.poll(100):
-            parts = sub.recv_multipart()
-            got.append(wire.read_frame(parts, wire.ImageLimits(), time.time(), time.monotonic(), frozenset()))
+            got.append(_read(sub))
     return got
 
 
@@ -163,8 +166,7 @@ def test_a_camera_killed_mid_stream_and_started_again_resumes_without_a_restart(
         fake_camera.stop()
         assert wait_until(lambda: "camera_source_lost" in log.read_text(), WAIT_S), log.read_text()[-3000:]
         while sub.poll(200):  # what was in flight
-            before.append(wire.read_frame(sub.recv_multipart(), wire.ImageLimits(), time.time(), time.monotonic(),
-                                          frozenset()))
+            before.append(_read(sub))
         fake_camera.start()
         after = _frames(sub, 10, WAIT_S)
         assert len(after) == 10, log.read_text()[-3000:]

@@ -130,9 +130,6 @@ class AravisSource(Source):
         self._last_frame_mono = 0.0
         self.clock_offset_s: float | None = None
 
-    def describe(self) -> str:
-        return self.uri
-
     def open(self) -> None:
         aravis = self._aravis
         aravis.update_device_list()
