@@ -36,6 +36,7 @@ from linewatch.config import (
     BatchConfig, EndpointConfig, IngestConfig, MetricsConfig, PipelineConfig, PublishConfig, RuntimeConfig,
 )
 from linewatch.detector.result import InspectionResult
+from linewatch.images import DEFAULT_SAMPLE_WINDOW
 from linewatch.runtime.pipeline.runner import Pipeline
 from linewatch.wire import Frame
 
@@ -55,6 +56,10 @@ class NoopProcessor:
     bank_id = "bench"
     bank_images = 0
     calibration = None
+    frame_size = None  # any size
+    colour_mode = None  # colour or grey
+    sample_window = DEFAULT_SAMPLE_WINDOW
+    device = "cpu"
 
     def __init__(self, costs: list[tuple[str, float]] | None = None, fail_share: float = 0.0) -> None:
         """`fail_share`: this fraction of the results fail (spread evenly, `is_fail`; a failed

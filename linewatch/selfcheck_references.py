@@ -67,7 +67,7 @@ def load_references(config: SelfCheckConfig, processor: Any) -> list[Reference]:
         kind = DEFECT_KINDS[i % len(DEFECT_KINDS)]
         image, _ = paint_defect(base.image, kind, np.random.default_rng([config.seed, i]))
         bad.append(Reference(f"bad/{kind}-{i}/{base.name.removeprefix('good/')}", "fail", image))
-    size = getattr(processor, "frame_size", None)
+    size = processor.frame_size
     for r in good + bad:
         if size is not None and tuple(r.image.shape[:2]) != tuple(size[:2]):
             raise ValueError(f"selfcheck: reference {r.name} is {r.image.shape[1]}x{r.image.shape[0]}, the bank judges "

@@ -142,10 +142,13 @@ def test_the_processor_has_all_the_runtime_needs(small_bank):
     inspector, recipe = load_processor(config, small_bank)
     bank = TemplateBank.load(small_bank)
     declared = set(Processor.__annotations__) | {"check_image"}
-    assert declared == {"backend", "bank_id", "bank_images", "frame_size", "calibration", "stages", "check_image"}
+    assert declared == {"backend", "bank_id", "bank_images", "frame_size", "colour_mode", "sample_window", "device",
+                        "calibration", "stages", "check_image"}
     assert all(hasattr(inspector, name) for name in declared)
     assert inspector.frame_size == tuple(bank.manifest.source_shape[:2])
     assert inspector.bank_images == bank.size and inspector.calibration == bank.calibration
+    assert inspector.colour_mode == bank.manifest.colour_mode == "colour"
+    assert inspector.sample_window == tuple(config.detector.sample_window) == (0, 65535)
     assert recipe.config is config and inspector.device == recipe.device
     with pytest.raises(ValueError, match="good images are"):
         inspector.check_image(np.zeros((8, 8, 3), np.uint8), "small")

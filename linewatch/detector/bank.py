@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -329,6 +330,20 @@ class TemplateBank:
                 "`linewatch bank build` or use the matching config:\n" + "\n".join(differences)
             )
 
+    def check_settings(self, sample_window: tuple[int, int] | list[int], k_references: int) -> None:
+        """Refuse a bank whose 16-bit images were scaled through another detector.sample_window,
+        or that holds fewer good images than detector.k_references."""
+        if list(self.manifest.sample_window) != list(sample_window):
+            raise BankError(
+                f"bank {self.bank_id}: its 16-bit images were scaled through detector.sample_window "
+                f"{list(self.manifest.sample_window)}, this config has {list(sample_window)}; frames must "
+                "be read as the good images were: set it back or rebuild the bank")
+        if self.size < k_references:
+            raise BankError(
+                f"bank {self.bank_id} holds {self.size} good images, fewer than detector.k_references = "
+                f"{k_references}; lower k_references or rebuild the bank with more good images"
+            )
+
     def check_calibration(self, target_false_reject_rate: float, source: str = "bank") -> None:
         """Refuse a bank whose threshold was calibrated for another false-reject target."""
         built = self.manifest.calibration.target_false_reject_rate
@@ -338,3 +353,26 @@ class TemplateBank:
                 f"this config asks for {target_false_reject_rate}; rebuild the bank with this config "
                 "(`linewatch bank build`) or set the config back"
             )
+
+
+def image_problem(image: Any, manifest: BankManifest | None) -> str | None:
+    """Why a bank cannot judge `image`, or None when it can: not RGB uint8 (H, W, 3) or grey
+    uint8 (H, W); grey for a colour bank or colour for a mono bank; another size than the good
+    images (`manifest` None: no bank, any uint8 image)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or not (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        return f"expected an RGB uint8 image (H, W, 3) or a grey one (H, W), got shape {shape} dtype {dtype}"
+    if manifest is None:
+        return None
+    mode = manifest.colour_mode
+    if (image.ndim == 2) != (mode == "mono"):
+        kind = "grey" if image.ndim == 2 else "colour"
+        return (f"a {kind} image; the bank judges {'grey (mono)' if mode == 'mono' else 'colour'} "
+                "images (built from " + ("grey" if mode == "mono" else "colour") + " good images)")
+    expected = manifest.source_shape
+    if expected and list(image.shape[:2]) != list(expected[:2]):
+        return (f"image is {image.shape[1]}x{image.shape[0]} but the bank's good images are "
+                f"{expected[1]}x{expected[0]}; use the same camera setup or rebuild the bank")
+    return None

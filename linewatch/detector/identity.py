@@ -65,14 +65,20 @@ def slot_spreads(shapes: Tensor, boxes: Tensor, valid: Tensor, reach: float = SL
     return torch.where(usable, distances, torch.zeros_like(distances)).reshape(z, n)
 
 
+def slot_floor(spreads: Tensor, valid: Tensor) -> float:
+    """The least spread a slot is given (`identity_distances`' floor): a quarter of the bank
+    parts' median `slot_spreads` (those with a slot), and at least MIN_SPREAD."""
+    spread = spreads[valid & (spreads > 0)]
+    return max(float(spread.median()) * 0.25 if spread.numel() else 1.0, MIN_SPREAD)
+
+
 def identity_distances(shapes: Tensor, boxes: Tensor, valid: Tensor, bank_shapes: Tensor, bank_boxes: Tensor,
                        bank_valid: Tensor, spreads: Tensor, floor: float, exclude: Tensor | None = None,
                        reach: float = SLOT_REACH) -> Tensor:
     """Identity z of every query part (see the module docstring): shapes (B, M, D), boxes (B, M, 4),
     valid (B, M) of the query parts; the bank's shapes (Z, N, D), boxes (Z, N, 4), valid (Z, N)
     and `slot_spreads` (Z, N); floor: the least spread a slot is given (a slot whose good parts
-    happen to be near-identical must not turn a tiny difference into a large z; the Inspector
-    gives at least MIN_SPREAD); exclude (B,):
+    happen to be near-identical must not turn a tiny difference into a large z: `slot_floor`); exclude (B,):
     the bank image each query is (leave-one-out), or None. -> (B, M), 0 for padding and for a
     part with no slot."""
     z, n = bank_valid.shape

@@ -31,7 +31,6 @@ each in units of its spread on the good images (`detector.score`, `linewatch.det
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -42,15 +41,13 @@ import torch
 from torch import Tensor
 
 from linewatch.config import DetectorConfig
-from linewatch.detector.align import AlignedPairs, aligned_pairs
 from linewatch.detector.backends import get_backend
-from linewatch.detector.bank import BankError, TemplateBank
+from linewatch.detector.bank import BankError, TemplateBank, image_problem
 from linewatch.detector.calibration import Calibration
 from linewatch.detector.describe import masked_global_max_pool, padded_soft_masks, part_textures
-from linewatch.detector.identity import MIN_SPREAD, identity_distances, slot_spreads
+from linewatch.detector.identity import identity_distances, slot_floor, slot_spreads
 from linewatch.detector.match import match_objects, matching_vectors
-from linewatch.detector.measure import (identity_map, missing_parts, object_maps, object_statuses, part_maps,
-                                        read_counts, rows_per_chunk, true_indices, unmatched_reference_parts)
+from linewatch.detector.measure import noise_floor, object_branch, part_maps
 from linewatch.detector.models import Models
 from linewatch.detector.patch_knn import PatchIndex, local_patch_features
 from linewatch.detector.report import build_results
@@ -219,16 +216,7 @@ class Inspector:
         self.keep_component_maps = False  # evaluation: results carry each branch's map too
         if bank is not None:
             bank.check_identity(self.identity(), source=f"bank {bank.bank_id}", settings=config.fingerprint_settings())
-            if list(bank.manifest.sample_window) != list(config.sample_window):
-                raise BankError(
-                    f"bank {bank.bank_id}: its 16-bit images were scaled through detector.sample_window "
-                    f"{list(bank.manifest.sample_window)}, this config has {list(config.sample_window)}; frames must "
-                    "be read as the good images were: set it back or rebuild the bank")
-            if bank.size < config.k_references:
-                raise BankError(
-                    f"bank {bank.bank_id} holds {bank.size} good images, fewer than detector.k_references = "
-                    f"{config.k_references}; lower k_references or rebuild the bank with more good images"
-                )
+            bank.check_settings(config.sample_window, config.k_references)
             # the bank's fitted state (the classic background model) on models of this inspector
             # alone: `models` stay as given, so other banks' inspectors may share them
             self.models = get_backend(config.backend).load_state(models, bank.segmenter_state)
@@ -236,16 +224,13 @@ class Inspector:
                 self.descriptor_mean = self.bank.descriptors[self.bank.object_valid].mean(0)
             if self.models.segmenter.wants_seeds:
                 self.seed_points = interior_points(self.bank.masks.float())
-            # a part whose good-image maps are nearly flat must not turn tiny differences into alarms
-            noise = self.bank.object_noise[self.bank.object_valid]
-            self.noise_floor = float(noise.median()) * 0.25 if noise.numel() else 1.0
+            self.noise_floor = noise_floor(self.bank)
             if self.uses_shapes:
                 good_shapes = self.bank.shapes[self.bank.object_valid]
                 self.shape_mean = good_shapes.mean(0) if good_shapes.numel() else None
                 if config.measure.identity_weight > 0:  # linewatch.detector.identity
                     self.slot_spreads = slot_spreads(self.bank.shapes, self.bank.boxes, self.bank.object_valid)
-                    spread = self.slot_spreads[self.bank.object_valid & (self.slot_spreads > 0)]
-                    self.slot_floor = max(float(spread.median()) * 0.25 if spread.numel() else 1.0, MIN_SPREAD)
+                    self.slot_floor = slot_floor(self.slot_spreads, self.bank.object_valid)
             if config.score.source != "objects":
                 self.patch_index = PatchIndex(local_patch_features(self._backbone_maps(self.bank.retrieval)),
                                               config.score.patch_dims)
@@ -397,26 +382,11 @@ class Inspector:
         return batch
 
     def check_image(self, image: np.ndarray, name: str) -> None:
-        """Refuse images the bank cannot judge: not RGB uint8 (H, W, 3) or grey uint8 (H, W), grey
-        on a colour bank or colour on a mono bank, or another size than the good images."""
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or not (
-                image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            shape = getattr(image, "shape", None)
-            dtype = getattr(image, "dtype", type(image).__name__)
-            raise InputError(f"{name}: expected an RGB uint8 image (H, W, 3) or a grey one (H, W), "
-                             f"got shape {shape} dtype {dtype}")
-        mode = self.colour_mode
-        if mode is not None and (image.ndim == 2) != (mode == "mono"):
-            kind = "grey" if image.ndim == 2 else "colour"
-            raise InputError(f"{name}: a {kind} image; the bank judges {'grey (mono)' if mode == 'mono' else 'colour'} "
-                             "images (built from " + ("grey" if mode == "mono" else "colour") + " good images)")
-        if self.bank is not None:
-            expected = self.bank.manifest.source_shape
-            if expected and list(image.shape[:2]) != list(expected[:2]):
-                raise InputError(
-                    f"{name}: image is {image.shape[1]}x{image.shape[0]} but the bank's good images are "
-                    f"{expected[1]}x{expected[0]}; use the same camera setup or rebuild the bank"
-                )
+        """Refuse an image the bank cannot judge (`bank.image_problem`: not RGB or grey uint8, grey
+        on a colour bank or colour on a mono bank, another size than the good images)."""
+        problem = image_problem(image, self.bank.manifest if self.bank is not None else None)
+        if problem is not None:
+            raise InputError(f"{name}: {problem}")
 
     @torch.inference_mode()
     def backbone(self, batch: Batch) -> Batch:
@@ -476,66 +446,32 @@ class Inspector:
     @torch.inference_mode()
     def measure(self, batch: Batch) -> Batch:
         """AMM: per-object Mahalanobis maps against the matched (or closest) reference objects
-        (eqs. 11-15), plus missing-part and surplus maps and the score branches; then image
-        scores and results (`linewatch.detector.measure`, `linewatch.detector.report`).
-
+        (eqs. 11-15), plus missing-part, surplus and identity maps (`measure.object_branch`), the
+        other score branches' maps, then image scores and results (`linewatch.detector.report`).
         The device is read back twice per batch, whatever the number of objects: `read_counts`
-        (the sizes of the cell lists to compute) and `to_host` (everything the results need)."""
-        enc, refs, bank, cfg = batch.encoded, batch.references, self.bank, self.config.measure
-        b, k = refs.shape
-        assigned, is_matched, is_surplus, ref_matches = object_statuses(batch.match, enc.valid, k)
-        pairs = self._aligned_pairs(batch, assigned, is_matched)
-        unmatched, unmatched_cells = unmatched_reference_parts(refs, bank, ref_matches)
-        counts = read_counts(torch.cat([pairs.in_box.reshape(b, -1).sum(1), unmatched.sum().view(1),
-                                        unmatched_cells.sum().view(1)]))
-        most_cells, n_unmatched, n_unmatched_cells = max(counts[:b], default=0), counts[b], counts[b + 1]
-
-        object_maps = batch.object_maps = self._object_maps(batch, pairs, most_cells)
-        if cfg.normalize_objects:
-            # each part's map in units of what that part's map reaches on good images
-            noise = bank.object_noise[refs[:, :, None], assigned].mean(1)  # (B, M)
-            object_maps = object_maps / noise.clamp_min(self.noise_floor)[..., None, None]
-        weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
-        image_maps = (object_maps * weights[..., None, None] * enc.valid[..., None, None]).sum(1)  # eq. 15
+        (in object_branch) and `to_host` (everything the results need)."""
+        enc, bank, cfg = batch.encoded, self.bank, self.config
+        identity = None
         if self.slot_spreads is not None:  # each part against the good parts of its place (beyond the paper)
             identity = identity_distances(enc.shapes, enc.boxes, enc.valid, bank.shapes, bank.boxes, bank.object_valid,
                                           self.slot_spreads, self.slot_floor, batch.exclude)
-            image_maps = image_maps + cfg.identity_weight * identity_map(identity, enc.soft_masks)
-        missing_maps, missing = missing_parts(
-            enc.upsampled, refs, bank, true_indices(unmatched.reshape(1, -1), n_unmatched)[0],
-            true_indices(unmatched_cells.reshape(1, -1), n_unmatched_cells)[0], cfg.eps,
-            self.noise_floor if cfg.normalize_objects else None, self._chunk_floats)
-        branch_maps = {"objects": image_maps + cfg.missing_part_weight * missing_maps}  # (B, H', W') each
-        if self.config.score.source != "objects":  # the patch branch (linewatch.detector.patch_knn): (B, h, w)
+        objects = object_branch(enc.upsampled, enc.soft_masks, enc.valid, batch.references, batch.match, bank,
+                                cfg.measure, self.noise_floor, self._chunk_floats, identity)
+        batch.object_maps = objects.object_maps
+        branch_maps = {"objects": objects.image_maps}  # (B, H', W') each
+        if cfg.score.source != "objects":  # the patch branch (linewatch.detector.patch_knn): (B, h, w)
             branch_maps["patch"] = self.patch_index.distances(local_patch_features(enc.features),
-                                                              self.config.score.patch_window, batch.patch_references)
+                                                              cfg.score.patch_window, batch.patch_references)
             if self.uses_shapes:
                 branch_maps.update(part_maps(enc.shapes, enc.textures, enc.valid, enc.soft_masks, bank, batch.exclude))
-        threshold = self.bank.threshold  # inf while the bank builder calibrates
-        batch.results = build_results(
-            branch_maps, object_maps, is_matched, is_surplus, missing, enc.soft_masks, enc.boxes, enc.valid,
-            batch.sizes, image_size=self.config.image_size, smoothing_sigma=cfg.smoothing_sigma,
-            normalisation=self.normalisation, source=self.config.score.source, threshold=threshold,
+        batch.results = build_results(  # bank.threshold: inf while the bank builder calibrates
+            branch_maps, objects.object_maps, objects.is_matched, objects.is_surplus, objects.missing, enc.soft_masks,
+            enc.boxes, enc.valid, batch.sizes, image_size=cfg.image_size, smoothing_sigma=cfg.measure.smoothing_sigma,
+            normalisation=self.normalisation, source=cfg.score.source, threshold=bank.threshold,
             backend=self.backend, keep_component_maps=self.keep_component_maps)
         return batch
 
-    def _aligned_pairs(self, batch: Batch, assigned: Tensor, is_matched: Tensor) -> AlignedPairs:
-        """`align.aligned_pairs` of the batch's objects under measure.align_max_shift / _rotation_deg."""
-        hf, wf = batch.encoded.upsampled.shape[-2:]
-        return aligned_pairs(batch.encoded.soft_masks, batch.encoded.valid, batch.references, assigned, is_matched,
-                             self.bank.masks, self.config.measure.align_max_shift * max(hf, wf),
-                             math.radians(self.config.measure.align_max_rotation_deg), self._chunk_floats)
-
-    def _object_maps(self, batch: Batch, pairs: AlignedPairs, most_cells: int) -> Tensor:
-        """`measure.object_maps` of the batch's aligned pairs: (B, M, H', W')."""
-        return object_maps(batch.encoded.upsampled, batch.references, self.bank.features, pairs, most_cells,
-                           self.config.measure.eps, self._chunk_floats)
-
     @property
     def _chunk_floats(self) -> int:
+        """About how many floats one chunk of the measure stage holds (measure.py's chunk_floats)."""
         return self.CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else self.OBJECT_CHUNK_ELEMENTS
-
-    def _chunk_size(self, floats_per_row: int) -> int:
-        """Rows (pairs, images or cells) per chunk so that a chunk holds about OBJECT_CHUNK_ELEMENTS floats."""
-        return rows_per_chunk(self._chunk_floats, floats_per_row)
-

@@ -18,21 +18,24 @@ part) tensors, with no host synchronisation but `read_counts`:
     missing_parts              those missing in most references -> maps (B, H', W') and a report
     part_maps                  the weights-free part branches: outline and grain distances (B, H', W')
     identity_map               each part against the good parts of its place (linewatch.detector.identity)
+    object_branch              the above composed: the object branch's image map (eq. 15 + beyond)
 
 Chunked work takes `chunk_floats`, about how many floats one chunk may hold.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linewatch.detector.align import AlignedPairs, warp
+from linewatch.detector.align import AlignedPairs, aligned_pairs, warp
 
 if TYPE_CHECKING:
+    from linewatch.config import MeasureConfig
     from linewatch.detector.bank import TemplateBank
     from linewatch.detector.match import MatchResult
 
@@ -344,6 +347,65 @@ def identity_map(identity: Tensor, soft_masks: Tensor) -> Tensor:
     if soft_masks.shape[1] == 0:
         return soft_masks.new_zeros(soft_masks.shape[0], *soft_masks.shape[-2:])
     return (soft_masks * excess[..., None, None]).amax(1)
+
+
+class ObjectBranch(NamedTuple):
+    """The object branch of a batch: image_maps (B, H', W') the object score map; object_maps
+    (B, M, H', W') each query part's raw Mahalanobis map; is_matched, is_surplus (B, M); missing:
+    the missing parts' report (`missing_parts`)."""
+
+    image_maps: Tensor
+    object_maps: Tensor
+    is_matched: Tensor
+    is_surplus: Tensor
+    missing: dict[str, Tensor]
+
+
+def noise_floor(bank: "TemplateBank") -> float:
+    """The least noise level a part's map is divided by (measure.normalize_objects): a quarter
+    of the bank parts' median, so that a part whose good-image maps are nearly flat does not
+    turn tiny differences into alarms (1.0 for a bank without parts)."""
+    noise = bank.object_noise[bank.object_valid]
+    return float(noise.median()) * 0.25 if noise.numel() else 1.0
+
+
+def object_branch(upsampled: Tensor, soft_masks: Tensor, valid: Tensor, references: Tensor, match: "MatchResult",
+                  bank: "TemplateBank", cfg: "MeasureConfig", floor: float, chunk_floats: int,
+                  identity: Tensor | None = None) -> ObjectBranch:
+    """AMM of a batch (eqs. 11-15) and beyond: each valid query part (soft_masks (B, M, H', W'),
+    valid (B, M)) against the reference parts it matched or is closest to in its k references
+    (references (B, k), `match` their OMM over the B*k pairs), after aligning them
+    (measure.align_max_shift, align_max_rotation_deg); each part's map in units of its noise
+    level (at least `floor`) when measure.normalize_objects; surplus parts weighted by
+    surplus_weight; `identity` (B, M), each part's identity z
+    (`linewatch.detector.identity.identity_distances`), weighted by identity_weight; the missing
+    parts' maps weighted by missing_part_weight.
+
+    The device is read back once (`read_counts`: the sizes of the cell lists to compute)."""
+    b, k = references.shape
+    assigned, is_matched, is_surplus, ref_matches = object_statuses(match, valid, k)
+    hf, wf = upsampled.shape[-2:]
+    pairs = aligned_pairs(soft_masks, valid, references, assigned, is_matched, bank.masks,
+                          cfg.align_max_shift * max(hf, wf), math.radians(cfg.align_max_rotation_deg), chunk_floats)
+    unmatched, unmatched_cells = unmatched_reference_parts(references, bank, ref_matches)
+    counts = read_counts(torch.cat([pairs.in_box.reshape(b, -1).sum(1), unmatched.sum().view(1),
+                                    unmatched_cells.sum().view(1)]))
+    most_cells, n_unmatched, n_unmatched_cells = max(counts[:b], default=0), counts[b], counts[b + 1]
+
+    raw = object_maps(upsampled, references, bank.features, pairs, most_cells, cfg.eps, chunk_floats)
+    maps = raw
+    if cfg.normalize_objects:  # each part's map in units of what that part's map reaches on good images
+        noise = bank.object_noise[references[:, :, None], assigned].mean(1)  # (B, M)
+        maps = raw / noise.clamp_min(floor)[..., None, None]
+    weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
+    image_maps = (maps * weights[..., None, None] * valid[..., None, None]).sum(1)  # eq. 15
+    if identity is not None:  # each part against the good parts of its place (beyond the paper)
+        image_maps = image_maps + cfg.identity_weight * identity_map(identity, soft_masks)
+    missing_maps, missing = missing_parts(
+        upsampled, references, bank, true_indices(unmatched.reshape(1, -1), n_unmatched)[0],
+        true_indices(unmatched_cells.reshape(1, -1), n_unmatched_cells)[0], cfg.eps,
+        floor if cfg.normalize_objects else None, chunk_floats)
+    return ObjectBranch(image_maps + cfg.missing_part_weight * missing_maps, raw, is_matched, is_surplus, missing)
 
 
 def read_counts(counts: Tensor) -> list[int]:

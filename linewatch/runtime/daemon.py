@@ -138,7 +138,9 @@ class Daemon:
             if self.config.control.socket:
                 from linewatch.runtime.ops.control import ControlServer
 
-                self.control = ControlServer(self.config.control.socket, self._switch_request, self.log)
+                # its `switch` command: switch_bank's answer as a dict
+                self.control = ControlServer(self.config.control.socket,
+                                             lambda bank, config: self.switch_bank(bank, config).to_dict(), self.log)
                 self.control.start()
         except Exception:
             self.stop()  # release what did start (threads, sockets, the HTTP port)
@@ -312,16 +314,10 @@ class Daemon:
             self.selfcheck.use_bank(new, at_start=False)
 
     def _show_calibration(self, processor: Processor) -> None:
-        """The scores the processor's bank was calibrated on: the score drift alert's reference."""
-        calibration = processor.calibration
-        if calibration is None:  # no calibrated bank: the histogram stays empty
-            self.metrics.set_calibration((), None)
-        else:
-            self.metrics.set_calibration(calibration.scores, calibration.threshold)
-
-    def _switch_request(self, bank: str | None, config: str | None) -> dict[str, Any]:
-        """The control socket's `switch` command."""
-        return self.switch_bank(bank, config).to_dict()
+        """The scores the processor's bank was calibrated on: the score drift alert's reference
+        (none without a calibrated bank: the histogram stays empty)."""
+        c = processor.calibration
+        self.metrics.set_calibration(c.scores if c is not None else (), c.threshold if c is not None else None)
 
     def watchdog_check(self) -> bool:
         """Send WATCHDOG=1 if the pipeline is healthy (returns whether it did): a stuck pipeline

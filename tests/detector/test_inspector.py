@@ -13,9 +13,10 @@ from torch.overrides import TorchFunctionMode
 from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.bank import BankError
-from linewatch.detector.align import mask_moments, reference_grids, warp
+from linewatch.detector.align import aligned_pairs, mask_moments, reference_grids, warp
 from linewatch.detector.identity import MIN_SPREAD
 from linewatch.detector.inspector import Batch, Inspector, InputError
+from linewatch.detector.measure import object_maps, rows_per_chunk
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES, InspectionResult
 from linewatch.detector.segment import ObjectMasks
@@ -696,8 +697,11 @@ def test_object_maps_equal_the_full_grid_per_object_and_are_zero_outside_the_box
     b, m = enc.valid.shape
     k = refs.shape[1]
     c, h, w = enc.upsampled.shape[-3:]
-    pairs = inspector._aligned_pairs(batch, assigned, is_matched)
-    maps = inspector._object_maps(batch, pairs, int(pairs.in_box.view(b, -1).sum(1).max()))
+    cfg, chunk = inspector.config.measure, inspector._chunk_floats
+    pairs = aligned_pairs(enc.soft_masks, enc.valid, refs, assigned, is_matched, bank.masks,
+                          cfg.align_max_shift * max(h, w), math.radians(cfg.align_max_rotation_deg), chunk)
+    maps = object_maps(enc.upsampled, refs, bank.features, pairs, int(pairs.in_box.view(b, -1).sum(1).max()), cfg.eps,
+                       chunk)
     assert maps.shape == (b, m, h, w)
     for bi in range(b):
         for oi in range(m):
@@ -828,7 +832,7 @@ def test_measure_in_small_chunks_gives_the_same_results(inspector, monkeypatch):
     images = [frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0]]
     whole = inspector.inspect(images)
     monkeypatch.setattr(inspector, "OBJECT_CHUNK_ELEMENTS", 20_000)
-    assert inspector._chunk_size(4 * 2 * 56 * 56) == 1  # one pair at a time in _aligned_pairs
+    assert rows_per_chunk(inspector._chunk_floats, 4 * 2 * 56 * 56) == 1  # one pair at a time in align.aligned_pairs
     chunked = inspector.inspect(images)
     for a, b in zip(chunked, whole):
         assert a.score == pytest.approx(b.score, rel=1e-6, abs=1e-7)

@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 
 from linewatch.config import BatchConfig, PipelineConfig
+from linewatch.images import DEFAULT_SAMPLE_WINDOW
 from linewatch.detector.result import InspectionResult
 from linewatch.runtime.pipeline.core import PipelineCore, Slot
 from linewatch.runtime.ops.metrics import Metrics
@@ -110,6 +111,9 @@ class FakeProcessor:
         """Judges any image."""
 
     frame_size = None  # any size
+    colour_mode = None  # colour or grey
+    sample_window = DEFAULT_SAMPLE_WINDOW
+    device = "cpu"
 
 
 class GatedProcessor:
@@ -135,6 +139,9 @@ class GatedProcessor:
         """Judges any image."""
 
     frame_size = None  # any size
+    colour_mode = None  # colour or grey
+    sample_window = DEFAULT_SAMPLE_WINDOW
+    device = "cpu"
 
 
 class Collector:

@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent('''
 
     class BusyModel:
         backend, bank_id, bank_images, calibration = "fake", "bank-test", 1, None
+        frame_size, colour_mode, sample_window, device = None, None, (0, 65535), "cpu"
 
         def __init__(self):
             self.stages = [("model", self.model)]

@@ -71,10 +71,13 @@ class Processor(Protocol):
     `error` with reason "stage_failed:<name>" and the pipeline keeps going.
     frame_size is the (height, width) of the frames it judges (its bank's good images; None:
     any): a frame declaring another size is answered `error` (bad_image) before it is decoded.
-    colour_mode ("colour", "mono"; None or absent: either) is whether it judges colour or grey
-    frames: a grey frame on a colour bank is answered `error` (grey_image), a colour frame on a
-    mono bank `error` (colour_image), before decoding, from what the frame declares.
-    sample_window (absent: (0, 65535)) is the [low, high] 16-bit frames are scaled through.
+    colour_mode ("colour", "mono"; None: either) is whether it judges colour or grey frames: a
+    grey frame on a colour bank is answered `error` (grey_image), a colour frame on a mono bank
+    `error` (colour_image), before decoding, from what the frame declares.
+    sample_window is the [low, high] 16-bit frames are scaled through when they are decoded
+    (`images.DEFAULT_SAMPLE_WINDOW`: the full range).
+    device is where its stages run; its str() ("cpu", "cuda", "cuda:0") sets how many batches
+    are inside the stage graph at once unless `pipeline.max_batches_inside` says.
     bank_id, backend and bank_images (good images in the bank) are shown in
     `linewatch_bank_info`, /readyz and the live page; the calibration's scores and threshold
     fill `linewatch_calibration_score_ratio`, the reference of the score drift alert (None: a
@@ -85,6 +88,9 @@ class Processor(Protocol):
     bank_id: str
     bank_images: int
     frame_size: tuple[int, int] | None
+    colour_mode: str | None
+    sample_window: tuple[int, int]
+    device: object
     calibration: Calibration | None
     stages: list[tuple[str, Callable[[Any], Any]]]
 
@@ -109,7 +115,7 @@ def _default_depth(processor: Processor, n_stages: int) -> int:
     """Batches inside the stage graph at once, unless configured: one per stage plus one where
     the stages run on a GPU (each busy with its own batch), 2 on a CPU (the stages share its
     cores: one batch decoding beside one in the detector; deeper only makes every batch wait)."""
-    device = str(getattr(processor, "device", "cpu"))
+    device = str(processor.device)
     return n_stages + 1 if device.startswith("cuda") else 2
 
 
@@ -281,14 +287,14 @@ class Pipeline:
         refuses the image (bad_image). None when it can."""
         if processor is None:
             return None
-        mode = getattr(processor, "colour_mode", None)
+        mode = processor.colour_mode
         grey = frame.is_grey
         if mode is not None and grey is not None and grey != (mode == "mono"):
             if grey:
                 return "grey_image", (f"arrived {frame.describe()}: a grey frame, the bank judges colour frames "
                                       "(a camera set to a mono pixel format?)")
             return "colour_image", f"arrived {frame.describe()}: a colour frame, the bank judges grey (mono) frames"
-        expected = getattr(processor, "frame_size", None)
+        expected = processor.frame_size
         arrived = frame.height_width
         if expected is not None and arrived is not None and tuple(arrived) != tuple(expected[:2]):
             return "bad_image", f"arrived {frame.describe()}; the bank judges {expected[1]}x{expected[0]} frames"
@@ -582,7 +588,7 @@ class Pipeline:
     def _decode(self, batch: _Batch) -> list[np.ndarray]:
         """Stage 0: the batch's frames decoded on the decode threads. A frame that fails (its
         bytes, or the processor's check_image) is answered `error` and leaves the batch."""
-        window = getattr(batch.processor, "sample_window", DEFAULT_SAMPLE_WINDOW)
+        window = batch.processor.sample_window
         outcomes = list(self._decoders.map(lambda frame: _decode_one(frame, window), batch.data))
         kept: list[Slot] = []
         images: list[np.ndarray] = []
