@@ -8,6 +8,9 @@ import numpy as np
 from linewatch.detector.result import InspectionResult
 from linewatch.wire import Verdict
 
+# One JPEG quality for every overlay (the verdict stream's, the live page's and the archive's
+# file are the same bytes, rendered once per verdict: linewatch.runtime.sinks.outcome).
+OVERLAY_JPEG_QUALITY = 90
 # BGR-free: colours are RGB because images are RGB throughout linewatch.
 STATUS_COLOURS = {
     "matched": (40, 200, 40),
@@ -55,8 +58,8 @@ def render_overlay(image: np.ndarray, result: InspectionResult | Verdict, alpha:
     return out
 
 
-def overlay_jpeg(image: np.ndarray, result: InspectionResult | Verdict, quality: int = 85) -> bytes:
-    """The overlay encoded as JPEG bytes (for the verdict stream)."""
+def overlay_jpeg(image: np.ndarray, result: InspectionResult | Verdict, quality: int = OVERLAY_JPEG_QUALITY) -> bytes:
+    """The overlay encoded as JPEG bytes (the verdict stream, the live page, the archive)."""
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(render_overlay(image, result), cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:

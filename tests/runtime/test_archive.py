@@ -207,6 +207,43 @@ def test_a_failed_part_gets_its_frame_heatmap_and_overlay(tmp_path, frame_format
     assert metrics.archive_bytes._value.get() > 0
 
 
+@pytest.mark.parametrize("first", ["live page", "archive"])
+def test_a_failed_parts_overlay_is_rendered_once_for_the_archive_and_the_live_page(tmp_path, monkeypatch,
+                                                                                   overlay_renderings, first):
+    """The archive sink shares the verdict's Outcome: whoever needs the overlay first renders it
+    (the live page in the daemon, the archive in its encoder process, with the frame's file), the
+    other one gets the same bytes. On disk the file is what the archive always wrote: the overlay
+    as JPEG at OVERLAY_JPEG_QUALITY (90)."""
+    from linewatch.overlay import overlay_jpeg
+    from linewatch.runtime.sinks.archive.sink import ArchiveSink
+    from linewatch.runtime.sinks.outcome import Outcome
+
+    drew: list[bool] = []  # per call of the encoder: whether it drew the overlay
+
+    def in_process(encoder, image, v, frame_format, timeout_s, overlay=True):
+        drew.append(overlay)
+        return archive_module.encode_pictures(image, v, frame_format, overlay)
+
+    monkeypatch.setattr(archive_module.PictureEncoder, "encode", in_process)
+    image = noise(5)
+    outcome = Outcome.of(verdict(5, "fail", image=image))
+    archive, _ = make_archive(tmp_path)
+    try:
+        page = outcome.overlay_jpeg() if first == "live page" else None
+        ArchiveSink(archive).publish(outcome)
+        assert archive.wait_idle(30)
+        [row] = rows(tmp_path / "archive")
+    finally:
+        archive.stop()
+    on_disk = (tmp_path / "archive" / (row["pictures"] + OVERLAY_SUFFIX)).read_bytes()
+    assert on_disk == overlay_jpeg(image, outcome.verdict, quality=90)
+    assert outcome.overlay_jpeg() == on_disk  # the live page, after the archive: the same bytes
+    if first == "live page":
+        assert page == on_disk and overlay_renderings == [105] and drew == [False]
+    else:
+        assert overlay_renderings == [] and drew == [True]
+
+
 def test_passes_get_pictures_by_a_deterministic_sample_of_their_ids(tmp_path):
     image = noise(2, 8)
     kept: dict[str, set[str]] = {}

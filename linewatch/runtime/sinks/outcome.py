@@ -5,7 +5,8 @@ wants pictures). The daemon splits it once, on the output thread, into an `Outco
 as it is sent (no image; the wire encoding never carries one anyway), the image beside it, and
 the overlay (heatmap, object boxes, banner) as a JPEG, rendered once, by whoever first needs it,
 and shared by the others: the pipeline when `publish.overlay_jpeg` asks for it on the wire (its
-rendering is taken over), else the first sink that asks (the live page, at a browser's request).
+rendering is taken over), else the first sink that asks: the live page (at a browser's request)
+or the archive (in its picture encoder process, with the frame's file).
 
 Sinks run on several threads: they only read the outcome and its verdict, never change them.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -56,17 +58,19 @@ class Outcome:
         """Whether the overlay is there already (asking for it now costs nothing)."""
         return self._overlay.done
 
-    def overlay_jpeg(self) -> bytes | None:
+    def overlay_jpeg(self, render: Callable[[], bytes] | None = None) -> bytes | None:
         """The overlay as JPEG (linewatch.overlay.overlay_jpeg), rendered at the first call and
-        kept; None for a verdict without its image or one that was not judged (pass/fail). May
-        raise (a picture that cannot be drawn), and then raises again at the next call."""
+        kept; None for a verdict without its image or one that was not judged (pass/fail).
+        `render`: how the first caller renders it, when not here (the archive: in its encoder
+        process); a caller meanwhile waits for it. May raise (a picture that cannot be drawn),
+        and then the next call renders it again."""
         once = self._overlay
         if once.done:
             return once.value
         with once.lock:
             if not once.done:
                 if self.image is not None and self.verdict.verdict in ("pass", "fail"):
-                    once.value = overlay_jpeg(self.image, self.verdict)
+                    once.value = render() if render is not None else overlay_jpeg(self.image, self.verdict)
                 once.done = True
         return once.value
 

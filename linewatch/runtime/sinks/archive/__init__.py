@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -55,6 +55,9 @@ from linewatch.runtime.sinks.archive.store import (
 from linewatch.runtime.pipeline.clock import SYSTEM_CLOCK, Clock
 from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
+
+if TYPE_CHECKING:
+    from linewatch.runtime.sinks.outcome import Outcome
 
 # The names other modules and tests import from here (archive.py's, before it became this
 # package). Setting one of them here (a test's monkeypatch) changes what the Archive reads:
@@ -229,10 +232,11 @@ class Archive:
 
     # ------------------------------------------------------------------ the verdict path
 
-    def record(self, verdict: Verdict) -> None:
+    def record(self, verdict: Verdict, outcome: Outcome | None = None) -> None:
         """Append one verdict to the journal (in the kernel's page cache when this returns: see
         journal.py for why not SQLite), then queue its pictures. Never raises: a row that cannot
-        be written is counted in sink_dropped{sink="archive_row"}."""
+        be written is counted in sink_dropped{sink="archive_row"}. `outcome`: the verdict's as
+        the sinks share it (its overlay is rendered once for all: PictureFiles.encode)."""
         now = self._clock.time()
         stem = self._pictures_stem(verdict, now)
         try:
@@ -245,7 +249,7 @@ class Archive:
             # sink's own copy (runtime/sinks/archive/sink.py), so its image stays with it.
             with self._idle:
                 try:
-                    self._images.put_nowait((stem, verdict.image, verdict))
+                    self._images.put_nowait((stem, verdict.image, verdict, outcome))
                     self._pictures_pending += 1
                 except queue.Full:  # only when stop() raced us; the row's pictures never come
                     self._losses.picture("queue_full", verdict)
@@ -324,11 +328,11 @@ class Archive:
     def _torn(self, segment: str, nbytes: int) -> None:
         self._losses.row("torn", segment=segment, bytes=nbytes)
 
-    def _write_pictures(self, stem: str, image: np.ndarray, verdict: Verdict) -> None:
+    def _write_pictures(self, stem: str, image: np.ndarray, verdict: Verdict, outcome: Outcome | None) -> None:
         """A failure costs this verdict's pictures only (counted); its row's `pictures` is cleared."""
         with self._maintenance_lock:
             try:
-                self._pictures.write(stem, image, verdict)
+                self._pictures.write(stem, image, verdict, outcome)
             except Exception as e:  # noqa: BLE001 - disk full, a bad image
                 self._losses.picture("write_failed", verdict, e)
                 self._store.clear_picture(verdict.id, stem)  # (its row went in before the picture: see _run)

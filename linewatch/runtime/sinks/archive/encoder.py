@@ -30,10 +30,12 @@ PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWR
 PARENT_CHECK_S = 1.0  # how often the picture encoder process looks whether the daemon is still there
 
 
-def encode_pictures(image: np.ndarray, verdict: Verdict, frame_format: str = "png") -> tuple[bytes, bytes | None, bytes]:
+def encode_pictures(image: np.ndarray, verdict: Verdict, frame_format: str = "png",
+                    overlay: bool = True) -> tuple[bytes, bytes | None, bytes | None]:
     """A verdict's picture files: the frame as PNG or BMP (`frame_format`; lossless, BGR as
-    files are), the heatmap as float16 .npz (None without one) and the overlay as JPEG. Runs in
-    the picture encoder process (see PictureEncoder)."""
+    files are), the heatmap as float16 .npz (None without one) and the overlay as JPEG (None
+    unless `overlay`: another sink rendered it already). Runs in the picture encoder process
+    (see PictureEncoder)."""
     suffix = FRAME_SUFFIXES[frame_format]
     ok, frame = cv2.imencode(suffix, to_bgr(image), PNG_PARAMS if suffix == ".png" else [])
     if not ok:
@@ -42,7 +44,7 @@ def encode_pictures(image: np.ndarray, verdict: Verdict, frame_format: str = "pn
     if verdict.heatmap is not None:
         heat = np.nan_to_num(np.asarray(verdict.heatmap, np.float32), posinf=65504, neginf=-65504)
         npz = _npz_bytes(np.clip(heat, -65504, 65504).astype(np.float16))
-    return frame.tobytes(), npz, overlay_jpeg(image, verdict, quality=90)
+    return frame.tobytes(), npz, overlay_jpeg(image, verdict) if overlay else None
 
 
 def _npz_bytes(heat: np.ndarray) -> bytes:
@@ -97,7 +99,7 @@ class PictureEncoder:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     def encode(self, image: np.ndarray, verdict: Verdict, frame_format: str,
-               timeout_s: float) -> tuple[bytes, bytes | None, bytes]:
+               timeout_s: float, overlay: bool = True) -> tuple[bytes, bytes | None, bytes | None]:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_picture_process_init,
@@ -105,7 +107,7 @@ class PictureEncoder:
         try:
             # the verdict without its image (sent once, as `image`)
             return self._pool.submit(encode_pictures, image, dataclasses.replace(verdict, image=None),
-                                     frame_format).result(timeout_s)
+                                     frame_format, overlay).result(timeout_s)
         except concurrent.futures.process.BrokenProcessPool:
             self.close()
             raise

@@ -3,8 +3,9 @@ removing them, and the bytes they take.
 
 A verdict's pictures are "images/<UTC day>/<verdict id>" (its `stem`, its row's `pictures`
 column) + a suffix: the frame (FRAME_SUFFIXES), HEATMAP_SUFFIX, OVERLAY_SUFFIX (the layout: the
-package's docstring). The bytes come from the encoder process (encoder.py). PictureFiles is
-used by one thread at a time, except wanted() and stem(), which the output thread calls (they
+package's docstring). The bytes come from the encoder process (encoder.py), except an overlay
+that another sink rendered first (the verdict's `Outcome` shares it: rendered once). PictureFiles
+is used by one thread at a time, except wanted() and stem(), which the output thread calls (they
 touch nothing the others do).
 """
 
@@ -15,11 +16,15 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from linewatch.runtime.sinks.archive.encoder import FRAME_SUFFIXES, PictureEncoder
 from linewatch.wire import Verdict
+
+if TYPE_CHECKING:
+    from linewatch.runtime.sinks.outcome import Outcome
 
 IMAGES = "images"
 # the files of one verdict's pictures: the `pictures` stem + these (the frame's: FRAME_SUFFIXES)
@@ -91,14 +96,15 @@ class PictureFiles:
 
     # ------------------------------------------------------------------ writing and removing
 
-    def write(self, stem: str, image: np.ndarray, verdict: Verdict) -> None:
+    def write(self, stem: str, image: np.ndarray, verdict: Verdict, outcome: Outcome | None = None) -> None:
         """The frame (frame_format), the heatmap (float16 .npz) and the overlay (JPEG), each
         written to a temporary name and renamed, so a kill leaves whole files or none. On a
-        failure (raised) none of the verdict's files is left."""
+        failure (raised) none of the verdict's files is left. `outcome`: the verdict's, whose
+        overlay is shared (`encode`)."""
         base = self.folder / stem
         try:
             base.parent.mkdir(parents=True, exist_ok=True)
-            frame, npz, jpeg = self.encoder.encode(image, verdict, self.frame_format, PICTURE_TIMEOUT_S)
+            frame, npz, jpeg = self.encode(image, verdict, outcome)
             self._write_file(base, FRAME_SUFFIXES[self.frame_format], frame)
             if npz is not None:
                 self._write_file(base, HEATMAP_SUFFIX, npz)
@@ -107,6 +113,28 @@ class PictureFiles:
             self.remove(stem)
             raise
         self.written += 1
+
+    def encode(self, image: np.ndarray, verdict: Verdict, outcome: Outcome | None) -> tuple[bytes, bytes | None, bytes]:
+        """The three files' bytes from the encoder process. With the verdict's `outcome`, its
+        overlay is rendered once for every sink: when another sink (the verdict stream, the live
+        page) rendered it already, the encoder leaves it out and the outcome's bytes are written;
+        else the encoder renders it with the frame and the outcome keeps it for the others (who
+        ask meanwhile wait for it)."""
+        if outcome is None:
+            return self.encoder.encode(image, verdict, self.frame_format, PICTURE_TIMEOUT_S)
+        encoded: list = []
+
+        def with_the_frame() -> bytes:
+            encoded.extend(self.encoder.encode(image, verdict, self.frame_format, PICTURE_TIMEOUT_S))
+            return encoded[2]
+
+        jpeg = outcome.overlay_jpeg(with_the_frame)
+        if encoded:
+            return encoded[0], encoded[1], encoded[2]
+        if jpeg is None:  # an outcome without the picture (not the archive sink's): the encoder draws it
+            return self.encoder.encode(image, verdict, self.frame_format, PICTURE_TIMEOUT_S)
+        frame, npz, _ = self.encoder.encode(image, verdict, self.frame_format, PICTURE_TIMEOUT_S, overlay=False)
+        return frame, npz, jpeg
 
     def _write_file(self, base: Path, suffix: str, data: bytes) -> None:
         final = base.with_name(base.name + suffix)

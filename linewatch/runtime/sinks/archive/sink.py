@@ -12,9 +12,10 @@ class ArchiveSink(Adapter):
 
     def publish(self, outcome: Outcome) -> None:
         # The archive's own copy of the verdict carries the image (Archive.record's contract):
-        # the row is in the journal when this returns, the pictures are queued with the copy.
+        # the row is in the journal when this returns, the pictures are queued with the copy,
+        # and the outcome, whose overlay the archive shares with the other sinks.
         verdict = outcome.verdict
-        self.target.record(verdict if outcome.image is None else with_image(verdict, outcome.image))
+        self.target.record(verdict if outcome.image is None else with_image(verdict, outcome.image), outcome)
 
     @property
     def pending(self) -> int | None:
