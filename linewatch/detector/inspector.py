@@ -457,7 +457,7 @@ class Inspector:
                                           self.slot_spreads, self.slot_floor, batch.exclude)
         objects = object_branch(enc.upsampled, enc.soft_masks, enc.valid, batch.references, batch.match, bank,
                                 cfg.measure, self.noise_floor, self._chunk_floats, identity)
-        batch.object_maps = objects.object_maps
+        batch.object_maps = objects.raw_maps
         branch_maps = {"objects": objects.image_maps}  # (B, H', W') each
         if cfg.score.source != "objects":  # the patch branch (linewatch.detector.patch_knn): (B, h, w)
             branch_maps["patch"] = self.patch_index.distances(local_patch_features(enc.features),

@@ -351,11 +351,13 @@ def identity_map(identity: Tensor, soft_masks: Tensor) -> Tensor:
 
 class ObjectBranch(NamedTuple):
     """The object branch of a batch: image_maps (B, H', W') the object score map; object_maps
-    (B, M, H', W') each query part's raw Mahalanobis map; is_matched, is_surplus (B, M); missing:
-    the missing parts' report (`missing_parts`)."""
+    (B, M, H', W') each query part's map as scored (in units of its noise level when
+    measure.normalize_objects), raw_maps the same before that (its Mahalanobis map); is_matched,
+    is_surplus (B, M); missing: the missing parts' report (`missing_parts`)."""
 
     image_maps: Tensor
     object_maps: Tensor
+    raw_maps: Tensor
     is_matched: Tensor
     is_surplus: Tensor
     missing: dict[str, Tensor]
@@ -405,7 +407,8 @@ def object_branch(upsampled: Tensor, soft_masks: Tensor, valid: Tensor, referenc
         upsampled, references, bank, true_indices(unmatched.reshape(1, -1), n_unmatched)[0],
         true_indices(unmatched_cells.reshape(1, -1), n_unmatched_cells)[0], cfg.eps,
         floor if cfg.normalize_objects else None, chunk_floats)
-    return ObjectBranch(image_maps + cfg.missing_part_weight * missing_maps, raw, is_matched, is_surplus, missing)
+    return ObjectBranch(image_maps + cfg.missing_part_weight * missing_maps, maps, raw, is_matched, is_surplus,
+                        missing)
 
 
 def read_counts(counts: Tensor) -> list[int]:

@@ -16,7 +16,7 @@ from linewatch.detector.bank import BankError
 from linewatch.detector.align import aligned_pairs, mask_moments, reference_grids, warp
 from linewatch.detector.identity import MIN_SPREAD
 from linewatch.detector.inspector import Batch, Inspector, InputError
-from linewatch.detector.measure import object_maps, rows_per_chunk
+from linewatch.detector.measure import object_maps, object_statuses, rows_per_chunk
 from linewatch.detector.models import build_models
 from linewatch.detector.result import OBJECT_STATUSES, InspectionResult
 from linewatch.detector.segment import ObjectMasks
@@ -686,6 +686,22 @@ def _aligned_inputs(inspector, images):
     assigned = torch.where(matches >= 0, matches, batch.match.closest.view(b, k, m)).clamp(min=0)
     is_matched = (2 * (matches >= 0).sum(1) >= k) & batch.encoded.valid
     return batch, assigned, is_matched
+
+
+def test_object_scores_are_each_parts_peak_in_units_of_its_noise(inspector):
+    """measure.normalize_objects (on by default): a part's score in the results is the peak of
+    its Mahalanobis map (`Batch.object_maps`, as the bank builder reads it) divided by the
+    noise level of the reference parts it was compared with, at least the noise floor."""
+    assert inspector.config.measure.normalize_objects
+    batch = inspector.run(Batch(images=[frame(0)[0], frame(2, "missing")[0], frame(3, "extra")[0]]))
+    enc, refs = batch.encoded, batch.references
+    assigned = object_statuses(batch.match, enc.valid, refs.shape[1])[0]
+    noise = inspector.bank.object_noise[refs[:, :, None], assigned].mean(1).clamp_min(inspector.noise_floor)
+    peaks = batch.object_maps.flatten(2).amax(2)
+    for bi, result in enumerate(batch.results):
+        scored = [o["score"] for o in result.objects if o["status"] != "missing"]  # the valid parts, in order
+        assert scored == pytest.approx((peaks[bi] / noise[bi])[enc.valid[bi]].tolist(), abs=1e-4)
+        assert scored != pytest.approx(peaks[bi][enc.valid[bi]].tolist(), abs=1e-4)  # the noise is not 1
 
 
 def test_object_maps_equal_the_full_grid_per_object_and_are_zero_outside_the_box(inspector):
