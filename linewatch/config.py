@@ -782,6 +782,8 @@ class AravisSourceConfig(_Section):
 
     pixel_format: str | None = Field(None, min_length=1, description="GenICam PixelFormat: Mono8, Mono12, Mono16, RGB8, "
                                      "BGR8, BayerRG8, BayerGB8, BayerGR8, BayerBG8")
+    width: int | None = Field(None, ge=1, le=65535, description="region of interest width in pixels (GenICam Width)")
+    height: int | None = Field(None, ge=1, le=65535, description="region of interest height in pixels (GenICam Height)")
     exposure_us: float | None = Field(None, gt=0, description="exposure time, microseconds")
     gain_db: float | None = Field(None, ge=0, description="gain, dB")
     frame_rate: float | None = Field(None, gt=0, description="frames per second (free run)")

@@ -21,8 +21,9 @@ e.g. `aravis:Basler-21234567`) that one. What the source does with each buffer:
 - **pixels**: Mono8 and Mono10/12/16 (unpacked, little endian: 16-bit samples, the bridge scales
   them) go grey, RGB8/BGR8 as they are, Bayer RG/GB/GR/BG 8 bit demosaiced by OpenCV (`to_image`);
   anything else is a SourceError naming the format.
-- **settings** (`aravis:` section of the camera config): exposure (µs), gain (dB), frame rate, and
-  the trigger: `free_run`, or `line` (hardware trigger on `trigger_line`, rising edge).
+- **settings** (`aravis:` section of the camera config): region size (width, height), exposure
+  (µs), gain (dB), frame rate, and the trigger: `free_run`, or `line` (hardware trigger on
+  `trigger_line`, rising edge).
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class AravisSource(Source):
 
     def _apply(self, camera: Any) -> None:
         s = self._settings
+        if s.width is not None or s.height is not None:  # Aravis leaves a side given as 0 as it is
+            camera.set_region(-1, -1, s.width or 0, s.height or 0)
         if s.pixel_format is not None:
             camera.set_pixel_format_from_string(s.pixel_format)
         if s.exposure_us is not None:
