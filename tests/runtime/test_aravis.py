@@ -2,14 +2,14 @@
 camera on loopback (`arv-fake-gv-camera-0.8`, Debian's aravis-tools; tests/ops/install-tools.sh
 installs it with the bindings), including the camera killed and started again mid-stream.
 
-The fake camera answers on the fixed GigE Vision control port (3956): the tests that run it are
-all in this module, which pytest-xdist keeps on one worker (--dist loadfile)."""
+The fake camera answers on the fixed GigE Vision control port (3956): tests/gige.py's
+FakeGigECamera holds a machine-wide lock while one runs, so the tests that start one (here and in
+tests/test_line_gige.py) take turns."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +26,10 @@ from linewatch.runtime.transport.camera.aravis import (
     aravis_bindings_problem, next_frame_id, to_image,
 )
 from linewatch.runtime.transport.camera.base import SourceError, SourceLost
+from tests.gige import FAKE, FAKE_ID, FakeGigECamera
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-FAKE = shutil.which("arv-fake-gv-camera-0.8")
-FAKE_ID = "Aravis-Fake-GV01"
 WAIT_S = 60.0
 
 
@@ -86,25 +85,10 @@ needs_fake = pytest.mark.skipif(FAKE is None, reason="no arv-fake-gv-camera-0.8 
                                 "tests/ops/install-tools.sh)")
 
 
-class FakeCamera:
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([FAKE, "-i", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)  # pulled out: no goodbye to the host
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def fake_camera():
-    camera = FakeCamera()
-    camera.start()
-    yield camera
-    camera.stop()
+    with FakeGigECamera() as camera:  # holds the camera port's lock (tests/gige.py)
+        yield camera
 
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -163,7 +147,7 @@ def test_a_camera_killed_mid_stream_and_started_again_resumes_without_a_restart(
     try:
         before = _frames(sub, 10, WAIT_S)
         assert len(before) == 10, log.read_text()[-3000:]
-        fake_camera.stop()
+        fake_camera.kill()  # pulled out: no goodbye to the host
         assert wait_until(lambda: "camera_source_lost" in log.read_text(), WAIT_S), log.read_text()[-3000:]
         while sub.poll(200):  # what was in flight
             before.append(_read(sub))
