@@ -116,6 +116,23 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
     assert image is not None and image.shape[:2] == (512, 512), None if image is None else image.shape
 
 
+@pytest.mark.system
+@needs_bindings
+@needs_fake
+@pytest.mark.usefixtures("fake_camera")
+def test_the_region_size_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "camera.yaml"
+    config.write_text("aravis:\n  width: 320\n  height: 200\n")
+    proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "2", "--out",
+                str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    frames = json.loads((tmp_path / "out" / "grab.json").read_text())["frames"]
+    assert [(f["width"], f["height"]) for f in frames] == [(320, 200)] * 2, frames
+    image = cv2.imread(str(tmp_path / "out" / frames[1]["file"]), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (200, 320), image.shape
+
+
 def _read(sub: zmq.Socket) -> wire.Frame:
     return wire.read_frame(sub.recv_multipart(), wire.ImageLimits(), time.time(), time.monotonic(), frozenset())
 
