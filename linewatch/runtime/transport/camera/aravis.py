@@ -18,8 +18,8 @@ e.g. `aravis:Basler-21234567`) that one. What the source does with each buffer:
   host - camera is the smallest `system_timestamp - timestamp` seen since the source opened (the
   frame that reached the host fastest), so a late buffer does not move it. `clock_offset_s` says
   what it is; a camera without timestamps (0) gets the host's receive time.
-- **pixels**: Mono8 and Mono10/12/16 (unpacked, little endian: 16-bit samples, the bridge scales
-  them) go grey, RGB8/BGR8 as they are, Bayer RG/GB/GR/BG 8 bit demosaiced by OpenCV (`to_image`);
+- **pixels**: Mono8 and Mono10/12/16 (unpacked, little endian: 16-bit samples, sent as they are for
+  the daemon's sample window) go grey, RGB8/BGR8 as they are, Bayer RG/GB/GR/BG 8 bit demosaiced by OpenCV (`to_image`);
   anything else is a SourceError naming the format.
 - **settings** (`aravis:` section of the camera config): region size (width, height), exposure
   (µs), gain (dB), frame rate, and the trigger: `free_run`, or `line` (hardware trigger on
