@@ -790,6 +790,10 @@ class AravisSourceConfig(_Section):
     trigger: Literal["free_run", "line"] = Field("free_run", description="free_run: the camera's own rate; line: one "
                                                   "frame per rising edge on trigger_line (the part sensor)")
     trigger_line: str = Field("Line1", min_length=1, description="the hardware trigger input, with trigger: line")
+    part_id: Literal["none", "frame_counter"] = Field(
+        "none", description="frame_counter: each frame's part_id is the camera's own frame counter (its GigE Vision "
+        "block id, as text): with trigger: line one count per part sensor edge; it starts again when the camera "
+        "restarts and wraps (65535 -> 1). none: no part_id")
 
 
 class CameraConfig(_Section):

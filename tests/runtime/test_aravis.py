@@ -114,23 +114,28 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
     assert all(started - 5 < f["capture_ts"] < time.time() + 5 for f in frames), frames  # the camera's clock, mapped
     image = cv2.imread(str(tmp_path / "out" / frames[0]["file"]), cv2.IMREAD_UNCHANGED)
     assert image is not None and image.shape[:2] == (512, 512), None if image is None else image.shape
+    assert all(f["part_id"] is None for f in frames)  # no part id unless aravis.part_id says where from
 
 
 @pytest.mark.system
 @needs_bindings
 @needs_fake
 @pytest.mark.usefixtures("fake_camera")
-def test_the_region_size_from_the_config(tmp_path: Path) -> None:
+def test_the_region_size_and_the_part_id_from_the_config(tmp_path: Path) -> None:
     config = tmp_path / "camera.yaml"
-    config.write_text("aravis:\n  width: 320\n  height: 200\n")
-    proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "2", "--out",
+    config.write_text("aravis:\n  width: 320\n  height: 200\n  part_id: frame_counter\n")
+    proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "3", "--out",
                 str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     frames = json.loads((tmp_path / "out" / "grab.json").read_text())["frames"]
-    assert [(f["width"], f["height"]) for f in frames] == [(320, 200)] * 2, frames
+    assert [(f["width"], f["height"]) for f in frames] == [(320, 200)] * 3, frames
     image = cv2.imread(str(tmp_path / "out" / frames[1]["file"]), cv2.IMREAD_UNCHANGED)
     assert image.shape == (200, 320), image.shape
+    # the camera's own counter: it moves as the frame ids sent move (by the frames lost between)
+    counters = [int(f["part_id"]) for f in frames]
+    assert [next_frame_id(a, b) for a, b in zip(counters, counters[1:])] == \
+        [b["frame_id"] - a["frame_id"] for a, b in zip(frames, frames[1:])], frames
 
 
 def _read(sub: zmq.Socket) -> wire.Frame:

@@ -24,6 +24,8 @@ e.g. `aravis:Basler-21234567`) that one. What the source does with each buffer:
 - **settings** (`aravis:` section of the camera config): region size (width, height), exposure
   (µs), gain (dB), frame rate, and the trigger: `free_run`, or `line` (hardware trigger on
   `trigger_line`, rising edge).
+- **part id** (`part_id: frame_counter`): the camera's own frame counter (the block id, as text),
+  so that the PLC's part tracking can match it; with a hardware trigger, one count per trigger.
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ class AravisSource(Source):
             self._next_id += step
             image, pixel_format = to_image(buffer.get_data(), buffer.get_image_width(), buffer.get_image_height(),
                                            buffer.get_image_pixel_format())
-            return Captured(image, pixel_format, self._next_id - 1, self._capture_ts(buffer))
+            part_id = str(camera_id) if self._settings.part_id == "frame_counter" else None
+            return Captured(image, pixel_format, self._next_id - 1, self._capture_ts(buffer), part_id)
         finally:
             self._stream.push_buffer(buffer)
 

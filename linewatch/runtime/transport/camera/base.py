@@ -24,7 +24,7 @@ class SourceLost(Exception):
 class Captured:
     """One frame from a source."""
 
-    image: np.ndarray  # uint8, (H, W, 3) in `pixel_format` order, or grey (H, W)
+    image: np.ndarray  # uint8 or uint16, (H, W, 3) in `pixel_format` order, or grey (H, W)
     pixel_format: str  # "bgr", "rgb" or "gray"
     frame_id: int
     capture_ts: float  # seconds since the epoch, host clock
