@@ -8,6 +8,9 @@ each to a SUB socket here, as it would to the daemon's ingest, once per --encodi
 - `--source gige`: a GigE Vision camera on loopback (`aravis:`, Aravis's fake GigE Vision camera
   from tests/gige.py showing a grey sim part, Mono8, its region set to 1024x1024 and its frame
   rate to 30 by the bridge's `aravis:` settings). Needs Aravis 0.8's bindings (docs/line.md).
+  The fake camera fills each frame in Python (tests/gige.py), after Aravis has stamped it;
+- `--source gige-ramp`: the same through Debian's `arv-fake-gv-camera-0.8`, which fills each
+  frame with its own moving grey ramp in C (no realistic content for the JPEG and PNG encoders).
 
 Measured per encoding:
 
@@ -22,7 +25,8 @@ Measured per encoding:
   arrived. Either way: conversion, encoding, sending and the loopback hop;
 - frames sent and received, and the rate they came at.
 
-    PYTHONPATH=. python benchmarks/camera_overhead.py [--seconds 10] [--encodings raw jpeg png] [--source gige]
+    PYTHONPATH=. python benchmarks/camera_overhead.py [--seconds 10] [--encodings raw jpeg png]
+        [--source video|gige|gige-ramp] [--packet-size 8000]
 """
 
 from __future__ import annotations
@@ -71,10 +75,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
-def gige_config(folder: Path) -> list[str]:
-    """The bridge's options for the fake GigE camera: its region and rate (a camera config file)."""
+def gige_config(folder: Path, packet_size: int | None) -> list[str]:
+    """The bridge's options for the fake GigE camera: its region, rate and packet size (a camera config file)."""
     config = folder / "gige.yaml"
-    config.write_text(f"aravis:\n  width: {SIZE}\n  height: {SIZE}\n  frame_rate: {FPS}\n  pixel_format: Mono8\n")
+    config.write_text(f"aravis:\n  width: {SIZE}\n  height: {SIZE}\n  frame_rate: {FPS}\n  pixel_format: Mono8\n"
+                      + (f"  packet_size: {packet_size}\n" if packet_size else ""))
     return ["-c", str(config), "--source", f"aravis:{FAKE_ID}"]
 
 
@@ -118,8 +123,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--encodings", nargs="+", default=["raw", "jpeg", "png"], choices=wire.ENCODINGS)
-    p.add_argument("--source", choices=["video", "gige"], default="video",
-                   help="video: an MJPG file (colour); gige: the fake GigE Vision camera (Mono8)")
+    p.add_argument("--source", choices=["video", "gige", "gige-ramp"], default="video",
+                   help="video: an MJPG file (colour); gige: the fake GigE Vision camera showing a sim part "
+                   "(Mono8); gige-ramp: Debian's fake camera, its own test pattern")
+    p.add_argument("--packet-size", type=int, default=None,
+                   help="gige sources: the stream's packet size in bytes (aravis.packet_size; default: the camera's)")
     args = p.parse_args()
     frames = int(args.seconds * FPS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,13 +139,16 @@ def main() -> None:
                   f"video alone: {decode:.1f} ms CPU per frame (included in the camera process's CPU below)")
             measure(["--source", f"file://{video}"], args.encodings, frames)
             return
-        parts = Path(tmp) / "parts"
-        parts.mkdir()
-        grey = render("screw_tray", np.random.default_rng(0), None, size=SIZE, mono=True)[0]
-        cv2.imwrite(str(parts / "part.png"), grey)
-        print(f"{SIZE}x{SIZE} Mono8 frames from the fake GigE Vision camera at {FPS:g}/s, {frames} per encoding")
+        parts = None
+        if args.source == "gige":
+            parts = Path(tmp) / "parts"
+            parts.mkdir()
+            grey = render("screw_tray", np.random.default_rng(0), None, size=SIZE, mono=True)[0]
+            cv2.imwrite(str(parts / "part.png"), grey)
+        print(f"{SIZE}x{SIZE} Mono8 frames from the fake GigE Vision camera ({'a sim part' if parts else 'its ramp'}) "
+              f"at {FPS:g}/s, packet size {args.packet_size or 'the camera default'}, {frames} per encoding")
         with FakeGigECamera(images=parts, log=Path(tmp) / "fake-camera.log"):
-            measure(gige_config(Path(tmp)), args.encodings, frames)
+            measure(gige_config(Path(tmp), args.packet_size), args.encodings, frames)
 
 
 def measure(source: list[str], encodings: list[str], frames: int) -> None:

@@ -784,6 +784,10 @@ class AravisSourceConfig(_Section):
                                      "BGR8, BayerRG8, BayerGB8, BayerGR8, BayerBG8")
     width: int | None = Field(None, ge=1, le=65535, description="region of interest width in pixels (GenICam Width)")
     height: int | None = Field(None, ge=1, le=65535, description="region of interest height in pixels (GenICam Height)")
+    packet_size: int | None = Field(None, ge=576, le=16384, description="GigE Vision stream packet size in bytes "
+                                    "(GevSCPSPacketSize); 8000 or so with jumbo frames on the camera's network "
+                                    "interface: fewer packets per frame, less CPU and delay; USB3 Vision cameras: "
+                                    "not used")
     exposure_us: float | None = Field(None, gt=0, description="exposure time, microseconds")
     gain_db: float | None = Field(None, ge=0, description="gain, dB")
     frame_rate: float | None = Field(None, gt=0, description="frames per second (free run)")

@@ -121,9 +121,9 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
 @needs_bindings
 @needs_fake
 @pytest.mark.usefixtures("fake_camera")
-def test_the_region_size_and_the_part_id_from_the_config(tmp_path: Path) -> None:
+def test_the_region_packet_size_and_part_id_from_the_config(tmp_path: Path) -> None:
     config = tmp_path / "camera.yaml"
-    config.write_text("aravis:\n  width: 320\n  height: 200\n  part_id: frame_counter\n")
+    config.write_text("aravis:\n  width: 320\n  height: 200\n  packet_size: 4000\n  part_id: frame_counter\n")
     proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "3", "--out",
                 str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=120)
@@ -132,6 +132,8 @@ def test_the_region_size_and_the_part_id_from_the_config(tmp_path: Path) -> None
     assert [(f["width"], f["height"]) for f in frames] == [(320, 200)] * 3, frames
     image = cv2.imread(str(tmp_path / "out" / frames[1]["file"]), cv2.IMREAD_UNCHANGED)
     assert image.shape == (200, 320), image.shape
+    opened = [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+    assert opened and opened[0]["packet_size"] == 4000 and opened[0]["region"] == [0, 0, 320, 200], out
     # the camera's own counter: it moves as the frame ids sent move (by the frames lost between)
     counters = [int(f["part_id"]) for f in frames]
     assert [next_frame_id(a, b) for a, b in zip(counters, counters[1:])] == \
