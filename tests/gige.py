@@ -10,9 +10,9 @@ camera speaks), answering as `Aravis-Fake-GV01` on 127.0.0.1:
   frame, in name order, round and round. Real parts in front of the camera: a test can build a
   bank from such images and expect verdicts that mean something.
 
-The fill hook is set through ctypes on libaravis: the GObject binding of
-`arv_fake_camera_set_fill_pattern` frees its Python callback when the call returns (scope
-"call"), so the camera never delivers a frame through it.
+The fill hook is set through ctypes on libaravis: through the GObject binding of
+`arv_fake_camera_set_fill_pattern` the Python callback was never called (Aravis 0.8.26), and the
+camera sent no frame at all.
 
 Every fake answers on GigE Vision's fixed control port, 3956, so only one may run on the machine
 at a time: a `FakeGigECamera` holds a file lock in the system's temporary folder from `start()`
