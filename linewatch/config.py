@@ -786,8 +786,7 @@ class AravisSourceConfig(_Section):
     height: int | None = Field(None, ge=1, le=65535, description="region of interest height in pixels (GenICam Height)")
     packet_size: int | None = Field(None, ge=576, le=16384, description="GigE Vision stream packet size in bytes "
                                     "(GevSCPSPacketSize); 8000 or so with jumbo frames on the camera's network "
-                                    "interface: fewer packets per frame, less CPU and delay; USB3 Vision cameras: "
-                                    "not used")
+                                    "interface: fewer packets per frame, less delay; USB3 Vision cameras: not used")
     exposure_us: float | None = Field(None, gt=0, description="exposure time, microseconds")
     gain_db: float | None = Field(None, ge=0, description="gain, dB")
     frame_rate: float | None = Field(None, gt=0, description="frames per second (free run)")
@@ -797,7 +796,7 @@ class AravisSourceConfig(_Section):
     part_id: Literal["none", "frame_counter"] = Field(
         "none", description="frame_counter: each frame's part_id is the camera's own frame counter (its GigE Vision "
         "block id, as text): with trigger: line one count per part sensor edge; it starts again when the camera "
-        "restarts and wraps (65535 -> 1). none: no part_id")
+        "restarts, and 16-bit ids wrap (65535 -> 1). none: no part_id")
 
 
 class CameraConfig(_Section):
