@@ -128,7 +128,8 @@ class Plc:
             return [None for plc in self.servers for value in plc.coil_writes(REJECT_COIL) if value]
         return [value for plc in self.servers for name, value in plc.writes if name == "VerdictId"]
 
-    def alarm_raised_since_restart(self) -> bool:
+    def alarm_raised(self) -> bool:
+        """Whether the alarm output was set on the PLC now serving (nothing else raises it here)."""
         plc = self.current
         if self.kind == "modbus":
             return True in plc.coil_writes(ALARM_COIL)
@@ -212,7 +213,7 @@ def test_fake_gige_camera_to_serve_to_actuate_to_a_plc(plc_kind: str, tmp_path: 
         plc.restart()
         assert wait_until(lambda: sample(actuate_port, "linewatch_actuate_plc_connected") == 1, WAIT_S), \
             tail("actuate")
-        assert wait_until(plc.alarm_raised_since_restart, WAIT_S), tail("actuate")
+        assert wait_until(plc.alarm_raised, WAIT_S), tail("actuate")
         more_verdicts(4)
 
         processes["bridge"].send_signal(signal.SIGTERM)
