@@ -782,12 +782,21 @@ class AravisSourceConfig(_Section):
 
     pixel_format: str | None = Field(None, min_length=1, description="GenICam PixelFormat: Mono8, Mono12, Mono16, RGB8, "
                                      "BGR8, BayerRG8, BayerGB8, BayerGR8, BayerBG8")
+    width: int | None = Field(None, ge=1, le=65535, description="region of interest width in pixels (GenICam Width)")
+    height: int | None = Field(None, ge=1, le=65535, description="region of interest height in pixels (GenICam Height)")
+    packet_size: int | None = Field(None, ge=576, le=16384, description="GigE Vision stream packet size in bytes "
+                                    "(GevSCPSPacketSize); 8000 or so with jumbo frames on the camera's network "
+                                    "interface: fewer packets per frame, less delay; USB3 Vision cameras: not used")
     exposure_us: float | None = Field(None, gt=0, description="exposure time, microseconds")
     gain_db: float | None = Field(None, ge=0, description="gain, dB")
     frame_rate: float | None = Field(None, gt=0, description="frames per second (free run)")
     trigger: Literal["free_run", "line"] = Field("free_run", description="free_run: the camera's own rate; line: one "
                                                   "frame per rising edge on trigger_line (the part sensor)")
     trigger_line: str = Field("Line1", min_length=1, description="the hardware trigger input, with trigger: line")
+    part_id: Literal["none", "frame_counter"] = Field(
+        "none", description="frame_counter: each frame's part_id is the camera's own frame counter (its GigE Vision "
+        "block id, as text): with trigger: line one count per part sensor edge; it starts again when the camera "
+        "restarts, and 16-bit ids wrap (65535 -> 1). none: no part_id")
 
 
 class CameraConfig(_Section):

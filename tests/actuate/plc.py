@@ -87,7 +87,9 @@ class ModbusPlc:
 
 class OpcUaPlc:
     """An OPC UA server with writable nodes ns=2;s=Linewatch.Reject (bool), .Alarm (bool),
-    .VerdictId and .Reason (strings); `changes` lists every (node name, value) it saw written."""
+    .VerdictId and .Reason (strings); `changes` lists every (node name, value) its data-change
+    subscription reported (values written within one sampling interval may be merged), `writes`
+    every (node name, value) a client wrote, exactly, in order (the server's PostWrite callback)."""
 
     NAMES = {"Reject": False, "Alarm": False, "VerdictId": "", "Reason": ""}
 
@@ -101,6 +103,7 @@ class OpcUaPlc:
         self.port = port or reserved_port()
         self.url = f"opc.tcp://{LOOPBACK}:{self.port}/linewatch/"
         self.changes: list[tuple[str, Any]] = []
+        self.writes: list[tuple[str, Any]] = []
         self.server = Server()
         self.server.set_endpoint(self.url)
         if certificate is not None:
@@ -132,7 +135,15 @@ class OpcUaPlc:
     def node_id(self, name: str) -> str:
         return f"ns=2;s=Linewatch.{name}"
 
+    def _written(self, event: Any, _dispatcher: Any) -> None:
+        for request, status in zip(event.request_params.NodesToWrite, event.response_params):
+            if status.is_good():
+                self.writes.append((self._by_id.get(request.NodeId, str(request.NodeId)), request.Value.Value.Value))
+
     def start(self) -> None:
+        from asyncua.common.callback import CallbackType
+
+        self.server.aio_obj.subscribe_server_callback(CallbackType.PostWrite, self._written)
         self.server.start()
         plc = self
 

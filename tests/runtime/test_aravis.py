@@ -2,14 +2,14 @@
 camera on loopback (`arv-fake-gv-camera-0.8`, Debian's aravis-tools; tests/ops/install-tools.sh
 installs it with the bindings), including the camera killed and started again mid-stream.
 
-The fake camera answers on the fixed GigE Vision control port (3956): the tests that run it are
-all in this module, which pytest-xdist keeps on one worker (--dist loadfile)."""
+The fake camera answers on the fixed GigE Vision control port (3956): tests/gige.py's
+FakeGigECamera holds a machine-wide lock while one runs, so the tests that start one (here and in
+tests/test_line_gige.py) take turns."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +26,10 @@ from linewatch.runtime.transport.camera.aravis import (
     aravis_bindings_problem, next_frame_id, to_image,
 )
 from linewatch.runtime.transport.camera.base import SourceError, SourceLost
+from tests.gige import FAKE, FAKE_ID, FakeGigECamera
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-FAKE = shutil.which("arv-fake-gv-camera-0.8")
-FAKE_ID = "Aravis-Fake-GV01"
 WAIT_S = 60.0
 
 
@@ -86,25 +85,10 @@ needs_fake = pytest.mark.skipif(FAKE is None, reason="no arv-fake-gv-camera-0.8 
                                 "tests/ops/install-tools.sh)")
 
 
-class FakeCamera:
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([FAKE, "-i", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)  # pulled out: no goodbye to the host
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def fake_camera():
-    camera = FakeCamera()
-    camera.start()
-    yield camera
-    camera.stop()
+    with FakeGigECamera() as camera:  # holds the camera port's lock (tests/gige.py)
+        yield camera
 
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -130,6 +114,30 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
     assert all(started - 5 < f["capture_ts"] < time.time() + 5 for f in frames), frames  # the camera's clock, mapped
     image = cv2.imread(str(tmp_path / "out" / frames[0]["file"]), cv2.IMREAD_UNCHANGED)
     assert image is not None and image.shape[:2] == (512, 512), None if image is None else image.shape
+    assert all(f["part_id"] is None for f in frames)  # no part id unless aravis.part_id says where from
+
+
+@pytest.mark.system
+@needs_bindings
+@needs_fake
+@pytest.mark.usefixtures("fake_camera")
+def test_the_region_packet_size_and_part_id_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "camera.yaml"
+    config.write_text("aravis:\n  width: 320\n  height: 200\n  packet_size: 4000\n  part_id: frame_counter\n")
+    proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "3", "--out",
+                str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    frames = json.loads((tmp_path / "out" / "grab.json").read_text())["frames"]
+    assert [(f["width"], f["height"]) for f in frames] == [(320, 200)] * 3, frames
+    image = cv2.imread(str(tmp_path / "out" / frames[1]["file"]), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (200, 320), image.shape
+    opened = [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+    assert opened and opened[0]["packet_size"] == 4000 and opened[0]["region"] == [0, 0, 320, 200], out
+    # the camera's own counter: it moves as the frame ids sent move (by the frames lost between)
+    counters = [int(f["part_id"]) for f in frames]
+    assert [next_frame_id(a, b) for a, b in zip(counters, counters[1:])] == \
+        [b["frame_id"] - a["frame_id"] for a, b in zip(frames, frames[1:])], frames
 
 
 def _read(sub: zmq.Socket) -> wire.Frame:
@@ -163,7 +171,7 @@ def test_a_camera_killed_mid_stream_and_started_again_resumes_without_a_restart(
     try:
         before = _frames(sub, 10, WAIT_S)
         assert len(before) == 10, log.read_text()[-3000:]
-        fake_camera.stop()
+        fake_camera.kill()  # pulled out: no goodbye to the host
         assert wait_until(lambda: "camera_source_lost" in log.read_text(), WAIT_S), log.read_text()[-3000:]
         while sub.poll(200):  # what was in flight
             before.append(_read(sub))

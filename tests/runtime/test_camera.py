@@ -634,7 +634,7 @@ def test_a_daemon_restart_is_counted_no_daemon_and_the_frames_resume(tmp_path: P
         run.close()
 
 
-def test_grey_frames_are_sent_grey_unless_mono_to_rgb_and_16_bit_is_scaled(tmp_path: Path, sub: Subscriber) -> None:
+def test_grey_frames_are_sent_grey_unless_mono_to_rgb(tmp_path: Path, sub: Subscriber) -> None:
     hot = tmp_path / "hot"
     hot.mkdir()
     cv2.imwrite(str(hot / "a-grey.png"), np.full((6, 6), 90, np.uint8))
@@ -649,13 +649,47 @@ def test_grey_frames_are_sent_grey_unless_mono_to_rgb_and_16_bit_is_scaled(tmp_p
     assert run.value("linewatch_camera_grey_frames_total") == 1
     assert len(run.log.named("camera_grey_frames")) == 1
 
-    cv2.imwrite(str(hot / "b-16bit.png"), np.full((6, 6, 3), 257 * 100, np.uint16))
-    run = Running(cfg, count=1)
+    cv2.imwrite(str(hot / "b-grey.png"), np.full((6, 6), 90, np.uint8))
+    run = Running(cfg.model_copy(update={"mono_to_rgb": True}), count=1)
     try:
-        frames = sub.receive(2)  # the grey frame above, then this one
+        frames = sub.receive(2)
     finally:
         run.close()
-    assert len(frames) == 2 and frames[1].frame_id == 1 and (frames[1].image == 100).all()
+    assert frames[1].image.shape == (6, 6, 3) and (frames[1].image == 90).all()
+    assert run.value("linewatch_camera_grey_frames_total") == 0
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png", "jpeg"])
+def test_16_bit_samples_reach_the_daemon_whole_except_in_jpeg(tmp_path: Path, sub: Subscriber, encoding: str) -> None:
+    """Mono12-like samples 1000..1245, 7 apart: raw and PNG frames carry each one, so the daemon's
+    sample_window [1000, 1255] spreads them over 0..245 (v - 1000); the old `v // 257` in the
+    bridge made them all 3 or 4 first. JPEG holds 8 bits: reduced through the full 16-bit range
+    (4 or 5), with one warning."""
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    deep = (np.arange(36, dtype=np.uint16).reshape(6, 6) * 7 + 1000)
+    cv2.imwrite(str(hot / "a-mono12.png"), deep)
+    cv2.imwrite(str(hot / "b-colour16.png"), np.dstack([deep, deep + 1, deep + 2]))  # B, G, R
+    cfg = config(source=f"folder://{hot}", endpoint=sub.endpoint, encoding=encoding, folder={"poll_interval_s": 0.02})
+    run = Running(cfg, count=2)
+    frames, end = [], time.monotonic() + WAIT_S
+    try:
+        while len(frames) < 2 and time.monotonic() < end:
+            if sub.sock.poll(100):
+                frames.append(wire.read_frame(sub.sock.recv_multipart(), wire.ImageLimits(), time.time(),
+                                              time.monotonic(), frozenset()))
+    finally:
+        run.close()
+    assert [f.frame_id for f in frames] == [0, 1]
+    grey, colour = (f.decoded(window=(1000, 1255)) for f in frames)
+    warned = run.log.named("camera_16bit_to_8bit")
+    if encoding == "jpeg":
+        assert np.abs(grey.astype(int) - 4.5).max() <= 1.5, grey
+        assert len(warned) == 1  # once, not per frame
+    else:
+        assert np.array_equal(grey, deep - 1000)
+        assert np.array_equal(colour, np.dstack([deep + 2, deep + 1, deep]) - 1000)  # decoded as RGB
+        assert not warned
 
 
 def test_max_fps_sends_at_most_that_rate_and_counts_the_rest_skipped(tmp_path: Path, sub: Subscriber) -> None:

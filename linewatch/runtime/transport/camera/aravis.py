@@ -18,11 +18,14 @@ e.g. `aravis:Basler-21234567`) that one. What the source does with each buffer:
   host - camera is the smallest `system_timestamp - timestamp` seen since the source opened (the
   frame that reached the host fastest), so a late buffer does not move it. `clock_offset_s` says
   what it is; a camera without timestamps (0) gets the host's receive time.
-- **pixels**: Mono8 and Mono10/12/16 (unpacked, little endian: 16-bit samples, the bridge scales
-  them) go grey, RGB8/BGR8 as they are, Bayer RG/GB/GR/BG 8 bit demosaiced by OpenCV (`to_image`);
-  anything else is a SourceError naming the format.
-- **settings** (`aravis:` section of the camera config): exposure (µs), gain (dB), frame rate, and
-  the trigger: `free_run`, or `line` (hardware trigger on `trigger_line`, rising edge).
+- **pixels**: Mono8 and Mono10/12/16 (unpacked, little endian: 16-bit samples, sent as they are
+  for the daemon's sample window) go grey, RGB8/BGR8 as they are, Bayer RG/GB/GR/BG 8 bit
+  demosaiced by OpenCV (`to_image`); anything else is a SourceError naming the format.
+- **settings** (`aravis:` section of the camera config): region size (width, height), the GigE
+  Vision packet size, exposure (µs), gain (dB), frame rate, and the trigger: `free_run`, or
+  `line` (hardware trigger on `trigger_line`, rising edge).
+- **part id** (`part_id: frame_counter`): the camera's own frame counter (the block id, as text),
+  so that the PLC's part tracking can match it; with a hardware trigger, one count per trigger.
 """
 
 from __future__ import annotations
@@ -155,12 +158,17 @@ class AravisSource(Source):
         if self._log is not None:
             self._log.info("camera_genicam_opened", source=self.uri, model=camera.get_model_name(),
                            vendor=camera.get_vendor_name(), pixel_format=camera.get_pixel_format_as_string(),
-                           region=list(camera.get_region()))
+                           region=list(camera.get_region()),
+                           packet_size=camera.gv_get_packet_size() if camera.is_gv_device() else None)
 
     def _apply(self, camera: Any) -> None:
         s = self._settings
+        if s.width is not None or s.height is not None:  # Aravis leaves a side given as 0 as it is
+            camera.set_region(-1, -1, s.width or 0, s.height or 0)
         if s.pixel_format is not None:
             camera.set_pixel_format_from_string(s.pixel_format)
+        if s.packet_size is not None and camera.is_gv_device():
+            camera.gv_set_packet_size(s.packet_size)
         if s.exposure_us is not None:
             camera.set_exposure_time(s.exposure_us)
         if s.gain_db is not None:
@@ -193,7 +201,8 @@ class AravisSource(Source):
             self._next_id += step
             image, pixel_format = to_image(buffer.get_data(), buffer.get_image_width(), buffer.get_image_height(),
                                            buffer.get_image_pixel_format())
-            return Captured(image, pixel_format, self._next_id - 1, self._capture_ts(buffer))
+            part_id = str(camera_id) if self._settings.part_id == "frame_counter" else None
+            return Captured(image, pixel_format, self._next_id - 1, self._capture_ts(buffer), part_id)
         finally:
             self._stream.push_buffer(buffer)
 

@@ -24,7 +24,7 @@ class SourceLost(Exception):
 class Captured:
     """One frame from a source."""
 
-    image: np.ndarray  # uint8, (H, W, 3) in `pixel_format` order, or grey (H, W)
+    image: np.ndarray  # uint8 or uint16, (H, W, 3) in `pixel_format` order, or grey (H, W)
     pixel_format: str  # "bgr", "rgb" or "gray"
     frame_id: int
     capture_ts: float  # seconds since the epoch, host clock
@@ -59,11 +59,9 @@ class Source:
 
 
 def grey_or_colour(image: np.ndarray) -> tuple[np.ndarray, str]:
-    """An OpenCV image (BGR, BGRA, grey, 16 bit) as uint8 and its pixel format ("bgr" or "gray").
-    16-bit samples are scaled to 8 bits the way the daemon reads a 16-bit PNG (// 257)."""
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    elif image.dtype != np.uint8:
+    """An OpenCV image (BGR, BGRA, grey; 8 or 16 bit) and its pixel format ("bgr" or "gray").
+    16-bit samples stay 16 bit: the daemon scales them through its `detector.sample_window`."""
+    if image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"pixel type {image.dtype}; 8 or 16 bit only")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]

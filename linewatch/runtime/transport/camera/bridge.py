@@ -28,6 +28,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from linewatch.config import CameraConfig
+from linewatch.images import scale_window
 from linewatch.runtime.transport.camera.base import Captured, Source, SourceError, SourceLost
 from linewatch.runtime.transport.replay import FramePublisher
 from linewatch.runtime.transport.security import ClientKeys
@@ -195,6 +196,7 @@ class CameraBridge:
         self._backoff = Backoff(config.reconnect.initial_s, config.reconnect.max_s)
         self._next_send = 0.0
         self._warned_grey = False
+        self._warned_depth = False
         self._logged_drop: dict[str, float] = {}
         self._unreadable_seen = 0
         self._waiting = False  # a source that can wait is waiting for the daemon
@@ -339,7 +341,7 @@ class CameraBridge:
         return True
 
     def _colour(self, captured: Captured) -> tuple[np.ndarray, str]:
-        image, pixel_format = captured.image, captured.pixel_format
+        image, pixel_format = self._sample_depth(captured.image), captured.pixel_format
         if pixel_format != "gray":
             return image, pixel_format
         if self.config.mono_to_rgb:
@@ -352,3 +354,17 @@ class CameraBridge:
                              "from grey good images) judges and a colour bank answers `error` (grey_image); for a "
                              "colour bank set mono_to_rgb (--mono-to-rgb) to send them as 3 equal channels")
         return image, pixel_format
+
+    def _sample_depth(self, image: np.ndarray) -> np.ndarray:
+        """16-bit samples (Mono10/12/16, 16-bit files) go as they are in raw and PNG frames, so the
+        daemon's `detector.sample_window` sees all of them; JPEG holds 8 bits, so for it they are
+        reduced through the full 16-bit range (`images.scale_window`'s default, as the daemon's
+        default window would), with one warning."""
+        if image.dtype != np.uint16 or self.config.encoding != "jpeg":
+            return image
+        if not self._warned_depth:
+            self._warned_depth = True
+            self.log.warning("camera_16bit_to_8bit", camera=self.config.camera, source=self.source.describe(),
+                             detail="16-bit frames are reduced to 8 bits (v / 257) for JPEG, and the daemon's "
+                             "detector.sample_window does not apply; encoding raw or png sends all 16 bits")
+        return scale_window(image)

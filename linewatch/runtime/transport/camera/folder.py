@@ -69,7 +69,7 @@ def looks_complete(data: bytes, suffix: str) -> bool:
 
 
 def decode_image(data: bytes) -> tuple[np.ndarray, str] | None:
-    """(uint8 image, "bgr" | "gray") from a file's bytes, or None if they are no readable image."""
+    """(uint8 or uint16 image, "bgr" | "gray") from a file's bytes, or None if they are no readable image."""
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         return None
