@@ -20,4 +20,8 @@ fi
 # are made once; tests/conftest.py deals out a few slow modules' tests singly); banks and other
 # results made once per run are shared between the workers (tests/conftest.py `made_once`).
 # TEST_WORKERS=0 runs in this process. `bash tests/run.sh -m "not system"`: the unit layer alone.
+# Compiled modules are kept (__pycache__, ignored by git) even where the environment says not
+# to write them (PYTHONDONTWRITEBYTECODE, common in containers): otherwise every worker compiles
+# linewatch and has pytest rewrite every test module again, at every run.
+export PYTHONDONTWRITEBYTECODE=
 exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"

@@ -21,14 +21,34 @@ from linewatch.sim import render
 from tests.detector.samlad_models import samlad_config, tiny_samlad_models, write_images
 
 
+@pytest.fixture(scope="module")
+def samlad_bank(tmp_path_factory):
+    """`samlad_bank(prompts)`: (config, bank) of the tiny random models (seeded: every
+    tiny_samlad_models(config) holds the same weights) from 4 good and 2 validation sim images,
+    built once per module for each prompt mode. The stage test and the host-data test judge with
+    the same bank; neither changes it (the Inspector only reads its bank, build_bank leaves the
+    models as given), and each test builds its own models to patch or count."""
+    built = {}
+
+    def get(prompts: str):
+        if prompts not in built:
+            root = tmp_path_factory.mktemp(f"samlad-{prompts}")
+            config = samlad_config(root, prompts)
+            write_images(root / "good", 4, seed=1)
+            write_images(root / "val", 2, seed=2)
+            bank = build_bank(config, root / "good", root / "val", models=tiny_samlad_models(config), batch_size=2,
+                              progress=False)
+            built[prompts] = (config, bank)
+        return built[prompts]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prompts", ["full_grid", "reference_seeded"])
-def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(tmp_path: Path, prompts: str) -> None:
-    config = samlad_config(tmp_path, prompts)
-    write_images(tmp_path / "good", 4, seed=1)
-    write_images(tmp_path / "val", 2, seed=2)
+def test_samlad_stages_build_a_bank_and_inspect_with_random_weights(samlad_bank, prompts: str) -> None:
+    config, bank = samlad_bank(prompts)
     models = tiny_samlad_models(config)
-    bank = build_bank(config, tmp_path / "good", tmp_path / "val", models=models, batch_size=2, progress=False)
     assert bank.manifest.identity["backend"] == "samlad"
     assert bank.features.shape[1] == 48 and bank.features.shape[-1] == 112 // 14 * 4  # two 2x JBU stages
     assert bank.calibration.n == 2 + 4  # validation + leave-one-out over the 4 good images
@@ -131,15 +151,12 @@ class _HostData(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("prompts", ["full_grid", "reference_seeded"])
-def test_hot_stages_make_no_tensor_from_host_data_and_read_nothing_back(tmp_path: Path, prompts: str) -> None:
+def test_hot_stages_make_no_tensor_from_host_data_and_read_nothing_back(samlad_bank, prompts: str) -> None:
     """The CPU half of tests/detector/test_cuda.py::test_hot_stages_do_not_synchronise: backbone,
     upsample, segment, describe and match neither copy constants from the host (they are the models'
     buffers, moved to the device with the weights at build) nor read the device back."""
-    config = samlad_config(tmp_path, prompts)
-    write_images(tmp_path / "good", 4, seed=1)
-    write_images(tmp_path / "val", 2, seed=2)
+    config, bank = samlad_bank(prompts)
     models = tiny_samlad_models(config)
-    bank = build_bank(config, tmp_path / "good", tmp_path / "val", models=models, batch_size=2, progress=False)
     inspector = Inspector(config.detector, models, bank, torch.device("cpu"))
     images = [render("screw_tray", np.random.default_rng(s), anomaly=a, size=112)[0] for s, a in ((1, None), (2, "missing"))]
     batch = inspector.run(Batch(images=images), ("preprocess",))

@@ -249,3 +249,14 @@ def test_no_daemon_is_a_control_error(sock_dir) -> None:
     with pytest.raises(ControlError, match="cannot reach the daemon"):
         request(str(sock_dir / "none.sock"), {"command": "switch"})
     assert not os.path.exists(sock_dir / "none.sock")
+
+
+def test_stop_wakes_the_idle_serving_thread(sock_dir) -> None:
+    """The serving thread waits in select without a timeout: only stop()'s wake-up ends it, so
+    a thread still alive after stop() (which joins it) means the wake-up was lost."""
+    server = control.ControlServer(str(sock_dir / "ctl.sock"), lambda bank, config: {}, quiet_log())
+    server.start()
+    assert request(str(sock_dir / "ctl.sock"), {"command": "switch", "bank": None, "config": None}) == {"ok": True}
+    server.stop()
+    assert not server._thread.is_alive()
+    server.stop()  # twice is harmless

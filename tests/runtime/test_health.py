@@ -103,3 +103,16 @@ def test_a_failing_check_is_a_500_not_a_dead_server(serve) -> None:
     status, body = get(server.port, "/healthz")
     assert status == 500 and "bug" in body
     assert get(server.port, "/metrics")[0] == 200
+
+
+def test_stop_wakes_the_serving_thread_and_closes_the_port() -> None:
+    """The serving thread waits in select without a timeout: only stop()'s wake-up ends it, so
+    a thread still alive after stop() (which joins it) means the wake-up was lost."""
+    server = HealthServer(MetricsConfig(host="127.0.0.1", port=0), Metrics().registry)
+    server.start()
+    assert get(server.port, "/healthz") == (200, "ok\n")
+    server.stop()
+    assert not server.thread.is_alive()
+    with pytest.raises(urllib.error.URLError):
+        get(server.port, "/healthz")
+    server.stop()  # twice is harmless

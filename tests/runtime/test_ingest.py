@@ -258,6 +258,18 @@ def test_stop_is_prompt_and_idempotent_and_bind_errors_raise() -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("ingest-")]
 
 
+def test_stop_wakes_every_receive_thread() -> None:
+    """The receive threads wait in poll without a timeout: stop()'s one wake-up must end all of
+    them (stop joins them; a thread left alive means a wake-up was lost)."""
+    sink = Collector()
+    ingest = Ingest(IngestConfig(endpoints=[EndpointConfig(url=ANY_PORT), EndpointConfig(url=ANY_PORT)]),
+                    sink.on_frame, sink.on_error)
+    ingest.start()
+    assert len(ingest.threads()) == 2
+    ingest.stop()
+    assert not [t for t in ingest.threads() if t.is_alive()]
+
+
 def test_imagezmq_frame_ids_do_not_repeat_when_the_daemon_restarts(context) -> None:
     # Fault run: imagezmq frame ids started again at 0, so camera + frame id named two parts.
     ids = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
 import stat
 import threading
@@ -31,7 +32,6 @@ REQUEST_TIMEOUT_S = 10.0  # a client that connects and says nothing holds the so
 # warms them up can take minutes.
 REPLY_TIMEOUT_S = 600.0
 SOCKET_MODE = 0o660
-POLL_S = 0.5  # how quickly the serving thread notices stop()
 
 # switch(bank, config) -> the reply's fields (the daemon's BankSwitch as a dict)
 SwitchHandler = Callable[[str | None, str | None], dict[str, Any]]
@@ -51,6 +51,7 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._inode: int | None = None  # of the socket file we made: stop() removes only that one
         self._stop = threading.Event()
+        self._wake_read, self._wake_write = socket.socketpair()  # stop() wakes the serving thread
         self._thread = threading.Thread(target=self._serve, name="lw-control", daemon=True)
 
     def start(self) -> None:
@@ -64,7 +65,7 @@ class ControlServer:
         except OSError as e:
             sock.close()
             raise RuntimeError(f"runtime.control.socket: cannot listen on {self.path}: {e.strerror or e}") from None
-        sock.settimeout(POLL_S)
+        sock.setblocking(False)  # the serving thread waits in select; accept never blocks
         self._sock = sock
         self._inode = self.path.stat().st_ino
         self._thread.start()
@@ -98,11 +99,16 @@ class ControlServer:
     def stop(self, timeout_s: float = 2.0) -> None:
         """Stop serving and remove the socket file (if it is still ours). A switch in progress
         finishes on its own (it is not interrupted); this waits for it `timeout_s` at most."""
-        self._stop.set()
+        if not self._stop.is_set():
+            self._stop.set()
+            self._wake_write.send(b"!")
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         if self._sock is not None:
             self._sock.close()
+        if not self._thread.is_alive():
+            self._wake_read.close()
+            self._wake_write.close()
         try:
             if self._inode is not None and self.path.stat().st_ino == self._inode:
                 self.path.unlink()
@@ -118,18 +124,24 @@ class ControlServer:
     # ------------------------------------------------------------------ serving
 
     def _serve(self) -> None:
+        """Wait for a connection or stop()'s wake-up; answer one connection at a time."""
         assert self._sock is not None
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            with conn:
-                self._answer(conn)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                if not any(key.fileobj is self._sock for key, _ in selector.select()) or self._stop.is_set():
+                    continue
+                try:
+                    conn, _ = self._sock.accept()
+                except BlockingIOError:  # the client left before we took it
+                    continue
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    raise
+                with conn:
+                    self._answer(conn)
 
     def _answer(self, conn: socket.socket) -> None:
         """Read one request, act on it, send one reply; a bad request gets an error reply."""

@@ -6,6 +6,8 @@ block another request. Port 0 binds a free port (`HealthServer.port` tells which
 
 from __future__ import annotations
 
+import selectors
+import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -118,8 +120,10 @@ class HealthServer:
         self._server.liveness = liveness
         self._server.readiness = readiness
         self._server.routes = dict(routes or {})
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="lw-health", daemon=True)
+        self._server.timeout = 0  # handle_request() takes a waiting connection; it never waits itself
+        self._stopping = threading.Event()
+        self._wake_read, self._wake_write = socket.socketpair()  # stop() wakes the serving thread
+        self._thread = threading.Thread(target=self._serve, name="lw-health", daemon=True)
 
     @property
     def port(self) -> int:
@@ -142,7 +146,22 @@ class HealthServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._wake_write.send(b"!")
         if self._thread.is_alive():
-            self._server.shutdown()
             self._thread.join(2.0)
         self._server.server_close()
+        if not self._thread.is_alive():
+            self._wake_read.close()
+            self._wake_write.close()
+
+    def _serve(self) -> None:
+        """Wait for a connection or stop()'s wake-up (socketserver's serve_forever polls for
+        shutdown instead); each request is answered on a thread of its own."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                if any(key.fileobj is self._server for key, _ in selector.select()) and not self._stopping.is_set():
+                    self._server.handle_request()

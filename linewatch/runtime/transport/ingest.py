@@ -49,6 +49,7 @@ Memory and overload:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -66,7 +67,7 @@ from linewatch.runtime.transport.security import CurveServer, SecurityError
 from linewatch.wire import Frame
 from linewatch.wire import WireError
 
-POLL_MS = 100  # receive/put/get timeouts: how quickly stop() is noticed
+RETRY_MS = 100  # the pause after a failed receive before the next try
 REPORT_INTERVAL_S = 1.0  # at most one unaddressable/unknown-camera error verdict per key per interval
 LOG_INTERVAL_S = 10.0  # at most one "frame refused" log line per reason per interval
 MAX_TRACKED_KEYS = 256  # distinct rate-limit keys remembered; beyond, they share one key
@@ -178,6 +179,7 @@ class Ingest:
         self._reserved = reserved_cameras
         self._limits = wire.ImageLimits(config.max_payload_bytes, config.max_image_pixels, config.max_decoded_bytes)
         self._stopping = threading.Event()
+        self._wake: tuple[int, int] | None = None  # (read, write) ends of the pipe stop() wakes the threads by
         self._context: zmq.Context | None = None
         self._sockets: list[zmq.Socket] = []
         self._bound: list[str] = []
@@ -212,6 +214,7 @@ class Ingest:
             raise RuntimeError(f"ingest: cannot open endpoint {endpoint.url} ({endpoint.mode}): {e}") from e
         if self._curve is not None:
             self._curve.start()
+        self._wake = os.pipe()
         self._started = True
         for i, (endpoint, sock) in enumerate(zip(self._config.endpoints, self._sockets)):
             protocol = FRAME_PROTOCOLS[endpoint.protocol]()
@@ -231,13 +234,17 @@ class Ingest:
         self._stopped = True
         deadline = time.monotonic() + timeout_s
         self._stopping.set()
+        assert self._wake is not None
+        os.write(self._wake[1], b"!")  # never read: it keeps every receive thread's poll awake
         clean = True
         for thread in self._receivers:
             thread.join(max(0.0, deadline - time.monotonic()))
             clean = clean and not thread.is_alive()
-        if clean:  # a socket may only be closed once its thread has left it
+        if clean:  # a socket (and the wake-up pipe) may only be closed once its thread has left it
             for sock in self._sockets:
                 sock.close(linger=0)
+            for end in self._wake:
+                os.close(end)
         if self._curve is not None:
             self._curve.stop()
         if clean and self._context is not None:
@@ -297,9 +304,14 @@ class Ingest:
         return sock
 
     def _receive_loop(self, url: str, protocol: FrameProtocol, sock: zmq.Socket) -> None:
+        """Wait for a message or stop()'s wake-up, then receive, triage and hand on."""
+        assert self._wake is not None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake[0], zmq.POLLIN)
         while not self._stopping.is_set():
             try:
-                if not sock.poll(POLL_MS):
+                if sock not in dict(poller.poll()):
                     continue
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -307,7 +319,7 @@ class Ingest:
             except zmq.ZMQError as e:
                 self._metrics.messages_dropped.labels(reason="receive_failed").inc()
                 self._log.error("ingest receive failed", endpoint=url, error=str(e))
-                self._stopping.wait(POLL_MS / 1000)
+                self._stopping.wait(RETRY_MS / 1000)
                 continue
             received_ts, received_mono = self._clock.time(), self._clock.monotonic()
             if protocol.replies:
