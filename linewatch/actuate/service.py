@@ -122,7 +122,6 @@ class OutputWorker:
     def _take(self, item: tuple[str, Any]) -> None:
         kind, value = item
         if kind == "fire":
-            self._on_until = max(self._on_until or 0.0, time.monotonic() + self.pulse_s)
             if not self.connected:
                 self._miss(value)
             else:
@@ -132,6 +131,9 @@ class OutputWorker:
 
     def _write_on(self, fire: Fire) -> None:
         if self._guard(lambda: self.output.set_reject(True, fire)):
+            # the pulse (stretched by rejects that follow) is for parts whose reject reached the PLC;
+            # a missed one does not turn the output on later, when its part has gone by
+            self._on_until = max(self._on_until or 0.0, time.monotonic() + self.pulse_s)
             self._is_on = True
             self.metrics.rejects.inc()
             self.metrics.fire_lag.observe(max(0.0, self.clock() - fire.at))
