@@ -81,14 +81,15 @@ KEEP_WHOLE = (torch.ops.prim.device.default, aten.scaled_dot_product_attention.d
 
 def decomposed(mode: TorchDispatchMode, func, args, kwargs):
     """A CompositeImplicitAutograd op (linear, matmul, layer_norm, to, ...) run as its decomposition
-    through `mode` again (as torch.utils.flop_counter does), or NotImplemented for any other op.
+    through `mode` again (as torch.utils.flop_counter does, but always the C++ kernel), or NotImplemented for any other op.
     Under inference_mode such ops reach a dispatch mode whole; counted whole, a no-op `.to` would
     be a launch and a matmul that copies its operands one. Attention stays whole: one fused kernel
     on a GPU (its decomposition depends on the device and, on fake tensors, is the unfused one)."""
-    if func in KEEP_WHOLE:
+    composite = torch._C.DispatchKey.CompositeImplicitAutograd
+    if func in KEEP_WHOLE or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), composite):
         return NotImplemented
-    with mode:
-        return func.decompose(*args, **kwargs)
+    with mode:  # the C++ kernel eager runs (OpOverload.decompose would prefer a Python decomposition)
+        return func._op_dk(composite, *args, **kwargs)
 
 
 class SyncCounter(TorchDispatchMode):
