@@ -216,6 +216,55 @@ def count(args, prompts: str) -> dict:
     return {"prompts": prompts, "batch": b, "prompts_decoded_per_frame": per_frame_prompts, "stages": stages}
 
 
+def count_measure(args) -> dict:
+    """Counts of the measure stage (Inspector.measure, with the CUDA chunk sizes) on real CPU tensors of
+    the target shapes: it reads counts back from the device to size its work, which fake tensors cannot.
+    Random features; M parts per frame and per good image, each a 24 x 24-cell square on a grid, the
+    frame's parts matching its references' (descriptors near theirs): every part matched, none missing."""
+    from types import SimpleNamespace
+
+    from linewatch.config import config_from_dict
+    from linewatch.detector.inspector import Batch, Encoded, Inspector
+
+    class CudaChunkInspector(Inspector):  # chunks as on a GPU; built without __init__ (no bank file)
+        _chunk_floats = Inspector.CUDA_CHUNK_ELEMENTS
+
+    b, k, m, c, side = args.batch, args.k, args.max_objects, 384, args.image_size * 8 // 14
+    z = 2 * k  # good images in the bank
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(m, side, side)
+    for j in range(m):
+        y, x = 4 + 30 * (j // 4), 4 + 30 * (j % 4)
+        masks[j, y:y + 24, x:x + 24] = 1.0
+    parts = torch.nn.functional.normalize(torch.randn(m, c, generator=g), dim=-1)
+    config = config_from_dict({"detector": {
+        "backend": "samlad", "device": "cpu", "image_size": args.image_size, "k_references": k,
+        "objects": {"max_objects": m}, "score": {"source": "objects"},
+        "matching": {"sinkhorn_iterations": args.sinkhorn_iterations}}}).detector
+    inspector = object.__new__(CudaChunkInspector)
+    inspector.config, inspector.device, inspector.backend = config, torch.device("cpu"), "samlad"
+    inspector.models = SimpleNamespace(shape_weight=0.0)
+    inspector.bank = SimpleNamespace(
+        features=torch.randn(z, c, side, side, generator=g), masks=masks.expand(z, -1, -1, -1).clone(),
+        object_valid=torch.ones(z, m, dtype=torch.bool), object_noise=torch.ones(z, m),
+        boxes=torch.tensor([[4.0, 4.0, 24.0, 24.0]]).expand(z, m, 4).clone(), shapes=torch.zeros(z, m, 1),
+        descriptors=parts + 0.05 * torch.randn(z, m, c, generator=g), threshold=float("inf"))
+    inspector.descriptor_mean = inspector.shape_mean = inspector.slot_spreads = inspector.patch_index = None
+    inspector.noise_floor, inspector.normalisation, inspector.keep_component_maps = 0.25, None, False
+    batch = Batch(images=[], sizes=[(args.frame_size, args.frame_size)] * b,
+                  references=torch.arange(b * k).view(b, k) % z)
+    batch.encoded = Encoded(upsampled=torch.randn(b, c, side, side, generator=g), soft_masks=masks.expand(b, -1, -1, -1),
+                            valid=torch.ones(b, m, dtype=torch.bool), boxes=inspector.bank.boxes[:1].expand(b, m, 4),
+                            descriptors=parts + 0.05 * torch.randn(b, m, c, generator=g))
+    torch.set_num_threads(args.threads)
+    batch = inspector.run(batch, ("match",))
+    counter = RooflineCounter()
+    with torch.inference_mode(), counter, counter.stage_of("measure"):
+        batch = inspector.run(batch, ("measure",))
+    statuses = Counter(o["status"] for r in batch.results for o in r.objects)
+    return {"stages": {"measure": dict(counter.counts["measure"])}, "statuses": dict(statuses)}
+
+
 def predicted_ms(row: dict, batch: int, bandwidth: float, flops: float) -> float:
     """Roofline time per frame in ms: max(compute, memory) of the batch, over the batch."""
     return max(row.get("flops", 0) / flops, row.get("bytes", 0) / bandwidth) / batch * 1e3
@@ -259,11 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sinkhorn-iterations", type=int, default=100)
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s")
     parser.add_argument("--flops", type=float, default=790e12, help="FLOP/s")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for the measure stage")
+    parser.add_argument("--no-measure", action="store_true", help="skip counting the measure stage")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     results = []
+    measure = None
+    if not args.no_measure:
+        counted = count_measure(args)
+        measure = counted["stages"]["measure"]
+        print(f"measure counted on the CPU, object statuses of the batch: {counted['statuses']}")
     for mode in args.modes:
         results.append(count(args, mode))
+        if measure is not None:
+            results[-1]["stages"]["measure"] = measure
         print_mode(results[-1], args.bandwidth, args.flops)
         if args.json:
             args.json.write_text(json.dumps({"torch": torch.__version__, "precision": args.precision,
