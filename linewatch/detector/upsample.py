@@ -7,7 +7,8 @@ that stage's output size. SAM-LAD (sec. 3.4.1, eq. 3) upsamples DINOv2 features 
 
 FeatUp's learned stage gathers each output pixel's 7x7 = 49 window once (`windows`: one copy of
 an unfolded view) and takes the range logits and the weighted sum as matrix products over it: two
-batched ops where a loop over the 49 offsets launched 49 each. The window tensor holds 49 values
+batched ops where a loop over the 49 offsets launched 49 each (in the operands' dtypes, as the
+loop's products were, also under autocast). The window tensor holds 49 values
 per channel and pixel, so it is made a band of rows at a time, at most `WINDOW_ELEMENTS` values a
 band (at 128 x 128 with 384 channels, a batch of 8 takes a few bands).
 """
@@ -37,6 +38,19 @@ def windows(padded: torch.Tensor, start: int, stop: int, diameter: int) -> torch
     offset j): one copy of an unfolded view."""
     band = padded[:, start:stop + diameter - 1].unfold(1, diameter, 1).unfold(2, diameter, 1)  # (B, r, W, C, d, d)
     return band.permute(0, 1, 2, 4, 5, 3).flatten(3, 4)
+
+
+def operand_precision(like: torch.Tensor):
+    """Autocast off on `like`'s device: the window products run in their operands' dtype, as the
+    per-offset elementwise products they replaced did (autocast would make them bf16 matrix products:
+    the float32 weighted sum of the bicubic map in bf16)."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in their promoted dtype (an elementwise product's): a matrix product takes one dtype."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
 
 
 def by_bands(fn, rows: int, band: int) -> torch.Tensor:
@@ -83,12 +97,14 @@ class JBUStage(nn.Module):
         keys = self.range_proj(guidance)  # (B, K, H, W)
         keys_p = F.pad(keys, [self.radius] * 4, mode="reflect").permute(0, 2, 3, 1)  # channels-last
         keys_l = keys.permute(0, 2, 3, 1)[..., None]  # (B, H, W, K, 1)
+        keys_p, keys_l = promoted(keys_p, keys_l)
         d, k = self.diameter, keys.shape[1]
 
         def band(start: int, stop: int) -> torch.Tensor:  # (B, r, W, P): each window key . the pixel's key
             return (windows(keys_p, start, stop, d) @ keys_l[:, start:stop])[..., 0]
 
-        logits = by_bands(band, h, max(1, WINDOW_ELEMENTS // (b * w * d * d * k))).permute(0, 3, 1, 2)  # (B, P, H, W)
+        with operand_precision(keys_p):
+            logits = by_bands(band, h, max(1, WINDOW_ELEMENTS // (b * w * d * d * k))).permute(0, 3, 1, 2)  # (B, P, H, W)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         range_k = torch.softmax(temp * logits, dim=1)
         combined = range_k * self.spatial_kernel().view(1, -1, 1, 1)
@@ -107,12 +123,14 @@ class JBUStage(nn.Module):
         hr = F.interpolate(source, size=(h, w), mode="bicubic", align_corners=False)
         hr_p = F.pad(hr, [self.radius] * 4, mode="reflect").permute(0, 2, 3, 1)  # channels-last (B, H+6, W+6, C)
         weights_l = weights.permute(0, 2, 3, 1)[..., None, :]  # (B, H, W, 1, P)
+        hr_p, weights_l = promoted(hr_p, weights_l)
         d = self.diameter
 
         def band(start: int, stop: int) -> torch.Tensor:  # (B, r, W, C): the weighted sum over each window
             return (weights_l[:, start:stop] @ windows(hr_p, start, stop, d))[..., 0, :]
 
-        out = by_bands(band, h, max(1, WINDOW_ELEMENTS // (b * w * d * d * c)))
+        with operand_precision(hr_p):
+            out = by_bands(band, h, max(1, WINDOW_ELEMENTS // (b * w * d * d * c)))
         return out.permute(0, 3, 1, 2).contiguous()
 
 
