@@ -65,7 +65,7 @@ is also the order SamAutomaticMaskGenerator returns with one crop). Callers want
 sort again.
 
 Precision: under autocast to bf16 or fp16 (detector.precision), the mask decoder runs in that dtype
-outright (`low_precision_decoding`): its parameters cast once per batch, autocast off inside,
+outright (`LowPrecisionDecoding`): its parameters cast once per batch, autocast off inside,
 the image embeddings, dense and positional encodings and prompt tokens cast to it. Under autocast
 alone the image-token stream (N, 4096, 256) and the (N, 32, 256, 256) upscaling stay float32:
 LayerNorm and LayerNorm2d give float32 (autocast's rule, and LayerNorm2d's float32 weights

@@ -8,9 +8,9 @@ that stage's output size. SAM-LAD (sec. 3.4.1, eq. 3) upsamples DINOv2 features 
 FeatUp's learned stage gathers each output pixel's 7x7 = 49 window once (`windows`: one copy of
 an unfolded view) and takes the range logits and the weighted sum as matrix products over it: two
 batched ops where a loop over the 49 offsets launched 49 each (in the operands' dtypes, as the
-loop's products were, also under autocast). The window tensor holds 49 values
-per channel and pixel, so it is made a band of rows at a time, at most `WINDOW_ELEMENTS` values a
-band (at 128 x 128 with 384 channels, a batch of 8 takes a few bands).
+loop's products were, also under autocast). The window tensor holds 49 values per channel and
+pixel, so it is made a band of rows at a time, at most `WINDOW_ELEMENTS` values a band (at
+128 x 128 with 384 channels a batch of 8 takes 22 bands of 6 rows; the earlier stages fewer).
 """
 
 from __future__ import annotations
