@@ -205,7 +205,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 class LowPrecisionDecoding:
     """Calls decode_masks with the decoder's parameters cast to `dtype` once (at construction, one
     cast per parameter), the tensor arguments cast to it, and autocast off: every tensor of the
-    decoder in `dtype`. dtype None: decode_masks as it is (the caller's autocast applies)."""
+    decoder in `dtype`. dtype None: decode_masks as it is (the caller's autocast applies).
+    functional_call puts the cast parameters in the decoder's place for the length of a call: no
+    other thread may run the same decoder meanwhile (the segment stage is one thread; a fresh
+    recipe's warm-up runs on models of its own)."""
 
     def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype | None) -> None:
         self.dtype = dtype
