@@ -33,7 +33,8 @@ The sum of these is "syncs". Reported beside them, not in the sum:
                 Some are meant to be on the host (preprocess's uint8 frame batch).
   lift_fresh    aten.lift_fresh(_copy) / scalar_tensor not under a counted torch.tensor: a Python
                 scalar made a tensor by `t[index] = scalar` (on CUDA created on the device: no sync)
-  ops           every aten op dispatched; launches = ops less views and metadata-only ops (views,
+  ops           every aten op dispatched (a CompositeImplicitAutograd op, e.g. linear or matmul, as
+                the ops it decomposes into: under inference_mode the mode sees them whole); launches = ops less views and metadata-only ops (views,
                 detach, empty*, lift_fresh, _local_scalar_dense): roughly the kernel launches CUDA
                 would see per op (a CPU run may take other decompositions than CUDA; fused CUDA
                 kernels, e.g. SDPA's, are one op either way).
@@ -75,6 +76,22 @@ FACTORIES = ("arange", "zeros", "ones", "full", "empty", "linspace", "rand", "ra
              "tensor")
 
 
+KEEP_WHOLE = (torch.ops.prim.device.default, aten.scaled_dot_product_attention.default)
+
+
+def decomposed(mode: TorchDispatchMode, func, args, kwargs):
+    """A CompositeImplicitAutograd op (linear, matmul, layer_norm, to, ...) run as its decomposition
+    through `mode` again (as torch.utils.flop_counter does, but always the C++ kernel), or NotImplemented for any other op.
+    Under inference_mode such ops reach a dispatch mode whole; counted whole, a no-op `.to` would
+    be a launch and a matmul that copies its operands one. Attention stays whole: one fused kernel
+    on a GPU (its decomposition depends on the device and, on fake tensors, is the unfused one)."""
+    composite = torch._C.DispatchKey.CompositeImplicitAutograd
+    if func in KEEP_WHOLE or not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), composite):
+        return NotImplemented
+    with mode:  # the C++ kernel eager runs (OpOverload.decompose would prefer a Python decomposition)
+        return func._op_dk(composite, *args, **kwargs)
+
+
 class SyncCounter(TorchDispatchMode):
     """Counts sync kinds and ops under `stage` (set it between stages); `counts[stage][kind]`.
     Use `with counter.active():` (the dispatch mode plus the Python-level patches)."""
@@ -91,6 +108,9 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = decomposed(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
         name = func.overloadpacket.__name__
         self.add("ops")
         if not (func.is_view or name in NO_KERNEL):

@@ -112,3 +112,12 @@ def test_counting_leaves_torch_as_it_was() -> None:
     count_function(lambda: torch.ones(3)[torch.tensor([0])])
     x = torch.arange(5)
     assert torch.tensor([[x.min(), x.max()]]).tolist() == [[0, 4]]
+
+
+def test_under_inference_mode_composite_ops_count_as_their_kernels() -> None:
+    """There a dispatch mode sees linear, matmul or .to whole: they count as the kernels they run."""
+    linear = torch.nn.Linear(2, 3)
+    with torch.inference_mode():
+        assert count_function(linear, x)["launches"] == 1  # addmm; its t() is a view
+        assert count_function(lambda: x.to(torch.float32))["launches"] == 0  # already float32: no kernel
+        assert count_function(lambda: x @ x)["launches"] == 1  # mm

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from linewatch.detector.align import mask_boxes
 
+POOL_ELEMENTS = 2**27  # values of the masked products made at once by masked_global_max_pool (512 MiB of float32)
+
 
 def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinearly resize object masks to a feature map size (paper 3.4.3).
@@ -103,8 +105,9 @@ def masked_global_max_pool(features: Tensor, masks: Tensor) -> Tensor:
     max(max over the mask's support of m*f, 0) whenever the mask leaves any position
     uncovered, i.e. pooled values are >= 0 for any object smaller than the image, and an
     empty mask gives an all-zero vector. A soft (bilinear) mask scales features at the
-    object border, exactly as the product does. We loop over M so the peak memory is one
-    (B, C, H, W) product instead of M of them.
+    object border, exactly as the product does. The products of as many objects as fit in
+    POOL_ELEMENTS values are made and pooled at once (two ops per group of objects; at most a
+    (B, G, C, H, W) product in memory, G >= 1, never all M of them when they do not fit).
 
     Args:
         features: (B, C, H, W).
@@ -115,11 +118,13 @@ def masked_global_max_pool(features: Tensor, masks: Tensor) -> Tensor:
     b, c = features.shape[:2]
     m = resize_masks(masks, tuple(features.shape[-2:])).to(features.dtype)
     n = m.shape[1]
-    out = features.new_zeros(b, n, c)
-    for i in range(n):
-        prod = features * m[:, i, None]  # (B, C, H, W), one object at a time
-        out[:, i] = prod.flatten(2).amax(dim=2)
-    return out
+    if n == 0:
+        return features.new_zeros(b, 0, c)
+    flat_features = features.flatten(2)[:, None]  # (B, 1, C, HW)
+    flat_masks = m.flatten(2)[:, :, None]  # (B, M, 1, HW)
+    group = max(1, POOL_ELEMENTS // flat_features.numel())
+    pooled = [(flat_features * flat_masks[:, i:i + group]).amax(dim=3) for i in range(0, n, group)]
+    return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
 
 
 class DCGA(nn.Module):

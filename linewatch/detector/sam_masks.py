@@ -64,6 +64,14 @@ Order: each image's masks are sorted by predicted IoU, descending (batched_nms's
 is also the order SamAutomaticMaskGenerator returns with one crop). Callers wanting area order
 sort again.
 
+Precision: under autocast to bf16 or fp16 (detector.precision), the mask decoder runs in that dtype
+outright (`LowPrecisionDecoding`): its parameters cast once per batch, autocast off inside,
+the image embeddings, dense and positional encodings and prompt tokens cast to it. Under autocast
+alone the image-token stream (N, 4096, 256) and the (N, 32, 256, 256) upscaling stay float32:
+LayerNorm and LayerNorm2d give float32 (autocast's rule, and LayerNorm2d's float32 weights
+promote the sum), and every add with them then does too. Its outputs (logits, predicted IoU)
+are in that dtype, as the last matrix product under autocast gave them; in fp32 nothing changes.
+
 Host syncs: none in `BatchedMaskGenerator.padded`, whose results are padded to (B, K) with a
 validity mask; every shape follows from B, P, K and the frame size, and every index is computed
 on the device. `__call__` (per-image lists) reads the counts back once.
@@ -153,7 +161,10 @@ def decode_masks(
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings], dim=1)
 
-    src = image_embeddings[image_index] + dense_prompt_embeddings
+    if dense_prompt_embeddings.stride(0) == 0:  # the same for every prompt (no mask prompt): added per image
+        src = (image_embeddings + dense_prompt_embeddings[:1])[image_index]
+    else:
+        src = image_embeddings[image_index] + dense_prompt_embeddings
     pos_src = image_pe.expand(n, -1, -1, -1)
     b, c, h, w = src.shape
 
@@ -169,6 +180,49 @@ def decode_masks(
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
     iou_pred = decoder.iou_prediction_head(iou_token_out)
     return masks[:, 1:], iou_pred[:, 1:]
+
+
+class _Decoding(torch.nn.Module):
+    """decode_masks as a module whose child is the decoder, so that torch.func.functional_call can
+    run it on other (cast) parameters without copying or changing the decoder."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, Tensor]:
+        return decode_masks(self.decoder, *args)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on `device`: None when autocast is off there (or float32)."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    dtype = torch.get_autocast_dtype(device.type)
+    return None if dtype == torch.float32 else dtype
+
+
+class LowPrecisionDecoding:
+    """Calls decode_masks with the decoder's parameters cast to `dtype` once (at construction, one
+    cast per parameter), the tensor arguments cast to it, and autocast off: every tensor of the
+    decoder in `dtype`. dtype None: decode_masks as it is (the caller's autocast applies).
+    functional_call puts the cast parameters in the decoder's place for the length of a call: no
+    other thread may run the same decoder meanwhile (the segment stage is one thread; a fresh
+    recipe's warm-up runs on models of its own)."""
+
+    def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        self.dtype = dtype
+        self.decoding = _Decoding(decoder)
+        self.parameters = None if dtype is None else {
+            name: p.to(dtype) if p.is_floating_point() else p for name, p in self.decoding.named_parameters()}
+
+    def __call__(self, *args: Tensor) -> tuple[Tensor, Tensor]:
+        if self.dtype is None:
+            return self.decoding(*args)
+        device_type = args[0].device.type
+        args = tuple(a.to(self.dtype) if a.is_floating_point() else a for a in args)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return torch.func.functional_call(self.decoding, self.parameters, args)
 
 
 def upsample_logits(logits: Tensor, input_size: tuple[int, int], output_size: tuple[int, int], side: int) -> Tensor:
@@ -396,6 +450,10 @@ class BatchedMaskGenerator:
         box_geometry = (side / low_side * W / new_w, side / low_side * H / new_h, (H, W))
 
         embeddings = self.encode(frames)
+        decode = LowPrecisionDecoding(self.sam.mask_decoder, autocast_dtype(device))
+        if decode.dtype is not None:  # cast once per batch, not per chunk; `dense` before it is expanded
+            embeddings, image_pe, sparse = (x.to(decode.dtype) for x in (embeddings, image_pe, sparse))
+            dense = dense[:1, :, :1, :1].to(decode.dtype).expand_as(dense)
 
         # The masks that pass the filters go, in prompt order, into K candidate slots per image
         # (slot K: a sink for the rest); `filled` counts them, past K too.
@@ -405,8 +463,7 @@ class BatchedMaskGenerator:
         filled = torch.zeros(B, dtype=torch.long, device=device)
         for c in range(chunks):
             chunk = slice(c * p, (c + 1) * p)
-            logits, iou = decode_masks(self.sam.mask_decoder, embeddings, image_pe, image_index,
-                                       sparse[:, chunk].flatten(0, 1), dense[: B * p])
+            logits, iou = decode(embeddings, image_pe, image_index, sparse[:, chunk].flatten(0, 1), dense[: B * p])
             logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)  # (3Bp, L, L), (3Bp,): prompt-major, as SAM
             keep = valid[:, chunk].repeat_interleave(3, dim=1)  # (B, 3p)
             if self.pred_iou_thresh > 0.0:

@@ -5,8 +5,12 @@ Both map low-resolution features (B, C, h, w) plus the image (B, 3, H, W) in [0,
 (B, C, h * 2**n, w * 2**n), one 2x stage at a time, each stage guided by the image pooled to
 that stage's output size. SAM-LAD (sec. 3.4.1, eq. 3) upsamples DINOv2 features 8x: 3 stages.
 
-Every stage loops over the 7x7 = 49 window offsets with shifted slices instead of unfolding:
-an unfold of the C-channel source costs 49*C*H*W memory, the loop O(C*H*W).
+FeatUp's learned stage gathers each output pixel's 7x7 = 49 window once (`windows`: one copy of
+an unfolded view) and takes the range logits and the weighted sum as matrix products over it: two
+batched ops where a loop over the 49 offsets launched 49 each (in the operands' dtypes, as the
+loop's products were, also under autocast). The window tensor holds 49 values per channel and
+pixel, so it is made a band of rows at a time, at most `WINDOW_ELEMENTS` values a band (at
+128 x 128 with 384 channels a batch of 8 takes 22 bands of 6 rows; the earlier stages fewer).
 """
 
 from __future__ import annotations
@@ -21,7 +25,39 @@ from torch import nn
 from linewatch.detector.backbone import imagenet_constants, imagenet_normalize, three_channels
 from linewatch.detector.weights import WeightsError, read_state_dict, state_fingerprint
 
-__all__ = ["JBUStage", "JBUStack", "load_featup_jbu", "ClassicJointBilateralUpsampler"]
+__all__ = ["JBUStage", "JBUStack", "load_featup_jbu", "ClassicJointBilateralUpsampler", "windows"]
+
+WINDOW_ELEMENTS = 2**27  # values of the window tensor made at once (512 MiB of float32)
+
+
+def windows(padded: torch.Tensor, start: int, stop: int, diameter: int) -> torch.Tensor:
+    """The diameter x diameter window of every pixel of output rows [start, stop).
+
+    padded: channels-last (B, H + d - 1, W + d - 1, C), the map padded by d // 2 on every side
+    -> (B, stop - start, W, d * d, C), offsets row-major (p = i * d + j for row offset i, column
+    offset j): one copy of an unfolded view."""
+    band = padded[:, start:stop + diameter - 1].unfold(1, diameter, 1).unfold(2, diameter, 1)  # (B, r, W, C, d, d)
+    return band.permute(0, 1, 2, 4, 5, 3).flatten(3, 4)
+
+
+def operand_precision(like: torch.Tensor):
+    """Autocast off on `like`'s device: the window products run in their operands' dtype, as the
+    per-offset elementwise products they replaced did (autocast would make them bf16 matrix products:
+    the float32 weighted sum of the bicubic map in bf16)."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in their promoted dtype (an elementwise product's): a matrix product takes one dtype."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
+def by_bands(fn, rows: int, band: int) -> torch.Tensor:
+    """fn(start, stop) over bands of `band` rows, joined along dim 1 (one call when one band covers them)."""
+    if band >= rows:
+        return fn(0, rows)
+    return torch.cat([fn(start, min(start + band, rows)) for start in range(0, rows, band)], dim=1)
 
 
 class JBUStage(nn.Module):
@@ -57,14 +93,18 @@ class JBUStage(nn.Module):
 
     def kernel(self, guidance: torch.Tensor) -> torch.Tensor:
         """guidance (B, 3, H, W), ImageNet-normalised -> per-pixel filter weights (B, P, H, W)."""
-        _, _, h, w = guidance.shape
+        b, _, h, w = guidance.shape
         keys = self.range_proj(guidance)  # (B, K, H, W)
-        # channels-last: the per-offset products then run over contiguous memory (~6x faster on CPU)
-        keys_p = F.pad(keys, [self.radius] * 4, mode="reflect").permute(0, 2, 3, 1).contiguous()
-        keys_l = keys.permute(0, 2, 3, 1)
-        d = self.diameter
-        logits = torch.stack([(keys_p[:, i:i + h, j:j + w] * keys_l).sum(-1)
-                              for i in range(d) for j in range(d)], dim=1)  # (B, P, H, W)
+        keys_p = F.pad(keys, [self.radius] * 4, mode="reflect").permute(0, 2, 3, 1)  # channels-last
+        keys_l = keys.permute(0, 2, 3, 1)[..., None]  # (B, H, W, K, 1)
+        keys_p, keys_l = promoted(keys_p, keys_l)
+        d, k = self.diameter, keys.shape[1]
+
+        def band(start: int, stop: int) -> torch.Tensor:  # (B, r, W, P): each window key . the pixel's key
+            return (windows(keys_p, start, stop, d) @ keys_l[:, start:stop])[..., 0]
+
+        with operand_precision(keys_p):
+            logits = by_bands(band, h, max(1, WINDOW_ELEMENTS // (b * w * d * d * k))).permute(0, 3, 1, 2)  # (B, P, H, W)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         range_k = torch.softmax(temp * logits, dim=1)
         combined = range_k * self.spatial_kernel().view(1, -1, 1, 1)
@@ -77,17 +117,20 @@ class JBUStage(nn.Module):
         The source is bicubically resized to (H, W) and each output pixel is the kernel-weighted
         sum of its 7x7 neighbourhood (reflect-padded); H, W must exceed the radius.
         """
+        b, c, _, _ = source.shape
         _, _, h, w = guidance.shape
         weights = self.kernel(guidance)
         hr = F.interpolate(source, size=(h, w), mode="bicubic", align_corners=False)
-        hr_p = F.pad(hr, [self.radius] * 4, mode="reflect").permute(0, 2, 3, 1).contiguous()  # (B, H+6, W+6, C)
-        weights_l = weights.permute(0, 2, 3, 1).contiguous()  # (B, H, W, P)
+        hr_p = F.pad(hr, [self.radius] * 4, mode="reflect").permute(0, 2, 3, 1)  # channels-last (B, H+6, W+6, C)
+        weights_l = weights.permute(0, 2, 3, 1)[..., None, :]  # (B, H, W, 1, P)
+        hr_p, weights_l = promoted(hr_p, weights_l)
         d = self.diameter
-        out = hr.new_zeros(hr.shape[0], h, w, hr.shape[1])
-        for i in range(d):
-            for j in range(d):
-                p = i * d + j
-                out.addcmul_(hr_p[:, i:i + h, j:j + w], weights_l[..., p:p + 1])
+
+        def band(start: int, stop: int) -> torch.Tensor:  # (B, r, W, C): the weighted sum over each window
+            return (weights_l[:, start:stop] @ windows(hr_p, start, stop, d))[..., 0, :]
+
+        with operand_precision(hr_p):
+            out = by_bands(band, h, max(1, WINDOW_ELEMENTS // (b * w * d * d * c)))
         return out.permute(0, 3, 1, 2).contiguous()
 
 

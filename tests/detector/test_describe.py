@@ -1,6 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+from linewatch.detector import describe
 from linewatch.detector.describe import (DCGA, masked_global_max_pool, object_feature_maps, pad_masks, padded_soft_masks,
                                          resize_masks)
 from linewatch.detector.segment import ObjectMasks
@@ -149,3 +151,24 @@ def test_padded_soft_masks_equal_pad_masks_of_the_same_objects() -> None:
         assert torch.equal(p_boxes[:, :3], boxes)
         assert not p_valid[:, 3:].any() and not p_soft[:, 3:].any() and not p_boxes[:, 3:].any()
     assert [m.shape[0] for m in objects.per_image()] == [3, 0, 1]
+
+
+def per_object_max_pool(features, masks):
+    """The loop masked_global_max_pool replaced: one (B, C, H, W) product per object."""
+    m = resize_masks(masks, tuple(features.shape[-2:])).to(features.dtype)
+    out = features.new_zeros(features.shape[0], m.shape[1], features.shape[1])
+    for i in range(m.shape[1]):
+        out[:, i] = (features * m[:, i, None]).flatten(2).amax(dim=2)
+    return out
+
+
+@pytest.mark.parametrize("budget", [1, 2 * 6 * 8 * 8, 10**9])  # one object per group, two per group, all at once
+def test_gmp_in_groups_equals_one_object_at_a_time(monkeypatch, budget):
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(2, 6, 8, 8, generator=g)
+    m = torch.rand(2, 5, 16, 16, generator=g)  # soft masks, resized to 8 x 8
+    m[1, 3] = 0.0
+    monkeypatch.setattr(describe, "POOL_ELEMENTS", budget)
+    got = masked_global_max_pool(f, m)
+    assert torch.equal(got, per_object_max_pool(f, m))  # the same products and maxima, bit for bit
+    assert masked_global_max_pool(f, m[:, :0]).shape == (2, 0, 6)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from linewatch.detector.upsample import ClassicJointBilateralUpsampler, JBUStack, load_featup_jbu
+from linewatch.detector import upsample
+from linewatch.detector.upsample import ClassicJointBilateralUpsampler, JBUStack, JBUStage, load_featup_jbu
 from linewatch.detector.weights import WeightsError
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -110,6 +111,57 @@ def test_jbu_stack_matches_naive_reference(tmp_path, use_norm, num_stages):
     # the comparison is not vacuous: the result is far from plain bicubic upsampling
     plain = F.interpolate(feats, (side, side), mode="bicubic", align_corners=False)
     assert (ref - plain).abs().max() > 1e-1
+
+
+def loop_stage(stage: JBUStage, source: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """JBUStage.forward as it was before its windows became matrix products: both the range
+    logits and the weighted sum loop over the 49 offsets, one op each."""
+    _, _, h, w = guidance.shape
+    r, d = stage.radius, stage.diameter
+    keys = stage.range_proj(guidance)
+    keys_p = F.pad(keys, [r] * 4, mode="reflect").permute(0, 2, 3, 1)
+    keys_l = keys.permute(0, 2, 3, 1)
+    logits = torch.stack([(keys_p[:, i:i + h, j:j + w] * keys_l).sum(-1) for i in range(d) for j in range(d)], dim=1)
+    range_k = torch.softmax(stage.range_temp.exp().clamp(1e-4, 1e4) * logits, dim=1)
+    combined = range_k * stage.spatial_kernel().view(1, -1, 1, 1)
+    combined = combined / combined.sum(1, keepdim=True).clamp(min=1e-7)
+    weights = combined + 0.1 * stage.fixup_proj(torch.cat([combined, guidance], dim=1))
+    hr = F.interpolate(source, size=(h, w), mode="bicubic", align_corners=False)
+    hr_p = F.pad(hr, [r] * 4, mode="reflect").permute(0, 2, 3, 1)
+    weights_l = weights.permute(0, 2, 3, 1)
+    out = hr.new_zeros(hr.shape[0], h, w, hr.shape[1])
+    for i in range(d):
+        for j in range(d):
+            out.addcmul_(hr_p[:, i:i + h, j:j + w], weights_l[..., i * d + j:i * d + j + 1])
+    return out.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("budget", [1, 5 * 10 * 49 * 32, 10**9])  # a band per row, bands of a few rows, one band
+def test_jbu_stage_in_bands_equals_the_loop_over_offsets(tmp_path, monkeypatch, budget):
+    torch.save({"state_dict": featup_state(5, use_norm=False, seed=2)}, tmp_path / "jbu.ckpt")
+    stage = load_featup_jbu(tmp_path / "jbu.ckpt", 5, num_stages=1, use_norm=False).stages[0]
+    gen = torch.Generator().manual_seed(5)
+    source = torch.randn(1, 5, 5, 5, generator=gen)
+    guidance = torch.randn(1, 3, 10, 10, generator=gen)
+    monkeypatch.setattr(upsample, "WINDOW_ELEMENTS", budget)
+    with torch.no_grad():
+        out, ref = stage(source, guidance), loop_stage(stage, source, guidance)
+    assert out.shape == ref.shape == (1, 5, 10, 10)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # the same sums, in another order
+
+
+def test_windows_are_row_major_offsets():
+    """windows() of a map whose value is its own (row, column): offset p = i * 3 + j of pixel (y, x)
+    holds (y + i, x + j) of the padded map."""
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), indexing="ij")
+    padded = torch.stack([rows, cols], dim=-1)[None]  # (1, 6, 7, 2): a 4 x 5 map padded by 1
+    win = upsample.windows(padded, 1, 3, 3)  # output rows 1 and 2
+    assert win.shape == (1, 2, 5, 9, 2)
+    for y in range(2):
+        for x in range(5):
+            for i in range(3):
+                for j in range(3):
+                    assert win[0, y, x, i * 3 + j].tolist() == [y + 1 + i, x + j]
 
 
 def test_loader_accepts_plain_and_safetensors_state_dicts(tmp_path):
