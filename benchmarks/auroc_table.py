@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def dataset(root: Path, product: str, seed: int, counts: dict[str, int]) -> Path
     manifest = folder / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("counts") == counts:
         return folder
+    shutil.rmtree(folder, ignore_errors=True)  # images of other counts must not stay behind
     return generate_dataset(root / f"seed{seed}", product, seed=seed, n_train=counts["train"],
                             n_val=counts["validation"], n_test_good=counts["test_good"],
                             n_test_logical=counts["test_logical"], n_test_structural=counts["test_structural"])
