@@ -47,7 +47,7 @@ from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankError, TemplateBank
 from linewatch.detector.calibration import Calibration
 from linewatch.detector.describe import masked_global_max_pool, padded_soft_masks, part_textures
-from linewatch.detector.identity import MIN_SPREAD, identity_distances, slot_spreads
+from linewatch.detector.identity import MIN_SPREAD, identity_descriptors, identity_distances, slot_spreads
 from linewatch.detector.match import match_objects, matching_vectors
 from linewatch.detector.measure import (identity_map, missing_parts, object_maps, object_statuses, part_maps,
                                         read_counts, rows_per_chunk, true_indices, unmatched_reference_parts)
@@ -214,6 +214,7 @@ class Inspector:
         self.shape_mean: Tensor | None = None  # mean outline descriptor of the bank's parts, when outlines are used
         self.patch_index: PatchIndex | None = None  # the bank's patch features, for the patch branch
         self.slot_spreads: Tensor | None = None  # (Z, N) how near each bank part is to its slot's others (identity)
+        self.bank_identities: Tensor | None = None  # (Z, N, D) the bank parts' identity descriptors
         self.slot_floor = 1.0  # the least spread a slot is given (identity)
         self.normalisation: dict | None = None  # each branch's spread on good images (fusion.branch_normalisation)
         self.keep_component_maps = False  # evaluation: results carry each branch's map too
@@ -243,7 +244,10 @@ class Inspector:
                 good_shapes = self.bank.shapes[self.bank.object_valid]
                 self.shape_mean = good_shapes.mean(0) if good_shapes.numel() else None
                 if config.measure.identity_weight > 0:  # linewatch.detector.identity
-                    self.slot_spreads = slot_spreads(self.bank.shapes, self.bank.boxes, self.bank.object_valid)
+                    self.bank_identities = (identity_descriptors(self.bank.shapes, self.bank.masks)
+                                            if config.measure.identity_descriptor == "outline_and_moment"
+                                            else self.bank.shapes)
+                    self.slot_spreads = slot_spreads(self.bank_identities, self.bank.boxes, self.bank.object_valid)
                     spread = self.slot_spreads[self.bank.object_valid & (self.slot_spreads > 0)]
                     self.slot_floor = max(float(spread.median()) * 0.25 if spread.numel() else 1.0, MIN_SPREAD)
             if config.score.source != "objects":
@@ -498,7 +502,10 @@ class Inspector:
         weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
         image_maps = (object_maps * weights[..., None, None] * enc.valid[..., None, None]).sum(1)  # eq. 15
         if self.slot_spreads is not None:  # each part against the good parts of its place (beyond the paper)
-            identity = identity_distances(enc.shapes, enc.boxes, enc.valid, bank.shapes, bank.boxes, bank.object_valid,
+            descriptors = (identity_descriptors(enc.shapes, enc.soft_masks)
+                           if cfg.identity_descriptor == "outline_and_moment" else enc.shapes)
+            identity = identity_distances(descriptors, enc.boxes, enc.valid,
+                                          self.bank_identities, bank.boxes, bank.object_valid,
                                           self.slot_spreads, self.slot_floor, batch.exclude)
             image_maps = image_maps + cfg.identity_weight * identity_map(identity, enc.soft_masks)
         missing_maps, missing = missing_parts(
