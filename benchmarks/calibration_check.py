@@ -9,9 +9,13 @@ interval (a few thousand images cannot pin down 0.1 % closely: 2000 images expec
 
     python benchmarks/calibration_check.py --out /tmp/calcheck --validation 250 --test-good 2000
 
-Prints a table (and writes OUT/calibration_check.json): target, method, threshold, the CI,
-observed rejects / images, the observed rate's interval, and whether the observed rate lies in
-the CI. The images are generated into OUT once (seeded) and reused by later runs.
+Prints a table (and writes OUT/calibration_check.json, with every score): target, method, the
+bootstrap CI of the false-reject rate, observed rejects / images, the observed rate's
+Clopper-Pearson interval, whether the observed rate lies in the CI ("in CI", which ignores the
+test set's own binomial noise), and the decision: the central 95 % range of the reject count
+the calibration predicts for that many images (`calibration.rejects_interval`: each bootstrap
+refit's rate drawn binomially over the test images) and whether the observed count lies in it
+("agrees"). The images are generated into OUT once (seeded) and reused by later runs.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from scipy import stats
 
 from linewatch.bank_builder import build_bank, inspect_images, read_folder
 from linewatch.config import load_config
-from linewatch.detector.calibration import calibrate
+from linewatch.detector.calibration import calibrate, rejects_interval
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import build_models
 from linewatch.sim import ALL_PRODUCTS, generate_dataset
@@ -83,11 +87,14 @@ def judge(validation: np.ndarray, test: np.ndarray, targets: list[float], confid
         rejects = int(np.sum(test > cal.threshold))
         low, high = clopper_pearson(rejects, len(test))
         observed = rejects / len(test)
+        expected_low, expected_high = rejects_interval(cal, len(test))
         rows.append({"target": target, "method": cal.method, "threshold": cal.threshold, "enough": cal.enough,
                      "expected": cal.expected_false_reject_rate, "ci_low": cal.ci_low, "ci_high": cal.ci_high,
                      "rejects": rejects, "images": len(test), "observed": observed,
                      "observed_low": low, "observed_high": high,
                      "in_ci": bool(cal.ci_low <= observed <= cal.ci_high),
+                     "expected_rejects_low": expected_low, "expected_rejects_high": expected_high,
+                     "agrees": bool(expected_low <= rejects <= expected_high),
                      "intervals_overlap": bool(low <= cal.ci_high and cal.ci_low <= high)})
     return rows
 
@@ -96,7 +103,8 @@ def print_rows(product: str, rows: list[dict]) -> None:
     for r in rows:
         print(f"{product:13s} {r['target']:6.2%} {r['method']:13s} {r['ci_low']:7.2%} .. {r['ci_high']:6.2%} "
               f"{r['rejects']:4d}/{r['images']:<5d} {r['observed']:5.2%} {r['observed_low']:7.2%} .. "
-              f"{r['observed_high']:6.2%} {'yes' if r['in_ci'] else 'NO'}", flush=True)
+              f"{r['observed_high']:6.2%} {'yes' if r['in_ci'] else 'NO':3s} {r['expected_rejects_low']:4d} .. "
+              f"{r['expected_rejects_high']:<4d} {'yes' if r['agrees'] else 'NO'}", flush=True)
 
 
 def main() -> None:
@@ -126,7 +134,7 @@ def main() -> None:
           f"{report.get('validation', args.validation)} validation / {report.get('test_good', args.test_good)} test "
           f"good images per product, {args.size} px")
     print(f"{'product':13s} {'target':>6s} {'method':13s} {'bootstrap CI':>17s} {'observed':>14s} "
-          f"{'its 95% interval':>17s} in CI")
+          f"{'its 95% interval':>17s} in CI {'predicted':>10s} agrees")
     for product in args.products:
         if args.rescore:
             result = report["products"][product]

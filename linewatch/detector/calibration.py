@@ -52,7 +52,7 @@ import numpy as np
 from scipy import special, stats
 
 __all__ = [
-    "Calibration", "calibrate", "choose_method", "required_good_images", "fit_gpd",
+    "Calibration", "calibrate", "rejects_interval", "choose_method", "required_good_images", "fit_gpd",
     "TAIL_FRACTION", "MIN_TAIL_SCORES", "MIN_EXPECTED_EXCEEDANCES", "BOOTSTRAP_RESAMPLES", "MIN_SCORES",
 ]
 
@@ -280,6 +280,15 @@ def _bootstrap_rates(method: str, x: np.ndarray, threshold: float, resamples: in
     rng = np.random.default_rng(seed)
     n = len(x)
     xb = np.sort(x[rng.integers(0, n, (resamples, n))], axis=1)
+    if method == "gpd-tail":
+        # a resample of the scores cannot hold a score beyond the largest one, so its tail is
+        # never heavier than the sample's: the resampled scores above u are drawn from the GPD
+        # fitted to the scores instead (the body, u and the count above it stay resampled)
+        fit = _Fits(method, x[None, :])
+        u = float(fit.u[0])
+        tail = u + stats.genpareto.rvs(float(fit.dist.args[0][0]), scale=float(fit.dist.kwds["scale"][0]),
+                                       size=xb.shape, random_state=rng)
+        xb = np.sort(np.where(xb > u, tail, xb), axis=1)
     rates = np.mean(xb > threshold, axis=1)  # a resample with nothing to fit: what it shows
     # something to fit: scores not all equal (for the tail fit: the top scores not all equal)
     rows = np.nonzero(xb[:, -1] > xb[:, n - _tail_size(n) if method == "gpd-tail" else 0])[0]
@@ -291,6 +300,23 @@ def _bootstrap_rates(method: str, x: np.ndarray, threshold: float, resamples: in
             chosen = rows[choice == i]
             rates[chosen] = _Fits(FAMILY_NAMES[i], xb[chosen]).sf(threshold)
     return rates
+
+
+def rejects_interval(calibration: Calibration, images: int, confidence: float | None = None,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[int, int]:
+    """How many of `images` further good images may score above the calibration's threshold:
+    the central `confidence` range (default the calibration's) of the count, each bootstrap
+    refit's rate (as `calibrate`'s interval) drawn binomially over `images` (their mixture).
+    An observed count outside it disagrees with the calibration beyond both the fit's doubt and
+    the test set's own binomial noise; the interval of the rate alone ignores the latter."""
+    confidence = calibration.confidence if confidence is None else confidence
+    x = np.asarray(calibration.scores, dtype=np.float64)
+    rates = _bootstrap_rates(calibration.method, x, calibration.threshold, resamples, seed)
+    cdf = stats.binom.cdf(np.arange(images + 1)[None, :], images, np.clip(rates, 0.0, 1.0)[:, None]).mean(0)
+    alpha = 1.0 - confidence
+    low = int(np.searchsorted(cdf, alpha / 2))  # the smallest count with P(count <= it) >= alpha / 2
+    high = int(np.searchsorted(cdf, 1.0 - alpha / 2 - 1e-12))
+    return low, min(high, images)
 
 
 def calibrate(scores, target: float, confidence: float = 0.95,
