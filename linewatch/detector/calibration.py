@@ -29,7 +29,12 @@ Expected false-reject rate and confidence interval: percentile bootstrap. The sc
 resampled with replacement BOOTSTRAP_RESAMPLES times (seeded: the same scores always give the
 same numbers), each resample is fitted again by the same method (a whole-sample family is
 chosen again per resample, so the doubt about the family widens the interval), and each refit's
-P(score > t) is read off at the chosen t. The expected rate is their mean (it differs from
+P(score > t) is read off at the chosen t. For the tail fit, a resample's scores above u are
+drawn from the GPD fitted to the scores rather than resampled: a resample of the scores holds
+nothing beyond their largest, so its tail is never heavier than the sample's, and at low targets
+(t beyond nearly every score) the interval then missed the true rate on the high side far more
+often than its level allows (tests/detector/test_calibration.py). `rejects_interval` turns the
+same refits into the number of further good images expected above t, with their binomial noise. The expected rate is their mean (it differs from
 the target when the fit is uncertain), the interval their central `confidence` range. The interval is too narrow on the high side: in
 tests/detector/test_calibration.py (100 draws per case) the true rate lay above a 95 %
 interval in 4-11 % of the draws with enough scores and in up to 23 % with too few, below it
