@@ -11,7 +11,7 @@ image of the simulator does not change when the counts change), every product ju
 same code as `linewatch eval` (`linewatch.eval.runner.run_detector`: bank from train/good,
 calibrated on validation/good, then every test image; the AUROC of the scores as the official
 maps carry them), with the config (default configs/demo.yaml, the weights-free classic backend)
-changed only in the setting compared. Each result is appended to OUT/results.jsonl as it ends
+changed only in the setting compared. Each result is appended to OUT/results_SETTING.jsonl as it ends
 (a later run skips what is there), with every test image's branch scores. At the end the
 tables are printed in markdown: per seed, the mean over the seeds (lowest seed in brackets),
 and the cases where a value fell by more than --tolerance.
