@@ -146,6 +146,10 @@ class MeasureConfig(_Section):
     identity_weight: float = Field(4.0, ge=0, description="weights-free backend: weight in the object map of each "
                                    "part's outline distance to the nearest good part of its place in the bank, beyond "
                                    "twice how near that place's good parts are to each other (0: off)")
+    identity_descriptor: Literal["outline", "outline_and_moment"] = Field(
+        "outline", description="weights-free backend: what part identity compares: the outline descriptor (the "
+        "part's mask at its box, 4 x 4 cells), or that joined with the mask in its own moment frame "
+        "('outline_and_moment': centroid, slant sheared away, each axis scaled to its spread; 8 x 8 cells)")
 
 
 class ScoreConfig(_Section):

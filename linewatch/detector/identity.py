@@ -5,8 +5,14 @@ good parts vary naturally (a handwritten or printed character: another writer, s
 width), k references are too few to know that variation, and a part that is another character
 looks no stranger than a good one written by another hand. The bank, though, holds every good
 image's part of each place (its *slot*). So each query part is compared by its outline
-descriptor (`linewatch.detector.shape`) with all the good parts of its slot, and scored by the
-distance to the nearest one, in units of how near the slot's good parts are to each other:
+descriptor with all the good parts of its slot, and scored by the distance to the nearest one,
+in units of how near the slot's good parts are to each other:
+
+    identity descriptor      `identity_descriptors`: the part's outline descriptor (its mask
+                             cropped at its box, 4 x 4 cells) joined with the same mask in its
+                             own moment frame (centred on its centroid, its slant sheared away,
+                             each axis scaled to the mask's spread along it), 8 x 8 cells of
+                             gradient magnitude and soft orientation (`moment_descriptors`)
 
     slot of a query part q   the bank parts whose box centre lies within SLOT_REACH times q's
                              longer box side of q's box centre (in any good image but the
@@ -24,8 +30,13 @@ host synchronisation.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from linewatch.detector.backbone import ClassicFeatures, oriented_gradients
 
 SLOT_REACH = 0.5  # a slot: box centres closer than this times the query part's longer box side
 # The least spread a slot is given, in outline-descriptor distance (unit vectors): half of what a
@@ -34,6 +45,84 @@ SLOT_REACH = 0.5  # a slot: box centres closer than this times the query part's 
 # parts are near-identical, that jitter stays below twice the spread (`measure.IDENTITY_MARGIN`),
 # while another shape (above 0.5 there) is far beyond it.
 MIN_SPREAD = 0.125
+
+# The identity descriptor (`identity_descriptors`): a handwritten or printed character varies in
+# slant, width and size from part to part; the moment frame takes those away before the outline
+# is compared, as handwriting recognisers deskew and size-normalise a character (the moments
+# do not undo a mirror image or a quarter turn).
+CROP = 32  # side of the part in its moment frame, pixels
+CELL = 4  # cell side, pixels: 8 x 8 cells
+FRAME_REACH = 2.5  # the frame spans +- this many standard deviations of the mask along each axis
+MIN_AXIS_SPREAD = 1.0  # mask pixels: the least standard deviation an axis is given (a thin line)
+MOMENT_DIM = (CROP // CELL) ** 2 * 5
+
+
+def moment_frames(masks: Tensor) -> Tensor:
+    """(K, H, W) masks in [0, 1] -> (K, CROP, CROP): each mask resampled (bilinear) in its own
+    moment frame: centred on its centroid, sheared along x so that x and y are uncorrelated
+    (a slant taken away), each axis spanning +- FRAME_REACH of the mask's standard deviation
+    along it. An empty mask gives zeros."""
+    k, h, w = masks.shape
+    m = masks.float()
+    ys = torch.arange(h, device=m.device, dtype=m.dtype)[:, None]
+    xs = torch.arange(w, device=m.device, dtype=m.dtype)[None, :]
+    mass = m.sum((1, 2))
+    total = mass.clamp_min(1e-6)
+    cx = (m * xs).sum((1, 2)) / total
+    cy = (m * ys).sum((1, 2)) / total
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    mu20 = (m * dx * dx).sum((1, 2)) / total
+    mu02 = (m * dy * dy).sum((1, 2)) / total
+    mu11 = (m * dx * dy).sum((1, 2)) / total
+    sy = mu02.clamp_min(MIN_AXIS_SPREAD ** 2).sqrt()
+    shear = mu11 / sy ** 2  # x - shear * (y - cy) is uncorrelated with y
+    sx = (mu20 - shear * mu11).clamp_min(MIN_AXIS_SPREAD ** 2).sqrt()
+    # output (u, v) in [-1, 1] -> input pixel x = cx + R sx u + shear R sy v, y = cy + R sy v,
+    # in grid_sample's normalised coordinates (align_corners=False: (2 x + 1) / w - 1)
+    theta = torch.zeros(k, 2, 3, device=m.device, dtype=m.dtype)
+    theta[:, 0, 0] = 2 * FRAME_REACH * sx / w
+    theta[:, 0, 1] = 2 * FRAME_REACH * shear * sy / w
+    theta[:, 0, 2] = (2 * cx + 1) / w - 1
+    theta[:, 1, 1] = 2 * FRAME_REACH * sy / h
+    theta[:, 1, 2] = (2 * cy + 1) / h - 1
+    grid = F.affine_grid(theta, [k, 1, CROP, CROP], align_corners=False)
+    frames = F.grid_sample(m[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    return frames * (mass > 0).to(m.dtype)[:, None, None]
+
+
+def moment_descriptors(masks: Tensor) -> Tensor:
+    """(B, M, H, W) part masks (soft or bool, empty for padding) -> (B, M, MOMENT_DIM) unit
+    vectors (zeros for an empty mask): the mask in its moment frame (`moment_frames`), 8 x 8
+    cells of gradient magnitude and soft orientation (the classic backbone's channels, as the
+    outline descriptor of `linewatch.detector.shape`). Invariant to where the part lies, its
+    size, width and slant; not to another shape, a mirror image or a quarter turn."""
+    b, m = masks.shape[:2]
+    if b * m == 0:
+        return masks.new_zeros(b, m, MOMENT_DIM, dtype=torch.float32)
+    frames = moment_frames(masks.reshape(b * m, *masks.shape[-2:]))
+    _, gx, gy, _ = ClassicFeatures.blur_and_gradients(frames[:, None])
+    cells = F.avg_pool2d(oriented_gradients(gx, gy), CELL)  # (B*M, 5, 8, 8)
+    present = (masks.flatten(2).amax(2) > 0).reshape(b * m, 1).float()  # an empty mask: zeros, not its gradients' eps
+    return (F.normalize(cells.flatten(1), dim=1, eps=1e-12) * present).reshape(b, m, MOMENT_DIM)
+
+
+def part_identities(outlines: Tensor, masks: Tensor, descriptor: str) -> Tensor:
+    """What identity compares, per `measure.identity_descriptor`: "outline", the outline
+    descriptors themselves; "outline_and_moment", `identity_descriptors`."""
+    return identity_descriptors(outlines, masks) if descriptor == "outline_and_moment" else outlines
+
+
+def identity_descriptors(outlines: Tensor, masks: Tensor, images_per_chunk: int = 16) -> Tensor:
+    """The identity descriptor of every part: its outline descriptor (B, M, D_o) (unit vectors,
+    `linewatch.detector.shape`) joined with `moment_descriptors` of its mask (B, M, H, W) (soft,
+    bool or half), each weighted 1/sqrt(2) -> (B, M, D_o + MOMENT_DIM) unit vectors (zeros for
+    padding). The box frame keeps a part's aspect (a long screw is not a short one); the moment
+    frame takes away what a writer varies (slant, width). A few images at a time: a bank's
+    masks as floats all at once would be its masks times 2 or 4."""
+    moments = [moment_descriptors(masks[i:i + images_per_chunk].float())
+               for i in range(0, masks.shape[0], images_per_chunk)]
+    moment = torch.cat(moments) if moments else outlines.new_zeros(0, masks.shape[1], MOMENT_DIM)
+    return torch.cat([outlines.float(), moment], dim=-1) / math.sqrt(2.0)
 
 
 def box_centres(boxes: Tensor) -> Tensor:

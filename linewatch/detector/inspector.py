@@ -45,7 +45,7 @@ from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankError, TemplateBank, image_problem
 from linewatch.detector.calibration import Calibration
 from linewatch.detector.describe import masked_global_max_pool, padded_soft_masks, part_textures
-from linewatch.detector.identity import identity_distances, slot_floor, slot_spreads
+from linewatch.detector.identity import identity_distances, part_identities, slot_floor, slot_spreads
 from linewatch.detector.match import match_objects, matching_vectors
 from linewatch.detector.measure import noise_floor, object_branch, part_maps
 from linewatch.detector.models import Models
@@ -211,6 +211,7 @@ class Inspector:
         self.shape_mean: Tensor | None = None  # mean outline descriptor of the bank's parts, when outlines are used
         self.patch_index: PatchIndex | None = None  # the bank's patch features, for the patch branch
         self.slot_spreads: Tensor | None = None  # (Z, N) how near each bank part is to its slot's others (identity)
+        self.bank_identities: Tensor | None = None  # (Z, N, D) the bank parts' identity descriptors
         self.slot_floor = 1.0  # the least spread a slot is given (identity)
         self.normalisation: dict | None = None  # each branch's spread on good images (fusion.branch_normalisation)
         self.keep_component_maps = False  # evaluation: results carry each branch's map too
@@ -229,7 +230,9 @@ class Inspector:
                 good_shapes = self.bank.shapes[self.bank.object_valid]
                 self.shape_mean = good_shapes.mean(0) if good_shapes.numel() else None
                 if config.measure.identity_weight > 0:  # linewatch.detector.identity
-                    self.slot_spreads = slot_spreads(self.bank.shapes, self.bank.boxes, self.bank.object_valid)
+                    self.bank_identities = part_identities(self.bank.shapes, self.bank.masks,
+                                                           config.measure.identity_descriptor)
+                    self.slot_spreads = slot_spreads(self.bank_identities, self.bank.boxes, self.bank.object_valid)
                     self.slot_floor = slot_floor(self.slot_spreads, self.bank.object_valid)
             if config.score.source != "objects":
                 self.patch_index = PatchIndex(local_patch_features(self._backbone_maps(self.bank.retrieval)),
@@ -453,7 +456,9 @@ class Inspector:
         enc, bank, cfg = batch.encoded, self.bank, self.config
         identity = None
         if self.slot_spreads is not None:  # each part against the good parts of its place (beyond the paper)
-            identity = identity_distances(enc.shapes, enc.boxes, enc.valid, bank.shapes, bank.boxes, bank.object_valid,
+            descriptors = part_identities(enc.shapes, enc.soft_masks, cfg.measure.identity_descriptor)
+            identity = identity_distances(descriptors, enc.boxes, enc.valid,
+                                          self.bank_identities, bank.boxes, bank.object_valid,
                                           self.slot_spreads, self.slot_floor, batch.exclude)
         objects = object_branch(enc.upsampled, enc.soft_masks, enc.valid, batch.references, batch.match, bank,
                                 cfg.measure, self.noise_floor, self._chunk_floats, identity)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from linewatch.detector.identity import identity_distances, slot_members, slot_spreads
+from linewatch.detector.identity import (CROP, FRAME_REACH, MOMENT_DIM, identity_descriptors, identity_distances,
+                                         moment_descriptors, moment_frames, slot_members, slot_spreads)
 from linewatch.detector.measure import IDENTITY_MARGIN, identity_map
 from linewatch.detector.shape import outline_descriptors, part_crops
 from linewatch.sim.generator import DRAWERS, Part
@@ -118,3 +119,74 @@ def test_another_writer_is_near_the_slot_another_character_is_far(good, wrong):
     assert np.median(goods) < 1.6, goods
     assert min(wrongs) > np.median(goods), (goods, wrongs)
     assert np.median(wrongs) > 1.5 * np.median(goods), (goods, wrongs)
+
+
+# ---------------------------------------------------------------------------- the moment frame
+
+def _polygon_mask(points, size: int = 96) -> torch.Tensor:
+    import cv2
+
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(mask, [np.round(np.asarray(points) * 8).astype(np.int32)], 1, shift=3)
+    return torch.from_numpy(mask.astype(bool))
+
+
+# an F in a unit box (x right, y down)
+_F = [(0, 0), (1, 0), (1, 0.2), (0.3, 0.2), (0.3, 0.45), (0.8, 0.45), (0.8, 0.65), (0.3, 0.65), (0.3, 1), (0, 1)]
+
+
+def _written(points, cx=48.0, cy=48.0, height=40.0, width=1.0, slant=0.0, mirror=False):
+    """The glyph as a hand writes it: `width` times as wide, x += slant * (cy - y) (leaning right)."""
+    out = []
+    for x, y in points:
+        x, y = (x - 0.5) * (-1.0 if mirror else 1.0) * width * height * 0.6, (y - 0.5) * height
+        out.append((cx + x - slant * y, cy + y))
+    return out
+
+
+def test_moment_frame_of_a_centred_square_is_the_square_at_its_spread():
+    # a 21 x 21 square: x and y each uniform over 21 pixels, standard deviation sqrt((21^2 - 1) / 12)
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 22:43, 22:43] = 1.0
+    frame = moment_frames(mask)[0]
+    sd = math.sqrt((21**2 - 1) / 12)
+    half = 10.5 / (FRAME_REACH * sd) * CROP / 2  # the square's half side in frame pixels
+    inside = frame[CROP // 2 - int(half) + 1: CROP // 2 + int(half) - 1, CROP // 2 - int(half) + 1: CROP // 2 + int(half) - 1]
+    assert torch.all(inside > 0.99)
+    assert frame.sum().item() == pytest.approx((2 * half) ** 2, rel=0.08)
+    assert torch.equal(moment_frames(torch.zeros(2, 64, 64)), torch.zeros(2, CROP, CROP))  # empty: zeros
+
+
+def test_moment_descriptor_takes_away_slant_width_and_place_but_not_a_mirror_image():
+    base = moment_descriptors(_polygon_mask(_written(_F))[None, None].float())[0, 0]
+    varied = [_written(_F, slant=0.2), _written(_F, width=1.2), _written(_F, cx=40.3, cy=52.6, height=36.0),
+              _written(_F, slant=-0.2, width=0.85)]
+    worst_same = max(float((moment_descriptors(_polygon_mask(v)[None, None].float())[0, 0] - base).norm())
+                     for v in varied)
+    mirrored = moment_descriptors(_polygon_mask(_written(_F, mirror=True))[None, None].float())[0, 0]
+    base_outline = outline_descriptors(part_crops([_polygon_mask(_written(_F))[None]], _box(_written(_F))))[0]
+    outline_worst = max(float((outline_descriptors(part_crops([_polygon_mask(v)[None]], _box(v)))[0]
+                               - base_outline).norm()) for v in varied)
+    # measured: the varied F within 0.09 of the upright one, its mirror image 0.88 away; the box
+    # frame's outline descriptor moves by up to 0.51 for the same variations
+    assert worst_same < 0.12
+    assert float((mirrored - base).norm()) > 5 * worst_same
+    assert outline_worst > 3 * worst_same
+
+
+def _box(points) -> torch.Tensor:
+    ys, xs = torch.nonzero(_polygon_mask(points), as_tuple=True)
+    return torch.tensor([[[xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]]]).float()
+
+
+def test_identity_descriptors_join_the_outline_and_the_moment_frame_as_unit_vectors():
+    masks = torch.zeros(2, 2, 96, 96)
+    masks[0, 0] = _polygon_mask(_written(_F)).float()
+    masks[1, 0] = _polygon_mask(_written(_F, mirror=True)).float()
+    outlines = torch.zeros(2, 2, 80)
+    outlines[:, 0, 0] = 1.0  # any unit vectors
+    joined = identity_descriptors(outlines, masks.half(), images_per_chunk=1)
+    assert joined.shape == (2, 2, 80 + MOMENT_DIM)
+    assert torch.allclose(joined[:, 0].norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.equal(joined[:, 1], torch.zeros(2, 80 + MOMENT_DIM))  # padding
+    assert torch.allclose(joined[:, 0, :80], outlines[:, 0] / math.sqrt(2.0))
