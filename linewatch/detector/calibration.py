@@ -34,8 +34,9 @@ drawn from the GPD fitted to the scores rather than resampled: a resample of the
 nothing beyond their largest, so its tail is never heavier than the sample's, and at low targets
 (t beyond nearly every score) the interval then missed the true rate on the high side far more
 often than its level allows (tests/detector/test_calibration.py). `rejects_interval` turns the
-same refits into the number of further good images expected above t, with their binomial noise. The expected rate is their mean (it differs from
-the target when the fit is uncertain), the interval their central `confidence` range. The interval is too narrow on the high side: in
+same refits into the number of further good images expected above t, with their binomial noise.
+The expected rate is their mean (it differs from the target when the fit is uncertain), the
+interval their central `confidence` range. The interval is too narrow on the high side: in
 tests/detector/test_calibration.py (100 draws per case) the true rate lay above a 95 %
 interval in 4-11 % of the draws with enough scores and in up to 23 % with too few, below it
 in at most 4 % (docs/detector.md#calibration has the numbers).
