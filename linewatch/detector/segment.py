@@ -26,7 +26,6 @@ Their settings come from the config (`linewatch.config`), the only place their d
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -388,14 +387,29 @@ def build_sam_segmenter(
     return SamSegmenter(model, area_filter, settings, model_name=name)
 
 
-def build_tiny_sam(seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised SAM with a 1-block, 32-channel encoder (input still 1024).
-    For CPU tests of the plumbing only: its masks mean nothing."""
-    build = importlib.import_module("segment_anything.build_sam")  # the package re-exports a function of that name
+def build_tiny_sam(seed: int = 0, dim: int = 32) -> torch.nn.Module:
+    """A randomly initialised SAM with a 1-block, 32-channel encoder (input still 1024) and a
+    `dim`-channel prompt encoder and mask decoder (SAM's: 256; its decoder's MLP and heads scaled
+    down with it). For CPU tests of the plumbing only: its masks mean nothing."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    side, patch = 1024, 16
     torch.manual_seed(seed)
-    return build._build_sam(
-        encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=1, encoder_global_attn_indexes=[0], checkpoint=None
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=1, embed_dim=32, img_size=side, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=1, patch_size=patch, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[0],
+            window_size=14, out_chans=dim),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(side // patch, side // patch),
+                                     input_image_size=(side, side), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=8 * dim, num_heads=max(1, dim // 32))),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
     )
+    return sam.eval()
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from linewatch.detector.segment import build_tiny_sam
 
 @pytest.fixture(scope="module")
 def sam():
-    return build_tiny_sam(0).eval()
+    return build_tiny_sam(0, dim=256).eval()  # SAM's decoder width
 
 
 def decoder_inputs(sam, n: int = 5):

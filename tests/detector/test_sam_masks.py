@@ -9,10 +9,13 @@ higher on average at offset 0.05). A trained SAM's logits are much smoother. Wit
 kernels the logits follow the coloured objects of the crafted scenes and low-res and full-res
 measurements agree closely.
 
-The tiny model's logits lie within about +-0.2, hence the small stability offset. The thresholds
-(THRESHOLDS) were chosen for these scenes so that every filter rejects something and no decision
-sits near a threshold: test_decision_margins measures how far every candidate is from them, at low
-resolution (this module's filters) and at full resolution (SAM's).
+build_tiny_sam's prompt encoder and decoder are 32 channels wide (SAM's: 256; decoding 36 prompts
+of one image took 1.3 s of CPU instead of 6.5 s); the thresholds below were chosen for it. Its logits
+lie within about +-0.1 on these scenes, hence the small stability offset. SEED and the thresholds
+(THRESHOLDS) were chosen, by a search over seeds and thresholds, so that every filter rejects
+something and no decision sits near a threshold: test_decision_margins measures how far every
+candidate is from them, at low resolution (this module's filters) and at full resolution (SAM's):
+at least 0.055 in stability and 0.47 in box IoU with these settings.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from linewatch.detector.sam_masks import (
 )
 from linewatch.detector.segment import build_tiny_sam
 
-SEED = 0
-THRESHOLDS = dict(pred_iou_thresh=0.05, stability_score_thresh=0.55, stability_score_offset=0.01, box_nms_thresh=0.7)
+SEED = 8
+THRESHOLDS = dict(pred_iou_thresh=0.07, stability_score_thresh=0.68, stability_score_offset=0.005, box_nms_thresh=0.51)
 GRID = 6  # points per side in the comparison with SAM
 MARGIN = 0.05  # every stability / box-IoU decision is at least this far from its threshold
 SMALL_GRID = 3  # points per side in the tests of batching and options
@@ -189,7 +192,7 @@ def test_decode_masks_equals_mask_decoder() -> None:
     sam = build_tiny_sam(0).eval()  # the unmodified random model
     gen = BatchedMaskGenerator(sam)
     torch.manual_seed(1)
-    embeddings = torch.randn(2, 256, 64, 64)
+    embeddings = torch.randn(2, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
     points = torch.rand(7, 2, dtype=torch.float64) * 1024
     image_index = torch.tensor([0, 1, 1, 0, 1, 0, 0])
     with torch.inference_mode():
@@ -332,10 +335,10 @@ def test_decision_margins(name, images, ours) -> None:
 
 def test_full_res_filters_match_sam_where_low_res_ones_do_not(sam, images) -> None:
     """filter_at_full_res measures stability and boxes as SAM does, so it decides as SAM does even at
-    a stability threshold that cuts through a cluster of candidates (0.199, 0.199 and 0.206 at full
-    resolution; all three about 0.208 at low resolution), where the default filter keeps one more mask."""
+    a stability threshold that cuts through a cluster of candidates (0.059, 0.063 and 0.066 at full
+    resolution; 0.066 to 0.070 at low resolution), where the default filter keeps one more mask."""
     image = images["wide"]
-    thresholds = dict(pred_iou_thresh=0.0, stability_score_thresh=0.203, stability_score_offset=0.01, box_nms_thresh=0.9)
+    thresholds = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0645, stability_score_offset=0.005, box_nms_thresh=0.9)
     amg = SamAutomaticMaskGenerator(
         sam, points_per_side=SMALL_GRID, crop_n_layers=0, output_mode="binary_mask", **thresholds
     )
@@ -534,7 +537,7 @@ def test_decisions_equal_sam_on_a_16x16_grid_over_a_batch_of_4() -> None:
     side, grid = 128, 16
     thresholds = dict(pred_iou_thresh=0.1, stability_score_thresh=0.6, stability_score_offset=0.05,
                       box_nms_thresh=0.9)
-    sam = _small_side_sam(SEED)
+    sam = _small_side_sam(0)
     images = [_random_scene(side, seed) for seed in range(4)]
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     original_decode = sam_masks.decode_masks
