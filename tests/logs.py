@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -19,3 +21,14 @@ class ListLog:
 
     def named(self, event: str) -> list[dict[str, Any]]:
         return [fields for e, fields in list(self.events) if e == event]
+
+
+def json_lines(path: Path) -> list[dict]:
+    """The JSON records of a process's log file (lines that are not JSON are skipped)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out

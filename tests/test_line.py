@@ -9,7 +9,6 @@ Vision camera (grey test patterns) has its own tests (tests/runtime/test_aravis.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ import cv2
 import pytest
 import yaml
 
+from tests.logs import json_lines
 from tests.serving import Served, of, sim_images
 from tests.waiting import wait_until
 
@@ -31,16 +31,6 @@ PARTS = 6
 DEADLINE_MS = 4000.0  # the daemon's capture->verdict budget
 TRAVEL_MS = 6000.0  # camera -> ejector; longer than the deadline, as `linewatch config check` demands
 REJECT_COIL = 3
-
-
-def json_lines(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def test_camera_to_serve_to_actuate_to_a_modbus_plc(tmp_path: Path, small_bank: Path) -> None:

@@ -16,7 +16,6 @@ PLC answered again the alarm output was raised; every other reject reached the P
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -33,6 +32,7 @@ import yaml
 from linewatch.runtime.transport.camera.aravis import aravis_bindings_problem
 from linewatch.sim import render
 from tests.gige import FAKE_ID, FakeGigECamera
+from tests.logs import json_lines
 from tests.serving import PRODUCT, SIZE, Served, of, scrape
 from tests.waiting import wait_until
 
@@ -45,16 +45,6 @@ TRAVEL_MS = 6000.0  # camera -> ejector: longer than the deadline (`linewatch co
 FRAME_RATE = 5.0
 WAIT_S = 120.0
 REJECT_COIL, ALARM_COIL = 3, 4
-
-
-def json_lines(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def events(path: Path, name: str) -> list[dict]:
