@@ -78,6 +78,8 @@ def test_the_actuator_acks_what_it_decides_and_after_a_restart_gets_what_it_miss
     second.start()
     try:
         assert ch.wait(lambda: ch.ledger.unacked("gate1") == 0, WAIT_S)
+        # acked once handed to the decision thread: its decision may be logged a moment later
+        assert wait_until(lambda: log2.named("reject_decided"), WAIT_S)
         assert [(f["verdict_id"], f["reason"]) for f in log2.named("reject_decided")] == [("run1-4", "fail")]
         assert second.received == 2  # only what it missed
         [welcome] = log2.named("acked_welcome")
