@@ -797,6 +797,9 @@ class AravisSourceConfig(_Section):
     trigger: Literal["free_run", "line"] = Field("free_run", description="free_run: the camera's own rate; line: one "
                                                   "frame per rising edge on trigger_line (the part sensor)")
     trigger_line: str = Field("Line1", min_length=1, description="the hardware trigger input, with trigger: line")
+    lost_after_s: float = Field(5.0, gt=0, le=3600, description="with trigger: free_run, a camera that sends no "
+                                "frame (and no error) this long is lost: closed and opened again with the "
+                                "backoff, like an unplugged one. Keep it above the longest gap between frames")
     part_id: Literal["none", "frame_counter"] = Field(
         "none", description="frame_counter: each frame's part_id is the camera's own frame counter (its GigE Vision "
         "block id, as text): with trigger: line one count per part sensor edge; it starts again when the camera "

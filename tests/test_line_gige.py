@@ -182,7 +182,8 @@ def test_fake_gige_camera_to_serve_to_actuate_to_a_plc(tmp_path: Path, mono_bank
 
         bridge_config = tmp_path / "bridge.yaml"
         bridge_config.write_text(yaml.safe_dump({
-            "aravis": {"width": SIZE, "height": SIZE, "frame_rate": FRAME_RATE, "pixel_format": "Mono8"},
+            "aravis": {"width": SIZE, "height": SIZE, "frame_rate": FRAME_RATE, "pixel_format": "Mono8",
+                       "lost_after_s": 1.0},
             "reconnect": {"initial_s": 0.2, "max_s": 1.0}}))
         with logs["bridge"].open("wb") as out:
             processes["bridge"] = subprocess.Popen(

@@ -163,7 +163,7 @@ def test_a_camera_killed_mid_stream_and_started_again_resumes_without_a_restart(
     sub.bind("tcp://127.0.0.1:0")
     log = tmp_path / "camera.log"
     config = tmp_path / "camera.yaml"
-    config.write_text("reconnect:\n  initial_s: 0.2\n  max_s: 1.0\n")
+    config.write_text("reconnect:\n  initial_s: 0.2\n  max_s: 1.0\naravis:\n  lost_after_s: 1.0\n")
     with log.open("wb") as out:
         bridge = _cli("camera", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--camera", "gige-1",
                       "--endpoint", sub.getsockopt_string(zmq.LAST_ENDPOINT), "--metrics-port", "0", "--mono-to-rgb",
@@ -179,6 +179,7 @@ def test_a_camera_killed_mid_stream_and_started_again_resumes_without_a_restart(
         after = _frames(sub, 10, WAIT_S)
         assert len(after) == 10, log.read_text()[-3000:]
         assert "camera_source_reopened" in log.read_text()
+        assert "no frame for 1 s" in log.read_text()  # aravis.lost_after_s
         ids = [f.frame_id for f in before + after]
         assert ids == sorted(ids) and len(set(ids)) == len(ids), ids  # the wire ids go on, never back
         assert all(f.camera == "gige-1" and f.decoded().shape == (512, 512, 3) for f in before[:2] + after[:2])

@@ -23,7 +23,12 @@ e.g. `aravis:Basler-21234567`) that one. What the source does with each buffer:
   demosaiced by OpenCV (`to_image`); anything else is a SourceError naming the format.
 - **settings** (`aravis:` section of the camera config): region size (width, height), the GigE
   Vision packet size, exposure (µs), gain (dB), frame rate, and the trigger: `free_run`, or
-  `line` (hardware trigger on `trigger_line`, rising edge).
+  `line` (hardware trigger on `trigger_line`, rising edge). A free-running camera that sends
+  nothing for `lost_after_s` is lost (SourceLost): closed and opened again by the bridge.
+- **a lost camera** is not told to stop (the commands would wait out GigE Vision's control
+  timeouts and retries against a camera that is gone) and is released on a thread of its own:
+  Aravis's release of a vanished GigE device takes about 7.5 s of control timeouts (measured on the
+  fake camera), which the bridge need not wait for before it looks for the camera again.
 - **part id** (`part_id: frame_counter`): the camera's own frame counter (the block id, as text),
   so that the PLC's part tracking can match it; with a hardware trigger, one count per trigger.
 """
@@ -44,7 +49,6 @@ INSTALL = ("Debian/Ubuntu: apt-get install gir1.2-aravis-0.8 libgirepository1.0-
            "pip install -e '.[genicam]' (PyGObject) in linewatch's venv")
 BUFFERS = 8  # buffers queued in the stream
 POP_TIMEOUT_US = 100_000  # read() looks for a frame this long, then lets the bridge check its stop flag
-LOST_AFTER_S = 5.0  # no frame and no error this long from a free-running camera: lost
 GEV_ID_WRAP = 1 << 16  # GigE Vision 1.x block ids: 1..65535
 WRAP_SLACK = 4096  # ids lost around a wrap that still count as a wrap, not a restart
 
@@ -131,6 +135,7 @@ class AravisSource(Source):
         self._next_id = 0  # the id the next frame is sent with (wire frame ids grow across reopens)
         self._offset_ns: int | None = None
         self._last_frame_mono = 0.0
+        self._gone = False  # the open camera stopped sending (read raised SourceLost)
         self.clock_offset_s: float | None = None
 
     def open(self) -> None:
@@ -152,7 +157,7 @@ class AravisSource(Source):
             camera.start_acquisition()
         except Exception as e:  # GLib.Error: the camera went away or refused a setting
             raise SourceLost(f"cannot start the camera: {e}") from None
-        self._camera, self._stream = camera, stream
+        self._camera, self._stream, self._gone = camera, stream, False
         self._last_camera_id, self._offset_ns = None, None
         self._last_frame_mono = time.monotonic()
         if self._log is not None:
@@ -186,8 +191,10 @@ class AravisSource(Source):
         self.polls += 1
         buffer = self._stream.timeout_pop_buffer(POP_TIMEOUT_US)
         if buffer is None:
-            if self._settings.trigger == "free_run" and time.monotonic() - self._last_frame_mono > LOST_AFTER_S:
-                raise SourceLost(f"no frame for {LOST_AFTER_S:g} s")
+            lost_after_s = self._settings.lost_after_s
+            if self._settings.trigger == "free_run" and time.monotonic() - self._last_frame_mono > lost_after_s:
+                self._gone = True
+                raise SourceLost(f"no frame for {lost_after_s:g} s")
             return None
         try:
             if buffer.get_status() != self._aravis.BufferStatus.SUCCESS:
@@ -217,11 +224,17 @@ class AravisSource(Source):
         return (camera_ns + self._offset_ns) / 1e9
 
     def close(self) -> None:
-        if self._camera is not None:
-            try:
-                self._camera.stop_acquisition()
-            except Exception:  # noqa: BLE001 - a camera that is gone cannot be stopped
-                pass
+        if self._camera is None:
+            return
+        if self._gone:  # see the module docstring: not stopped, released on a thread of its own
+            held = [self._camera, self._stream]  # this thread keeps no other reference to them
+            self._camera, self._stream = None, None
+            threading.Thread(target=held.clear, name="aravis-release", daemon=True).start()
+            return
+        try:
+            self._camera.stop_acquisition()
+        except Exception:  # noqa: BLE001 - a camera that is gone cannot be stopped
+            pass
         self._camera, self._stream = None, None
 
 
