@@ -166,23 +166,31 @@ def made_once(shared_dir: Path) -> Callable[..., Any]:
     """`made_once(kind, spec, make)`: what `make(folder)` returns (JSON data, or a path in
     `folder`), made on the first call with this `kind` and `spec` (a JSON-able dict, hashed to
     name the folder) and kept for the run: by every test and module, and by every xdist worker
-    (the first takes a file lock and makes it, the others wait and read it)."""
-    from filelock import FileLock
+    (the first takes a file lock and makes it, the others wait and read it). With `wait=False`
+    it returns None instead of waiting while another worker is making it."""
+    from filelock import FileLock, Timeout
 
     memo: dict[str, Any] = {}
 
-    def get(kind: str, spec: dict, make: Callable[[Path], Any]) -> Any:
+    def get(kind: str, spec: dict, make: Callable[[Path], Any], *, wait: bool = True) -> Any:
         key = f"{kind}-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         if key not in memo:
             folder = shared_dir / key
             done = folder / "result.json"
-            with FileLock(str(folder) + ".lock"):
+            lock = FileLock(str(folder) + ".lock")
+            try:
+                lock.acquire(timeout=-1 if wait else 0)
+            except Timeout:
+                return None
+            try:
                 if not done.is_file():
                     shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
                     folder.mkdir()
                     value = make(folder)
                     stored = {"path": str(value)} if isinstance(value, Path) else {"value": value}
                     done.write_text(json.dumps(stored))
+            finally:
+                lock.release()
             stored = json.loads(done.read_text())
             memo[key] = Path(stored["path"]) if "path" in stored else stored["value"]
         return memo[key]

@@ -63,11 +63,12 @@ def product_auroc(product: str, root: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="session")
 def auroc_of(made_once):
-    """`auroc_of(product)`: product_auroc, measured once per run (tests/conftest.py `made_once`):
-    the per-product tests can run in parallel (pytest-xdist) and the mean test reads their figures."""
+    """`auroc_of(product, wait=True)`: product_auroc, measured once per run (tests/conftest.py
+    `made_once`): the per-product tests can run in parallel (pytest-xdist) and the mean test reads
+    their figures. wait=False: None while another worker is measuring it."""
     config = (REPO / "configs" / "demo.yaml").read_text()
-    return lambda product: made_once("auroc", {"product": product, "seed": SEED, "config": config},
-                                     lambda folder: product_auroc(product, folder))
+    return lambda product, wait=True: made_once("auroc", {"product": product, "seed": SEED, "config": config},
+                                                lambda folder: product_auroc(product, folder), wait=wait)
 
 
 @pytest.mark.slow
@@ -80,7 +81,19 @@ def test_image_auroc_of_each_product(auroc_of, product):
 
 @pytest.mark.slow
 def test_image_auroc_on_synthetic_line(auroc_of):
-    auroc = {product: auroc_of(product) for product in ALL_PRODUCTS}
+    # measure (or read) every product no other worker is measuring now; wait only when each one
+    # left is being measured elsewhere
+    found, pending = {}, list(ALL_PRODUCTS)
+    while pending:
+        for product in list(pending):
+            value = auroc_of(product, wait=False)
+            if value is not None:
+                found[product] = value
+                pending.remove(product)
+        if pending:
+            product = pending.pop(0)
+            found[product] = auroc_of(product)
+    auroc = {product: found[product] for product in ALL_PRODUCTS}
     lines = [f"{p:14s} logical {v['logical']:.3f}  structural {v['structural']:.3f}" for p, v in auroc.items()]
     means = {kind: float(np.mean([v[kind] for v in auroc.values()])) for kind in ("logical", "structural")}
     lines.append(f"{'mean':14s} logical {means['logical']:.3f}  structural {means['structural']:.3f}")
