@@ -793,9 +793,11 @@ class AravisSourceConfig(_Section):
                                     "interface: fewer packets per frame, less delay; USB3 Vision cameras: not used")
     exposure_us: float | None = Field(None, gt=0, description="exposure time, microseconds")
     gain_db: float | None = Field(None, ge=0, description="gain, dB")
-    frame_rate: float | None = Field(None, gt=0, description="frames per second (free run)")
-    trigger: Literal["free_run", "line"] = Field("free_run", description="free_run: the camera's own rate; line: one "
-                                                  "frame per rising edge on trigger_line (the part sensor)")
+    frame_rate: float | None = Field(None, gt=0, le=1000, description="frames per second: with trigger: free_run set "
+                                     "on the camera; with trigger: software the rate linewatch camera triggers at")
+    trigger: Literal["free_run", "line", "software"] = Field(
+        "free_run", description="free_run: the camera's own rate; line: one frame per rising edge on trigger_line (the "
+        "part sensor); software: one frame per software trigger, sent by linewatch camera frame_rate times a second")
     trigger_line: str = Field("Line1", min_length=1, description="the hardware trigger input, with trigger: line")
     lost_after_s: float = Field(5.0, gt=0, le=3600, description="with trigger: free_run, a camera that sends no "
                                 "frame (and no error) this long is lost: closed and opened again with the "
@@ -804,6 +806,12 @@ class AravisSourceConfig(_Section):
         "none", description="frame_counter: each frame's part_id is the camera's own frame counter (its GigE Vision "
         "block id, as text): with trigger: line one count per part sensor edge; it starts again when the camera "
         "restarts, and 16-bit ids wrap (65535 -> 1). none: no part_id")
+
+    @model_validator(mode="after")
+    def _software_rate(self) -> "AravisSourceConfig":
+        if self.trigger == "software" and self.frame_rate is None:
+            raise ValueError("trigger: software needs frame_rate (the rate linewatch camera sends software triggers at)")
+        return self
 
 
 class CameraConfig(_Section):

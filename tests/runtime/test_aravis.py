@@ -140,6 +140,33 @@ def test_the_region_packet_size_and_part_id_from_the_config(tmp_path: Path) -> N
         [b["frame_id"] - a["frame_id"] for a, b in zip(frames, frames[1:])], frames
 
 
+@pytest.mark.system
+@needs_bindings
+@needs_fake
+@pytest.mark.usefixtures("fake_camera")
+def test_software_trigger_one_frame_per_trigger(tmp_path: Path) -> None:
+    # in trigger mode the fake camera sends nothing of its own: every frame here answers a trigger
+    config = tmp_path / "camera.yaml"
+    config.write_text("aravis:\n  trigger: software\n  frame_rate: 20\n  part_id: frame_counter\n")
+    proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "4", "--out",
+                str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    opened = [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+    assert opened and opened[0]["trigger_source"] == "Software", out  # read back from the camera
+    frames = json.loads((tmp_path / "out" / "grab.json").read_text())["frames"]
+    assert len(frames) == 4, frames
+    ids = [f["frame_id"] for f in frames]
+    assert ids == sorted(ids) and len(set(ids)) == 4, ids
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("aravis:\n  trigger: software\n")
+    proc = _cli("camera", "grab", "-c", str(bad), "--source", f"aravis:{FAKE_ID}", "--frames", "1", "--out",
+                str(tmp_path / "bad"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "trigger: software needs frame_rate" in out, out
+
+
 def _read(sub: zmq.Socket) -> wire.Frame:
     return wire.read_frame(sub.recv_multipart(), wire.ImageLimits(), time.time(), time.monotonic(), frozenset())
 

@@ -22,9 +22,12 @@ e.g. `aravis:Basler-21234567`) that one. What the source does with each buffer:
   for the daemon's sample window) go grey, RGB8/BGR8 as they are, Bayer RG/GB/GR/BG 8 bit
   demosaiced by OpenCV (`to_image`); anything else is a SourceError naming the format.
 - **settings** (`aravis:` section of the camera config): region size (width, height), the GigE
-  Vision packet size, exposure (µs), gain (dB), frame rate, and the trigger: `free_run`, or
-  `line` (hardware trigger on `trigger_line`, rising edge). A free-running camera that sends
-  nothing for `lost_after_s` is lost (SourceLost): closed and opened again by the bridge.
+  Vision packet size, exposure (µs), gain (dB), frame rate, and the trigger: `free_run`, `line`
+  (hardware trigger on `trigger_line`, rising edge), or `software`: `read` sends GenICam's
+  TriggerSoftware command `frame_rate` times a second, on a schedule of its own (a trigger
+  missed while the host was busy is not made up in a burst). A free-running or software-triggered
+  camera that sends nothing for `lost_after_s` is lost (SourceLost): closed and opened again by
+  the bridge.
 - **a lost camera** is not told to stop (the commands would wait out GigE Vision's control
   timeouts and retries against a camera that is gone) and is released on a thread of its own:
   Aravis's release of a vanished GigE device takes about 7.5 s of control timeouts (measured on the
@@ -136,6 +139,8 @@ class AravisSource(Source):
         self._offset_ns: int | None = None
         self._last_frame_mono = 0.0
         self._gone = False  # the open camera stopped sending (read raised SourceLost)
+        self._next_trigger = 0.0  # trigger: software, when the next trigger is due (monotonic)
+        self.triggers = 0  # software triggers sent
         self.clock_offset_s: float | None = None
 
     def open(self) -> None:
@@ -159,11 +164,12 @@ class AravisSource(Source):
             raise SourceLost(f"cannot start the camera: {e}") from None
         self._camera, self._stream, self._gone = camera, stream, False
         self._last_camera_id, self._offset_ns = None, None
-        self._last_frame_mono = time.monotonic()
+        self._last_frame_mono = self._next_trigger = time.monotonic()
         if self._log is not None:
             self._log.info("camera_genicam_opened", source=self.uri, model=camera.get_model_name(),
                            vendor=camera.get_vendor_name(), pixel_format=camera.get_pixel_format_as_string(),
                            region=list(camera.get_region()),
+                           trigger_source=None if self._settings.trigger == "free_run" else camera.get_trigger_source(),
                            packet_size=camera.gv_get_packet_size() if camera.is_gv_device() else None)
 
     def _apply(self, camera: Any) -> None:
@@ -178,10 +184,12 @@ class AravisSource(Source):
             camera.set_exposure_time(s.exposure_us)
         if s.gain_db is not None:
             camera.set_gain(s.gain_db)
-        if s.frame_rate is not None:
+        if s.frame_rate is not None and s.trigger != "software":  # software: the rate of our triggers
             camera.set_frame_rate(s.frame_rate)
         if s.trigger == "line":
             camera.set_trigger(s.trigger_line)
+        elif s.trigger == "software":
+            camera.set_trigger("Software")
         else:
             camera.clear_triggers()
 
@@ -189,10 +197,13 @@ class AravisSource(Source):
         if self._stream is None:
             raise SourceLost("not open")
         self.polls += 1
-        buffer = self._stream.timeout_pop_buffer(POP_TIMEOUT_US)
+        wait_us = POP_TIMEOUT_US
+        if self._settings.trigger == "software":
+            wait_us = self._trigger_when_due()
+        buffer = self._stream.timeout_pop_buffer(wait_us)
         if buffer is None:
             lost_after_s = self._settings.lost_after_s
-            if self._settings.trigger == "free_run" and time.monotonic() - self._last_frame_mono > lost_after_s:
+            if self._settings.trigger != "line" and time.monotonic() - self._last_frame_mono > lost_after_s:
                 self._gone = True
                 raise SourceLost(f"no frame for {lost_after_s:g} s")
             return None
@@ -212,6 +223,21 @@ class AravisSource(Source):
             return Captured(image, pixel_format, self._next_id - 1, self._capture_ts(buffer), part_id)
         finally:
             self._stream.push_buffer(buffer)
+
+    def _trigger_when_due(self) -> int:
+        """Send the software trigger when it is due; returns how long (µs) to wait for a frame
+        before the next one is due (at most POP_TIMEOUT_US)."""
+        now = time.monotonic()
+        period = 1.0 / self._settings.frame_rate
+        if now >= self._next_trigger:
+            try:
+                self._camera.software_trigger()
+            except Exception as e:  # GLib.Error: the camera went away
+                self._gone = True
+                raise SourceLost(f"cannot send the software trigger: {e}") from None
+            self.triggers += 1
+            self._next_trigger = max(self._next_trigger + period, now)  # late: from now, no burst
+        return max(1, min(POP_TIMEOUT_US, int((self._next_trigger - now) * 1e6)))
 
     def _capture_ts(self, buffer: Any) -> float:
         camera_ns, host_ns = int(buffer.get_timestamp()), int(buffer.get_system_timestamp())
