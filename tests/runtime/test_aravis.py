@@ -144,7 +144,7 @@ def test_the_region_packet_size_and_part_id_from_the_config(tmp_path: Path) -> N
 @needs_bindings
 @needs_fake
 @pytest.mark.usefixtures("fake_camera")
-def test_software_trigger_one_frame_per_trigger(tmp_path: Path) -> None:
+def test_software_trigger_one_frame_per_trigger_and_a_line_trigger_waits_for_its_edge(tmp_path: Path) -> None:
     # in trigger mode the fake camera sends nothing of its own: every frame here answers a trigger
     config = tmp_path / "camera.yaml"
     config.write_text("aravis:\n  trigger: software\n  frame_rate: 20\n  part_id: frame_counter\n")
@@ -165,6 +165,16 @@ def test_software_trigger_one_frame_per_trigger(tmp_path: Path) -> None:
                 str(tmp_path / "bad"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "trigger: software needs frame_rate" in out, out
+
+    # trigger: line on the fake camera's one input: set, read back, and no frame without an edge
+    line_config = tmp_path / "line.yaml"
+    line_config.write_text("aravis:\n  trigger: line\n  trigger_line: Line0\n")
+    proc = _cli("camera", "grab", "-c", str(line_config), "--source", f"aravis:{FAKE_ID}", "--frames", "1", "--timeout", "1",
+                "--out", str(tmp_path / "line"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=60)
+    opened = [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+    assert opened and opened[0]["trigger_source"] == "Line0", out
+    assert proc.returncode == 1 and "got 0 of 1 frames within 1 s" in out, out
 
 
 def _read(sub: zmq.Socket) -> wire.Frame:
