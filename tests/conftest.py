@@ -226,6 +226,15 @@ def mono_bank(sim_bank) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_mono_bank(sim_bank) -> Path:
+    """A mono bank under the demo's detector settings (configs/demo.yaml, `DEMO_DETECTOR`): 12 grey
+    good sim images, calibrated on 6 held-out grey ones (128 px)."""
+    from linewatch.demo import DEMO_DETECTOR
+
+    return sim_bank(DEMO_DETECTOR, seed=3, n_train=12, n_val=6, mono=True)
+
+
+@pytest.fixture(scope="session")
 def second_bank(sim_bank) -> Path:
     """Another good-image subset of the same product, under the same detector settings."""
     return sim_bank(DETECTOR, seed=8, n_train=6, n_val=5)

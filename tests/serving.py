@@ -85,8 +85,9 @@ class Served:
     bound endpoint the daemon connects to as a second ingest endpoint."""
 
     def __init__(self, tmp: Path, bank: Path, deadline_ms: float = 60_000.0, runtime: dict | None = None,
-                 imagezmq_url: str | None = None) -> None:
-        """`runtime`: more sections of `runtime` (e.g. {"mqtt": {...}}), set over the ones below."""
+                 imagezmq_url: str | None = None, detector: dict = DETECTOR) -> None:
+        """`runtime`: more sections of `runtime` (e.g. {"mqtt": {...}}), set over the ones below;
+        `detector`: the detector section (the bank's)."""
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -102,7 +103,7 @@ class Served:
         if imagezmq_url is not None:  # imagezmq's PUB sender binds, so the daemon connects
             endpoints.append({"url": imagezmq_url, "mode": "connect", "protocol": "imagezmq-pubsub"})
         config = {
-            "detector": DETECTOR,
+            "detector": detector,
             "bank": {"path": str(bank)},
             "runtime": {
                 "ingest": {"endpoints": endpoints},

@@ -2,7 +2,8 @@
 
 A fake GigE Vision camera (Aravis's GvFakeCamera, tests/gige.py) shows grey synthetic parts, good
 and with a part missing in turn -> `linewatch camera --source aravis:...` -> `linewatch serve` with
-a mono bank -> the acknowledged verdict channel -> two `linewatch actuate`, one per PLC: a pymodbus
+the demo's detector settings (configs/demo.yaml) and a mono bank built under them from grey good
+images of the same product -> the acknowledged verdict channel -> two `linewatch actuate`, one per PLC: a pymodbus
 server (reject coil) and an asyncua server (reject bit and verdict-id tag), whose writes the test reads.
 
 Mid-stream the camera is killed (SIGKILL) and started again, then both PLCs are stopped and started
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
+from linewatch.demo import DEMO_DETECTOR
 from linewatch.runtime.transport.camera.aravis import aravis_bindings_problem
 from linewatch.sim import render
 from tests.gige import FAKE_ID, FakeGigECamera
@@ -130,7 +132,7 @@ def hello_from(log: str, subscriber: str) -> bool:
     return any("acked_subscriber_hello" in line and subscriber in line for line in log.splitlines())
 
 
-def test_fake_gige_camera_to_serve_to_actuate_to_a_plc(tmp_path: Path, mono_bank: Path) -> None:
+def test_fake_gige_camera_to_serve_to_actuate_to_a_plc(tmp_path: Path, demo_mono_bank: Path) -> None:
     """One line run, two gates: an actuator per PLC kind (Modbus, OPC UA), each its own subscriber
     of the acknowledged channel, both fed by the same camera, serve and outages."""
     for module in ("pymodbus", "asyncua"):
@@ -143,7 +145,7 @@ def test_fake_gige_camera_to_serve_to_actuate_to_a_plc(tmp_path: Path, mono_bank
     for plc in plcs.values():
         plc.start()
     camera = FakeGigECamera(images=parts, log=tmp_path / "fake-camera.log")
-    served = Served(tmp_path, mono_bank, deadline_ms=DEADLINE_MS, runtime={
+    served = Served(tmp_path, demo_mono_bank, detector=DEMO_DETECTOR, deadline_ms=DEADLINE_MS, runtime={
         "acked": {"enabled": True, "url": "tcp://127.0.0.1:0", "subscribers": list(plcs), "budget_ms": TRAVEL_MS}})
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     processes: dict[str, subprocess.Popen] = {}
