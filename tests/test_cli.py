@@ -345,9 +345,10 @@ def test_commands_that_need_no_model_start_without_importing_torch():
     (4 s to import on a small CPU) comes in only with a detector. The verdict sinks' package, which
     `linewatch archive` imports, once pulled it in through the live page's backend labels. The
     modules that find a user's error before the models start (the config check, the good
-    images, a bank's manifest) are as light."""
+    images, a bank's manifest, a dataset's layout) are as light."""
     code = ("import sys, linewatch.cli, linewatch.archive_cli, linewatch.commands, linewatch.runtime.sinks, "
-            "linewatch.config_cli, linewatch.good_images, linewatch.detector.manifest, linewatch.detector.calibration; "
+            "linewatch.config_cli, linewatch.good_images, linewatch.detector.manifest, linewatch.detector.calibration, "
+            "linewatch.eval.dataset; "
             f"print(sorted(set({HEAVY_MODULES!r}) & set(sys.modules)))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -397,9 +398,9 @@ def test_a_user_error_is_reported_without_importing_torch(tmp_path, capsys):
 
 
 def test_errors_in_the_config_folders_and_bank_file_are_told_before_the_models_start(tmp_path, small_bank):
-    """bank build, bank info, inspect, config check and serve find what the config and the file
-    system say is wrong -- a bad key, a folder without images or with too few, a missing,
-    corrupt or unfitting bank -- and say so (exit 2, in the words the full load uses) before
+    """bank build, bank info, inspect, config check, serve and eval find what the config and the
+    file system say is wrong -- a bad key, a folder without images or with too few, a missing,
+    corrupt or unfitting bank, a dataset folder without categories -- and say so (exit 2, in the words the full load uses) before
     torch, the bank builder or the models are imported."""
     from linewatch.detector.manifest import read_manifest
     from linewatch.images import IMAGE_SUFFIXES, write_image
@@ -462,6 +463,10 @@ def test_errors_in_the_config_folders_and_bank_file_are_told_before_the_models_s
         (["serve", "-c", nobank, "-b", corrupt], unreadable),
         (["serve", "-c", stricter], target),
         (["serve", "-c", window], scaled),
+        (["eval", "--dataset", tmp_path / "nothing", "-c", nobank, "--out", out, "--quiet"],
+         f"linewatch: error: {tmp_path / 'nothing'}: dataset folder does not exist\n"),
+        (["eval", "--dataset", empty, "-c", nobank, "--out", out, "--quiet"],
+         f"linewatch: error: {empty}: no category folders (a category has train/good, validation/good and test/)\n"),
     ]
     results = run_user_errors(tmp_path, [argv for argv, _ in cases])
     for (argv, want), (status, err, heavy) in zip(cases, results):
