@@ -29,31 +29,9 @@ from linewatch.detector.fusion import branch_normalisation, fuse_scores
 from linewatch.detector.describe import pad_masks
 from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector
 from linewatch.detector.models import Models, build_models, select_device
-from linewatch.images import DEFAULT_SAMPLE_WINDOW, ImageError, is_grey, list_images, read_image
-
-
-class BankBuildError(Exception):
-    """The bank cannot be built from what was given; the message says why."""
-
-
-def read_folder(folder: str | Path, window: tuple[int, int] = DEFAULT_SAMPLE_WINDOW
-                ) -> tuple[list[Path], list[np.ndarray]]:
-    """All images of a folder, all of one size and all grey or all colour; 16-bit ones scaled
-    through `window`; errors name the file."""
-    paths = list_images(folder)
-    images = [read_image(p, window) for p in paths]
-    first = images[0].shape
-    for path, image in zip(paths, images):
-        if is_grey(image) != is_grey(images[0]):
-            kinds = ("grey", "colour") if is_grey(image) else ("colour", "grey")
-            raise ImageError(f"{path}: is {kinds[0]} but {paths[0].name} is {kinds[1]}; the good images of one bank "
-                             "are all grey (a mono bank) or all colour")
-        if image.shape != first:
-            raise ImageError(
-                f"{path}: is {image.shape[1]}x{image.shape[0]} but {paths[0].name} is {first[1]}x{first[0]}; "
-                "all good images of one bank must come from the same camera setup"
-            )
-    return paths, images
+from linewatch.good_images import BankBuildError, GoodImages, read_good_images
+from linewatch.good_images import read_folder  # noqa: F401 - here too for the benchmarks and tests that read folders
+from linewatch.images import is_grey
 
 
 def _batches(items: list, size: int):
@@ -164,35 +142,25 @@ def build_bank(
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> TemplateBank:
-    """Encode the good images of `good_dir`, calibrate, and return the bank (not yet saved)."""
+    """Encode the good images of `good_dir`, calibrate, and return the bank (not yet saved).
+    The folders are read and checked first (`read_good_images`: ImageError, BankBuildError)."""
+    return build_bank_from(config, read_good_images(config, good_dir, validation_dir), models, batch_size, progress, log)
+
+
+def build_bank_from(
+    config: Config,
+    images: GoodImages,
+    models: Models | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> TemplateBank:
+    """`build_bank` of images already read and checked (`read_good_images`)."""
     det = config.detector
     device = select_device(det.device)
-    good_paths, good = read_folder(good_dir, det.sample_window)
-    validation = read_folder(validation_dir, det.sample_window)[1] if validation_dir is not None else None
+    good_dir, good_paths, good = images.good_dir, images.good_paths, images.good
+    validation_dir, validation = images.validation_dir, images.validation
     k = det.k_references
-    if validation is None and len(good) < k + 2:
-        raise BankBuildError(
-            f"{good_dir}: {len(good)} good images; leave-one-out calibration needs at least k_references + 2 = {k + 2}"
-        )
-    # measuring each part's normal variation (normalize_objects) judges every good image against
-    # k others (leave-one-out), so that needs one image more than k
-    need = k + 1 if det.measure.normalize_objects else k
-    if validation is not None and len(good) < need:
-        raise BankBuildError(
-            f"{good_dir}: {len(good)} good images; the bank needs at least "
-            + (f"k_references + 1 = {need} (measure.normalize_objects compares each good image with k others)"
-               if det.measure.normalize_objects else f"k_references = {need}")
-        )
-    if validation is not None and len(validation) < config.calibration.min_validation_images:
-        raise BankBuildError(
-            f"{validation_dir}: {len(validation)} validation images; calibration needs at least "
-            f"{config.calibration.min_validation_images} (calibration.min_validation_images)"
-        )
-    if validation is not None and validation[0].shape != good[0].shape:
-        def kind(image: np.ndarray) -> str:
-            return f"{image.shape[1]}x{image.shape[0]} {'grey' if is_grey(image) else 'colour'}"
-        raise ImageError(f"{validation_dir}: validation images are {kind(validation[0])}, "
-                         f"good images are {kind(good[0])}")
     backend = get_backend(det.backend)
     models = models or build_models(det, device)
     started = time.time()

@@ -35,12 +35,12 @@ EXIT_USAGE = 2
 # have raised one, so `_user_errors` looks them up in sys.modules: importing them all to answer a
 # `keys generate` typo imported the whole detector stack (torch, timm) before the line was printed.
 USER_ERRORS = {
-    "linewatch.bank_builder": "BankBuildError",
     "linewatch.config": "ConfigError",
-    "linewatch.detector.bank": "BankError",
+    "linewatch.detector.manifest": "BankError",
     "linewatch.detector.inspector": "InputError",
     "linewatch.detector.segment": "SegmenterError",
     "linewatch.detector.weights": "WeightsError",
+    "linewatch.good_images": "BankBuildError",
     "linewatch.images": "ImageError",
     "linewatch.runtime.transport.security": "SecurityError",
 }
@@ -79,15 +79,17 @@ def cmd_models_download(args: argparse.Namespace) -> int:
 
 
 def cmd_bank_build(args: argparse.Namespace) -> int:
-    from linewatch.bank_builder import build_bank
     from linewatch.config import load_config
-    from linewatch.detector.models import BACKEND_LABELS
+    from linewatch.good_images import read_good_images
 
     config = load_config(args.config)
+    images = read_good_images(config, args.good, args.validation)  # a folder's fault is told before the models start
+    from linewatch.bank_builder import build_bank_from
+    from linewatch.detector.models import BACKEND_LABELS
+
     print(f"backend: {BACKEND_LABELS[config.detector.backend]}", file=sys.stderr)
-    bank = build_bank(
-        config, args.good, args.validation, batch_size=args.batch_size, progress=not args.quiet,
-        log=lambda m: print(m, file=sys.stderr),
+    bank = build_bank_from(
+        config, images, batch_size=args.batch_size, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
     )
     out = Path(args.out or config.bank.path)
     bank.save(out)
@@ -105,6 +107,9 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bank_info(args: argparse.Namespace) -> int:
+    from linewatch.detector.manifest import read_manifest
+
+    read_manifest(args.bank)  # a missing or corrupt file is told before torch is imported
     from linewatch.detector.bank import TemplateBank
 
     print(json.dumps(TemplateBank.load(args.bank).info(), indent=2))
@@ -116,14 +121,18 @@ def cmd_bank_info(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from linewatch.config import load_config
+    from linewatch.detector.manifest import read_manifest
+
+    config = load_config(args.config)
+    bank_path = args.bank or config.bank.path
+    # a missing, corrupt or unfitting bank is told before the models start
+    read_manifest(bank_path).check_fits(config, source=f"bank {bank_path}")
     from linewatch.detector.models import BACKEND_LABELS
     from linewatch.images import ImageError, read_image, write_image
     from linewatch.overlay import render_overlay
-
     from linewatch.recipe import load_processor
 
-    config = load_config(args.config)
-    inspector, _ = load_processor(config, args.bank or config.bank.path)
+    inspector, _ = load_processor(config, bank_path)
     print(f"backend: {BACKEND_LABELS[config.detector.backend]}; bank {inspector.bank_id}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,8 @@ EXIT_USAGE = 2
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from linewatch.config import load_config
-    from linewatch.detector.bank import BankError
-    from linewatch.detector.models import BACKEND_LABELS
-    from linewatch.recipe import RecipeLoader
-    from linewatch.runtime.daemon import Daemon
+    from linewatch.detector.manifest import BankError, read_manifest
     from linewatch.runtime.ops.logs import configure_logging
-
     from linewatch.runtime.ops.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before the detector's and the runtime's threads start
@@ -39,6 +35,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"  linewatch bank build -c {args.config} --good GOOD_DIR --validation HELD_OUT_DIR --out {bank_path}\n"
             "(for a quick try without a camera: `linewatch demo`)"
         )
+    # a corrupt or unfitting bank is told before the models start (as the loader would tell it)
+    read_manifest(bank_path).check_fits(config, source=f"bank {bank_path}")
+    from linewatch.detector.models import BACKEND_LABELS
+    from linewatch.recipe import RecipeLoader
+    from linewatch.runtime.daemon import Daemon
+
     # the loader warms the models up (CUDA, compile) before anyone is told we are ready, and
     # loads the banks of later changeovers (`linewatch bank switch`, SIGHUP)
     recipes = RecipeLoader(args.config, args.bank, config.runtime, log)

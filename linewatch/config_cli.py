@@ -80,14 +80,17 @@ def check_config(path: str, bank: str | None = None, config_only: bool = False) 
     done += _check_actuate(config)
     if config_only:
         return done
-    from linewatch.detector.bank import BankError
-    from linewatch.recipe import load_processor
+    from linewatch.detector.manifest import BankError, read_manifest
 
     bank_path = Path(bank or config.bank.path)
     if not bank_path.is_file():
         raise BankError(f"{bank_path}: no bank file here (bank.path{'' if bank is None else ' / --bank'}); build one "
                         f"with `linewatch bank build -c {path} --good GOOD_DIR --validation HELD_OUT_DIR --out "
                         f"{bank_path}`, or check only the file with --config-only")
+    # a corrupt or unfitting bank is told before the models start
+    read_manifest(bank_path).check_fits(config, source=f"bank {bank_path}")
+    from linewatch.recipe import load_processor
+
     inspector, _ = load_processor(config, bank_path)
     done.append(f"models: {config.detector.backend} backend built on {inspector.device}")
     done.append(f"bank: {bank_path} ({inspector.bank_id}, {inspector.bank.size} good images) fits the detector "

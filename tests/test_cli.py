@@ -335,15 +335,54 @@ def test_unique_output_names(tmp_path):
     assert len(set(names)) == len(names)  # the same file twice still gets two names
 
 
+# What only a detector needs: a command that imports one of these has started the heavy part.
+HEAVY_MODULES = ("torch", "timm", "segment_anything", "linewatch.bank_builder", "linewatch.recipe",
+                 "linewatch.detector.bank", "linewatch.detector.models")
+
+
 def test_commands_that_need_no_model_start_without_importing_torch():
     """`linewatch bank switch`, `archive query`, `tap`, ... start in a fraction of a second: torch
     (4 s to import on a small CPU) comes in only with a detector. The verdict sinks' package, which
-    `linewatch archive` imports, once pulled it in through the live page's backend labels."""
-    code = ("import sys, linewatch.cli, linewatch.archive_cli, linewatch.commands, linewatch.runtime.sinks; "
-            "print('torch' in sys.modules)")
+    `linewatch archive` imports, once pulled it in through the live page's backend labels. The
+    modules that find a user's error before the models start (the config check, the good
+    images, a bank's manifest, a dataset's layout) are as light."""
+    code = ("import sys, linewatch.cli, linewatch.archive_cli, linewatch.commands, linewatch.runtime.sinks, "
+            "linewatch.config_cli, linewatch.good_images, linewatch.detector.manifest, linewatch.detector.calibration, "
+            "linewatch.eval.dataset; "
+            f"print(sorted(set({HEAVY_MODULES!r}) & set(sys.modules)))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"
+    assert res.stdout.strip() == "[]"
+
+
+# Runs each argv of a JSON list through `main`, one after the other in this one process, and
+# prints for each its exit status, its stderr and the heavy modules imported so far.
+USER_ERROR_CASES = """
+import contextlib, io, json, sys
+from linewatch.cli import main
+
+heavy = json.loads(sys.argv[2])
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(argv)
+    print(json.dumps([argv, status, err.getvalue(), sorted(set(heavy) & set(sys.modules))]))
+"""
+
+
+def run_user_errors(tmp_path: Path, argvs: list[list]) -> list[tuple[int, str, list[str]]]:
+    """(exit status, stderr, heavy modules imported so far) of each command line, each run by
+    `main` in turn in one new process."""
+    script = tmp_path / "user_errors.py"
+    script.write_text(USER_ERROR_CASES)
+    argvs = [[str(a) for a in argv] for argv in argvs]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, str(script), json.dumps(argvs), json.dumps(HEAVY_MODULES)],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    results = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [argv for argv, *_ in results] == argvs, res.stdout
+    return [(status, err, heavy) for _, status, err, heavy in results]
 
 
 def test_a_user_error_is_reported_without_importing_torch(tmp_path, capsys):
@@ -356,6 +395,86 @@ def test_a_user_error_is_reported_without_importing_torch(tmp_path, capsys):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.splitlines()[-1] == "2 False", res.stdout + res.stderr
     assert res.stderr.strip().splitlines() == [f"linewatch: error: {tmp_path / 'cam.key'} exists; pick another name or remove it first"]
+
+
+def test_errors_in_the_config_folders_and_bank_file_are_told_before_the_models_start(tmp_path, small_bank):
+    """bank build, bank info, inspect, config check, serve and eval find what the config and the
+    file system say is wrong -- a bad key, a folder without images or with too few, a missing,
+    corrupt or unfitting bank, a dataset folder without categories -- and say so (exit 2, in the words the full load uses) before
+    torch, the bank builder or the models are imported."""
+    from linewatch.detector.manifest import read_manifest
+    from linewatch.images import IMAGE_SUFFIXES, write_image
+    from tests.serving import DETECTOR
+
+    def config(name: str, detector: dict = DETECTOR, **sections) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"detector": detector, **sections}))  # JSON is YAML
+        return path
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    few = tmp_path / "few"
+    for i in range(2):
+        write_image(few / f"{i}.png", np.full((16, 16, 3), 60 * i, np.uint8))
+    missing = tmp_path / "missing.lwbank"
+    corrupt = tmp_path / "corrupt.lwbank"
+    corrupt.write_bytes(b"\xff" * 64)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("detector:\n  bakend: classic\n")
+    nobank = config("nobank.yaml", bank={"path": str(missing)})
+    stricter = config("stricter.yaml", bank={"path": str(small_bank)}, calibration={"target_false_reject_rate": 0.01})
+    window = config("window.yaml", {**DETECTOR, "sample_window": [0, 4095]}, bank={"path": str(small_bank)})
+    image, out = few / "0.png", tmp_path / "out"
+
+    no_images = f"linewatch: error: {empty}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder\n"
+    no_bank = f"linewatch: error: {missing}: no bank file here; build one with `linewatch bank build`\n"
+    unreadable = f"linewatch: error: {corrupt}: not a readable bank file (corrupt or not a linewatch bank): "
+    typo_key = f"linewatch: error: {typo}: "
+    target = (f"linewatch: error: bank {small_bank}: its threshold was calibrated for "
+              "calibration.target_false_reject_rate = 0.005, this config asks for 0.01; rebuild the bank with this "
+              "config (`linewatch bank build`) or set the config back\n")
+    scaled = (f"linewatch: error: bank {read_manifest(small_bank).bank_id}: its 16-bit images were scaled through "
+              "detector.sample_window [0, 65535], this config has [0, 4095]; frames must be read as the good images "
+              "were: set it back or rebuild the bank\n")
+    cases = [  # (argv, its stderr; or how it starts, where that ends in ": ")
+        (["bank", "build", "--good", empty, "--out", tmp_path / "x.lwbank", "--quiet"], no_images),
+        (["bank", "build", "-c", typo, "--good", empty, "--quiet"], typo_key),
+        (["bank", "build", "-c", nobank, "--good", few, "--quiet"],
+         f"linewatch: error: {few}: 2 good images; leave-one-out calibration needs at least k_references + 2 = 4\n"),
+        (["bank", "build", "-c", nobank, "--good", few, "--validation", empty, "--quiet"], no_images),
+        (["bank", "info", missing], no_bank),
+        (["bank", "info", corrupt], unreadable),
+        (["inspect", image, "-c", nobank, "-o", out], no_bank),
+        (["inspect", image, "-c", nobank, "-b", corrupt, "-o", out], unreadable),
+        (["inspect", image, "-c", stricter, "-o", out], target),
+        (["inspect", image, "-c", window, "-o", out], scaled),
+        (["config", "check", nobank],
+         f"linewatch: error: {missing}: no bank file here (bank.path); build one with `linewatch bank build -c "
+         f"{nobank} --good GOOD_DIR --validation HELD_OUT_DIR --out {missing}`, or check only the file with "
+         "--config-only\n"),
+        (["config", "check", nobank, "-b", corrupt], unreadable),
+        (["config", "check", stricter], target),
+        (["config", "check", window], scaled),
+        (["serve", "-c", typo], typo_key),
+        (["serve", "-c", nobank],
+         f"linewatch: error: {missing}: no bank file here. Build one from known-good images first:\n"
+         f"  linewatch bank build -c {nobank} --good GOOD_DIR --validation HELD_OUT_DIR --out {missing}\n"
+         "(for a quick try without a camera: `linewatch demo`)\n"),
+        (["serve", "-c", nobank, "-b", corrupt], unreadable),
+        (["serve", "-c", stricter], target),
+        (["serve", "-c", window], scaled),
+        (["eval", "--dataset", tmp_path / "nothing", "-c", nobank, "--out", out, "--quiet"],
+         f"linewatch: error: {tmp_path / 'nothing'}: dataset folder does not exist\n"),
+        (["eval", "--dataset", empty, "-c", nobank, "--out", out, "--quiet"],
+         f"linewatch: error: {empty}: no category folders (a category has train/good, validation/good and test/)\n"),
+    ]
+    results = run_user_errors(tmp_path, [argv for argv, _ in cases])
+    for (argv, want), (status, err, heavy) in zip(cases, results):
+        assert (status, heavy) == (2, []), (argv, status, err, heavy)
+        assert err.startswith(want) if want.endswith(": ") else err == want, (argv, err)
+        if typo in argv:
+            assert "\n  detector.bakend: unknown key" in err, err
+    assert not out.exists() and not (tmp_path / "x.lwbank").exists()
 
 
 def test_every_user_error_named_is_an_exception_class():

@@ -93,6 +93,7 @@ LAYERS = [
                 "linewatch.runtime.selfcheck"]),
     ("actuator", ["linewatch.actuate"]),
     ("commands", ["linewatch.cli", "linewatch.commands", "linewatch.demo", "linewatch.recipe", "linewatch.bank_builder",
+                  "linewatch.good_images",
                   "linewatch.selfcheck_references", "linewatch.config_cli", "linewatch.archive_cli", "linewatch.eval", "linewatch.sim"]),
 ]
 

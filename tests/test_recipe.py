@@ -74,6 +74,38 @@ def test_banks_that_do_not_fit_are_refused_naming_why(small_bank, other_settings
         loader(str(small_bank), str(bad), first)
 
 
+def test_the_manifest_refuses_before_the_models_what_the_loader_refuses_in_its_words(small_bank):
+    """The commands check a bank file against the config from its manifest alone before the
+    models start (BankManifest.check_fits): what it refuses, load_processor refuses with the
+    same message; what only the models can name (another fingerprint) it leaves to them, even
+    when the sample window differs too (the loader names the identity first)."""
+    from linewatch.detector.bank import BankError
+    from linewatch.detector.manifest import read_manifest
+    from linewatch.recipe import load_processor
+
+    manifest = read_manifest(small_bank)
+    stricter = {"target_false_reject_rate": 0.01}
+    refused = {
+        "target": config_from_dict({"detector": DETECTOR, "calibration": stricter}),
+        "window": config_from_dict({"detector": {**DETECTOR, "sample_window": [0, 4095]}}),
+        "target and window": config_from_dict({"detector": {**DETECTOR, "sample_window": [0, 4095]},
+                                               "calibration": stricter}),
+    }
+    for name, config in refused.items():
+        with pytest.raises(BankError) as early:
+            manifest.check_fits(config, source=f"bank {small_bank}")
+        with pytest.raises(BankError) as late:
+            load_processor(config, small_bank)
+        assert str(early.value) == str(late.value), name
+    assert "calibration.target_false_reject_rate = 0.005" in str(early.value)
+
+    manifest.check_fits(config_from_dict({"detector": DETECTOR}))  # the config it was built with
+    other = config_from_dict({"detector": {**DETECTOR, "image_size": 56, "sample_window": [0, 4095]}})
+    manifest.check_fits(other)  # left to the Inspector, which names it
+    with pytest.raises(BankError, match="detector.image_size: bank built with 112, this config has 56"):
+        load_processor(other, small_bank)
+
+
 def test_model_settings_leave_out_only_what_judges_against_the_bank():
     base = config_from_dict({"detector": DETECTOR}).detector
     judged = config_from_dict({"detector": {**DETECTOR, "k_references": 3, "score": {"source": "objects"}}}).detector

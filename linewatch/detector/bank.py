@@ -3,20 +3,17 @@
 Per reference image z it holds the backbone features used for image-level retrieval (paper
 3.3), the upsampled feature map, the object masks, and the object descriptors (3.4-3.5), so
 a frame only runs its own image through the models. It is saved as one safetensors file
-(no pickle) whose metadata carries a manifest: format version, linewatch version, the
-identity of every model and the config hash. A bank built with another model or config is
-refused with a message that lists what differs.
+(no pickle) whose metadata carries a manifest (linewatch.detector.manifest, readable without
+loading the bank): format version, linewatch version, the identity of every model and the
+config hash. A bank built with another model or config is refused with a message that lists
+what differs.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,144 +23,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from linewatch.detector.calibration import Calibration
+from linewatch.detector.manifest import (BANK_FORMAT_VERSION, COLOUR_MODES, IDENTITY_KEYS, TENSOR_NAMES, BankError,
+                                         BankManifest, read_manifest)
 
-BANK_FORMAT_VERSION = 2  # 2: part outlines and grain statistics (shapes, textures)
-COLOUR_MODES = ("colour", "mono")  # BankManifest.colour_mode
-IDENTITY_KEYS = ("backend", "backbone", "upsampler", "segmenter", "config_hash")
-_TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes", "object_noise", "shapes",
-                 "textures")
+__all__ = ["BANK_FORMAT_VERSION", "COLOUR_MODES", "IDENTITY_KEYS", "BankError", "BankManifest", "TemplateBank",
+           "image_problem"]
+
 _SEGMENTER_PREFIX = "segmenter."
-
-
-class BankError(Exception):
-    """A bank file that cannot be used; the message names the file and the problem."""
-
-
-@dataclass
-class BankManifest:
-    """The bank's manifest as a typed record: identity, provenance and calibration.
-
-    identity: Inspector.identity() of the models and config that built it. settings: the
-    config's fingerprint_settings(), to name a difference. source / source_files /
-    source_shape: the good images (folder, file names, (H, W, 3), or (H, W) when grey).
-    calibration: the threshold and what it promises (`Calibration`; threshold None until
-    calibrated). score_normalisation:
-    each branch's spread on good images, with the good scores it was measured on (fused score
-    only). colour_mode: "colour" (RGB good images; the frames must be colour) or "mono" (grey
-    good images, grey frames). sample_window: the [low, high] through which 16-bit images were
-    scaled to 8 bits (detector.sample_window; frames are scaled through the same). The fields
-    with a default are absent in banks built before them: those banks are colour banks read
-    through the full 16-bit window, and a None is left out of the file. `to_dict` / `from_dict`
-    are the JSON form the bank file carries; `from_dict` checks every key against these
-    fields' types.
-    """
-
-    linewatch_version: str
-    identity: dict[str, str]
-    settings: dict[str, Any]
-    images: int
-    source: str
-    source_files: list[str]
-    source_shape: list[int]
-    image_size: int
-    created: str
-    calibration: Calibration
-    bank_id: str
-    score_normalisation: dict[str, Any] | None = None
-    build_seconds: float | None = None
-    colour_mode: str = "colour"
-    sample_window: list[int] = field(default_factory=lambda: [0, 65535])
-    format_version: int = BANK_FORMAT_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (a copy); the optional keys that are None are left out."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.name in _OPTIONAL_KEYS:
-                continue
-            out[f.name] = value.to_manifest() if isinstance(value, Calibration) else copy.deepcopy(value)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "bank") -> "BankManifest":
-        """Validate `data` (a manifest as read from a bank file); a BankError names the key."""
-        if not isinstance(data, dict):
-            raise BankError(f"{source}: the bank manifest is {type(data).__name__}, not a mapping; rebuild the bank")
-        _check_keys(data, _MANIFEST_KEYS, _OPTIONAL_KEYS, "the bank manifest", source)
-        calibration = data["calibration"]
-        if "threshold" not in calibration or not _is(calibration["threshold"], (float, type(None))):
-            raise BankError(f"{source}: bank has no calibration threshold; rebuild the bank")
-        _check_keys(calibration, _CALIBRATION_KEYS, frozenset(_CALIBRATION_KEYS) - {"threshold"},
-                    "the bank manifest's calibration", source)
-        if data.get("colour_mode", "colour") not in COLOUR_MODES:
-            raise BankError(f"{source}: the bank manifest's colour_mode is {data['colour_mode']!r}, expected one of "
-                            f"{COLOUR_MODES}; rebuild the bank")
-        window = data.get("sample_window", [0, 65535])
-        if len(window) != 2 or not 0 <= window[0] < window[1] <= 65535:
-            raise BankError(f"{source}: the bank manifest's sample_window is {window!r}, expected [low, high] with "
-                            "0 <= low < high <= 65535; rebuild the bank")
-        return cls(**dict(data, calibration=Calibration.from_manifest(calibration)))
-
-
-def _is(value: Any, kinds: tuple[type, ...]) -> bool:
-    """isinstance, where a bool is no number and an int is a float."""
-    if isinstance(value, bool):
-        return bool in kinds
-    if isinstance(value, int) and float in kinds:
-        return True
-    return isinstance(value, kinds)
-
-
-def _items_are(value: Any, kind: type) -> bool:
-    items = value.values() if isinstance(value, dict) else value
-    return all(_is(v, (kind,)) for v in items)
-
-
-def _check_keys(data: dict[str, Any], table: dict[str, tuple[tuple[type, ...], type | None]], optional: frozenset[str],
-                what: str, source: str) -> None:
-    """Refuse unknown keys, a missing key that is not optional and a value of another type."""
-    unknown = sorted(set(data) - set(table))
-    if unknown:
-        raise BankError(f"{source}: {what} has unknown keys {unknown}; rebuild the bank")
-    for key, (kinds, item) in table.items():
-        if key not in data:
-            if key in optional:
-                continue
-            raise BankError(f"{source}: {what} lacks {key!r}; rebuild the bank")
-        value = data[key]
-        if not _is(value, kinds) or (item is not None and value is not None and not _items_are(value, item)):
-            want = " or ".join(k.__name__ for k in kinds) + (f" of {item.__name__}" if item else "")
-            raise BankError(f"{source}: {what}'s {key!r} is {value!r:.80}, expected {want}; rebuild the bank")
-
-
-def _json_types(annotation: Any) -> tuple[tuple[type, ...], type | None]:
-    """(accepted types, type of its items or values (None: any)) of a field's value in JSON: a
-    tuple is a list there, a nested record (dataclass) a dict checked on its own."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        kinds = tuple(kind for arg in args for kind in _json_types(arg)[0])
-        items = [item for arg in args if (item := _json_types(arg)[1]) is not None]
-        return kinds, items[0] if items else None
-    if origin is dict:
-        return (dict,), None if args[1] is Any else args[1]
-    if origin in (list, tuple):
-        return (list,), args[0]
-    if dataclasses.is_dataclass(annotation):
-        return (dict,), None
-    return (annotation,), None
-
-
-def _key_table(record: type) -> dict[str, tuple[tuple[type, ...], type | None]]:
-    """Each field of the record class -> the JSON types `_check_keys` accepts for it."""
-    hints = typing.get_type_hints(record)
-    return {f.name: _json_types(hints[f.name]) for f in fields(record)}
-
-
-_MANIFEST_KEYS = _key_table(BankManifest)
-_OPTIONAL_KEYS = frozenset(f.name for f in fields(BankManifest)
-                           if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
-_CALIBRATION_KEYS = _key_table(Calibration)
 
 
 @dataclass
@@ -201,7 +67,7 @@ class TemplateBank:
 
     def __post_init__(self) -> None:
         z = self.retrieval.shape[0]
-        for name in _TENSOR_NAMES:
+        for name in TENSOR_NAMES:
             if getattr(self, name).shape[0] != z:
                 raise BankError(f"bank tensor {name} has {getattr(self, name).shape[0]} images, expected {z}")
 
@@ -239,7 +105,7 @@ class TemplateBank:
         return out
 
     def to(self, device: torch.device | str) -> "TemplateBank":
-        moved = {name: getattr(self, name).to(device) for name in _TENSOR_NAMES}
+        moved = {name: getattr(self, name).to(device) for name in TENSOR_NAMES}
         return TemplateBank(**moved, manifest=self.manifest, segmenter_state=self.segmenter_state)
 
     def retrieve(self, query: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,7 +125,7 @@ class TemplateBank:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        tensors = {name: getattr(self, name).contiguous().cpu() for name in _TENSOR_NAMES}
+        tensors = {name: getattr(self, name).contiguous().cpu() for name in TENSOR_NAMES}
         tensors["object_valid"] = tensors["object_valid"].to(torch.uint8)
         for key, value in self.segmenter_state.items():
             tensors[_SEGMENTER_PREFIX + key] = value.contiguous().cpu()
@@ -272,35 +138,15 @@ class TemplateBank:
     @classmethod
     def load(cls, path: str | Path) -> "TemplateBank":
         path = Path(path)
-        if not path.is_file():
-            raise BankError(f"{path}: no bank file here; build one with `linewatch bank build`")
+        manifest = read_manifest(path)  # a missing file, a corrupt header, another format: refused before any tensor
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise BankError(f"{path}: not a readable bank file (corrupt or not a linewatch bank): {e}") from None
-        if "linewatch_manifest" not in metadata:
-            raise BankError(f"{path}: not a linewatch bank (no manifest in its metadata)")
-        try:
-            manifest = json.loads(metadata["linewatch_manifest"])
-        except json.JSONDecodeError as e:
-            raise BankError(f"{path}: the bank manifest is not valid JSON: {e}") from None
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        if version != BANK_FORMAT_VERSION:
-            raise BankError(
-                f"{path}: bank format version {version}, this linewatch reads version {BANK_FORMAT_VERSION}; rebuild the bank"
-            )
-        missing = [name for name in _TENSOR_NAMES if name not in tensors]
-        if missing:
-            raise BankError(f"{path}: bank file lacks tensors {missing}; rebuild the bank")
-        manifest = BankManifest.from_dict(manifest, source=str(path))
         segmenter_state = {
             key[len(_SEGMENTER_PREFIX):]: value for key, value in tensors.items() if key.startswith(_SEGMENTER_PREFIX)
         }
-        named = {name: tensors[name] for name in _TENSOR_NAMES}
+        named = {name: tensors[name] for name in TENSOR_NAMES}
         named["object_valid"] = named["object_valid"].bool()
         try:
             return cls(**named, manifest=manifest, segmenter_state=segmenter_state)
@@ -333,26 +179,11 @@ class TemplateBank:
     def check_settings(self, sample_window: tuple[int, int] | list[int], k_references: int) -> None:
         """Refuse a bank whose 16-bit images were scaled through another detector.sample_window,
         or that holds fewer good images than detector.k_references."""
-        if list(self.manifest.sample_window) != list(sample_window):
-            raise BankError(
-                f"bank {self.bank_id}: its 16-bit images were scaled through detector.sample_window "
-                f"{list(self.manifest.sample_window)}, this config has {list(sample_window)}; frames must "
-                "be read as the good images were: set it back or rebuild the bank")
-        if self.size < k_references:
-            raise BankError(
-                f"bank {self.bank_id} holds {self.size} good images, fewer than detector.k_references = "
-                f"{k_references}; lower k_references or rebuild the bank with more good images"
-            )
+        self.manifest.check_settings(sample_window, k_references, self.size)
 
     def check_calibration(self, target_false_reject_rate: float, source: str = "bank") -> None:
         """Refuse a bank whose threshold was calibrated for another false-reject target."""
-        built = self.manifest.calibration.target_false_reject_rate
-        if built is not None and built != target_false_reject_rate:
-            raise BankError(
-                f"{source}: its threshold was calibrated for calibration.target_false_reject_rate = {built}, "
-                f"this config asks for {target_false_reject_rate}; rebuild the bank with this config "
-                "(`linewatch bank build`) or set the config back"
-            )
+        self.manifest.check_calibration(target_false_reject_rate, source)
 
 
 def image_problem(image: Any, manifest: BankManifest | None) -> str | None:

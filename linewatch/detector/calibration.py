@@ -55,7 +55,10 @@ import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-from scipy import special, stats
+
+# scipy (special, stats) is imported where a fit needs it: the `Calibration` record is also what
+# a bank's manifest holds, and commands that only read one (linewatch.detector.manifest) would
+# otherwise pay scipy.stats's import, about a second on a small CPU.
 
 __all__ = [
     "Calibration", "calibrate", "rejects_interval", "choose_method", "required_good_images", "fit_gpd",
@@ -109,6 +112,8 @@ def _gamma_fit(x: np.ndarray):
     """Gamma maximum likelihood with location 0, per row: the shape solves
     log(a) - digamma(a) = log(mean) - mean(log) (Minka's start, then Newton; what
     scipy.stats.gamma.fit(x, floc=0) solves)."""
+    from scipy import special, stats
+
     mean = x.mean(1)
     d = np.log(mean) - np.log(x).mean(1)
     a = (3.0 - d + np.sqrt((d - 3.0) ** 2 + 24.0 * d)) / (12.0 * d)
@@ -117,9 +122,21 @@ def _gamma_fit(x: np.ndarray):
     return Fitted(stats.gamma, a, scale=mean / a)
 
 
+def _normal_fit(x: np.ndarray):
+    from scipy import stats
+
+    return Fitted(stats.norm, x.mean(1), x.std(1))
+
+
+def _lognormal_fit(x: np.ndarray):
+    from scipy import stats
+
+    return Fitted(stats.lognorm, np.log(x).std(1), scale=np.exp(np.log(x).mean(1)))
+
+
 FAMILIES = {
-    "normal-fit": lambda x: Fitted(stats.norm, x.mean(1), x.std(1)),
-    "lognormal-fit": lambda x: Fitted(stats.lognorm, np.log(x).std(1), scale=np.exp(np.log(x).mean(1))),
+    "normal-fit": _normal_fit,
+    "lognormal-fit": _lognormal_fit,
     "gamma-fit": _gamma_fit,
 }
 FAMILY_NAMES = tuple(FAMILIES)
@@ -136,6 +153,8 @@ def fit_gpd(exceedances: np.ndarray):
     Zhang & Stephens's estimator (Technometrics 51(3), 2009): the posterior mean of
     theta = -shape / scale over a grid of m = 20 + sqrt(k) values, weighted by the profile
     likelihood. Returns scipy.stats.genpareto with (B,) shape and scale (`Fitted`)."""
+    from scipy import stats
+
     y = np.sort(np.atleast_2d(np.asarray(exceedances, dtype=np.float64)), axis=1)
     k = y.shape[1]
     m = 20 + int(math.sqrt(k))
@@ -288,6 +307,8 @@ def _check(scores, target: float, confidence: float) -> np.ndarray:
 def _bootstrap_rates(method: str, x: np.ndarray, threshold: float, resamples: int, seed: int) -> np.ndarray:
     """P(score > threshold) fitted to each of `resamples` resamples of x by `method` (a
     whole-sample family is chosen again per resample)."""
+    from scipy import stats
+
     rng = np.random.default_rng(seed)
     n = len(x)
     xb = np.sort(x[rng.integers(0, n, (resamples, n))], axis=1)
@@ -320,6 +341,8 @@ def rejects_interval(calibration: Calibration, images: int, confidence: float | 
     refit's rate (as `calibrate`'s interval) drawn binomially over `images` (their mixture).
     An observed count outside it disagrees with the calibration beyond both the fit's doubt and
     the test set's own binomial noise; the interval of the rate alone ignores the latter."""
+    from scipy import stats
+
     confidence = calibration.confidence if confidence is None else confidence
     x = np.asarray(calibration.scores, dtype=np.float64)
     rates = _bootstrap_rates(calibration.method, x, calibration.threshold, resamples, seed)

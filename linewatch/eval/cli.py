@@ -14,17 +14,23 @@ import sys
 EXIT_USAGE = 2
 def cmd_eval(args: argparse.Namespace) -> int:
     from linewatch.config import load_config
+    from linewatch.eval.dataset import DatasetError, load_dataset
+
+    config = load_config(args.config)
+    try:
+        loaded = load_dataset(args.dataset, args.categories)  # a layout's fault is told before the models start
+    except DatasetError as e:
+        print(f"linewatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     from linewatch.detector.models import BACKEND_LABELS
-    from linewatch.eval.dataset import DatasetError
     from linewatch.eval.report import render_markdown
     from linewatch.eval.runner import evaluate
 
-    config = load_config(args.config)
     print(f"backend: {BACKEND_LABELS[config.detector.backend]}", file=sys.stderr)
     try:
         report = evaluate(config, args.dataset, args.categories, args.out, method=args.method,
-                          progress=not args.quiet, batch_size=args.batch_size, max_fpr=args.max_fpr)
-    except DatasetError as e:
+                          progress=not args.quiet, batch_size=args.batch_size, max_fpr=args.max_fpr, loaded=loaded)
+    except DatasetError as e:  # what only the run finds (too few images for a method)
         print(f"linewatch: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not args.quiet:

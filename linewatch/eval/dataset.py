@@ -24,6 +24,7 @@ a higher logical sPRO than it.)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,6 +262,14 @@ def _image_shape(path: Path) -> tuple[int, int]:
     if image is None:
         raise DatasetError(f"{path}: not a readable image")
     return tuple(image.shape[:2])
+
+
+def load_dataset(root: str | Path, categories: Sequence[str] | None = None) -> list[Category]:
+    """The layouts of `categories` under `root` (default: every category folder there), read
+    before any model runs (`linewatch eval` reads them before it imports torch): DatasetError
+    names the missing or malformed path."""
+    names = list(categories) if categories else list_categories(root)
+    return [load_category(Path(root) / name) for name in names]
 
 
 def load_category(root: str | Path, with_ground_truth: bool = True) -> Category:

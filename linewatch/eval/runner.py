@@ -37,7 +37,7 @@ from linewatch.config import Config
 from linewatch.detector.calibration import MIN_SCORES, Calibration, calibrate
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import BACKEND_LABELS, Models, build_models, select_device
-from linewatch.eval.dataset import ANOMALY_TYPES, Category, DatasetError, list_categories, load_category
+from linewatch.eval.dataset import ANOMALY_TYPES, Category, DatasetError, load_dataset
 from linewatch.eval.maps import official_maps
 from linewatch.eval.metrics import au_spro, image_auroc, rates_at_threshold
 from linewatch.eval.patchcore import PatchCore
@@ -299,16 +299,17 @@ def evaluate(
     max_fpr: float = 0.05,
     examples_per_type: int = 2,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    loaded: Sequence[Category] | None = None,
 ) -> dict:
     """Evaluate `method` ('objects', 'patchcore', 'both') on `categories` (default: every
     category folder under `dataset_root`); write report.json, report.md, ROC and example PNGs
-    and TIFF anomaly maps into `out_dir`; return the report dict (the content of report.json)."""
+    and TIFF anomaly maps into `out_dir`; return the report dict (the content of report.json).
+    `loaded`: their layouts when already read (`load_dataset(dataset_root, categories)`)."""
     from linewatch.eval import report as report_io
 
     methods = resolve_methods(method)
     root = Path(dataset_root)
-    names = list(categories) if categories else list_categories(root)
-    loaded = [load_category(root / name) for name in names]  # layout errors before any model runs
+    loaded = list(loaded) if loaded is not None else load_dataset(root, categories)  # layout errors before any model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(config.detector.device)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import linewatch.detector.bank as bank_module
+import linewatch.detector.manifest as manifest_module
 from linewatch.detector.bank import BANK_FORMAT_VERSION, IDENTITY_KEYS, BankError, BankManifest, TemplateBank
 from linewatch.detector.calibration import Calibration, calibrate
 
@@ -331,8 +331,8 @@ def test_manifest_record_round_trip():
     assert again.format_version == BANK_FORMAT_VERSION and again.images == 4
     bare = make_manifest().to_dict()
     assert "score_normalisation" not in bare and "build_seconds" not in bare  # None: left out
-    assert set(bank_module._MANIFEST_KEYS) == {f.name for f in dataclasses.fields(BankManifest)}
-    assert set(bank_module._CALIBRATION_KEYS) == {f.name for f in dataclasses.fields(Calibration)}
+    assert set(manifest_module._MANIFEST_KEYS) == {f.name for f in dataclasses.fields(BankManifest)}
+    assert set(manifest_module._CALIBRATION_KEYS) == {f.name for f in dataclasses.fields(Calibration)}
     assert list(bare["calibration"]) == [f.name for f in dataclasses.fields(Calibration)]
 
 
