@@ -1,0 +1,132 @@
+"""The synthetic line's render: its speed, and a fingerprint of every byte it outputs.
+
+    PYTHONPATH=. python benchmarks/sim_render.py [--seeds 3] [--sizes 96 256 512]
+        [--save hashes.json | --check hashes.json] [--products screw_tray ...]
+
+Renders every product (KNOWN_PRODUCTS, char_tray included) good and with each of its own
+anomalies, for --seeds seeds, at each of --sizes, in colour; and mono for every case at the
+first size. Each render's image, ground truth and info are hashed (SHA-256 of the array's
+dtype, shape and bytes; of info as JSON, floats written exactly). Then `generate_dataset` writes
+a small dataset of every product at 96 px (and glyph_tray mono) and every file's bytes are
+hashed. Prints
+
+  - the mean wall time of one `render` per product and size (good and anomalous frames
+    together; mono is not timed), and the time of the small datasets;
+  - one digest over every hash: the same digest means the same output bytes.
+
+--save writes the hashes of every case to a JSON file; --check compares with such a file and
+lists the cases whose output changed (exit status 1 when any did). Run it on the code before a
+change with --save and after it with --check: a faster render must leave every hash equal.
+Timings are of this machine as it is (other processes count); run with OMP_NUM_THREADS=1 to
+compare like with like. `PYTHONPATH=OTHER_CHECKOUT` measures another version of linewatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from linewatch.sim.generator import KNOWN_PRODUCTS, generate_dataset, product_anomalies, render
+
+DATASET_COUNTS = dict(n_train=2, n_val=1, n_test_good=1, n_test_logical=4, n_test_structural=3)
+
+
+def _array_hash(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _info_hash(info: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+
+
+def _render_case(product: str, anomaly: str | None, seed: int, size: int, mono: bool) -> tuple[str, float]:
+    rng = np.random.default_rng([31, seed])
+    start = time.perf_counter()
+    image, gt, info = render(product, rng, anomaly, size=size, mono=mono)
+    elapsed = time.perf_counter() - start
+    return f"{_array_hash(image)} {_array_hash(gt)} {_info_hash(info)}", elapsed
+
+
+def render_hashes(products: list[str], seeds: int, sizes: list[int]) -> tuple[dict[str, str], dict[tuple[str, int], list[float]]]:
+    """Hashes of every render case by its name, and the render times by (product, size)."""
+    hashes: dict[str, str] = {}
+    times: dict[tuple[str, int], list[float]] = {}
+    for product in products:
+        logical, structural = product_anomalies(product)
+        for anomaly in (None, *logical, *structural):
+            for seed in range(seeds):
+                for size in sizes:
+                    key = f"render {product} {anomaly} seed={seed} size={size}"
+                    hashes[key], elapsed = _render_case(product, anomaly, seed, size, False)
+                    times.setdefault((product, size), []).append(elapsed)
+                key = f"render {product} {anomaly} seed={seed} size={sizes[0]} mono"
+                hashes[key], _ = _render_case(product, anomaly, seed, sizes[0], True)
+    return hashes, times
+
+
+def dataset_hashes(products: list[str]) -> tuple[dict[str, str], float]:
+    """Hashes of every file of a small dataset of each product (and one mono), and the time."""
+    hashes: dict[str, str] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        runs = [(product, "colour") for product in products]
+        if "glyph_tray" in products:
+            runs.append(("glyph_tray", "mono"))
+        for product, kind in runs:
+            out = generate_dataset(root / kind, product, seed=7, size=96, mono=kind == "mono", **DATASET_COUNTS)
+            for path in sorted(p for p in out.rglob("*") if p.is_file()):
+                hashes[f"dataset {kind} {path.relative_to(root / kind)}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes, time.perf_counter() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 256, 512])
+    ap.add_argument("--products", nargs="+", default=list(KNOWN_PRODUCTS), choices=KNOWN_PRODUCTS)
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--save", type=Path, help="write every case's hash to this JSON file")
+    group.add_argument("--check", type=Path, help="compare every case's hash with this JSON file")
+    args = ap.parse_args()
+
+    hashes, times = render_hashes(args.products, args.seeds, args.sizes)
+    files, dataset_s = dataset_hashes(args.products)
+    hashes.update(files)
+
+    print(f"render: mean ms per frame ({args.seeds} seeds x (good + each anomaly), colour)")
+    print(f"{'product':<15}" + "".join(f"{size:>9} px" for size in args.sizes))
+    for product in args.products:
+        row = "".join(f"{1000 * float(np.mean(times[(product, size)])):>12.1f}" for size in args.sizes)
+        print(f"{product:<15}{row}")
+    total = sum(sum(t) for t in times.values())
+    print(f"all colour renders: {total:.2f} s for {sum(len(t) for t in times.values())} frames")
+    print(f"small datasets (96 px, {len(files)} files): {dataset_s:.2f} s")
+    digest = hashlib.sha256("\n".join(f"{k} {v}" for k, v in sorted(hashes.items())).encode()).hexdigest()
+    print(f"{len(hashes)} hashes, digest {digest}")
+
+    if args.save:
+        args.save.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
+        print(f"saved to {args.save}")
+    if args.check:
+        expected = json.loads(args.check.read_text())
+        changed = sorted(k for k in expected.keys() | hashes.keys() if expected.get(k) != hashes.get(k))
+        for key in changed:
+            print(f"CHANGED {key}")
+        print(f"check against {args.check}: {len(changed)} of {len(expected)} cases differ")
+        return 1 if changed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
