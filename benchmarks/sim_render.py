@@ -10,15 +10,16 @@ dtype, shape and bytes; of info as JSON, floats written exactly). Then `generate
 a small dataset of every product at 96 px (and glyph_tray mono) and every file's bytes are
 hashed. Prints
 
-  - the mean wall time of one `render` per product and size (good and anomalous frames
-    together; mono is not timed), and the time of the small datasets;
+  - the mean CPU time (this process, all its threads) of one `render` per product and size
+    (good and anomalous frames together; mono is not timed), and the wall time of the small
+    datasets;
   - one digest over every hash: the same digest means the same output bytes.
 
 --save writes the hashes of every case to a JSON file; --check compares with such a file and
 lists the cases whose output changed (exit status 1 when any did). Run it on the code before a
 change with --save and after it with --check: a faster render must leave every hash equal.
-Timings are of this machine as it is (other processes count); run with OMP_NUM_THREADS=1 to
-compare like with like. `PYTHONPATH=OTHER_CHECKOUT` measures another version of linewatch.
+CPU time is less disturbed by other processes than wall time, not free of them (shared caches
+and cores); run with OMP_NUM_THREADS=1 to compare like with like. `PYTHONPATH=OTHER_CHECKOUT` measures another version of linewatch.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def _info_hash(info: dict[str, Any]) -> str:
 
 def _render_case(product: str, anomaly: str | None, seed: int, size: int, mono: bool) -> tuple[str, float]:
     rng = np.random.default_rng([31, seed])
-    start = time.perf_counter()
+    start = time.process_time()
     image, gt, info = render(product, rng, anomaly, size=size, mono=mono)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     return f"{_array_hash(image)} {_array_hash(gt)} {_info_hash(info)}", elapsed
 
 
@@ -104,13 +105,13 @@ def main() -> int:
     files, dataset_s = dataset_hashes(args.products)
     hashes.update(files)
 
-    print(f"render: mean ms per frame ({args.seeds} seeds x (good + each anomaly), colour)")
+    print(f"render: mean CPU ms per frame ({args.seeds} seeds x (good + each anomaly), colour)")
     print(f"{'product':<15}" + "".join(f"{size:>9} px" for size in args.sizes))
     for product in args.products:
         row = "".join(f"{1000 * float(np.mean(times[(product, size)])):>12.1f}" for size in args.sizes)
         print(f"{product:<15}{row}")
     total = sum(sum(t) for t in times.values())
-    print(f"all colour renders: {total:.2f} s for {sum(len(t) for t in times.values())} frames")
+    print(f"all colour renders: {total:.2f} s CPU for {sum(len(t) for t in times.values())} frames")
     print(f"small datasets (96 px, {len(files)} files): {dataset_s:.2f} s")
     digest = hashlib.sha256("\n".join(f"{k} {v}" for k, v in sorted(hashes.items())).encode()).hexdigest()
     print(f"{len(hashes)} hashes, digest {digest}")

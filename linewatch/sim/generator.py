@@ -116,11 +116,24 @@ def _grid(S: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
+def _box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The (rows, columns) slices of the bounding box of a bool mask's True pixels (empty if none)."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    return slice(y, y + h), slice(x, x + w)
+
+
+def _pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero(mask), the same arrays in the same order, searched in the bounding box only."""
+    rows, cols = _box(mask)
+    ys, xs = np.nonzero(mask[rows, cols])
+    return ys + rows.start, xs + cols.start
+
+
 def _paint_shaded(
     canvas: np.ndarray, mask: np.ndarray, colour: Colour, cx: float, cy: float, r: float, strength: float
 ) -> None:
     """Fill `mask` with `colour` lit from the top-left: brighter near (cx - r/3, cy - r/3)."""
-    ys, xs = np.nonzero(mask)
+    ys, xs = _pixels(mask)
     if len(ys) == 0:
         return
     d = np.hypot(xs - (cx - 0.33 * r), ys - (cy - 0.33 * r)) / (1.4 * r)
@@ -185,7 +198,7 @@ def _screw(canvas: np.ndarray, p: Part, S: int, length: float) -> np.ndarray:
     m_shaft = _poly_mask(S, shaft)
     _paint_shaded(canvas, m_shaft, colour, cx, cy, L / 2, 0.25)
     # thread: darker bands across the shaft (never as dark as the tray, so the part stays whole)
-    xs, ys = np.nonzero(m_shaft)[1], np.nonzero(m_shaft)[0]
+    ys, xs = _pixels(m_shaft)
     along = (xs - head[0]) * u[0] + (ys - head[1]) * u[1]
     band = (np.mod(along, 0.022 * S) < 0.008 * S) & (along > 0.06 * S)
     canvas[ys[band], xs[band]] *= 0.82
@@ -213,7 +226,7 @@ def _fruit(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, r: flo
     cx, cy, R = p.cx * S, p.cy * S, r * S
     m = _circle_mask(S, cx, cy, R)
     _paint_shaded(canvas, m, tuple(v * p.gain for v in colour), cx, cy, R, 0.30)
-    ys, xs = np.nonzero(m)
+    ys, xs = _pixels(m)
     if blush is not None:  # a reddish side, direction set by the part's rotation
         d = ((xs - cx) * math.cos(math.radians(p.angle)) + (ys - cy) * math.sin(math.radians(p.angle))) / R
         t = np.clip(d, 0.0, 1.0)[:, None] * 0.7
@@ -425,8 +438,8 @@ def _granular_heap(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator
     cx, cy = p.cx * S, p.cy * S
     m = _poly_mask(S, _rounded_rect(cx, cy, HEAP_W * S, HEAP_H * S, 0.06 * S, p.angle))
     _paint_shaded(canvas, m, tuple(v * p.gain for v in GRANULAR_BASE), cx, cy, 0.15 * S, 0.2)
-    ys, xs = np.nonzero(m)
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    rows, cols = _box(m)
+    y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
     # grain centres uniform on the heap's rectangle grown by a grain: cover is the same everywhere
     bw, bh = HEAP_W + 2 * a, HEAP_H + 2 * a
     count = int(round(-math.log(1 - GRAIN_COVER) * bw * bh * S * S / _grain_area(a, b, S)))
@@ -743,13 +756,13 @@ def _find_free_spot(
     blocked[:, :border] = 1
     blocked[:, -border:] = 1
     blocked_b = blocked.astype(bool)
-    fy, fx = np.nonzero(_footprint(p, S))  # translating these pixels is far cheaper than redrawing
+    fy, fx = _pixels(_footprint(p, S))  # translating these pixels is far cheaper than redrawing
     for _ in range(tries):
         q = replace(p, cx=float(rng.uniform(0.1, 0.9)), cy=float(rng.uniform(0.1, 0.9)),
                     angle=float(rng.uniform(0, 180)) if free_angle else p.angle)
         if free_angle:
             base = replace(q, cx=p.cx, cy=p.cy)
-            fy, fx = np.nonzero(_footprint(base, S))
+            fy, fx = _pixels(_footprint(base, S))
         ys = fy + int(round((q.cy - p.cy) * S))
         xs = fx + int(round((q.cx - p.cx) * S))
         if ys.min() < 0 or xs.min() < 0 or ys.max() >= S or xs.max() >= S:
@@ -894,7 +907,7 @@ def render(
         i = int(anomaly_rng.integers(len(parts)))
         p, m = parts[i], foot[i]
         affected = p.kind
-        ys, xs = np.nonzero(m)
+        ys, xs = _pixels(m)
         cx, cy = float(xs.mean()), float(ys.mean())
         extent = float(np.sqrt(m.sum() / math.pi))  # radius of a disc of the same area
         if anomaly == "scratch":
@@ -909,7 +922,7 @@ def render(
         elif anomaly == "chip":
             # bite centred on a boundary pixel of the part: background shows through
             edge = m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-            ey, ex = np.nonzero(edge)
+            ey, ex = _pixels(edge)
             k = int(anomaly_rng.integers(len(ey)))
             r = extent * anomaly_rng.uniform(0.30, 0.40)
             region = _circle_mask(S, ex[k], ey[k], r) & m
