@@ -250,10 +250,11 @@ def _fruit(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, r: flo
         d = ((xs - cx) * math.cos(math.radians(p.angle)) + (ys - cy) * math.sin(math.radians(p.angle))) / R
         t = np.clip(d, 0.0, 1.0)[:, None] * 0.7
         canvas[ys, xs] = canvas[ys, xs] * (1 - t) + np.asarray(blush, np.float32) * t
-    for _ in range(dimples):  # peel pores
-        a, rr = rng.uniform(0, 2 * math.pi), R * math.sqrt(rng.uniform(0, 0.85))
+    pore_colour = tuple(float(v) * 0.88 for v in colour)
+    for a, u in rng.uniform((0.0, 0.0), (2 * math.pi, 0.85), (dimples, 2)).tolist():  # peel pores
+        rr = R * math.sqrt(u)
         cv2.circle(canvas, (int(cx + rr * math.cos(a)), int(cy + rr * math.sin(a))), max(1, int(0.004 * S)),
-                   tuple(float(v) * 0.88 for v in colour), -1)
+                   pore_colour, -1)
     return m
 
 
@@ -969,7 +970,8 @@ def render(
         gt_ss |= region
 
     # ---- camera: lighting gradient, gain, downsample, sensor noise ----
-    canvas *= _light_gain(S, gain, grad_dir, grad_amp)[:, :, None]
+    light = _light_gain(S, gain, grad_dir, grad_amp)
+    canvas *= cv2.merge([light, light, light])  # numpy is several times slower broadcasting (S, S, 1)
     img = _to_output(canvas, size)
     img += np.random.default_rng(noise_seed).normal(0, 0.012, img.shape).astype(np.float32)
     image = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
