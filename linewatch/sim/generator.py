@@ -357,12 +357,31 @@ def _place(pts: np.ndarray, cx: float, cy: float, angle: float, mirror: bool) ->
     return np.stack([cx + c * x - s * pts[:, 1], cy + s * x + c * pts[:, 1]], 1)
 
 
+def _stroke_box(lines: list[np.ndarray], S: int, width: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Polylines in fixed point (`_fixed`) drawn `width` wide in their own box of the (S, S)
+    frame: the box (rows, columns) and its bool pixels. cv2 draws a shape that lies whole in
+    an image the same wherever it lies, so these are the pixels a whole frame would get."""
+    corners = np.concatenate(lines) >> _SUBPIXEL
+    x0, y0 = np.maximum(corners.min(0) - width - 2, 0).tolist()
+    x1, y1 = np.minimum(corners.max(0) + width + 2, S).tolist()
+    pixels = np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
+    if pixels.size:
+        origin = np.array([x0, y0], np.int32) << _SUBPIXEL
+        cv2.polylines(pixels, [line - origin for line in lines], False, 1, width, cv2.LINE_8, _SUBPIXEL)
+    return (slice(y0, y0 + pixels.shape[0]), slice(x0, x0 + pixels.shape[1])), pixels.astype(bool)
+
+
+def _in_frame(S: int, box: tuple[slice, slice], pixels: np.ndarray) -> np.ndarray:
+    """Bool (S, S): `pixels` at `box`, False elsewhere."""
+    m = np.zeros((S, S), bool)
+    m[box] = pixels
+    return m
+
+
 def _glyph_mask(name: str, S: int, cx: float, cy: float, scale: float, angle: float, mirror: bool) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
     h = GLYPH_HEIGHT * scale * S
     lines = [_fixed(_place(np.asarray(stroke, np.float64) * h, cx, cy, angle, mirror)) for stroke in GLYPHS[name]]
-    cv2.polylines(m, lines, False, 1, max(1, int(round(GLYPH_STROKE * S))), cv2.LINE_8, _SUBPIXEL)
-    return m.astype(bool)
+    return _in_frame(S, *_stroke_box(lines, S, max(1, int(round(GLYPH_STROKE * S)))))
 
 
 @functools.cache
@@ -592,12 +611,10 @@ def _written_strokes(name: str, hand: Handwriting) -> list[np.ndarray]:
     return out
 
 
-def _char_mask(strokes: list[np.ndarray], S: int, cx: float, cy: float, height: float, angle: float,
-               mirror: bool, width: int) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
-    lines = [_fixed(_place(s * height, cx, cy, angle, mirror)) for s in strokes]
-    cv2.polylines(m, lines, False, 1, width, cv2.LINE_8, _SUBPIXEL)
-    return m.astype(bool)
+def _char_lines(strokes: list[np.ndarray], cx: float, cy: float, height: float, angle: float,
+                mirror: bool) -> list[np.ndarray]:
+    """The character's strokes placed in the image, in fixed point."""
+    return [_fixed(_place(s * height, cx, cy, angle, mirror)) for s in strokes]
 
 
 def _char_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
@@ -607,11 +624,11 @@ def _char_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Genera
         nominal = max(1, int(round(GLYPH_STROKE * S)))
         height = GLYPH_HEIGHT * S
         for _ in range(3):  # the size whose footprint, at the nominal stroke width, covers CHAR_AREA
-            area = _char_mask(strokes, S, S / 2, S / 2, height, 0.0, False, nominal).sum() / S**2
-            height *= CHAR_AREA / area
+            _, pixels = _stroke_box(_char_lines(strokes, S / 2, S / 2, height, 0.0, False), S, nominal)
+            height *= CHAR_AREA / (pixels.sum() / S**2)
         cx, cy = p.cx * S, p.cy * S
-        m = _char_mask(strokes, S, cx, cy, height * hand.size, p.angle + hand.turn, p.mirror,
-                       max(1, int(round(GLYPH_STROKE * hand.stroke * S))))
+        lines = _char_lines(strokes, cx, cy, height * hand.size, p.angle + hand.turn, p.mirror)
+        m = _in_frame(S, *_stroke_box(lines, S, max(1, int(round(GLYPH_STROKE * hand.stroke * S)))))
         _paint_shaded(canvas, m, tuple(v * p.gain for v in CHAR_COLOUR), cx, cy, 0.1 * S, 0.15)
         return m
 
