@@ -124,8 +124,12 @@ def _light_gain(S: int, gain: float, direction: float, amplitude: float) -> np.n
     """Float32 (S, S): the camera's gain times a linear lighting ramp, 1 -/+ `amplitude` at the
     frame's edges along `direction` (radians), 1 at its centre."""
     coord = np.arange(S, dtype=np.float32) - S / 2
-    ramp = (coord[None, :] * math.cos(direction) + coord[:, None] * math.sin(direction)) / (S / 2)
-    return gain * (1.0 + amplitude * ramp)
+    light = coord[None, :] * math.cos(direction) + coord[:, None] * math.sin(direction)
+    light /= S / 2  # in place, in the order of gain * (1 + amplitude * ramp)
+    light *= amplitude
+    light += 1.0
+    light *= gain
+    return light
 
 
 def _box(mask: np.ndarray) -> tuple[slice, slice]:
@@ -988,7 +992,8 @@ def render(
 
     # ---- camera: lighting gradient, gain, downsample, sensor noise ----
     light = _light_gain(S, gain, grad_dir, grad_amp)
-    canvas *= cv2.merge([light, light, light])  # numpy is several times slower broadcasting (S, S, 1)
+    for c in range(3):  # a channel at a time: numpy is several times slower broadcasting (S, S, 1)
+        canvas[:, :, c] *= light
     img = _to_output(canvas, size)
     img += np.random.default_rng(noise_seed).normal(0, 0.012, img.shape).astype(np.float32)
     image = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
