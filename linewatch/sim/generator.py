@@ -796,15 +796,15 @@ def _find_free_spot(
 ) -> Part | None:
     """Move `p` to a random centre where its footprint keeps a clearance from `occupied`
     (bool (S, S)) and from the image border; None if no such spot is found."""
-    gap = int(0.045 * S)
-    blocked = cv2.dilate(occupied.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
+    clearance = _Clearance(occupied, int(0.045 * S))
     border = int(0.07 * S)
-    blocked[:border] = 1
-    blocked[-border:] = 1
-    blocked[:, :border] = 1
-    blocked[:, -border:] = 1
-    blocked_b = blocked.astype(bool)
-    fy, fx = _pixels(_footprint(p, S))  # translating these pixels is far cheaper than redrawing
+    in_border = np.zeros((S, S), bool)
+    in_border[:border] = True
+    in_border[-border:] = True
+    in_border[:, :border] = True
+    in_border[:, -border:] = True
+    if not free_angle:
+        fy, fx = _pixels(_footprint(p, S))  # translating these pixels is far cheaper than redrawing
     for _ in range(tries):
         q = replace(p, cx=float(rng.uniform(0.1, 0.9)), cy=float(rng.uniform(0.1, 0.9)),
                     angle=float(rng.uniform(0, 180)) if free_angle else p.angle)
@@ -815,9 +815,40 @@ def _find_free_spot(
         xs = fx + int(round((q.cx - p.cx) * S))
         if ys.min() < 0 or xs.min() < 0 or ys.max() >= S or xs.max() >= S:
             continue
-        if not blocked_b[ys, xs].any():
+        if not in_border[ys, xs].any() and not clearance.blocks(ys, xs):
             return q
     return None
+
+
+class _Clearance:
+    """The pixels within `gap` of an occupied one, as cv2.dilate with the MORPH_ELLIPSE kernel
+    of radius `gap` marks them, asked for a few pixels at a time instead of dilating the frame.
+
+    That kernel holds every offset of Euclidean length <= gap - 1 and none of length >= gap + 1
+    (its row dy reaches round(sqrt(gap^2 - dy^2)) to each side), so the distance of each pixel to
+    the nearest occupied one (cv2.distanceTransform, exact) decides all pixels but those between;
+    for those the occupied pixels around them are dilated, as exactly as the whole frame."""
+
+    def __init__(self, occupied: np.ndarray, gap: int) -> None:
+        self.occupied = occupied.astype(np.uint8)
+        self.gap = gap
+        self.kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)
+        self.distance = cv2.distanceTransform(1 - self.occupied, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+    def blocks(self, ys: np.ndarray, xs: np.ndarray) -> bool:
+        """Whether any of the pixels (ys, xs) lies within the gap of an occupied pixel."""
+        distance = self.distance[ys, xs]
+        if distance.min() <= self.gap - 1:
+            return True
+        near = distance < self.gap + 1
+        if not near.any():
+            return False
+        ys, xs = ys[near], xs[near]
+        S, gap = len(self.occupied), self.gap
+        y0, x0 = max(0, int(ys.min()) - gap), max(0, int(xs.min()) - gap)
+        y1, x1 = min(S, int(ys.max()) + gap + 1), min(S, int(xs.max()) + gap + 1)
+        dilated = cv2.dilate(self.occupied[y0:y1, x0:x1], self.kernel)
+        return bool(dilated[ys - y0, xs - x0].any())
 
 
 def _to_output(img_ss: np.ndarray, size: int) -> np.ndarray:
