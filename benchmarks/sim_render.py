@@ -6,9 +6,10 @@
 Renders every product (KNOWN_PRODUCTS, char_tray included) good and with each of its own
 anomalies, for --seeds seeds, at each of --sizes, in colour; and mono for every case at the
 first size. Each render's image, ground truth and info are hashed (SHA-256 of the array's
-dtype, shape and bytes; of info as JSON, floats written exactly). Then `generate_dataset` writes
-a small dataset of every product at 96 px (and glyph_tray mono) and every file's bytes are
-hashed. Prints
+dtype, shape and bytes; of info as JSON, floats written exactly); so are the canvas and the
+footprint of every kind of part (spares too) drawn alone in three poses at each size. Then
+`generate_dataset` writes a small dataset of every product at 96 px (and glyph_tray mono) and
+every file's bytes are hashed. Prints
 
   - the CPU time (this process, all its threads) of one `render` per product and size: each
     colour case rendered --repeat times, its least time kept, the mean over good and anomalous
@@ -19,7 +20,8 @@ hashed. Prints
 lists the cases whose output changed (exit status 1 when any did). Run it on the code before a
 change with --save and after it with --check: a faster render must leave every hash equal.
 CPU time is less disturbed by other processes than wall time, not free of them (shared caches
-and cores); run with OMP_NUM_THREADS=1 to compare like with like. `PYTHONPATH=OTHER_CHECKOUT` measures another version of linewatch.
+and cores); run with OMP_NUM_THREADS=1 to compare like with like. `PYTHONPATH=OTHER_CHECKOUT`
+measures another version of linewatch with the same cases.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from linewatch.sim.generator import KNOWN_PRODUCTS, generate_dataset, product_anomalies, render
+from linewatch.sim.generator import DRAWERS, KNOWN_PRODUCTS, Part, generate_dataset, product_anomalies, render
 
 DATASET_COUNTS = dict(n_train=2, n_val=1, n_test_good=1, n_test_logical=4, n_test_structural=3)
 
@@ -80,6 +82,21 @@ def render_hashes(products: list[str], seeds: int, sizes: list[int],
     return hashes, times
 
 
+def part_hashes(sizes: list[int]) -> dict[str, str]:
+    """Hashes of every kind of part (DRAWERS, spares included) drawn alone, canvas and mask,
+    at the frames of `sizes`, turned and mirrored, at places off the pixel grid."""
+    hashes: dict[str, str] = {}
+    for kind, draw in DRAWERS.items():
+        for size in sizes:
+            S = 2 * size
+            for k, (cx, cy, angle, mirror) in enumerate(((0.5, 0.5, 0.0, False), (0.43, 0.61, 37.5, True),
+                                                         (0.58, 0.47, -101.0, False))):
+                canvas = np.full((S, S, 3), 0.25, np.float32)
+                mask = draw(canvas, Part(kind, cx, cy, angle, 1.03, k, mirror), S, np.random.default_rng(k))
+                hashes[f"part {kind} S={S} pose={k}"] = f"{_array_hash(canvas)} {_array_hash(mask)}"
+    return hashes
+
+
 def dataset_hashes(products: list[str]) -> tuple[dict[str, str], float]:
     """Hashes of every file of a small dataset of each product (and one mono), and the time."""
     hashes: dict[str, str] = {}
@@ -108,6 +125,7 @@ def main() -> int:
     args = ap.parse_args()
 
     hashes, times = render_hashes(args.products, args.seeds, args.sizes, args.repeat)
+    hashes.update(part_hashes(args.sizes))
     files, dataset_s = dataset_hashes(args.products)
     hashes.update(files)
 
