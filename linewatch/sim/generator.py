@@ -71,7 +71,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -91,8 +91,9 @@ Colour = tuple[float, float, float]
 
 
 # --------------------------------------------------------------------------------------
-# Part drawing. Every drawer paints into `canvas` (S, S, 3) float32 RGB in [0, 1] and returns
-# the part's footprint, a bool (S, S) mask. Sizes are fractions of the image side.
+# Part drawing. Every kind of part has a Drawer: its outline is the part's footprint, a bool
+# (S, S) mask; its paint colours `canvas` (S, S, 3) float32 RGB in [0, 1] inside it. Sizes
+# are fractions of the image side.
 # --------------------------------------------------------------------------------------
 
 
@@ -188,126 +189,149 @@ def _rounded_rect(cx: float, cy: float, w: float, h: float, r: float, angle: flo
     return np.stack([cx + c * p[:, 0] - s * p[:, 1], cy + s * p[:, 0] + c * p[:, 1]], 1)
 
 
-def _draw_washer(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    cx, cy, R = p.cx * S, p.cy * S, 0.072 * S
-    m = _circle_mask(S, cx, cy, R) & ~_circle_mask(S, cx, cy, 0.034 * S)
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in (0.76, 0.77, 0.80)), cx, cy, R, 0.35)
-    return m
+class Drawer:
+    """How one kind of part is drawn: `outline` is its footprint, a bool (S, S) mask; `paint`
+    colours the canvas inside it. Both take the part's own Generator, the outline's draws
+    first. Calling a drawer does both and returns the footprint; the outline alone is the
+    footprint without the cost of the paint (`_footprint`)."""
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def __call__(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        m = self.outline(p, S, rng)
+        self.paint(canvas, p, S, rng, m)
+        return m
 
 
-def _hex_nut(canvas: np.ndarray, p: Part, S: int, colour: Colour) -> np.ndarray:
-    cx, cy, R = p.cx * S, p.cy * S, 0.068 * S
-    a = np.radians(p.angle + np.arange(6) * 60.0)
-    m = _poly_mask(S, np.stack([cx + R * np.cos(a), cy + R * np.sin(a)], 1))
-    m &= ~_circle_mask(S, cx, cy, 0.030 * S)
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in colour), cx, cy, R, 0.30)
-    return m
+class Washer(Drawer):
+    """A flat ring."""
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        cx, cy = p.cx * S, p.cy * S
+        return _circle_mask(S, cx, cy, 0.072 * S) & ~_circle_mask(S, cx, cy, 0.034 * S)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in (0.76, 0.77, 0.80)), p.cx * S, p.cy * S, 0.072 * S, 0.35)
 
 
-def _draw_nut(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _hex_nut(canvas, p, S, (0.82, 0.66, 0.30))
+@dataclass(frozen=True)
+class HexNut(Drawer):
+    """A hexagon with a round hole."""
+
+    colour: Colour
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        cx, cy, R = p.cx * S, p.cy * S, 0.068 * S
+        a = np.radians(p.angle + np.arange(6) * 60.0)
+        return _poly_mask(S, np.stack([cx + R * np.cos(a), cy + R * np.sin(a)], 1)) & ~_circle_mask(S, cx, cy, 0.030 * S)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in self.colour), p.cx * S, p.cy * S, 0.068 * S, 0.30)
 
 
-def _screw(canvas: np.ndarray, p: Part, S: int, length: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Screw(Drawer):
     """A screw lying flat: round head at one end, threaded shaft with a pointed tip."""
-    cx, cy, L, w = p.cx * S, p.cy * S, length * S, 0.036 * S
-    u = np.array([math.cos(math.radians(p.angle)), math.sin(math.radians(p.angle))])
-    n = np.array([-u[1], u[0]])
-    c = np.array([cx, cy])
-    head, tip = c - u * L / 2, c + u * L / 2
-    shaft_end = tip - u * w
-    shaft = np.stack([head + n * w / 2, shaft_end + n * w / 2, tip, shaft_end - n * w / 2, head - n * w / 2])
-    colour = tuple(v * p.gain for v in (0.62, 0.64, 0.69))
-    m_shaft = _poly_mask(S, shaft)
-    _paint_shaded(canvas, m_shaft, colour, cx, cy, L / 2, 0.25)
-    # thread: darker bands across the shaft (never as dark as the tray, so the part stays whole)
-    ys, xs = _pixels(m_shaft)
-    along = (xs - head[0]) * u[0] + (ys - head[1]) * u[1]
-    band = (np.mod(along, 0.022 * S) < 0.008 * S) & (along > 0.06 * S)
-    canvas[ys[band], xs[band]] *= 0.82
-    r_head = 0.046 * S
-    m_head = _circle_mask(S, head[0], head[1], r_head)
-    _paint_shaded(canvas, m_head, tuple(v * 1.08 for v in colour), head[0], head[1], r_head, 0.35)
-    slot = np.zeros((S, S), np.uint8)
-    a, b = head - n * r_head * 0.7, head + n * r_head * 0.7
-    cv2.line(slot, tuple(int(v) for v in np.round(a)), tuple(int(v) for v in np.round(b)), 1, max(1, int(0.008 * S)))
-    slot_b = slot.astype(bool) & m_head
-    canvas[slot_b] *= 0.72
-    return m_shaft | m_head
+
+    length: float
+
+    def _shape(self, p: Part, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """The head's centre, the unit vectors along and across the screw, the shaft's polygon
+        (5, 2) and the head's radius, in pixels."""
+        cx, cy, L, w = p.cx * S, p.cy * S, self.length * S, 0.036 * S
+        u = np.array([math.cos(math.radians(p.angle)), math.sin(math.radians(p.angle))])
+        n = np.array([-u[1], u[0]])
+        c = np.array([cx, cy])
+        head, tip = c - u * L / 2, c + u * L / 2
+        shaft_end = tip - u * w
+        shaft = np.stack([head + n * w / 2, shaft_end + n * w / 2, tip, shaft_end - n * w / 2, head - n * w / 2])
+        return head, u, n, shaft, 0.046 * S
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        head, _, _, shaft, r_head = self._shape(p, S)
+        return _poly_mask(S, shaft) | _circle_mask(S, head[0], head[1], r_head)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        head, u, n, shaft, r_head = self._shape(p, S)
+        colour = tuple(v * p.gain for v in (0.62, 0.64, 0.69))
+        m_shaft = _poly_mask(S, shaft)
+        _paint_shaded(canvas, m_shaft, colour, p.cx * S, p.cy * S, self.length * S / 2, 0.25)
+        # thread: darker bands across the shaft (never as dark as the tray, so the part stays whole)
+        ys, xs = _pixels(m_shaft)
+        along = (xs - head[0]) * u[0] + (ys - head[1]) * u[1]
+        band = (np.mod(along, 0.022 * S) < 0.008 * S) & (along > 0.06 * S)
+        canvas[ys[band], xs[band]] *= 0.82
+        m_head = _circle_mask(S, head[0], head[1], r_head)
+        _paint_shaded(canvas, m_head, tuple(v * 1.08 for v in colour), head[0], head[1], r_head, 0.35)
+        slot = np.zeros((S, S), np.uint8)
+        a, b = head - n * r_head * 0.7, head + n * r_head * 0.7
+        cv2.line(slot, tuple(int(v) for v in np.round(a)), tuple(int(v) for v in np.round(b)), 1,
+                 max(1, int(0.008 * S)))
+        slot_b = slot.astype(bool) & m_head
+        canvas[slot_b] *= 0.72
 
 
-def _draw_screw_long(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _screw(canvas, p, S, 0.40)
+@dataclass(frozen=True)
+class Fruit(Drawer):
+    """A round fruit, shaded, with peel pores (`dimples` of them) or a blush on one side."""
+
+    radius: float
+    colour: Colour
+    dimples: int
+    blush: Colour | None
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _circle_mask(S, p.cx * S, p.cy * S, self.radius * S)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        cx, cy, R = p.cx * S, p.cy * S, self.radius * S
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in self.colour), cx, cy, R, 0.30)
+        ys, xs = _pixels(m)
+        if self.blush is not None:  # a reddish side, direction set by the part's rotation
+            d = ((xs - cx) * math.cos(math.radians(p.angle)) + (ys - cy) * math.sin(math.radians(p.angle))) / R
+            t = np.clip(d, 0.0, 1.0)[:, None] * 0.7
+            canvas[ys, xs] = canvas[ys, xs] * (1 - t) + np.asarray(self.blush, np.float32) * t
+        pore_colour = tuple(float(v) * 0.88 for v in self.colour)
+        for a, u in rng.uniform((0.0, 0.0), (2 * math.pi, 0.85), (self.dimples, 2)).tolist():  # peel pores
+            rr = R * math.sqrt(u)
+            cv2.circle(canvas, (int(cx + rr * math.cos(a)), int(cy + rr * math.sin(a))), max(1, int(0.004 * S)),
+                       pore_colour, -1)
 
 
-def _draw_screw_short(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _screw(canvas, p, S, 0.20)
-
-
-def _fruit(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, r: float, colour: Colour,
-           dimples: int, blush: Colour | None) -> np.ndarray:
-    cx, cy, R = p.cx * S, p.cy * S, r * S
-    m = _circle_mask(S, cx, cy, R)
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in colour), cx, cy, R, 0.30)
-    ys, xs = _pixels(m)
-    if blush is not None:  # a reddish side, direction set by the part's rotation
-        d = ((xs - cx) * math.cos(math.radians(p.angle)) + (ys - cy) * math.sin(math.radians(p.angle))) / R
-        t = np.clip(d, 0.0, 1.0)[:, None] * 0.7
-        canvas[ys, xs] = canvas[ys, xs] * (1 - t) + np.asarray(blush, np.float32) * t
-    pore_colour = tuple(float(v) * 0.88 for v in colour)
-    for a, u in rng.uniform((0.0, 0.0), (2 * math.pi, 0.85), (dimples, 2)).tolist():  # peel pores
-        rr = R * math.sqrt(u)
-        cv2.circle(canvas, (int(cx + rr * math.cos(a)), int(cy + rr * math.sin(a))), max(1, int(0.004 * S)),
-                   pore_colour, -1)
-    return m
-
-
-def _draw_orange(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _fruit(canvas, p, S, rng, 0.085, (0.96, 0.55, 0.10), 60, None)
-
-
-def _draw_peach(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _fruit(canvas, p, S, rng, 0.092, (0.95, 0.72, 0.50), 0, (0.86, 0.36, 0.30))
-
-
-def _draw_lime(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _fruit(canvas, p, S, rng, 0.080, (0.55, 0.76, 0.20), 50, None)
-
-
-def _textured_patch(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, base: Colour,
-                    pieces: list[tuple[Colour, float, float, int]]) -> np.ndarray:
+@dataclass(frozen=True)
+class TexturedPatch(Drawer):
     """A rounded-rectangle heap (base colour) with many small ellipses on top.
     pieces: (colour, long half-axis, short half-axis, count), half-axes as fractions of S."""
-    cx, cy = p.cx * S, p.cy * S
-    m = _poly_mask(S, _rounded_rect(cx, cy, 0.27 * S, 0.23 * S, 0.05 * S, p.angle))
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in base), cx, cy, 0.14 * S, 0.2)
-    # Only the heap's pixels take the pieces: draw in its box grown by two pieces, so that every
-    # piece reaching the heap lies whole in it (cv2 rasterises a piece cut by the border differently)
-    reach = 2 * max(max(1, int(a * S)) for _, a, _, _ in pieces) + 2
-    rows, cols = _grown(_box(m), reach, S)
-    layer = canvas[rows, cols].copy()
-    for colour, a, b, count in pieces:
-        # per piece: x, y, gain, orientation (the draws in this order, piece after piece)
-        draws = rng.uniform((-0.14, -0.12, 0.9, 0.0), (0.14, 0.12, 1.1, 180.0), (count, 4))
-        xs = (cx + draws[:, 0] * S).astype(int) - cols.start
-        ys = (cy + draws[:, 1] * S).astype(int) - rows.start
-        tints = np.asarray(colour)[None, :] * (draws[:, 2:3] * p.gain)
-        axes = (max(1, int(a * S)), max(1, int(b * S)))
-        for x, y, orientation, tint in zip(xs.tolist(), ys.tolist(), draws[:, 3].tolist(), tints.tolist()):
-            cv2.ellipse(layer, (x, y), axes, orientation, 0, 360, tint, -1)
-    inside = m[rows, cols]
-    canvas[rows, cols][inside] = np.clip(layer[inside], 0.0, 1.0)  # pieces are clipped to the heap's outline
-    return m
 
+    base: Colour
+    pieces: tuple[tuple[Colour, float, float, int], ...]
 
-def _draw_cereal(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _textured_patch(canvas, p, S, rng, (0.74, 0.52, 0.26),
-                           [((0.88, 0.70, 0.40), 0.012, 0.008, 160), ((0.62, 0.42, 0.18), 0.010, 0.007, 90)])
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _poly_mask(S, _rounded_rect(p.cx * S, p.cy * S, 0.27 * S, 0.23 * S, 0.05 * S, p.angle))
 
-
-def _draw_nut_mix(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _textured_patch(canvas, p, S, rng, (0.50, 0.34, 0.20),
-                           [((0.62, 0.40, 0.22), 0.022, 0.012, 35), ((0.97, 0.90, 0.60), 0.016, 0.016, 25)])
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        cx, cy = p.cx * S, p.cy * S
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in self.base), cx, cy, 0.14 * S, 0.2)
+        # Only the heap's pixels take the pieces: draw in its box grown by two pieces, so that every
+        # piece reaching the heap lies whole in it (cv2 rasterises a piece cut by the border differently)
+        reach = 2 * max(max(1, int(a * S)) for _, a, _, _ in self.pieces) + 2
+        rows, cols = _grown(_box(m), reach, S)
+        layer = canvas[rows, cols].copy()
+        for colour, a, b, count in self.pieces:
+            # per piece: x, y, gain, orientation (the draws in this order, piece after piece)
+            draws = rng.uniform((-0.14, -0.12, 0.9, 0.0), (0.14, 0.12, 1.1, 180.0), (count, 4))
+            xs = (cx + draws[:, 0] * S).astype(int) - cols.start
+            ys = (cy + draws[:, 1] * S).astype(int) - rows.start
+            tints = np.asarray(colour)[None, :] * (draws[:, 2:3] * p.gain)
+            axes = (max(1, int(a * S)), max(1, int(b * S)))
+            for x, y, orientation, tint in zip(xs.tolist(), ys.tolist(), draws[:, 3].tolist(), tints.tolist()):
+                cv2.ellipse(layer, (x, y), axes, orientation, 0, 360, tint, -1)
+        inside = m[rows, cols]
+        canvas[rows, cols][inside] = np.clip(layer[inside], 0.0, 1.0)  # pieces are clipped to the heap's outline
 
 
 # ---- glyphs (glyph_tray): letter-like shapes drawn as thick strokes -------------------------
@@ -397,14 +421,17 @@ def _glyph_scale(name: str) -> float:
     return scale
 
 
-def _glyph_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
-    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-        cx, cy = p.cx * S, p.cy * S
-        m = _glyph_mask(name, S, cx, cy, _glyph_scale(name), p.angle, p.mirror)
-        _paint_shaded(canvas, m, tuple(v * p.gain for v in GLYPH_COLOUR), cx, cy, 0.1 * S, 0.15)
-        return m
+@dataclass(frozen=True)
+class Glyph(Drawer):
+    """Glyph `name` of GLYPHS, thick strokes of GLYPH_COLOUR covering GLYPH_AREA."""
 
-    return draw
+    name: str
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _glyph_mask(self.name, S, p.cx * S, p.cy * S, _glyph_scale(self.name), p.angle, p.mirror)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in GLYPH_COLOUR), p.cx * S, p.cy * S, 0.1 * S, 0.15)
 
 
 # ---- flat polygons (bracket_kit): steel and brass plates of one area -----------------------
@@ -442,18 +469,21 @@ def _unit_polygon(name: str) -> np.ndarray:
     return (p - centroid) * math.sqrt(POLYGON_AREA / abs(area))
 
 
-def _polygon_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
-    colour = POLYGON_COLOURS[POLYGONS[name][0]]
+@dataclass(frozen=True)
+class Polygon(Drawer):
+    """Flat plate `name` of POLYGONS in its metal's colour, POLYGON_AREA of the image."""
 
-    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-        cx, cy = p.cx * S, p.cy * S
+    name: str
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
         m = np.zeros((S, S), np.uint8)
-        cv2.fillPoly(m, [_fixed(_place(_unit_polygon(name) * S, cx, cy, p.angle, p.mirror))], 1, cv2.LINE_8, _SUBPIXEL)
-        mb = m.astype(bool)
-        _paint_shaded(canvas, mb, tuple(v * p.gain for v in colour), cx, cy, 0.12 * S, 0.2)
-        return mb
+        corners = _fixed(_place(_unit_polygon(self.name) * S, p.cx * S, p.cy * S, p.angle, p.mirror))
+        cv2.fillPoly(m, [corners], 1, cv2.LINE_8, _SUBPIXEL)
+        return m.astype(bool)
 
-    return draw
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        colour = POLYGON_COLOURS[POLYGONS[self.name][0]]
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in colour), p.cx * S, p.cy * S, 0.12 * S, 0.2)
 
 
 # ---- granular heaps (bracket_kit): many small grains of one colour family ------------------
@@ -484,38 +514,38 @@ def _grain_area(a: float, b: float, S: int) -> float:
     return total / len(offsets)
 
 
-def _granular_heap(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, a: float, b: float) -> np.ndarray:
+@dataclass(frozen=True)
+class GranularHeap(Drawer):
     """A rounded-rectangle heap covered by ellipse grains with half-axes a >= b (fractions of S)."""
-    cx, cy = p.cx * S, p.cy * S
-    m = _poly_mask(S, _rounded_rect(cx, cy, HEAP_W * S, HEAP_H * S, 0.06 * S, p.angle))
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in GRANULAR_BASE), cx, cy, 0.15 * S, 0.2)
-    rows, cols = _box(m)
-    y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
-    # grain centres uniform on the heap's rectangle grown by a grain: cover is the same everywhere
-    bw, bh = HEAP_W + 2 * a, HEAP_H + 2 * a
-    count = int(round(-math.log(1 - GRAIN_COVER) * bw * bh * S * S / _grain_area(a, b, S)))
-    u = (rng.random((count, 2)) - 0.5) * np.array([bw, bh]) * S
-    centres = _place(u, cx - x0, cy - y0, p.angle, False)
-    tone = rng.random(count) < 0.6
-    gain = rng.uniform(0.88, 1.12, count) * p.gain
-    orient = rng.uniform(0.0, 180.0, count)
-    layer = canvas[y0:y1, x0:x1].copy()
-    axes = (int(round(a * S * (1 << _SUBPIXEL))), int(round(b * S * (1 << _SUBPIXEL))))
-    light, dark = (np.asarray(t, np.float32) for t in GRANULAR_TONES)
-    colours = np.where(tone[:, None], light, dark) * gain[:, None]
-    for (gx, gy), o, colour in zip(_fixed(centres).tolist(), orient.tolist(), colours.tolist()):
-        cv2.ellipse(layer, (gx, gy), axes, o, 0, 360, colour, -1, cv2.LINE_8, _SUBPIXEL)
-    sub = m[y0:y1, x0:x1]
-    canvas[y0:y1, x0:x1][sub] = np.clip(layer[sub], 0.0, 1.0)  # grains are clipped to the heap
-    return m
 
+    a: float
+    b: float
 
-def _draw_rice(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _granular_heap(canvas, p, S, rng, 0.013, 0.0038)
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _poly_mask(S, _rounded_rect(p.cx * S, p.cy * S, HEAP_W * S, HEAP_H * S, 0.06 * S, p.angle))
 
-
-def _draw_millet(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _granular_heap(canvas, p, S, rng, 0.0048, 0.0048)
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        a, b = self.a, self.b
+        cx, cy = p.cx * S, p.cy * S
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in GRANULAR_BASE), cx, cy, 0.15 * S, 0.2)
+        rows, cols = _box(m)
+        y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
+        # grain centres uniform on the heap's rectangle grown by a grain: cover is the same everywhere
+        bw, bh = HEAP_W + 2 * a, HEAP_H + 2 * a
+        count = int(round(-math.log(1 - GRAIN_COVER) * bw * bh * S * S / _grain_area(a, b, S)))
+        u = (rng.random((count, 2)) - 0.5) * np.array([bw, bh]) * S
+        centres = _place(u, cx - x0, cy - y0, p.angle, False)
+        tone = rng.random(count) < 0.6
+        gain = rng.uniform(0.88, 1.12, count) * p.gain
+        orient = rng.uniform(0.0, 180.0, count)
+        layer = canvas[y0:y1, x0:x1].copy()
+        axes = (int(round(a * S * (1 << _SUBPIXEL))), int(round(b * S * (1 << _SUBPIXEL))))
+        light, dark = (np.asarray(t, np.float32) for t in GRANULAR_TONES)
+        colours = np.where(tone[:, None], light, dark) * gain[:, None]
+        for (gx, gy), o, colour in zip(_fixed(centres).tolist(), orient.tolist(), colours.tolist()):
+            cv2.ellipse(layer, (gx, gy), axes, o, 0, 360, colour, -1, cv2.LINE_8, _SUBPIXEL)
+        sub = m[y0:y1, x0:x1]
+        canvas[y0:y1, x0:x1][sub] = np.clip(layer[sub], 0.0, 1.0)  # grains are clipped to the heap
 
 
 # ---- handwritten characters (char_tray): one character per slot, natural variation ----------
@@ -621,39 +651,46 @@ def _char_lines(strokes: list[np.ndarray], cx: float, cy: float, height: float, 
     return [_fixed(_place(s * height, cx, cy, angle, mirror)) for s in strokes]
 
 
-def _char_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
-    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+@dataclass(frozen=True)
+class Handwritten(Drawer):
+    """Character `name` (CHAR_ALTERNATES) as the part's own hand writes it (`_handwriting`,
+    drawn from the part's Generator by the outline), sized to cover CHAR_AREA at the nominal
+    stroke width, in CHAR_COLOUR."""
+
+    name: str
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
         hand = _handwriting(rng)
-        strokes = _written_strokes(name, hand)
+        strokes = _written_strokes(self.name, hand)
         nominal = max(1, int(round(GLYPH_STROKE * S)))
         height = GLYPH_HEIGHT * S
         for _ in range(3):  # the size whose footprint, at the nominal stroke width, covers CHAR_AREA
             _, pixels = _stroke_box(_char_lines(strokes, S / 2, S / 2, height, 0.0, False), S, nominal)
             height *= CHAR_AREA / (pixels.sum() / S**2)
-        cx, cy = p.cx * S, p.cy * S
-        lines = _char_lines(strokes, cx, cy, height * hand.size, p.angle + hand.turn, p.mirror)
-        m = _in_frame(S, *_stroke_box(lines, S, max(1, int(round(GLYPH_STROKE * hand.stroke * S)))))
-        _paint_shaded(canvas, m, tuple(v * p.gain for v in CHAR_COLOUR), cx, cy, 0.1 * S, 0.15)
-        return m
+        lines = _char_lines(strokes, p.cx * S, p.cy * S, height * hand.size, p.angle + hand.turn, p.mirror)
+        return _in_frame(S, *_stroke_box(lines, S, max(1, int(round(GLYPH_STROKE * hand.stroke * S)))))
 
-    return draw
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in CHAR_COLOUR), p.cx * S, p.cy * S, 0.1 * S, 0.15)
 
 
-DRAWERS: dict[str, Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]] = {
-    "washer": _draw_washer,
-    "nut": _draw_nut,
-    "screw_long": _draw_screw_long,
-    "screw_short": _draw_screw_short,
-    "orange": _draw_orange,
-    "peach": _draw_peach,
-    "lime": _draw_lime,
-    "cereal": _draw_cereal,
-    "nut_mix": _draw_nut_mix,
-    "rice": _draw_rice,
-    "millet": _draw_millet,
-    **{f"glyph_{g}": _glyph_drawer(g) for g in GLYPHS},
-    **{name: _polygon_drawer(name) for name in POLYGONS},
-    **{f"char_{c}": _char_drawer(c) for c in CHAR_ALTERNATES},
+DRAWERS: dict[str, Drawer] = {
+    "washer": Washer(),
+    "nut": HexNut((0.82, 0.66, 0.30)),
+    "screw_long": Screw(0.40),
+    "screw_short": Screw(0.20),
+    "orange": Fruit(0.085, (0.96, 0.55, 0.10), 60, None),
+    "peach": Fruit(0.092, (0.95, 0.72, 0.50), 0, (0.86, 0.36, 0.30)),
+    "lime": Fruit(0.080, (0.55, 0.76, 0.20), 50, None),
+    "cereal": TexturedPatch((0.74, 0.52, 0.26), (((0.88, 0.70, 0.40), 0.012, 0.008, 160),
+                                                 ((0.62, 0.42, 0.18), 0.010, 0.007, 90))),
+    "nut_mix": TexturedPatch((0.50, 0.34, 0.20), (((0.62, 0.40, 0.22), 0.022, 0.012, 35),
+                                                  ((0.97, 0.90, 0.60), 0.016, 0.016, 25))),
+    "rice": GranularHeap(0.013, 0.0038),
+    "millet": GranularHeap(0.0048, 0.0048),
+    **{f"glyph_{g}": Glyph(g) for g in GLYPHS},
+    **{name: Polygon(name) for name in POLYGONS},
+    **{f"char_{c}": Handwritten(c) for c in CHAR_ALTERNATES},
 }
 
 
@@ -786,9 +823,8 @@ def product_anomalies(product: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _footprint(p: Part, S: int) -> np.ndarray:
-    """The part's bool (S, S) footprint, drawn on a scratch canvas (texture rng unused)."""
-    scratch = np.zeros((S, S, 3), np.float32)
-    return DRAWERS[p.kind](scratch, p, S, np.random.default_rng(p.seed))
+    """The part's bool (S, S) footprint: its drawer's outline, nothing painted."""
+    return DRAWERS[p.kind].outline(p, S, np.random.default_rng(p.seed))
 
 
 def _find_free_spot(
