@@ -165,16 +165,41 @@ def _paint_shaded(
     canvas[ys, xs] = np.clip(np.asarray(colour, np.float32)[None, :] * f[:, None], 0.0, 1.0)
 
 
+def _blank_box(S: int, x0: int, y0: int, x1: int, y1: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The frame's box x0 <= x < x1, y0 <= y < y1 (cut to the (S, S) frame) as (rows, columns),
+    and a blank uint8 image of it to draw one shape in, at coordinates less the box's corner.
+
+    cv2 rasterises a shape that lies whole in an image the same wherever it lies (one cut by
+    the image's border, differently), so a shape drawn in a box that holds all of it, or is cut
+    only where the frame cuts it, gets the pixels it would get in the whole frame, at the cost
+    of the box."""
+    rows = slice(min(max(y0, 0), S), min(max(y1, y0, 0), S))
+    cols = slice(min(max(x0, 0), S), min(max(x1, x0, 0), S))
+    return (rows, cols), np.zeros((rows.stop - rows.start, cols.stop - cols.start), np.uint8)
+
+
+def _in_frame(S: int, box: tuple[slice, slice], pixels: np.ndarray) -> np.ndarray:
+    """Bool (S, S): `pixels` at `box`, False elsewhere."""
+    m = np.zeros((S, S), bool)
+    m[box] = pixels
+    return m
+
+
 def _circle_mask(S: int, cx: float, cy: float, r: float) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
-    cv2.circle(m, (int(round(cx)), int(round(cy))), max(1, int(round(r))), 1, -1)
-    return m.astype(bool)
+    x, y, radius = int(round(cx)), int(round(cy)), max(1, int(round(r)))
+    (rows, cols), pixels = _blank_box(S, x - radius - 2, y - radius - 2, x + radius + 3, y + radius + 3)
+    if pixels.size:
+        cv2.circle(pixels, (x - cols.start, y - rows.start), radius, 1, -1)
+    return _in_frame(S, (rows, cols), pixels.astype(bool))
 
 
 def _poly_mask(S: int, pts: np.ndarray) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
-    cv2.fillPoly(m, [np.round(pts).astype(np.int32)], 1)
-    return m.astype(bool)
+    corners = np.round(pts).astype(np.int32)
+    (x0, y0), (x1, y1) = (corners.min(0) - 2).tolist(), (corners.max(0) + 3).tolist()
+    (rows, cols), pixels = _blank_box(S, x0, y0, x1, y1)
+    if pixels.size:
+        cv2.fillPoly(pixels, [corners - np.array([cols.start, rows.start], np.int32)], 1)
+    return _in_frame(S, (rows, cols), pixels.astype(bool))
 
 
 def _rounded_rect(cx: float, cy: float, w: float, h: float, r: float, angle: float) -> np.ndarray:
@@ -267,12 +292,14 @@ class Screw(Drawer):
         canvas[ys[band], xs[band]] *= 0.82
         m_head = _circle_mask(S, head[0], head[1], r_head)
         _paint_shaded(canvas, m_head, tuple(v * 1.08 for v in colour), head[0], head[1], r_head, 0.35)
-        slot = np.zeros((S, S), np.uint8)
-        a, b = head - n * r_head * 0.7, head + n * r_head * 0.7
-        cv2.line(slot, tuple(int(v) for v in np.round(a)), tuple(int(v) for v in np.round(b)), 1,
-                 max(1, int(0.008 * S)))
-        slot_b = slot.astype(bool) & m_head
-        canvas[slot_b] *= 0.72
+        ends = np.round([head - n * r_head * 0.7, head + n * r_head * 0.7]).astype(int)
+        width = max(1, int(0.008 * S))
+        (x0, y0), (x1, y1) = (ends.min(0) - width - 2).tolist(), (ends.max(0) + width + 3).tolist()
+        box, slot = _blank_box(S, x0, y0, x1, y1)
+        if slot.size:
+            a, b = (ends - [box[1].start, box[0].start]).tolist()
+            cv2.line(slot, tuple(a), tuple(b), 1, width)
+            canvas[box][slot.astype(bool) & m_head[box]] *= 0.72
 
 
 @dataclass(frozen=True)
@@ -390,20 +417,12 @@ def _stroke_box(lines: list[np.ndarray], S: int, width: int) -> tuple[tuple[slic
     frame: the box (rows, columns) and its bool pixels. cv2 draws a shape that lies whole in
     an image the same wherever it lies, so these are the pixels a whole frame would get."""
     corners = np.concatenate(lines) >> _SUBPIXEL
-    x0, y0 = np.maximum(corners.min(0) - width - 2, 0).tolist()
-    x1, y1 = np.minimum(corners.max(0) + width + 2, S).tolist()
-    pixels = np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
+    (x0, y0), (x1, y1) = (corners.min(0) - width - 2).tolist(), (corners.max(0) + width + 3).tolist()
+    (rows, cols), pixels = _blank_box(S, x0, y0, x1, y1)
     if pixels.size:
-        origin = np.array([x0, y0], np.int32) << _SUBPIXEL
+        origin = np.array([cols.start, rows.start], np.int32) << _SUBPIXEL
         cv2.polylines(pixels, [line - origin for line in lines], False, 1, width, cv2.LINE_8, _SUBPIXEL)
-    return (slice(y0, y0 + pixels.shape[0]), slice(x0, x0 + pixels.shape[1])), pixels.astype(bool)
-
-
-def _in_frame(S: int, box: tuple[slice, slice], pixels: np.ndarray) -> np.ndarray:
-    """Bool (S, S): `pixels` at `box`, False elsewhere."""
-    m = np.zeros((S, S), bool)
-    m[box] = pixels
-    return m
+    return (rows, cols), pixels.astype(bool)
 
 
 def _glyph_mask(name: str, S: int, cx: float, cy: float, scale: float, angle: float, mirror: bool) -> np.ndarray:
