@@ -906,6 +906,15 @@ class _Clearance:
         return bool(dilated[ys - y0, xs - x0].any())
 
 
+def _sensor_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Float32 Gaussian noise of sigma 0.012 from Generator(seed): the values of
+    `normal(0, 0.012, shape)` (the same standard normal draws times the same scale; adding
+    the zero mean changes no value), a fifth faster."""
+    noise = np.random.default_rng(seed).standard_normal(shape)
+    noise *= 0.012
+    return noise.astype(np.float32)
+
+
 def _to_output(img_ss: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img_ss, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -1081,7 +1090,7 @@ def render(
     for c in range(3):  # a channel at a time: numpy is several times slower broadcasting (S, S, 1)
         canvas[:, :, c] *= light
     img = _to_output(canvas, size)
-    img += np.random.default_rng(noise_seed).normal(0, 0.012, img.shape).astype(np.float32)
+    img += _sensor_noise(noise_seed, img.shape)
     image = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
     # thin structural defects (scratches) keep any pixel they touch noticeably
