@@ -109,7 +109,8 @@ def dataset_hashes(products: list[str]) -> tuple[dict[str, str], float]:
         for product, kind in runs:
             out = generate_dataset(root / kind, product, seed=7, size=96, mono=kind == "mono", **DATASET_COUNTS)
             for path in sorted(p for p in out.rglob("*") if p.is_file()):
-                hashes[f"dataset {kind} {path.relative_to(root / kind)}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+                name = f"dataset {kind} {path.relative_to(root / kind)}"
+                hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes, time.perf_counter() - start
 
 
@@ -135,8 +136,8 @@ def main() -> int:
     for product in args.products:
         row = "".join(f"{1000 * float(np.mean(times[(product, size)])):>12.1f}" for size in args.sizes)
         print(f"{product:<15}{row}")
-    total = sum(sum(t) for t in times.values())
-    print(f"all colour renders (least of each case): {total:.2f} s CPU for {sum(len(t) for t in times.values())} frames")
+    total, frames = sum(sum(t) for t in times.values()), sum(len(t) for t in times.values())
+    print(f"all colour renders (least of each case): {total:.2f} s CPU for {frames} frames")
     print(f"small datasets (96 px, {len(files)} files): {dataset_s:.2f} s")
     digest = hashlib.sha256("\n".join(f"{k} {v}" for k, v in sorted(hashes.items())).encode()).hexdigest()
     print(f"{len(hashes)} hashes, digest {digest}")

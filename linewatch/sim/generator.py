@@ -240,7 +240,8 @@ class Washer(Drawer):
         return _circle_mask(S, cx, cy, 0.072 * S) & ~_circle_mask(S, cx, cy, 0.034 * S)
 
     def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
-        _paint_shaded(canvas, m, tuple(v * p.gain for v in (0.76, 0.77, 0.80)), p.cx * S, p.cy * S, 0.072 * S, 0.35)
+        colour = tuple(v * p.gain for v in (0.76, 0.77, 0.80))
+        _paint_shaded(canvas, m, colour, p.cx * S, p.cy * S, 0.072 * S, 0.35)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,8 @@ class HexNut(Drawer):
     def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
         cx, cy, R = p.cx * S, p.cy * S, 0.068 * S
         a = np.radians(p.angle + np.arange(6) * 60.0)
-        return _poly_mask(S, np.stack([cx + R * np.cos(a), cy + R * np.sin(a)], 1)) & ~_circle_mask(S, cx, cy, 0.030 * S)
+        hexagon = _poly_mask(S, np.stack([cx + R * np.cos(a), cy + R * np.sin(a)], 1))
+        return hexagon & ~_circle_mask(S, cx, cy, 0.030 * S)
 
     def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
         _paint_shaded(canvas, m, tuple(v * p.gain for v in self.colour), p.cx * S, p.cy * S, 0.068 * S, 0.30)
@@ -414,8 +416,7 @@ def _place(pts: np.ndarray, cx: float, cy: float, angle: float, mirror: bool) ->
 
 def _stroke_box(lines: list[np.ndarray], S: int, width: int) -> tuple[tuple[slice, slice], np.ndarray]:
     """Polylines in fixed point (`_fixed`) drawn `width` wide in their own box of the (S, S)
-    frame: the box (rows, columns) and its bool pixels. cv2 draws a shape that lies whole in
-    an image the same wherever it lies, so these are the pixels a whole frame would get."""
+    frame (`_blank_box`): the box (rows, columns) and its bool pixels."""
     corners = np.concatenate(lines) >> _SUBPIXEL
     (x0, y0), (x1, y1) = (corners.min(0) - width - 2).tolist(), (corners.max(0) + width + 3).tolist()
     (rows, cols), pixels = _blank_box(S, x0, y0, x1, y1)
@@ -495,10 +496,13 @@ class Polygon(Drawer):
     name: str
 
     def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-        m = np.zeros((S, S), np.uint8)
         corners = _fixed(_place(_unit_polygon(self.name) * S, p.cx * S, p.cy * S, p.angle, p.mirror))
-        cv2.fillPoly(m, [corners], 1, cv2.LINE_8, _SUBPIXEL)
-        return m.astype(bool)
+        cells = corners >> _SUBPIXEL
+        (rows, cols), pixels = _blank_box(S, *(cells.min(0) - 2).tolist(), *(cells.max(0) + 3).tolist())
+        if pixels.size:
+            origin = np.array([cols.start, rows.start], np.int32) << _SUBPIXEL
+            cv2.fillPoly(pixels, [corners - origin], 1, cv2.LINE_8, _SUBPIXEL)
+        return _in_frame(S, (rows, cols), pixels.astype(bool))
 
     def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
         colour = POLYGON_COLOURS[POLYGONS[self.name][0]]
