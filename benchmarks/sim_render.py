@@ -7,9 +7,9 @@ Renders every product (KNOWN_PRODUCTS, char_tray included) good and with each of
 anomalies, for --seeds seeds, at each of --sizes, in colour; and mono for every case at the
 first size. Each render's image, ground truth and info are hashed (SHA-256 of the array's
 dtype, shape and bytes; of info as JSON, floats written exactly); so are the canvas and the
-footprint of every kind of part (spares too) drawn alone in three poses at each size. Then
-`generate_dataset` writes a small dataset of every product at 96 px (and glyph_tray mono) and
-every file's bytes are hashed. Prints
+footprint of every kind of part (spares too) drawn alone in five poses at each size, two of
+them across the frame's border. Then `generate_dataset` writes a small dataset of every
+product at 96 px (and glyph_tray mono) and every file's bytes are hashed. Prints
 
   - the CPU time (this process, all its threads) of one `render` per product and size: each
     colour case rendered --repeat times, its least time kept, the mean over good and anomalous
@@ -84,13 +84,15 @@ def render_hashes(products: list[str], seeds: int, sizes: list[int],
 
 def part_hashes(sizes: list[int]) -> dict[str, str]:
     """Hashes of every kind of part (DRAWERS, spares included) drawn alone, canvas and mask,
-    at the frames of `sizes`, turned and mirrored, at places off the pixel grid."""
+    at the frames of `sizes`, turned and mirrored, at places off the pixel grid, two of them
+    across the frame's border."""
     hashes: dict[str, str] = {}
     for kind, draw in DRAWERS.items():
         for size in sizes:
             S = 2 * size
-            for k, (cx, cy, angle, mirror) in enumerate(((0.5, 0.5, 0.0, False), (0.43, 0.61, 37.5, True),
-                                                         (0.58, 0.47, -101.0, False))):
+            poses = ((0.5, 0.5, 0.0, False), (0.43, 0.61, 37.5, True), (0.58, 0.47, -101.0, False),
+                     (0.02, 0.5, 20.0, False), (0.97, 0.985, 200.0, True))  # the last two cut by the frame
+            for k, (cx, cy, angle, mirror) in enumerate(poses):
                 canvas = np.full((S, S, 3), 0.25, np.float32)
                 mask = draw(canvas, Part(kind, cx, cy, angle, 1.03, k, mirror), S, np.random.default_rng(k))
                 hashes[f"part {kind} S={S} pose={k}"] = f"{_array_hash(canvas)} {_array_hash(mask)}"
