@@ -670,8 +670,10 @@ def _written_strokes(name: str, hand: Handwriting) -> list[np.ndarray]:
 
 def _char_lines(strokes: list[np.ndarray], cx: float, cy: float, height: float, angle: float,
                 mirror: bool) -> list[np.ndarray]:
-    """The character's strokes placed in the image, in fixed point."""
-    return [_fixed(_place(s * height, cx, cy, angle, mirror)) for s in strokes]
+    """The character's strokes placed in the image, in fixed point (all points at once: every
+    step works point by point)."""
+    ends = np.cumsum([len(s) for s in strokes])[:-1]
+    return np.split(_fixed(_place(np.concatenate(strokes) * height, cx, cy, angle, mirror)), ends)
 
 
 @dataclass(frozen=True)
