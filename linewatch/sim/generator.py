@@ -912,6 +912,48 @@ class _Clearance:
         return bool(dilated[ys - y0, xs - x0].any())
 
 
+def _defect_region(anomaly: str, m: np.ndarray, S: int, rng: np.random.Generator) -> np.ndarray:
+    """Bool (S, S): where structural `anomaly` goes on the part of footprint `m`: a scratch
+    across it, a chip bitten from its edge, or a contamination blob on it."""
+    ys, xs = _pixels(m)
+    cx, cy = float(xs.mean()), float(ys.mean())
+    extent = float(np.sqrt(m.sum() / math.pi))  # radius of a disc of the same area
+    if anomaly == "scratch":
+        a = rng.uniform(0, math.pi)
+        half = extent * rng.uniform(0.7, 1.0)
+        d = np.array([math.cos(a), math.sin(a)]) * half
+        ends = np.round([[cx - d[0], cy - d[1]], [cx + d[0], cy + d[1]]]).astype(int)
+        width = max(2, int(0.008 * S))
+        (rows, cols), line = _blank_box(S, *(ends.min(0) - width - 2).tolist(), *(ends.max(0) + width + 3).tolist())
+        if line.size:
+            (x0, y0), (x1, y1) = (ends - [cols.start, rows.start]).tolist()
+            cv2.line(line, (x0, y0), (x1, y1), 1, width)
+        return _in_frame(S, (rows, cols), line.astype(bool)) & m
+    if anomaly == "chip":
+        # bite centred on a boundary pixel of the part: background shows through. The erosions
+        # below reach 4 * SUPERSAMPLE pixels: the part's box grown by that holds all they see.
+        box = _grown(_box(m), 4 * SUPERSAMPLE + 2, S)
+        part = m[box]
+        ey, ex = np.nonzero(part & ~cv2.erode(part.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool))
+        ey, ex = ey + box[0].start, ex + box[1].start
+        k = int(rng.integers(len(ey)))
+        r = extent * rng.uniform(0.30, 0.40)
+        region = _circle_mask(S, ex[k], ey[k], r) & m
+        # a chip bites, it does not cut a thin part (screw shaft, ring) in two
+        # (checked on the part eroded by ~2 output pixels: a hair-thin bridge does not count)
+        k_erode = np.ones((4 * SUPERSAMPLE + 1,) * 2, np.uint8)
+        while cv2.connectedComponents(cv2.erode((part & ~region[box]).astype(np.uint8), k_erode))[0] > 2 and r > 2:
+            r *= 0.75
+            region = _circle_mask(S, ex[k], ey[k], r) & m
+        return region
+    # contamination: an irregular blob inside the part
+    k = int(rng.integers(len(ys)))
+    r = extent * rng.uniform(0.18, 0.28)
+    ang = np.linspace(0, 2 * math.pi, 12, endpoint=False)
+    rad = r * rng.uniform(0.6, 1.2, len(ang))
+    return _poly_mask(S, np.stack([xs[k] + rad * np.cos(ang), ys[k] + rad * np.sin(ang)], 1))
+
+
 def _sensor_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """Float32 Gaussian noise of sigma 0.012 from Generator(seed): the values of
     `normal(0, 0.012, shape)` (the same standard normal draws times the same scale; adding
@@ -1053,42 +1095,11 @@ def render(
     # ---- structural anomalies paint over one part ----
     if anomaly in spec.structural:
         i = int(anomaly_rng.integers(len(parts)))
-        p, m = parts[i], foot[i]
-        affected = p.kind
-        ys, xs = _pixels(m)
-        cx, cy = float(xs.mean()), float(ys.mean())
-        extent = float(np.sqrt(m.sum() / math.pi))  # radius of a disc of the same area
-        if anomaly == "scratch":
-            a = anomaly_rng.uniform(0, math.pi)
-            half = extent * anomaly_rng.uniform(0.7, 1.0)
-            d = np.array([math.cos(a), math.sin(a)]) * half
-            line = np.zeros((S, S), np.uint8)
-            p0, p1 = np.round([cx - d[0], cy - d[1]]).astype(int), np.round([cx + d[0], cy + d[1]]).astype(int)
-            cv2.line(line, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 1, max(2, int(0.008 * S)))
-            region = line.astype(bool) & m
-            canvas[region] = spec.scratch_colour
-        elif anomaly == "chip":
-            # bite centred on a boundary pixel of the part: background shows through
-            edge = m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-            ey, ex = _pixels(edge)
-            k = int(anomaly_rng.integers(len(ey)))
-            r = extent * anomaly_rng.uniform(0.30, 0.40)
-            region = _circle_mask(S, ex[k], ey[k], r) & m
-            # a chip bites, it does not cut a thin part (screw shaft, ring) in two
-            # (checked on the part eroded by ~2 output pixels: a hair-thin bridge does not count)
-            k_erode = np.ones((4 * SUPERSAMPLE + 1,) * 2, np.uint8)
-            while cv2.connectedComponents(cv2.erode((m & ~region).astype(np.uint8), k_erode))[0] > 2 and r > 2:
-                r *= 0.75
-                region = _circle_mask(S, ex[k], ey[k], r) & m
-            canvas[region] = bg
-        else:  # contamination: an irregular blob inside the part
-            k = int(anomaly_rng.integers(len(ys)))
-            r = extent * anomaly_rng.uniform(0.18, 0.28)
-            ang = np.linspace(0, 2 * math.pi, 12, endpoint=False)
-            rad = r * anomaly_rng.uniform(0.6, 1.2, len(ang))
-            blob = _poly_mask(S, np.stack([xs[k] + rad * np.cos(ang), ys[k] + rad * np.sin(ang)], 1))
-            region = blob
-            canvas[region] = spec.dirt_colour
+        affected = parts[i].kind
+        region = _defect_region(anomaly, foot[i], S, anomaly_rng)
+        colour = {"scratch": spec.scratch_colour, "chip": bg, "contamination": spec.dirt_colour}[anomaly]
+        rows, cols = _box(region)
+        canvas[rows, cols][region[rows, cols]] = colour
         gt_ss |= region
 
     # ---- camera: lighting gradient, gain, downsample, sensor noise ----
