@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from linewatch.sim.generator import DRAWERS, KNOWN_PRODUCTS, Part, generate_dataset, product_anomalies, render
+from linewatch.sim.generator import (DRAWERS, KNOWN_PRODUCTS, SUPERSAMPLE, Part, generate_dataset, product_anomalies,
+                                      render)
 
 DATASET_COUNTS = dict(n_train=2, n_val=1, n_test_good=1, n_test_logical=4, n_test_structural=3)
 
@@ -90,7 +91,7 @@ def part_hashes(sizes: list[int]) -> dict[str, str]:
     hashes: dict[str, str] = {}
     for kind, draw in DRAWERS.items():
         for size in sizes:
-            S = 2 * size
+            S = SUPERSAMPLE * size  # the frame render draws in
             poses = ((0.5, 0.5, 0.0, False), (0.43, 0.61, 37.5, True), (0.58, 0.47, -101.0, False),
                      (0.02, 0.5, 20.0, False), (0.97, 0.985, 200.0, True))  # the last two cut by the frame
             for k, (cx, cy, angle, mirror) in enumerate(poses):
@@ -125,7 +126,7 @@ def main() -> int:
     ap.add_argument("--products", nargs="+", default=list(KNOWN_PRODUCTS), choices=KNOWN_PRODUCTS)
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--save", type=Path, help="write every case's hash to this JSON file")
-    group.add_argument("--check", type=Path, help="compare every case's hash with this JSON file")
+    group.add_argument("--check", type=Path, help="compare the hashes of the cases run with this JSON file")
     args = ap.parse_args()
 
     hashes, times = render_hashes(args.products, args.seeds, args.sizes, args.repeat)
@@ -141,7 +142,7 @@ def main() -> int:
         print(f"{product:<15}{row}")
     total, frames = sum(sum(t) for t in times.values()), sum(len(t) for t in times.values())
     print(f"all colour renders (least of each case): {total:.2f} s CPU for {frames} frames")
-    print(f"small datasets (96 px, {len(files)} files): {dataset_s:.2f} s")
+    print(f"small datasets (96 px, {len(files)} files): {dataset_s:.2f} s wall")
     digest = hashlib.sha256("\n".join(f"{k} {v}" for k, v in sorted(hashes.items())).encode()).hexdigest()
     print(f"{len(hashes)} hashes, digest {digest}")
 
