@@ -71,7 +71,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -91,8 +91,9 @@ Colour = tuple[float, float, float]
 
 
 # --------------------------------------------------------------------------------------
-# Part drawing. Every drawer paints into `canvas` (S, S, 3) float32 RGB in [0, 1] and returns
-# the part's footprint, a bool (S, S) mask. Sizes are fractions of the image side.
+# Part drawing. Every kind of part has a Drawer: its outline is the part's footprint, a bool
+# (S, S) mask; its paint colours `canvas` (S, S, 3) float32 RGB in [0, 1] inside it. Sizes
+# are fractions of the image side.
 # --------------------------------------------------------------------------------------
 
 
@@ -111,16 +112,52 @@ class Part:
     mirror: bool = False
 
 
-def _grid(S: int) -> tuple[np.ndarray, np.ndarray]:
-    ys, xs = np.mgrid[0:S, 0:S].astype(np.float32)
-    return xs, ys
+def _plain_canvas(S: int, colour: np.ndarray) -> np.ndarray:
+    """A float32 (S, S, 3) canvas of one colour (float32 (3,)), filled a channel at a time
+    (several times faster than numpy broadcasting the 3-vector over every pixel)."""
+    canvas = np.empty((S, S, 3), np.float32)
+    for c in range(3):
+        canvas[:, :, c] = colour[c]
+    return canvas
+
+
+def _light_gain(S: int, gain: float, direction: float, amplitude: float) -> np.ndarray:
+    """Float32 (S, S): the camera's gain times a linear lighting ramp, 1 -/+ `amplitude` at the
+    frame's edges along `direction` (radians), 1 at its centre."""
+    coord = np.arange(S, dtype=np.float32) - S / 2
+    light = coord[None, :] * math.cos(direction) + coord[:, None] * math.sin(direction)
+    light /= S / 2  # in place, in the order of gain * (1 + amplitude * ramp)
+    light *= amplitude
+    light += 1.0
+    light *= gain
+    return light
+
+
+def _box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The (rows, columns) slices of the bounding box of a bool mask's True pixels (empty if none)."""
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    return slice(y, y + h), slice(x, x + w)
+
+
+def _grown(box: tuple[slice, slice], margin: int, S: int) -> tuple[slice, slice]:
+    """The box grown by `margin` pixels on every side, within the (S, S) frame."""
+    rows, cols = box
+    return (slice(max(0, rows.start - margin), min(S, rows.stop + margin)),
+            slice(max(0, cols.start - margin), min(S, cols.stop + margin)))
+
+
+def _pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero(mask), the same arrays in the same order, searched in the bounding box only."""
+    rows, cols = _box(mask)
+    ys, xs = np.nonzero(mask[rows, cols])
+    return ys + rows.start, xs + cols.start
 
 
 def _paint_shaded(
     canvas: np.ndarray, mask: np.ndarray, colour: Colour, cx: float, cy: float, r: float, strength: float
 ) -> None:
     """Fill `mask` with `colour` lit from the top-left: brighter near (cx - r/3, cy - r/3)."""
-    ys, xs = np.nonzero(mask)
+    ys, xs = _pixels(mask)
     if len(ys) == 0:
         return
     d = np.hypot(xs - (cx - 0.33 * r), ys - (cy - 0.33 * r)) / (1.4 * r)
@@ -128,16 +165,41 @@ def _paint_shaded(
     canvas[ys, xs] = np.clip(np.asarray(colour, np.float32)[None, :] * f[:, None], 0.0, 1.0)
 
 
+def _blank_box(S: int, x0: int, y0: int, x1: int, y1: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The frame's box x0 <= x < x1, y0 <= y < y1 (cut to the (S, S) frame) as (rows, columns),
+    and a blank uint8 image of it to draw one shape in, at coordinates less the box's corner.
+
+    cv2 rasterises a shape that lies whole in an image the same wherever it lies (one cut by
+    the image's border, differently), so a shape drawn in a box that holds all of it, or is cut
+    only where the frame cuts it, gets the pixels it would get in the whole frame, at the cost
+    of the box."""
+    rows = slice(min(max(y0, 0), S), min(max(y1, y0, 0), S))
+    cols = slice(min(max(x0, 0), S), min(max(x1, x0, 0), S))
+    return (rows, cols), np.zeros((rows.stop - rows.start, cols.stop - cols.start), np.uint8)
+
+
+def _in_frame(S: int, box: tuple[slice, slice], pixels: np.ndarray) -> np.ndarray:
+    """Bool (S, S): `pixels` at `box`, False elsewhere."""
+    m = np.zeros((S, S), bool)
+    m[box] = pixels
+    return m
+
+
 def _circle_mask(S: int, cx: float, cy: float, r: float) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
-    cv2.circle(m, (int(round(cx)), int(round(cy))), max(1, int(round(r))), 1, -1)
-    return m.astype(bool)
+    x, y, radius = int(round(cx)), int(round(cy)), max(1, int(round(r)))
+    (rows, cols), pixels = _blank_box(S, x - radius - 2, y - radius - 2, x + radius + 3, y + radius + 3)
+    if pixels.size:
+        cv2.circle(pixels, (x - cols.start, y - rows.start), radius, 1, -1)
+    return _in_frame(S, (rows, cols), pixels.astype(bool))
 
 
 def _poly_mask(S: int, pts: np.ndarray) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
-    cv2.fillPoly(m, [np.round(pts).astype(np.int32)], 1)
-    return m.astype(bool)
+    corners = np.round(pts).astype(np.int32)
+    (x0, y0), (x1, y1) = (corners.min(0) - 2).tolist(), (corners.max(0) + 3).tolist()
+    (rows, cols), pixels = _blank_box(S, x0, y0, x1, y1)
+    if pixels.size:
+        cv2.fillPoly(pixels, [corners - np.array([cols.start, rows.start], np.int32)], 1)
+    return _in_frame(S, (rows, cols), pixels.astype(bool))
 
 
 def _rounded_rect(cx: float, cy: float, w: float, h: float, r: float, angle: float) -> np.ndarray:
@@ -152,117 +214,153 @@ def _rounded_rect(cx: float, cy: float, w: float, h: float, r: float, angle: flo
     return np.stack([cx + c * p[:, 0] - s * p[:, 1], cy + s * p[:, 0] + c * p[:, 1]], 1)
 
 
-def _draw_washer(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    cx, cy, R = p.cx * S, p.cy * S, 0.072 * S
-    m = _circle_mask(S, cx, cy, R) & ~_circle_mask(S, cx, cy, 0.034 * S)
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in (0.76, 0.77, 0.80)), cx, cy, R, 0.35)
-    return m
+class Drawer:
+    """How one kind of part is drawn: `outline` is its footprint, a bool (S, S) mask; `paint`
+    colours the canvas inside it. Both take the part's own Generator, the outline's draws
+    first. Calling a drawer does both and returns the footprint; the outline alone is the
+    footprint without the cost of the paint (`_footprint`)."""
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def __call__(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        m = self.outline(p, S, rng)
+        self.paint(canvas, p, S, rng, m)
+        return m
 
 
-def _hex_nut(canvas: np.ndarray, p: Part, S: int, colour: Colour) -> np.ndarray:
-    cx, cy, R = p.cx * S, p.cy * S, 0.068 * S
-    a = np.radians(p.angle + np.arange(6) * 60.0)
-    m = _poly_mask(S, np.stack([cx + R * np.cos(a), cy + R * np.sin(a)], 1))
-    m &= ~_circle_mask(S, cx, cy, 0.030 * S)
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in colour), cx, cy, R, 0.30)
-    return m
+class Washer(Drawer):
+    """A flat ring."""
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        cx, cy = p.cx * S, p.cy * S
+        return _circle_mask(S, cx, cy, 0.072 * S) & ~_circle_mask(S, cx, cy, 0.034 * S)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        colour = tuple(v * p.gain for v in (0.76, 0.77, 0.80))
+        _paint_shaded(canvas, m, colour, p.cx * S, p.cy * S, 0.072 * S, 0.35)
 
 
-def _draw_nut(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _hex_nut(canvas, p, S, (0.82, 0.66, 0.30))
+@dataclass(frozen=True)
+class HexNut(Drawer):
+    """A hexagon with a round hole."""
+
+    colour: Colour
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        cx, cy, R = p.cx * S, p.cy * S, 0.068 * S
+        a = np.radians(p.angle + np.arange(6) * 60.0)
+        hexagon = _poly_mask(S, np.stack([cx + R * np.cos(a), cy + R * np.sin(a)], 1))
+        return hexagon & ~_circle_mask(S, cx, cy, 0.030 * S)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in self.colour), p.cx * S, p.cy * S, 0.068 * S, 0.30)
 
 
-def _screw(canvas: np.ndarray, p: Part, S: int, length: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Screw(Drawer):
     """A screw lying flat: round head at one end, threaded shaft with a pointed tip."""
-    cx, cy, L, w = p.cx * S, p.cy * S, length * S, 0.036 * S
-    u = np.array([math.cos(math.radians(p.angle)), math.sin(math.radians(p.angle))])
-    n = np.array([-u[1], u[0]])
-    c = np.array([cx, cy])
-    head, tip = c - u * L / 2, c + u * L / 2
-    shaft_end = tip - u * w
-    shaft = np.stack([head + n * w / 2, shaft_end + n * w / 2, tip, shaft_end - n * w / 2, head - n * w / 2])
-    colour = tuple(v * p.gain for v in (0.62, 0.64, 0.69))
-    m_shaft = _poly_mask(S, shaft)
-    _paint_shaded(canvas, m_shaft, colour, cx, cy, L / 2, 0.25)
-    # thread: darker bands across the shaft (never as dark as the tray, so the part stays whole)
-    xs, ys = np.nonzero(m_shaft)[1], np.nonzero(m_shaft)[0]
-    along = (xs - head[0]) * u[0] + (ys - head[1]) * u[1]
-    band = (np.mod(along, 0.022 * S) < 0.008 * S) & (along > 0.06 * S)
-    canvas[ys[band], xs[band]] *= 0.82
-    r_head = 0.046 * S
-    m_head = _circle_mask(S, head[0], head[1], r_head)
-    _paint_shaded(canvas, m_head, tuple(v * 1.08 for v in colour), head[0], head[1], r_head, 0.35)
-    slot = np.zeros((S, S), np.uint8)
-    a, b = head - n * r_head * 0.7, head + n * r_head * 0.7
-    cv2.line(slot, tuple(int(v) for v in np.round(a)), tuple(int(v) for v in np.round(b)), 1, max(1, int(0.008 * S)))
-    slot_b = slot.astype(bool) & m_head
-    canvas[slot_b] *= 0.72
-    return m_shaft | m_head
+
+    length: float
+
+    def _shape(self, p: Part, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """The head's centre, the unit vectors along and across the screw, the shaft's polygon
+        (5, 2) and the head's radius, in pixels."""
+        cx, cy, L, w = p.cx * S, p.cy * S, self.length * S, 0.036 * S
+        u = np.array([math.cos(math.radians(p.angle)), math.sin(math.radians(p.angle))])
+        n = np.array([-u[1], u[0]])
+        c = np.array([cx, cy])
+        head, tip = c - u * L / 2, c + u * L / 2
+        shaft_end = tip - u * w
+        shaft = np.stack([head + n * w / 2, shaft_end + n * w / 2, tip, shaft_end - n * w / 2, head - n * w / 2])
+        return head, u, n, shaft, 0.046 * S
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        head, _, _, shaft, r_head = self._shape(p, S)
+        return _poly_mask(S, shaft) | _circle_mask(S, head[0], head[1], r_head)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        head, u, n, shaft, r_head = self._shape(p, S)
+        colour = tuple(v * p.gain for v in (0.62, 0.64, 0.69))
+        m_shaft = _poly_mask(S, shaft)
+        _paint_shaded(canvas, m_shaft, colour, p.cx * S, p.cy * S, self.length * S / 2, 0.25)
+        # thread: darker bands across the shaft (never as dark as the tray, so the part stays whole)
+        ys, xs = _pixels(m_shaft)
+        along = (xs - head[0]) * u[0] + (ys - head[1]) * u[1]
+        band = (np.mod(along, 0.022 * S) < 0.008 * S) & (along > 0.06 * S)
+        canvas[ys[band], xs[band]] *= 0.82
+        m_head = _circle_mask(S, head[0], head[1], r_head)
+        _paint_shaded(canvas, m_head, tuple(v * 1.08 for v in colour), head[0], head[1], r_head, 0.35)
+        ends = np.round([head - n * r_head * 0.7, head + n * r_head * 0.7]).astype(int)
+        width = max(1, int(0.008 * S))
+        (x0, y0), (x1, y1) = (ends.min(0) - width - 2).tolist(), (ends.max(0) + width + 3).tolist()
+        box, slot = _blank_box(S, x0, y0, x1, y1)
+        if slot.size:
+            a, b = (ends - [box[1].start, box[0].start]).tolist()
+            cv2.line(slot, tuple(a), tuple(b), 1, width)
+            canvas[box][slot.astype(bool) & m_head[box]] *= 0.72
 
 
-def _draw_screw_long(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _screw(canvas, p, S, 0.40)
+@dataclass(frozen=True)
+class Fruit(Drawer):
+    """A round fruit, shaded, with peel pores (`dimples` of them) or a blush on one side."""
+
+    radius: float
+    colour: Colour
+    dimples: int
+    blush: Colour | None
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _circle_mask(S, p.cx * S, p.cy * S, self.radius * S)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        cx, cy, R = p.cx * S, p.cy * S, self.radius * S
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in self.colour), cx, cy, R, 0.30)
+        ys, xs = _pixels(m)
+        if self.blush is not None:  # a reddish side, direction set by the part's rotation
+            d = ((xs - cx) * math.cos(math.radians(p.angle)) + (ys - cy) * math.sin(math.radians(p.angle))) / R
+            t = np.clip(d, 0.0, 1.0)[:, None] * 0.7
+            canvas[ys, xs] = canvas[ys, xs] * (1 - t) + np.asarray(self.blush, np.float32) * t
+        pore_colour = tuple(float(v) * 0.88 for v in self.colour)
+        for a, u in rng.uniform((0.0, 0.0), (2 * math.pi, 0.85), (self.dimples, 2)).tolist():  # peel pores
+            rr = R * math.sqrt(u)
+            cv2.circle(canvas, (int(cx + rr * math.cos(a)), int(cy + rr * math.sin(a))), max(1, int(0.004 * S)),
+                       pore_colour, -1)
 
 
-def _draw_screw_short(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _screw(canvas, p, S, 0.20)
-
-
-def _fruit(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, r: float, colour: Colour,
-           dimples: int, blush: Colour | None) -> np.ndarray:
-    cx, cy, R = p.cx * S, p.cy * S, r * S
-    m = _circle_mask(S, cx, cy, R)
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in colour), cx, cy, R, 0.30)
-    ys, xs = np.nonzero(m)
-    if blush is not None:  # a reddish side, direction set by the part's rotation
-        d = ((xs - cx) * math.cos(math.radians(p.angle)) + (ys - cy) * math.sin(math.radians(p.angle))) / R
-        t = np.clip(d, 0.0, 1.0)[:, None] * 0.7
-        canvas[ys, xs] = canvas[ys, xs] * (1 - t) + np.asarray(blush, np.float32) * t
-    for _ in range(dimples):  # peel pores
-        a, rr = rng.uniform(0, 2 * math.pi), R * math.sqrt(rng.uniform(0, 0.85))
-        cv2.circle(canvas, (int(cx + rr * math.cos(a)), int(cy + rr * math.sin(a))), max(1, int(0.004 * S)),
-                   tuple(float(v) * 0.88 for v in colour), -1)
-    return m
-
-
-def _draw_orange(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _fruit(canvas, p, S, rng, 0.085, (0.96, 0.55, 0.10), 60, None)
-
-
-def _draw_peach(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _fruit(canvas, p, S, rng, 0.092, (0.95, 0.72, 0.50), 0, (0.86, 0.36, 0.30))
-
-
-def _draw_lime(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _fruit(canvas, p, S, rng, 0.080, (0.55, 0.76, 0.20), 50, None)
-
-
-def _textured_patch(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, base: Colour,
-                    pieces: list[tuple[Colour, float, float, int]]) -> np.ndarray:
+@dataclass(frozen=True)
+class TexturedPatch(Drawer):
     """A rounded-rectangle heap (base colour) with many small ellipses on top.
     pieces: (colour, long half-axis, short half-axis, count), half-axes as fractions of S."""
-    cx, cy = p.cx * S, p.cy * S
-    m = _poly_mask(S, _rounded_rect(cx, cy, 0.27 * S, 0.23 * S, 0.05 * S, p.angle))
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in base), cx, cy, 0.14 * S, 0.2)
-    layer = canvas.copy()
-    for colour, a, b, count in pieces:
-        for _ in range(count):
-            x, y = cx + rng.uniform(-0.14, 0.14) * S, cy + rng.uniform(-0.12, 0.12) * S
-            g = rng.uniform(0.9, 1.1) * p.gain
-            cv2.ellipse(layer, (int(x), int(y)), (max(1, int(a * S)), max(1, int(b * S))), float(rng.uniform(0, 180)),
-                        0, 360, tuple(float(v) * g for v in colour), -1)
-    canvas[m] = np.clip(layer[m], 0.0, 1.0)  # pieces are clipped to the heap's outline
-    return m
 
+    base: Colour
+    pieces: tuple[tuple[Colour, float, float, int], ...]
 
-def _draw_cereal(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _textured_patch(canvas, p, S, rng, (0.74, 0.52, 0.26),
-                           [((0.88, 0.70, 0.40), 0.012, 0.008, 160), ((0.62, 0.42, 0.18), 0.010, 0.007, 90)])
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _poly_mask(S, _rounded_rect(p.cx * S, p.cy * S, 0.27 * S, 0.23 * S, 0.05 * S, p.angle))
 
-
-def _draw_nut_mix(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _textured_patch(canvas, p, S, rng, (0.50, 0.34, 0.20),
-                           [((0.62, 0.40, 0.22), 0.022, 0.012, 35), ((0.97, 0.90, 0.60), 0.016, 0.016, 25)])
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        cx, cy = p.cx * S, p.cy * S
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in self.base), cx, cy, 0.14 * S, 0.2)
+        # Only the heap's pixels take the pieces: draw in its box grown by two pieces, so that every
+        # piece reaching the heap lies whole in it (cv2 rasterises a piece cut by the border differently)
+        reach = 2 * max(max(1, int(a * S)) for _, a, _, _ in self.pieces) + 2
+        rows, cols = _grown(_box(m), reach, S)
+        layer = canvas[rows, cols].copy()
+        for colour, a, b, count in self.pieces:
+            # per piece: x, y, gain, orientation (the draws in this order, piece after piece)
+            draws = rng.uniform((-0.14, -0.12, 0.9, 0.0), (0.14, 0.12, 1.1, 180.0), (count, 4))
+            xs = (cx + draws[:, 0] * S).astype(int) - cols.start
+            ys = (cy + draws[:, 1] * S).astype(int) - rows.start
+            tints = np.asarray(colour)[None, :] * (draws[:, 2:3] * p.gain)
+            axes = (max(1, int(a * S)), max(1, int(b * S)))
+            for x, y, orientation, tint in zip(xs.tolist(), ys.tolist(), draws[:, 3].tolist(), tints.tolist()):
+                cv2.ellipse(layer, (x, y), axes, orientation, 0, 360, tint, -1)
+        inside = m[rows, cols]
+        canvas[rows, cols][inside] = np.clip(layer[inside], 0.0, 1.0)  # pieces are clipped to the heap's outline
 
 
 # ---- glyphs (glyph_tray): letter-like shapes drawn as thick strokes -------------------------
@@ -316,12 +414,22 @@ def _place(pts: np.ndarray, cx: float, cy: float, angle: float, mirror: bool) ->
     return np.stack([cx + c * x - s * pts[:, 1], cy + s * x + c * pts[:, 1]], 1)
 
 
+def _stroke_box(lines: list[np.ndarray], S: int, width: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Polylines in fixed point (`_fixed`) drawn `width` wide in their own box of the (S, S)
+    frame (`_blank_box`): the box (rows, columns) and its bool pixels."""
+    corners = np.concatenate(lines) >> _SUBPIXEL
+    (x0, y0), (x1, y1) = (corners.min(0) - width - 2).tolist(), (corners.max(0) + width + 3).tolist()
+    (rows, cols), pixels = _blank_box(S, x0, y0, x1, y1)
+    if pixels.size:
+        origin = np.array([cols.start, rows.start], np.int32) << _SUBPIXEL
+        cv2.polylines(pixels, [line - origin for line in lines], False, 1, width, cv2.LINE_8, _SUBPIXEL)
+    return (rows, cols), pixels.astype(bool)
+
+
 def _glyph_mask(name: str, S: int, cx: float, cy: float, scale: float, angle: float, mirror: bool) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
     h = GLYPH_HEIGHT * scale * S
     lines = [_fixed(_place(np.asarray(stroke, np.float64) * h, cx, cy, angle, mirror)) for stroke in GLYPHS[name]]
-    cv2.polylines(m, lines, False, 1, max(1, int(round(GLYPH_STROKE * S))), cv2.LINE_8, _SUBPIXEL)
-    return m.astype(bool)
+    return _in_frame(S, *_stroke_box(lines, S, max(1, int(round(GLYPH_STROKE * S)))))
 
 
 @functools.cache
@@ -333,14 +441,17 @@ def _glyph_scale(name: str) -> float:
     return scale
 
 
-def _glyph_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
-    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-        cx, cy = p.cx * S, p.cy * S
-        m = _glyph_mask(name, S, cx, cy, _glyph_scale(name), p.angle, p.mirror)
-        _paint_shaded(canvas, m, tuple(v * p.gain for v in GLYPH_COLOUR), cx, cy, 0.1 * S, 0.15)
-        return m
+@dataclass(frozen=True)
+class Glyph(Drawer):
+    """Glyph `name` of GLYPHS, thick strokes of GLYPH_COLOUR covering GLYPH_AREA."""
 
-    return draw
+    name: str
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _glyph_mask(self.name, S, p.cx * S, p.cy * S, _glyph_scale(self.name), p.angle, p.mirror)
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in GLYPH_COLOUR), p.cx * S, p.cy * S, 0.1 * S, 0.15)
 
 
 # ---- flat polygons (bracket_kit): steel and brass plates of one area -----------------------
@@ -378,18 +489,24 @@ def _unit_polygon(name: str) -> np.ndarray:
     return (p - centroid) * math.sqrt(POLYGON_AREA / abs(area))
 
 
-def _polygon_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
-    colour = POLYGON_COLOURS[POLYGONS[name][0]]
+@dataclass(frozen=True)
+class Polygon(Drawer):
+    """Flat plate `name` of POLYGONS in its metal's colour, POLYGON_AREA of the image."""
 
-    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-        cx, cy = p.cx * S, p.cy * S
-        m = np.zeros((S, S), np.uint8)
-        cv2.fillPoly(m, [_fixed(_place(_unit_polygon(name) * S, cx, cy, p.angle, p.mirror))], 1, cv2.LINE_8, _SUBPIXEL)
-        mb = m.astype(bool)
-        _paint_shaded(canvas, mb, tuple(v * p.gain for v in colour), cx, cy, 0.12 * S, 0.2)
-        return mb
+    name: str
 
-    return draw
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        corners = _fixed(_place(_unit_polygon(self.name) * S, p.cx * S, p.cy * S, p.angle, p.mirror))
+        cells = corners >> _SUBPIXEL
+        (rows, cols), pixels = _blank_box(S, *(cells.min(0) - 2).tolist(), *(cells.max(0) + 3).tolist())
+        if pixels.size:
+            origin = np.array([cols.start, rows.start], np.int32) << _SUBPIXEL
+            cv2.fillPoly(pixels, [corners - origin], 1, cv2.LINE_8, _SUBPIXEL)
+        return _in_frame(S, (rows, cols), pixels.astype(bool))
+
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        colour = POLYGON_COLOURS[POLYGONS[self.name][0]]
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in colour), p.cx * S, p.cy * S, 0.12 * S, 0.2)
 
 
 # ---- granular heaps (bracket_kit): many small grains of one colour family ------------------
@@ -420,39 +537,38 @@ def _grain_area(a: float, b: float, S: int) -> float:
     return total / len(offsets)
 
 
-def _granular_heap(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, a: float, b: float) -> np.ndarray:
+@dataclass(frozen=True)
+class GranularHeap(Drawer):
     """A rounded-rectangle heap covered by ellipse grains with half-axes a >= b (fractions of S)."""
-    cx, cy = p.cx * S, p.cy * S
-    m = _poly_mask(S, _rounded_rect(cx, cy, HEAP_W * S, HEAP_H * S, 0.06 * S, p.angle))
-    _paint_shaded(canvas, m, tuple(v * p.gain for v in GRANULAR_BASE), cx, cy, 0.15 * S, 0.2)
-    ys, xs = np.nonzero(m)
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    # grain centres uniform on the heap's rectangle grown by a grain: cover is the same everywhere
-    bw, bh = HEAP_W + 2 * a, HEAP_H + 2 * a
-    count = int(round(-math.log(1 - GRAIN_COVER) * bw * bh * S * S / _grain_area(a, b, S)))
-    u = (rng.random((count, 2)) - 0.5) * np.array([bw, bh]) * S
-    centres = _place(u, cx - x0, cy - y0, p.angle, False)
-    tone = rng.random(count) < 0.6
-    gain = rng.uniform(0.88, 1.12, count) * p.gain
-    orient = rng.uniform(0.0, 180.0, count)
-    layer = canvas[y0:y1, x0:x1].copy()
-    axes = (int(round(a * S * (1 << _SUBPIXEL))), int(round(b * S * (1 << _SUBPIXEL))))
-    light, dark = (np.asarray(t, np.float32) for t in GRANULAR_TONES)
-    for (gx, gy), t, g, o in zip(_fixed(centres), tone, gain, orient):
-        colour = (light if t else dark) * g
-        cv2.ellipse(layer, (int(gx), int(gy)), axes, float(o), 0, 360, tuple(float(v) for v in colour), -1,
-                    cv2.LINE_8, _SUBPIXEL)
-    sub = m[y0:y1, x0:x1]
-    canvas[y0:y1, x0:x1][sub] = np.clip(layer[sub], 0.0, 1.0)  # grains are clipped to the heap
-    return m
 
+    a: float
+    b: float
 
-def _draw_rice(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _granular_heap(canvas, p, S, rng, 0.013, 0.0038)
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+        return _poly_mask(S, _rounded_rect(p.cx * S, p.cy * S, HEAP_W * S, HEAP_H * S, 0.06 * S, p.angle))
 
-
-def _draw_millet(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
-    return _granular_heap(canvas, p, S, rng, 0.0048, 0.0048)
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        a, b = self.a, self.b
+        cx, cy = p.cx * S, p.cy * S
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in GRANULAR_BASE), cx, cy, 0.15 * S, 0.2)
+        rows, cols = _box(m)
+        y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
+        # grain centres uniform on the heap's rectangle grown by a grain: cover is the same everywhere
+        bw, bh = HEAP_W + 2 * a, HEAP_H + 2 * a
+        count = int(round(-math.log(1 - GRAIN_COVER) * bw * bh * S * S / _grain_area(a, b, S)))
+        u = (rng.random((count, 2)) - 0.5) * np.array([bw, bh]) * S
+        centres = _place(u, cx - x0, cy - y0, p.angle, False)
+        tone = rng.random(count) < 0.6
+        gain = rng.uniform(0.88, 1.12, count) * p.gain
+        orient = rng.uniform(0.0, 180.0, count)
+        layer = canvas[y0:y1, x0:x1].copy()
+        axes = (int(round(a * S * (1 << _SUBPIXEL))), int(round(b * S * (1 << _SUBPIXEL))))
+        light, dark = (np.asarray(t, np.float32) for t in GRANULAR_TONES)
+        colours = np.where(tone[:, None], light, dark) * gain[:, None]
+        for (gx, gy), o, colour in zip(_fixed(centres).tolist(), orient.tolist(), colours.tolist()):
+            cv2.ellipse(layer, (gx, gy), axes, o, 0, 360, colour, -1, cv2.LINE_8, _SUBPIXEL)
+        sub = m[y0:y1, x0:x1]
+        canvas[y0:y1, x0:x1][sub] = np.clip(layer[sub], 0.0, 1.0)  # grains are clipped to the heap
 
 
 # ---- handwritten characters (char_tray): one character per slot, natural variation ----------
@@ -552,47 +668,54 @@ def _written_strokes(name: str, hand: Handwriting) -> list[np.ndarray]:
     return out
 
 
-def _char_mask(strokes: list[np.ndarray], S: int, cx: float, cy: float, height: float, angle: float,
-               mirror: bool, width: int) -> np.ndarray:
-    m = np.zeros((S, S), np.uint8)
-    lines = [_fixed(_place(s * height, cx, cy, angle, mirror)) for s in strokes]
-    cv2.polylines(m, lines, False, 1, width, cv2.LINE_8, _SUBPIXEL)
-    return m.astype(bool)
+def _char_lines(strokes: list[np.ndarray], cx: float, cy: float, height: float, angle: float,
+                mirror: bool) -> list[np.ndarray]:
+    """The character's strokes placed in the image, in fixed point (all points at once: every
+    step works point by point)."""
+    ends = np.cumsum([len(s) for s in strokes])[:-1]
+    return np.split(_fixed(_place(np.concatenate(strokes) * height, cx, cy, angle, mirror)), ends)
 
 
-def _char_drawer(name: str) -> Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]:
-    def draw(canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
+@dataclass(frozen=True)
+class Handwritten(Drawer):
+    """Character `name` (CHAR_ALTERNATES) as the part's own hand writes it (`_handwriting`,
+    drawn from the part's Generator by the outline), sized to cover CHAR_AREA at the nominal
+    stroke width, in CHAR_COLOUR."""
+
+    name: str
+
+    def outline(self, p: Part, S: int, rng: np.random.Generator) -> np.ndarray:
         hand = _handwriting(rng)
-        strokes = _written_strokes(name, hand)
+        strokes = _written_strokes(self.name, hand)
         nominal = max(1, int(round(GLYPH_STROKE * S)))
         height = GLYPH_HEIGHT * S
         for _ in range(3):  # the size whose footprint, at the nominal stroke width, covers CHAR_AREA
-            area = _char_mask(strokes, S, S / 2, S / 2, height, 0.0, False, nominal).sum() / S**2
-            height *= CHAR_AREA / area
-        cx, cy = p.cx * S, p.cy * S
-        m = _char_mask(strokes, S, cx, cy, height * hand.size, p.angle + hand.turn, p.mirror,
-                       max(1, int(round(GLYPH_STROKE * hand.stroke * S))))
-        _paint_shaded(canvas, m, tuple(v * p.gain for v in CHAR_COLOUR), cx, cy, 0.1 * S, 0.15)
-        return m
+            _, pixels = _stroke_box(_char_lines(strokes, S / 2, S / 2, height, 0.0, False), S, nominal)
+            height *= CHAR_AREA / (pixels.sum() / S**2)
+        lines = _char_lines(strokes, p.cx * S, p.cy * S, height * hand.size, p.angle + hand.turn, p.mirror)
+        return _in_frame(S, *_stroke_box(lines, S, max(1, int(round(GLYPH_STROKE * hand.stroke * S)))))
 
-    return draw
+    def paint(self, canvas: np.ndarray, p: Part, S: int, rng: np.random.Generator, m: np.ndarray) -> None:
+        _paint_shaded(canvas, m, tuple(v * p.gain for v in CHAR_COLOUR), p.cx * S, p.cy * S, 0.1 * S, 0.15)
 
 
-DRAWERS: dict[str, Callable[[np.ndarray, Part, int, np.random.Generator], np.ndarray]] = {
-    "washer": _draw_washer,
-    "nut": _draw_nut,
-    "screw_long": _draw_screw_long,
-    "screw_short": _draw_screw_short,
-    "orange": _draw_orange,
-    "peach": _draw_peach,
-    "lime": _draw_lime,
-    "cereal": _draw_cereal,
-    "nut_mix": _draw_nut_mix,
-    "rice": _draw_rice,
-    "millet": _draw_millet,
-    **{f"glyph_{g}": _glyph_drawer(g) for g in GLYPHS},
-    **{name: _polygon_drawer(name) for name in POLYGONS},
-    **{f"char_{c}": _char_drawer(c) for c in CHAR_ALTERNATES},
+DRAWERS: dict[str, Drawer] = {
+    "washer": Washer(),
+    "nut": HexNut((0.82, 0.66, 0.30)),
+    "screw_long": Screw(0.40),
+    "screw_short": Screw(0.20),
+    "orange": Fruit(0.085, (0.96, 0.55, 0.10), 60, None),
+    "peach": Fruit(0.092, (0.95, 0.72, 0.50), 0, (0.86, 0.36, 0.30)),
+    "lime": Fruit(0.080, (0.55, 0.76, 0.20), 50, None),
+    "cereal": TexturedPatch((0.74, 0.52, 0.26), (((0.88, 0.70, 0.40), 0.012, 0.008, 160),
+                                                 ((0.62, 0.42, 0.18), 0.010, 0.007, 90))),
+    "nut_mix": TexturedPatch((0.50, 0.34, 0.20), (((0.62, 0.40, 0.22), 0.022, 0.012, 35),
+                                                  ((0.97, 0.90, 0.60), 0.016, 0.016, 25))),
+    "rice": GranularHeap(0.013, 0.0038),
+    "millet": GranularHeap(0.0048, 0.0048),
+    **{f"glyph_{g}": Glyph(g) for g in GLYPHS},
+    **{name: Polygon(name) for name in POLYGONS},
+    **{f"char_{c}": Handwritten(c) for c in CHAR_ALTERNATES},
 }
 
 
@@ -725,9 +848,8 @@ def product_anomalies(product: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _footprint(p: Part, S: int) -> np.ndarray:
-    """The part's bool (S, S) footprint, drawn on a scratch canvas (texture rng unused)."""
-    scratch = np.zeros((S, S, 3), np.float32)
-    return DRAWERS[p.kind](scratch, p, S, np.random.default_rng(p.seed))
+    """The part's bool (S, S) footprint: its drawer's outline, nothing painted."""
+    return DRAWERS[p.kind].outline(p, S, np.random.default_rng(p.seed))
 
 
 def _find_free_spot(
@@ -735,28 +857,110 @@ def _find_free_spot(
 ) -> Part | None:
     """Move `p` to a random centre where its footprint keeps a clearance from `occupied`
     (bool (S, S)) and from the image border; None if no such spot is found."""
-    gap = int(0.045 * S)
-    blocked = cv2.dilate(occupied.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
+    clearance = _Clearance(occupied, int(0.045 * S))
     border = int(0.07 * S)
-    blocked[:border] = 1
-    blocked[-border:] = 1
-    blocked[:, :border] = 1
-    blocked[:, -border:] = 1
-    blocked_b = blocked.astype(bool)
-    fy, fx = np.nonzero(_footprint(p, S))  # translating these pixels is far cheaper than redrawing
+    in_border = np.zeros((S, S), bool)
+    in_border[:border] = True
+    in_border[-border:] = True
+    in_border[:, :border] = True
+    in_border[:, -border:] = True
+    if not free_angle:
+        fy, fx = _pixels(_footprint(p, S))  # translating these pixels is far cheaper than redrawing
     for _ in range(tries):
         q = replace(p, cx=float(rng.uniform(0.1, 0.9)), cy=float(rng.uniform(0.1, 0.9)),
                     angle=float(rng.uniform(0, 180)) if free_angle else p.angle)
         if free_angle:
             base = replace(q, cx=p.cx, cy=p.cy)
-            fy, fx = np.nonzero(_footprint(base, S))
+            fy, fx = _pixels(_footprint(base, S))
         ys = fy + int(round((q.cy - p.cy) * S))
         xs = fx + int(round((q.cx - p.cx) * S))
         if ys.min() < 0 or xs.min() < 0 or ys.max() >= S or xs.max() >= S:
             continue
-        if not blocked_b[ys, xs].any():
+        if not in_border[ys, xs].any() and not clearance.blocks(ys, xs):
             return q
     return None
+
+
+class _Clearance:
+    """The pixels within `gap` of an occupied one, as cv2.dilate with the MORPH_ELLIPSE kernel
+    of radius `gap` marks them, asked for a few pixels at a time instead of dilating the frame.
+
+    That kernel holds every offset of Euclidean length <= gap - 1 and none of length >= gap + 1
+    (its row dy reaches round(sqrt(gap^2 - dy^2)) to each side), so the distance of each pixel to
+    the nearest occupied one (cv2.distanceTransform, exact) decides all pixels but those between;
+    for those the occupied pixels around them are dilated, as exactly as the whole frame."""
+
+    def __init__(self, occupied: np.ndarray, gap: int) -> None:
+        self.occupied = occupied.astype(np.uint8)
+        self.gap = gap
+        self.kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)
+        self.distance = cv2.distanceTransform(1 - self.occupied, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+    def blocks(self, ys: np.ndarray, xs: np.ndarray) -> bool:
+        """Whether any of the pixels (ys, xs) lies within the gap of an occupied pixel."""
+        distance = self.distance[ys, xs]
+        if distance.min() <= self.gap - 1:
+            return True
+        near = distance < self.gap + 1
+        if not near.any():
+            return False
+        ys, xs = ys[near], xs[near]
+        S, gap = len(self.occupied), self.gap
+        y0, x0 = max(0, int(ys.min()) - gap), max(0, int(xs.min()) - gap)
+        y1, x1 = min(S, int(ys.max()) + gap + 1), min(S, int(xs.max()) + gap + 1)
+        dilated = cv2.dilate(self.occupied[y0:y1, x0:x1], self.kernel)
+        return bool(dilated[ys - y0, xs - x0].any())
+
+
+def _defect_region(anomaly: str, m: np.ndarray, S: int, rng: np.random.Generator) -> np.ndarray:
+    """Bool (S, S): where structural `anomaly` goes on the part of footprint `m`: a scratch
+    across it, a chip bitten from its edge, or a contamination blob on it."""
+    ys, xs = _pixels(m)
+    cx, cy = float(xs.mean()), float(ys.mean())
+    extent = float(np.sqrt(m.sum() / math.pi))  # radius of a disc of the same area
+    if anomaly == "scratch":
+        a = rng.uniform(0, math.pi)
+        half = extent * rng.uniform(0.7, 1.0)
+        d = np.array([math.cos(a), math.sin(a)]) * half
+        ends = np.round([[cx - d[0], cy - d[1]], [cx + d[0], cy + d[1]]]).astype(int)
+        width = max(2, int(0.008 * S))
+        (rows, cols), line = _blank_box(S, *(ends.min(0) - width - 2).tolist(), *(ends.max(0) + width + 3).tolist())
+        if line.size:
+            (x0, y0), (x1, y1) = (ends - [cols.start, rows.start]).tolist()
+            cv2.line(line, (x0, y0), (x1, y1), 1, width)
+        return _in_frame(S, (rows, cols), line.astype(bool)) & m
+    if anomaly == "chip":
+        # bite centred on a boundary pixel of the part: background shows through. The erosions
+        # below reach 4 * SUPERSAMPLE pixels: the part's box grown by that holds all they see.
+        box = _grown(_box(m), 4 * SUPERSAMPLE + 2, S)
+        part = m[box]
+        ey, ex = np.nonzero(part & ~cv2.erode(part.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool))
+        ey, ex = ey + box[0].start, ex + box[1].start
+        k = int(rng.integers(len(ey)))
+        r = extent * rng.uniform(0.30, 0.40)
+        region = _circle_mask(S, ex[k], ey[k], r) & m
+        # a chip bites, it does not cut a thin part (screw shaft, ring) in two
+        # (checked on the part eroded by ~2 output pixels: a hair-thin bridge does not count)
+        k_erode = np.ones((4 * SUPERSAMPLE + 1,) * 2, np.uint8)
+        while cv2.connectedComponents(cv2.erode((part & ~region[box]).astype(np.uint8), k_erode))[0] > 2 and r > 2:
+            r *= 0.75
+            region = _circle_mask(S, ex[k], ey[k], r) & m
+        return region
+    # contamination: an irregular blob inside the part
+    k = int(rng.integers(len(ys)))
+    r = extent * rng.uniform(0.18, 0.28)
+    ang = np.linspace(0, 2 * math.pi, 12, endpoint=False)
+    rad = r * rng.uniform(0.6, 1.2, len(ang))
+    return _poly_mask(S, np.stack([xs[k] + rad * np.cos(ang), ys[k] + rad * np.sin(ang)], 1))
+
+
+def _sensor_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Float32 Gaussian noise of sigma 0.012 from Generator(seed): the values of
+    `normal(0, 0.012, shape)` (the same standard normal draws times the same scale; adding
+    the zero mean changes no value), a fifth faster."""
+    noise = np.random.default_rng(seed).standard_normal(shape)
+    noise *= 0.012
+    return noise.astype(np.float32)
 
 
 def _to_output(img_ss: np.ndarray, size: int) -> np.ndarray:
@@ -883,8 +1087,7 @@ def render(
 
     # ---- draw ----
     bg = np.clip(np.asarray(spec.background) + bg_jitter, 0, 1).astype(np.float32)
-    canvas = np.empty((S, S, 3), np.float32)
-    canvas[:] = bg
+    canvas = _plain_canvas(S, bg)
     foot = []
     for p in parts:
         foot.append(DRAWERS[p.kind](canvas, p, S, np.random.default_rng(p.seed)))
@@ -892,50 +1095,19 @@ def render(
     # ---- structural anomalies paint over one part ----
     if anomaly in spec.structural:
         i = int(anomaly_rng.integers(len(parts)))
-        p, m = parts[i], foot[i]
-        affected = p.kind
-        ys, xs = np.nonzero(m)
-        cx, cy = float(xs.mean()), float(ys.mean())
-        extent = float(np.sqrt(m.sum() / math.pi))  # radius of a disc of the same area
-        if anomaly == "scratch":
-            a = anomaly_rng.uniform(0, math.pi)
-            half = extent * anomaly_rng.uniform(0.7, 1.0)
-            d = np.array([math.cos(a), math.sin(a)]) * half
-            line = np.zeros((S, S), np.uint8)
-            p0, p1 = np.round([cx - d[0], cy - d[1]]).astype(int), np.round([cx + d[0], cy + d[1]]).astype(int)
-            cv2.line(line, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 1, max(2, int(0.008 * S)))
-            region = line.astype(bool) & m
-            canvas[region] = spec.scratch_colour
-        elif anomaly == "chip":
-            # bite centred on a boundary pixel of the part: background shows through
-            edge = m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-            ey, ex = np.nonzero(edge)
-            k = int(anomaly_rng.integers(len(ey)))
-            r = extent * anomaly_rng.uniform(0.30, 0.40)
-            region = _circle_mask(S, ex[k], ey[k], r) & m
-            # a chip bites, it does not cut a thin part (screw shaft, ring) in two
-            # (checked on the part eroded by ~2 output pixels: a hair-thin bridge does not count)
-            k_erode = np.ones((4 * SUPERSAMPLE + 1,) * 2, np.uint8)
-            while cv2.connectedComponents(cv2.erode((m & ~region).astype(np.uint8), k_erode))[0] > 2 and r > 2:
-                r *= 0.75
-                region = _circle_mask(S, ex[k], ey[k], r) & m
-            canvas[region] = bg
-        else:  # contamination: an irregular blob inside the part
-            k = int(anomaly_rng.integers(len(ys)))
-            r = extent * anomaly_rng.uniform(0.18, 0.28)
-            ang = np.linspace(0, 2 * math.pi, 12, endpoint=False)
-            rad = r * anomaly_rng.uniform(0.6, 1.2, len(ang))
-            blob = _poly_mask(S, np.stack([xs[k] + rad * np.cos(ang), ys[k] + rad * np.sin(ang)], 1))
-            region = blob
-            canvas[region] = spec.dirt_colour
+        affected = parts[i].kind
+        region = _defect_region(anomaly, foot[i], S, anomaly_rng)
+        colour = {"scratch": spec.scratch_colour, "chip": bg, "contamination": spec.dirt_colour}[anomaly]
+        rows, cols = _box(region)
+        canvas[rows, cols][region[rows, cols]] = colour
         gt_ss |= region
 
     # ---- camera: lighting gradient, gain, downsample, sensor noise ----
-    xs_g, ys_g = _grid(S)
-    ramp = ((xs_g - S / 2) * math.cos(grad_dir) + (ys_g - S / 2) * math.sin(grad_dir)) / (S / 2)
-    canvas *= (gain * (1.0 + grad_amp * ramp))[:, :, None]
+    light = _light_gain(S, gain, grad_dir, grad_amp)
+    for c in range(3):  # a channel at a time: numpy is several times slower broadcasting (S, S, 1)
+        canvas[:, :, c] *= light
     img = _to_output(canvas, size)
-    img += np.random.default_rng(noise_seed).normal(0, 0.012, img.shape).astype(np.float32)
+    img += _sensor_noise(noise_seed, img.shape)
     image = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
     # thin structural defects (scratches) keep any pixel they touch noticeably
