@@ -25,7 +25,7 @@ from linewatch.sim import (
     product_anomalies,
     render,
 )
-from linewatch.sim.generator import DRAWERS, PRODUCT_SPECS, Part, defect_pixel_value
+from linewatch.sim.generator import DRAWERS, PRODUCT_SPECS, Part, _Clearance, defect_pixel_value
 
 COUNTS = dict(n_train=3, n_val=2, n_test_good=2, n_test_logical=4, n_test_structural=3)
 # every (product, anomaly) pair the generator knows, each product with its own list
@@ -400,3 +400,29 @@ def test_every_writer_builds_each_character_differently() -> None:
     # with every variation off, the printed writer draws GLYPHS' strokes (resampled: same ends)
     strokes = _written_strokes("L", Handwriting(writer=0, **plain))
     assert np.allclose(strokes[0][[0, -1]], np.asarray(GLYPHS["L"][0])[[0, -1]])
+
+
+def test_clearance_answers_as_a_dilation_of_the_whole_frame() -> None:
+    """The free-spot check (`_Clearance.blocks`) against what it stands for: the occupied pixels
+    dilated by the elliptic kernel of radius `gap` over the whole frame, for random frames, gaps
+    and query sets (a part's pixels: a blob anywhere, near the edges too)."""
+    rng = np.random.default_rng(0)
+    checked = blocked = 0
+    for trial in range(40):
+        S, gap = int(rng.integers(40, 160)), int(rng.integers(1, 12))
+        occupied = np.zeros((S, S), np.uint8)
+        for _ in range(int(rng.integers(0, 6))):
+            centre = tuple(int(v) for v in rng.integers(0, S, 2))
+            cv2.circle(occupied, centre, int(rng.integers(1, S // 6)), 1, -1)
+        whole = cv2.dilate(occupied, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
+        clearance = _Clearance(occupied, gap)
+        for query in range(60):  # single pixels (the ring around the gap is where it is exact or not), and blobs
+            blob = np.zeros((S, S), np.uint8)
+            centre = tuple(int(v) for v in rng.integers(0, S, 2))
+            cv2.circle(blob, centre, 0 if query % 2 else int(rng.integers(0, S // 8)), 1, -1)
+            ys, xs = np.nonzero(blob)
+            expected = bool(whole[ys, xs].any())
+            assert clearance.blocks(ys, xs) == expected, (trial, S, gap, centre)
+            checked += 1
+            blocked += expected
+    assert 0.2 * checked < blocked < 0.8 * checked  # both answers were asked for
