@@ -77,7 +77,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("calibration_too_few_good_images", warning=calibration.warning)
     code = daemon.run_until_signal()
     exit_now_if_a_stage_still_runs(daemon.pipeline.running_after_stop(), code, log)
+    skip_the_final_garbage_collection()
     return code
+
+
+def skip_the_final_garbage_collection() -> None:
+    """The daemon has stopped: every frame answered, every sink closed, the logs written. The
+    interpreter's exit would still run a full garbage collection over every object of the
+    models, the bank and the libraries (on a busy 2-core machine 1.3-1.4 s from the `stopped`
+    line to the exit; 0.2-0.4 s with this), only to free memory the process hands back anyway;
+    systemd's stop and restart wait for it. Frozen objects are left out of that collection
+    (reference counting still frees what it frees; atexit handlers still run)."""
+    import gc
+
+    gc.freeze()
 
 
 def exit_now_if_a_stage_still_runs(threads: list[str], code: int, log) -> None:
