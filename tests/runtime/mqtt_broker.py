@@ -111,7 +111,7 @@ class Subscriber:
         self.cond = threading.Condition()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                                   protocol=paho.MQTTv311)
-        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
+        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # floats: paho computes with them
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=2)
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message

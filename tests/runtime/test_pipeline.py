@@ -162,7 +162,7 @@ def test_drain_timeout_and_stop_still_answer_every_frame() -> None:
     p.start()
     for i in range(5):
         p.submit(make_frame("cam0", i))
-    assert p.drain(timeout_s=0.2) is False
+    assert p.drain(timeout_s=0.05) is False  # the gate never opens: any wait ends the same
     p.stop(timeout_s=0.5)
     proc.gate.set()
     assert [v.frame_id for v in out.verdicts] == list(range(5))

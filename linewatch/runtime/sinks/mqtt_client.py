@@ -151,7 +151,7 @@ class MqttSink:
         # flight an older fail could reach the broker after a newer timeout and become the
         # retained `last` state (seen once in tests/runtime/test_mqtt.py's late-subscriber test).
         self._client.max_inflight_messages_set(1)
-        self._client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)  # type: ignore[arg-type]  # paho computes with floats; its hint says int
+        self._client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)  # floats: paho computes with them (its hint says int)
         self._client.suppress_exceptions = True  # a failing callback is logged (on_log), the network thread lives on
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
