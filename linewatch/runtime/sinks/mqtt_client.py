@@ -5,8 +5,8 @@ puts the verdict on a bounded queue (full: this sink's copy is dropped and count
 own thread, SETTLE_S after a verdict arrives (the verdict leaves on ZeroMQ first), encodes the
 messages queued by then and hands them to paho-mqtt, whose network thread (`loop_start`)
 connects in the background, reconnects by itself after a loss (waiting `reconnect_min_s`,
-doubling up to `reconnect_max_s`) and holds QoS 1/2 messages in memory until the broker acknowledges them, resending them after a
-reconnect, up to `max_queued` messages.
+doubling up to `reconnect_max_s`) and holds QoS 1/2 messages in memory until the broker
+acknowledges them, resending them after a reconnect, up to `max_queued` messages.
 
 Payload: the verdict's wire-format header (`linewatch.wire.encode_verdict` without attachments),
 the same JSON object a ZeroMQ subscriber gets: no image, heatmap or overlay bytes.
@@ -186,7 +186,9 @@ class MqttSink:
     def stop(self, timeout_s: float = 2.0) -> None:
         """Send what is queued and wait for the broker's acknowledgements, up to `timeout_s`; then
         disconnect. What is still unsent is counted as dropped ("unsent_at_stop"). Idempotent.
-        A connection attempt under way (DNS, TCP connect) can add up to paho's connect timeout."""
+        A connection attempt under way (DNS, TCP connect) can add up to paho's connect timeout;
+        with the broker away, paho's network thread ends after the current second of its
+        reconnect wait (it sleeps in steps of at most 1 s)."""
         with self._state:
             if self._stopped:
                 return
