@@ -159,6 +159,8 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
         assert cam0_inside.wait(10.0)
         # every frame received, none answered (wait_until: the actuator thread owns the verdict socket)
         assert wait_until(lambda: daemon.pipeline.inflight() == n, 10.0, poll_s=0.005)
+        # and run_until_signal (main thread) has put its handler in place: before, SIGTERM ends pytest
+        assert wait_until(lambda: signal.getsignal(signal.SIGTERM) != default_handler, 10.0, poll_s=0.005)
         os.kill(os.getpid(), signal.SIGTERM)
 
     def actuator() -> None:
@@ -168,6 +170,7 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
             if v is not None:
                 received.append(v)
 
+    default_handler = signal.getsignal(signal.SIGTERM)
     threads = [threading.Thread(target=camera_then_sigterm), threading.Thread(target=actuator)]
     for t in threads:
         t.start()
