@@ -370,6 +370,8 @@ class MqttConfig(_Section):
     tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
     max_queued: int = Field(10_000, ge=1, le=65_535, description="messages held while the broker is away (QoS 1/2); beyond it they are dropped and counted")
     queue_size: int = Field(1000, ge=1, le=100_000, description="verdicts waiting for the sink's thread; beyond it they are dropped and counted")
+    reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="wait before the first connection attempt after a loss or a failed attempt; doubled at each further failure")
+    reconnect_max_s: float = Field(10.0, gt=0, le=3600, description="the longest wait between connection attempts (the doubling stops here)")
 
     @model_validator(mode="after")
     def _topics(self) -> "MqttConfig":
@@ -390,6 +392,8 @@ class MqttConfig(_Section):
             raise ValueError(f"{', '.join(tls_files)} set but tls is false: set tls: true (or remove them)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: a client certificate needs its key")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s {self.reconnect_max_s} is below reconnect_min_s {self.reconnect_min_s}")
         return self
 
 

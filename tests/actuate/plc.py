@@ -105,6 +105,9 @@ class OpcUaPlc:
         self.changes: list[tuple[str, Any]] = []
         self.writes: list[tuple[str, Any]] = []
         self.server = Server()
+        # No ServerStatus.CurrentTime write once a second: no client here reads it, and stop()
+        # would wait up to a second for that loop's sleep to end.
+        self.server.disable_clock()
         self.server.set_endpoint(self.url)
         if certificate is not None:
             self.server.load_certificate(certificate)

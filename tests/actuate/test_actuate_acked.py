@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
+import zmq
 
+from linewatch import wire
+from linewatch.actuate.acked import AckedSubscriber
 from linewatch.actuate.outputs import LogOutput
 from linewatch.actuate.service import Actuator
 from linewatch.config import AckedConfig, ActuateConfig
@@ -117,6 +120,8 @@ def test_a_verdict_that_comes_twice_is_decided_once(channel):
 
 
 def test_an_actuator_with_an_unknown_name_logs_the_refusal_once(channel):
+    """The whole actuator: refused, it logs why and gets no verdict. (That it says hello again
+    each heartbeat and logs the refusal only once: the fake-clock test below.)"""
     ch, metrics = channel
     log = ListLog()
     settings = actuate_settings(ch.bound_url)
@@ -124,8 +129,8 @@ def test_an_actuator_with_an_unknown_name_logs_the_refusal_once(channel):
     actuator = Actuator(settings, LogOutput(log), log)
     actuator.start()
     try:
-        assert ch.wait(lambda: (metrics.registry.get_sample_value("linewatch_acked_hellos_refused_total") or 0) >= 2,
-                       WAIT_S)  # it says hello again each second
+        assert ch.wait(lambda: (metrics.registry.get_sample_value("linewatch_acked_hellos_refused_total") or 0) >= 1,
+                       WAIT_S)
         ch.publish(verdict(0, "fail"))
         assert ch.wait(lambda: ch.ledger.unacked("gate1") == 1, WAIT_S)
     finally:
@@ -133,6 +138,51 @@ def test_an_actuator_with_an_unknown_name_logs_the_refusal_once(channel):
     [refused] = log.named("acked_refused")
     assert refused["reason"] == "unknown_subscriber" and "gate7" in refused["detail"]
     assert actuator.received == 0
+
+
+def test_a_refused_subscriber_says_hello_once_each_heartbeat_and_logs_the_refusal_once(channel):
+    """The actuator's side of the channel (what its socket thread runs) on a fake clock, against
+    the real channel: each heartbeat brings exactly one more hello, each is refused, and the
+    refusal is logged once."""
+    ch, metrics = channel
+    now = [0.0]
+    log = ListLog()
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    AckedSubscriber.prepare(sock)  # a hello goes out only on a finished connection
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    sock.connect(ch.bound_url)
+    subscriber = AckedSubscriber(sock, "gate7", log, clock=lambda: now[0])
+
+    def refused() -> float:
+        return metrics.registry.get_sample_value("linewatch_acked_hellos_refused_total") or 0
+
+    def turn_until(predicate) -> bool:
+        """The socket thread's loop (beat, then what arrives), the fake clock standing still."""
+        end = time.monotonic() + WAIT_S
+        while not predicate():
+            if time.monotonic() > end:
+                return False
+            subscriber.beat()
+            if sock.poll(10):
+                subscriber.receive(sock.recv_multipart())
+        return True
+
+    try:
+        assert monitor.poll(WAIT_S * 1000)  # connected: the first beat's hello is sent, not retried
+        for heartbeat in range(3):
+            now[0] = heartbeat * wire.ACKED_HEARTBEAT_S
+            assert turn_until(lambda: refused() == heartbeat + 1 and subscriber.refused), (heartbeat, refused())
+        assert refused() == 3
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        context.term()
+    [line] = log.named("acked_refused")
+    assert line["reason"] == "unknown_subscriber" and "gate7" in line["detail"]
+    assert not subscriber.welcomed
 
 
 class Process:

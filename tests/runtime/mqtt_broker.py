@@ -32,6 +32,10 @@ from tests.ports import reserved_port
 from tests.waiting import wait_until
 
 WAIT_S = 30.0  # generous: a loaded machine is slow, never wrong
+# Reconnect waits of the sinks and subscribers here: the broker is on loopback, restarted by the
+# test itself, so they retry at once rather than after the sink's defaults (1 s doubling to 10 s,
+# for a plant network). Every wait for a reconnect is a wait for its state, never for a time.
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.05, 0.2
 
 
 def mosquitto_path() -> str:
@@ -107,7 +111,7 @@ class Subscriber:
         self.cond = threading.Condition()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                                   protocol=paho.MQTTv311)
-        self.client.reconnect_delay_set(1, 2)
+        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # floats: paho computes with them
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=2)
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
@@ -189,6 +193,7 @@ def verdict(camera: str, seq: int, value: str = "pass") -> Verdict:
 
 def sink_for(broker_port: int, metrics: Metrics | None = None, log: Any = None, host: str = "127.0.0.1",
              **settings: Any) -> MqttSink:
+    settings = {"reconnect_min_s": RECONNECT_MIN_S, "reconnect_max_s": RECONNECT_MAX_S, **settings}
     config = MqttConfig(enabled=True, host=host, port=broker_port, **settings)
     return MqttSink(config, log=log if log is not None else RecordingLog(), metrics=metrics or Metrics())
 

@@ -185,13 +185,13 @@ def test_bad_requests_get_an_error_reply_and_the_socket_keeps_serving(served, ra
 
 def test_a_silent_client_is_dropped_after_the_request_timeout(served, monkeypatch) -> None:
     daemon, loader = served
-    monkeypatch.setattr(control, "REQUEST_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(control, "REQUEST_TIMEOUT_S", 0.05)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
         silent.settimeout(10.0)
         silent.connect(daemon.config.control.socket)
         silent.sendall(b'{"command": "swi')  # and nothing more
         reply = json.loads(silent.makefile("rb").readline())
-    assert reply["ok"] is False and "nothing complete within 0.2 s" in reply["error"]
+    assert reply["ok"] is False and "nothing complete within 0.05 s" in reply["error"]
     loader.answer = fake_bank("bank-new")
     assert switch(daemon, "/new.lwbank")["switched"]
 

@@ -14,6 +14,7 @@ import pytest
 from linewatch.runtime.daemon import Daemon
 from tests.runtime.fakes import FakeClock, FakeProcessor, GatedProcessor, expected_verdict, quiet_log
 from tests.runtime.line import Line, http, runtime_config
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -131,14 +132,16 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals need the main thread")
     config = runtime_config(deadline_ms=5000.0)
-    config.batch.max_batch = 1  # before the daemon reads it: ten batches of 50 ms each
-    proc = FakeProcessor([("net", 0.05)])
+    config.batch.max_batch = 1  # before the daemon reads it: ten batches, one frame each
+    proc = FakeProcessor([("net", 0.0)])
     net = proc.stages[0][1]
     cam0_inside = threading.Event()
 
     def watched(images):
-        if images[0][0, 0, 0] == 51:  # a cam0 frame (probes are 50)
+        if images[0][0, 0, 0] == 51 and not cam0_inside.is_set():  # the first cam0 frame (probes are 50)
             cam0_inside.set()
+            # held until the stop signal has begun the drain: all ten frames are in flight then
+            assert wait_until(lambda: not daemon.pipeline.accepting, 10.0, poll_s=0.005)
         return net(images)
 
     proc.stages = [("net", watched)]
@@ -153,7 +156,11 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
     def camera_then_sigterm() -> None:
         for i in range(n):
             line.send("cam0", i, 51)
-        assert cam0_inside.wait(10.0)  # frames in flight (10 x 50 ms of work), then the stop signal
+        assert cam0_inside.wait(10.0)
+        # every frame received, none answered (wait_until: the actuator thread owns the verdict socket)
+        assert wait_until(lambda: daemon.pipeline.inflight() == n, 10.0, poll_s=0.005)
+        # and run_until_signal (main thread) has put its handler in place: before, SIGTERM ends pytest
+        assert wait_until(lambda: signal.getsignal(signal.SIGTERM) != default_handler, 10.0, poll_s=0.005)
         os.kill(os.getpid(), signal.SIGTERM)
 
     def actuator() -> None:
@@ -163,6 +170,7 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
             if v is not None:
                 received.append(v)
 
+    default_handler = signal.getsignal(signal.SIGTERM)
     threads = [threading.Thread(target=camera_then_sigterm), threading.Thread(target=actuator)]
     for t in threads:
         t.start()
@@ -174,4 +182,4 @@ def test_sigterm_drains_every_in_flight_frame_and_returns_0() -> None:
         line.close()
     assert [v.frame_id for v in received] == list(range(n))
     assert {v.verdict for v in received} == {"pass"}  # drained, not timed out
-    assert set(proc.batch_sizes) == {1}  # max_batch 1 was in force: ten batches of 50 ms were in flight
+    assert set(proc.batch_sizes) == {1}  # max_batch 1 was in force: ten batches were in flight

@@ -42,6 +42,8 @@ def test_a_camera_id_is_one_topic_level_and_can_be_read_back():
     ({"topic": "{camera}"}, "needs text besides {camera}"),
     ({"last_topic": "linewatch/{camera}/verdict"}, "topic and last_topic are both"),
     ({"max_queued": 70_000}, "max_queued"),
+    ({"reconnect_min_s": 0}, "reconnect_min_s"),
+    ({"reconnect_min_s": 5, "reconnect_max_s": 2}, "reconnect_max_s 2.0 is below reconnect_min_s 5.0"),
 ])
 def test_bad_topics_are_refused_naming_the_key(mqtt, named):
     with pytest.raises(ConfigError) as e:
@@ -157,6 +159,7 @@ def test_broker_down_at_start_then_up_the_held_verdicts_arrive(own_broker, tmp_p
         sink.start()  # no broker: returns at once, retries in the background
         failed = log.wait_for("mqtt_connect_failed")
         assert failed is not None and "Connection refused" in failed["reason"], log.lines
+        assert failed["retry"] == "every 0.05..0.2 s"  # the configured waits (mqtt_broker.RECONNECT_*_S)
         for seq in range(3):
             sink.publish(verdict("cam0", seq))
         assert sink.wait_idle(WAIT_S)

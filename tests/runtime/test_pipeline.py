@@ -162,12 +162,28 @@ def test_drain_timeout_and_stop_still_answer_every_frame() -> None:
     p.start()
     for i in range(5):
         p.submit(make_frame("cam0", i))
-    assert p.drain(timeout_s=0.2) is False
+    assert p.drain(timeout_s=0.05) is False  # the gate never opens: any wait ends the same
     p.stop(timeout_s=0.5)
     proc.gate.set()
     assert [v.frame_id for v in out.verdicts] == list(range(5))
     assert {v.verdict for v in out.verdicts} == {"timeout"}
     assert {v.reason for v in out.verdicts} == {"shutdown"}
+
+
+def test_stop_wakes_the_idle_stage_threads(monkeypatch) -> None:
+    """Idle stage threads wait on their queues; stop() must wake them rather than leave them to
+    their next poll. With the poll an hour long, a thread still alive after stop() (which
+    joins each for up to 5 s) means its wake-up was lost."""
+    from linewatch.runtime.pipeline import runner
+
+    monkeypatch.setattr(runner, "POLL_S", 3600.0)
+    out = Collector()
+    p = make_pipeline(FakeProcessor([("a", 0.0), ("b", 0.0)]), out, max_batch=1, max_delay_ms=0.0)
+    p.start()
+    p.submit(make_frame("cam0", 0))
+    assert out.wait_for(1)
+    p.stop(timeout_s=5.0)
+    assert p.running_after_stop() == []
 
 
 def test_stages_run_pipelined(started) -> None:

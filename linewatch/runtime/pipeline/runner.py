@@ -232,7 +232,8 @@ class Pipeline:
         self._started = False
         self._stopped = False
 
-        self._queues: list[queue.Queue[_Batch]] = [queue.Queue(pipeline.stage_queue_size) for _ in self._stage_names]
+        # None on a queue: stop()'s wake-up for the stage waiting on it
+        self._queues: list[queue.Queue[_Batch | None]] = [queue.Queue(pipeline.stage_queue_size) for _ in self._stage_names]
         self._busy_since: list[float | None] = [None] * len(self._stage_names)
         self._fail_log = RateLimiter(10.0)  # one stage_failed line per stage per 10 s
         self._threads: list[threading.Thread] = [threading.Thread(target=self._intake_loop, name="lw-intake", daemon=True)]
@@ -374,6 +375,11 @@ class Pipeline:
         with self._lock:
             for cond in (self._intake_cond, self._deadline_cond, self._out_cond, self._idle_cond):
                 cond.notify_all()
+        for q in self._queues:  # wake the idle stages now, not at their next poll
+            try:
+                q.put_nowait(None)
+            except queue.Full:  # its stage has batches to take: it sees _stop after the one in hand
+                pass
         end = time.monotonic() + timeout_s  # real time: how long this call may block
         for t in self._threads:
             if t.is_alive():
@@ -513,6 +519,8 @@ class Pipeline:
             try:
                 batch = q.get(timeout=POLL_S)
             except queue.Empty:
+                continue
+            if batch is None:  # stop()'s wake-up
                 continue
             if all(s.answered for s in batch.slots):  # every frame timed out meanwhile
                 with self._lock:

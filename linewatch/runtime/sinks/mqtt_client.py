@@ -4,9 +4,9 @@
 puts the verdict on a bounded queue (full: this sink's copy is dropped and counted). The sink's
 own thread, SETTLE_S after a verdict arrives (the verdict leaves on ZeroMQ first), encodes the
 messages queued by then and hands them to paho-mqtt, whose network thread (`loop_start`)
-connects in the background, reconnects by itself after a loss (waiting RECONNECT_DELAY_S, doubling)
-and holds QoS 1/2 messages in memory until the broker acknowledges them, resending them after a
-reconnect, up to `max_queued` messages.
+connects in the background, reconnects by itself after a loss (waiting `reconnect_min_s`,
+doubling up to `reconnect_max_s`) and holds QoS 1/2 messages in memory until the broker
+acknowledges them, resending them after a reconnect, up to `max_queued` messages.
 
 Payload: the verdict's wire-format header (`linewatch.wire.encode_verdict` without attachments),
 the same JSON object a ZeroMQ subscriber gets: no image, heatmap or overlay bytes.
@@ -51,7 +51,6 @@ from linewatch.runtime.ops.logs import RateLimiter
 from linewatch.runtime.ops.metrics import Metrics
 from linewatch.wire import Verdict
 
-RECONNECT_DELAY_S = (1, 10)  # paho's wait before a connection attempt: the first, then doubling up to the last
 KEEPALIVE_S = 30  # a broker that vanishes without closing the connection is noticed within about 2x this (paho's ping)
 LOG_INTERVAL_S = 30.0  # at most one connected / disconnected / connect-failed line per interval each
 SINK = "mqtt"  # the `sink` label of linewatch_sink_dropped_total
@@ -152,7 +151,7 @@ class MqttSink:
         # flight an older fail could reach the broker after a newer timeout and become the
         # retained `last` state (seen once in tests/runtime/test_mqtt.py's late-subscriber test).
         self._client.max_inflight_messages_set(1)
-        self._client.reconnect_delay_set(*RECONNECT_DELAY_S)
+        self._client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)  # floats: paho computes with them (its hint says int)
         self._client.suppress_exceptions = True  # a failing callback is logged (on_log), the network thread lives on
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
@@ -187,7 +186,9 @@ class MqttSink:
     def stop(self, timeout_s: float = 2.0) -> None:
         """Send what is queued and wait for the broker's acknowledgements, up to `timeout_s`; then
         disconnect. What is still unsent is counted as dropped ("unsent_at_stop"). Idempotent.
-        A connection attempt under way (DNS, TCP connect) can add up to paho's connect timeout."""
+        A connection attempt under way (DNS, TCP connect) can add up to paho's connect timeout;
+        with the broker away, paho's network thread ends after the current second of its
+        reconnect wait (it sleeps in steps of at most 1 s)."""
         with self._state:
             if self._stopped:
                 return
@@ -336,7 +337,7 @@ class MqttSink:
         else:
             reason = "cannot connect"
         self._log_limited("connect_failed", "warning", "mqtt_connect_failed", broker=self.bound_url, reason=reason,
-                          retry=f"every {RECONNECT_DELAY_S[0]}..{RECONNECT_DELAY_S[1]} s")
+                          retry=f"every {self._config.reconnect_min_s:g}..{self._config.reconnect_max_s:g} s")
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._set_connected(False)
