@@ -16,12 +16,14 @@ fi
 if [ -f tests/ops/install-tools.sh ]; then
     bash tests/ops/install-tools.sh || echo "tests/run.sh: could not install the ops tools; those tests will skip and say why" >&2
 fi
-# pytest-xdist: one worker per core, each module's tests in one worker (its module-scoped fixtures
-# are made once; tests/conftest.py deals out a few slow modules' tests singly); banks and other
-# results made once per run are shared between the workers (tests/conftest.py `made_once`).
-# TEST_WORKERS=0 runs in this process. `bash tests/run.sh -m "not system"`: the unit layer alone.
+# pytest-xdist: one worker per core and one more (many tests wait on a process or a socket for a
+# moment; the extra worker's tests use the core meanwhile: the whole suite 299 -> 256 s on 2 cores),
+# each module's tests in one worker (its module-scoped fixtures are made once; tests/conftest.py
+# deals out a few slow modules' tests singly); banks and other results made once per run are
+# shared between the workers (tests/conftest.py `made_once`). TEST_WORKERS=N runs N workers, 0 in
+# this process. `bash tests/run.sh -m "not system"`: the unit layer alone.
 # Compiled modules are kept (__pycache__, ignored by git) even where the environment says not
 # to write them (PYTHONDONTWRITEBYTECODE, common in containers): otherwise every worker compiles
 # linewatch and has pytest rewrite every test module again, at every run.
 export PYTHONDONTWRITEBYTECODE=
-exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-$(( $(nproc) + 1 ))}" --dist loadfile "$@"
