@@ -42,9 +42,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def make_archive(tmp_path: Path, clock: FakeClock | None = None, log: Any = None,
                  **config) -> tuple[Archive, Metrics]:
+    """An archive whose picture process runs at the tests' own priority: at SCHED_IDLE (the
+    daemon's, tested below) it would wait for a core no other test process wants."""
     metrics = Metrics()
     archive = Archive(ArchiveConfig(enabled=True, path=str(tmp_path / "archive"), **config), metrics=metrics,
-                      log=log or structlog.get_logger("test"), clock=clock or FakeClock())
+                      log=log or structlog.get_logger("test"), clock=clock or FakeClock(),
+                      encoder=archive_module.PictureEncoder(idle=False))
     archive.start()
     return archive, metrics
 
@@ -723,6 +726,12 @@ def test_pictures_are_encoded_in_a_low_priority_child_process_replaced_when_it_d
         assert encoder.encode(image, v, "png", 60) == archive_module.encode_pictures(image, v)
         pid = encoder._pool.submit(os.getpid).result(60)
         assert pid != os.getpid() and os.sched_getscheduler(pid) == os.SCHED_IDLE
+        other = archive_module.PictureEncoder(idle=False)  # the tests' own (make_archive)
+        try:
+            other.encode(image, v, "png", 60)
+            assert os.sched_getscheduler(other._pool.submit(os.getpid).result(60)) == os.SCHED_OTHER
+        finally:
+            other.close()
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(concurrent.futures.process.BrokenProcessPool):
             encoder.encode(image, v, "png", 60)

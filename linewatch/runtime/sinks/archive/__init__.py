@@ -112,7 +112,8 @@ class Archive:
     journal_rotate_bytes = _delegate("_journal", "rotate_bytes", "a new segment once this much is in the database")
     _journal_fd = _delegate("_journal", "fd", "the segment record() appends to (None: closed)")
 
-    def __init__(self, config: ArchiveConfig, metrics: Metrics, log: Any = None, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, config: ArchiveConfig, metrics: Metrics, log: Any = None, clock: Clock = SYSTEM_CLOCK,
+                 encoder: PictureEncoder | None = None) -> None:
         self.config = config
         self.folder = Path(config.path)
         self.path = self.folder / DATABASE
@@ -124,7 +125,7 @@ class Archive:
         self._idle = threading.Condition()  # notified when rows went in or a picture is done
         self._journal = Journal(self.folder, journal_limit, min(JOURNAL_ROTATE_BYTES, journal_limit // 4), self._idle)
         self._store = Store(self.path, self.wal_limit_bytes, BUSY_TIMEOUT_MS)
-        self._pictures = PictureFiles(self.folder, config.frame_format, config.pass_image_sample)
+        self._pictures = PictureFiles(self.folder, config.frame_format, config.pass_image_sample, encoder)
         self._retention = Retention(self._store, self._pictures, self._between_batches)
         self._folder_lock = FolderLock(self.folder)
         # the store, the journal's read position, the pictures: one user at a time (the

@@ -56,12 +56,14 @@ def _npz_bytes(heat: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _picture_process_init(daemon_pid: int) -> None:
+def _picture_process_init(daemon_pid: int, idle: bool) -> None:
     """The encoder process: deaf to Ctrl-C (the daemon stops it), gone with the daemon, and at
-    the lowest CPU priority: SCHED_IDLE on Linux (it runs only when no other thread wants the
-    CPU, and gives way at once when one wakes up), else nice 19."""
+    the lowest CPU priority when `idle`: SCHED_IDLE on Linux (it runs only when no other thread
+    wants the CPU, and gives way at once when one wakes up), else nice 19."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(daemon_pid,), name="exit-with-daemon", daemon=True).start()
+    if not idle:
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -93,17 +95,21 @@ class PictureEncoder:
     224x224 frames: the worst case for PNG), added capture->verdict p99 over all sinks off,
     median of 3 rounds, one run each on a shared 2-core VM: encoding on the picture thread
     6.2 ms, in this process at SCHED_IDLE 2.6 ms. A process that dies is replaced at the next
-    picture (that picture is lost, counted as `write_failed`)."""
+    picture (that picture is lost, counted as `write_failed`).
 
-    def __init__(self) -> None:
+    `idle=False` keeps the process at the daemon's priority: for tests of what the pictures
+    hold, which would otherwise wait for a core no other test process wants."""
+
+    def __init__(self, idle: bool = True) -> None:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._idle = idle
 
     def encode(self, image: np.ndarray, verdict: Verdict, frame_format: str,
                timeout_s: float, overlay: bool = True) -> tuple[bytes, bytes | None, bytes | None]:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_picture_process_init,
-                initargs=(os.getpid(),))
+                initargs=(os.getpid(), self._idle))
         try:
             # the verdict without its image (sent once, as `image`)
             return self._pool.submit(encode_pictures, image, dataclasses.replace(verdict, image=None),
