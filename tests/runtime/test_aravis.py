@@ -116,6 +116,14 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
     assert image is not None and image.shape[:2] == (512, 512), None if image is None else image.shape
     assert all(f["part_id"] is None for f in frames)  # no part id unless aravis.part_id says where from
 
+    # a device id no camera has: one line naming what Aravis does see, exit 2
+    proc = _cli("camera", "grab", "--source", "aravis:Nope-123", "--frames", "1", "--out", str(tmp_path / "nope"),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert out.strip() == (f"linewatch: error: cannot open aravis:Nope-123: no GenICam camera 'Nope-123' found; "
+                           f"cameras seen: ['{FAKE_ID}']"), out
+
 
 @pytest.mark.system
 @needs_bindings
