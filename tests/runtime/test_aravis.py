@@ -96,16 +96,26 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "linewatch.cli", *args], env=env, cwd=REPO, **kwargs)
 
 
+def _grab(*args: str, timeout_s: float = 120) -> tuple[int, str]:
+    """`linewatch camera grab ARGS`: its exit code and its output (stdout and stderr)."""
+    proc = _cli("camera", "grab", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=timeout_s)
+    return proc.returncode, out
+
+
+def _opened(out: str) -> list[dict]:
+    """The `camera_genicam_opened` log records in a command's output."""
+    return [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+
+
 @pytest.mark.system
 @needs_bindings
 @needs_fake
 @pytest.mark.usefixtures("fake_camera")
 def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
     started = time.time()
-    proc = _cli("camera", "grab", "--source", f"aravis:{FAKE_ID}", "--frames", "5", "--out", str(tmp_path / "out"),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    rc, out = _grab("--source", f"aravis:{FAKE_ID}", "--frames", "5", "--out", str(tmp_path / "out"))
+    assert rc == 0, out
     record = json.loads((tmp_path / "out" / "grab.json").read_text())
     frames = record["frames"] if isinstance(record, dict) else record
     assert len(frames) == 5, record
@@ -117,10 +127,8 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
     assert all(f["part_id"] is None for f in frames)  # no part id unless aravis.part_id says where from
 
     # a device id no camera has: one line naming what Aravis does see, exit 2
-    proc = _cli("camera", "grab", "--source", "aravis:Nope-123", "--frames", "1", "--out", str(tmp_path / "nope"),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
+    rc, out = _grab("--source", "aravis:Nope-123", "--frames", "1", "--out", str(tmp_path / "nope"))
+    assert rc == 2, out
     assert out.strip() == (f"linewatch: error: cannot open aravis:Nope-123: no GenICam camera 'Nope-123' found; "
                            f"cameras seen: ['{FAKE_ID}']"), out
 
@@ -132,15 +140,13 @@ def test_grab_from_the_fake_gige_camera(tmp_path: Path) -> None:
 def test_the_region_packet_size_and_part_id_from_the_config(tmp_path: Path) -> None:
     config = tmp_path / "camera.yaml"
     config.write_text("aravis:\n  width: 320\n  height: 200\n  packet_size: 4000\n  part_id: frame_counter\n")
-    proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "3", "--out",
-                str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    rc, out = _grab("-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "3", "--out", str(tmp_path / "out"))
+    assert rc == 0, out
     frames = json.loads((tmp_path / "out" / "grab.json").read_text())["frames"]
     assert [(f["width"], f["height"]) for f in frames] == [(320, 200)] * 3, frames
     image = cv2.imread(str(tmp_path / "out" / frames[1]["file"]), cv2.IMREAD_UNCHANGED)
     assert image.shape == (200, 320), image.shape
-    opened = [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+    opened = _opened(out)
     assert opened and opened[0]["packet_size"] == 4000 and opened[0]["region"] == [0, 0, 320, 200], out
     # the camera's own counter: it moves as the frame ids sent move (by the frames lost between)
     counters = [int(f["part_id"]) for f in frames]
@@ -156,11 +162,9 @@ def test_software_trigger_one_frame_per_trigger_and_a_line_trigger_waits_for_its
     # in trigger mode the fake camera sends nothing of its own: every frame here answers a trigger
     config = tmp_path / "camera.yaml"
     config.write_text("aravis:\n  trigger: software\n  frame_rate: 20\n  part_id: frame_counter\n")
-    proc = _cli("camera", "grab", "-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "4", "--out",
-                str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    opened = [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+    rc, out = _grab("-c", str(config), "--source", f"aravis:{FAKE_ID}", "--frames", "4", "--out", str(tmp_path / "out"))
+    assert rc == 0, out
+    opened = _opened(out)
     assert opened and opened[0]["trigger_source"] == "Software", out  # read back from the camera
     frames = json.loads((tmp_path / "out" / "grab.json").read_text())["frames"]
     assert len(frames) == 4, frames
@@ -169,20 +173,18 @@ def test_software_trigger_one_frame_per_trigger_and_a_line_trigger_waits_for_its
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("aravis:\n  trigger: software\n")
-    proc = _cli("camera", "grab", "-c", str(bad), "--source", f"aravis:{FAKE_ID}", "--frames", "1", "--out",
-                str(tmp_path / "bad"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "trigger: software needs frame_rate" in out, out
+    rc, out = _grab("-c", str(bad), "--source", f"aravis:{FAKE_ID}", "--frames", "1", "--out", str(tmp_path / "bad"),
+                    timeout_s=60)
+    assert rc == 2 and "trigger: software needs frame_rate" in out, out
 
     # trigger: line on the fake camera's one input: set, read back, and no frame without an edge
     line_config = tmp_path / "line.yaml"
     line_config.write_text("aravis:\n  trigger: line\n  trigger_line: Line0\n")
-    proc = _cli("camera", "grab", "-c", str(line_config), "--source", f"aravis:{FAKE_ID}", "--frames", "1", "--timeout", "1",
-                "--out", str(tmp_path / "line"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=60)
-    opened = [json.loads(line) for line in out.splitlines() if '"camera_genicam_opened"' in line]
+    rc, out = _grab("-c", str(line_config), "--source", f"aravis:{FAKE_ID}", "--frames", "1", "--timeout", "1",
+                    "--out", str(tmp_path / "line"), timeout_s=60)
+    opened = _opened(out)
     assert opened and opened[0]["trigger_source"] == "Line0", out
-    assert proc.returncode == 1 and "got 0 of 1 frames within 1 s" in out, out
+    assert rc == 1 and "got 0 of 1 frames within 1 s" in out, out
 
 
 def _read(sub: zmq.Socket) -> wire.Frame:
