@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from linewatch.bank_builder import build_bank, inspect_images, read_folder
+from linewatch.bank_builder import build_bank, inspect_images
+from linewatch.good_images import read_folder
 from linewatch.config import load_config
 from linewatch.detector.calibration import calibrate, rejects_interval
 from linewatch.detector.inspector import Inspector

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import linewatch.detector.identity as identity
-from linewatch.bank_builder import read_folder, working_size
+from linewatch.bank_builder import working_size
+from linewatch.good_images import read_folder
 from linewatch.config import load_config
 from linewatch.detector.backends import get_backend
 from linewatch.detector.describe import pad_masks

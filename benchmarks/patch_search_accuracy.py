@@ -17,7 +17,7 @@ import sys
 import torch
 from sklearn.metrics import roc_auc_score
 
-from linewatch.bank_builder import read_folder
+from linewatch.good_images import read_folder
 from linewatch.config import Config
 from linewatch.detector.inspector import Batch, Inspector
 from linewatch.detector.models import build_models

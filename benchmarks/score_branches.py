@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from linewatch.bank_builder import build_bank, read_folder
+from linewatch.bank_builder import build_bank
+from linewatch.good_images import read_folder
 from linewatch.config import Config
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import build_models

@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 import torch
-from linewatch.bank_builder import build_bank, read_folder
+from linewatch.bank_builder import build_bank
+from linewatch.good_images import read_folder
 from linewatch.config import Config
 from linewatch.detector.inspector import Batch, Inspector
 from linewatch.detector.models import build_models

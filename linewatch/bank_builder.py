@@ -30,7 +30,6 @@ from linewatch.detector.describe import pad_masks
 from linewatch.detector.inspector import ENCODE_STAGES, JUDGE_STAGES, Batch, Inspector
 from linewatch.detector.models import Models, build_models, select_device
 from linewatch.good_images import BankBuildError, GoodImages, read_good_images
-from linewatch.good_images import read_folder  # noqa: F401 - here too for the benchmarks and tests that read folders
 from linewatch.images import is_grey
 
 

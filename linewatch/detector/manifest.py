@@ -198,8 +198,6 @@ _OPTIONAL_KEYS = frozenset(f.name for f in fields(BankManifest)
 _CALIBRATION_KEYS = _key_table(Calibration)
 
 
-
-
 def read_manifest(path: str | Path) -> BankManifest:
     """The validated manifest of the bank file at `path`, read from the file's header: every
     check `TemplateBank.load` makes before it loads the tensors (the file is there, is a

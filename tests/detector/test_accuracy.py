@@ -18,7 +18,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from linewatch.bank_builder import build_bank, inspect_images, read_folder
+from linewatch.bank_builder import build_bank, inspect_images
+from linewatch.good_images import read_folder
 from linewatch.config import load_config
 from linewatch.detector.inspector import Inspector
 from linewatch.detector.models import build_models

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from linewatch.bank_builder import read_folder
+from linewatch.good_images import read_folder
 from linewatch.config import config_from_dict
 from linewatch.detector.backbone import ClassicFeatures, DinoV2Backbone
 from linewatch.detector.bank import BankError, BankManifest, TemplateBank
