@@ -17,6 +17,9 @@ tables are printed in markdown: per seed, the mean over the seeds (lowest seed i
 and the cases where a value fell by more than --tolerance.
 
     --setting measure.identity_weight --values 0 4     compares another setting
+    --setting measure.identity_descriptor,measure.identity_margin --values outline,2 outline,1.5
+                                                       several settings at once (each value a
+                                                       comma-separated list, one per setting)
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def set_setting(config, dotted: str, value: str) -> None:
 def measure(config_path: Path, folder: Path, setting: str, value: str, batch: int) -> dict:
     config = load_config(config_path)
     config.detector.device = "cpu"
-    set_setting(config, setting, value)
+    for name, part in zip(setting.split(","), value.split(","), strict=True):
+        set_setting(config, name, part)
     device = torch.device("cpu")
     category = load_category(folder)
     models = build_models(config.detector, device)
@@ -143,10 +147,11 @@ def tables(results: dict[tuple, dict], seeds: list[int], products: list[str], va
                             drops.append(f"{product} {kind} {m}, seed {s}: {percent(b)} -> {v}: {percent(n)} "
                                          f"({100 * (n - b):+.2f} points)")
             lines.append(f"| {product} | {', '.join(map(str, done))} | {kind} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Lower by more than {tolerance} ({100 * tolerance:.1f} points) with {setting} = "
-                 f"{', '.join(afters)} than with {before}:" + ("" if drops else " none"))
-    lines.extend(f"- {d}" for d in drops)
+    if afters:
+        lines.append("")
+        lines.append(f"Lower by more than {tolerance} ({100 * tolerance:.1f} points) with {setting} = "
+                     f"{', '.join(afters)} than with {before}:" + ("" if drops else " none"))
+        lines.extend(f"- {d}" for d in drops)
     return "\n".join(lines)
 
 
@@ -157,8 +162,10 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--products", nargs="+", default=[*ALL_PRODUCTS, "char_tray"])
-    p.add_argument("--setting", default="score.patch_dims", help="a detector setting, dotted below `detector`")
-    p.add_argument("--values", nargs="+", default=["0", "12"], help="the first is 'before'")
+    p.add_argument("--setting", default="score.patch_dims",
+                   help="a detector setting, dotted below `detector` (several: comma-separated)")
+    p.add_argument("--values", nargs="+", default=["0", "12"],
+                   help="the first is 'before' (with several settings: comma-separated, one per setting)")
     p.add_argument("--train", type=int, default=20)
     p.add_argument("--validation", type=int, default=10)
     p.add_argument("--test-good", type=int, default=20)
@@ -169,6 +176,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--table-only", action="store_true", help="print the tables of OUT/results.jsonl and stop")
     args = p.parse_args()
+    wrong = [v for v in args.values if len(v.split(",")) != len(args.setting.split(","))]
+    if wrong:
+        p.error(f"{len(args.setting.split(','))} settings ({args.setting}) but the values {wrong} have another count")
     torch.set_num_threads(args.threads)
     counts = {"train": args.train, "validation": args.validation, "test_good": args.test_good,
               "test_logical": args.test_logical, "test_structural": args.test_structural}

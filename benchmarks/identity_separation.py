@@ -11,10 +11,11 @@ logical anomaly kind.
 
     python benchmarks/identity_separation.py --out /tmp/numbers/tune --seeds 100 101 102
 
-Descriptors: outline (the outline descriptor of `linewatch.detector.shape`, at the part's box,
-full-resolution masks), moment (`identity.moment_descriptors` of the mask at the feature map's
-size, as the Inspector computes it), outline+moment (`identity.identity_descriptors`, the
-default).
+Descriptors (measure.identity_descriptor, and the moment frame alone), all from the masks at the
+working size, as the Inspector computes them: outline (the outline descriptor of
+`linewatch.detector.shape`, at the part's box), moment (`identity.moment_descriptors`),
+outline_and_moment (`identity.identity_descriptors`), outline_or_moment (per place the one of
+the two that tells it from the other places best: `identity.SlotIdentity`, the default).
 """
 
 from __future__ import annotations
@@ -77,28 +78,19 @@ def encode(out: Path, product: str, seed: int, config_path: Path) -> dict:
 
 def descriptors(masks: list[torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, M, D) descriptors, (B, M, 4) boxes, (B, M) valid of per-image masks (M_b, S, S)."""
-    size = tuple(masks[0].shape[-2:])
-    feature_size = (size[0] // 2, size[1] // 2)  # the classic backend's feature map (its soft masks)
-    soft, valid, boxes = pad_masks(masks, feature_size, torch.device("cpu"))
-    outline = shape_descriptors(masks, boxes)
-    if name == "outline":
-        return outline, boxes, valid
-    if name == "outline+moment":
-        return identity.identity_descriptors(outline, soft), boxes, valid
+    soft, valid, boxes = pad_masks(masks, tuple(masks[0].shape[-2:]), torch.device("cpu"))  # the working size
     if name == "moment":
         return identity.moment_descriptors(soft), boxes, valid
-    raise ValueError(name)
+    return identity.part_identities(shape_descriptors(masks, boxes), soft, name), boxes, valid
 
 
-def separation(data: dict, name: str) -> dict:
+def separation(data: dict, name: str, margin: float) -> dict:
     bank_d, bank_b, bank_v = descriptors(data["bank"]["masks"], name)
-    spreads = identity.slot_spreads(bank_d, bank_b, bank_v)
-    spread = spreads[bank_v & (spreads > 0)]
-    floor = max(float(spread.median()) * 0.25, identity.MIN_SPREAD)  # as the Inspector
+    slots = identity.SlotIdentity.of_bank(bank_d, bank_b, bank_v, "outline" if name == "moment" else name, margin)
     largest = {}
     for split in ("good", "logical"):
         d, b, v = descriptors(data[split]["masks"], name)
-        largest[split] = identity.identity_distances(d, b, v, bank_d, bank_b, bank_v, spreads, floor).amax(1).numpy()
+        largest[split] = slots.distances(d, b, v, bank_d, bank_b, bank_v).amax(1).numpy()
     per_kind = defaultdict(list)
     for kind, z in zip(data["logical"]["kinds"], largest["logical"]):
         per_kind[kind].append(float(z))
@@ -114,15 +106,16 @@ def main() -> None:
     p.add_argument("--product", default="char_tray")
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
-    p.add_argument("--descriptors", nargs="+", default=["outline", "moment", "outline+moment"])
+    p.add_argument("--descriptors", nargs="+", default=["outline", "moment", "outline_and_moment", "outline_or_moment"])
+    p.add_argument("--margin", type=float, default=1.5, help="measure.identity_margin (sets the spread's floor)")
     args = p.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         data = encode(args.out, args.product, seed, args.config)
         for name in args.descriptors:
-            r = separation(data, name)
-            print(f"seed {seed} {name:15s} AUROC of the largest z {r['auroc']:.1f} %, three largest good z "
+            r = separation(data, name, args.margin)
+            print(f"seed {seed} {name:18s} AUROC of the largest z {r['auroc']:.1f} %, three largest good z "
                   f"{r['good_top3']:.2f}, median z per logical kind {r['median_per_kind']}", flush=True)
 
 

@@ -249,7 +249,7 @@ def count_measure(args) -> dict:
         object_valid=torch.ones(z, m, dtype=torch.bool), object_noise=torch.ones(z, m),
         boxes=torch.tensor([[4.0, 4.0, 24.0, 24.0]]).expand(z, m, 4).clone(), shapes=torch.zeros(z, m, 1),
         descriptors=parts + 0.05 * torch.randn(z, m, c, generator=g), threshold=float("inf"))
-    inspector.descriptor_mean = inspector.shape_mean = inspector.slot_spreads = inspector.patch_index = None
+    inspector.descriptor_mean = inspector.shape_mean = inspector.slots = inspector.patch_index = None
     inspector.noise_floor, inspector.normalisation, inspector.keep_component_maps = 0.25, None, False
     batch = Batch(images=[], sizes=[(args.frame_size, args.frame_size)] * b,
                   references=torch.arange(b * k).view(b, k) % z)

@@ -51,7 +51,7 @@ def working_size(images: list[np.ndarray], size: int) -> torch.Tensor:
 def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size: int, progress: bool) -> dict:
     """Run the reference side of every good image once: backbone, upsampler, segmenter, DCGA."""
     parts: dict[str, list] = {k: [] for k in ("retrieval", "features", "masks", "valid", "boxes", "descriptors",
-                                              "shapes", "textures")}
+                                              "shapes", "textures", "identities")}
     bar = tqdm(total=len(images), desc="encoding good images", unit="img", disable=not progress)
     for _, chunk in _batches(images, batch_size):
         batch = inspector.run(Batch(images=chunk), ENCODE_STAGES)
@@ -63,6 +63,8 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         if enc.shapes is not None:
             parts["shapes"].extend(enc.shapes.cpu().unbind(0))
             parts["textures"].extend(enc.textures.cpu().unbind(0))
+        if enc.identities is not None:
+            parts["identities"].extend(enc.identities.cpu().unbind(0))
         bar.update(len(chunk))
     bar.close()
     size = tuple(parts["features"][0].shape[-2:])
@@ -73,9 +75,12 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         descriptors[i, : d.shape[0]] = d[:n]
     shapes = torch.zeros(len(images), n, parts["shapes"][0].shape[-1] if parts["shapes"] else 0)
     textures = torch.zeros(len(images), n, parts["textures"][0].shape[-1] if parts["textures"] else 0)
+    identities = torch.zeros(len(images), n, parts["identities"][0].shape[-1] if parts["identities"] else 0)
     for i, (d, t) in enumerate(zip(parts["shapes"], parts["textures"])):
         shapes[i, : d.shape[0]] = d[:n]
         textures[i, : t.shape[0]] = t[:n]
+    for i, d in enumerate(parts["identities"]):
+        identities[i, : d.shape[0]] = d[:n]
     return {
         "retrieval": torch.cat(parts["retrieval"]),
         "features": torch.cat(parts["features"]),
@@ -86,6 +91,7 @@ def encode_references(inspector: Inspector, images: list[np.ndarray], batch_size
         "object_noise": torch.ones(valid.shape),
         "shapes": shapes * valid[..., None],
         "textures": textures * valid[..., None],
+        "identities": identities * valid[..., None],
     }
 
 

@@ -144,12 +144,16 @@ class MeasureConfig(_Section):
     missing_part_weight: float = Field(1.0, ge=0, description="weight of the map of reference parts absent from the query")
     surplus_weight: float = Field(1.0, ge=0, description="weight of the map of query parts beyond the reference count")
     identity_weight: float = Field(4.0, ge=0, description="weights-free backend: weight in the object map of each "
-                                   "part's outline distance to the nearest good part of its place in the bank, beyond "
-                                   "twice how near that place's good parts are to each other (0: off)")
-    identity_descriptor: Literal["outline", "outline_and_moment"] = Field(
-        "outline", description="weights-free backend: what part identity compares: the outline descriptor (the "
-        "part's mask at its box, 4 x 4 cells), or that joined with the mask in its own moment frame "
-        "('outline_and_moment': centroid, slant sheared away, each axis scaled to its spread; 8 x 8 cells)")
+                                   "part's identity distance to the nearest good part of its place in the bank, beyond "
+                                   "identity_margin times how near that place's good parts are to each other (0: off)")
+    identity_margin: float = Field(1.5, gt=0, description="weights-free backend: how many times its place's spread a "
+                                   "part's identity distance may reach before it counts in the object map")
+    identity_descriptor: Literal["outline", "outline_and_moment", "outline_or_moment"] = Field(
+        "outline_or_moment", description="weights-free backend: what part identity compares: the outline "
+        "descriptor (the part's mask at its box, 4 x 4 cells); that joined with the mask in its own moment frame "
+        "('outline_and_moment': centroid, slant sheared away, each axis scaled to its spread; 8 x 8 cells); or, "
+        "per place, the one of the two that tells its good parts from the other places' parts best "
+        "('outline_or_moment')")
 
 
 class ScoreConfig(_Section):

@@ -100,7 +100,7 @@ def test_bank_build_and_info(bank):
     assert manifest["identity"]["backend"] == "classic"
     assert manifest["source_shape"] == [128, 128, 3]
     assert manifest["images"] == 6
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     cal = manifest["calibration"]
     assert "scores" not in cal  # info leaves the raw scores out
     assert cal["n"] == 11 and "validation folder" in cal["source"] and "leave-one-out" in cal["source"]

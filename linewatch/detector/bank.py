@@ -47,6 +47,8 @@ class TemplateBank:
         backend does not use them.
     textures: (Z, N, T) float32, grain statistics of each object (`ClassicFeatures.
         texture_channels` averaged over its mask); T = 0 when the backend does not use them.
+    identities: (Z, N, I) float32, each object's identity descriptor (`linewatch.detector.identity.
+        part_identities`, from its mask at the working size); I = 0 when part identity is off.
     segmenter_state: the backend's state fitted on the good images (`Backend.fit`: the classic
         background colour model; empty for samlad), saved under "segmenter." in the file.
     manifest: identity, calibration and provenance (`load` validates the file's through
@@ -62,6 +64,7 @@ class TemplateBank:
     object_noise: torch.Tensor
     shapes: torch.Tensor
     textures: torch.Tensor
+    identities: torch.Tensor
     manifest: BankManifest
     segmenter_state: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -31,6 +31,7 @@ host synchronisation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +40,12 @@ from torch import Tensor
 from linewatch.detector.backbone import ClassicFeatures, oriented_gradients
 
 SLOT_REACH = 0.5  # a slot: box centres closer than this times the query part's longer box side
-# The least spread a slot is given, in outline-descriptor distance (unit vectors): half of what a
-# good part's own jitter may move it (a 4-degree turn, a shift, a 10 % size change, a noisy
-# segmentation stay under 0.25: tests/detector/test_shape.py), so that on rigid parts, whose good
-# parts are near-identical, that jitter stays below twice the spread (`measure.IDENTITY_MARGIN`),
-# while another shape (above 0.5 there) is far beyond it.
-MIN_SPREAD = 0.125
+# How far a good part's own jitter may move its outline descriptor (unit vectors): a 4-degree
+# turn, a shift, a 10 % size change, a noisy segmentation stay under it (tests/detector/
+# test_shape.py), another shape lies above 0.5. The least spread a slot is given is this over
+# measure.identity_margin (`slot_floor`), so that on rigid parts, whose good parts are
+# near-identical, that jitter stays below the margin while another shape is far beyond it.
+JITTER = 0.25
 
 # The identity descriptor (`identity_descriptors`): a handwritten or printed character varies in
 # slant, width and size from part to part; the moment frame takes those away before the outline
@@ -108,8 +109,31 @@ def moment_descriptors(masks: Tensor) -> Tensor:
 
 def part_identities(outlines: Tensor, masks: Tensor, descriptor: str) -> Tensor:
     """What identity compares, per `measure.identity_descriptor`: "outline", the outline
-    descriptors themselves; "outline_and_moment", `identity_descriptors`."""
-    return identity_descriptors(outlines, masks) if descriptor == "outline_and_moment" else outlines
+    descriptors themselves; "outline_and_moment", `identity_descriptors`; "outline_or_moment",
+    the outline descriptors followed by `moment_descriptors` (two blocks: `identity_blocks`).
+    outlines (B, M, D_o), masks (B, M, S, S) at the working size."""
+    if descriptor == "outline_and_moment":
+        return identity_descriptors(outlines, masks)
+    if descriptor == "outline_or_moment":
+        return torch.cat([outlines.float(), _moments(masks, outlines)], dim=-1)
+    return outlines
+
+
+def identity_blocks(descriptor: str, width: int) -> list[slice]:
+    """The blocks of a `part_identities` descriptor of `width` values that are compared each on
+    its own: the whole descriptor, or for "outline_or_moment" the outline descriptor and the
+    moment frame (`SlotIdentity` takes, per place, the one that tells it from the others best)."""
+    if descriptor == "outline_or_moment":
+        return [slice(0, width - MOMENT_DIM), slice(width - MOMENT_DIM, width)]
+    return [slice(0, width)]
+
+
+def _moments(masks: Tensor, outlines: Tensor, images_per_chunk: int = 16) -> Tensor:
+    """`moment_descriptors` a few images at a time: a bank's masks as floats all at once would be
+    its masks times 2 or 4."""
+    moments = [moment_descriptors(masks[i:i + images_per_chunk].float())
+               for i in range(0, masks.shape[0], images_per_chunk)]
+    return torch.cat(moments) if moments else outlines.new_zeros(0, masks.shape[1], MOMENT_DIM)
 
 
 def identity_descriptors(outlines: Tensor, masks: Tensor, images_per_chunk: int = 16) -> Tensor:
@@ -119,10 +143,7 @@ def identity_descriptors(outlines: Tensor, masks: Tensor, images_per_chunk: int 
     padding). The box frame keeps a part's aspect (a long screw is not a short one); the moment
     frame takes away what a writer varies (slant, width). A few images at a time: a bank's
     masks as floats all at once would be its masks times 2 or 4."""
-    moments = [moment_descriptors(masks[i:i + images_per_chunk].float())
-               for i in range(0, masks.shape[0], images_per_chunk)]
-    moment = torch.cat(moments) if moments else outlines.new_zeros(0, masks.shape[1], MOMENT_DIM)
-    return torch.cat([outlines.float(), moment], dim=-1) / math.sqrt(2.0)
+    return torch.cat([outlines.float(), _moments(masks, outlines, images_per_chunk)], dim=-1) / math.sqrt(2.0)
 
 
 def box_centres(boxes: Tensor) -> Tensor:
@@ -130,14 +151,20 @@ def box_centres(boxes: Tensor) -> Tensor:
     return boxes[..., :2] + boxes[..., 2:] / 2
 
 
-def slot_members(query_boxes: Tensor, bank_boxes: Tensor, bank_valid: Tensor, reach: float = SLOT_REACH) -> Tensor:
+def slot_members(query_boxes: Tensor, bank_boxes: Tensor, bank_valid: Tensor, reach: float = SLOT_REACH,
+                 exclude: Tensor | None = None) -> Tensor:
     """Which bank parts lie in each query part's slot: query_boxes (B, M, 4), bank_boxes (Z, N, 4),
-    bank_valid (Z, N) -> (B, M, Z*N) bool (the bank's parts flattened image by image)."""
+    bank_valid (Z, N) -> (B, M, Z*N) bool (the bank's parts flattened image by image); exclude
+    (B,): the bank image each query is, whose parts are left out (leave-one-out), or None."""
     z, n = bank_valid.shape
     near = torch.cdist(box_centres(query_boxes.float()), box_centres(bank_boxes.float()).reshape(1, z * n, 2)
                        .expand(query_boxes.shape[0], -1, -1))
     reach_px = reach * query_boxes[..., 2:].float().amax(-1, keepdim=True)  # (B, M, 1)
-    return (near < reach_px) & bank_valid.reshape(1, 1, z * n)
+    members = (near < reach_px) & bank_valid.reshape(1, 1, z * n)
+    if exclude is not None:
+        own = (exclude[:, None] == torch.arange(z, device=bank_valid.device)).repeat_interleave(n, dim=1)  # (B, Z*N)
+        members = members & ~own[:, None, :]
+    return members
 
 
 def slot_spreads(shapes: Tensor, boxes: Tensor, valid: Tensor, reach: float = SLOT_REACH) -> Tensor:
@@ -154,11 +181,12 @@ def slot_spreads(shapes: Tensor, boxes: Tensor, valid: Tensor, reach: float = SL
     return torch.where(usable, distances, torch.zeros_like(distances)).reshape(z, n)
 
 
-def slot_floor(spreads: Tensor, valid: Tensor) -> float:
+def slot_floor(spreads: Tensor, valid: Tensor, margin: float) -> float:
     """The least spread a slot is given (`identity_distances`' floor): a quarter of the bank
-    parts' median `slot_spreads` (those with a slot), and at least MIN_SPREAD."""
+    parts' median `slot_spreads` (those with a slot), and at least JITTER / margin (margin:
+    measure.identity_margin, > 0)."""
     spread = spreads[valid & (spreads > 0)]
-    return max(float(spread.median()) * 0.25 if spread.numel() else 1.0, MIN_SPREAD)
+    return max(float(spread.median()) * 0.25 if spread.numel() else 1.0, JITTER / margin)
 
 
 def identity_distances(shapes: Tensor, boxes: Tensor, valid: Tensor, bank_shapes: Tensor, bank_boxes: Tensor,
@@ -171,13 +199,72 @@ def identity_distances(shapes: Tensor, boxes: Tensor, valid: Tensor, bank_shapes
     the bank image each query is (leave-one-out), or None. -> (B, M), 0 for padding and for a
     part with no slot."""
     z, n = bank_valid.shape
-    members = slot_members(boxes, bank_boxes, bank_valid, reach)  # (B, M, Z*N)
-    if exclude is not None:
-        own = (exclude[:, None] == torch.arange(z, device=valid.device)).repeat_interleave(n, dim=1)  # (B, Z*N)
-        members = members & ~own[:, None, :]
+    members = slot_members(boxes, bank_boxes, bank_valid, reach, exclude)  # (B, M, Z*N)
     good = bank_shapes.reshape(1, z * n, -1).float().expand(shapes.shape[0], -1, -1)
     nearest = torch.cdist(shapes.float(), good).masked_fill(~members, float("inf")).amin(2)  # (B, M)
     count = members.sum(2)
     spread = (members.float() * spreads.reshape(1, 1, z * n)).sum(2) / count.clamp_min(1)
     score = nearest / spread.clamp_min(floor)
     return torch.where(valid & (count > 0), score, torch.zeros_like(score))
+
+
+def slot_separations(shapes: Tensor, boxes: Tensor, valid: Tensor, spreads: Tensor,
+                     reach: float = SLOT_REACH) -> Tensor:
+    """How well a descriptor tells each bank part's slot from the others: its `slot_spreads`
+    divided by its distance to the nearest bank part outside its slot (another place, any good
+    image): shapes (Z, N, D), boxes (Z, N, 4), valid (Z, N), spreads (Z, N) -> (Z, N); smaller
+    is better, 0 where no part lies outside the slot (and for padding)."""
+    z, n = valid.shape
+    members = slot_members(boxes, boxes, valid, reach).reshape(z * n, z * n)
+    flat = shapes.reshape(z * n, -1).float()
+    outside = torch.cdist(flat, flat).masked_fill(members | ~valid.reshape(1, z * n), float("inf")).amin(1)
+    separations = spreads.reshape(-1) / outside
+    usable = valid.reshape(-1) & torch.isfinite(outside) & (outside > 0)
+    return torch.where(usable, separations, torch.zeros_like(separations)).reshape(z, n)
+
+
+@dataclass
+class SlotIdentity:
+    """What part identity knows of a bank (computed once, when the Inspector loads it), per block
+    of the identity descriptor (`identity_blocks`, K of them): spreads (K, Z, N) `slot_spreads`,
+    floors K `slot_floor`s, separations (K, Z, N) `slot_separations`. With two blocks (the
+    outline and the moment frame: `measure.identity_descriptor: outline_or_moment`) each part is
+    judged by the one its slot's good parts are the more alike in, relative to the other places'
+    parts: the moment frame for a handwritten character (it takes the writer's slant and width
+    away), the outline for a rigid part (the moment frame scales a long screw to a short one)."""
+
+    blocks: list[slice]
+    spreads: Tensor
+    floors: list[float]
+    separations: Tensor
+
+    @classmethod
+    def of_bank(cls, identities: Tensor, boxes: Tensor, valid: Tensor, descriptor: str,
+                margin: float) -> "SlotIdentity":
+        """identities (Z, N, I) the bank's `part_identities`, boxes (Z, N, 4), valid (Z, N);
+        descriptor and margin: measure.identity_descriptor and measure.identity_margin."""
+        blocks = identity_blocks(descriptor, identities.shape[-1])
+        spreads = torch.stack([slot_spreads(identities[..., block], boxes, valid) for block in blocks])
+        separations = torch.stack([slot_separations(identities[..., block], boxes, valid, spread)
+                                   for block, spread in zip(blocks, spreads)])
+        return cls(blocks, spreads, [slot_floor(spread, valid, margin) for spread in spreads], separations)
+
+    def of_images(self, images: Tensor, n: int) -> "SlotIdentity":
+        """The same for the bank images `images` (R,) and their first n parts, in that order."""
+        return SlotIdentity(self.blocks, self.spreads[:, images, :n], self.floors, self.separations[:, images, :n])
+
+    def distances(self, identities: Tensor, boxes: Tensor, valid: Tensor, bank_identities: Tensor, bank_boxes: Tensor,
+                  bank_valid: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """Identity z of every query part (`identity_distances` per block; with two blocks, per part
+        the block whose slot's mean separation is the smaller): identities (B, M, I), boxes
+        (B, M, 4), valid (B, M), the bank's identities (Z, N, I), boxes and valid -> (B, M)."""
+        zs = torch.stack([
+            identity_distances(identities[..., block], boxes, valid, bank_identities[..., block], bank_boxes,
+                               bank_valid, spread, floor, exclude)
+            for block, spread, floor in zip(self.blocks, self.spreads, self.floors)])  # (K, B, M)
+        if len(self.blocks) == 1:
+            return zs[0]
+        members = slot_members(boxes, bank_boxes, bank_valid, exclude=exclude).float()  # (B, M, Z*N)
+        k = len(self.blocks)
+        separation = (members[None] * self.separations.reshape(k, 1, 1, -1)).sum(-1) / members.sum(-1).clamp_min(1)
+        return zs.gather(0, separation.argmin(0)[None])[0]

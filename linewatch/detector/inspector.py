@@ -45,7 +45,7 @@ from linewatch.detector.backends import get_backend
 from linewatch.detector.bank import BankError, TemplateBank, image_problem
 from linewatch.detector.calibration import Calibration
 from linewatch.detector.describe import masked_global_max_pool, padded_soft_masks, part_textures
-from linewatch.detector.identity import identity_distances, part_identities, slot_floor, slot_spreads
+from linewatch.detector.identity import SlotIdentity, part_identities
 from linewatch.detector.match import match_objects, matching_vectors
 from linewatch.detector.measure import noise_floor, object_branch, part_maps
 from linewatch.detector.models import Models
@@ -77,7 +77,8 @@ class Encoded:
     upsampled: (B, C, H', W'); masks: the segmenter's ObjectMasks (B, M, S, S); soft_masks: (B, M, H', W');
     valid: (B, M) bool; boxes: (B, M, 4) x, y, w, h in working pixels; descriptors: (B, M, C);
     shapes: (B, M, D) outline descriptors, textures: (B, M, T) grain statistics (None when
-    the backend does not use them).
+    the backend does not use them); identities: (B, M, I) identity descriptors (None when part
+    identity is off: `Inspector.uses_identity`).
     """
 
     features: Tensor | None = None
@@ -89,6 +90,7 @@ class Encoded:
     descriptors: Tensor | None = None
     shapes: Tensor | None = None
     textures: Tensor | None = None
+    identities: Tensor | None = None
 
     @property
     def retrieval(self) -> Tensor:
@@ -210,9 +212,7 @@ class Inspector:
         self.seed_points: Tensor | None = None  # (N, M, 2) a point inside each bank part, for seeded prompts
         self.shape_mean: Tensor | None = None  # mean outline descriptor of the bank's parts, when outlines are used
         self.patch_index: PatchIndex | None = None  # the bank's patch features, for the patch branch
-        self.slot_spreads: Tensor | None = None  # (Z, N) how near each bank part is to its slot's others (identity)
-        self.bank_identities: Tensor | None = None  # (Z, N, D) the bank parts' identity descriptors
-        self.slot_floor = 1.0  # the least spread a slot is given (identity)
+        self.slots: SlotIdentity | None = None  # how near each bank part is to its slot's others (identity)
         self.normalisation: dict | None = None  # each branch's spread on good images (fusion.branch_normalisation)
         self.keep_component_maps = False  # evaluation: results carry each branch's map too
         if bank is not None:
@@ -229,11 +229,11 @@ class Inspector:
             if self.uses_shapes:
                 good_shapes = self.bank.shapes[self.bank.object_valid]
                 self.shape_mean = good_shapes.mean(0) if good_shapes.numel() else None
-                if config.measure.identity_weight > 0:  # linewatch.detector.identity
-                    self.bank_identities = part_identities(self.bank.shapes, self.bank.masks,
-                                                           config.measure.identity_descriptor)
-                    self.slot_spreads = slot_spreads(self.bank_identities, self.bank.boxes, self.bank.object_valid)
-                    self.slot_floor = slot_floor(self.slot_spreads, self.bank.object_valid)
+            if self.uses_identity:  # linewatch.detector.identity
+                if self.bank.identities.shape[-1] == 0:
+                    raise BankError(f"bank {bank.bank_id}: it holds no part identities; rebuild it")
+                self.slots = SlotIdentity.of_bank(self.bank.identities, self.bank.boxes, self.bank.object_valid,
+                                                  config.measure.identity_descriptor, config.measure.identity_margin)
             if config.score.source != "objects":
                 self.patch_index = PatchIndex(local_patch_features(self._backbone_maps(self.bank.retrieval)),
                                               config.score.patch_dims)
@@ -243,6 +243,11 @@ class Inspector:
     def uses_shapes(self) -> bool:
         """Whether parts carry outline descriptors and grain statistics (classic.shape_weight > 0)."""
         return self.models.shape_weight > 0
+
+    @property
+    def uses_identity(self) -> bool:
+        """Whether parts carry identity descriptors (outlines are used and measure.identity_weight > 0)."""
+        return self.uses_shapes and self.config.measure.identity_weight > 0
 
     def _backbone_maps(self, retrieval: Tensor) -> Tensor:
         """Flattened backbone features (n, C*h*w), as the bank keeps them -> (n, C, h, w)."""
@@ -354,6 +359,7 @@ class Inspector:
         enc.descriptors = bank.descriptors[indices]
         enc.shapes = bank.shapes[indices] if self.uses_shapes else None
         enc.textures = bank.textures[indices] if self.uses_shapes else None
+        enc.identities = bank.identities[indices] if self.uses_identity else None
         enc.features = self._backbone_maps(bank.retrieval[indices])
         self._retrieve(batch, bank.retrieval[indices])
         return batch
@@ -423,6 +429,8 @@ class Inspector:
         if self.uses_shapes:
             enc.shapes = shape_descriptors(enc.masks.per_image(), enc.boxes)  # masks and boxes at the working size
             enc.textures = part_textures(self.models.backbone.texture_channels(enc.features.float()), enc.soft_masks)
+        if self.uses_identity:  # from the masks at the working size, as the outlines
+            enc.identities = part_identities(enc.shapes, enc.masks.masks, self.config.measure.identity_descriptor)
         return batch
 
     @torch.inference_mode()
@@ -455,11 +463,9 @@ class Inspector:
         (in object_branch) and `to_host` (everything the results need)."""
         enc, bank, cfg = batch.encoded, self.bank, self.config
         identity = None
-        if self.slot_spreads is not None:  # each part against the good parts of its place (beyond the paper)
-            descriptors = part_identities(enc.shapes, enc.soft_masks, cfg.measure.identity_descriptor)
-            identity = identity_distances(descriptors, enc.boxes, enc.valid,
-                                          self.bank_identities, bank.boxes, bank.object_valid,
-                                          self.slot_spreads, self.slot_floor, batch.exclude)
+        if self.slots is not None:  # each part against the good parts of its place (beyond the paper)
+            identity = self.slots.distances(enc.identities, enc.boxes, enc.valid, bank.identities, bank.boxes,
+                                            bank.object_valid, batch.exclude)
         objects = object_branch(enc.upsampled, enc.soft_masks, enc.valid, batch.references, batch.match, bank,
                                 cfg.measure, self.noise_floor, self._chunk_floats, identity)
         batch.object_maps = objects.raw_maps

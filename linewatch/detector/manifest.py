@@ -23,11 +23,11 @@ from linewatch.detector.calibration import Calibration
 if TYPE_CHECKING:
     from linewatch.config import Config
 
-BANK_FORMAT_VERSION = 2  # 2: part outlines and grain statistics (shapes, textures)
+BANK_FORMAT_VERSION = 3  # 2: part outlines and grain statistics (shapes, textures); 3: part identities
 COLOUR_MODES = ("colour", "mono")  # BankManifest.colour_mode
 IDENTITY_KEYS = ("backend", "backbone", "upsampler", "segmenter", "config_hash")
 TENSOR_NAMES = ("retrieval", "features", "masks", "object_valid", "descriptors", "boxes", "object_noise", "shapes",
-                 "textures")
+                 "textures", "identities")
 
 
 class BankError(Exception):

@@ -336,14 +336,12 @@ def part_maps(shapes: Tensor, textures: Tensor, valid: Tensor, soft_masks: Tenso
     return maps
 
 
-IDENTITY_MARGIN = 2.0  # identity z a part may reach before it counts: twice its slot's spread
-
-
-def identity_map(identity: Tensor, soft_masks: Tensor) -> Tensor:
+def identity_map(identity: Tensor, soft_masks: Tensor, margin: float) -> Tensor:
     """Each part's identity z (`linewatch.detector.identity.identity_distances`, (B, M)) beyond
-    IDENTITY_MARGIN, spread over its mask: (B, H', W'). A good part (z about 1) adds nothing; a
-    part that is not what its place holds adds how far it is beyond its place's good parts."""
-    excess = (identity - IDENTITY_MARGIN).clamp_min(0.0)
+    `margin` (measure.identity_margin), spread over its mask: (B, H', W'). A good part (z about 1)
+    adds nothing; a part that is not what its place holds adds how far it is beyond its place's
+    good parts."""
+    excess = (identity - margin).clamp_min(0.0)
     if soft_masks.shape[1] == 0:
         return soft_masks.new_zeros(soft_masks.shape[0], *soft_masks.shape[-2:])
     return (soft_masks * excess[..., None, None]).amax(1)
@@ -402,7 +400,7 @@ def object_branch(upsampled: Tensor, soft_masks: Tensor, valid: Tensor, referenc
     weights = torch.where(is_surplus, cfg.surplus_weight, 1.0)
     image_maps = (maps * weights[..., None, None] * valid[..., None, None]).sum(1)  # eq. 15
     if identity is not None:  # each part against the good parts of its place (beyond the paper)
-        image_maps = image_maps + cfg.identity_weight * identity_map(identity, soft_masks)
+        image_maps = image_maps + cfg.identity_weight * identity_map(identity, soft_masks, cfg.identity_margin)
     missing_maps, missing = missing_parts(
         upsampled, references, bank, true_indices(unmatched.reshape(1, -1), n_unmatched)[0],
         true_indices(unmatched_cells.reshape(1, -1), n_unmatched_cells)[0], cfg.eps,

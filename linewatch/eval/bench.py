@@ -180,10 +180,8 @@ def _naive_batch(inspector, naive, good, images) -> dict[str, float]:
         n = tensors["object_valid"].shape[1]
         tensors["object_noise"] = bank.object_noise[refs.flatten()][:, :n].cpu()
     naive.bank = TemplateBank(**tensors, manifest=bank.manifest, segmenter_state=bank.segmenter_state).to(inspector.device)
-    if inspector.slot_spreads is not None:  # part identity: each reference part's slot spread, the bank's
-        n = tensors["object_valid"].shape[1]
-        naive.slot_spreads = inspector.slot_spreads[refs.flatten()][:, :n]
-        naive.bank_identities = inspector.bank_identities[refs.flatten()][:, :n]
+    if inspector.slots is not None:  # part identity: each reference part's slot statistics, the bank's
+        naive.slots = inspector.slots.of_images(refs.flatten(), tensors["object_valid"].shape[1])
     batch.references = torch.arange(len(ref_images), device=inspector.device).view(refs.shape)
     _sync(inspector.device)
     batch.timings["reencode_references"] = time.perf_counter() - start

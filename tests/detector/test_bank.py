@@ -55,6 +55,7 @@ def make_bank(z: int = 4, n: int = 3, c: int = 5, hw: int = 8, d: int = 6, seed:
         object_noise=torch.rand(z, n, generator=g) + 0.5,
         shapes=torch.rand(z, n, 7, generator=g),
         textures=torch.zeros(z, n, 0),  # a backend without grain statistics: zero-width, saved and loaded
+        identities=torch.rand(z, n, 9, generator=g),
         manifest=make_manifest(z, **manifest),
         segmenter_state={"mean": torch.tensor([0.1, 0.2, 0.3]), "cov": torch.eye(3) * 2},
     )
@@ -65,6 +66,7 @@ def _raw_tensors(bank: TemplateBank) -> dict[str, torch.Tensor]:
         "retrieval": bank.retrieval, "features": bank.features, "masks": bank.masks,
         "object_valid": bank.object_valid.to(torch.uint8), "descriptors": bank.descriptors,
         "boxes": bank.boxes, "object_noise": bank.object_noise, "shapes": bank.shapes, "textures": bank.textures,
+        "identities": bank.identities,
     }
 
 

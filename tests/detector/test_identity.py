@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from linewatch.detector.identity import (CROP, FRAME_REACH, MOMENT_DIM, identity_descriptors, identity_distances,
-                                         moment_descriptors, moment_frames, slot_members, slot_spreads)
-from linewatch.detector.measure import IDENTITY_MARGIN, identity_map
+from linewatch.detector.identity import (CROP, FRAME_REACH, JITTER, MOMENT_DIM, SlotIdentity, identity_blocks,
+                                         identity_descriptors, identity_distances, moment_descriptors, moment_frames,
+                                         part_identities, slot_floor, slot_members, slot_separations, slot_spreads)
+from linewatch.detector.measure import identity_map
 from linewatch.detector.shape import outline_descriptors, part_crops
 from linewatch.sim.generator import DRAWERS, Part
 
@@ -45,6 +46,70 @@ def test_slot_spreads_nearest_part_of_the_slot_in_another_image():
     assert torch.allclose(spreads, torch.tensor(expected), atol=1e-6)
 
 
+def test_slot_separations_are_the_spread_over_the_nearest_part_of_another_place():
+    shapes = torch.zeros(3, 2, 2)
+    shapes[:, 0] = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])  # place A, as above
+    shapes[0, 1] = torch.tensor([-1.0, 0.0])  # place B, one part
+    boxes = torch.tensor([[5.0, 5.0, 10.0, 10.0]]).repeat(3, 2, 1)
+    boxes[:, 1] = torch.tensor([100.0, 100.0, 10.0, 10.0])
+    valid = torch.tensor([[True, True], [True, False], [True, False]])
+    spreads = slot_spreads(shapes, boxes, valid)
+    separations = slot_separations(shapes, boxes, valid, spreads)
+    # A's parts: nearest outside A is B's part (-1, 0), at 2, sqrt(1.6^2 + 0.8^2), sqrt(2);
+    # B's part: spread 0 (no other member of its place)
+    outside = [2.0, math.sqrt(1.6**2 + 0.8**2), math.sqrt(2.0)]
+    expected = [[float(spreads[0, 0]) / outside[0], 0.0], [float(spreads[1, 0]) / outside[1], 0.0],
+                [float(spreads[2, 0]) / outside[2], 0.0]]
+    assert torch.allclose(separations, torch.tensor(expected), atol=1e-6)
+
+
+def test_slot_floor_is_a_quarter_of_the_median_spread_and_at_least_the_jitter_over_the_margin():
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    assert slot_floor(torch.tensor([[0.0, 2.0, 4.0, 6.0]]), valid, margin=1.5) == 1.0  # median of 2, 4, 6
+    assert slot_floor(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), valid, margin=1.5) == pytest.approx(JITTER / 1.5)
+    assert slot_floor(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), valid, margin=2.0) == pytest.approx(JITTER / 2.0)
+
+
+def test_each_place_is_judged_by_the_block_that_separates_it_from_the_others():
+    """Two blocks (as the outline and the moment frame of outline_or_moment), two places: place
+    A's good parts are alike in block 0 and differ in block 1, place B's the other way round.
+    A part of A that is good in block 0 but far in block 1 scores 0 (A uses block 0), and the
+    same for B with the blocks swapped; one block alone would score each far beyond the margin."""
+    tight = torch.tensor([[1.0, 0.0], [0.99, 0.141], [0.98, 0.199]])
+    wide = torch.tensor([[0.0, 1.0], [0.6, 0.8], [-0.6, 0.8]])
+    identities = torch.zeros(3, 2, 4)
+    identities[:, 0] = torch.cat([tight, wide], dim=1)  # place A
+    identities[:, 1] = torch.cat([wide, tight], dim=1)  # place B
+    boxes = torch.tensor([[5.0, 5.0, 10.0, 10.0], [95.0, 95.0, 10.0, 10.0]]).repeat(3, 1, 1)
+    valid = torch.ones(3, 2, dtype=torch.bool)
+    blocks = [slice(0, 2), slice(2, 4)]
+    spreads = torch.stack([slot_spreads(identities[..., b], boxes, valid) for b in blocks])
+    separations = torch.stack([slot_separations(identities[..., b], boxes, valid, s) for b, s in zip(blocks, spreads)])
+    slots = SlotIdentity(blocks, spreads, [0.01, 0.01], separations)
+    assert (separations[0, :, 0] < separations[1, :, 0]).all() and (separations[1, :, 1] < separations[0, :, 1]).all()
+    query = torch.tensor([[[1.0, 0.0, 0.0, -1.0], [0.0, -1.0, 1.0, 0.0]]])  # A: far in block 1; B: far in block 0
+    qvalid = torch.ones(1, 2, dtype=torch.bool)
+    z = slots.distances(query, boxes[:1], qvalid, identities, boxes, valid)
+    assert torch.allclose(z, torch.zeros(1, 2), atol=1e-5)
+    one_block = SlotIdentity([slice(0, 4)], torch.stack([slot_spreads(identities, boxes, valid)]), [0.01],
+                             torch.zeros(1, 3, 2)).distances(query, boxes[:1], qvalid, identities, boxes, valid)
+    assert (one_block > 2.0).all()
+
+
+def test_identity_blocks_and_part_identities_per_descriptor():
+    outlines = torch.nn.functional.normalize(torch.rand(2, 3, 80), dim=-1)
+    masks = torch.zeros(2, 3, 40, 40, dtype=torch.bool)
+    masks[:, :, 10:30, 15:25] = True
+    assert torch.equal(part_identities(outlines, masks, "outline"), outlines)
+    both = part_identities(outlines, masks, "outline_or_moment")
+    assert both.shape == (2, 3, 80 + MOMENT_DIM)
+    blocks = identity_blocks("outline_or_moment", both.shape[-1])
+    assert blocks == [slice(0, 80), slice(80, 80 + MOMENT_DIM)]
+    assert torch.equal(both[..., blocks[0]], outlines)
+    assert torch.allclose(both[..., blocks[1]], moment_descriptors(masks))
+    assert identity_blocks("outline", 80) == [slice(0, 80)] and identity_blocks("outline_and_moment", 400) == [slice(0, 400)]
+
+
 def _bank():
     shapes = torch.zeros(3, 1, 2)
     shapes[:, 0] = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
@@ -75,14 +140,14 @@ def test_identity_is_the_nearest_good_distance_over_the_slots_mean_spread():
 
 
 def test_identity_map_spreads_the_excess_over_the_margin_on_each_part():
-    assert IDENTITY_MARGIN == 2.0
     masks = torch.zeros(1, 3, 2, 3)
     masks[0, 0, 0, 0] = 1.0
     masks[0, 1, 1, 1:] = torch.tensor([0.5, 1.0])
     masks[0, 2, 0, 2] = 1.0
     z = torch.tensor([[1.5, 4.0, 2.5]])  # a good part below the margin adds nothing
-    assert identity_map(z, masks).tolist() == [[[0.0, 0.0, 0.5], [0.0, 1.0, 2.0]]]
-    assert identity_map(torch.zeros(2, 0), torch.zeros(2, 0, 2, 3)).shape == (2, 2, 3)
+    assert identity_map(z, masks, margin=2.0).tolist() == [[[0.0, 0.0, 0.5], [0.0, 1.0, 2.0]]]
+    assert identity_map(z, masks, margin=1.5).tolist() == [[[0.0, 0.0, 1.0], [0.0, 1.25, 2.5]]]
+    assert identity_map(torch.zeros(2, 0), torch.zeros(2, 0, 2, 3), margin=2.0).shape == (2, 2, 3)
 
 
 def _character(kind: str, seed: int, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ alignment helpers (`align_references`, `mask_moments`) on hand-made masks."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from linewatch.bank_builder import build_bank
 from linewatch.config import config_from_dict
 from linewatch.detector.bank import BankError
 from linewatch.detector.align import aligned_pairs, mask_moments, reference_grids, warp
-from linewatch.detector.identity import MIN_SPREAD
+from linewatch.detector.identity import JITTER
 from linewatch.detector.inspector import Batch, Inspector, InputError
 from linewatch.detector.measure import object_maps, object_statuses, rows_per_chunk
 from linewatch.detector.models import build_models
@@ -189,25 +190,25 @@ def test_exclude_changes_references(inspector, bank, dataset):
     assert own.score < 0.5 * bank.threshold
 
 
-def test_part_identity_adds_to_the_object_score_of_a_part_foreign_to_its_place(inspector, bank):
+def test_part_identity_adds_to_the_object_score_of_a_part_foreign_to_its_place(inspector, bank, config):
     """measure.identity_weight (on by default): every bank part has its place's others in the
     other good images; a good frame's object score is what it is without identity (no good part
-    is twice its place's spread from the nearest good one). A part of another kind in its place
-    (wrong_part: washer and nut, long and short screw) adds to it once the slots' spread is
-    given no floor; with the default floor (identity.MIN_SPREAD) these outlines, cropped at
-    their own box, are too alike to count, and AMM judges them."""
-    assert inspector.slot_spreads.shape == bank.object_valid.shape
-    assert (inspector.slot_spreads[bank.object_valid] > 0).all()
-    assert inspector.slot_floor >= MIN_SPREAD
+    is identity_margin times its place's spread from the nearest good one). A part of another
+    kind in its place (wrong_part: washer and nut, long and short screw) adds to it once the
+    slots' spread is given no floor; with the default floor (identity.JITTER / identity_margin)
+    these outlines, cropped at their own box, are too alike to count, and AMM judges them."""
+    slots = inspector.slots
+    assert slots.spreads.shape == (2, *bank.object_valid.shape)  # outline_or_moment: two blocks
+    assert (slots.spreads[:, bank.object_valid] > 0).all()
+    assert min(slots.floors) >= JITTER / config.detector.measure.identity_margin
 
     def objects_score(image: np.ndarray, identity: bool, floor: float | None = None) -> float:
-        spreads, default_floor = inspector.slot_spreads, inspector.slot_floor
-        inspector.slot_spreads = spreads if identity else None
-        inspector.slot_floor = default_floor if floor is None else floor
+        floors = slots.floors if floor is None else [floor] * len(slots.floors)
+        inspector.slots = dataclasses.replace(slots, floors=floors) if identity else None
         try:
             return inspector.inspect([image])[0].components["objects"]
         finally:
-            inspector.slot_spreads, inspector.slot_floor = spreads, default_floor
+            inspector.slots = slots
 
     for seed in range(3):
         good = frame(seed)[0]
