@@ -3,15 +3,17 @@ character is near its slot's good parts, another character is far)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from linewatch.detector.identity import (CROP, FRAME_REACH, JITTER, MOMENT_DIM, SlotIdentity, identity_blocks,
-                                         identity_descriptors, identity_distances, moment_descriptors, moment_frames,
-                                         part_identities, slot_floor, slot_members, slot_separations, slot_spreads)
+from linewatch.detector.identity import (CROP, FRAME_REACH, JITTER, MOMENT_DIM, MOMENT_GAIN, SlotIdentity,
+                                         identity_blocks, identity_descriptors, identity_distances, moment_descriptors,
+                                         moment_frames, part_identities, slot_floor, slot_members, slot_separations,
+                                         slot_spreads)
 from linewatch.detector.measure import identity_map
 from linewatch.detector.shape import outline_descriptors, part_crops
 from linewatch.sim.generator import DRAWERS, Part
@@ -94,6 +96,13 @@ def test_each_place_is_judged_by_the_block_that_separates_it_from_the_others():
     one_block = SlotIdentity([slice(0, 4)], torch.stack([slot_spreads(identities, boxes, valid)]), [0.01],
                              torch.zeros(1, 3, 2)).distances(query, boxes[:1], qvalid, identities, boxes, valid)
     assert (one_block > 2.0).all()
+    # the moment frame only where it separates clearly better than the outline (MOMENT_GAIN)
+    per_block = [identity_distances(query[..., b], boxes[:1], qvalid, identities[..., b], boxes, valid, s, 0.01)
+                 for b, s in zip(blocks, spreads)]
+    for moment_separation, expected in ((0.95, per_block[0]), (MOMENT_GAIN - 0.05, per_block[1])):
+        flat = torch.stack([torch.ones(3, 2), torch.full((3, 2), moment_separation)])
+        z = dataclasses.replace(slots, separations=flat).distances(query, boxes[:1], qvalid, identities, boxes, valid)
+        assert torch.allclose(z, expected), moment_separation
 
 
 def test_identity_blocks_and_part_identities_per_descriptor():
@@ -107,7 +116,8 @@ def test_identity_blocks_and_part_identities_per_descriptor():
     assert blocks == [slice(0, 80), slice(80, 80 + MOMENT_DIM)]
     assert torch.equal(both[..., blocks[0]], outlines)
     assert torch.allclose(both[..., blocks[1]], moment_descriptors(masks))
-    assert identity_blocks("outline", 80) == [slice(0, 80)] and identity_blocks("outline_and_moment", 400) == [slice(0, 400)]
+    assert identity_blocks("outline", 80) == [slice(0, 80)]
+    assert identity_blocks("outline_and_moment", 400) == [slice(0, 400)]
 
 
 def _bank():
