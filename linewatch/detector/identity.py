@@ -64,6 +64,24 @@ MOMENT_DIM = (CROP // CELL) ** 2 * 5
 MOMENT_GAIN = 0.9
 
 
+def _moments_of(m: Tensor) -> tuple[Tensor, ...]:
+    """(K, H, W) float masks -> centroid x, y, central second moments mu20, mu02, mu11 (divided
+    by the mass) and mass, each (K,). One pass over the masks: each row's sums of m, m x and
+    m x^2 in one matrix product (exact in float32 for 0/1 masks up to 256 pixels wide), then the
+    sums over the rows, in float64 (the central moments are differences of large raw ones)."""
+    h, w = m.shape[-2:]
+    xs = torch.arange(w, device=m.device, dtype=m.dtype)
+    rows = torch.matmul(m, torch.stack([torch.ones_like(xs), xs, xs * xs], dim=1)).double()  # (K, H, 3)
+    ys = torch.arange(h, device=m.device, dtype=torch.float64)[None, :]
+    mass = rows[..., 0].sum(1)
+    total = mass.clamp_min(1e-6)
+    cx, cy = rows[..., 1].sum(1) / total, (rows[..., 0] * ys).sum(1) / total
+    mu20 = rows[..., 2].sum(1) / total - cx * cx
+    mu02 = (rows[..., 0] * ys * ys).sum(1) / total - cy * cy
+    mu11 = (rows[..., 1] * ys).sum(1) / total - cx * cy
+    return tuple(v.to(m.dtype) for v in (cx, cy, mu20, mu02, mu11, mass))
+
+
 def moment_frames(masks: Tensor) -> Tensor:
     """(K, H, W) masks in [0, 1] -> (K, CROP, CROP): each mask resampled (bilinear) in its own
     moment frame: centred on its centroid, sheared along x so that x and y are uncorrelated
@@ -71,16 +89,8 @@ def moment_frames(masks: Tensor) -> Tensor:
     along it. An empty mask gives zeros."""
     k, h, w = masks.shape
     m = masks.float()
-    ys = torch.arange(h, device=m.device, dtype=m.dtype)[:, None]
-    xs = torch.arange(w, device=m.device, dtype=m.dtype)[None, :]
-    mass = m.sum((1, 2))
+    cx, cy, mu20, mu02, mu11, mass = _moments_of(m)
     total = mass.clamp_min(1e-6)
-    cx = (m * xs).sum((1, 2)) / total
-    cy = (m * ys).sum((1, 2)) / total
-    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
-    mu20 = (m * dx * dx).sum((1, 2)) / total
-    mu02 = (m * dy * dy).sum((1, 2)) / total
-    mu11 = (m * dx * dy).sum((1, 2)) / total
     sy = mu02.clamp_min(MIN_AXIS_SPREAD ** 2).sqrt()
     shear = mu11 / sy ** 2  # x - shear * (y - cy) is uncorrelated with y
     sx = (mu20 - shear * mu11).clamp_min(MIN_AXIS_SPREAD ** 2).sqrt()

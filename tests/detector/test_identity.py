@@ -13,7 +13,7 @@ import torch
 from linewatch.detector.identity import (CROP, FRAME_REACH, JITTER, MOMENT_DIM, MOMENT_GAIN, SlotIdentity,
                                          identity_blocks, identity_descriptors, identity_distances, moment_descriptors,
                                          moment_frames, part_identities, slot_floor, slot_members, slot_separations,
-                                         slot_spreads)
+                                         slot_spreads, _moments_of)
 from linewatch.detector.measure import identity_map
 from linewatch.detector.shape import outline_descriptors, part_crops
 from linewatch.sim.generator import DRAWERS, Part
@@ -217,6 +217,24 @@ def _written(points, cx=48.0, cy=48.0, height=40.0, width=1.0, slant=0.0, mirror
         x, y = (x - 0.5) * (-1.0 if mirror else 1.0) * width * height * 0.6, (y - 0.5) * height
         out.append((cx + x - slant * y, cy + y))
     return out
+
+
+def test_moments_in_one_pass_equal_the_definitions_on_random_soft_masks():
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(5, 37, 53, generator=g) * (torch.rand(5, 37, 53, generator=g) > 0.6)
+    masks[0] = 0.0
+    masks[1, 10:20, 30:33] = 1.0  # a thin bar among the noise
+    cx, cy, mu20, mu02, mu11, mass = _moments_of(masks)
+    m = masks.double()
+    ys, xs = torch.meshgrid(torch.arange(37.0, dtype=torch.float64), torch.arange(53.0, dtype=torch.float64),
+                            indexing="ij")
+    total = m.sum((1, 2)).clamp_min(1e-6)
+    ex, ey = (m * xs).sum((1, 2)) / total, (m * ys).sum((1, 2)) / total
+    dx, dy = xs - ex[:, None, None], ys - ey[:, None, None]
+    expected = [ex, ey, (m * dx * dx).sum((1, 2)) / total, (m * dy * dy).sum((1, 2)) / total,
+                (m * dx * dy).sum((1, 2)) / total, m.sum((1, 2))]
+    for got, want in zip((cx, cy, mu20, mu02, mu11, mass), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_moment_frame_of_a_centred_square_is_the_square_at_its_spread():
