@@ -4,15 +4,18 @@ The object branch compares a part with the k reference parts it matched (SAM-LAD
 good parts vary naturally (a handwritten or printed character: another writer, slant, stroke
 width), k references are too few to know that variation, and a part that is another character
 looks no stranger than a good one written by another hand. The bank, though, holds every good
-image's part of each place (its *slot*). So each query part is compared by its outline
+image's part of each place (its *slot*). So each query part is compared by its identity
 descriptor with all the good parts of its slot, and scored by the distance to the nearest one,
 in units of how near the slot's good parts are to each other:
 
-    identity descriptor      `identity_descriptors`: the part's outline descriptor (its mask
-                             cropped at its box, 4 x 4 cells) joined with the same mask in its
-                             own moment frame (centred on its centroid, its slant sheared away,
-                             each axis scaled to the mask's spread along it), 8 x 8 cells of
-                             gradient magnitude and soft orientation (`moment_descriptors`)
+    identity descriptor      `part_identities` (measure.identity_descriptor), from the part's
+                             mask at the working size: its outline descriptor (the mask cropped
+                             at its box, 4 x 4 cells) and/or the same mask in its own moment
+                             frame (centred on its centroid, its slant sheared away, each axis
+                             scaled to the mask's spread along it), 8 x 8 cells of gradient
+                             magnitude and soft orientation (`moment_descriptors`); by default
+                             (outline_or_moment) per slot the one of the two that tells it from
+                             the other slots clearly better (`SlotIdentity`)
 
     slot of a query part q   the bank parts whose box centre lies within SLOT_REACH times q's
                              longer box side of q's box centre (in any good image but the
@@ -24,8 +27,8 @@ in units of how near the slot's good parts are to each other:
 A good part is about as near to its slot's good parts as they are to each other (z about 1);
 another character, a mirrored or a turned one is far from all of them. The object map adds
 what lies beyond a margin (`linewatch.detector.measure.identity_map`). A part with no slot
-(moved to a free place, a part too many) gets 0: the other branches judge it. Pure torch, no
-host synchronisation.
+(moved to a free place, a part too many) gets 0: the other branches judge it. Pure torch; per
+frame no host synchronisation (`SlotIdentity.of_bank`, once per bank, reads its floors back).
 """
 
 from __future__ import annotations
@@ -245,9 +248,10 @@ class SlotIdentity:
     of the identity descriptor (`identity_blocks`, K of them): spreads (K, Z, N) `slot_spreads`,
     floors K `slot_floor`s, separations (K, Z, N) `slot_separations`. With two blocks (the
     outline and the moment frame: `measure.identity_descriptor: outline_or_moment`) each part is
-    judged by the one its slot's good parts are the more alike in, relative to the other places'
-    parts: the moment frame for a handwritten character (it takes the writer's slant and width
-    away), the outline for a rigid part (the moment frame scales a long screw to a short one)."""
+    judged in the moment frame where its slot's good parts are clearly (MOMENT_GAIN) more alike
+    in it, relative to the other places' parts, than in the outline, else by the outline: the
+    moment frame for a handwritten character (it takes the writer's slant and width away), the
+    outline for a rigid part (the moment frame scales a long screw to a short one)."""
 
     blocks: list[slice]
     spreads: Tensor
