@@ -274,6 +274,12 @@ def test_bank_smaller_than_k_is_refused_at_construction(bank):
         Inspector(other.detector, build_models(other.detector, CPU), bank, CPU)
 
 
+def test_bank_without_part_identities_is_refused_at_construction(bank, config):
+    stripped = dataclasses.replace(bank, identities=bank.identities[..., :0])
+    with pytest.raises(BankError, match="no part identities; rebuild it"):
+        Inspector(config.detector, build_models(config.detector, CPU), stripped, CPU)
+
+
 def test_bank_calibrated_under_other_scoring_settings_is_refused_naming_them(bank):
     # Fault run: a bank built with k=2 and smoothing 4 served under k=3 and smoothing 2 (now: 2 and 1), with
     # the old threshold, and false rejects went from 1/20 to 5/20 without a word.
