@@ -78,6 +78,40 @@ def test_padding_not_at_the_end():
     torch.testing.assert_close(la[:, [0, 2, 3]], ref)
 
 
+def _sinkhorn_with_wheres(scores, dustbin, iterations, query_valid, ref_valid):
+    """The loop as it was written before (a `where` per half-iteration keeps the potentials of
+    inactive rows and columns at 0): the reference for the loop without them."""
+    b, m, n = scores.shape
+    ms, ns = query_valid.sum(1).to(scores.dtype), ref_valid.sum(1).to(scores.dtype)
+    z = torch.full((b, 1, 1), dustbin, dtype=scores.dtype)
+    couplings = torch.cat([torch.cat([scores, z.expand(b, m, 1)], 2), torch.cat([z.expand(b, 1, n), z], 2)], 1)
+    row_on = torch.cat([query_valid, (ns > 0)[:, None]], 1)
+    col_on = torch.cat([ref_valid, (ms > 0)[:, None]], 1)
+    couplings = couplings.masked_fill(~(row_on[:, :, None] & col_on[:, None, :]), -math.inf)
+    norm = -torch.log((ms + ns).clamp_min(1.0))
+    log_mu = torch.cat([norm[:, None].expand(b, m), (torch.log(ns) + norm)[:, None]], 1).masked_fill(~row_on, -math.inf)
+    log_nu = torch.cat([norm[:, None].expand(b, n), (torch.log(ms) + norm)[:, None]], 1).masked_fill(~col_on, -math.inf)
+    u, v, zero = torch.zeros(b, m + 1), torch.zeros(b, n + 1), torch.zeros(())
+    for _ in range(iterations):
+        u = torch.where(row_on, log_mu - torch.logsumexp(couplings + v[:, None, :], dim=2), zero)
+        v = torch.where(col_on, log_nu - torch.logsumexp(couplings + u[:, :, None], dim=1), zero)
+    return couplings + u[:, :, None] + v[:, None, :] - norm[:, None, None]
+
+
+def test_sinkhorn_without_wheres_equals_the_loop_with_them_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    scores = 3 * torch.randn(12, 6, 7, generator=g)
+    query_valid = torch.rand(12, 6, generator=g) > 0.3
+    ref_valid = torch.rand(12, 7, generator=g) > 0.3
+    query_valid[0], ref_valid[1] = False, False  # an empty side
+    query_valid[2], ref_valid[2] = False, False  # both empty
+    for iterations in (1, 7, 100):
+        got = log_optimal_transport(scores, 0.4, iterations, query_valid, ref_valid)
+        want = _sinkhorn_with_wheres(scores, 0.4, iterations, query_valid, ref_valid)
+        assert torch.equal(got.isinf(), want.isinf()) and not got.isnan().any()
+        assert torch.equal(got[got.isfinite()], want[want.isfinite()])
+
+
 def test_empty_sides_do_not_nan():
     s = torch.randn(3, 2, 4)
     qv = torch.tensor([[False, False], [True, True], [False, False]])
