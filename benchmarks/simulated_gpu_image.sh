@@ -65,7 +65,7 @@ if [[ ! -f "$VENV/.complete" ]]; then
 fi
 
 # Nothing but the image's packages: a package the image lacks would hide a missing wheel.
-"$PY" - "$REPO/benchmarks/gpu_image_packages.txt" <<'EOF'
+"$PY" -I - "$REPO/benchmarks/gpu_image_packages.txt" <<'EOF'  # -I: not the current folder (a checkout's own egg-info)
 import importlib.metadata as md
 import re
 import sys
