@@ -210,15 +210,17 @@ def slot_floor(spreads: Tensor, valid: Tensor, margin: float) -> float:
 
 def identity_distances(shapes: Tensor, boxes: Tensor, valid: Tensor, bank_shapes: Tensor, bank_boxes: Tensor,
                        bank_valid: Tensor, spreads: Tensor, floor: float, exclude: Tensor | None = None,
-                       reach: float = SLOT_REACH) -> Tensor:
+                       reach: float = SLOT_REACH, members: Tensor | None = None) -> Tensor:
     """Identity z of every query part (see the module docstring): shapes (B, M, D), boxes (B, M, 4),
     valid (B, M) of the query parts; the bank's shapes (Z, N, D), boxes (Z, N, 4), valid (Z, N)
     and `slot_spreads` (Z, N); floor: the least spread a slot is given (a slot whose good parts
     happen to be near-identical must not turn a tiny difference into a large z: `slot_floor`); exclude (B,):
-    the bank image each query is (leave-one-out), or None. -> (B, M), 0 for padding and for a
-    part with no slot."""
+    the bank image each query is (leave-one-out), or None; members: `slot_members` of these
+    arguments when the caller has them already. -> (B, M), 0 for padding and for a part with no
+    slot."""
     z, n = bank_valid.shape
-    members = slot_members(boxes, bank_boxes, bank_valid, reach, exclude)  # (B, M, Z*N)
+    if members is None:
+        members = slot_members(boxes, bank_boxes, bank_valid, reach, exclude)  # (B, M, Z*N)
     good = bank_shapes.reshape(1, z * n, -1).float().expand(shapes.shape[0], -1, -1)
     nearest = torch.cdist(shapes.float(), good).masked_fill(~members, float("inf")).amin(2)  # (B, M)
     count = members.sum(2)
@@ -279,12 +281,13 @@ class SlotIdentity:
         the moment frame's where its slot's mean separation is below MOMENT_GAIN times the
         outline's, else the outline's): identities (B, M, I), boxes (B, M, 4), valid (B, M), the
         bank's identities (Z, N, I), boxes and valid -> (B, M)."""
+        members = slot_members(boxes, bank_boxes, bank_valid, exclude=exclude)  # (B, M, Z*N), once for every block
         zs = torch.stack([
             identity_distances(identities[..., block], boxes, valid, bank_identities[..., block], bank_boxes,
-                               bank_valid, spread, floor, exclude)
+                               bank_valid, spread, floor, exclude, members=members)
             for block, spread, floor in zip(self.blocks, self.spreads, self.floors)])  # (K, B, M)
         if len(self.blocks) == 1:
             return zs[0]
-        members = slot_members(boxes, bank_boxes, bank_valid, exclude=exclude).float()  # (B, M, Z*N)
-        separation = (members[None] * self.separations.reshape(2, 1, 1, -1)).sum(-1) / members.sum(-1).clamp_min(1)
+        weights = members.float()
+        separation = (weights[None] * self.separations.reshape(2, 1, 1, -1)).sum(-1) / weights.sum(-1).clamp_min(1)
         return torch.where(separation[1] < MOMENT_GAIN * separation[0], zs[1], zs[0])
