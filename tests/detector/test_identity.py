@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from linewatch.config import ConfigError, config_from_dict
 from linewatch.detector.identity import (CROP, FRAME_REACH, JITTER, MOMENT_DIM, MOMENT_GAIN, SlotIdentity,
                                          identity_blocks, identity_descriptors, identity_distances, moment_descriptors,
                                          moment_frames, part_identities, slot_floor, slot_members, slot_separations,
@@ -283,3 +285,13 @@ def test_identity_descriptors_join_the_outline_and_the_moment_frame_as_unit_vect
     assert torch.allclose(joined[:, 0].norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.equal(joined[:, 1], torch.zeros(2, 80 + MOMENT_DIM))  # padding
     assert torch.allclose(joined[:, 0, :80], outlines[:, 0] / math.sqrt(2.0))
+
+
+@pytest.mark.parametrize("measure, message", [
+    ({"identity_margin": 0}, "detector.measure.identity_margin: Input should be greater than 0"),
+    ({"identity_descriptor": "moment"},
+     "detector.measure.identity_descriptor: Input should be 'outline', 'outline_and_moment' or 'outline_or_moment'"),
+])
+def test_identity_settings_out_of_range_are_one_clear_config_error(measure, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"detector": {"measure": measure}})
