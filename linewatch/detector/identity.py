@@ -62,8 +62,8 @@ MOMENT_DIM = (CROP // CELL) ** 2 * 5
 # outline_or_moment: a place is judged in the moment frame only where that separates it from the
 # other places clearly better than the outline (`SlotIdentity.distances`: by 10 %). On the
 # tuning seeds 100-102 (`linewatch sim generate`, 20 good images) the moment frame was better at
-# few places of printed glyphs, screws and brackets and by at most about 11 %, while on
-# handwritten characters it was 7-31 % better at most places (docs/detector.md).
+# few places of printed glyphs, screws and brackets and by at most 11 %, while on handwritten
+# characters it was 7-31 % better at most places (benchmarks/identity_places.py, docs/detector.md).
 MOMENT_GAIN = 0.9
 
 
